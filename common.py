@@ -1,0 +1,165 @@
+"""What every script shares: `--key=value` flags, the device choice, atomic checkpoints.
+
+Kept apart so that train_base.py, train_reward.py, train_policy.py and
+sample.py parse flags and write files one way.
+"""
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+# -----------------------------------------------------------------------------
+# Flags
+
+
+class FlagError(ValueError):
+    pass
+
+
+def parse_flags(config, argv):
+    """Override fields of a dataclass instance from ['--key=value', ...]; type-checked, unknown keys rejected."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise FlagError(f"argument {arg!r}: flags are written --key=value")
+        key, eq, value = arg[2:].partition("=")
+        if key not in fields:
+            raise FlagError(f"unknown flag --{key}; known flags: {', '.join('--' + k for k in fields)}")
+        current = getattr(config, key)
+        if not eq:  # a bare --flag switches a boolean on
+            if not isinstance(current, bool):
+                raise FlagError(f"flag --{key} needs a value: --{key}=...")
+            value = "true"
+        setattr(config, key, _convert(key, value, current))
+    return config
+
+
+def _convert(key, value, current):
+    try:
+        if isinstance(current, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError
+            return value.lower() in ("true", "1")
+        if isinstance(current, int):
+            return int(value)
+        if isinstance(current, float):
+            return float(value)
+        return value
+    except ValueError:
+        raise FlagError(f"flag --{key}={value}: expected a {type(current).__name__}") from None
+
+
+def run_main(main, config_class, argv=None):
+    """Entry point of a script: parse flags, run main(cfg), turn expected errors into one line."""
+    try:
+        cfg = parse_flags(config_class(), sys.argv[1:] if argv is None else argv)
+        return main(cfg)
+    except (FlagError, FileNotFoundError, ValueError, CheckpointError) as e:
+        sys.exit(f"error: {e}")
+
+
+def print_config(cfg):
+    print(" ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+
+# -----------------------------------------------------------------------------
+# Device: decided once, with the reason printed
+
+
+def pick_device(requested="auto"):
+    if requested == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        reason = "a CUDA GPU is present" if device == "cuda" else "no CUDA GPU found"
+    else:
+        device, reason = requested, "asked for by --device"
+    print(f"device: {device} ({reason}); compute in float32")
+    return torch.device(device)
+
+# -----------------------------------------------------------------------------
+# Checkpoints: safetensors with the config and step in the metadata, written
+# to a temporary file and renamed, so an interrupt never leaves half a file.
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".tmp-")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(path, modules, meta):
+    """modules: {'dit': module, ...} -> one safetensors file with keys 'dit.<param>'; meta: JSON-able dict."""
+    tensors = {f"{prefix}.{k}": v.detach().contiguous().cpu()
+               for prefix, module in modules.items() for k, v in module.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": json.dumps(meta)}))
+
+
+def read_checkpoint(path):
+    """-> (tensors dict, meta dict). Clear errors for a missing or unreadable file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(path, "pt") as f:
+            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises several types for a bad header or a short file
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
+    return tensors, meta
+
+
+def load_module(module, tensors, prefix, path):
+    """Load tensors['<prefix>.*'] into module strictly; the error names missing, unexpected and misshapen keys."""
+    state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    misshapen = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    if missing or unexpected or misshapen:
+        def few(keys):
+            return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
+        raise CheckpointError(f"{path} does not fit the '{prefix}' model: missing {few(missing)}, "
+                              f"unexpected {few(unexpected)}, wrong shape {few(misshapen)}")
+    module.load_state_dict(state)
+    return module
+
+
+def save_training_state(path, state):
+    """Optimizer, EMA, RNG and step for --resume, via torch.save, written atomically."""
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+# -----------------------------------------------------------------------------
+# The toy base model: DiT + text encoder in one file
+
+
+def save_base(path, dit, text_encoder, step):
+    from dataclasses import asdict
+    meta = {"kind": "base", "step": step, "dit_config": asdict(dit.config), "text_config": asdict(text_encoder.config)}
+    save_checkpoint(path, {"dit": dit, "text": text_encoder}, meta)
+
+
+def load_base(path, device="cpu"):
+    """-> (dit, text_encoder, meta) in eval mode, from a file written by save_base."""
+    from model import DiT, DiTConfig, TextConfig, TextEncoder
+    tensors, meta = read_checkpoint(path)
+    if meta.get("kind") != "base":
+        raise CheckpointError(f"{path} is not a base-model checkpoint (kind={meta.get('kind')!r}); "
+                              "train one with train_base.py or use data/base.safetensors")
+    dit_config = DiTConfig(**{**meta["dit_config"], "dual_attention_layers": tuple(meta["dit_config"]["dual_attention_layers"])})
+    dit = load_module(DiT(dit_config), tensors, "dit", path)
+    text_encoder = load_module(TextEncoder(TextConfig(**meta["text_config"])), tensors, "text", path)
+    return dit.to(device).eval(), text_encoder.to(device).eval(), meta
