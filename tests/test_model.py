@@ -1,0 +1,228 @@
+"""model.py against independent references: hand-computed formulas, public parameter counts, eager code."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import model as model_lib
+from model import (PRESETS, DiTConfig, TextConfig, TextEncoder, add_lora, build_dit, flow_matching_loss,
+                   timestep_embedding)
+from sample import sample_ode, sigma_schedule
+
+SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=3, heads=2, context_dim=16,
+                  pooled_dim=16, pos_embed_max_size=8, qk_norm=True, dual_attention_layers=(0,))
+
+
+def small_inputs(batch=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 1, 32, 32, generator=g), torch.rand(batch, generator=g),
+            torch.randn(batch, 5, 16, generator=g), torch.randn(batch, 16, generator=g))
+
+
+def randomized(model, seed=0):
+    """Give every parameter random values, so zero-initialised gates do not hide wiring mistakes."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("preset, billions", [("sd3-medium", 2.09), ("sd3.5-medium", 2.47), ("sd3.5-large", 8.15)])
+def test_public_parameter_counts(preset, billions):
+    """The public checkpoints' tensor counts (pos_embed included: it is a stored tensor there too)."""
+    dit = build_dit(preset, device="meta")
+    count = sum(t.numel() for t in dit.state_dict().values())
+    assert round(count / 1e9, 2) == billions
+
+
+def test_flow_matching_target_on_hand_made_tensors():
+    x0 = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]]])
+    noise = torch.tensor([[[[0.0, 2.0], [-1.0, 1.0]]]])
+    sigma = torch.tensor([0.25])
+    seen = {}
+
+    def zero_model(x, s, context, pooled):
+        seen["x"] = x.clone()
+        return torch.zeros_like(x)
+    losses, _ = flow_matching_loss(zero_model, x0, None, None, sigma=sigma, noise=noise)
+    # x_sigma = 0.75 x0 + 0.25 noise; target noise - x0 = [-1, 3, -1.5, 1] -> mean square 13.25 / 4
+    assert torch.allclose(seen["x"], torch.tensor([[[[0.75, -0.25], [0.125, 0.25]]]]))
+    assert losses.item() == pytest.approx((1 + 9 + 2.25 + 1) / 4)
+    oracle = flow_matching_loss(lambda x, s, c, p: noise - x0, x0, None, None, sigma=sigma, noise=noise)[0]
+    assert oracle.item() == 0
+
+
+def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    dit, text = build_dit(SMALL), TextEncoder(TextConfig(context_dim=16, pooled_dim=16))
+    x0 = torch.randn(8, 1, 32, 32)
+    noise, sigma, ids = torch.randn_like(x0), torch.rand(8), torch.randint(1, 21, (8, 8))
+    params = list(dit.parameters()) + list(text.parameters())
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+
+    def loss():
+        return flow_matching_loss(dit, x0, *text(ids), sigma=sigma, noise=noise)[0].mean()
+    before = loss()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert loss() < before
+
+
+def test_sigma_schedule_and_shift_formula():
+    sigmas = sigma_schedule(4, shift=3.0)
+    plain = torch.linspace(1, 0, 5)
+    assert torch.allclose(sigmas, 3 * plain / (1 + 2 * plain))
+    assert sigmas[2].item() == pytest.approx(0.75)  # sigma 0.5 -> 1.5 / 2
+    assert torch.equal(sigma_schedule(4, shift=1.0), plain)
+
+
+def test_sampler_with_one_step_is_one_euler_step():
+    dit = randomized(build_dit(SMALL)).eval()
+    x, _, context, pooled = small_inputs()
+    out = sample_ode(dit, x, (context, pooled), steps=1)
+    velocity = dit(x, torch.ones(3), context, pooled)
+    assert torch.allclose(out, x - velocity, atol=1e-6)
+
+
+def test_guidance_combines_conditional_and_unconditional_velocities():
+    dit = randomized(build_dit(SMALL)).eval()
+    x, _, context, pooled = small_inputs()
+    uncond = (torch.zeros_like(context), torch.zeros_like(pooled))
+    out = sample_ode(dit, x, (context, pooled), uncond, steps=1, cfg_scale=3.0)
+    with torch.no_grad():
+        v_c, v_u = dit(x, torch.ones(3), context, pooled), dit(x, torch.ones(3), *uncond)
+    assert torch.allclose(out, x - (v_u + 3.0 * (v_c - v_u)), atol=1e-5)
+
+
+def test_timestep_embedding_is_cos_then_sin():
+    t = torch.tensor([0.0, 500.0])
+    emb = timestep_embedding(t, dim=8)
+    freqs = torch.tensor([10000 ** (-i / 4) for i in range(4)])
+    expected = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1)
+    assert torch.allclose(emb, expected, atol=1e-5)
+
+
+def test_joint_attention_matches_a_naive_two_stream_reference():
+    """One joint block, recomputed by hand with explicit softmax attention over [context; image] tokens."""
+    dit = randomized(build_dit(SMALL))
+    block = dit.joint_blocks[1]  # a plain block: no dual attention, context not pre-only
+    g = torch.Generator().manual_seed(1)
+    context, x, c = torch.randn(2, 5, 64, generator=g), torch.randn(2, 7, 64, generator=g), torch.randn(2, 64, generator=g)
+
+    def stream(sb, h):
+        shift1, scale1, gate1, shift2, scale2, gate2 = sb.adaLN_modulation(c).chunk(6, dim=1)
+        normed = F.layer_norm(h, (64,), eps=1e-6) * (1 + scale1[:, None]) + shift1[:, None]
+        q, k, v = (normed @ sb.attn.qkv.weight.T + sb.attn.qkv.bias).view(2, -1, 3, 2, 32).unbind(2)
+        rms = lambda t, w: t / torch.sqrt((t ** 2).mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
+        return rms(q, sb.attn.ln_q.weight), rms(k, sb.attn.ln_k.weight), v, (shift2, scale2, gate1, gate2)
+
+    qc, kc, vc, mod_c = stream(block.context_block, context)
+    qx, kx, vx, mod_x = stream(block.x_block, x)
+    q, k, v = (torch.cat(pair, dim=1).transpose(1, 2) for pair in ((qc, qx), (kc, kx), (vc, vx)))
+    attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(32), dim=-1) @ v   # (B, heads, L, hd)
+    attn = attn.transpose(1, 2).reshape(2, 12, 64)
+
+    def finish(sb, h, a, mod):
+        shift2, scale2, gate1, gate2 = mod
+        h = h + gate1[:, None] * sb.attn.proj(a)
+        m = F.layer_norm(h, (64,), eps=1e-6) * (1 + scale2[:, None]) + shift2[:, None]
+        return h + gate2[:, None] * sb.mlp.fc2(F.gelu(sb.mlp.fc1(m), approximate="tanh"))
+    expected_context = finish(block.context_block, context, attn[:, :5], mod_c)
+    expected_x = finish(block.x_block, x, attn[:, 5:], mod_x)
+    out_context, out_x = block(context, x, c)
+    assert torch.allclose(out_context, expected_context, atol=1e-5)
+    assert torch.allclose(out_x, expected_x, atol=1e-5)
+
+
+def test_block_structure_pre_only_and_dual_attention():
+    dit = build_dit(SMALL, device="meta")
+    last = dit.joint_blocks[-1].context_block
+    assert last.pre_only and last.attn.proj is None and not hasattr(last, "mlp")
+    assert last.adaLN_modulation[1].out_features == 2 * 64           # (shift, scale) only
+    assert dit.joint_blocks[0].x_block.adaLN_modulation[1].out_features == 9 * 64  # dual attention
+    assert dit.joint_blocks[1].x_block.attn2 is None
+
+
+def test_context_tokens_are_an_unordered_set():
+    """No position embedding on the text stream: permuting context tokens must not change the velocity."""
+    dit = randomized(build_dit(SMALL)).eval()
+    x, sigma, context, pooled = small_inputs()
+    perm = torch.randperm(context.shape[1])
+    with torch.no_grad():
+        assert torch.allclose(dit(x, sigma, context, pooled), dit(x, sigma, context[:, perm], pooled), atol=1e-5)
+
+
+def test_early_exit_returns_the_hidden_tokens_the_full_forward_uses():
+    dit = randomized(build_dit(SMALL)).eval()
+    x, sigma, context, pooled = small_inputs()
+    with torch.no_grad():
+        tokens, c = dit(x, sigma, context, pooled, num_blocks=SMALL.depth)
+        assert tokens.shape == (3, 64, 64) and c.shape == (3, 64)
+        velocity = dit.unpatchify(dit.final_layer(tokens, c), 32, 32)
+        assert torch.allclose(velocity, dit(x, sigma, context, pooled), atol=1e-6)
+
+
+def test_pos_embed_is_the_centre_crop_of_the_stored_grid():
+    dit = build_dit(DiTConfig(**{**SMALL.__dict__, "pos_embed_max_size": 6, "patch_size": 8}))
+    grid = torch.arange(36 * 64, dtype=torch.float32).view(1, 36, 64)
+    dit.pos_embed.copy_(grid)
+    crop = dit.cropped_pos_embed(2, 4)                                 # rows 2-3, columns 1-4 of the 6x6 grid
+    rows = [r * 6 + c for r in (2, 3) for c in (1, 2, 3, 4)]
+    assert torch.equal(crop[0], grid[0, rows])
+
+
+def test_compiled_fused_ops_agree_with_eager():
+    g = torch.Generator().manual_seed(0)
+    x, shift, scale, gate = (torch.randn(*s, generator=g) for s in ((2, 9, 32), (2, 32), (2, 32), (2, 32)))
+    weight = torch.randn(32, generator=g)
+    model_lib.set_compile(True)
+    try:
+        for fn, args in ((model_lib.layer_norm_modulate, (x, shift, scale)), (model_lib.gated_residual, (x, gate, x)),
+                         (model_lib.rms_norm, (x, weight)), (model_lib.gelu_tanh, (x,))):
+            assert torch.allclose(fn(*args), fn.eager(*args), atol=1e-5), fn.__name__
+    finally:
+        model_lib.set_compile(False)
+
+
+def test_lora_starts_as_identity_and_trains_only_lora_weights():
+    dit = randomized(build_dit(SMALL))
+    x, sigma, context, pooled = small_inputs()
+    with torch.no_grad():
+        before = dit(x, sigma, context, pooled)
+    base = {k: v.clone() for k, v in dit.state_dict().items()}
+    loras = add_lora(dit, rank=4, alpha=4.0)
+    assert len(loras) == 3 * 2 + 1 * 2 - 1   # qkv + proj per stream, attn2 in block 0, no proj on the pre-only stream
+    trainable = {n for n, p in dit.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        assert torch.allclose(dit(x, sigma, context, pooled), before, atol=1e-6)
+    optimizer = torch.optim.SGD([p for p in dit.parameters() if p.requires_grad], lr=0.1)
+    dit(x, sigma, context, pooled).pow(2).mean().backward()
+    optimizer.step()
+    state = dit.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in base.items())          # base weights untouched
+    with torch.no_grad():
+        trained = dit(x, sigma, context, pooled)
+        assert not torch.allclose(trained, before, atol=1e-4)
+        for lora in loras:
+            lora.merge()
+        assert torch.allclose(dit(x, sigma, context, pooled), trained, atol=1e-5)  # merged == unmerged
+        for lora in loras:
+            lora.unmerge()
+        assert torch.allclose(dit.state_dict()["joint_blocks.0.x_block.attn.qkv.weight"],
+                              base["joint_blocks.0.x_block.attn.qkv.weight"], atol=1e-6)
+
+
+def test_text_encoder_ignores_padding():
+    text = TextEncoder(TextConfig()).eval()
+    ids = torch.tensor([[1, 2, 7, 0, 0, 0, 0, 0]])
+    other_pad_embedding = ids.clone()
+    with torch.no_grad():
+        context, pooled = text(ids)
+        text.token_embedding.weight[0].add_(5.0)  # padding tokens now look different
+        context2, pooled2 = text(other_pad_embedding)
+    assert torch.allclose(pooled, pooled2, atol=1e-5)
+    assert torch.allclose(context[:, :3], context2[:, :3], atol=1e-5)
