@@ -96,15 +96,19 @@ def atomic_write(path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         os.unlink(tmp)
         raise
 
 
-def save_checkpoint(path, modules, meta):
-    """modules: {'dit': module, ...} -> one safetensors file with keys 'dit.<param>'; meta: JSON-able dict."""
-    tensors = {f"{prefix}.{k}": v.detach().contiguous().cpu()
+def save_checkpoint(path, modules, meta, dtype=None):
+    """modules: {'dit': module, ...} -> one safetensors file with keys 'dit.<param>'; meta: JSON-able dict.
+
+    dtype=torch.float16 halves the file for shipping; loading casts back to the module's float32.
+    """
+    tensors = {f"{prefix}.{k}": v.detach().to(dtype if dtype and v.is_floating_point() else v.dtype).contiguous().cpu()
                for prefix, module in modules.items() for k, v in module.state_dict().items()}
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": json.dumps(meta)}))
 
@@ -146,10 +150,10 @@ def save_training_state(path, state):
 # The toy base model: DiT + text encoder in one file
 
 
-def save_base(path, dit, text_encoder, step):
+def save_base(path, dit, text_encoder, step, dtype=None):
     from dataclasses import asdict
     meta = {"kind": "base", "step": step, "dit_config": asdict(dit.config), "text_config": asdict(text_encoder.config)}
-    save_checkpoint(path, {"dit": dit, "text": text_encoder}, meta)
+    save_checkpoint(path, {"dit": dit, "text": text_encoder}, meta, dtype)
 
 
 def load_base(path, device="cpu"):

@@ -1,7 +1,6 @@
 """Pretrain the tiny DiT and its text encoder on the toy world with rectified flow.
 
-    python train_base.py                                   # about an hour on 2 CPU cores
-    cp out/base/model.safetensors data/base.safetensors   # ship it
+    python train_base.py --export=data/base.safetensors   # 52 minutes on 2 CPU cores
 
 Loss: E ||v_theta(x_sigma, sigma, c) - (noise - x0)||^2 with sigma logit-normal
 (SD3, Esser et al. 2024, eq. 2-3 and sec. 3.1). Captions are dropped to the
@@ -44,6 +43,7 @@ class Config:
     eval_every: int = 1000             # steps between sample grids and checkpoints
     eval_cfg: float = 4.0              # guidance scale of the sample grids
     seed: int = 0
+    export: str = ""                   # at the end, also write the EMA model here in float16 (how data/base.safetensors is made)
     resume: bool = False               # continue from out_dir/train_state.pt
     compile: bool = False              # torch.compile the fused ops
     device: str = "auto"
@@ -158,6 +158,9 @@ def main(cfg):
         save(step)
         print(f"interrupted: saved step {step} to {cfg.out_dir}; continue with --resume")
         return None
+    if cfg.export:
+        save_base(cfg.export, ema["dit"], ema["text"], cfg.steps, dtype=torch.float16)
+        print(f"exported the EMA model in float16 to {cfg.export}")
     return ema
 
 

@@ -15,7 +15,8 @@ gold(image, prompt) = fidelity + attributes + perceptual, with
                                  grey mush instead of clean strokes)
                - 0.05 * specks (ink pixels outside the largest 8-connected blob)
                - 0.2 * off-centre distance of the ink's centre of mass, in px.
-A real test digit scores about -0.4 on average; a wrong or unreadable digit about -10.
+A real test digit scores about -1.1 on average (blur 0.43, specks 0.44, off-centre 0.76 px);
+a wrong or unreadable digit about -10 or below.
 
 Pair labels: P(a preferred to b) = sigmoid((gold_a - gold_b) / temperature),
 the Bradley-Terry model, so close pairs get noisy labels as human ones do.

@@ -29,12 +29,19 @@ def randomized(model, seed=0):
     return model
 
 
-@pytest.mark.parametrize("preset, billions", [("sd3-medium", 2.09), ("sd3.5-medium", 2.47), ("sd3.5-large", 8.15)])
-def test_public_parameter_counts(preset, billions):
-    """The public checkpoints' tensor counts (pos_embed included: it is a stored tensor there too)."""
+@pytest.mark.parametrize("preset, billions, exact", [("sd3-medium", 2.09, 2_084_951_104),
+                                                     ("sd3.5-medium", 2.47, 2_469_663_936),
+                                                     ("sd3.5-large", 8.15, 8_146_280_768)])
+def test_public_parameter_counts(preset, billions, exact):
+    """The public checkpoints' tensor counts (pos_embed included: it is a stored tensor there too).
+
+    `exact` is what diffusers 0.42's SD3Transformer2DModel gives on the meta device for the
+    public configs; `billions` is the figure quoted for the models (2.085 is quoted as 2.09).
+    """
     dit = build_dit(preset, device="meta")
     count = sum(t.numel() for t in dit.state_dict().values())
-    assert round(count / 1e9, 2) == billions
+    assert count == exact
+    assert abs(count / 1e9 - billions) < 0.01
 
 
 def test_flow_matching_target_on_hand_made_tensors():
@@ -194,7 +201,7 @@ def test_lora_starts_as_identity_and_trains_only_lora_weights():
         before = dit(x, sigma, context, pooled)
     base = {k: v.clone() for k, v in dit.state_dict().items()}
     loras = add_lora(dit, rank=4, alpha=4.0)
-    assert len(loras) == 3 * 2 + 1 * 2 - 1   # qkv + proj per stream, attn2 in block 0, no proj on the pre-only stream
+    assert len(loras) == 3 * 2 * 2 - 1 + 2   # qkv + proj per stream and block, none on the pre-only stream's proj, attn2 in block 0
     trainable = {n for n, p in dit.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     with torch.no_grad():
