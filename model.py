@@ -33,17 +33,21 @@ COMPILE = False
 
 
 def set_compile(enabled):
-    """Switch every fused op (and the flow-matching loss) between compiled and eager."""
+    """Switch every fused op between compiled and eager."""
     global COMPILE
     COMPILE = bool(enabled)
 
 
 def fused(fn):
-    compiled = torch.compile(fn, dynamic=False)  # lazy: nothing is compiled until the first call
+    compiled = []  # torch.compile(fn), made on the first compiled call so importing stays fast
 
     @functools.wraps(fn)
     def call(*args):
-        return compiled(*args) if COMPILE else fn(*args)
+        if not COMPILE:
+            return fn(*args)
+        if not compiled:
+            compiled.append(torch.compile(fn, dynamic=False))
+        return compiled[0](*args)
     call.eager = fn
     return call
 

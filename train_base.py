@@ -13,6 +13,7 @@ import copy
 import json
 import os
 import random
+import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -42,6 +43,7 @@ class Config:
     p_drop_attribute: float = 0.2      # each attribute word dropped from the caption
     eval_every: int = 1000             # steps between sample grids and checkpoints
     eval_cfg: float = 4.0              # guidance scale of the sample grids
+    eval_per_prompt: int = 8           # images per held-out prompt in each grid
     seed: int = 0
     export: str = ""                   # at the end, also write the EMA model here in float16 (how data/base.safetensors is made)
     resume: bool = False               # continue from out_dir/train_state.pt
@@ -93,7 +95,7 @@ def main(cfg):
           f"text encoder: {sum(p.numel() for p in net['text'].parameters()) / 1e6:.2f}M")
 
     state_path = os.path.join(cfg.out_dir, "train_state.pt")
-    step = 0
+    step, minutes_before = 0, 0.0
     if cfg.resume:
         if not os.path.exists(state_path):
             raise FileNotFoundError(f"--resume: {state_path} does not exist")
@@ -101,7 +103,7 @@ def main(cfg):
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
+        step, minutes_before = state["step"], state["minutes"]
         torch.set_rng_state(state["torch_rng"])
         rng.setstate(state["python_rng"])
         print(f"resumed from {state_path} at step {step}")
@@ -109,9 +111,17 @@ def main(cfg):
     def save(step):
         save_base(os.path.join(cfg.out_dir, "model.safetensors"), ema["dit"], ema["text"], step)
         save_training_state(state_path, {"net": net.state_dict(), "ema": ema.state_dict(),
-                                         "optimizer": optimizer.state_dict(), "step": step,
+                                         "optimizer": optimizer.state_dict(), "step": step, "minutes": minutes(),
                                          "torch_rng": torch.get_rng_state(), "python_rng": rng.getstate(),
                                          "config": asdict(cfg)})
+
+    # Ctrl-C or SIGTERM finish the current step, save, and stop: a resumed run then
+    # continues exactly where this one left off.
+    stop_requested = []
+    def request_stop(signum, frame):
+        stop_requested.append(signum)
+        tqdm.write("stop requested: saving after this step")
+    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
 
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
@@ -119,6 +129,8 @@ def main(cfg):
     bin_loss, bin_count = torch.zeros(5), torch.zeros(5)
     net.train()
     t0 = time.time()
+    def minutes():
+        return minutes_before + (time.time() - t0) / 60
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_base")
     try:
         for step in bar:
@@ -144,20 +156,24 @@ def main(cfg):
                 by_bin = (bin_loss / bin_count.clamp(min=1)).tolist()
                 record = {"step": step + 1, "loss": sum(bin_loss.tolist()) / max(1, bin_count.sum().item()),
                           "loss_by_sigma": [round(v, 4) for v in by_bin], "grad_norm": grad_norm.item(),
-                          "lr": lr_at(step, cfg), "minutes": (time.time() - t0) / 60}
+                          "lr": lr_at(step, cfg), "minutes": minutes()}
                 bin_loss.zero_(), bin_count.zero_()
-                prompts = [p for p in HELDOUT_PROMPTS for _ in range(8)]
+                prompts = [p for p in HELDOUT_PROMPTS for _ in range(cfg.eval_per_prompt)]
                 grid = generate(ema["dit"], ema["text"], prompts, seed=0, cfg_scale=cfg.eval_cfg)
-                save_grid(grid, os.path.join(cfg.out_dir, f"samples_{step + 1:06d}.png"), nrow=8)
+                save_grid(grid, os.path.join(cfg.out_dir, f"samples_{step + 1:06d}.png"), nrow=cfg.eval_per_prompt)
                 save(step + 1)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
                 tqdm.write(f"step {step + 1:6d} | loss {record['loss']:.4f} | by sigma {record['loss_by_sigma']} "
                            f"| {record['minutes']:.1f} min")
-    except KeyboardInterrupt:
-        save(step)
-        print(f"interrupted: saved step {step} to {cfg.out_dir}; continue with --resume")
-        return None
+            if stop_requested:
+                save(step + 1)
+                print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
+                return None
+    finally:
+        log.close()
+        for s, handler in previous_handlers.items():
+            signal.signal(s, handler)
     if cfg.export:
         save_base(cfg.export, ema["dit"], ema["text"], cfg.steps, dtype=torch.float16)
         print(f"exported the EMA model in float16 to {cfg.export}")

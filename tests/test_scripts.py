@@ -1,0 +1,98 @@
+"""The entry scripts as a user meets them: tiny runs, resume, and one clear line on bad input."""
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import train_base
+from common import CheckpointError, load_base, read_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_base_config(out_dir, **overrides):
+    settings = dict(out_dir=str(out_dir), steps=4, batch_size=4, eval_every=2, eval_per_prompt=1, warmup=2)
+    return train_base.Config(**{**settings, **overrides})
+
+
+def test_train_base_stopped_and_resumed_equals_one_uninterrupted_run(tmp_path, monkeypatch):
+    train_base.main(tiny_base_config(tmp_path / "straight"))
+
+    # stop the second run with a real SIGINT during its third step (step index 2)
+    calls = []
+    original_loss = train_base.flow_matching_loss
+    def loss_then_interrupt(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return original_loss(*args, **kwargs)
+    monkeypatch.setattr(train_base, "flow_matching_loss", loss_then_interrupt)
+    assert train_base.main(tiny_base_config(tmp_path / "stopped")) is None
+    monkeypatch.setattr(train_base, "flow_matching_loss", original_loss)
+    assert torch.load(tmp_path / "stopped" / "train_state.pt", weights_only=False)["step"] == 3
+    train_base.main(tiny_base_config(tmp_path / "stopped", resume=True))
+
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "stopped" / "model.safetensors")
+    assert straight.keys() == resumed.keys()
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # bitwise, on CPU
+    assert (tmp_path / "straight" / "samples_000004.png").exists()
+    assert not [f for f in os.listdir(tmp_path / "stopped") if ".tmp-" in f]  # no half-written files
+
+
+def test_export_writes_a_loadable_float16_copy(tmp_path):
+    export = tmp_path / "shipped.safetensors"
+    ema = train_base.main(tiny_base_config(tmp_path / "run", steps=2, export=str(export)))
+    tensors, meta = read_checkpoint(str(export))
+    assert meta["kind"] == "base" and tensors["dit.x_embedder.proj.weight"].dtype == torch.float16
+    dit, _, _ = load_base(str(export))
+    assert torch.allclose(dit.x_embedder.proj.weight, ema["dit"].x_embedder.proj.weight, atol=1e-3)
+    assert dit.x_embedder.proj.weight.dtype == torch.float32
+
+
+def test_checkpoint_with_a_missing_key_names_it(tmp_path):
+    tensors, _ = read_checkpoint("data/base.safetensors")
+    from safetensors import safe_open
+    with safe_open("data/base.safetensors", "pt") as f:
+        metadata = f.metadata()
+    del tensors["dit.final_layer.linear.weight"]
+    broken = tmp_path / "broken.safetensors"
+    save_file(tensors, broken, metadata=metadata)
+    with pytest.raises(CheckpointError, match="missing 1 \\(final_layer.linear.weight\\)"):
+        load_base(str(broken))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(open("data/base.safetensors", "rb").read()[:1000])
+    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+        load_base(str(truncated))
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize("args, says", [
+    (["sample.py", "--promt=a 7"], "unknown flag --promt"),
+    (["sample.py", "--ckpt=no/such/file.safetensors"], "no/such/file.safetensors does not exist"),
+    (["sample.py", "--prompt=a purple 7"], "unknown word(s) ['purple']"),
+    (["sample.py", "--steps=many"], "--steps=many: expected a int"),
+    (["train_base.py", "--preset=huge"], "--preset=huge: choose one of"),
+    (["train_base.py", "--resume", "--out_dir=no/such/run"], "train_state.pt does not exist"),
+])
+def test_bad_input_gives_one_clear_line(args, says):
+    result = run_script(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and says in last_line
+
+
+def test_sample_cli_writes_a_grid(tmp_path):
+    out = tmp_path / "grid.png"
+    result = run_script("sample.py", "--prompt=a thick 7 slanted right", "--n=4", "--steps=4", f"--out={out}")
+    assert result.returncode == 0, result.stderr
+    from PIL import Image
+    assert Image.open(out).size == (4 * 34 * 2, 34 * 2)
