@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from einops import rearrange
 
 # -----------------------------------------------------------------------------
 # Fused elementwise ops. Each is a plain function; `set_compile(True)` routes
@@ -339,10 +340,8 @@ class DiT(nn.Module):
 
     def unpatchify(self, x, H, W):
         """(B, h*w, p*p*C) -> (B, C, H, W); each token's values in (p, q, C) order, as SD3."""
-        p, C = self.config.patch_size, self.config.out_channels
-        h, w = H // p, W // p
-        x = x.view(x.shape[0], h, w, p, p, C)
-        return torch.einsum("nhwpqc->nchpwq", x).reshape(x.shape[0], C, H, W)
+        p = self.config.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, p=p, q=p)
 
     def forward(self, x, sigma, context, pooled, num_blocks=None):
         """x (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) -> velocity (B, C, H, W).

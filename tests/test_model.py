@@ -233,3 +233,13 @@ def test_text_encoder_ignores_padding():
         context2, pooled2 = text(other_pad_embedding)
     assert torch.allclose(pooled, pooled2, atol=1e-5)
     assert torch.allclose(context[:, :3], context2[:, :3], atol=1e-5)
+
+
+def test_unpatchify_reads_tokens_in_sd3_patch_order():
+    """Token (i, j) holds pixels [i*p:(i+1)*p, j*p:(j+1)*p] flattened as (row, column, channel)."""
+    dit = build_dit(SMALL)
+    B, C, H, W, p = 2, 1, 16, 12, SMALL.patch_size
+    image = torch.randn(B, C, H, W)
+    tokens = torch.stack([torch.stack([image[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p].permute(1, 2, 0).flatten()
+                                       for i in range(H // p) for j in range(W // p)]) for b in range(B)])
+    assert torch.equal(dit.unpatchify(tokens, H, W), image)
