@@ -10,7 +10,6 @@ import sys
 import tempfile
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 # -----------------------------------------------------------------------------
@@ -113,17 +112,65 @@ def save_checkpoint(path, modules, meta, dtype=None):
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": json.dumps(meta)}))
 
 
-def read_checkpoint(path):
-    """-> (tensors dict, meta dict). Clear errors for a missing or unreadable file."""
-    if not os.path.exists(path):
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor of a safetensors file lies: enough to read it alone, later."""
+    path: str
+    dtype: torch.dtype
+    shape: tuple
+    start: int  # absolute byte offsets in the file
+    end: int
+
+
+def read_safetensors_header(path):
+    """-> ({name: TensorEntry}, metadata dict), reading only the JSON header.
+
+    The format: 8 bytes little-endian header length n, n bytes of JSON
+    {name: {dtype, shape, data_offsets}}, then the raw data. Reading tensors one
+    at a time from these offsets (no mmap) keeps a loader's peak memory at one
+    copy of the model.
+    """
+    if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        with safe_open(path, "pt") as f:
-            meta = json.loads((f.metadata() or {}).get("meta", "{}"))
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # safetensors raises several types for a bad header or a short file
-        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-    return tensors, meta
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
+        if not 0 < n <= size - 8:
+            raise CheckpointError(f"{path} is not a safetensors file (or is truncated): "
+                                  f"its first 8 bytes give a header of {n} bytes in a {size}-byte file")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise CheckpointError(f"{path} is not a safetensors file: its header is not JSON") from None
+    metadata = header.pop("__metadata__", None) or {}
+    entries = {}
+    for name, info in header.items():
+        begin, end = (8 + n + offset for offset in info["data_offsets"])
+        if end > size:
+            raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {end}, the file has {size}")
+        entries[name] = TensorEntry(path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
+    return entries, metadata
+
+
+def read_tensor(entry):
+    """The tensor an entry points at, read from disk into fresh memory."""
+    with open(entry.path, "rb") as f:
+        f.seek(entry.start)
+        data = bytearray(f.read(entry.end - entry.start))
+    if not data:
+        return torch.empty(entry.shape, dtype=entry.dtype)
+    return torch.frombuffer(data, dtype=entry.dtype).reshape(entry.shape)
+
+
+def read_checkpoint(path):
+    """-> (tensors dict, meta dict) of a file written by save_checkpoint. Clear errors for a missing or broken file."""
+    entries, metadata = read_safetensors_header(path)
+    return {name: read_tensor(entry) for name, entry in entries.items()}, json.loads(metadata.get("meta", "{}"))
 
 
 def load_module(module, tensors, prefix, path):

@@ -1,4 +1,5 @@
 """The entry scripts as a user meets them: tiny runs, resume, and one clear line on bad input."""
+import json
 import os
 import signal
 import subprocess
@@ -55,19 +56,22 @@ def test_export_writes_a_loadable_float16_copy(tmp_path):
 
 
 def test_checkpoint_with_a_missing_key_names_it(tmp_path):
-    tensors, _ = read_checkpoint("data/base.safetensors")
-    from safetensors import safe_open
-    with safe_open("data/base.safetensors", "pt") as f:
-        metadata = f.metadata()
+    tensors, meta = read_checkpoint("data/base.safetensors")
+    metadata = {"meta": json.dumps(meta)}
     del tensors["dit.final_layer.linear.weight"]
     broken = tmp_path / "broken.safetensors"
     save_file(tensors, broken, metadata=metadata)
     with pytest.raises(CheckpointError, match="missing 1 \\(final_layer.linear.weight\\)"):
         load_base(str(broken))
     truncated = tmp_path / "truncated.safetensors"
-    truncated.write_bytes(open("data/base.safetensors", "rb").read()[:1000])
-    with pytest.raises(CheckpointError, match="not a readable safetensors file"):
+    whole = open("data/base.safetensors", "rb").read()
+    truncated.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(CheckpointError, match="truncated.safetensors is truncated: tensor"):
         load_base(str(truncated))
+    not_safetensors = tmp_path / "notes.safetensors"
+    not_safetensors.write_text("these are not weights")
+    with pytest.raises(CheckpointError, match="notes.safetensors is not a safetensors file"):
+        load_base(str(not_safetensors))
 
 
 def run_script(*args):

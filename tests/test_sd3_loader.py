@@ -1,0 +1,177 @@
+"""load_sd3 / save_sd3 against diffusers' own SD3 implementation, on tiny random models.
+
+diffusers is the independent reference twice over: its SD3Transformer2DModel
+computes the expected output, and its single-file converter (Stability keys ->
+diffusers keys) checks the Stability layout we write.
+"""
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from common import CheckpointError, read_safetensors_header
+from model import load_sd3, save_sd3, add_lora
+
+diffusers = pytest.importorskip("diffusers")
+from diffusers import SD3Transformer2DModel  # noqa: E402
+from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
+
+# head dim 64 as every public model; depth, width and position grid shrunk
+TINY_LIKE = {
+    "sd3-medium": dict(num_layers=3, num_attention_heads=2, qk_norm=None, dual_attention_layers=()),
+    "sd3.5-medium": dict(num_layers=3, num_attention_heads=2, qk_norm="rms_norm", dual_attention_layers=(0, 1)),
+    "sd3.5-large": dict(num_layers=4, num_attention_heads=3, qk_norm="rms_norm", dual_attention_layers=()),
+}
+
+
+def tiny_diffusers_model(kind, seed=0):
+    torch.manual_seed(seed)
+    cfg = TINY_LIKE[kind]
+    model = SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=4, out_channels=4, attention_head_dim=64,
+        joint_attention_dim=48, caption_projection_dim=64 * cfg["num_attention_heads"], pooled_projection_dim=24,
+        pos_embed_max_size=12, **cfg)
+    with torch.no_grad():  # every tensor random and distinct: zero-initialised gates would hide a wrong mapping
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.2)
+    return model.eval()
+
+
+def inputs(height, width, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(2, 4, height, width, generator=g), torch.tensor([0.3, 0.9]),
+            torch.randn(2, 5, 48, generator=g), torch.randn(2, 24, generator=g))
+
+
+@torch.no_grad()
+def diffusers_output(model, x, sigma, context, pooled):
+    return model(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                 timestep=sigma * 1000).sample
+
+
+def relative_error(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+def assert_matches(dit, reference):
+    for height, width in ((16, 16), (12, 20), (8, 14)):  # square and not, all within the 24x24 grid
+        x, sigma, context, pooled = inputs(height, width)
+        with torch.no_grad():
+            ours = dit(x, sigma, context, pooled)
+        assert relative_error(ours, diffusers_output(reference, x, sigma, context, pooled)) < 1e-4
+
+
+@pytest.mark.parametrize("kind", list(TINY_LIKE))
+def test_load_diffusers_folder_sharded_and_single(kind, tmp_path):
+    reference = tiny_diffusers_model(kind)
+    reference.save_pretrained(tmp_path / "sharded", max_shard_size="300KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").exists()
+    reference.save_pretrained(tmp_path / "pipeline" / "transformer")
+    for path in (tmp_path / "sharded", tmp_path / "pipeline",
+                 tmp_path / "pipeline" / "transformer" / "diffusion_pytorch_model.safetensors"):
+        dit = load_sd3(str(path))
+        assert dit.config.qk_norm == (TINY_LIKE[kind]["qk_norm"] is not None)
+        assert dit.config.dual_attention_layers == TINY_LIKE[kind]["dual_attention_layers"]
+        assert_matches(dit, reference)
+
+
+@pytest.mark.parametrize("kind", list(TINY_LIKE))
+def test_stability_layout_agrees_with_diffusers_converter(kind, tmp_path):
+    reference = tiny_diffusers_model(kind)
+    dit = load_sd3(_save_diffusers(reference, tmp_path))
+    single_file = tmp_path / "sd3_single_file.safetensors"
+    save_sd3(dit, str(single_file), layout="stability")
+    # add what a real single file carries beside the transformer: the loader must ignore it
+    entries, _ = read_safetensors_header(str(single_file))
+    from safetensors.torch import load_file
+    tensors = load_file(single_file)
+    tensors["first_stage_model.decoder.conv_in.weight"] = torch.randn(8, 16, 3, 3)
+    tensors["text_encoders.clip_l.transformer.text_model.final_layer_norm.weight"] = torch.randn(8)
+    save_file(tensors, single_file)
+    # diffusers' own converter reads our Stability file into a model that agrees with the reference
+    converted = convert_sd3_transformer_checkpoint_to_diffusers(
+        {k: v for k, v in tensors.items() if k.startswith("model.diffusion_model.")})
+    rebuilt = tiny_diffusers_model(kind, seed=99)
+    rebuilt.load_state_dict(converted, strict=True)
+    x, sigma, context, pooled = inputs(16, 16)
+    assert relative_error(diffusers_output(rebuilt, x, sigma, context, pooled),
+                          diffusers_output(reference, x, sigma, context, pooled)) < 1e-6
+    # and we read it back, prefixed or not
+    assert_matches(load_sd3(str(single_file)), reference)
+    bare = tmp_path / "bare.safetensors"
+    save_file({k[len("model.diffusion_model."):]: v for k, v in tensors.items() if k.startswith("model.")}, bare)
+    assert_matches(load_sd3(str(bare)), reference)
+
+
+def _save_diffusers(model, tmp_path):
+    path = tmp_path / "transformer"
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.mark.parametrize("layout", ["diffusers", "stability"])
+def test_round_trip_gives_identical_tensors(layout, tmp_path):
+    dit = load_sd3(_save_diffusers(tiny_diffusers_model("sd3.5-medium"), tmp_path))
+    out = tmp_path / ("again" if layout == "diffusers" else "again.safetensors")
+    save_sd3(dit, str(out), layout=layout)
+    again = load_sd3(str(out))
+    assert again.config == dit.config
+    first, second = dit.state_dict(), again.state_dict()
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+    if layout == "diffusers":  # diffusers itself reads what we wrote
+        assert_matches(dit, SD3Transformer2DModel.from_pretrained(str(out)).eval())
+
+
+def test_lora_is_merged_on_export(tmp_path):
+    dit = load_sd3(_save_diffusers(tiny_diffusers_model("sd3-medium"), tmp_path))
+    loras = add_lora(dit, rank=2)
+    with torch.no_grad():
+        for lora in loras:
+            lora.lora_B.normal_(std=0.05)
+    x, sigma, context, pooled = inputs(16, 16)
+    with torch.no_grad():
+        expected = dit(x, sigma, context, pooled)
+    save_sd3(dit, str(tmp_path / "merged"), layout="diffusers")
+    exported = SD3Transformer2DModel.from_pretrained(str(tmp_path / "merged")).eval()
+    assert relative_error(diffusers_output(exported, x, sigma, context, pooled), expected) < 1e-4
+
+
+def test_dtype_cast_while_loading(tmp_path):
+    dit = load_sd3(_save_diffusers(tiny_diffusers_model("sd3-medium"), tmp_path), dtype=torch.bfloat16)
+    assert {p.dtype for p in dit.state_dict().values()} == {torch.bfloat16}
+    assert not any(p.is_meta for p in dit.state_dict().values())
+
+
+def test_broken_checkpoints_name_the_file_and_the_keys(tmp_path):
+    folder = _save_diffusers(tiny_diffusers_model("sd3.5-medium"), tmp_path)
+    weights = os.path.join(folder, "diffusion_pytorch_model.safetensors")
+    from safetensors.torch import load_file
+    tensors = load_file(weights)
+
+    def write(name, changed):
+        path = tmp_path / name
+        save_file(changed, path)
+        return str(path)
+
+    missing = write("missing.safetensors", {k: v for k, v in tensors.items() if "attn.to_out.0" not in k})
+    with pytest.raises(CheckpointError, match=r"missing.safetensors .*missing 6 \(joint_blocks.0.x_block.attn.proj.bias"):
+        load_sd3(missing)
+    extra = write("extra.safetensors", {**tensors, "transformer_blocks.0.attn.mystery.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError, match=r"unexpected 1 \(transformer_blocks.0.attn.mystery.weight\)"):
+        load_sd3(extra)
+    reshaped = dict(tensors)
+    reshaped["proj_out.bias"] = torch.zeros(7)
+    with pytest.raises(CheckpointError, match=r"wrong shape 1 \(final_layer.linear.bias\)"):
+        load_sd3(write("reshaped.safetensors", reshaped))
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(open(weights, "rb").read()[:-100])
+    with pytest.raises(CheckpointError, match="truncated.safetensors is truncated"):
+        load_sd3(str(truncated))
+    text = tmp_path / "config.safetensors"
+    text.write_text(json.dumps({"not": "weights"}))
+    with pytest.raises(CheckpointError, match="config.safetensors is not a safetensors file"):
+        load_sd3(str(text))
+    with pytest.raises(FileNotFoundError, match="no/such/dir"):
+        load_sd3("no/such/dir")
