@@ -173,20 +173,40 @@ def read_checkpoint(path):
     return {name: read_tensor(entry) for name, entry in entries.items()}, json.loads(metadata.get("meta", "{}"))
 
 
-def load_module(module, tensors, prefix, path):
-    """Load tensors['<prefix>.*'] into module strictly; the error names missing, unexpected and misshapen keys."""
-    state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    misshapen = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+def check_keys(expected, found, path, what, also_unexpected=()):
+    """expected, found: {name: shape}. Raise one CheckpointError naming the file and the first few
+    missing, unexpected and misshapen keys (with how many of each), or return quietly."""
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted([*also_unexpected, *(set(found) - set(expected))])
+    misshapen = sorted(k for k in set(found) & set(expected) if tuple(found[k]) != tuple(expected[k]))
     if missing or unexpected or misshapen:
         def few(keys):
             return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        raise CheckpointError(f"{path} does not fit the '{prefix}' model: missing {few(missing)}, "
+        raise CheckpointError(f"{path} does not fit {what}: missing {few(missing)}, "
                               f"unexpected {few(unexpected)}, wrong shape {few(misshapen)}")
+
+
+def load_module(module, tensors, prefix, path):
+    """Load tensors['<prefix>.*'] into module strictly; the error names missing, unexpected and misshapen keys."""
+    state = {k[len(prefix) + 1:]: v for k, v in tensors.items() if k.startswith(prefix + ".")}
+    check_keys({k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in state.items()},
+               path, f"the '{prefix}' model")
     module.load_state_dict(state)
     return module
+
+
+def assign_from_files(module, plan, convert=None, dtype=None, device=None):
+    """Fill a meta-device module from plan {name: [TensorEntry, ...]} one tensor at a time
+    (parts are concatenated on dim 0; convert(name, tensor) may rearrange), casting to dtype
+    (default: as stored). Only one copy of the weights is ever held. Check keys first."""
+    state = {}
+    for name, parts in plan.items():
+        tensor = torch.cat([read_tensor(p) for p in parts]) if len(parts) > 1 else read_tensor(parts[0])
+        if convert is not None:
+            tensor = convert(name, tensor)
+        state[name] = tensor.to(device=device or "cpu", dtype=dtype or tensor.dtype)
+    module.load_state_dict(state, assign=True)
+    return module.eval()
 
 
 def save_training_state(path, state):

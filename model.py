@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import save_file
 
-from common import CheckpointError, atomic_write, read_safetensors_header, read_tensor
+from common import CheckpointError, assign_from_files, atomic_write, check_keys, read_safetensors_header
 
 # -----------------------------------------------------------------------------
 # Fused elementwise ops. Each is a plain function; `set_compile(True)` routes
@@ -623,10 +623,6 @@ def config_from_shapes(shapes, path="checkpoint"):
         mlp_ratio=shapes["joint_blocks.0.x_block.mlp.fc1.weight"][0] / dim)
 
 
-def _few(keys):
-    return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-
-
 def load_sd3(path, dtype=None, device=None):
     """An SD3 / SD3.5 transformer from Stability's layout (single file, with or without the
     `model.diffusion_model.` prefix) or diffusers' (file, folder, sharded folder) -> DiT in eval mode.
@@ -639,21 +635,12 @@ def load_sd3(path, dtype=None, device=None):
     shapes = {k: _shape(v) for k, v in plan.items()}
     config = config_from_shapes(shapes, path)
     dit = build_dit(config, device="meta")
-    expected = {k: tuple(v.shape) for k, v in dit.state_dict().items()}
-    missing = sorted(set(expected) - set(plan))
-    unexpected = sorted(unexpected + [k for k in plan if k not in expected])
-    misshapen = sorted(k for k in set(plan) & set(expected) if shapes[k] != expected[k])
-    if missing or unexpected or misshapen:
-        raise CheckpointError(f"{path} ({layout} layout) does not fit the inferred config {config}: "
-                              f"missing {_few(missing)}, unexpected {_few(unexpected)}, wrong shape {_few(misshapen)}")
-    state = {}
-    for name, parts in plan.items():
-        tensor = torch.cat([read_tensor(p) for p in parts]) if len(parts) > 1 else read_tensor(parts[0])
-        if layout == "diffusers" and _swaps_halves(name, tensor.shape, config.dim):
-            tensor = _swap_halves(tensor)
-        state[name] = tensor.to(device=device or "cpu", dtype=dtype or tensor.dtype)
-    dit.load_state_dict(state, assign=True)
-    return dit.eval()
+    check_keys({k: v.shape for k, v in dit.state_dict().items()}, shapes, path,
+               f"an SD3 transformer ({layout} layout) with the config its shapes give, {config}", unexpected)
+
+    def convert(name, tensor):
+        return _swap_halves(tensor) if layout == "diffusers" and _swaps_halves(name, tensor.shape, config.dim) else tensor
+    return assign_from_files(dit, plan, convert, dtype, device)
 
 
 def export_state_dict(dit):

@@ -175,3 +175,61 @@ def test_broken_checkpoints_name_the_file_and_the_keys(tmp_path):
         load_sd3(str(text))
     with pytest.raises(FileNotFoundError, match="no/such/dir"):
         load_sd3("no/such/dir")
+
+# -----------------------------------------------------------------------------
+# The SD3 VAE against diffusers' AutoencoderKL with SD3's settings
+
+
+def tiny_diffusers_vae(seed=0):
+    from diffusers import AutoencoderKL
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
+                        layers_per_block=2, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
+                        use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.copy_(torch.randn_like(p) * 0.1)
+    return vae.eval()
+
+
+def assert_vae_matches(ours, reference):
+    g = torch.Generator().manual_seed(3)
+    images = torch.rand(2, 3, 24, 16, generator=g) * 2 - 1
+    with torch.no_grad():
+        mean = reference.encode(images).latent_dist.mean
+        expected_latents = (mean - 0.0609) * 1.5305
+        latents = ours.encode(images)
+        assert relative_error(latents, expected_latents) < 1e-4
+        expected_images = reference.decode(expected_latents / 1.5305 + 0.0609).sample
+        assert relative_error(ours.decode(expected_latents), expected_images) < 1e-4
+
+
+def test_vae_loads_diffusers_and_stability_layouts(tmp_path):
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+    from sd3 import load_vae
+    reference = tiny_diffusers_vae()
+    reference.save_pretrained(tmp_path / "pipeline" / "vae")
+    vae = load_vae(str(tmp_path / "pipeline"))
+    assert vae.config.channels == (32, 64, 64) and vae.config.layers_per_block == 2
+    assert_vae_matches(vae, reference)
+    # Stability's single file: our keys under first_stage_model., beside a transformer tensor
+    single = tmp_path / "single.safetensors"
+    tensors = {"first_stage_model." + k: v.contiguous() for k, v in vae.state_dict().items()}
+    save_file({**tensors, "model.diffusion_model.pos_embed": torch.zeros(1, 4, 8)}, single)
+    assert_vae_matches(load_vae(str(single)), reference)
+    # diffusers' own LDM converter reads our keys into a model equal to the reference
+    converted = convert_ldm_vae_checkpoint(tensors, dict(reference.config))
+    rebuilt = tiny_diffusers_vae(seed=5)
+    rebuilt.load_state_dict(converted, strict=True)
+    assert_vae_matches(vae, rebuilt)
+
+
+def test_vae_from_another_model_is_refused(tmp_path):
+    from sd3 import load_vae
+    reference = tiny_diffusers_vae()
+    tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
+    tensors["quant_conv.weight"] = torch.zeros(32, 32, 1, 1)  # an SD1-style VAE has quant convs
+    save_file(tensors, tmp_path / "sd1_vae.safetensors")
+    with pytest.raises(CheckpointError, match=r"sd1_vae.safetensors .*unexpected 1 \(quant_conv.weight\)"):
+        load_vae(str(tmp_path / "sd1_vae.safetensors"))
