@@ -5,7 +5,9 @@ sample.py parse flags and write files one way.
 """
 import dataclasses
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
 
@@ -64,6 +66,39 @@ def run_main(main, config_class, argv=None):
 
 def print_config(cfg):
     print(" ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+
+# -----------------------------------------------------------------------------
+# Training-loop helpers
+
+
+def warmup_cosine(step, steps, warmup, peak):
+    """Learning rate: linear warm-up over `warmup` steps, then cosine decay from peak to peak / 10."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+class GracefulStop:
+    """Inside `with GracefulStop() as stop:`, Ctrl-C and SIGTERM only set `stop` (truthy) so the
+    loop can finish its step, save and leave; a resumed run then continues exactly."""
+
+    def __enter__(self):
+        self.signals = []
+        self.previous = {s: signal.signal(s, self._request) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _request(self, signum, frame):
+        self.signals.append(signum)
+        print("\nstop requested: saving after this step", file=sys.stderr)
+
+    def __bool__(self):
+        return bool(self.signals)
+
+    def __exit__(self, *exc):
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+        return False
 
 # -----------------------------------------------------------------------------
 # Device: decided once, with the reason printed

@@ -416,6 +416,12 @@ def logit_normal_sigma(batch_size, device=None, generator=None):
     return torch.sigmoid(torch.randn(batch_size, device=device, generator=generator))
 
 
+def add_noise(x0, sigma, noise):
+    """The rectified-flow path: x_sigma = (1 - sigma) x0 + sigma noise, sigma (B,) broadcast per sample."""
+    s = sigma.view(-1, *[1] * (x0.dim() - 1))
+    return (1 - s) * x0 + s * noise
+
+
 def flow_matching_loss(model, x0, context, pooled, sigma=None, noise=None):
     """Per-sample MSE between the predicted velocity and noise - x0 -> (B,) losses, sigma (B,).
 
@@ -423,8 +429,7 @@ def flow_matching_loss(model, x0, context, pooled, sigma=None, noise=None):
     """
     sigma = logit_normal_sigma(x0.shape[0], x0.device) if sigma is None else sigma
     noise = torch.randn_like(x0) if noise is None else noise
-    s = sigma.view(-1, *[1] * (x0.dim() - 1))
-    x_sigma = (1 - s) * x0 + s * noise
+    x_sigma = add_noise(x0, sigma, noise)
     velocity = model(x_sigma, sigma, context, pooled)
     return (velocity.float() - (noise - x0).float()).pow(2).flatten(1).mean(1), sigma
 

@@ -13,7 +13,6 @@ import copy
 import json
 import os
 import random
-import signal
 import time
 from dataclasses import asdict, dataclass
 
@@ -22,7 +21,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import model as model_lib
-from common import pick_device, print_config, run_main, save_base, save_training_state
+from common import GracefulStop, pick_device, print_config, run_main, save_base, save_training_state, warmup_cosine
 from data.world import HELDOUT_PROMPTS, caption, load_world, parse_prompt, tokenize
 from model import PRESETS, DiT, TextConfig, TextEncoder, flow_matching_loss
 from sample import generate, save_grid
@@ -59,13 +58,6 @@ def augment_caption(text, rng, cfg):
     thickness = None if rng.random() < cfg.p_drop_attribute else thickness
     slant = None if rng.random() < cfg.p_drop_attribute else slant
     return caption(digit, thickness, slant)
-
-
-def lr_at(step, cfg):
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(progress * torch.pi)).item()))
 
 
 @torch.no_grad()
@@ -115,14 +107,6 @@ def main(cfg):
                                          "torch_rng": torch.get_rng_state(), "python_rng": rng.getstate(),
                                          "config": asdict(cfg)})
 
-    # Ctrl-C or SIGTERM finish the current step, save, and stop: a resumed run then
-    # continues exactly where this one left off.
-    stop_requested = []
-    def request_stop(signum, frame):
-        stop_requested.append(signum)
-        tqdm.write("stop requested: saving after this step")
-    previous_handlers = {s: signal.signal(s, request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
-
     os.makedirs(cfg.out_dir, exist_ok=True)
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
     sigma_bins = torch.linspace(0, 1, 6)  # loss by sigma quintile, as minRF logs it
@@ -132,13 +116,13 @@ def main(cfg):
     def minutes():
         return minutes_before + (time.time() - t0) / 60
     bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_base")
-    try:
+    with GracefulStop() as stop, log:
         for step in bar:
             idx = torch.randint(len(images), (cfg.batch_size,))
             x0 = images[idx].to(device)
             ids = tokenize([augment_caption(captions[i], rng, cfg) for i in idx.tolist()]).to(device)
             for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg)
+                group["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
             context, pooled = net["text"](ids)
             losses, sigma = flow_matching_loss(net["dit"], x0, context, pooled)
             loss = losses.mean()
@@ -156,7 +140,7 @@ def main(cfg):
                 by_bin = (bin_loss / bin_count.clamp(min=1)).tolist()
                 record = {"step": step + 1, "loss": sum(bin_loss.tolist()) / max(1, bin_count.sum().item()),
                           "loss_by_sigma": [round(v, 4) for v in by_bin], "grad_norm": grad_norm.item(),
-                          "lr": lr_at(step, cfg), "minutes": minutes()}
+                          "lr": warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr), "minutes": minutes()}
                 bin_loss.zero_(), bin_count.zero_()
                 prompts = [p for p in HELDOUT_PROMPTS for _ in range(cfg.eval_per_prompt)]
                 grid = generate(ema["dit"], ema["text"], prompts, seed=0, cfg_scale=cfg.eval_cfg)
@@ -166,14 +150,10 @@ def main(cfg):
                 log.flush()
                 tqdm.write(f"step {step + 1:6d} | loss {record['loss']:.4f} | by sigma {record['loss_by_sigma']} "
                            f"| {record['minutes']:.1f} min")
-            if stop_requested:
+            if stop:
                 save(step + 1)
                 print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
                 return None
-    finally:
-        log.close()
-        for s, handler in previous_handlers.items():
-            signal.signal(s, handler)
     if cfg.export:
         save_base(cfg.export, ema["dit"], ema["text"], cfg.steps, dtype=torch.float16)
         print(f"exported the EMA model in float16 to {cfg.export}")

@@ -1,0 +1,166 @@
+"""Preference pairs for the DRM: samples of the shipped base model, labelled by the simulated annotator.
+
+    python data/preferences.py                # writes out/prefs/ (about 4 minutes on 2 CPU cores)
+
+What it makes, per prompt: images from the base model at a grid of guidance
+scales and step counts (so quality varies, as it does between the models that
+fed HPDv3), then random pairs of them, each labelled by the annotator's
+Bradley-Terry draw (data/judge.py). Prompts are the full captions
+"a <thickness> <digit> <slant>" of the training combinations; the ten held-out
+prompts of data/world.py are left out altogether (they are the policy's test
+prompts), and the rest are split by prompt into train and test.
+
+Format, close to HPDv3's (prompt, path1 (winner), path2, confidence), one JSON
+object a line in `train.jsonl` and `test.jsonl`:
+
+    {"prompt": "a thick 7 slanted right", "path1": "images/00042.png", "path2": "images/00107.png",
+     "confidence": 0.81, "gold": [-0.93, -1.42]}
+
+path1 is the image the annotator preferred; paths are relative to the file's
+folder; confidence is the annotator's probability of that choice (below 0.5
+when the noisy draw went against the gold ordering); gold holds the two
+noise-free gold scores, read only by evaluation (train_reward.py --eval_only),
+never by training.
+"""
+import json
+import os
+import random
+import sys
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import load_base  # noqa: E402
+from data.world import HELDOUT_PROMPTS, SLANT, THICKNESS, caption  # noqa: E402
+
+
+@dataclass
+class Config:
+    out_dir: str = "out/prefs"
+    ckpt: str = "data/base.safetensors"
+    cfg_scales: str = "1,1.5,2,3,4,6"     # guidance scales of the image pool
+    step_counts: str = "1,2,4,8,20"       # Euler step counts of the image pool (1-2 steps give blurred digits)
+    seeds_per_setting: int = 2            # images per (prompt, guidance, steps)
+    pairs_per_prompt: int = 100
+    test_prompts: int = 16                # prompts held out for the test pairs
+    temperature: float = 0.15             # Bradley-Terry temperature of the annotator's labels
+    seed: int = 0
+
+
+# -----------------------------------------------------------------------------
+# Reading (used by train_reward.py): every problem names the file and line
+
+
+def to_tensor(path):
+    """A grey PNG -> (1, H, W) float in [-1, 1]."""
+    pixels = torch.frombuffer(bytearray(Image.open(path).convert("L").tobytes()), dtype=torch.uint8)
+    with Image.open(path) as img:
+        width, height = img.size
+    return pixels.view(1, height, width).float() / 127.5 - 1
+
+
+def read_pairs(path):
+    """-> list of dicts with prompt, path1, path2 (absolute), confidence, gold (or None). Validated line by line."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"preference file {path} does not exist; make one with python data/preferences.py")
+    folder = os.path.dirname(os.path.abspath(path))
+    pairs = []
+    with open(path) as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            where = f"{path} line {number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{where}: not JSON ({e})") from None
+            missing = [k for k in ("prompt", "path1", "path2") if k not in record]
+            if missing:
+                raise ValueError(f"{where}: missing field(s) {missing}")
+            confidence = record.get("confidence", 1.0)
+            if not isinstance(confidence, (int, float)) or not 0.0 <= confidence <= 1.0:
+                raise ValueError(f"{where}: confidence {confidence!r} is not a number in [0, 1]")
+            for key in ("path1", "path2"):
+                record[key] = os.path.join(folder, record[key])
+                if not os.path.exists(record[key]):
+                    raise FileNotFoundError(f"{where}: image {record[key]} does not exist")
+            pairs.append({"prompt": record["prompt"], "path1": record["path1"], "path2": record["path2"],
+                          "confidence": float(confidence), "gold": record.get("gold")})
+    if not pairs:
+        raise ValueError(f"{path} holds no pairs: an empty split cannot train or evaluate a reward model")
+    return pairs
+
+
+def load_pair_tensors(pairs):
+    """-> winners (N, 1, H, W), losers (N, 1, H, W), prompts, gold (N, 2) or None. Each image read once."""
+    cache = {}
+    def image(path):
+        if path not in cache:
+            cache[path] = to_tensor(path)
+        return cache[path]
+    winners = torch.stack([image(p["path1"]) for p in pairs])
+    losers = torch.stack([image(p["path2"]) for p in pairs])
+    gold = torch.tensor([p["gold"] for p in pairs]) if all(p["gold"] is not None for p in pairs) else None
+    return winners, losers, [p["prompt"] for p in pairs], gold
+
+# -----------------------------------------------------------------------------
+# Making the data set
+
+
+def main(cfg):
+    from data.judge import Judge
+    from sample import generate, save_grid
+    dit, text_encoder, _ = load_base(cfg.ckpt)
+    judge = Judge(temperature=cfg.temperature)
+    cfg_scales = [float(v) for v in cfg.cfg_scales.split(",")]
+    step_counts = [int(v) for v in cfg.step_counts.split(",")]
+    prompts = [caption(d, t, s) for d in range(10) for t in range(len(THICKNESS)) for s in range(len(SLANT))]
+    prompts = [p for p in prompts if p not in HELDOUT_PROMPTS]
+    rng = random.Random(cfg.seed)
+    rng.shuffle(prompts)
+    split = {"test": sorted(prompts[:cfg.test_prompts]), "train": sorted(prompts[cfg.test_prompts:])}
+
+    os.makedirs(os.path.join(cfg.out_dir, "images"), exist_ok=True)
+    pool = {}  # prompt -> list of (relative path, gold)
+    index = 0
+    for scale_number, scale in enumerate(cfg_scales):
+        for steps in step_counts:
+            batch = [p for p in prompts for _ in range(cfg.seeds_per_setting)]
+            images = generate(dit, text_encoder, batch, seed=cfg.seed * 1000 + scale_number * 100 + steps,
+                              steps=steps, cfg_scale=scale)
+            pixels = ((images + 1) * 127.5).round().clamp(0, 255).byte()
+            gold = judge.gold(pixels.float() / 127.5 - 1, batch)  # scored as stored, after 8-bit rounding
+            for prompt, image, g in zip(batch, pixels, gold.tolist()):
+                relative = f"images/{index:05d}.png"
+                Image.fromarray(image[0].numpy()).save(os.path.join(cfg.out_dir, relative))
+                pool.setdefault(prompt, []).append((relative, g))
+                index += 1
+            print(f"guidance {scale}, {steps} steps: {len(batch)} images, mean gold {gold.mean():.3f}")
+
+    generator = torch.Generator().manual_seed(cfg.seed)
+    for name, names_prompts in split.items():
+        lines, agree = [], 0
+        for prompt in names_prompts:
+            for _ in range(cfg.pairs_per_prompt):
+                (path_a, gold_a), (path_b, gold_b) = rng.sample(pool[prompt], 2)
+                a_wins, p_a = judge.label_pairs(torch.tensor([gold_a]), torch.tensor([gold_b]), generator)
+                a_wins, p_a = bool(a_wins), float(p_a)
+                winner, loser = ((path_a, gold_a), (path_b, gold_b)) if a_wins else ((path_b, gold_b), (path_a, gold_a))
+                agree += winner[1] >= loser[1]
+                lines.append(json.dumps({"prompt": prompt, "path1": winner[0], "path2": loser[0],
+                                         "confidence": round(p_a if a_wins else 1 - p_a, 4),
+                                         "gold": [round(winner[1], 4), round(loser[1], 4)]}))
+        with open(os.path.join(cfg.out_dir, f"{name}.jsonl"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        print(f"{name}: {len(lines)} pairs over {len(names_prompts)} prompts; "
+              f"labels agree with the gold ordering on {agree / len(lines):.1%}")
+    first = [path for path, _ in pool[split["test"][0]][:16]]
+    save_grid(torch.stack([to_tensor(os.path.join(cfg.out_dir, p)) for p in first]),
+              os.path.join(cfg.out_dir, "example_pool.png"), nrow=8)
+
+
+if __name__ == "__main__":
+    from common import run_main
+    run_main(main, Config)

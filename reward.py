@@ -1,0 +1,106 @@
+"""The Diffusion-based Reward Model (DRM): a pretrained DiT, cut short, with a small scalar head.
+
+    drm = DRM.from_dit(dit, drop_last=3)        # the paper's reward model
+    drm = DRM.from_scratch(dit.config)          # the same shape, random weights (the ablation)
+    reward = drm(x_sigma, sigma, context, pooled)   # (B,): higher = preferred
+
+The paper's recipe (DRM, sec. 3): keep the patch, time and text embedders and
+the first depth - drop_last joint blocks of the pretrained DiT, keep its
+timestep-conditioned final norm and projection (so the hidden tokens go back to
+the latent grid as in the DiT), then a conv head reduces the grid to one score.
+Because the backbone was trained to denoise at every sigma, the DRM can judge a
+noisy state x_sigma, not only a finished image; that is what makes step-wise
+rewards possible. Trained with the Bradley-Terry loss on preference pairs, both
+images of a pair noised to the same sigma (eq. 4):
+
+    L = -log sigmoid(r(x_sigma^w) - r(x_sigma^l)).
+"""
+import copy
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import CheckpointError, load_module, read_checkpoint, save_checkpoint
+from model import DiT, DiTConfig, TextConfig, TextEncoder, build_dit
+
+
+class ConvHead(nn.Module):
+    """(B, C, H, W) -> (B,): stride-2 3x3 convs with GroupNorm and ReLU, global average pool, MLP with dropout."""
+
+    def __init__(self, in_channels, widths=(32, 64, 128), hidden=64, dropout=0.1):
+        super().__init__()
+        layers, c = [], in_channels
+        for width in widths:
+            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
+            c = width
+        self.convs = nn.Sequential(*layers)
+        self.mlp = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+    def forward(self, x):
+        return self.mlp(self.convs(x).mean((2, 3))).squeeze(1)
+
+
+class DRM(nn.Module):
+    """Reward of a noisy latent: forward(x_sigma, sigma, context, pooled) -> (B,)."""
+
+    def __init__(self, backbone, drop_last):
+        super().__init__()
+        self.drop_last = drop_last
+        self.backbone = backbone  # a DiT whose last drop_last joint blocks are removed
+        self.head = ConvHead(backbone.config.out_channels)
+
+    @classmethod
+    def from_dit(cls, dit, drop_last=3):
+        """Copy the DiT (its weights are not shared) and cut its last drop_last blocks."""
+        depth = dit.config.depth
+        if not 0 < drop_last < depth:
+            raise ValueError(f"drop_last={drop_last}: keep at least one of the DiT's {depth} blocks (0 < drop_last < depth)")
+        backbone = copy.deepcopy(dit)
+        backbone.joint_blocks = backbone.joint_blocks[:depth - drop_last]
+        return cls(backbone, drop_last).train(dit.training)
+
+    @classmethod
+    def from_scratch(cls, config, drop_last=3):
+        """The ablation: the same network with the DiT's own random initialisation."""
+        return cls.from_dit(build_dit(config), drop_last)
+
+    def hidden_tokens(self, x_sigma, sigma, context, pooled):
+        """The backbone's image tokens after its last kept block (B, h*w, D), and the conditioning c (B, D)."""
+        return self.backbone(x_sigma, sigma, context, pooled, num_blocks=len(self.backbone.joint_blocks))
+
+    def forward(self, x_sigma, sigma, context, pooled):
+        """x_sigma (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) -> reward (B,)."""
+        tokens, c = self.hidden_tokens(x_sigma, sigma, context, pooled)
+        grid = self.backbone.unpatchify(self.backbone.final_layer(tokens, c), *x_sigma.shape[-2:])  # (B, C, H, W)
+        return self.head(grid)
+
+
+def bradley_terry_loss(reward_win, reward_lose):
+    """-log sigmoid(r_w - r_l), per pair (B,): the negative log-likelihood of the observed preference."""
+    return -F.logsigmoid(reward_win - reward_lose)
+
+# -----------------------------------------------------------------------------
+# Checkpoints: the DRM with the text encoder it reads prompts with
+
+
+def save_drm(path, drm, text_encoder, step, meta=None, dtype=None):
+    from dataclasses import asdict
+    meta = {"kind": "drm", "step": step, "drop_last": drm.drop_last, "dit_config": asdict(drm.backbone.config),
+            "text_config": asdict(text_encoder.config), **(meta or {})}
+    save_checkpoint(path, {"drm": drm, "text": text_encoder}, meta, dtype)
+
+
+def load_drm(path, device="cpu"):
+    """-> (drm, text_encoder, meta) in eval mode, from a file written by save_drm."""
+    tensors, meta = read_checkpoint(path)
+    if meta.get("kind") != "drm":
+        raise CheckpointError(f"{path} is not a DRM checkpoint (kind={meta.get('kind')!r}); "
+                              "train one with train_reward.py or use data/drm.safetensors")
+    config = DiTConfig(**{**meta["dit_config"], "dual_attention_layers": tuple(meta["dit_config"]["dual_attention_layers"])})
+    with torch.device("meta"):
+        skeleton = DiT(config)
+    drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"])
+    drm = load_module(drm, tensors, "drm", path)
+    text_encoder = load_module(TextEncoder(TextConfig(**meta["text_config"])), tensors, "text", path)
+    return drm.to(device).eval(), text_encoder.to(device).eval(), meta

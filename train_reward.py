@@ -1,0 +1,221 @@
+"""Train the Diffusion-based Reward Model on preference pairs (DRM, sec. 3, eq. 4).
+
+    python data/preferences.py                                  # the pairs, out/prefs/ (4 minutes)
+    python train_reward.py --export=data/drm.safetensors        # the shipped DRM
+    python train_reward.py --init=scratch --out_dir=out/drm_scratch   # the ablation: no pretraining
+    python train_reward.py --eval_only --ckpt=data/drm.safetensors    # accuracy per sigma -> eval.json
+
+For each pair one sigma is drawn (logit-normal, as the DiT was trained) and
+shared by both images, each with its own noise, so the model learns to rank
+noisy states at every noise level:
+
+    L = -log sigmoid(r(x_sigma^w, sigma) - r(x_sigma^l, sigma)),  x_sigma = (1 - sigma) x0 + sigma noise.
+
+The text encoder is the base model's, frozen: prompts are encoded once.
+Evaluation noises the test pairs at fixed sigmas with fixed noise and reports
+pairwise accuracy against the annotator's noisy labels and against the
+noise-free gold ordering (which training never sees).
+"""
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from common import GracefulStop, load_base, pick_device, print_config, run_main, save_training_state, warmup_cosine
+from data.preferences import load_pair_tensors, read_pairs
+from model import add_noise, logit_normal_sigma
+from reward import DRM, bradley_terry_loss, load_drm, save_drm
+from sample import encode_prompts
+
+EVAL_SIGMAS = (0.0, 0.25, 0.5, 0.75, 0.9)
+CLOSE_GAP = 0.1  # gold gap under which a pair counts as close
+
+
+@dataclass
+class Config:
+    prefs: str = "out/prefs"               # folder with train.jsonl and test.jsonl (data/preferences.py)
+    base: str = "data/base.safetensors"    # the pretrained DiT + text encoder the DRM starts from
+    out_dir: str = "out/drm"
+    init: str = "pretrained"               # pretrained (the paper) | scratch (same network, random weights)
+    drop_last: int = 3                     # DiT blocks cut from the end
+    steps: int = 3000
+    batch_size: int = 64                   # pairs per step
+    lr: float = 1e-4                       # backbone learning rate (AdamW)
+    head_lr: float = 1e-3                  # the new conv head learns faster
+    weight_decay: float = 0.01
+    warmup: int = 100
+    grad_clip: float = 1.0
+    eval_every: int = 500
+    eval_noise_draws: int = 4              # noise draws per test pair and sigma, averaged
+    eval_only: bool = False                # evaluate --ckpt (default out_dir/model.safetensors), write out_dir/eval.json, stop
+    ckpt: str = ""
+    export: str = ""                       # at the end, also write the DRM here in float16 (how data/drm.safetensors is made)
+    resume: bool = False
+    seed: int = 0
+    device: str = "auto"
+
+
+def check(cfg):
+    if cfg.init not in ("pretrained", "scratch"):
+        raise ValueError(f"--init={cfg.init}: choose pretrained or scratch")
+    for name in ("steps", "batch_size", "eval_every", "eval_noise_draws"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+
+
+def prompt_embeddings(text_encoder, prompts, device):
+    """Encode each distinct prompt once -> (context, pooled) indexed like prompts."""
+    distinct = sorted(set(prompts))
+    (context, pooled), _ = encode_prompts(text_encoder, distinct)
+    index = torch.tensor([distinct.index(p) for p in prompts], device=device)
+    return context[index], pooled[index]
+
+
+@torch.no_grad()
+def evaluate(drm, data, device, noise_draws=4, seed=1234):
+    """Pairwise accuracy on the test pairs at each of EVAL_SIGMAS -> dict of per-sigma figures."""
+    drm.eval()
+    winners, losers, context, pooled, gold = data
+    g = torch.Generator().manual_seed(seed)
+    gold_first = gold[:, 0] > gold[:, 1]            # path1 (the labelled winner) is also gold's winner
+    not_tied = gold[:, 0] != gold[:, 1]
+    close = (gold[:, 0] - gold[:, 1]).abs() < CLOSE_GAP
+    results = {}
+    for sigma_value in EVAL_SIGMAS:
+        margin = torch.zeros(len(winners))
+        for _ in range(noise_draws):
+            for i in range(0, len(winners), 256):
+                w, l = winners[i:i + 256], losers[i:i + 256]
+                sigma = torch.full((len(w),), sigma_value, device=device)
+                x = torch.cat([add_noise(w, sigma, torch.randn(w.shape, generator=g).to(device)),
+                               add_noise(l, sigma, torch.randn(l.shape, generator=g).to(device))])
+                rewards = drm(x, torch.cat([sigma, sigma]), torch.cat([context[i:i + 256]] * 2),
+                              torch.cat([pooled[i:i + 256]] * 2)).float().cpu()
+                margin[i:i + len(w)] += (rewards[:len(w)] - rewards[len(w):]) / noise_draws
+        first_preferred = margin > 0
+        agrees_with_gold = (first_preferred == gold_first) & not_tied
+        results[f"{sigma_value:g}"] = {
+            "label_accuracy": first_preferred.float().mean().item(),
+            "gold_accuracy": (agrees_with_gold.sum() / not_tied.sum()).item(),
+            "gold_accuracy_close_pairs": (agrees_with_gold & close).sum().item() / max(1, (close & not_tied).sum().item()),
+        }
+    drm.train()
+    return results
+
+
+def print_table(results, n_pairs, n_close):
+    print(f"accuracy on {n_pairs} test pairs ({n_close} close: gold gap < {CLOSE_GAP})")
+    print("| sigma | vs noisy labels | vs gold ordering | vs gold, close pairs |")
+    print("|---|---|---|---|")
+    for sigma, r in results.items():
+        print(f"| {sigma} | {r['label_accuracy']:.1%} | {r['gold_accuracy']:.1%} | {r['gold_accuracy_close_pairs']:.1%} |")
+
+
+def load_split(path, text_encoder, device, need_gold=False):
+    winners, losers, prompts, gold = load_pair_tensors(read_pairs(path))
+    if need_gold and gold is None:
+        raise ValueError(f"{path}: evaluation needs a 'gold' field on every line")
+    context, pooled = prompt_embeddings(text_encoder, prompts, device)
+    return winners.to(device), losers.to(device), context, pooled, gold
+
+
+def main(cfg):
+    check(cfg)
+    print_config(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+
+    if cfg.eval_only:
+        path = cfg.ckpt or os.path.join(cfg.out_dir, "model.safetensors")
+        drm, text_encoder, meta = load_drm(path, device)
+        test = load_split(os.path.join(cfg.prefs, "test.jsonl"), text_encoder, device, need_gold=True)
+        results = evaluate(drm, test, device, cfg.eval_noise_draws)
+        print_table(results, len(test[0]), int(((test[4][:, 0] - test[4][:, 1]).abs() < CLOSE_GAP).sum()))
+        out = os.path.join(cfg.out_dir, "eval.json")
+        os.makedirs(cfg.out_dir, exist_ok=True)
+        with open(out, "w") as f:
+            json.dump({"checkpoint": path, "init": meta.get("init"), "step": meta.get("step"), "accuracy": results}, f, indent=1)
+        print(f"wrote {out}")
+        return results
+
+    dit, text_encoder, _ = load_base(cfg.base, device)
+    text_encoder.requires_grad_(False)
+    train = load_split(os.path.join(cfg.prefs, "train.jsonl"), text_encoder, device)
+    test = load_split(os.path.join(cfg.prefs, "test.jsonl"), text_encoder, device, need_gold=True)
+    drm = (DRM.from_dit(dit, cfg.drop_last) if cfg.init == "pretrained"
+           else DRM.from_scratch(dit.config, cfg.drop_last)).to(device).train()
+    del dit
+    n_params = sum(p.numel() for p in drm.parameters())
+    print(f"DRM ({cfg.init}): {len(drm.backbone.joint_blocks)} of {drm.backbone.config.depth} blocks, "
+          f"{n_params / 1e6:.2f}M parameters; {len(train[0])} train pairs, {len(test[0])} test pairs")
+    groups = [{"params": list(drm.backbone.parameters()), "lr": cfg.lr, "peak": cfg.lr},
+              {"params": list(drm.head.parameters()), "lr": cfg.head_lr, "peak": cfg.head_lr}]
+    optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+    state_path = os.path.join(cfg.out_dir, "train_state.pt")
+    step = 0
+    if cfg.resume:
+        if not os.path.exists(state_path):
+            raise FileNotFoundError(f"--resume: {state_path} does not exist")
+        state = torch.load(state_path, map_location=device, weights_only=False)
+        drm.load_state_dict(state["drm"])
+        optimizer.load_state_dict(state["optimizer"])
+        step = state["step"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from {state_path} at step {step}")
+
+    def save(step):
+        save_drm(os.path.join(cfg.out_dir, "model.safetensors"), drm, text_encoder, step, {"init": cfg.init})
+        save_training_state(state_path, {"drm": drm.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                                         "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
+
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+    winners, losers, context, pooled, _ = train
+    t0, running = time.time(), []
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_reward")
+    with GracefulStop() as stop, log:
+        for step in bar:
+            idx = torch.randint(len(winners), (cfg.batch_size,))
+            sigma = logit_normal_sigma(cfg.batch_size, device)  # one sigma per pair, shared by its two images
+            x_win = add_noise(winners[idx], sigma, torch.randn_like(winners[idx]))
+            x_lose = add_noise(losers[idx], sigma, torch.randn_like(losers[idx]))
+            rewards = drm(torch.cat([x_win, x_lose]), torch.cat([sigma, sigma]),
+                          torch.cat([context[idx]] * 2), torch.cat([pooled[idx]] * 2))
+            reward_win, reward_lose = rewards.chunk(2)
+            loss = bradley_terry_loss(reward_win, reward_lose).mean()
+            for group in optimizer.param_groups:
+                group["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, group["peak"])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(drm.parameters(), cfg.grad_clip)
+            optimizer.step()
+            running.append((loss.item(), (reward_win > reward_lose).float().mean().item()))
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+                results = evaluate(drm, test, device, cfg.eval_noise_draws)
+                record = {"step": step + 1, "loss": sum(r[0] for r in running) / len(running),
+                          "train_label_accuracy": sum(r[1] for r in running) / len(running),
+                          "grad_norm": grad_norm.item(), "minutes": (time.time() - t0) / 60, "test": results}
+                running = []
+                save(step + 1)
+                log.write(json.dumps(record) + "\n")
+                log.flush()
+                tqdm.write(f"step {step + 1:5d} | loss {record['loss']:.4f} | test accuracy vs gold by sigma "
+                           + " ".join(f"{s}:{r['gold_accuracy']:.3f}" for s, r in results.items())
+                           + f" | {record['minutes']:.1f} min")
+            if stop:
+                save(step + 1)
+                print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
+                return None
+    if cfg.export:
+        save_drm(cfg.export, drm, text_encoder, cfg.steps, {"init": cfg.init}, dtype=torch.float16)
+        print(f"exported the DRM in float16 to {cfg.export}")
+    return drm
+
+
+if __name__ == "__main__":
+    run_main(main, Config)
