@@ -244,6 +244,13 @@ def assign_from_files(module, plan, convert=None, dtype=None, device=None):
     return module.eval()
 
 
+def load_training_state(path, device):
+    """The dict save_training_state wrote, for --resume; a clear error when there is none."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--resume: {path} does not exist")
+    return torch.load(path, map_location=device, weights_only=False)
+
+
 def save_training_state(path, state):
     """Optimizer, EMA, RNG and step for --resume, via torch.save, written atomically."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))
@@ -258,14 +265,21 @@ def save_base(path, dit, text_encoder, step, dtype=None):
     save_checkpoint(path, {"dit": dit, "text": text_encoder}, meta, dtype)
 
 
+def read_model_checkpoint(path, kind, how_to_make):
+    """-> (tensors, meta, DiTConfig) of a checkpoint whose meta says kind; else a clear error."""
+    from model import DiTConfig
+    tensors, meta = read_checkpoint(path)
+    if meta.get("kind") != kind:
+        raise CheckpointError(f"{path} is not a {kind} checkpoint (kind={meta.get('kind')!r}); {how_to_make}")
+    dit_config = DiTConfig(**{**meta["dit_config"], "dual_attention_layers": tuple(meta["dit_config"]["dual_attention_layers"])})
+    return tensors, meta, dit_config
+
+
 def load_base(path, device="cpu"):
     """-> (dit, text_encoder, meta) in eval mode, from a file written by save_base."""
-    from model import DiT, DiTConfig, TextConfig, TextEncoder
-    tensors, meta = read_checkpoint(path)
-    if meta.get("kind") != "base":
-        raise CheckpointError(f"{path} is not a base-model checkpoint (kind={meta.get('kind')!r}); "
-                              "train one with train_base.py or use data/base.safetensors")
-    dit_config = DiTConfig(**{**meta["dit_config"], "dual_attention_layers": tuple(meta["dit_config"]["dual_attention_layers"])})
+    from model import DiT, TextConfig, TextEncoder
+    tensors, meta, dit_config = read_model_checkpoint(
+        path, "base", "train one with train_base.py or use data/base.safetensors")
     dit = load_module(DiT(dit_config), tensors, "dit", path)
     text_encoder = load_module(TextEncoder(TextConfig(**meta["text_config"])), tensors, "text", path)
     return dit.to(device).eval(), text_encoder.to(device).eval(), meta

@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CheckpointError, load_module, read_checkpoint, save_checkpoint
-from model import DiT, DiTConfig, TextConfig, TextEncoder, build_dit
+from common import load_module, read_model_checkpoint, save_checkpoint
+from model import DiT, TextConfig, TextEncoder, build_dit
 
 
 class ConvHead(nn.Module):
@@ -93,11 +93,7 @@ def save_drm(path, drm, text_encoder, step, meta=None, dtype=None):
 
 def load_drm(path, device="cpu"):
     """-> (drm, text_encoder, meta) in eval mode, from a file written by save_drm."""
-    tensors, meta = read_checkpoint(path)
-    if meta.get("kind") != "drm":
-        raise CheckpointError(f"{path} is not a DRM checkpoint (kind={meta.get('kind')!r}); "
-                              "train one with train_reward.py or use data/drm.safetensors")
-    config = DiTConfig(**{**meta["dit_config"], "dual_attention_layers": tuple(meta["dit_config"]["dual_attention_layers"])})
+    tensors, meta, config = read_model_checkpoint(path, "drm", "train one with train_reward.py or use data/drm.safetensors")
     with torch.device("meta"):
         skeleton = DiT(config)
     drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"])

@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import model as model_lib
-from common import GracefulStop, pick_device, print_config, run_main, save_base, save_training_state, warmup_cosine
+from common import GracefulStop, load_training_state, pick_device, print_config, run_main, save_base, save_training_state, warmup_cosine
 from data.world import HELDOUT_PROMPTS, caption, load_world, parse_prompt, tokenize
 from model import PRESETS, DiT, TextConfig, TextEncoder, flow_matching_loss
 from sample import generate, save_grid
@@ -89,9 +89,7 @@ def main(cfg):
     state_path = os.path.join(cfg.out_dir, "train_state.pt")
     step, minutes_before = 0, 0.0
     if cfg.resume:
-        if not os.path.exists(state_path):
-            raise FileNotFoundError(f"--resume: {state_path} does not exist")
-        state = torch.load(state_path, map_location=device, weights_only=False)
+        state = load_training_state(state_path, device)
         net.load_state_dict(state["net"])
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
