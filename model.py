@@ -690,5 +690,7 @@ def save_sd3(dit, path, layout="diffusers"):
         "dual_attention_layers": list(config.dual_attention_layers), "qk_norm": "rms_norm" if config.qk_norm else None}
     os.makedirs(path, exist_ok=True)
     atomic_write(os.path.join(path, "diffusion_pytorch_model.safetensors"), lambda tmp: save_file(tensors, tmp))
-    atomic_write(os.path.join(path, "config.json"),
-                 lambda tmp: open(tmp, "w").write(json.dumps(diffusers_config, indent=2)))
+    def write_config(tmp):
+        with open(tmp, "w") as f:
+            json.dump(diffusers_config, f, indent=2)
+    atomic_write(os.path.join(path, "config.json"), write_config)

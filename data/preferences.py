@@ -55,10 +55,10 @@ class Config:
 
 def to_tensor(path):
     """A grey PNG -> (1, H, W) float in [-1, 1]."""
-    pixels = torch.frombuffer(bytearray(Image.open(path).convert("L").tobytes()), dtype=torch.uint8)
     with Image.open(path) as img:
-        width, height = img.size
-    return pixels.view(1, height, width).float() / 127.5 - 1
+        grey = img.convert("L")
+    pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
+    return pixels.view(1, grey.height, grey.width).float() / 127.5 - 1
 
 
 def read_pairs(path):
