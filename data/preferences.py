@@ -33,7 +33,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import load_base  # noqa: E402
-from data.world import HELDOUT_PROMPTS, SLANT, THICKNESS, caption  # noqa: E402
+from data.world import TRAIN_PROMPTS  # noqa: E402
 
 
 @dataclass
@@ -116,8 +116,7 @@ def main(cfg):
     judge = Judge(temperature=cfg.temperature)
     cfg_scales = [float(v) for v in cfg.cfg_scales.split(",")]
     step_counts = [int(v) for v in cfg.step_counts.split(",")]
-    prompts = [caption(d, t, s) for d in range(10) for t in range(len(THICKNESS)) for s in range(len(SLANT))]
-    prompts = [p for p in prompts if p not in HELDOUT_PROMPTS]
+    prompts = list(TRAIN_PROMPTS)
     rng = random.Random(cfg.seed)
     rng.shuffle(prompts)
     split = {"test": sorted(prompts[:cfg.test_prompts]), "train": sorted(prompts[cfg.test_prompts:])}

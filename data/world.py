@@ -6,7 +6,7 @@ Everything the other files need to know about the toy data lives here:
   (below) on any batch of images, real or generated, so captions of the data and
   the judge's attribute check use the same ruler.
 - `caption()`, `tokenize()`: prompts like "a thick 7 slanted right" and their ids.
-- `HELDOUT_PROMPTS`, `split()`: ten (digit, thickness, slant) combinations never
+- `HELDOUT_PROMPTS`, `TRAIN_PROMPTS`, `split()`: ten (digit, thickness, slant) combinations never
   seen in training, and the train/test split of the images.
 
 The attribute rule, on the ink mask `pixel > 0` (half intensity):
@@ -46,6 +46,9 @@ def caption(digit, thickness=None, slant=None):
 
 
 HELDOUT_PROMPTS = [caption(d, *HELDOUT_COMBOS[d]) for d in range(10)]
+# the other 80 full captions: what the DRM's preference pairs and the policy's rollouts are drawn from
+TRAIN_PROMPTS = [p for p in (caption(d, t, s) for d in range(10) for t in range(len(THICKNESS)) for s in range(len(SLANT)))
+                 if p not in HELDOUT_PROMPTS]
 
 # ----------------------------------------------------------------------------
 # Tokenizer: one id per word, id 0 pads, id 1 starts every prompt (its hidden

@@ -1,0 +1,248 @@
+"""Step-wise GRPO on a flow-matching model: SDE rollouts with exact log-probs, three ways to assign credit, the PPO loss.
+
+    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, k=4, reward=score)
+    advantages = stepwise_advantages(rollout.rewards)          # the paper: DRM score of each candidate
+    loss, stats = grpo_loss(policy, rollout, advantages, ...)
+
+1. The ODE-to-SDE step (Flow-GRPO, Liu et al. 2025). The Euler step of the flow
+   ODE, x_next = x + dt v, is deterministic, so it has no log-probability to
+   push on. Flow-GRPO replaces it by an SDE with the same marginals; one step is
+   Gaussian:
+
+       sigma_t = a sqrt(sigma / (1 - sigma))                  (a = noise_level)
+       mean    = x + dt (v + sigma_t^2 / (2 sigma) (x + (1 - sigma) v)),   dt = sigma_next - sigma < 0
+       std     = sigma_t sqrt(-dt)
+       x_next  = mean + std z,   z ~ N(0, I)
+
+   (x + (1 - sigma) v is the model's estimate of the noise: the added term is the
+   score correction that keeps the marginals while noise is injected.)
+   a = 0 gives back the Euler step. The log-density of x_next under N(mean, std^2)
+   is what GRPO's importance ratio needs; as Flow-GRPO we average it over pixels.
+
+2. Credit. GRPO normalises rewards within a group of samples that share a
+   starting point, so the group mean is the baseline (no value network).
+   - `stepwise` (DRM, the paper): at every trained step the policy's one mean
+     spawns k candidate next states; the DRM scores each candidate at sigma_next
+     (it can judge noisy states); advantages are normalised within those k. Each
+     step gets its own reward, so a step is credited for what it did.
+   - `sparse` (Flow-GRPO): G whole trajectories per prompt; the DRM scores the
+     final images; each trajectory's normalised reward is the advantage of all
+     its steps, good and bad steps alike.
+   - `cosine` (arXiv 2505.19196): as sparse, but the terminal advantage is spread
+     over the steps by how much each step moved the model's clean-image estimate
+     x0_hat towards the final image (cosine similarity), as a reward-to-go.
+
+3. The loss: PPO's clipped importance ratio per (state, next state) pair,
+   r = exp(log p_theta(x_next | x) - log p_old(x_next | x)), loss =
+   -min(r A, clip(r, 1 - eps, 1 + eps) A), plus an optional KL to the frozen
+   reference policy, which between two Gaussians of equal std is
+   ||mean - mean_ref||^2 / (2 std^2).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from sample import guided_velocity
+
+CREDIT_MODES = ("stepwise", "sparse", "cosine")
+
+# -----------------------------------------------------------------------------
+# 1. The SDE step and its log-probability (float32 inside, whatever the model's dtype)
+
+
+def sde_mean_std(x, velocity, sigma, sigma_next, noise_level):
+    """The Gaussian of one SDE step: -> (mean (B, ...) float32, std (B, 1, ..., 1) float32).
+
+    sigma, sigma_next: floats or (B,) tensors. At sigma = 1 the factor 1 / (1 - sigma) would be infinite;
+    as Flow-GRPO, sigma_next (the schedule's next value) replaces sigma in that denominator.
+    """
+    x, velocity = x.float(), velocity.float()
+    shape = (-1,) + (1,) * (x.dim() - 1)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]).reshape(shape)
+    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).expand(x.shape[0]).reshape(shape)
+    dt = sigma_next - sigma
+    sigma_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
+    mean = x + dt * (velocity + sigma_t ** 2 / (2 * sigma) * (x + (1 - sigma) * velocity))
+    return mean, sigma_t * torch.sqrt(-dt)
+
+
+def gaussian_log_prob(sample, mean, std):
+    """log N(sample; mean, std^2) averaged over all dimensions but the first: (B, ...) -> (B,).
+
+    Only the mean carries gradient: the sample is a fixed action.
+    """
+    log_density = (-(sample.detach().float() - mean) ** 2 / (2 * std ** 2)
+                   - torch.log(std) - 0.5 * math.log(2 * math.pi))
+    return log_density.flatten(1).mean(1)
+
+
+def sde_step(x, velocity, sigma, sigma_next, noise_level, noise=None):
+    """One Flow-GRPO step -> (x_next, log_prob (B,), mean, std). noise_level = 0 is the Euler step (log_prob then 0)."""
+    mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
+    if noise_level == 0:
+        return mean, torch.zeros(x.shape[0], device=x.device), mean, std
+    if noise is None:
+        noise = torch.randn_like(mean)
+    x_next = mean + std * noise.float()
+    return x_next, gaussian_log_prob(x_next, mean, std), mean, std
+
+# -----------------------------------------------------------------------------
+# Rollouts: a trajectory per row of noise; with k > 1 every step branches into k candidates
+
+
+@dataclass
+class Rollout:
+    """What one batch of trajectories left behind, T steps of B trajectories with k candidates a step.
+
+    states (T, B, C, H, W): the state each step started from; candidates (T, B, k, C, H, W): the sampled
+    next states (k = 1: just the one taken); log_probs (T, B, k): their log-probs under the rollout policy;
+    chosen (T, B): which candidate the trajectory went on from; x0_hat (T, B, C, H, W): the clean-image
+    estimate x - sigma v at each state; final (B, C, H, W); rewards (T, B, k) DRM scores of the candidates
+    (stepwise) or None; sigmas (T + 1,); cond, uncond: the prompts' (context, pooled) for replaying.
+    """
+    states: torch.Tensor
+    candidates: torch.Tensor
+    log_probs: torch.Tensor
+    chosen: torch.Tensor
+    x0_hat: torch.Tensor
+    final: torch.Tensor
+    rewards: torch.Tensor | None
+    sigmas: torch.Tensor
+    cond: tuple
+    uncond: tuple | None
+
+
+@torch.no_grad()
+def sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=1.0, k=1, reward=None,
+                   follow="random", generator=None):
+    """SDE trajectories from noise (B, C, H, W) along sigmas (T + 1,).
+
+    k > 1: at each step, k candidates share the step's one policy mean; reward(x (B*k, ...), sigma (B*k,), rows)
+    scores them (rows: the trajectory of each candidate, to pick its prompt) and the trajectory follows a random
+    candidate (follow="random", the paper's default) or the best one (follow="best").
+    """
+    if follow not in ("random", "best"):
+        raise ValueError(f"follow={follow!r}: choose random or best")
+    if k > 1 and reward is None:
+        raise ValueError("k > 1 candidates need a reward function to score them")
+    B, T = noise.shape[0], len(sigmas) - 1
+    x = noise.float()
+    states, candidates, log_probs, chosen, x0_hat, rewards = [], [], [], [], [], []
+    rows = torch.arange(B, device=noise.device).repeat_interleave(k)
+    for i in range(T):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        velocity = guided_velocity(policy, x, sigma, cond, uncond, cfg_scale).float()
+        mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
+        z = torch.randn((B, k) + x.shape[1:], generator=generator).to(x.device)
+        next_states = mean.unsqueeze(1) + std.unsqueeze(1) * z                    # (B, k, C, H, W)
+        log_prob = gaussian_log_prob(next_states.flatten(0, 1), mean.repeat_interleave(k, 0),
+                                     std.repeat_interleave(k, 0)).view(B, k)
+        if reward is not None and k > 1:
+            scores = reward(next_states.flatten(0, 1), sigma_next.expand(B * k), rows).float().view(B, k)
+            rewards.append(scores)
+            pick = (scores.argmax(1) if follow == "best" else
+                    torch.randint(k, (B,), generator=generator).to(x.device))
+        else:
+            pick = torch.zeros(B, dtype=torch.long, device=x.device)
+        states.append(x)
+        candidates.append(next_states)
+        log_probs.append(log_prob)
+        chosen.append(pick)
+        x0_hat.append(x - sigma * velocity)
+        x = next_states[torch.arange(B, device=x.device), pick]
+    return Rollout(torch.stack(states), torch.stack(candidates), torch.stack(log_probs), torch.stack(chosen),
+                   torch.stack(x0_hat), x, torch.stack(rewards) if rewards else None, sigmas, cond, uncond)
+
+# -----------------------------------------------------------------------------
+# 2. Credit: advantages (T, B, k), one per candidate
+
+
+def group_normalise(rewards, dim, eps=1e-4):
+    """(r - mean) / (std + eps) within groups along dim: GRPO's baseline and scale."""
+    return (rewards - rewards.mean(dim, keepdim=True)) / (rewards.std(dim, keepdim=True) + eps)
+
+
+def stepwise_advantages(step_rewards):
+    """step_rewards (T, B, k): the DRM score of each of the k candidates -> advantages normalised within the k."""
+    if step_rewards.shape[-1] < 2:
+        raise ValueError("stepwise credit needs k >= 2 candidates per step to compare")
+    return group_normalise(step_rewards, dim=-1)
+
+
+def terminal_advantages(final_rewards, group_size):
+    """final_rewards (B,) of B = prompts x group_size trajectories (a prompt's group adjacent) -> (B,) normalised per group."""
+    if group_size < 2 or final_rewards.shape[0] % group_size:
+        raise ValueError(f"{final_rewards.shape[0]} trajectories do not split into groups of {group_size} >= 2")
+    return group_normalise(final_rewards.view(-1, group_size), dim=1).flatten()
+
+
+def cosine_weights(x0_hat, final, window=5):
+    """Per-step credit weights (T, B), summing to 1 over each trajectory (our reading of arXiv 2505.19196).
+
+    c_t = cos(x0_hat_t, final) says how much of the final image step t's state already predicts (c_T = 1);
+    the gain c_{t+1} - c_t is what step t contributed. Gains are clamped at zero, averaged over windows of
+    `window` consecutive steps (single steps are noisy) and normalised to sum to 1.
+    """
+    T, B = x0_hat.shape[:2]
+    cos = torch.nn.functional.cosine_similarity(x0_hat.flatten(2), final.flatten(1).unsqueeze(0), dim=2)  # (T, B)
+    cos = torch.cat([cos, torch.ones(1, B, device=cos.device)])
+    gains = (cos[1:] - cos[:-1]).clamp(min=0)                                    # (T, B)
+    windows = torch.arange(T, device=gains.device) // window
+    window_mean = torch.zeros(windows.max() + 1, B, device=gains.device).index_add_(0, windows, gains)
+    window_mean = window_mean / torch.bincount(windows).unsqueeze(1)
+    smoothed = window_mean[windows]
+    total = smoothed.sum(0, keepdim=True)
+    uniform = torch.full_like(smoothed, 1.0 / T)  # a trajectory that never moved towards its end: spread evenly
+    return torch.where(total > 0, smoothed / total.clamp(min=1e-12), uniform)
+
+
+def credit_advantages(credit, rollout, final_rewards=None, group_size=None):
+    """Advantages (T, B, k) for one of CREDIT_MODES."""
+    T = rollout.states.shape[0]
+    if credit == "stepwise":
+        return stepwise_advantages(rollout.rewards)
+    if credit not in CREDIT_MODES:
+        raise ValueError(f"credit={credit!r}: choose one of {', '.join(CREDIT_MODES)}")
+    advantage = terminal_advantages(final_rewards, group_size)                  # (B,)
+    if credit == "sparse":
+        return advantage.expand(T, -1).unsqueeze(-1)
+    weights = cosine_weights(rollout.x0_hat, rollout.final)
+    reward_to_go = weights.flip(0).cumsum(0).flip(0)                             # sum of the weights from t on
+    return (reward_to_go * advantage).unsqueeze(-1)
+
+# -----------------------------------------------------------------------------
+# 3. The loss, on a subset of the rollout's (step, trajectory) pairs
+
+
+def grpo_loss(policy, rollout, advantages, steps, rows, noise_level, cfg_scale=1.0, clip_range=1e-3,
+              adv_clip=5.0, kl_weight=0.0, reference=None):
+    """PPO-clipped GRPO loss over the candidates of the given (step, trajectory) pairs -> (loss, stats).
+
+    steps, rows: (N,) index tensors into the rollout's T and B; each pair is one policy forward
+    (with guidance, two), shared by its k candidates.
+    """
+    states = rollout.states[steps, rows]                                         # (N, C, H, W)
+    sigma, sigma_next = rollout.sigmas[steps], rollout.sigmas[steps + 1]
+    cond = tuple(t[rows] for t in rollout.cond)
+    uncond = tuple(t[rows] for t in rollout.uncond) if rollout.uncond is not None else None
+    velocity = guided_velocity(policy, states, sigma, cond, uncond, cfg_scale)
+    mean, std = sde_mean_std(states, velocity, sigma, sigma_next, noise_level)
+    candidates = rollout.candidates[steps, rows]                                 # (N, k, C, H, W)
+    k = candidates.shape[1]
+    log_prob = gaussian_log_prob(candidates.flatten(0, 1), mean.repeat_interleave(k, 0),
+                                 std.repeat_interleave(k, 0)).view(-1, k)
+    ratio = torch.exp(log_prob - rollout.log_probs[steps, rows])
+    advantage = advantages[steps, rows].clamp(-adv_clip, adv_clip)
+    policy_loss = torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    stats = {"policy_loss": policy_loss.detach(), "ratio_max_deviation": (ratio - 1).abs().max().detach(),
+             "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean().detach()}
+    loss = policy_loss
+    if kl_weight > 0:
+        with torch.no_grad():
+            mean_ref, _ = sde_mean_std(states, guided_velocity(reference, states, sigma, cond, uncond, cfg_scale),
+                                       sigma, sigma_next, noise_level)
+        kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std.flatten() ** 2)
+        loss = loss + kl_weight * kl.mean()
+        stats["kl"] = kl.mean().detach()
+    return loss, stats

@@ -1,0 +1,175 @@
+"""GRPO: the SDE step against an independent Gaussian, replayed ratios, credit weights, and that training raises the reward."""
+import pytest
+import torch
+
+from grpo import (cosine_weights, credit_advantages, grpo_loss, sample_rollout, sde_step, stepwise_advantages,
+                  terminal_advantages)
+from model import DiTConfig, build_dit
+from sample import sigma_schedule
+
+SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=2, heads=2, context_dim=16,
+                  pooled_dim=16, pos_embed_max_size=4, qk_norm=True)
+
+
+def random_dit(seed=0):
+    torch.manual_seed(seed)
+    dit = build_dit(SMALL)
+    with torch.no_grad():  # non-zero adaLN and output layers, so the velocity depends on everything
+        for p in dit.parameters():
+            p.normal_(0, 0.05)
+    return dit.eval()
+
+
+def prompts(batch, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 3, 16, generator=g), torch.randn(batch, 16, generator=g))
+
+
+@pytest.mark.parametrize("sigma, sigma_next", [(0.8, 0.6), (0.3, 0.1), (0.1, 0.0), (1.0, 0.9)])
+def test_sde_step_matches_an_independent_gaussian(sigma, sigma_next):
+    g = torch.Generator().manual_seed(0)
+    x, velocity, noise = (torch.randn(3, 1, 8, 8, generator=g) for _ in range(3))
+    a = 0.7
+    x_next, log_prob, mean, std = sde_step(x, velocity, sigma, sigma_next, a, noise)
+    # Flow-GRPO's form of the same step, written out separately; at sigma = 1 the schedule's next sigma
+    # stands in the denominator of sigma_t
+    dt = sigma_next - sigma
+    sigma_t = a * (sigma / (1 - (sigma_next if sigma == 1 else sigma))) ** 0.5
+    expected_mean = (x * (1 + sigma_t ** 2 / (2 * sigma) * dt)
+                     + velocity * (1 + sigma_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
+    expected_std = sigma_t * (-dt) ** 0.5
+    assert torch.allclose(mean, expected_mean, atol=1e-6)
+    assert torch.allclose(std.flatten(), torch.full((3,), expected_std), atol=1e-7)
+    assert torch.allclose(x_next, expected_mean + expected_std * noise, atol=1e-6)
+    normal = torch.distributions.Normal(expected_mean, expected_std)
+    assert torch.allclose(log_prob, normal.log_prob(x_next).flatten(1).mean(1), atol=1e-5)
+
+
+def test_sde_step_without_noise_is_euler():
+    g = torch.Generator().manual_seed(0)
+    x, velocity = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
+    sigma, sigma_next = torch.tensor([0.7, 0.4]), torch.tensor([0.5, 0.2])
+    x_next, _, _, _ = sde_step(x, velocity, sigma, sigma_next, noise_level=0.0)
+    assert torch.equal(x_next, x + (sigma_next - sigma).view(-1, 1, 1, 1) * velocity)
+
+
+def test_sde_step_is_float32_for_a_bf16_model():
+    x, velocity = torch.randn(2, 1, 8, 8).bfloat16(), torch.randn(2, 1, 8, 8).bfloat16()
+    x_next, log_prob, mean, std = sde_step(x, velocity, 0.5, 0.4, 0.7)
+    assert x_next.dtype == log_prob.dtype == mean.dtype == std.dtype == torch.float32
+
+
+@pytest.mark.parametrize("k, cfg_scale", [(1, 1.0), (3, 2.0)])
+def test_replayed_rollout_has_ratio_one(k, cfg_scale):
+    """With the policy unchanged, log-probs recomputed from the stored states equal the rollout's."""
+    policy, B = random_dit(), 4
+    cond, uncond = prompts(B, 1), prompts(B, 2)
+    sigmas = sigma_schedule(5)
+    reward = lambda x, sigma, rows: -x.flatten(1).sum(1)  # noqa: E731
+    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, uncond, sigmas, 0.7, cfg_scale, k=k,
+                             reward=reward if k > 1 else None, generator=torch.Generator().manual_seed(0))
+    advantages = torch.randn(5, B, k)
+    for step in range(5):  # the rollout's own batches: the same arithmetic, so exactly 1
+        _, stats = grpo_loss(policy, rollout, advantages, torch.full((B,), step), torch.arange(B), 0.7, cfg_scale)
+        assert stats["ratio_max_deviation"].item() == 0.0
+    shuffled = torch.randperm(5 * B)  # mixed steps in one batch: equal up to float rounding
+    _, stats = grpo_loss(policy, rollout, advantages, shuffled // B, shuffled % B, 0.7, cfg_scale)
+    assert stats["ratio_max_deviation"].item() < 1e-5
+
+
+def test_trajectory_goes_on_from_the_chosen_candidate():
+    policy, B, k = random_dit(), 3, 4
+    cond = prompts(B)
+    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, None, sigma_schedule(4), 0.7, k=k,
+                             reward=lambda x, sigma, rows: x.mean((1, 2, 3)), follow="best")
+    for t in range(4):
+        candidates = rollout.candidates[t]                                   # (B, k, ...)
+        chosen = candidates[torch.arange(B), rollout.chosen[t]]
+        nxt = rollout.states[t + 1] if t < 3 else rollout.final
+        assert torch.equal(chosen, nxt)
+        assert torch.equal(rollout.chosen[t], rollout.rewards[t].argmax(1))
+
+
+def test_stepwise_advantages_have_zero_mean_within_each_group():
+    rewards = torch.randn(6, 5, 4) * 3 + torch.arange(5).view(1, 5, 1)
+    advantages = stepwise_advantages(rewards)
+    assert torch.allclose(advantages.mean(-1), torch.zeros(6, 5), atol=1e-5)
+    assert torch.allclose(advantages.std(-1), torch.ones(6, 5), atol=1e-3)
+    assert torch.equal(advantages.argsort(-1), rewards.argsort(-1))
+
+
+def test_terminal_advantages_normalise_per_prompt_group():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])
+    advantages = terminal_advantages(rewards, group_size=3)
+    assert torch.allclose(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-3)
+    assert torch.allclose(advantages.view(2, 3).sum(1), torch.zeros(2), atol=1e-5)
+    with pytest.raises(ValueError):
+        terminal_advantages(rewards, group_size=4)
+
+
+def test_cosine_weights_sum_to_one_and_follow_progress():
+    g = torch.Generator().manual_seed(0)
+    final = torch.randn(3, 1, 8, 8, generator=g)
+    # x0_hat moves from noise to the final image; all the progress happens in steps 5-9 of 10
+    start = torch.randn(3, 1, 8, 8, generator=g)
+    alphas = torch.tensor([0, 0, 0, 0, 0, 0, 0.2, 0.4, 0.6, 0.8])
+    x0_hat = torch.stack([(1 - a) * start + a * final for a in alphas])
+    weights = cosine_weights(x0_hat, final, window=5)
+    assert torch.allclose(weights.sum(0), torch.ones(3), atol=1e-6)
+    assert (weights >= 0).all()
+    assert weights[:5].sum() < 1e-6 * 3  # no credit to steps that did not move towards the end
+    assert torch.allclose(weights[5:], torch.full((5, 3), 0.2), atol=1e-6)  # a window shares its credit
+
+
+def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
+    policy, B = random_dit(), 4
+    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), prompts(B), None, sigma_schedule(6), 0.7)
+    final_rewards = torch.tensor([0.0, 1.0, 5.0, 2.0])
+    sparse = credit_advantages("sparse", rollout, final_rewards, 2)
+    assert sparse.shape == (6, B, 1)
+    assert torch.equal(sparse[0], sparse[-1])
+    cosine = credit_advantages("cosine", rollout, final_rewards, 2)
+    assert torch.allclose(cosine[0], sparse[0], atol=1e-5)  # the reward-to-go from step 0 is all of it
+    assert (cosine.abs() <= sparse.abs() + 1e-6).all()
+    with pytest.raises(ValueError, match="credit"):
+        credit_advantages("dense", rollout, final_rewards, 2)
+
+
+def test_short_stepwise_training_raises_the_drm_score():
+    """Step-wise GRPO on the shipped base model and DRM, a few updates with a large step: the DRM's mean score of
+    ODE samples of fixed noise on the training prompts goes up."""
+    from common import load_base
+    from data.world import TRAIN_PROMPTS
+    from reward import load_drm
+    from sample import encode_prompts, sample_ode
+    torch.manual_seed(0)
+    policy, text, _ = load_base("data/base.safetensors")
+    drm, drm_text, _ = load_drm("data/drm.safetensors")
+    chosen = TRAIN_PROMPTS[::10]  # 8 prompts
+    cond, _ = encode_prompts(text, chosen)
+    drm_cond, _ = encode_prompts(drm_text, chosen)
+    noise = torch.randn(len(chosen), 1, 32, 32, generator=torch.Generator().manual_seed(1))
+    sigmas = sigma_schedule(4)
+
+    def mean_drm_score():
+        with torch.no_grad():
+            images = sample_ode(policy.eval(), noise, cond, steps=8)
+            return drm(images, torch.zeros(len(chosen)), *drm_cond).mean().item()
+
+    def reward(x, sigma, rows):
+        return drm(x, sigma, drm_cond[0][rows], drm_cond[1][rows])
+
+    before = mean_drm_score()
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(6):
+        rollout = sample_rollout(policy.eval(), torch.randn(len(chosen), 1, 32, 32, generator=g), cond, None, sigmas,
+                                 0.7, k=4, reward=reward, generator=g)
+        advantages = credit_advantages("stepwise", rollout)
+        pairs = torch.arange(4 * len(chosen))
+        loss, _ = grpo_loss(policy.train(), rollout, advantages, pairs // len(chosen), pairs % len(chosen), 0.7,
+                            clip_range=0.2)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert mean_drm_score() > before + 0.05

@@ -1,0 +1,226 @@
+"""Fine-tune the DiT with GRPO against the DRM: step-wise credit (the paper) or the sparse / cosine baselines.
+
+    python train_policy.py                                  # step-wise GRPO on the CPU toy (~15 minutes)
+    python train_policy.py --credit=sparse                  # Flow-GRPO: terminal reward on every step
+    python train_policy.py --credit=cosine                  # terminal reward spread by cosine credit
+    python train_policy.py --resume                         # continue an interrupted run
+
+One update: `trajectories` SDE rollouts on training prompts, DRM rewards, advantages
+(grpo.py), then `minibatches` AdamW steps on the PPO-clipped loss over the
+rollout's (step, trajectory) pairs. Every mode spends the same DiT passes per
+update: stepwise draws k candidates per step from one policy mean (DRM passes
+are counted apart), sparse and cosine run the trajectories as groups of k per
+prompt. Every `eval_every` updates: ODE samples of the held-out prompts with
+fixed seeds, scored by the simulated annotator (gold, never seen in training)
+and by the DRM, one JSON line in OUT_DIR/metrics.jsonl and a grid PNG.
+"""
+import copy
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+from tqdm import tqdm
+
+from common import (GracefulStop, load_base, load_training_state, pick_device, print_config, run_main, save_base,
+                    save_training_state)
+from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS
+from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
+from model import DiT, add_lora, export_state_dict
+from reward import load_drm
+from sample import encode_prompts, evaluate, save_grid, sigma_schedule
+
+
+@dataclass
+class Config:
+    base: str = "data/base.safetensors"    # the policy starts from this DiT (and reads prompts with its text encoder)
+    drm: str = "data/drm.safetensors"      # the reward model
+    out_dir: str = "out/policy"
+    credit: str = "stepwise"               # stepwise (the paper) | sparse (Flow-GRPO) | cosine (arXiv 2505.19196)
+    updates: int = 200
+    max_nfe: int = 0                       # also stop once this many DiT forward passes are spent (0: no limit)
+    trajectories: int = 16                 # rollouts per update
+    k: int = 4                             # stepwise: candidates per step; sparse/cosine: trajectories per prompt
+    steps: int = 10                        # SDE steps per rollout
+    noise_level: float = 0.7               # Flow-GRPO's a in sigma_t = a sqrt(sigma / (1 - sigma))
+    cfg_scale: float = 4.0                 # guidance in rollouts, in the loss and at evaluation
+    shift: float = 1.0                     # SD3 schedule shift
+    follow: str = "random"                 # stepwise: go on from a random candidate (the paper) or the best
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    lora_rank: int = 0                     # 0: full fine-tune; r > 0: LoRA of rank r on the attention projections
+    clip_range: float = 1e-3               # PPO clip on the ratio (log-probs are per-pixel means, so ratios stay near 1)
+    adv_clip: float = 5.0
+    kl_weight: float = 0.0                 # weight of the KL to the frozen base policy
+    minibatches: int = 2                   # optimizer steps per update
+    grad_clip: float = 1.0
+    eval_every: int = 25
+    eval_per_prompt: int = 8               # ODE samples per held-out prompt at each evaluation
+    eval_steps: int = 20
+    seed: int = 0
+    resume: bool = False
+    device: str = "auto"
+
+
+def check(cfg):
+    if cfg.credit not in CREDIT_MODES:
+        raise ValueError(f"--credit={cfg.credit}: choose one of {', '.join(CREDIT_MODES)}")
+    if cfg.k < 2:
+        raise ValueError(f"--k={cfg.k}: GRPO compares at least 2 samples per group")
+    if cfg.credit != "stepwise" and cfg.trajectories % cfg.k:
+        raise ValueError(f"--trajectories={cfg.trajectories} must be a multiple of --k={cfg.k} (groups of k per prompt)")
+    for name in ("updates", "trajectories", "steps", "minibatches", "eval_every", "eval_per_prompt", "eval_steps"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if not 0 < cfg.noise_level:
+        raise ValueError(f"--noise_level={cfg.noise_level}: GRPO needs a stochastic sampler, use > 0 (0.7 is Flow-GRPO's)")
+
+
+def export_policy(path, policy, text_encoder, step, dtype=None):
+    """The policy as a base checkpoint (LoRA folded in), so sample.py --ckpt reads it."""
+    with torch.device("meta"):
+        plain = DiT(policy.config)
+    plain.load_state_dict(export_state_dict(policy), assign=True)
+    save_base(path, plain, text_encoder, step, dtype)
+
+
+@torch.no_grad()
+def diversity(images, per_prompt):
+    """Mean pairwise L2 distance (per pixel, RMS) between the samples of one prompt, averaged over prompts."""
+    groups = images.flatten(1).view(-1, per_prompt, images[0].numel())
+    distances = torch.cdist(groups, groups) / images[0].numel() ** 0.5
+    return (distances.sum((1, 2)) / (per_prompt * (per_prompt - 1))).mean().item()
+
+
+def main(cfg):
+    check(cfg)
+    print_config(cfg)
+    device = pick_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    from data.judge import Judge
+    judge = Judge()
+    policy, text_encoder, _ = load_base(cfg.base, device)
+    drm, drm_text, _ = load_drm(cfg.drm, device)
+    drm.requires_grad_(False)
+    reference = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_weight > 0 else None
+    if cfg.lora_rank > 0:
+        add_lora(policy, rank=cfg.lora_rank, alpha=float(cfg.lora_rank))
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    print(f"policy: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
+          f"({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tune'}); credit {cfg.credit}")
+
+    sigmas = sigma_schedule(cfg.steps, cfg.shift).to(device)
+    passes = 2 if cfg.cfg_scale != 1 else 1  # DiT forwards per image per step (guidance doubles them)
+    state_path = os.path.join(cfg.out_dir, "train_state.pt")
+    update, counters = 0, {"nfe": 0, "drm_calls": 0, "time_s": 0.0}
+    if cfg.resume:
+        state = load_training_state(state_path, device)
+        policy.load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        update, counters = state["update"], state["counters"]
+        torch.set_rng_state(state["torch_rng"])
+        print(f"resumed from {state_path} at update {update}")
+    os.makedirs(cfg.out_dir, exist_ok=True)
+
+    def drm_score(x, sigma, context, pooled):
+        counters["drm_calls"] += x.shape[0]
+        return drm(x, sigma, context, pooled)
+
+    def run_eval():
+        policy.eval()
+        summary, images, prompts = evaluate(policy, text_encoder, judge, HELDOUT_PROMPTS, cfg.eval_per_prompt,
+                                            seed=1234, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+        (context, pooled), _ = encode_prompts(drm_text, prompts)
+        with torch.no_grad():
+            summary["drm"] = drm(images.to(device), torch.zeros(len(images), device=device), context, pooled).mean().item()
+        summary["diversity"] = diversity(images, cfg.eval_per_prompt)
+        policy.train()
+        shown = min(cfg.eval_per_prompt, 8)
+        save_grid(images.view(len(HELDOUT_PROMPTS), cfg.eval_per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1),
+                  os.path.join(cfg.out_dir, f"samples_{update:05d}.png"), nrow=shown)
+        return summary
+
+    def save():
+        export_policy(os.path.join(cfg.out_dir, "model.safetensors"), policy, text_encoder, update)
+        save_training_state(state_path, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                                         "update": update, "counters": counters, "torch_rng": torch.get_rng_state(),
+                                         "config": asdict(cfg)})
+
+    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+
+    def log_eval(train_stats):
+        summary = run_eval()
+        record = {"step": update, "credit": cfg.credit, "seed": cfg.seed, **counters, **summary, **train_stats}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        tqdm.write(f"update {update:4d} | gold {summary['gold']:.4f} | drm {summary['drm']:.4f} | "
+                   f"digit {summary['digit_correct']:.3f} | attributes {summary['attribute_match']:.3f} | "
+                   f"diversity {summary['diversity']:.4f} | nfe {counters['nfe']} | {counters['time_s']:.0f} s")
+
+    if update == 0:
+        log_eval({})
+    generator = torch.Generator().manual_seed(cfg.seed * 100003 + update)
+    def budget_left():
+        return update < cfg.updates and not (cfg.max_nfe and counters["nfe"] >= cfg.max_nfe)
+
+    bar = tqdm(initial=update, total=cfg.updates, desc=f"grpo {cfg.credit}")
+    with GracefulStop() as stop, log, bar:
+        while budget_left():
+            t0 = time.time()
+            # Rollouts: stepwise takes one trajectory per prompt; sparse/cosine groups of k per prompt
+            n_prompts = cfg.trajectories if cfg.credit == "stepwise" else cfg.trajectories // cfg.k
+            picks = torch.randint(len(TRAIN_PROMPTS), (n_prompts,), generator=generator).tolist()
+            prompts = [TRAIN_PROMPTS[i] for i in picks for _ in range(cfg.trajectories // n_prompts)]
+            cond, uncond = encode_prompts(text_encoder, prompts)
+            drm_context, drm_pooled = encode_prompts(drm_text, prompts)[0]
+            size = policy.config.pos_embed_max_size * policy.config.patch_size
+            noise = torch.randn(len(prompts), policy.config.in_channels, size, size, generator=generator).to(device)
+            stepwise = cfg.credit == "stepwise"
+            policy.eval()
+            rollout = sample_rollout(
+                policy, noise, cond, uncond, sigmas, cfg.noise_level, cfg.cfg_scale, k=cfg.k if stepwise else 1,
+                reward=(lambda x, sigma, rows: drm_score(x, sigma, drm_context[rows], drm_pooled[rows])) if stepwise else None,
+                follow=cfg.follow, generator=generator)
+            policy.train()
+            counters["nfe"] += len(prompts) * cfg.steps * passes
+            final_rewards = None
+            if not stepwise:
+                with torch.no_grad():
+                    final_rewards = drm_score(rollout.final, torch.zeros(len(prompts), device=device),
+                                              drm_context, drm_pooled).float()
+            advantages = credit_advantages(cfg.credit, rollout, final_rewards, cfg.k)
+
+            # Updates: every (step, trajectory) pair once, in `minibatches` optimizer steps
+            pairs = torch.randperm(cfg.steps * len(prompts), generator=generator).to(device)
+            stats = []
+            for chunk in pairs.chunk(cfg.minibatches):
+                loss, chunk_stats = grpo_loss(policy, rollout, advantages, chunk // len(prompts), chunk % len(prompts),
+                                              cfg.noise_level, cfg.cfg_scale, cfg.clip_range, cfg.adv_clip,
+                                              cfg.kl_weight, reference)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                optimizer.step()
+                stats.append(chunk_stats)
+                counters["nfe"] += len(chunk) * passes * (2 if reference is not None else 1)
+            counters["time_s"] += time.time() - t0
+            update += 1
+            bar.update(1)
+            train_stats = {key: sum(s[key].item() for s in stats) / len(stats) for key in stats[0]}
+            reward_now = rollout.rewards[-1].mean().item() if stepwise else final_rewards.mean().item()
+            train_stats["train_reward"] = reward_now
+            bar.set_postfix(reward=f"{reward_now:.3f}", clip=f"{train_stats['clip_fraction']:.2f}")
+            if update % cfg.eval_every == 0 or not budget_left():
+                log_eval(train_stats)
+                save()
+            if stop:
+                save()
+                print(f"stopped: saved update {update} to {cfg.out_dir}; continue with --resume")
+                return None
+    return policy
+
+
+if __name__ == "__main__":
+    run_main(main, Config)
