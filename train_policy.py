@@ -38,7 +38,7 @@ class Config:
     drm: str = "data/drm.safetensors"      # the reward model
     out_dir: str = "out/policy"
     credit: str = "stepwise"               # stepwise (the paper) | sparse (Flow-GRPO) | cosine (arXiv 2505.19196)
-    updates: int = 200
+    updates: int = 120
     max_nfe: int = 0                       # also stop once this many DiT forward passes are spent (0: no limit)
     trajectories: int = 16                 # rollouts per update
     k: int = 4                             # stepwise: candidates per step; sparse/cosine: trajectories per prompt
@@ -47,7 +47,7 @@ class Config:
     cfg_scale: float = 4.0                 # guidance in rollouts, in the loss and at evaluation
     shift: float = 1.0                     # SD3 schedule shift
     follow: str = "random"                 # stepwise: go on from a random candidate (the paper) or the best
-    lr: float = 1e-5
+    lr: float = 3e-5
     weight_decay: float = 0.0
     lora_rank: int = 0                     # 0: full fine-tune; r > 0: LoRA of rank r on the attention projections
     clip_range: float = 1e-3               # PPO clip on the ratio (log-probs are per-pixel means, so ratios stay near 1)
@@ -55,7 +55,7 @@ class Config:
     kl_weight: float = 0.0                 # weight of the KL to the frozen base policy
     minibatches: int = 2                   # optimizer steps per update
     grad_clip: float = 1.0
-    eval_every: int = 25
+    eval_every: int = 20
     eval_per_prompt: int = 8               # ODE samples per held-out prompt at each evaluation
     eval_steps: int = 20
     seed: int = 0
@@ -115,12 +115,14 @@ def main(cfg):
     passes = 2 if cfg.cfg_scale != 1 else 1  # DiT forwards per image per step (guidance doubles them)
     state_path = os.path.join(cfg.out_dir, "train_state.pt")
     update, counters = 0, {"nfe": 0, "drm_calls": 0, "time_s": 0.0}
+    generator = torch.Generator().manual_seed(cfg.seed)  # prompts, noise and candidate picks of the rollouts
     if cfg.resume:
         state = load_training_state(state_path, device)
         policy.load_state_dict(state["policy"])
         optimizer.load_state_dict(state["optimizer"])
         update, counters = state["update"], state["counters"]
         torch.set_rng_state(state["torch_rng"])
+        generator.set_state(state["generator"])
         print(f"resumed from {state_path} at update {update}")
     os.makedirs(cfg.out_dir, exist_ok=True)
 
@@ -146,6 +148,7 @@ def main(cfg):
         export_policy(os.path.join(cfg.out_dir, "model.safetensors"), policy, text_encoder, update)
         save_training_state(state_path, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
                                          "update": update, "counters": counters, "torch_rng": torch.get_rng_state(),
+                                         "generator": generator.get_state(),
                                          "config": asdict(cfg)})
 
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
@@ -161,7 +164,6 @@ def main(cfg):
 
     if update == 0:
         log_eval({})
-    generator = torch.Generator().manual_seed(cfg.seed * 100003 + update)
     def budget_left():
         return update < cfg.updates and not (cfg.max_nfe and counters["nfe"] >= cfg.max_nfe)
 

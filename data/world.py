@@ -6,8 +6,9 @@ Everything the other files need to know about the toy data lives here:
   (below) on any batch of images, real or generated, so captions of the data and
   the judge's attribute check use the same ruler.
 - `caption()`, `tokenize()`: prompts like "a thick 7 slanted right" and their ids.
-- `HELDOUT_PROMPTS`, `TRAIN_PROMPTS`, `split()`: ten (digit, thickness, slant) combinations never
-  seen in training, and the train/test split of the images.
+- `HELDOUT_PROMPTS`, `split()`: ten (digit, thickness, slant) combinations never
+  seen in training, and the train/test split of the images; `TRAIN_PROMPTS`:
+  the other 80 full captions.
 
 The attribute rule, on the ink mask `pixel > 0` (half intensity):
 - thickness = 2 * area / perimeter, in pixels (a stroke of width w and length

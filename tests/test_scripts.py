@@ -85,6 +85,9 @@ def run_script(*args):
     (["sample.py", "--steps=many"], "--steps=many: expected a int"),
     (["train_base.py", "--preset=huge"], "--preset=huge: choose one of"),
     (["train_base.py", "--resume", "--out_dir=no/such/run"], "train_state.pt does not exist"),
+    (["train_policy.py", "--credit=dense"], "--credit=dense: choose one of stepwise, sparse, cosine"),
+    (["train_policy.py", "--credit=sparse", "--trajectories=6", "--k=4"], "must be a multiple of --k=4"),
+    (["train_policy.py", "--drm=data/base.safetensors"], "is not a drm checkpoint"),
 ])
 def test_bad_input_gives_one_clear_line(args, says):
     result = run_script(*args)
@@ -100,3 +103,21 @@ def test_sample_cli_writes_a_grid(tmp_path):
     assert result.returncode == 0, result.stderr
     from PIL import Image
     assert Image.open(out).size == (4 * 34 * 2, 34 * 2)
+
+
+def test_train_policy_resumed_equals_one_uninterrupted_run(tmp_path):
+    import train_policy
+    tiny = dict(trajectories=4, k=2, steps=2, eval_every=1, eval_per_prompt=2, eval_steps=2)
+    train_policy.main(train_policy.Config(out_dir=str(tmp_path / "straight"), updates=2, **tiny))
+    train_policy.main(train_policy.Config(out_dir=str(tmp_path / "halves"), updates=1, **tiny))
+    train_policy.main(train_policy.Config(out_dir=str(tmp_path / "halves"), updates=2, resume=True, **tiny))
+    straight = load_file(tmp_path / "straight" / "model.safetensors")
+    resumed = load_file(tmp_path / "halves" / "model.safetensors")
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    base = load_file("data/base.safetensors")
+    assert not torch.equal(straight["dit.final_layer.linear.weight"], base["dit.final_layer.linear.weight"].float())
+    lines = [json.loads(line) for line in open(tmp_path / "halves" / "metrics.jsonl")]
+    assert [line["step"] for line in lines] == [0, 1, 2]
+    assert {"gold", "drm", "nfe", "drm_calls", "time_s", "diversity"} <= lines[-1].keys()
+    assert lines[-1]["nfe"] == 2 * (4 * 2 * 2 + 4 * 2 * 2)  # per update: rollout and loss, 4 x 2 steps x 2 (guidance)
+    assert lines[-1]["drm_calls"] == 2 * 4 * 2 * 2          # per update: 4 trajectories x 2 steps x k = 2
