@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from sample import guided_velocity
+from model import guided_velocity
 
 CREDIT_MODES = ("stepwise", "sparse", "cosine")
 

@@ -1,11 +1,19 @@
-"""Sampling from the DiT: ODE Euler with classifier-free guidance on SD3's shifted schedule.
+"""Sampling from the DiT: ODE Euler with classifier-free guidance on SD3's shifted schedule, and DRM-guided search.
 
-    python sample.py --prompt="a thick 7 slanted right"     # writes samples.png
-    python sample.py --eval                                  # judge's scores on the held-out prompts
+    python sample.py --prompt="a thick 7 slanted right"          # writes samples.png
+    python sample.py --prompt="a thick 7 slanted right" --k=6    # step-wise sampling: the DRM picks at every step
+    python sample.py --eval                                       # judge's scores on the held-out prompts
+    python sample.py --eval --k=1,2,4,6                           # step-wise against best-of-N at equal time
 
 Rectified flow integrates dx/dsigma = v from sigma = 1 (noise) to 0 (data);
 one Euler step is x_next = x + (sigma_next - sigma) * v (SD3, Esser et al. 2024).
 Guidance: v = v_uncond + w (v_cond - v_uncond) (Ho & Salimans 2022).
+
+Step-wise sampling (DRM paper, sec. 4.3): replace each Euler step by the SDE
+step of grpo.py, draw k successors from its one mean (one policy pass), score
+all of them with the DRM at sigma_next (one batched pass) and keep the best
+`beam`. It needs no training; it trades compute for quality, so it is measured
+against best-of-N (N whole samples, the DRM picks one) at the same wall time.
 """
 import json
 import math
@@ -19,6 +27,8 @@ from tqdm import tqdm
 
 from common import load_base, pick_device, print_config, run_main
 from data.world import HELDOUT_PROMPTS, tokenize
+from grpo import sde_mean_std
+from model import guided_velocity
 
 # -----------------------------------------------------------------------------
 # The schedule and the sampler: pure functions of tensors and a model callable
@@ -28,20 +38,6 @@ def sigma_schedule(steps, shift=1.0):
     """linspace(1, 0, steps + 1) bent by SD3's shift s * sigma / (1 + (s - 1) * sigma). s > 1 spends more steps at high noise."""
     sigmas = torch.linspace(1, 0, steps + 1)
     return shift * sigmas / (1 + (shift - 1) * sigmas)
-
-
-def guided_velocity(model, x, sigma, cond, uncond, cfg_scale):
-    """Classifier-free guidance with the conditional and unconditional passes in one batch.
-
-    cond, uncond: (context, pooled) pairs. cfg_scale = 1 (or uncond None) skips the unconditional pass.
-    """
-    sigma = sigma.expand(x.shape[0])
-    if uncond is None or cfg_scale == 1.0:
-        return model(x, sigma, *cond)
-    both = model(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                 torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]))
-    v_cond, v_uncond = both.chunk(2)
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
 @torch.no_grad()
@@ -75,6 +71,79 @@ def generate(dit, text_encoder, prompts, seed=0, steps=20, cfg_scale=4.0, shift=
         cond, uncond = encode_prompts(text_encoder, prompts[i:i + batch_size])
         out.append(sample_ode(dit, noise[i:i + batch_size].to(device), cond, uncond, steps, cfg_scale, shift).clamp(-1, 1))
     return torch.cat(out).cpu()
+
+
+@torch.no_grad()
+def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, steps=20, k=1, beam=1, noise_level=0.7,
+                    cfg_scale=1.0, shift=1.0, score_every=1, ode_last=0, generator=None):
+    """Beam search over SDE successors, scored by the DRM. -> (x0 (N, C, H, W), counts).
+
+    noise (N, C, H, W) starts each image; cond/uncond (the policy's) and drm_cond (the DRM's) are
+    (context, pooled) of batch N. Each of an image's `beam` states proposes k successors sharing one mean;
+    at scored steps (every `score_every`-th, and the last) the DRM ranks the beam * k successors at sigma_next and
+    the top `beam` survive; between them each state keeps one successor. The last `ode_last` steps are Euler
+    steps. beam = 1 is the paper's greedy rule; k = beam = 1 with noise_level = 0 is the plain ODE sampler.
+    counts: {"nfe": DiT forward passes, "drm_calls": DRM forward passes}, totals over the batch.
+    """
+    if k < 1 or beam < 1 or score_every < 1 or not 0 <= ode_last <= steps:
+        raise ValueError(f"k={k}, beam={beam}, score_every={score_every}, ode_last={ode_last}: "
+                         "need k, beam, score_every >= 1 and 0 <= ode_last <= steps")
+    searching = k * beam > 1
+    if searching and drm is None:
+        raise ValueError("k * beam > 1 needs a DRM to rank the successors")
+    N = noise.shape[0]
+    sigmas = sigma_schedule(steps, shift).to(noise.device)
+    rows = torch.arange(N, device=noise.device).repeat_interleave(beam)        # the image of each beam state
+    x = noise.float()[rows]
+    counts = {"nfe": 0, "drm_calls": 0}
+    passes = 2 if uncond is not None and cfg_scale != 1 else 1
+    beam_scores = None
+    for i in range(steps):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        velocity = guided_velocity(policy, x, sigma, tuple(t[rows] for t in cond),
+                                   tuple(t[rows] for t in uncond) if uncond is not None else None, cfg_scale).float()
+        counts["nfe"] += x.shape[0] * passes
+        if i >= steps - ode_last:
+            x, beam_scores = x + (sigma_next - sigma) * velocity, None
+            continue
+        mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
+        scored = searching and ((i + 1) % score_every == 0 or i == steps - 1)
+        width = k if scored else 1
+        z = torch.randn((x.shape[0], width) + x.shape[1:], generator=generator).to(x.device)
+        successors = (mean.unsqueeze(1) + std.unsqueeze(1) * z).flatten(0, 1)     # (N * beam * width, ...)
+        if not scored:
+            x, beam_scores = successors, None
+            continue
+        owners = rows.repeat_interleave(k)
+        scores = drm(successors, sigma_next.expand(len(successors)), drm_cond[0][owners], drm_cond[1][owners]).float()
+        counts["drm_calls"] += len(successors)
+        beam_scores, best = scores.view(N, beam * k).topk(beam, dim=1)               # per image, over all its successors
+        x = successors.view(N, beam * k, *x.shape[1:])[torch.arange(N, device=x.device).unsqueeze(1), best].flatten(0, 1)
+    if beam == 1:
+        return x, counts
+    if beam_scores is None:  # the last steps were not scored: rank the finished beams at sigma 0
+        beam_scores = drm(x, torch.zeros(len(x), device=x.device), drm_cond[0][rows], drm_cond[1][rows]).float().view(N, beam)
+        counts["drm_calls"] += len(x)
+    return x.view(N, beam, *x.shape[1:])[torch.arange(N, device=x.device), beam_scores.argmax(1)], counts
+
+
+@torch.no_grad()
+def best_of_n(policy, noise, cond, uncond=None, drm=None, drm_cond=None, n=4, steps=20, noise_level=0.0,
+              cfg_scale=1.0, shift=1.0, generator=None):
+    """N whole samples per image (noise (N * n, ...), an image's n adjacent), the DRM picks one at sigma 0.
+
+    noise_level = 0: ODE samples; > 0: SDE samples. -> (x0 (N, ...), counts) as stepwise_sample.
+    """
+    per_sample = lambda t: tuple(v.repeat_interleave(n, 0) for v in t)  # noqa: E731
+    samples, counts = stepwise_sample(policy, noise, per_sample(cond), per_sample(uncond) if uncond is not None else None,
+                                      steps=steps, noise_level=noise_level, cfg_scale=cfg_scale, shift=shift,
+                                      generator=generator)
+    if n == 1:
+        return samples, counts
+    scores = drm(samples, torch.zeros(len(samples), device=samples.device), *per_sample(drm_cond)).float()
+    counts["drm_calls"] += len(samples)
+    N = len(samples) // n
+    return samples.view(N, n, *samples.shape[1:])[torch.arange(N), scores.view(N, n).argmax(1)], counts
 
 
 def save_grid(images, path, nrow):

@@ -2,27 +2,10 @@
 import pytest
 import torch
 
+from conftest import random_prompts as prompts, random_small_dit as random_dit
 from grpo import (cosine_weights, credit_advantages, grpo_loss, sample_rollout, sde_step, stepwise_advantages,
                   terminal_advantages)
-from model import DiTConfig, build_dit
 from sample import sigma_schedule
-
-SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=2, heads=2, context_dim=16,
-                  pooled_dim=16, pos_embed_max_size=4, qk_norm=True)
-
-
-def random_dit(seed=0):
-    torch.manual_seed(seed)
-    dit = build_dit(SMALL)
-    with torch.no_grad():  # non-zero adaLN and output layers, so the velocity depends on everything
-        for p in dit.parameters():
-            p.normal_(0, 0.05)
-    return dit.eval()
-
-
-def prompts(batch, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return (torch.randn(batch, 3, 16, generator=g), torch.randn(batch, 16, generator=g))
 
 
 @pytest.mark.parametrize("sigma, sigma_next", [(0.8, 0.6), (0.3, 0.1), (0.1, 0.0), (1.0, 0.9)])

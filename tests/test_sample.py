@@ -1,0 +1,95 @@
+"""Step-wise sampling and best-of-N: the ODE special case, the DRM's choice at every step, and honest counters."""
+import pytest
+import torch
+
+from conftest import random_prompts, random_small_dit
+from sample import best_of_n, sample_ode, stepwise_sample
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model (or a function of the same inputs) and keeps each call's x and batch size."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn, self.inputs = fn, []
+
+    def forward(self, x, sigma, context, pooled):
+        self.inputs.append(x.clone())
+        return self.fn(x, sigma, context, pooled)
+
+    @property
+    def passes(self):
+        return sum(len(x) for x in self.inputs)
+
+
+def minus_pixel_sum(x, sigma, context, pooled):
+    return -x.flatten(1).sum(1)
+
+
+def test_one_candidate_without_noise_is_the_ode_sampler():
+    policy, noise = random_small_dit(), torch.randn(3, 1, 16, 16)
+    cond, uncond = random_prompts(3, 1), random_prompts(3, 2)
+    ode = sample_ode(policy, noise, cond, uncond, steps=6, cfg_scale=3.0, shift=2.0)
+    ours, counts = stepwise_sample(policy, noise, cond, uncond, steps=6, k=1, beam=1, noise_level=0.0,
+                                   cfg_scale=3.0, shift=2.0)
+    assert torch.equal(ours, ode)
+    assert counts == {"nfe": 3 * 6 * 2, "drm_calls": 0}
+
+
+def test_greedy_keeps_the_successor_the_drm_likes_best():
+    N, k, steps = 3, 4, 5
+    policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
+    cond = random_prompts(N)
+    final, counts = stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, drm=drm, drm_cond=cond, steps=steps, k=k,
+                                    generator=torch.Generator().manual_seed(0))
+    assert len(drm.inputs) == steps
+    kept = policy.inputs[1:] + [final]  # the state each step handed on
+    for successors, state in zip(drm.inputs, kept):
+        successors = successors.view(N, k, -1)
+        lowest = successors.sum(2).argmin(1)
+        assert torch.equal(state.flatten(1), successors[torch.arange(N), lowest])
+    assert counts == {"nfe": policy.passes, "drm_calls": drm.passes} == {"nfe": N * steps, "drm_calls": N * steps * k}
+
+
+def test_beam_keeps_the_top_beam_of_all_successors():
+    N, k, beam = 2, 3, 2
+    policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
+    cond = random_prompts(N)
+    stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, drm=drm, drm_cond=cond, steps=3, k=k, beam=beam,
+                    generator=torch.Generator().manual_seed(0))
+    for successors, state in zip(drm.inputs[:-1], policy.inputs[1:]):
+        sums = successors.view(N, beam * k, -1).sum(2)
+        top = sums.sort(1).values[:, :beam]                                   # the beam lowest pixel sums per image
+        assert torch.allclose(state.view(N, beam, -1).sum(2).sort(1).values, top, atol=1e-4)
+
+
+@pytest.mark.parametrize("k, beam, score_every, ode_last, cfg_scale", [
+    (4, 1, 1, 0, 1.0), (3, 2, 2, 0, 2.5), (2, 3, 1, 2, 2.5), (2, 2, 3, 0, 1.0)])
+def test_counters_match_the_calls_made(k, beam, score_every, ode_last, cfg_scale):
+    N, steps = 2, 6
+    policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
+    cond, uncond = random_prompts(N, 1), random_prompts(N, 2)
+    final, counts = stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, uncond, drm, cond, steps=steps, k=k,
+                                    beam=beam, cfg_scale=cfg_scale, score_every=score_every, ode_last=ode_last)
+    assert final.shape == (N, 1, 16, 16)
+    assert counts == {"nfe": policy.passes, "drm_calls": drm.passes}
+    assert counts["nfe"] == N * beam * steps * (2 if cfg_scale != 1 else 1)
+
+
+def test_best_of_n_picks_the_drms_favourite_of_n_whole_samples():
+    N, n = 2, 5
+    policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
+    cond, noise = random_prompts(N), torch.randn(N * n, 1, 16, 16)
+    picked, counts = best_of_n(policy, noise, cond, drm=drm, drm_cond=cond, n=n, steps=4)
+    everything = sample_ode(policy.fn, noise, tuple(t.repeat_interleave(n, 0) for t in cond), steps=4)
+    best = everything.view(N, n, -1).sum(2).argmin(1)
+    assert torch.allclose(picked, everything.view(N, n, 1, 16, 16)[torch.arange(N), best], atol=1e-6)
+    assert counts == {"nfe": policy.passes, "drm_calls": drm.passes} == {"nfe": N * n * 4, "drm_calls": N * n}
+
+
+def test_bad_search_settings_are_refused():
+    policy, cond = random_small_dit(), random_prompts(1)
+    with pytest.raises(ValueError, match="needs a DRM"):
+        stepwise_sample(policy, torch.randn(1, 1, 16, 16), cond, k=4)
+    with pytest.raises(ValueError, match="ode_last"):
+        stepwise_sample(policy, torch.randn(1, 1, 16, 16), cond, steps=4, ode_last=5)
