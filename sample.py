@@ -60,12 +60,16 @@ def encode_prompts(text_encoder, prompts):
     return cond, uncond
 
 
+def initial_noise(dit, n, generator):
+    """n draws of N(0, I) at the DiT's full image size (its position grid times the patch), on the CPU."""
+    size = dit.config.pos_embed_max_size * dit.config.patch_size
+    return torch.randn(n, dit.config.in_channels, size, size, generator=generator)
+
+
 def generate(dit, text_encoder, prompts, seed=0, steps=20, cfg_scale=4.0, shift=1.0, batch_size=100):
     """Images (N, C, H, W) in [-1, 1] for a list of prompts, noise fixed by seed (one stream per call)."""
     device = next(dit.parameters()).device
-    size = dit.config.pos_embed_max_size * dit.config.patch_size
-    g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(len(prompts), dit.config.in_channels, size, size, generator=g)
+    noise = initial_noise(dit, len(prompts), torch.Generator().manual_seed(seed))
     out = []
     for i in range(0, len(prompts), batch_size):
         cond, uncond = encode_prompts(text_encoder, prompts[i:i + batch_size])
@@ -162,6 +166,16 @@ def save_grid(images, path, nrow):
 # Evaluation on the held-out prompts with the simulated annotator
 
 
+@torch.no_grad()
+def diversity(images, per_prompt):
+    """Mean pairwise L2 distance (per pixel, RMS) between the samples of one prompt, averaged over prompts."""
+    if per_prompt < 2:
+        return 0.0
+    groups = images.flatten(1).view(-1, per_prompt, images[0].numel())
+    distances = torch.cdist(groups, groups) / images[0].numel() ** 0.5
+    return (distances.sum((1, 2)) / (per_prompt * (per_prompt - 1))).mean().item()
+
+
 def evaluate(dit, text_encoder, judge, prompts=HELDOUT_PROMPTS, per_prompt=20, seed=1234, **sample_kwargs):
     """Sample per_prompt images of each prompt with fixed seeds; -> (dict of judge means, images, prompts)."""
     repeated = [p for p in prompts for _ in range(per_prompt)]
@@ -169,6 +183,7 @@ def evaluate(dit, text_encoder, judge, prompts=HELDOUT_PROMPTS, per_prompt=20, s
     scores = judge.score(images, repeated)
     summary = {k: scores[k].mean().item() for k in ("gold", "digit_correct", "attribute_match", "fidelity", "perceptual")}
     summary["gold_std_over_prompts"] = scores["gold"].view(len(prompts), per_prompt).mean(1).std().item()
+    summary["diversity"] = diversity(images, per_prompt)
     return summary, images, repeated
 
 # -----------------------------------------------------------------------------
@@ -187,23 +202,108 @@ class Config:
     out: str = "samples.png"                  # image grid (with --eval: a JSON of the scores beside it)
     eval: bool = False                        # score the held-out prompts with the simulated annotator
     per_prompt: int = 20                      # with --eval: images per held-out prompt
+    k: str = ""                               # step-wise sampling: successors per step (with --eval a list, 1,2,4,6)
+    beam: int = 1                             # states kept per image (1: the paper's greedy rule)
+    drm: str = "data/drm.safetensors"         # the reward model that ranks successors
+    noise_level: float = 0.7                  # SDE noise of the successors (grpo.py's a)
+    score_every: int = 1                      # rank successors every this many steps
+    ode_last: int = 0                         # plain Euler for the last this many steps
     device: str = "auto"
 
 
+def parse_ks(text):
+    try:
+        ks = [int(v) for v in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--k={text}: expected whole numbers separated by commas, e.g. --k=1,2,4,6") from None
+    if min(ks) < 1:
+        raise ValueError(f"--k={text}: every k must be at least 1")
+    return ks
+
+
+def search_table(cfg, dit, text_encoder, device):
+    """--eval --k=...: plain ODE, step-wise sampling at each k, and best-of-N with N matched to each k's time."""
+    from data.judge import Judge
+    from reward import load_drm
+    judge = Judge()
+    drm, drm_text, _ = load_drm(cfg.drm, device)
+    prompts = [p for p in HELDOUT_PROMPTS for _ in range(cfg.per_prompt)]
+    cond, uncond = encode_prompts(text_encoder, prompts)
+    drm_cond, _ = encode_prompts(drm_text, prompts)
+    noise = initial_noise(dit, len(prompts), torch.Generator().manual_seed(cfg.seed)).to(device)
+    common = dict(steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+
+    def measure(name, run):
+        t0 = time.time()
+        images, counts = run(torch.Generator().manual_seed(cfg.seed + 1))
+        seconds = time.time() - t0
+        images = images.clamp(-1, 1)
+        scores = judge.score(images.cpu(), prompts)
+        with torch.no_grad():
+            drm_score = drm(images, torch.zeros(len(images), device=device), *drm_cond).mean().item()
+        row = {"method": name, "gold": scores["gold"].mean().item(), "digit_correct": scores["digit_correct"].mean().item(),
+               "attribute_match": scores["attribute_match"].mean().item(), "drm": drm_score,
+               "diversity": diversity(images.cpu(), cfg.per_prompt), "dit_passes": counts["nfe"] / len(prompts),
+               "drm_passes": counts["drm_calls"] / len(prompts), "seconds": seconds / len(prompts)}
+        print(f"| {name} | {row['gold']:.4f} | {row['digit_correct']:.1%} | {row['attribute_match']:.1%} | {row['drm']:.3f} | "
+              f"{row['diversity']:.4f} | {row['dit_passes']:.0f} | {row['drm_passes']:.0f} | {row['seconds'] * 1000:.1f} |", flush=True)
+        return row
+
+    two = lambda t: tuple(v[:2] for v in t)  # noqa: E731
+    stepwise_sample(dit, noise[:2], two(cond), two(uncond), drm, two(drm_cond), k=2, **common)  # warm-up, untimed
+    print(f"held-out prompts, {len(HELDOUT_PROMPTS)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg {cfg.cfg_scale}, "
+          f"SDE noise {cfg.noise_level}, beam {cfg.beam}")
+    print("| method | gold | digit | attributes | DRM | diversity | DiT passes / image | DRM passes / image | ms / image |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    rows = [measure("ODE", lambda g: stepwise_sample(dit, noise, cond, uncond, noise_level=0.0, generator=g, **common))]
+    for k in parse_ks(cfg.k):
+        rows.append(measure(f"step-wise k={k} beam={cfg.beam}", lambda g, k=k: stepwise_sample(
+            dit, noise, cond, uncond, drm, drm_cond, k=k, beam=cfg.beam, noise_level=cfg.noise_level,
+            score_every=cfg.score_every, ode_last=cfg.ode_last, generator=g, **common)))
+    for row in rows[2:]:  # best-of-N at the wall time of each searching row
+        n = max(2, round(row["seconds"] / rows[0]["seconds"]))
+        many = initial_noise(dit, len(prompts) * n, torch.Generator().manual_seed(cfg.seed + 2)).to(device)
+        rows.append(measure(f"best-of-{n} ODE (time of {row['method']})", lambda g, n=n, many=many: best_of_n(
+            dit, many, cond, uncond, drm, drm_cond, n=n, generator=g, **common)))
+    return rows
+
+
 def main(cfg):
-    if cfg.steps < 1 or cfg.n < 1 or cfg.per_prompt < 1:
-        raise ValueError("--steps, --n and --per_prompt must be at least 1")
+    if cfg.steps < 1 or cfg.n < 1 or cfg.per_prompt < 1 or cfg.beam < 1:
+        raise ValueError("--steps, --n, --per_prompt and --beam must be at least 1")
+    ks = parse_ks(cfg.k) if cfg.k else []
+    if ks and not cfg.eval and len(ks) > 1:
+        raise ValueError(f"--k={cfg.k}: a list of k is for --eval; to draw images give one k")
     print_config(cfg)
     device = pick_device(cfg.device)
     dit, text_encoder, meta = load_base(cfg.ckpt, device)
     kwargs = dict(steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+    if cfg.eval and ks:
+        rows = search_table(cfg, dit, text_encoder, device)
+        with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
+            json.dump({"config": vars(cfg), "rows": rows}, f, indent=1)
+        print(f"wrote {os.path.splitext(cfg.out)[0]}.json")
+        return rows
     if not cfg.eval:
         tokenize([cfg.prompt])  # fail on unknown words before any work
         t0 = time.time()
-        images = generate(dit, text_encoder, [cfg.prompt] * cfg.n, seed=cfg.seed, **kwargs)
+        if ks:
+            from reward import load_drm
+            drm, drm_text, _ = load_drm(cfg.drm, device)
+            prompts = [cfg.prompt] * cfg.n
+            noise = initial_noise(dit, cfg.n, torch.Generator().manual_seed(cfg.seed))
+            images, counts = stepwise_sample(dit, noise.to(device), *encode_prompts(text_encoder, prompts), drm,
+                                             encode_prompts(drm_text, prompts)[0], k=ks[0], beam=cfg.beam,
+                                             noise_level=cfg.noise_level, score_every=cfg.score_every,
+                                             ode_last=cfg.ode_last, generator=torch.Generator().manual_seed(cfg.seed + 1),
+                                             **kwargs)
+            images = images.clamp(-1, 1).cpu()
+        else:
+            images = generate(dit, text_encoder, [cfg.prompt] * cfg.n, seed=cfg.seed, **kwargs)
+            counts = {"nfe": cfg.n * cfg.steps * (2 if cfg.cfg_scale != 1 else 1), "drm_calls": 0}
         save_grid(images, cfg.out, nrow=min(cfg.n, 8))
-        print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.steps} steps, NFE "
-              f"{cfg.steps * (2 if cfg.cfg_scale != 1 else 1)} per image, {(time.time() - t0) / cfg.n:.3f} s per image")
+        print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.steps} steps, per image {counts['nfe'] / cfg.n:.0f} "
+              f"DiT passes, {counts['drm_calls'] / cfg.n:.0f} DRM passes, {(time.time() - t0) / cfg.n:.3f} s")
         return images
     from data.judge import Judge
     summary, images, _ = evaluate(dit, text_encoder, Judge(), per_prompt=cfg.per_prompt, seed=cfg.seed, **kwargs)

@@ -29,7 +29,7 @@ from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
 from model import DiT, add_lora, export_state_dict
 from reward import load_drm
-from sample import encode_prompts, evaluate, save_grid, sigma_schedule
+from sample import encode_prompts, evaluate, initial_noise, save_grid, sigma_schedule
 
 
 @dataclass
@@ -85,14 +85,6 @@ def export_policy(path, policy, text_encoder, step, dtype=None):
     save_base(path, plain, text_encoder, step, dtype)
 
 
-@torch.no_grad()
-def diversity(images, per_prompt):
-    """Mean pairwise L2 distance (per pixel, RMS) between the samples of one prompt, averaged over prompts."""
-    groups = images.flatten(1).view(-1, per_prompt, images[0].numel())
-    distances = torch.cdist(groups, groups) / images[0].numel() ** 0.5
-    return (distances.sum((1, 2)) / (per_prompt * (per_prompt - 1))).mean().item()
-
-
 def main(cfg):
     check(cfg)
     print_config(cfg)
@@ -137,7 +129,6 @@ def main(cfg):
         (context, pooled), _ = encode_prompts(drm_text, prompts)
         with torch.no_grad():
             summary["drm"] = drm(images.to(device), torch.zeros(len(images), device=device), context, pooled).mean().item()
-        summary["diversity"] = diversity(images, cfg.eval_per_prompt)
         policy.train()
         shown = min(cfg.eval_per_prompt, 8)
         save_grid(images.view(len(HELDOUT_PROMPTS), cfg.eval_per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1),
@@ -177,8 +168,7 @@ def main(cfg):
             prompts = [TRAIN_PROMPTS[i] for i in picks for _ in range(cfg.trajectories // n_prompts)]
             cond, uncond = encode_prompts(text_encoder, prompts)
             drm_context, drm_pooled = encode_prompts(drm_text, prompts)[0]
-            size = policy.config.pos_embed_max_size * policy.config.patch_size
-            noise = torch.randn(len(prompts), policy.config.in_channels, size, size, generator=generator).to(device)
+            noise = initial_noise(policy, len(prompts), generator).to(device)
             stepwise = cfg.credit == "stepwise"
             policy.eval()
             rollout = sample_rollout(
