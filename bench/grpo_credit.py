@@ -28,8 +28,8 @@ MODES = ("stepwise", "sparse", "cosine")
 class Config:
     out_dir: str = "out/credit"
     seeds: str = "0,1,2"
-    max_nfe: int = 64000               # DiT passes per run: 200 updates of 16 trajectories x 10 steps x 2 (guidance) x 2
-    eval_every: int = 20
+    max_nfe: int = 38400               # DiT passes per run: 60 updates of 16 trajectories x 10 steps x 2 (guidance) x 2
+    eval_every: int = 10
     jobs: int = 2                      # runs at a time, one thread each
     extra: str = ""                    # more train_policy.py flags for every run, space-separated
     plot_only: bool = False

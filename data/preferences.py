@@ -42,8 +42,8 @@ class Config:
     ckpt: str = "data/base.safetensors"
     cfg_scales: str = "1,1.5,2,3,4,6"     # guidance scales of the image pool
     step_counts: str = "1,2,4,8,20"       # Euler step counts of the image pool (1-2 steps give blurred digits)
-    seeds_per_setting: int = 2            # images per (prompt, guidance, steps)
-    pairs_per_prompt: int = 100
+    seeds_per_setting: int = 6            # images per (prompt, guidance, steps)
+    pairs_per_prompt: int = 400
     test_prompts: int = 16                # prompts held out for the test pairs
     temperature: float = 0.15             # Bradley-Terry temperature of the annotator's labels
     seed: int = 0

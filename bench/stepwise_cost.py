@@ -1,0 +1,76 @@
+"""What k successors cost: seconds per image of step-wise sampling for k = 1..8, as a ratio to k = 1.
+
+    python bench/stepwise_cost.py                     # the shipped toy models, 32 images, 20 steps, guidance 4
+
+Each step is one policy pass (two with guidance) for the whole batch, whatever
+k is, plus one batched DRM pass over the k successors of every image; so the
+time grows with k only through the DRM batch. Each k is timed `repeats` times
+in one process after a warm-up and the median is kept (the machine is noisy;
+read the ratios, not the seconds).
+"""
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from common import load_base, pick_device, print_config, run_main  # noqa: E402
+from data.world import HELDOUT_PROMPTS  # noqa: E402
+from reward import load_drm  # noqa: E402
+from sample import encode_prompts, initial_noise, stepwise_sample  # noqa: E402
+
+
+@dataclass
+class Config:
+    ckpt: str = "data/base.safetensors"
+    drm: str = "data/drm.safetensors"
+    images: int = 32
+    steps: int = 20
+    cfg_scale: float = 4.0
+    max_k: int = 8
+    repeats: int = 3
+    device: str = "auto"
+
+
+def main(cfg):
+    print_config(cfg)
+    device = pick_device(cfg.device)
+    dit, text_encoder, _ = load_base(cfg.ckpt, device)
+    drm, drm_text, _ = load_drm(cfg.drm, device)
+    prompts = [HELDOUT_PROMPTS[i % len(HELDOUT_PROMPTS)] for i in range(cfg.images)]
+    cond, uncond = encode_prompts(text_encoder, prompts)
+    drm_cond, _ = encode_prompts(drm_text, prompts)
+    noise = initial_noise(dit, cfg.images, torch.Generator().manual_seed(0)).to(device)
+
+    def seconds_per_image(k):
+        times = []
+        for _ in range(cfg.repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            stepwise_sample(dit, noise, cond, uncond, drm, drm_cond, steps=cfg.steps, k=k, cfg_scale=cfg.cfg_scale,
+                            generator=torch.Generator().manual_seed(1))
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) / cfg.images)
+        return statistics.median(times)
+
+    seconds_per_image(2)  # warm-up
+    print(f"step-wise sampling, {cfg.images} images, {cfg.steps} steps, guidance {cfg.cfg_scale}, {device}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print("| k | DiT passes / image | DRM passes / image | ms / image | time vs k=1 |")
+    print("|---|---|---|---|---|")
+    base = None
+    for k in range(1, cfg.max_k + 1):
+        seconds = seconds_per_image(k)
+        base = base or seconds
+        passes = cfg.steps * (2 if cfg.cfg_scale != 1 else 1)
+        print(f"| {k} | {passes} | {cfg.steps * k if k > 1 else 0} | {seconds * 1000:.1f} | {seconds / base:.2f}x |",
+              flush=True)
+
+
+if __name__ == "__main__":
+    run_main(main, Config)
