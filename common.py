@@ -251,6 +251,16 @@ def load_training_state(path, device):
     return torch.load(path, map_location=device, weights_only=False)
 
 
+def resume_training_state(path, device, **stateful):
+    """Load path (train_state.pt), restore each named module / optimizer from state[name] and torch's RNG; -> the state."""
+    state = load_training_state(path, device)
+    for name, obj in stateful.items():
+        obj.load_state_dict(state[name])
+    torch.set_rng_state(state["torch_rng"])
+    print(f"resumed from {path} at step {state['step']}")
+    return state
+
+
 def save_training_state(path, state):
     """Optimizer, EMA, RNG and step for --resume, via torch.save, written atomically."""
     atomic_write(path, lambda tmp: torch.save(state, tmp))

@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import model as model_lib
-from common import GracefulStop, load_training_state, pick_device, print_config, run_main, save_base, save_training_state, warmup_cosine
+from common import GracefulStop, pick_device, print_config, resume_training_state, run_main, save_base, save_training_state, warmup_cosine
 from data.world import HELDOUT_PROMPTS, caption, load_world, parse_prompt, tokenize
 from model import PRESETS, DiT, TextConfig, TextEncoder, flow_matching_loss
 from sample import generate, save_grid
@@ -89,14 +89,9 @@ def main(cfg):
     state_path = os.path.join(cfg.out_dir, "train_state.pt")
     step, minutes_before = 0, 0.0
     if cfg.resume:
-        state = load_training_state(state_path, device)
-        net.load_state_dict(state["net"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+        state = resume_training_state(state_path, device, net=net, ema=ema, optimizer=optimizer)
         step, minutes_before = state["step"], state["minutes"]
-        torch.set_rng_state(state["torch_rng"])
         rng.setstate(state["python_rng"])
-        print(f"resumed from {state_path} at step {step}")
 
     def save(step):
         save_base(os.path.join(cfg.out_dir, "model.safetensors"), ema["dit"], ema["text"], step)

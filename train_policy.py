@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (GracefulStop, load_base, load_training_state, pick_device, print_config, run_main, save_base,
+from common import (GracefulStop, load_base, pick_device, print_config, resume_training_state, run_main, save_base,
                     save_training_state)
 from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
@@ -109,13 +109,9 @@ def main(cfg):
     update, counters = 0, {"nfe": 0, "drm_calls": 0, "time_s": 0.0}
     generator = torch.Generator().manual_seed(cfg.seed)  # prompts, noise and candidate picks of the rollouts
     if cfg.resume:
-        state = load_training_state(state_path, device)
-        policy.load_state_dict(state["policy"])
-        optimizer.load_state_dict(state["optimizer"])
-        update, counters = state["update"], state["counters"]
-        torch.set_rng_state(state["torch_rng"])
+        state = resume_training_state(state_path, device, policy=policy, optimizer=optimizer)
+        update, counters = state["step"], state["counters"]
         generator.set_state(state["generator"])
-        print(f"resumed from {state_path} at update {update}")
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     def drm_score(x, sigma, context, pooled):
@@ -138,7 +134,7 @@ def main(cfg):
     def save():
         export_policy(os.path.join(cfg.out_dir, "model.safetensors"), policy, text_encoder, update)
         save_training_state(state_path, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                                         "update": update, "counters": counters, "torch_rng": torch.get_rng_state(),
+                                         "step": update, "counters": counters, "torch_rng": torch.get_rng_state(),
                                          "generator": generator.get_state(),
                                          "config": asdict(cfg)})
 

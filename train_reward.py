@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import GracefulStop, load_training_state, load_base, pick_device, print_config, run_main, save_training_state, warmup_cosine
+from common import GracefulStop, load_base, pick_device, print_config, resume_training_state, run_main, save_training_state, warmup_cosine
 from data.preferences import load_pair_tensors, read_pairs
 from model import add_noise, logit_normal_sigma
 from reward import DRM, bradley_terry_loss, load_drm, save_drm
@@ -158,12 +158,7 @@ def main(cfg):
     state_path = os.path.join(cfg.out_dir, "train_state.pt")
     step = 0
     if cfg.resume:
-        state = load_training_state(state_path, device)
-        drm.load_state_dict(state["drm"])
-        optimizer.load_state_dict(state["optimizer"])
-        step = state["step"]
-        torch.set_rng_state(state["torch_rng"])
-        print(f"resumed from {state_path} at step {step}")
+        step = resume_training_state(state_path, device, drm=drm, optimizer=optimizer)["step"]
 
     def save(step):
         save_drm(os.path.join(cfg.out_dir, "model.safetensors"), drm, text_encoder, step, {"init": cfg.init})

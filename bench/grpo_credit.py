@@ -97,7 +97,7 @@ def summarise(runs, seeds):
         hacked = [s for s in seeds if runs[mode, s][-1]["drm"] > runs[mode, s][0]["drm"]
                   and runs[mode, s][-1]["gold"] < runs[mode, s][0]["gold"]]
         lines.append(f"| {mode} | {gold[0]:.4f} | {gold[-1]:.4f} ({min(ends):.4f} to {max(ends):.4f}) | "
-                     f"{drm[0]:.3f} -> {drm[-1]:.3f} | {steps[hit] if hit is not None else 'not reached'} | "
+                     f"{drm[0]:.3f} -> {drm[-1]:.3f} | {f'{steps[hit]:.0f}' if hit is not None else 'not reached'} | "
                      f"{f'{times[hit]:.0f}' if hit is not None else '-'} | {'seeds ' + str(hacked) if hacked else 'no'} |")
     if reached["stepwise"] and reached["sparse"]:
         lines.append("")
