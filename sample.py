@@ -208,16 +208,17 @@ class Config:
     noise_level: float = 0.7                  # SDE noise of the successors (grpo.py's a)
     score_every: int = 1                      # rank successors every this many steps
     ode_last: int = 0                         # plain Euler for the last this many steps
+    best_of: str = ""                         # with --eval --k: best-of-N rows for these N (default: N matched to each k's time)
     device: str = "auto"
 
 
-def parse_ks(text):
+def parse_ks(text, flag="k"):
     try:
         ks = [int(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--k={text}: expected whole numbers separated by commas, e.g. --k=1,2,4,6") from None
+        raise ValueError(f"--{flag}={text}: expected whole numbers separated by commas, e.g. --{flag}=1,2,4,6") from None
     if min(ks) < 1:
-        raise ValueError(f"--k={text}: every k must be at least 1")
+        raise ValueError(f"--{flag}={text}: every value must be at least 1")
     return ks
 
 
@@ -260,10 +261,13 @@ def search_table(cfg, dit, text_encoder, device):
         rows.append(measure(f"step-wise k={k} beam={cfg.beam}", lambda g, k=k: stepwise_sample(
             dit, noise, cond, uncond, drm, drm_cond, k=k, beam=cfg.beam, noise_level=cfg.noise_level,
             score_every=cfg.score_every, ode_last=cfg.ode_last, generator=g, **common)))
-    for row in rows[2:]:  # best-of-N at the wall time of each searching row
-        n = max(2, round(row["seconds"] / rows[0]["seconds"]))
+    if cfg.best_of:
+        ns = parse_ks(cfg.best_of, "best_of")
+    else:  # N at the wall time of each searching row
+        ns = sorted({max(2, round(row["seconds"] / rows[0]["seconds"])) for row in rows[1:] if row["drm_passes"]})
+    for n in ns:
         many = initial_noise(dit, len(prompts) * n, torch.Generator().manual_seed(cfg.seed + 2)).to(device)
-        rows.append(measure(f"best-of-{n} ODE (time of {row['method']})", lambda g, n=n, many=many: best_of_n(
+        rows.append(measure(f"best-of-{n} ODE", lambda g, n=n, many=many: best_of_n(
             dit, many, cond, uncond, drm, drm_cond, n=n, generator=g, **common)))
     return rows
 
