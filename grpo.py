@@ -96,13 +96,15 @@ class Rollout:
     """What one batch of trajectories left behind, T steps of B trajectories with k candidates a step.
 
     states (T, B, C, H, W): the state each step started from; candidates (T, B, k, C, H, W): the sampled
-    next states (k = 1: just the one taken); log_probs (T, B, k): their log-probs under the rollout policy;
+    next states (k = 1: just the one taken); means (T, B, C, H, W): the Gaussian's mean they were drawn around;
+    log_probs (T, B, k): their log-probs under the rollout policy;
     chosen (T, B): which candidate the trajectory went on from; x0_hat (T, B, C, H, W): the clean-image
     estimate x - sigma v at each state; final (B, C, H, W); rewards (T, B, k) DRM scores of the candidates
     (stepwise) or None; sigmas (T + 1,); cond, uncond: the prompts' (context, pooled) for replaying.
     """
     states: torch.Tensor
     candidates: torch.Tensor
+    means: torch.Tensor
     log_probs: torch.Tensor
     chosen: torch.Tensor
     x0_hat: torch.Tensor
@@ -128,7 +130,7 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_sca
         raise ValueError("k > 1 candidates need a reward function to score them")
     B, T = noise.shape[0], len(sigmas) - 1
     x = noise.float()
-    states, candidates, log_probs, chosen, x0_hat, rewards = [], [], [], [], [], []
+    states, candidates, means, log_probs, chosen, x0_hat, rewards = [], [], [], [], [], [], []
     rows = torch.arange(B, device=noise.device).repeat_interleave(k)
     for i in range(T):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
@@ -147,11 +149,12 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_sca
             pick = torch.zeros(B, dtype=torch.long, device=x.device)
         states.append(x)
         candidates.append(next_states)
+        means.append(mean)
         log_probs.append(log_prob)
         chosen.append(pick)
         x0_hat.append(x - sigma * velocity)
         x = next_states[torch.arange(B, device=x.device), pick]
-    return Rollout(torch.stack(states), torch.stack(candidates), torch.stack(log_probs), torch.stack(chosen),
+    return Rollout(torch.stack(states), torch.stack(candidates), torch.stack(means), torch.stack(log_probs), torch.stack(chosen),
                    torch.stack(x0_hat), x, torch.stack(rewards) if rewards else None, sigmas, cond, uncond)
 
 # -----------------------------------------------------------------------------

@@ -60,7 +60,7 @@ def test_replayed_rollout_has_ratio_one(k, cfg_scale):
     assert stats["ratio_max_deviation"].item() < 1e-5
 
 
-def test_trajectory_goes_on_from_the_chosen_candidate():
+def test_candidates_share_the_stored_mean_and_the_trajectory_goes_on_from_the_chosen_one():
     policy, B, k = random_dit(), 3, 4
     cond = prompts(B)
     rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, None, sigma_schedule(4), 0.7, k=k,
@@ -71,6 +71,11 @@ def test_trajectory_goes_on_from_the_chosen_candidate():
         nxt = rollout.states[t + 1] if t < 3 else rollout.final
         assert torch.equal(chosen, nxt)
         assert torch.equal(rollout.chosen[t], rollout.rewards[t].argmax(1))
+        # the k candidates were drawn around the one stored mean: their log-probs under it are the stored ones
+        sigma, sigma_next = rollout.sigmas[t].item(), rollout.sigmas[t + 1].item()
+        std = 0.7 * (sigma / (1 - (sigma_next if sigma == 1 else sigma))) ** 0.5 * (sigma - sigma_next) ** 0.5
+        normal = torch.distributions.Normal(rollout.means[t].unsqueeze(1), std)
+        assert torch.allclose(normal.log_prob(rollout.candidates[t]).flatten(2).mean(2), rollout.log_probs[t], atol=1e-4)
 
 
 def test_stepwise_advantages_have_zero_mean_within_each_group():
