@@ -1,6 +1,6 @@
 """Fine-tune the DiT with GRPO against the DRM: step-wise credit (the paper) or the sparse / cosine baselines.
 
-    python train_policy.py                                  # step-wise GRPO on the CPU toy (~15 minutes)
+    python train_policy.py                                  # step-wise GRPO on the CPU toy (5 minutes on 2 cores)
     python train_policy.py --credit=sparse                  # Flow-GRPO: terminal reward on every step
     python train_policy.py --credit=cosine                  # terminal reward spread by cosine credit
     python train_policy.py --resume                         # continue an interrupted run
@@ -38,7 +38,7 @@ class Config:
     drm: str = "data/drm.safetensors"      # the reward model
     out_dir: str = "out/policy"
     credit: str = "stepwise"               # stepwise (the paper) | sparse (Flow-GRPO) | cosine (arXiv 2505.19196)
-    updates: int = 120
+    updates: int = 60
     max_nfe: int = 0                       # also stop once this many DiT forward passes are spent (0: no limit)
     trajectories: int = 16                 # rollouts per update
     k: int = 4                             # stepwise: candidates per step; sparse/cosine: trajectories per prompt
