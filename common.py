@@ -64,6 +64,17 @@ def run_main(main, config_class, argv=None):
         sys.exit(f"error: {e}")
 
 
+class NonFiniteError(ValueError):
+    pass
+
+
+def check_finite(loss, step, out_dir):
+    """Stop before a NaN / inf loss reaches the weights; the checkpoint in out_dir stays the last good one."""
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"the loss is {loss.item()} at step {step}; nothing was updated or saved after the last "
+                             f"checkpoint in {out_dir}. Lower --lr (or --grad_clip) and continue with --resume")
+
+
 def print_config(cfg):
     print(" ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
 

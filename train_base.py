@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import model as model_lib
-from common import GracefulStop, pick_device, print_config, resume_training_state, run_main, save_base, save_training_state, warmup_cosine
+from common import GracefulStop, check_finite, pick_device, print_config, resume_training_state, run_main, save_base, save_training_state, warmup_cosine
 from data.world import HELDOUT_PROMPTS, caption, load_world, parse_prompt, tokenize
 from model import PRESETS, DiT, TextConfig, TextEncoder, flow_matching_loss
 from sample import generate, save_grid
@@ -120,6 +120,7 @@ def main(cfg):
             losses, sigma = flow_matching_loss(net["dit"], x0, context, pooled)
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
+            check_finite(loss, step + 1, cfg.out_dir)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
             optimizer.step()

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (GracefulStop, load_base, pick_device, print_config, resume_training_state, run_main, save_base,
+from common import (GracefulStop, check_finite, load_base, pick_device, print_config, resume_training_state, run_main, save_base,
                     save_training_state)
 from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
@@ -188,6 +188,7 @@ def main(cfg):
                                               cfg.noise_level, cfg.cfg_scale, cfg.clip_range, cfg.adv_clip,
                                               cfg.kl_weight, reference)
                 optimizer.zero_grad(set_to_none=True)
+                check_finite(loss, update + 1, cfg.out_dir)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
                 optimizer.step()

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import GracefulStop, load_base, pick_device, print_config, resume_training_state, run_main, save_training_state, warmup_cosine
+from common import GracefulStop, check_finite, load_base, pick_device, print_config, resume_training_state, run_main, save_training_state, warmup_cosine
 from data.preferences import load_pair_tensors, read_pairs
 from model import add_noise, logit_normal_sigma
 from reward import DRM, bradley_terry_loss, load_drm, save_drm
@@ -183,6 +183,7 @@ def main(cfg):
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, group["peak"])
             optimizer.zero_grad(set_to_none=True)
+            check_finite(loss, step + 1, cfg.out_dir)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(drm.parameters(), cfg.grad_clip)
             optimizer.step()

@@ -121,3 +121,16 @@ def test_train_policy_resumed_equals_one_uninterrupted_run(tmp_path):
     assert {"gold", "drm", "nfe", "drm_calls", "time_s", "diversity"} <= lines[-1].keys()
     assert lines[-1]["nfe"] == 2 * (4 * 2 * 2 + 4 * 2 * 2)  # per update: rollout and loss, 4 x 2 steps x 2 (guidance)
     assert lines[-1]["drm_calls"] == 2 * 4 * 2 * 2          # per update: 4 trajectories x 2 steps x k = 2
+
+
+@pytest.mark.parametrize("args", [
+    ["train_base.py", "--lr=1e30", "--steps=6", "--batch_size=4", "--eval_every=3", "--eval_per_prompt=1", "--warmup=1"],
+    ["train_policy.py", "--lr=1e30", "--updates=3", "--trajectories=4", "--k=2", "--steps=2", "--eval_per_prompt=2",
+     "--eval_steps=2", "--eval_every=5"],
+])
+def test_a_non_finite_loss_stops_the_run_and_saves_nothing_bad(args, tmp_path):
+    result = run_script(*args, f"--out_dir={tmp_path}")
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert last_line.startswith("error: the loss is") and "at step" in last_line
+    assert not (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.tmp-*"))
