@@ -77,6 +77,12 @@ def gaussian_log_prob(sample, mean, std):
     return log_density.flatten(1).mean(1)
 
 
+def candidate_log_probs(candidates, mean, std):
+    """Log-probs (N, k) of k candidates (N, k, ...) drawn around one mean (N, ...) each."""
+    k = candidates.shape[1]
+    return gaussian_log_prob(candidates.flatten(0, 1), mean.repeat_interleave(k, 0), std.repeat_interleave(k, 0)).view(-1, k)
+
+
 def sde_step(x, velocity, sigma, sigma_next, noise_level, noise=None):
     """One Flow-GRPO step -> (x_next, log_prob (B,), mean, std). noise_level = 0 is the Euler step (log_prob then 0)."""
     mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
@@ -138,8 +144,7 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_sca
         mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
         z = torch.randn((B, k) + x.shape[1:], generator=generator).to(x.device)
         next_states = mean.unsqueeze(1) + std.unsqueeze(1) * z                    # (B, k, C, H, W)
-        log_prob = gaussian_log_prob(next_states.flatten(0, 1), mean.repeat_interleave(k, 0),
-                                     std.repeat_interleave(k, 0)).view(B, k)
+        log_prob = candidate_log_probs(next_states, mean, std)
         if reward is not None and k > 1:
             scores = reward(next_states.flatten(0, 1), sigma_next.expand(B * k), rows).float().view(B, k)
             rewards.append(scores)
@@ -232,9 +237,7 @@ def grpo_loss(policy, rollout, advantages, steps, rows, noise_level, cfg_scale=1
     velocity = guided_velocity(policy, states, sigma, cond, uncond, cfg_scale)
     mean, std = sde_mean_std(states, velocity, sigma, sigma_next, noise_level)
     candidates = rollout.candidates[steps, rows]                                 # (N, k, C, H, W)
-    k = candidates.shape[1]
-    log_prob = gaussian_log_prob(candidates.flatten(0, 1), mean.repeat_interleave(k, 0),
-                                 std.repeat_interleave(k, 0)).view(-1, k)
+    log_prob = candidate_log_probs(candidates, mean, std)
     ratio = torch.exp(log_prob - rollout.log_probs[steps, rows])
     advantage = advantages[steps, rows].clamp(-adv_clip, adv_clip)
     policy_loss = torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()

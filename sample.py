@@ -222,7 +222,7 @@ def parse_ks(text, flag="k"):
     return ks
 
 
-def search_table(cfg, dit, text_encoder, device):
+def search_table(cfg, ks, dit, text_encoder, device):
     """--eval --k=...: plain ODE, step-wise sampling at each k, and best-of-N with N matched to each k's time."""
     from data.judge import Judge
     from reward import load_drm
@@ -257,7 +257,7 @@ def search_table(cfg, dit, text_encoder, device):
     print("| method | gold | digit | attributes | DRM | diversity | DiT passes / image | DRM passes / image | ms / image |")
     print("|---|---|---|---|---|---|---|---|---|")
     rows = [measure("ODE", lambda g: stepwise_sample(dit, noise, cond, uncond, noise_level=0.0, generator=g, **common))]
-    for k in parse_ks(cfg.k):
+    for k in ks:
         rows.append(measure(f"step-wise k={k} beam={cfg.beam}", lambda g, k=k: stepwise_sample(
             dit, noise, cond, uncond, drm, drm_cond, k=k, beam=cfg.beam, noise_level=cfg.noise_level,
             score_every=cfg.score_every, ode_last=cfg.ode_last, generator=g, **common)))
@@ -283,7 +283,7 @@ def main(cfg):
     dit, text_encoder, meta = load_base(cfg.ckpt, device)
     kwargs = dict(steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
     if cfg.eval and ks:
-        rows = search_table(cfg, dit, text_encoder, device)
+        rows = search_table(cfg, ks, dit, text_encoder, device)
         with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
             json.dump({"config": vars(cfg), "rows": rows}, f, indent=1)
         print(f"wrote {os.path.splitext(cfg.out)[0]}.json")
@@ -291,20 +291,17 @@ def main(cfg):
     if not cfg.eval:
         tokenize([cfg.prompt])  # fail on unknown words before any work
         t0 = time.time()
+        prompts = [cfg.prompt] * cfg.n
+        search = dict(k=1, beam=1, noise_level=0.0)  # no --k: the plain ODE sampler
         if ks:
             from reward import load_drm
             drm, drm_text, _ = load_drm(cfg.drm, device)
-            prompts = [cfg.prompt] * cfg.n
-            noise = initial_noise(dit, cfg.n, torch.Generator().manual_seed(cfg.seed))
-            images, counts = stepwise_sample(dit, noise.to(device), *encode_prompts(text_encoder, prompts), drm,
-                                             encode_prompts(drm_text, prompts)[0], k=ks[0], beam=cfg.beam,
-                                             noise_level=cfg.noise_level, score_every=cfg.score_every,
-                                             ode_last=cfg.ode_last, generator=torch.Generator().manual_seed(cfg.seed + 1),
-                                             **kwargs)
-            images = images.clamp(-1, 1).cpu()
-        else:
-            images = generate(dit, text_encoder, [cfg.prompt] * cfg.n, seed=cfg.seed, **kwargs)
-            counts = {"nfe": cfg.n * cfg.steps * (2 if cfg.cfg_scale != 1 else 1), "drm_calls": 0}
+            search = dict(drm=drm, drm_cond=encode_prompts(drm_text, prompts)[0], k=ks[0], beam=cfg.beam,
+                          noise_level=cfg.noise_level, score_every=cfg.score_every, ode_last=cfg.ode_last)
+        noise = initial_noise(dit, cfg.n, torch.Generator().manual_seed(cfg.seed)).to(device)
+        images, counts = stepwise_sample(dit, noise, *encode_prompts(text_encoder, prompts),
+                                         generator=torch.Generator().manual_seed(cfg.seed + 1), **search, **kwargs)
+        images = images.clamp(-1, 1).cpu()
         save_grid(images, cfg.out, nrow=min(cfg.n, 8))
         print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.steps} steps, per image {counts['nfe'] / cfg.n:.0f} "
               f"DiT passes, {counts['drm_calls'] / cfg.n:.0f} DRM passes, {(time.time() - t0) / cfg.n:.3f} s")

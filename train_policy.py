@@ -151,21 +151,23 @@ def main(cfg):
 
     if update == 0:
         log_eval({})
+
     def budget_left():
         return update < cfg.updates and not (cfg.max_nfe and counters["nfe"] >= cfg.max_nfe)
 
+    stepwise = cfg.credit == "stepwise"
+    # stepwise takes one trajectory per prompt; sparse/cosine groups of k per prompt
+    n_prompts = cfg.trajectories if stepwise else cfg.trajectories // cfg.k
     bar = tqdm(initial=update, total=cfg.updates, desc=f"grpo {cfg.credit}")
     with GracefulStop() as stop, log, bar:
         while budget_left():
             t0 = time.time()
-            # Rollouts: stepwise takes one trajectory per prompt; sparse/cosine groups of k per prompt
-            n_prompts = cfg.trajectories if cfg.credit == "stepwise" else cfg.trajectories // cfg.k
+            # Rollouts
             picks = torch.randint(len(TRAIN_PROMPTS), (n_prompts,), generator=generator).tolist()
             prompts = [TRAIN_PROMPTS[i] for i in picks for _ in range(cfg.trajectories // n_prompts)]
             cond, uncond = encode_prompts(text_encoder, prompts)
             drm_context, drm_pooled = encode_prompts(drm_text, prompts)[0]
             noise = initial_noise(policy, len(prompts), generator).to(device)
-            stepwise = cfg.credit == "stepwise"
             policy.eval()
             rollout = sample_rollout(
                 policy, noise, cond, uncond, sigmas, cfg.noise_level, cfg.cfg_scale, k=cfg.k if stepwise else 1,
