@@ -115,6 +115,7 @@ def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
     final_rewards = torch.tensor([0.0, 1.0, 5.0, 2.0])
     sparse = credit_advantages("sparse", rollout, final_rewards, 2)
     assert sparse.shape == (6, B, 1)
+    assert torch.equal(sparse[0, :, 0], terminal_advantages(final_rewards, 2))  # the group-normalised terminal reward
     assert torch.equal(sparse[0], sparse[-1])
     cosine = credit_advantages("cosine", rollout, final_rewards, 2)
     assert torch.allclose(cosine[0], sparse[0], atol=1e-5)  # the reward-to-go from step 0 is all of it
