@@ -73,6 +73,8 @@ def check(cfg):
     for name in ("updates", "trajectories", "steps", "minibatches", "eval_every", "eval_per_prompt", "eval_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if cfg.follow not in ("random", "best"):
+        raise ValueError(f"--follow={cfg.follow}: choose random (the paper) or best")
     if not 0 < cfg.noise_level:
         raise ValueError(f"--noise_level={cfg.noise_level}: GRPO needs a stochastic sampler, use > 0 (0.7 is Flow-GRPO's)")
 

@@ -88,6 +88,7 @@ def run_script(*args):
     (["train_policy.py", "--credit=dense"], "--credit=dense: choose one of stepwise, sparse, cosine"),
     (["train_policy.py", "--credit=sparse", "--trajectories=6", "--k=4"], "must be a multiple of --k=4"),
     (["train_policy.py", "--drm=data/base.safetensors"], "is not a drm checkpoint"),
+    (["train_policy.py", "--follow=worst"], "--follow=worst: choose random (the paper) or best"),
 ])
 def test_bad_input_gives_one_clear_line(args, says):
     result = run_script(*args)
