@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import torch
 
-from model import guided_velocity
+from model import compilable, guided_velocity
 
 CREDIT_MODES = ("stepwise", "sparse", "cosine")
 
@@ -51,6 +51,7 @@ CREDIT_MODES = ("stepwise", "sparse", "cosine")
 # 1. The SDE step and its log-probability (float32 inside, whatever the model's dtype)
 
 
+@compilable
 def sde_mean_std(x, velocity, sigma, sigma_next, noise_level):
     """The Gaussian of one SDE step: -> (mean (B, ...) float32, std (B, 1, ..., 1) float32).
 
@@ -67,6 +68,7 @@ def sde_mean_std(x, velocity, sigma, sigma_next, noise_level):
     return mean, sigma_t * torch.sqrt(-dt)
 
 
+@compilable
 def gaussian_log_prob(sample, mean, std):
     """log N(sample; mean, std^2) averaged over all dimensions but the first: (B, ...) -> (B,).
 

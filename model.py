@@ -1,6 +1,6 @@
 """The DiT: an SD3-style MMDiT, rectified-flow training, LoRA, and the toy text encoder.
 
-Read bottom-up, as nanoGPT: fused ops, embedders, attention, the joint block,
+Read bottom-up, as nanoGPT: compiled regions and elementwise ops, embedders, attention, the joint block,
 the final layer, the DiT, the presets, then the text encoder, the flow-matching
 loss and LoRA.
 
@@ -27,59 +27,72 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
 
 from common import CheckpointError, assign_from_files, atomic_write, check_keys, read_safetensors_header
 
 # -----------------------------------------------------------------------------
-# Fused elementwise ops. Each is a plain function; `set_compile(True)` routes
-# calls through torch.compile, which fuses the norm, the modulation and the
-# residual into one kernel instead of four memory passes. Off by default: the
-# eager path is the reference, and compile costs a cold start.
+# Compilation. `set_compile(True)` runs each joint block, the final layer and
+# grpo's SDE step through torch.compile, one region each: Inductor then fuses
+# the elementwise ops below (LayerNorm + adaLN modulate, gated residual, qk
+# RMSNorm, GELU-tanh) with one another and with the reshapes around the
+# matmuls, in the forward and in the backward. Compiling each small op on its
+# own fuses nothing across ops and pays a guard check per call: slower than
+# eager on CPU in training (bench/RESULTS.md). Off by default: the eager path
+# is the reference, and compiling costs a cold start (seconds per region,
+# printed by bench/dit_speed.py). Blocks share one compiled graph (parameters
+# are graph inputs); a new batch size compiles once more with a dynamic batch.
 
 COMPILE = False
 
 
 def set_compile(enabled):
-    """Switch every fused op between compiled and eager."""
+    """Switch the compiled regions between torch.compile and eager."""
     global COMPILE
     COMPILE = bool(enabled)
+    # one code object serves plain, dual-attention and pre-only blocks, with and without grad, static and
+    # dynamic batch: more variants than dynamo's default limit of 8, after which it would fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
 
 
-def fused(fn):
-    compiled = []  # torch.compile(fn), made on the first compiled call so importing stays fast
+def compilable(fn):
+    """fn through torch.compile while set_compile(True) is on, eager otherwise; fn.eager is always eager."""
+    compiled = []  # made on the first compiled call, so importing stays fast
 
     @functools.wraps(fn)
-    def call(*args):
+    def call(*args, **kwargs):
         if not COMPILE:
-            return fn(*args)
+            return fn(*args, **kwargs)
         if not compiled:
-            compiled.append(torch.compile(fn, dynamic=False))
-        return compiled[0](*args)
+            compiled.append(torch.compile(fn))
+        # contiguous inputs: with a transposed input (the patch embedder's tokens) Inductor 2.13 on CPU
+        # computed the forward right and gradients 3-25% off (tests/test_model.py checks them)
+        args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
+        return compiled[0](*args, **kwargs)
     call.eager = fn
     return call
 
+# -----------------------------------------------------------------------------
+# Elementwise ops (fused by the compiled regions that call them)
 
-@fused
+
 def layer_norm_modulate(x, shift, scale):
     """adaLN: weight-free LayerNorm (eps 1e-6), then x * (1 + scale) + shift. x (B, L, D), shift/scale (B, D)."""
     x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
 
-@fused
 def gated_residual(x, gate, y):
     """adaLN-Zero residual: x + gate * y, with gate (B, D) zero at init."""
     return x + gate.unsqueeze(1) * y
 
 
-@fused
 def rms_norm(x, weight):
     """RMSNorm over the last dim, eps 1e-6, computed in float32."""
     x32 = x.float()
     return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(x.dtype) * weight
 
 
-@fused
 def gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
 
@@ -235,6 +248,7 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(dim, heads, mlp_ratio, qk_norm, pre_only=pre_only)
         self.x_block = StreamBlock(dim, heads, mlp_ratio, qk_norm, dual_attention=dual_attention)
 
+    @compilable
     def forward(self, context, x, c):
         """context (B, Lc, D), x (B, Lx, D), c (B, D) -> context (None if pre-only), x."""
         ctx_qkv, _, ctx_mod = self.context_block.pre_attention(context, c)
@@ -255,6 +269,7 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
+    @compilable
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(layer_norm_modulate(x, shift, scale))
@@ -305,6 +320,9 @@ class DiT(nn.Module):
                        dual_attention=(i in cfg.dual_attention_layers))
             for i in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg.dim, cfg.patch_size, cfg.out_channels)
+        # recompute each block's activations in the backward instead of storing them: activation
+        # memory of one block instead of all, for about one more forward pass of compute
+        self.grad_checkpointing = False
 
     def initialize_weights(self):
         """DiT's init: xavier linears, N(0, 0.02) timestep MLP, zero adaLN and output so each block starts as identity."""
@@ -357,7 +375,10 @@ class DiT(nn.Module):
         tokens, context, c = self.embed(x, sigma, context, pooled)
         blocks = self.joint_blocks if num_blocks is None else self.joint_blocks[:num_blocks]
         for block in blocks:
-            context, tokens = block(context, tokens, c)
+            if self.grad_checkpointing and torch.is_grad_enabled():
+                context, tokens = checkpoint(block, context, tokens, c, use_reentrant=False)
+            else:
+                context, tokens = block(context, tokens, c)
         if num_blocks is not None:
             return tokens, c
         return self.unpatchify(self.final_layer(tokens, c), x.shape[-2], x.shape[-1])

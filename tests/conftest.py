@@ -1,6 +1,7 @@
 import os
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -25,3 +26,15 @@ def random_prompts(batch, seed=1):
     """(context (B, 3, 16), pooled (B, 16)) for random_small_dit."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, 3, 16, generator=g), torch.randn(batch, 16, generator=g))
+
+
+@pytest.fixture
+def compiled():
+    """set_compile(True) for one test, with fresh dynamo caches and counters, then back to eager."""
+    from model import set_compile
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    set_compile(True)
+    yield
+    set_compile(False)
+    torch._dynamo.reset()
