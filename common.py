@@ -3,6 +3,7 @@
 Kept apart so that train_base.py, train_reward.py, train_policy.py and
 sample.py parse flags and write files one way.
 """
+import contextlib
 import dataclasses
 import json
 import math
@@ -121,8 +122,16 @@ def pick_device(requested="auto"):
         reason = "a CUDA GPU is present" if device == "cuda" else "no CUDA GPU found"
     else:
         device, reason = requested, "asked for by --device"
-    print(f"device: {device} ({reason}); compute in float32")
-    return torch.device(device)
+    device = torch.device(device)
+    precision = ("bf16 autocast, weights and optimizer in float32" if device.type == "cuda"
+                 else "float32 (bf16 is ~30x slower on a CPU)")
+    print(f"device: {device} ({reason}); compute in {precision}")
+    return device
+
+
+def autocast(device):
+    """The forward passes' precision: bf16 autocast on a GPU (half the activation memory, tensor cores), float32 elsewhere."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 # -----------------------------------------------------------------------------
 # Checkpoints: safetensors with the config and step in the metadata, written

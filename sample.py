@@ -25,10 +25,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import load_base, pick_device, print_config, run_main
+from common import autocast, load_base, pick_device, print_config, run_main
 from data.world import HELDOUT_PROMPTS, tokenize
 from grpo import sde_mean_std
-from model import guided_velocity
+from model import guided_velocity, set_compile
 
 # -----------------------------------------------------------------------------
 # The schedule and the sampler: pure functions of tensors and a model callable
@@ -209,6 +209,7 @@ class Config:
     score_every: int = 1                      # rank successors every this many steps
     ode_last: int = 0                         # plain Euler for the last this many steps
     best_of: str = ""                         # with --eval --k: best-of-N rows for these N (default: N matched to each k's time)
+    compile: bool = False                     # torch.compile the DiT and DRM blocks and the SDE step (model.py)
     device: str = "auto"
 
 
@@ -280,42 +281,44 @@ def main(cfg):
         raise ValueError(f"--k={cfg.k}: a list of k is for --eval; to draw images give one k")
     print_config(cfg)
     device = pick_device(cfg.device)
+    set_compile(cfg.compile)
     dit, text_encoder, meta = load_base(cfg.ckpt, device)
     kwargs = dict(steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
-    if cfg.eval and ks:
-        rows = search_table(cfg, ks, dit, text_encoder, device)
+    with autocast(device):  # bf16 on a GPU
+        if cfg.eval and ks:
+            rows = search_table(cfg, ks, dit, text_encoder, device)
+            with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
+                json.dump({"config": vars(cfg), "rows": rows}, f, indent=1)
+            print(f"wrote {os.path.splitext(cfg.out)[0]}.json")
+            return rows
+        if not cfg.eval:
+            tokenize([cfg.prompt])  # fail on unknown words before any work
+            t0 = time.time()
+            prompts = [cfg.prompt] * cfg.n
+            search = dict(k=1, beam=1, noise_level=0.0)  # no --k: the plain ODE sampler
+            if ks:
+                from reward import load_drm
+                drm, drm_text, _ = load_drm(cfg.drm, device)
+                search = dict(drm=drm, drm_cond=encode_prompts(drm_text, prompts)[0], k=ks[0], beam=cfg.beam,
+                              noise_level=cfg.noise_level, score_every=cfg.score_every, ode_last=cfg.ode_last)
+            noise = initial_noise(dit, cfg.n, torch.Generator().manual_seed(cfg.seed)).to(device)
+            images, counts = stepwise_sample(dit, noise, *encode_prompts(text_encoder, prompts),
+                                             generator=torch.Generator().manual_seed(cfg.seed + 1), **search, **kwargs)
+            images = images.clamp(-1, 1).cpu()
+            save_grid(images, cfg.out, nrow=min(cfg.n, 8))
+            print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.steps} steps, per image {counts['nfe'] / cfg.n:.0f} "
+                  f"DiT passes, {counts['drm_calls'] / cfg.n:.0f} DRM passes, {(time.time() - t0) / cfg.n:.3f} s")
+            return images
+        from data.judge import Judge
+        summary, images, _ = evaluate(dit, text_encoder, Judge(), per_prompt=cfg.per_prompt, seed=cfg.seed, **kwargs)
+        print(f"held-out prompts ({len(HELDOUT_PROMPTS)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg {cfg.cfg_scale}):")
+        for key, value in summary.items():
+            print(f"  {key:24s} {value:.4f}")
+        shown = min(cfg.per_prompt, 8)  # a row of the first images of each prompt
+        save_grid(images.view(len(HELDOUT_PROMPTS), cfg.per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1), cfg.out, nrow=shown)
         with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-            json.dump({"config": vars(cfg), "rows": rows}, f, indent=1)
-        print(f"wrote {os.path.splitext(cfg.out)[0]}.json")
-        return rows
-    if not cfg.eval:
-        tokenize([cfg.prompt])  # fail on unknown words before any work
-        t0 = time.time()
-        prompts = [cfg.prompt] * cfg.n
-        search = dict(k=1, beam=1, noise_level=0.0)  # no --k: the plain ODE sampler
-        if ks:
-            from reward import load_drm
-            drm, drm_text, _ = load_drm(cfg.drm, device)
-            search = dict(drm=drm, drm_cond=encode_prompts(drm_text, prompts)[0], k=ks[0], beam=cfg.beam,
-                          noise_level=cfg.noise_level, score_every=cfg.score_every, ode_last=cfg.ode_last)
-        noise = initial_noise(dit, cfg.n, torch.Generator().manual_seed(cfg.seed)).to(device)
-        images, counts = stepwise_sample(dit, noise, *encode_prompts(text_encoder, prompts),
-                                         generator=torch.Generator().manual_seed(cfg.seed + 1), **search, **kwargs)
-        images = images.clamp(-1, 1).cpu()
-        save_grid(images, cfg.out, nrow=min(cfg.n, 8))
-        print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.steps} steps, per image {counts['nfe'] / cfg.n:.0f} "
-              f"DiT passes, {counts['drm_calls'] / cfg.n:.0f} DRM passes, {(time.time() - t0) / cfg.n:.3f} s")
-        return images
-    from data.judge import Judge
-    summary, images, _ = evaluate(dit, text_encoder, Judge(), per_prompt=cfg.per_prompt, seed=cfg.seed, **kwargs)
-    print(f"held-out prompts ({len(HELDOUT_PROMPTS)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg {cfg.cfg_scale}):")
-    for key, value in summary.items():
-        print(f"  {key:24s} {value:.4f}")
-    shown = min(cfg.per_prompt, 8)  # a row of the first images of each prompt
-    save_grid(images.view(len(HELDOUT_PROMPTS), cfg.per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1), cfg.out, nrow=shown)
-    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump({"config": vars(cfg), "checkpoint_step": meta.get("step"), **summary}, f, indent=1)
-    return summary
+            json.dump({"config": vars(cfg), "checkpoint_step": meta.get("step"), **summary}, f, indent=1)
+        return summary
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import model as model_lib
-from common import GracefulStop, check_finite, pick_device, print_config, resume_training_state, run_main, save_base, save_training_state, warmup_cosine
+from common import GracefulStop, autocast, check_finite, pick_device, print_config, resume_training_state, run_main, save_base, save_training_state, warmup_cosine
 from data.world import HELDOUT_PROMPTS, caption, load_world, parse_prompt, tokenize
 from model import PRESETS, DiT, TextConfig, TextEncoder, flow_matching_loss
 from sample import generate, save_grid
@@ -46,7 +46,8 @@ class Config:
     seed: int = 0
     export: str = ""                   # at the end, also write the EMA model here in float16 (how data/base.safetensors is made)
     resume: bool = False               # continue from out_dir/train_state.pt
-    compile: bool = False              # torch.compile the fused ops
+    compile: bool = False              # torch.compile each DiT block (fused elementwise ops; model.py)
+    grad_checkpointing: bool = False   # recompute each block in the backward: less memory, ~1.3x the compute
     device: str = "auto"
 
 
@@ -82,6 +83,7 @@ def main(cfg):
 
     net = nn.ModuleDict({"dit": model_lib.build_dit(cfg.preset), "text": TextEncoder(TextConfig())}).to(device)
     ema = copy.deepcopy(net).requires_grad_(False)
+    net["dit"].grad_checkpointing = cfg.grad_checkpointing
     optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     print(f"DiT parameters: {sum(p.numel() for p in net['dit'].parameters()) / 1e6:.2f}M, "
           f"text encoder: {sum(p.numel() for p in net['text'].parameters()) / 1e6:.2f}M")
@@ -116,8 +118,9 @@ def main(cfg):
             ids = tokenize([augment_caption(captions[i], rng, cfg) for i in idx.tolist()]).to(device)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
-            context, pooled = net["text"](ids)
-            losses, sigma = flow_matching_loss(net["dit"], x0, context, pooled)
+            with autocast(device):
+                context, pooled = net["text"](ids)
+                losses, sigma = flow_matching_loss(net["dit"], x0, context, pooled)
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
             check_finite(loss, step + 1, cfg.out_dir)

@@ -23,11 +23,11 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import (GracefulStop, check_finite, load_base, pick_device, print_config, resume_training_state, run_main, save_base,
+from common import (GracefulStop, autocast, check_finite, load_base, pick_device, print_config, resume_training_state, run_main, save_base,
                     save_training_state)
 from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
-from model import DiT, add_lora, export_state_dict
+from model import DiT, add_lora, export_state_dict, in_chunks, set_compile
 from reward import load_drm
 from sample import encode_prompts, evaluate, initial_noise, save_grid, sigma_schedule
 
@@ -60,6 +60,10 @@ class Config:
     eval_steps: int = 20
     seed: int = 0
     resume: bool = False
+    compile: bool = False                  # torch.compile the DiT and DRM blocks and the SDE step (model.py)
+    grad_checkpointing: bool = False       # recompute each policy block in the loss's backward: less memory
+    rollout_batch: int = 0                 # rollout policy passes this many rows at a time (0: all; less memory)
+    drm_batch: int = 0                     # DRM scoring this many candidates at a time (0: all; less memory)
     device: str = "auto"
 
 
@@ -73,6 +77,9 @@ def check(cfg):
     for name in ("updates", "trajectories", "steps", "minibatches", "eval_every", "eval_per_prompt", "eval_steps"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    for name in ("rollout_batch", "drm_batch"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name}={getattr(cfg, name)}: rows per pass, at least 1 (or 0 for all at once)")
     if cfg.follow not in ("random", "best"):
         raise ValueError(f"--follow={cfg.follow}: choose random (the paper) or best")
     if not 0 < cfg.noise_level:
@@ -91,6 +98,7 @@ def main(cfg):
     check(cfg)
     print_config(cfg)
     device = pick_device(cfg.device)
+    set_compile(cfg.compile)
     torch.manual_seed(cfg.seed)
     from data.judge import Judge
     judge = Judge()
@@ -100,6 +108,7 @@ def main(cfg):
     reference = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_weight > 0 else None
     if cfg.lora_rank > 0:
         add_lora(policy, rank=cfg.lora_rank, alpha=float(cfg.lora_rank))
+    policy.grad_checkpointing = cfg.grad_checkpointing
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     print(f"policy: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
@@ -118,7 +127,10 @@ def main(cfg):
 
     def drm_score(x, sigma, context, pooled):
         counters["drm_calls"] += x.shape[0]
-        return drm(x, sigma, context, pooled)
+        return in_chunks(drm, cfg.drm_batch, x, sigma, context, pooled)
+
+    def rollout_policy(x, sigma, context, pooled):
+        return in_chunks(policy, cfg.rollout_batch, x, sigma, context, pooled)
 
     def run_eval():
         policy.eval()
@@ -171,15 +183,16 @@ def main(cfg):
             drm_context, drm_pooled = encode_prompts(drm_text, prompts)[0]
             noise = initial_noise(policy, len(prompts), generator).to(device)
             policy.eval()
-            rollout = sample_rollout(
-                policy, noise, cond, uncond, sigmas, cfg.noise_level, cfg.cfg_scale, k=cfg.k if stepwise else 1,
-                reward=(lambda x, sigma, rows: drm_score(x, sigma, drm_context[rows], drm_pooled[rows])) if stepwise else None,
-                follow=cfg.follow, generator=generator)
+            with autocast(device):
+                rollout = sample_rollout(
+                    rollout_policy, noise, cond, uncond, sigmas, cfg.noise_level, cfg.cfg_scale, k=cfg.k if stepwise else 1,
+                    reward=(lambda x, sigma, rows: drm_score(x, sigma, drm_context[rows], drm_pooled[rows])) if stepwise else None,
+                    follow=cfg.follow, generator=generator)
             policy.train()
             counters["nfe"] += len(prompts) * cfg.steps * passes
             final_rewards = None
             if not stepwise:
-                with torch.no_grad():
+                with torch.no_grad(), autocast(device):
                     final_rewards = drm_score(rollout.final, torch.zeros(len(prompts), device=device),
                                               drm_context, drm_pooled).float()
             advantages = credit_advantages(cfg.credit, rollout, final_rewards, cfg.k)
@@ -188,9 +201,10 @@ def main(cfg):
             pairs = torch.randperm(cfg.steps * len(prompts), generator=generator).to(device)
             stats = []
             for chunk in pairs.chunk(cfg.minibatches):
-                loss, chunk_stats = grpo_loss(policy, rollout, advantages, chunk // len(prompts), chunk % len(prompts),
-                                              cfg.noise_level, cfg.cfg_scale, cfg.clip_range, cfg.adv_clip,
-                                              cfg.kl_weight, reference)
+                with autocast(device):
+                    loss, chunk_stats = grpo_loss(policy, rollout, advantages, chunk // len(prompts), chunk % len(prompts),
+                                                  cfg.noise_level, cfg.cfg_scale, cfg.clip_range, cfg.adv_clip,
+                                                  cfg.kl_weight, reference)
                 optimizer.zero_grad(set_to_none=True)
                 check_finite(loss, update + 1, cfg.out_dir)
                 loss.backward()

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 import torch
 from tqdm import tqdm
 
-from common import GracefulStop, check_finite, load_base, pick_device, print_config, resume_training_state, run_main, save_training_state, warmup_cosine
+from common import GracefulStop, autocast, check_finite, load_base, pick_device, print_config, resume_training_state, run_main, save_training_state, warmup_cosine
 from data.preferences import load_pair_tensors, read_pairs
-from model import add_noise, logit_normal_sigma
+from model import add_noise, logit_normal_sigma, set_compile
 from reward import DRM, bradley_terry_loss, load_drm, save_drm
 from sample import encode_prompts
 
@@ -54,6 +54,8 @@ class Config:
     ckpt: str = ""
     export: str = ""                       # at the end, also write the DRM here in float16 (how data/drm.safetensors is made)
     resume: bool = False
+    compile: bool = False                  # torch.compile each DiT block (fused elementwise ops; model.py)
+    grad_checkpointing: bool = False       # recompute each block in the backward: less memory, ~1.3x the compute
     seed: int = 0
     device: str = "auto"
 
@@ -126,6 +128,7 @@ def main(cfg):
     check(cfg)
     print_config(cfg)
     device = pick_device(cfg.device)
+    set_compile(cfg.compile)
     torch.manual_seed(cfg.seed)
 
     if cfg.eval_only:
@@ -147,6 +150,7 @@ def main(cfg):
     test = load_split(os.path.join(cfg.prefs, "test.jsonl"), text_encoder, device, need_gold=True)
     drm = (DRM.from_dit(dit, cfg.drop_last) if cfg.init == "pretrained"
            else DRM.from_scratch(dit.config, cfg.drop_last)).to(device).train()
+    drm.backbone.grad_checkpointing = cfg.grad_checkpointing
     del dit
     n_params = sum(p.numel() for p in drm.parameters())
     print(f"DRM ({cfg.init}): {len(drm.backbone.joint_blocks)} of {drm.backbone.config.depth} blocks, "
@@ -176,8 +180,9 @@ def main(cfg):
             sigma = logit_normal_sigma(cfg.batch_size, device)  # one sigma per pair, shared by its two images
             x_win = add_noise(winners[idx], sigma, torch.randn_like(winners[idx]))
             x_lose = add_noise(losers[idx], sigma, torch.randn_like(losers[idx]))
-            rewards = drm(torch.cat([x_win, x_lose]), torch.cat([sigma, sigma]),
-                          torch.cat([context[idx]] * 2), torch.cat([pooled[idx]] * 2))
+            with autocast(device):
+                rewards = drm(torch.cat([x_win, x_lose]), torch.cat([sigma, sigma]),
+                              torch.cat([context[idx]] * 2), torch.cat([pooled[idx]] * 2))
             reward_win, reward_lose = rewards.chunk(2)
             loss = bradley_terry_loss(reward_win, reward_lose).mean()
             for group in optimizer.param_groups:
