@@ -63,17 +63,24 @@ def run_main(main, config_class, argv=None):
         return main(cfg)
     except (FlagError, FileNotFoundError, ValueError, CheckpointError) as e:
         sys.exit(f"error: {e}")
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 class NonFiniteError(ValueError):
     pass
 
 
-def check_finite(loss, step, out_dir):
-    """Stop before a NaN / inf loss reaches the weights; the checkpoint in out_dir stays the last good one."""
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"the loss is {loss.item()} at step {step}; nothing was updated or saved after the last "
-                             f"checkpoint in {out_dir}. Lower --lr (or --grad_clip) and continue with --resume")
+def check_finite(value, step, out_dir, what="loss"):
+    """Stop before a NaN / inf loss or gradient reaches the weights; the checkpoint in out_dir stays the last good one.
+
+    Under torchrun every rank stops when any rank sees it (a rank left waiting in an all-reduce would hang).
+    """
+    if any_rank(not torch.isfinite(value)):
+        raise NonFiniteError(f"the {what} is {value.item()} at step {step} (on this or another rank); nothing was "
+                             f"updated or saved after the last checkpoint in {out_dir}. Lower --lr (or --grad_clip) "
+                             "and continue with --resume")
 
 
 def print_config(cfg):
@@ -111,6 +118,63 @@ class GracefulStop:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
         return False
+
+# -----------------------------------------------------------------------------
+# Many processes: `torchrun --nproc_per_node=N script.py` sets RANK, WORLD_SIZE and
+# LOCAL_RANK. Every rank draws the random numbers of the whole global batch from
+# the same seeded generators and keeps its own rows, so N processes compute what
+# one process computes on that batch (DDP averages the gradients); only rank 0
+# prints and writes files.
+
+
+@dataclasses.dataclass
+class Ranks:
+    rank: int = 0
+    world: int = 1
+
+    @property
+    def main(self):
+        return self.rank == 0
+
+    def shard(self, n, what="batch"):
+        """The slice of a global batch of n rows that this rank computes."""
+        if n % self.world:
+            raise ValueError(f"{what} of {n} does not split over {self.world} processes: use a multiple of {self.world}")
+        per = n // self.world
+        return slice(self.rank * per, (self.rank + 1) * per)
+
+    def gather(self, tensor):
+        """Every rank's rows, concatenated in rank order: the global batch (for group statistics)."""
+        if self.world == 1:
+            return tensor
+        parts = [torch.empty_like(tensor) for _ in range(self.world)]
+        torch.distributed.all_gather(parts, tensor.contiguous())
+        return torch.cat(parts)
+
+
+def setup_device(requested="auto"):
+    """-> (device, Ranks): one process as before, or under torchrun a process group (NCCL on GPUs, gloo on CPUs)."""
+    if "RANK" not in os.environ:
+        return pick_device(requested), Ranks()
+    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    cuda = requested in ("auto", "cuda") and torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    torch.distributed.init_process_group("nccl" if cuda else "gloo")
+    if rank != 0:  # one log, rank 0's; errors still reach stderr from every rank
+        sys.stdout = open(os.devnull, "w")
+    print(f"distributed: {world} processes ({'NCCL' if cuda else 'gloo'})")
+    return pick_device(f"cuda:{local_rank}" if cuda else "cpu"), Ranks(rank, world)
+
+
+def any_rank(flag):
+    """True on every rank if true on any (under torchrun), so that all ranks leave the loop at the same step."""
+    if not torch.distributed.is_initialized():
+        return bool(flag)
+    on_gpu = torch.distributed.get_backend() == "nccl"
+    value = torch.tensor(float(bool(flag)), device="cuda" if on_gpu else "cpu")
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 # -----------------------------------------------------------------------------
 # Device: decided once, with the reason printed

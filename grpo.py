@@ -125,12 +125,14 @@ class Rollout:
 
 @torch.no_grad()
 def sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=1.0, k=1, reward=None,
-                   follow="random", generator=None):
+                   follow="random", generator=None, shard=(0, 1)):
     """SDE trajectories from noise (B, C, H, W) along sigmas (T + 1,).
 
     k > 1: at each step, k candidates share the step's one policy mean; reward(x (B*k, ...), sigma (B*k,), rows)
     scores them (rows: the trajectory of each candidate, to pick its prompt) and the trajectory follows a random
     candidate (follow="random", the paper's default) or the best one (follow="best").
+    shard=(rank, world): these B trajectories are rows rank*B..(rank+1)*B of world*B (torchrun); the random
+    draws are made for all world*B and sliced, so the ranks together sample what one process would.
     """
     if follow not in ("random", "best"):
         raise ValueError(f"follow={follow!r}: choose random or best")
@@ -140,18 +142,20 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_sca
     x = noise.float()
     states, candidates, means, log_probs, chosen, x0_hat, rewards = [], [], [], [], [], [], []
     rows = torch.arange(B, device=noise.device).repeat_interleave(k)
+    rank, world = shard
+    mine = slice(rank * B, (rank + 1) * B)
     for i in range(T):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         velocity = guided_velocity(policy, x, sigma, cond, uncond, cfg_scale).float()
         mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
-        z = torch.randn((B, k) + x.shape[1:], generator=generator).to(x.device)
+        z = torch.randn((world * B, k) + x.shape[1:], generator=generator)[mine].to(x.device)
         next_states = mean.unsqueeze(1) + std.unsqueeze(1) * z                    # (B, k, C, H, W)
         log_prob = candidate_log_probs(next_states, mean, std)
         if reward is not None and k > 1:
             scores = reward(next_states.flatten(0, 1), sigma_next.expand(B * k), rows).float().view(B, k)
             rewards.append(scores)
             pick = (scores.argmax(1) if follow == "best" else
-                    torch.randint(k, (B,), generator=generator).to(x.device))
+                    torch.randint(k, (world * B,), generator=generator)[mine].to(x.device))
         else:
             pick = torch.zeros(B, dtype=torch.long, device=x.device)
         states.append(x)
@@ -207,14 +211,18 @@ def cosine_weights(x0_hat, final, window=5):
     return torch.where(total > 0, smoothed / total.clamp(min=1e-12), uniform)
 
 
-def credit_advantages(credit, rollout, final_rewards=None, group_size=None):
-    """Advantages (T, B, k) for one of CREDIT_MODES."""
+def credit_advantages(credit, rollout, final_rewards=None, group_size=None, rows=slice(None)):
+    """Advantages (T, B, k) for one of CREDIT_MODES.
+
+    final_rewards: the terminal rewards of every trajectory of the update (under torchrun, gathered from all
+    ranks, so groups are normalised whole); rows: which of them are the rollout's B trajectories.
+    """
     T = rollout.states.shape[0]
     if credit == "stepwise":
         return stepwise_advantages(rollout.rewards)
     if credit not in CREDIT_MODES:
         raise ValueError(f"credit={credit!r}: choose one of {', '.join(CREDIT_MODES)}")
-    advantage = terminal_advantages(final_rewards, group_size)                  # (B,)
+    advantage = terminal_advantages(final_rewards, group_size)[rows]            # (B,)
     if credit == "sparse":
         return advantage.expand(T, -1).unsqueeze(-1)
     weights = cosine_weights(rollout.x0_hat, rollout.final)

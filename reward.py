@@ -44,26 +44,26 @@ class ConvHead(nn.Module):
 class DRM(nn.Module):
     """Reward of a noisy latent: forward(x_sigma, sigma, context, pooled) -> (B,)."""
 
-    def __init__(self, backbone, drop_last):
+    def __init__(self, backbone, drop_last, head_dropout=0.1):
         super().__init__()
         self.drop_last = drop_last
         self.backbone = backbone  # a DiT whose last drop_last joint blocks are removed
-        self.head = ConvHead(backbone.config.out_channels)
+        self.head = ConvHead(backbone.config.out_channels, dropout=head_dropout)
 
     @classmethod
-    def from_dit(cls, dit, drop_last=3):
+    def from_dit(cls, dit, drop_last=3, head_dropout=0.1):
         """Copy the DiT (its weights are not shared) and cut its last drop_last blocks."""
         depth = dit.config.depth
         if not 0 < drop_last < depth:
             raise ValueError(f"drop_last={drop_last}: keep at least one of the DiT's {depth} blocks (0 < drop_last < depth)")
         backbone = copy.deepcopy(dit)
         backbone.joint_blocks = backbone.joint_blocks[:depth - drop_last]
-        return cls(backbone, drop_last).train(dit.training)
+        return cls(backbone, drop_last, head_dropout).train(dit.training)
 
     @classmethod
-    def from_scratch(cls, config, drop_last=3):
+    def from_scratch(cls, config, drop_last=3, head_dropout=0.1):
         """The ablation: the same network with the DiT's own random initialisation."""
-        return cls.from_dit(build_dit(config), drop_last)
+        return cls.from_dit(build_dit(config), drop_last, head_dropout)
 
     def hidden_tokens(self, x_sigma, sigma, context, pooled):
         """The backbone's image tokens after its last kept block (B, h*w, D), and the conditioning c (B, D)."""

@@ -18,12 +18,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as model_lib
-from common import GracefulStop, autocast, check_finite, pick_device, print_config, resume_training_state, run_main, save_base, save_training_state, warmup_cosine
+from common import (GracefulStop, any_rank, autocast, check_finite, print_config, resume_training_state, run_main, save_base,
+                    save_training_state, setup_device, warmup_cosine)
 from data.world import HELDOUT_PROMPTS, caption, load_world, parse_prompt, tokenize
-from model import PRESETS, DiT, TextConfig, TextEncoder, flow_matching_loss
+from model import PRESETS, TextConfig, TextEncoder, flow_matching_loss, logit_normal_sigma
 from sample import generate, save_grid
 
 
@@ -71,7 +73,8 @@ def main(cfg):
     if cfg.preset not in PRESETS:
         raise ValueError(f"--preset={cfg.preset}: choose one of {list(PRESETS)}")
     print_config(cfg)
-    device = pick_device(cfg.device)
+    device, ranks = setup_device(cfg.device)
+    mine = ranks.shard(cfg.batch_size, "--batch_size")  # this rank's rows of each global batch
     model_lib.set_compile(cfg.compile)
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
@@ -95,7 +98,13 @@ def main(cfg):
         step, minutes_before = state["step"], state["minutes"]
         rng.setstate(state["python_rng"])
 
+    # under torchrun, DDP averages the gradients over the ranks (the weights start equal: same seed)
+    dit, text = ((DDP(net["dit"], broadcast_buffers=False), DDP(net["text"])) if ranks.world > 1
+                 else (net["dit"], net["text"]))
+
     def save(step):
+        if not ranks.main:
+            return
         save_base(os.path.join(cfg.out_dir, "model.safetensors"), ema["dit"], ema["text"], step)
         save_training_state(state_path, {"net": net.state_dict(), "ema": ema.state_dict(),
                                          "optimizer": optimizer.state_dict(), "step": step, "minutes": minutes(),
@@ -103,29 +112,33 @@ def main(cfg):
                                          "config": asdict(cfg)})
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+    log = open(os.path.join(cfg.out_dir, "metrics.jsonl") if ranks.main else os.devnull, "a")
     sigma_bins = torch.linspace(0, 1, 6)  # loss by sigma quintile, as minRF logs it
     bin_loss, bin_count = torch.zeros(5), torch.zeros(5)
     net.train()
     t0 = time.time()
     def minutes():
         return minutes_before + (time.time() - t0) / 60
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_base")
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_base", disable=not ranks.main)
     with GracefulStop() as stop, log:
         for step in bar:
+            # the global batch's images, captions, sigmas and noise (the same draws on every rank), then this rank's rows
             idx = torch.randint(len(images), (cfg.batch_size,))
             x0 = images[idx].to(device)
             ids = tokenize([augment_caption(captions[i], rng, cfg) for i in idx.tolist()]).to(device)
+            sigma = logit_normal_sigma(cfg.batch_size, device)
+            noise = torch.randn_like(x0)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
             with autocast(device):
-                context, pooled = net["text"](ids)
-                losses, sigma = flow_matching_loss(net["dit"], x0, context, pooled)
+                context, pooled = text(ids[mine])
+                losses, sigma = flow_matching_loss(dit, x0[mine], context, pooled, sigma[mine], noise[mine])
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
             check_finite(loss, step + 1, cfg.out_dir)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+            check_finite(grad_norm, step + 1, cfg.out_dir, "gradient norm")
             optimizer.step()
             update_ema(ema, net, cfg.ema_decay)
 
@@ -133,7 +146,7 @@ def main(cfg):
             bin_loss.index_add_(0, which, losses.detach().cpu())
             bin_count.index_add_(0, which, torch.ones_like(losses.cpu()))
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if ranks.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 by_bin = (bin_loss / bin_count.clamp(min=1)).tolist()
                 record = {"step": step + 1, "loss": sum(bin_loss.tolist()) / max(1, bin_count.sum().item()),
                           "loss_by_sigma": [round(v, 4) for v in by_bin], "grad_norm": grad_norm.item(),
@@ -147,11 +160,11 @@ def main(cfg):
                 log.flush()
                 tqdm.write(f"step {step + 1:6d} | loss {record['loss']:.4f} | by sigma {record['loss_by_sigma']} "
                            f"| {record['minutes']:.1f} min")
-            if stop:
+            if any_rank(stop):
                 save(step + 1)
                 print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
                 return None
-    if cfg.export:
+    if cfg.export and ranks.main:
         save_base(cfg.export, ema["dit"], ema["text"], cfg.steps, dtype=torch.float16)
         print(f"exported the EMA model in float16 to {cfg.export}")
     return ema

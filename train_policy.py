@@ -21,10 +21,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (GracefulStop, autocast, check_finite, load_base, pick_device, print_config, resume_training_state, run_main, save_base,
-                    save_training_state)
+from common import (GracefulStop, any_rank, autocast, check_finite, load_base, print_config, resume_training_state, run_main,
+                    save_base, save_training_state, setup_device)
 from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
 from model import DiT, add_lora, export_state_dict, in_chunks, set_compile
@@ -97,7 +98,8 @@ def export_policy(path, policy, text_encoder, step, dtype=None):
 def main(cfg):
     check(cfg)
     print_config(cfg)
-    device = pick_device(cfg.device)
+    device, ranks = setup_device(cfg.device)
+    mine = ranks.shard(cfg.trajectories, "--trajectories")  # this rank's trajectories of each update
     set_compile(cfg.compile)
     torch.manual_seed(cfg.seed)
     from data.judge import Judge
@@ -110,6 +112,8 @@ def main(cfg):
         add_lora(policy, rank=cfg.lora_rank, alpha=float(cfg.lora_rank))
     policy.grad_checkpointing = cfg.grad_checkpointing
     params = [p for p in policy.parameters() if p.requires_grad]
+    # under torchrun, DDP averages the loss's gradients over the ranks (the weights start equal: same seed, same file)
+    trained = DDP(policy, broadcast_buffers=False) if ranks.world > 1 else policy
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     print(f"policy: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
           f"({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tune'}); credit {cfg.credit}")
@@ -126,7 +130,7 @@ def main(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
 
     def drm_score(x, sigma, context, pooled):
-        counters["drm_calls"] += x.shape[0]
+        counters["drm_calls"] += x.shape[0] * ranks.world  # every rank scores as many
         return in_chunks(drm, cfg.drm_batch, x, sigma, context, pooled)
 
     def rollout_policy(x, sigma, context, pooled):
@@ -146,15 +150,19 @@ def main(cfg):
         return summary
 
     def save():
+        if not ranks.main:
+            return
         export_policy(os.path.join(cfg.out_dir, "model.safetensors"), policy, text_encoder, update)
         save_training_state(state_path, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
                                          "step": update, "counters": counters, "torch_rng": torch.get_rng_state(),
                                          "generator": generator.get_state(),
                                          "config": asdict(cfg)})
 
-    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+    log = open(os.path.join(cfg.out_dir, "metrics.jsonl") if ranks.main else os.devnull, "a")
 
     def log_eval(train_stats):
+        if not ranks.main:
+            return
         summary = run_eval()
         record = {"step": update, "credit": cfg.credit, "seed": cfg.seed, **counters, **summary, **train_stats}
         log.write(json.dumps(record) + "\n")
@@ -172,43 +180,50 @@ def main(cfg):
     stepwise = cfg.credit == "stepwise"
     # stepwise takes one trajectory per prompt; sparse/cosine groups of k per prompt
     n_prompts = cfg.trajectories if stepwise else cfg.trajectories // cfg.k
-    bar = tqdm(initial=update, total=cfg.updates, desc=f"grpo {cfg.credit}")
+    bar = tqdm(initial=update, total=cfg.updates, desc=f"grpo {cfg.credit}", disable=not ranks.main)
     with GracefulStop() as stop, log, bar:
         while budget_left():
             t0 = time.time()
-            # Rollouts
+            # Rollouts: the update's prompts and noise are drawn whole on every rank; each rank runs its rows
             picks = torch.randint(len(TRAIN_PROMPTS), (n_prompts,), generator=generator).tolist()
             prompts = [TRAIN_PROMPTS[i] for i in picks for _ in range(cfg.trajectories // n_prompts)]
-            cond, uncond = encode_prompts(text_encoder, prompts)
-            drm_context, drm_pooled = encode_prompts(drm_text, prompts)[0]
-            noise = initial_noise(policy, len(prompts), generator).to(device)
+            noise = initial_noise(policy, len(prompts), generator)[mine].to(device)
+            cond, uncond = encode_prompts(text_encoder, prompts[mine])
+            drm_context, drm_pooled = encode_prompts(drm_text, prompts[mine])[0]
             policy.eval()
             with autocast(device):
                 rollout = sample_rollout(
                     rollout_policy, noise, cond, uncond, sigmas, cfg.noise_level, cfg.cfg_scale, k=cfg.k if stepwise else 1,
                     reward=(lambda x, sigma, rows: drm_score(x, sigma, drm_context[rows], drm_pooled[rows])) if stepwise else None,
-                    follow=cfg.follow, generator=generator)
+                    follow=cfg.follow, generator=generator, shard=(ranks.rank, ranks.world))
             policy.train()
             counters["nfe"] += len(prompts) * cfg.steps * passes
             final_rewards = None
             if not stepwise:
                 with torch.no_grad(), autocast(device):
-                    final_rewards = drm_score(rollout.final, torch.zeros(len(prompts), device=device),
-                                              drm_context, drm_pooled).float()
-            advantages = credit_advantages(cfg.credit, rollout, final_rewards, cfg.k)
+                    final_rewards = ranks.gather(drm_score(rollout.final, torch.zeros(len(noise), device=device),
+                                                           drm_context, drm_pooled).float())  # every group whole
+            advantages = credit_advantages(cfg.credit, rollout, final_rewards, cfg.k, rows=mine)
 
-            # Updates: every (step, trajectory) pair once, in `minibatches` optimizer steps
+            # Updates: every (step, trajectory) pair once, in `minibatches` optimizer steps. A rank computes the pairs
+            # of its own trajectories, its mean weighted by its share of the minibatch, so that DDP's average over
+            # the ranks is the minibatch mean; a rank with no pair there runs one at weight 0 (DDP needs every rank)
             pairs = torch.randperm(cfg.steps * len(prompts), generator=generator).to(device)
             stats = []
             for chunk in pairs.chunk(cfg.minibatches):
+                steps, rows = chunk // len(prompts), chunk % len(prompts)
+                here = (rows >= mine.start) & (rows < mine.stop)
+                n_here = int(here.sum())
+                steps, rows = (steps[here], rows[here] - mine.start) if n_here else (steps[:1] * 0, rows[:1] * 0)
                 with autocast(device):
-                    loss, chunk_stats = grpo_loss(policy, rollout, advantages, chunk // len(prompts), chunk % len(prompts),
-                                                  cfg.noise_level, cfg.cfg_scale, cfg.clip_range, cfg.adv_clip,
-                                                  cfg.kl_weight, reference)
+                    loss, chunk_stats = grpo_loss(trained, rollout, advantages, steps, rows, cfg.noise_level,
+                                                  cfg.cfg_scale, cfg.clip_range, cfg.adv_clip, cfg.kl_weight, reference)
+                loss = loss * (n_here * ranks.world / len(chunk))
                 optimizer.zero_grad(set_to_none=True)
                 check_finite(loss, update + 1, cfg.out_dir)
                 loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                check_finite(grad_norm, update + 1, cfg.out_dir, "gradient norm")
                 optimizer.step()
                 stats.append(chunk_stats)
                 counters["nfe"] += len(chunk) * passes * (2 if reference is not None else 1)
@@ -222,7 +237,7 @@ def main(cfg):
             if update % cfg.eval_every == 0 or not budget_left():
                 log_eval(train_stats)
                 save()
-            if stop:
+            if any_rank(stop):
                 save()
                 print(f"stopped: saved update {update} to {cfg.out_dir}; continue with --resume")
                 return None

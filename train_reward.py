@@ -22,9 +22,11 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import GracefulStop, autocast, check_finite, load_base, pick_device, print_config, resume_training_state, run_main, save_training_state, warmup_cosine
+from common import (GracefulStop, any_rank, autocast, check_finite, load_base, print_config, resume_training_state, run_main,
+                    save_training_state, setup_device, warmup_cosine)
 from data.preferences import load_pair_tensors, read_pairs
 from model import add_noise, logit_normal_sigma, set_compile
 from reward import DRM, bradley_terry_loss, load_drm, save_drm
@@ -41,6 +43,7 @@ class Config:
     out_dir: str = "out/drm"
     init: str = "pretrained"               # pretrained (the paper) | scratch (same network, random weights)
     drop_last: int = 3                     # DiT blocks cut from the end
+    head_dropout: float = 0.1              # dropout before the conv head's last linear layer
     steps: int = 2000
     batch_size: int = 64                   # pairs per step
     lr: float = 1e-4                       # backbone learning rate (AdamW)
@@ -66,6 +69,8 @@ def check(cfg):
     for name in ("steps", "batch_size", "eval_every", "eval_noise_draws"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if not 0 <= cfg.head_dropout < 1:
+        raise ValueError(f"--head_dropout={cfg.head_dropout}: a probability in [0, 1)")
 
 
 def prompt_embeddings(text_encoder, prompts, device):
@@ -127,11 +132,14 @@ def load_split(path, text_encoder, device, need_gold=False):
 def main(cfg):
     check(cfg)
     print_config(cfg)
-    device = pick_device(cfg.device)
+    device, ranks = setup_device(cfg.device)
+    mine = ranks.shard(cfg.batch_size, "--batch_size")  # this rank's pairs of each global batch
     set_compile(cfg.compile)
     torch.manual_seed(cfg.seed)
 
     if cfg.eval_only:
+        if not ranks.main:
+            return None
         path = cfg.ckpt or os.path.join(cfg.out_dir, "model.safetensors")
         drm, text_encoder, meta = load_drm(path, device)
         test = load_split(os.path.join(cfg.prefs, "test.jsonl"), text_encoder, device, need_gold=True)
@@ -148,8 +156,8 @@ def main(cfg):
     text_encoder.requires_grad_(False)
     train = load_split(os.path.join(cfg.prefs, "train.jsonl"), text_encoder, device)
     test = load_split(os.path.join(cfg.prefs, "test.jsonl"), text_encoder, device, need_gold=True)
-    drm = (DRM.from_dit(dit, cfg.drop_last) if cfg.init == "pretrained"
-           else DRM.from_scratch(dit.config, cfg.drop_last)).to(device).train()
+    drm = (DRM.from_dit(dit, cfg.drop_last, cfg.head_dropout) if cfg.init == "pretrained"
+           else DRM.from_scratch(dit.config, cfg.drop_last, cfg.head_dropout)).to(device).train()
     drm.backbone.grad_checkpointing = cfg.grad_checkpointing
     del dit
     n_params = sum(p.numel() for p in drm.parameters())
@@ -164,25 +172,32 @@ def main(cfg):
     if cfg.resume:
         step = resume_training_state(state_path, device, drm=drm, optimizer=optimizer)["step"]
 
+    # under torchrun, DDP averages the gradients over the ranks (the weights start equal: same seed, same file)
+    model = DDP(drm, broadcast_buffers=False) if ranks.world > 1 else drm
+
     def save(step):
+        if not ranks.main:
+            return
         save_drm(os.path.join(cfg.out_dir, "model.safetensors"), drm, text_encoder, step, {"init": cfg.init})
         save_training_state(state_path, {"drm": drm.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                                          "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
 
     os.makedirs(cfg.out_dir, exist_ok=True)
-    log = open(os.path.join(cfg.out_dir, "metrics.jsonl"), "a")
+    log = open(os.path.join(cfg.out_dir, "metrics.jsonl") if ranks.main else os.devnull, "a")
     winners, losers, context, pooled, _ = train
     t0, running = time.time(), []
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_reward")
+    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_reward", disable=not ranks.main)
     with GracefulStop() as stop, log:
         for step in bar:
+            # the global batch's pairs, sigmas and noise (the same draws on every rank), then this rank's rows
             idx = torch.randint(len(winners), (cfg.batch_size,))
             sigma = logit_normal_sigma(cfg.batch_size, device)  # one sigma per pair, shared by its two images
-            x_win = add_noise(winners[idx], sigma, torch.randn_like(winners[idx]))
-            x_lose = add_noise(losers[idx], sigma, torch.randn_like(losers[idx]))
+            x_win = add_noise(winners[idx], sigma, torch.randn_like(winners[idx]))[mine]
+            x_lose = add_noise(losers[idx], sigma, torch.randn_like(losers[idx]))[mine]
+            idx, sigma = idx[mine], sigma[mine]
             with autocast(device):
-                rewards = drm(torch.cat([x_win, x_lose]), torch.cat([sigma, sigma]),
-                              torch.cat([context[idx]] * 2), torch.cat([pooled[idx]] * 2))
+                rewards = model(torch.cat([x_win, x_lose]), torch.cat([sigma, sigma]),
+                                torch.cat([context[idx]] * 2), torch.cat([pooled[idx]] * 2))
             reward_win, reward_lose = rewards.chunk(2)
             loss = bradley_terry_loss(reward_win, reward_lose).mean()
             for group in optimizer.param_groups:
@@ -191,10 +206,11 @@ def main(cfg):
             check_finite(loss, step + 1, cfg.out_dir)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(drm.parameters(), cfg.grad_clip)
+            check_finite(grad_norm, step + 1, cfg.out_dir, "gradient norm")
             optimizer.step()
             running.append((loss.item(), (reward_win > reward_lose).float().mean().item()))
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if ranks.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
                 results = evaluate(drm, test, device, cfg.eval_noise_draws)
                 record = {"step": step + 1, "loss": sum(r[0] for r in running) / len(running),
                           "train_label_accuracy": sum(r[1] for r in running) / len(running),
@@ -206,11 +222,11 @@ def main(cfg):
                 tqdm.write(f"step {step + 1:5d} | loss {record['loss']:.4f} | test accuracy vs gold by sigma "
                            + " ".join(f"{s}:{r['gold_accuracy']:.3f}" for s, r in results.items())
                            + f" | {record['minutes']:.1f} min")
-            if stop:
+            if any_rank(stop):
                 save(step + 1)
                 print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
                 return None
-    if cfg.export:
+    if cfg.export and ranks.main:
         save_drm(cfg.export, drm, text_encoder, cfg.steps, {"init": cfg.init}, dtype=torch.float16)
         print(f"exported the DRM in float16 to {cfg.export}")
     return drm

@@ -68,8 +68,8 @@ def main(cfg):
         if not cfg.keep:
             shutil.rmtree(cfg.dir)
     print(f"\nload_sd3, {cfg.preset}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"| layout | parameters | file GB | load s | peak RSS GB | peak / file |")
-    print(f"|---|---|---|---|---|---|")
+    print("| layout | parameters | file GB | load s | peak RSS GB | peak / file |")
+    print("|---|---|---|---|---|---|")
     for layout, size, seconds, peak, params, dtype in rows:
         print(f"| {layout} | {params / 1e9:.3f}B {dtype} | {size / 1e9:.2f} | {seconds:.1f} | {peak / 1e9:.2f} | {peak / size:.2f}x |")
 

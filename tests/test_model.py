@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import model as model_lib
-from model import (PRESETS, DiTConfig, TextConfig, TextEncoder, add_lora, build_dit, flow_matching_loss,
+from model import (DiTConfig, TextConfig, TextEncoder, add_lora, build_dit, flow_matching_loss,
                    timestep_embedding)
 from sample import sample_ode, sigma_schedule
 
