@@ -332,13 +332,22 @@ def load_training_state(path, device):
     """The dict save_training_state wrote, for --resume; a clear error when there is none."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"--resume: {path} does not exist")
-    return torch.load(path, map_location=device, weights_only=False)
+    try:
+        return torch.load(path, map_location=device, weights_only=False)
+    except Exception as e:  # truncated, overwritten, not a torch file: whatever torch.load trips on
+        reason = (str(e).splitlines() or [""])[0][:200]
+        raise CheckpointError(f"--resume: {path} cannot be read ({type(e).__name__}: {reason}); the file is damaged: "
+                              "resume from a copy of it or start afresh in a new --out_dir") from None
 
 
 def resume_training_state(path, device, **stateful):
     """Load path (train_state.pt), restore each named module / optimizer from state[name] and torch's RNG; -> the state."""
     state = load_training_state(path, device)
     for name, obj in stateful.items():
+        if isinstance(obj, torch.nn.Module):  # a run of other settings (preset, LoRA, depth cut): say so plainly
+            check_keys({k: v.shape for k, v in obj.state_dict().items()}, {k: v.shape for k, v in state[name].items()},
+                       path, f"this run's {name}; resume with the flags it was written with (saved in it under "
+                       "'config') or use a new --out_dir")
         obj.load_state_dict(state[name])
     torch.set_rng_state(state["torch_rng"])
     print(f"resumed from {path} at step {state['step']}")

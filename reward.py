@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import load_module, read_model_checkpoint, save_checkpoint
+from common import CheckpointError, load_module, read_model_checkpoint, save_checkpoint
 from model import DiT, TextConfig, TextEncoder, build_dit
 
 
@@ -91,9 +91,18 @@ def save_drm(path, drm, text_encoder, step, meta=None, dtype=None):
     save_checkpoint(path, {"drm": drm, "text": text_encoder}, meta, dtype)
 
 
-def load_drm(path, device="cpu"):
-    """-> (drm, text_encoder, meta) in eval mode, from a file written by save_drm."""
+def load_drm(path, device="cpu", policy=None):
+    """-> (drm, text_encoder, meta) in eval mode, from a file written by save_drm.
+
+    policy: the DiT whose images the DRM will score; a clear error if their image shapes differ.
+    """
     tensors, meta, config = read_model_checkpoint(path, "drm", "train one with train_reward.py or use data/drm.safetensors")
+    if policy is not None:
+        def image_shape(c):
+            return (c.in_channels, c.pos_embed_max_size * c.patch_size, c.pos_embed_max_size * c.patch_size)
+        if image_shape(config) != image_shape(policy.config):
+            raise CheckpointError(f"{path} scores images of shape {image_shape(config)}, the policy makes "
+                                  f"{image_shape(policy.config)}: use a DRM trained from this base (train_reward.py --base=...)")
     with torch.device("meta"):
         skeleton = DiT(config)
     drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"])

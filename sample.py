@@ -228,7 +228,7 @@ def search_table(cfg, ks, dit, text_encoder, device):
     from data.judge import Judge
     from reward import load_drm
     judge = Judge()
-    drm, drm_text, _ = load_drm(cfg.drm, device)
+    drm, drm_text, _ = load_drm(cfg.drm, device, policy=dit)
     prompts = [p for p in HELDOUT_PROMPTS for _ in range(cfg.per_prompt)]
     cond, uncond = encode_prompts(text_encoder, prompts)
     drm_cond, _ = encode_prompts(drm_text, prompts)
@@ -276,6 +276,8 @@ def search_table(cfg, ks, dit, text_encoder, device):
 def main(cfg):
     if cfg.steps < 1 or cfg.n < 1 or cfg.per_prompt < 1 or cfg.beam < 1:
         raise ValueError("--steps, --n, --per_prompt and --beam must be at least 1")
+    if cfg.noise_level < 0:
+        raise ValueError(f"--noise_level={cfg.noise_level}: the SDE noise scale is at least 0 (0: the ODE)")
     ks = parse_ks(cfg.k) if cfg.k else []
     if ks and not cfg.eval and len(ks) > 1:
         raise ValueError(f"--k={cfg.k}: a list of k is for --eval; to draw images give one k")
@@ -298,7 +300,7 @@ def main(cfg):
             search = dict(k=1, beam=1, noise_level=0.0)  # no --k: the plain ODE sampler
             if ks:
                 from reward import load_drm
-                drm, drm_text, _ = load_drm(cfg.drm, device)
+                drm, drm_text, _ = load_drm(cfg.drm, device, policy=dit)
                 search = dict(drm=drm, drm_cond=encode_prompts(drm_text, prompts)[0], k=ks[0], beam=cfg.beam,
                               noise_level=cfg.noise_level, score_every=cfg.score_every, ode_last=cfg.ode_last)
             noise = initial_noise(dit, cfg.n, torch.Generator().manual_seed(cfg.seed)).to(device)

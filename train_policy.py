@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common import (GracefulStop, any_rank, autocast, check_finite, load_base, print_config, resume_training_state, run_main,
                     save_base, save_training_state, setup_device)
-from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS
+from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS, tokenize
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
 from model import DiT, add_lora, export_state_dict, in_chunks, set_compile
 from reward import load_drm
@@ -37,6 +37,7 @@ from sample import encode_prompts, evaluate, initial_noise, save_grid, sigma_sch
 class Config:
     base: str = "data/base.safetensors"    # the policy starts from this DiT (and reads prompts with its text encoder)
     drm: str = "data/drm.safetensors"      # the reward model
+    prompts: str = ""                      # a text file, one training prompt per line (default: data/world.py's)
     out_dir: str = "out/policy"
     credit: str = "stepwise"               # stepwise (the paper) | sparse (Flow-GRPO) | cosine (arXiv 2505.19196)
     updates: int = 60
@@ -68,6 +69,20 @@ class Config:
     device: str = "auto"
 
 
+def read_prompts(path):
+    """The training prompts: data/world.py's, or a file's non-empty lines, checked against the vocabulary."""
+    if not path:
+        return TRAIN_PROMPTS
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--prompts={path} does not exist; write one prompt per line")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ValueError(f"--prompts={path} holds no prompt; write one prompt per line")
+    tokenize(prompts)  # unknown words fail here, naming the prompt
+    return prompts
+
+
 def check(cfg):
     if cfg.credit not in CREDIT_MODES:
         raise ValueError(f"--credit={cfg.credit}: choose one of {', '.join(CREDIT_MODES)}")
@@ -97,6 +112,7 @@ def export_policy(path, policy, text_encoder, step, dtype=None):
 
 def main(cfg):
     check(cfg)
+    train_prompts = read_prompts(cfg.prompts)
     print_config(cfg)
     device, ranks = setup_device(cfg.device)
     mine = ranks.shard(cfg.trajectories, "--trajectories")  # this rank's trajectories of each update
@@ -105,7 +121,7 @@ def main(cfg):
     from data.judge import Judge
     judge = Judge()
     policy, text_encoder, _ = load_base(cfg.base, device)
-    drm, drm_text, _ = load_drm(cfg.drm, device)
+    drm, drm_text, _ = load_drm(cfg.drm, device, policy=policy)
     drm.requires_grad_(False)
     reference = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_weight > 0 else None
     if cfg.lora_rank > 0:
@@ -185,8 +201,8 @@ def main(cfg):
         while budget_left():
             t0 = time.time()
             # Rollouts: the update's prompts and noise are drawn whole on every rank; each rank runs its rows
-            picks = torch.randint(len(TRAIN_PROMPTS), (n_prompts,), generator=generator).tolist()
-            prompts = [TRAIN_PROMPTS[i] for i in picks for _ in range(cfg.trajectories // n_prompts)]
+            picks = torch.randint(len(train_prompts), (n_prompts,), generator=generator).tolist()
+            prompts = [train_prompts[i] for i in picks for _ in range(cfg.trajectories // n_prompts)]
             noise = initial_noise(policy, len(prompts), generator)[mine].to(device)
             cond, uncond = encode_prompts(text_encoder, prompts[mine])
             drm_context, drm_pooled = encode_prompts(drm_text, prompts[mine])[0]

@@ -32,7 +32,6 @@ from model import add_noise, logit_normal_sigma, set_compile
 from reward import DRM, bradley_terry_loss, load_drm, save_drm
 from sample import encode_prompts
 
-EVAL_SIGMAS = (0.0, 0.25, 0.5, 0.75, 0.9)
 CLOSE_GAP = 0.1  # gold gap under which a pair counts as close
 
 
@@ -53,6 +52,7 @@ class Config:
     grad_clip: float = 1.0
     eval_every: int = 1000
     eval_noise_draws: int = 2              # noise draws per test pair and sigma, averaged
+    eval_sigmas: str = "0,0.25,0.5,0.75,0.9"  # noise levels the test accuracy is measured at
     eval_only: bool = False                # evaluate --ckpt (default out_dir/model.safetensors), write out_dir/eval.json, stop
     ckpt: str = ""
     export: str = ""                       # at the end, also write the DRM here in float16 (how data/drm.safetensors is made)
@@ -64,13 +64,21 @@ class Config:
 
 
 def check(cfg):
+    """Reject bad flag values before any work -> the evaluation sigmas."""
     if cfg.init not in ("pretrained", "scratch"):
         raise ValueError(f"--init={cfg.init}: choose pretrained or scratch")
     for name in ("steps", "batch_size", "eval_every", "eval_noise_draws"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    try:
+        sigmas = [float(v) for v in cfg.eval_sigmas.split(",")]
+    except ValueError:
+        raise ValueError(f"--eval_sigmas={cfg.eval_sigmas}: numbers separated by commas, e.g. 0,0.5,0.9") from None
+    if not all(0 <= s <= 1 for s in sigmas):
+        raise ValueError(f"--eval_sigmas={cfg.eval_sigmas}: every sigma must lie in [0, 1] (0 = clean, 1 = pure noise)")
     if not 0 <= cfg.head_dropout < 1:
         raise ValueError(f"--head_dropout={cfg.head_dropout}: a probability in [0, 1)")
+    return sigmas
 
 
 def prompt_embeddings(text_encoder, prompts, device):
@@ -82,8 +90,8 @@ def prompt_embeddings(text_encoder, prompts, device):
 
 
 @torch.no_grad()
-def evaluate(drm, data, device, noise_draws=4, seed=1234):
-    """Pairwise accuracy on the test pairs at each of EVAL_SIGMAS -> dict of per-sigma figures."""
+def evaluate(drm, data, device, sigmas, noise_draws=4, seed=1234):
+    """Pairwise accuracy on the test pairs at each sigma -> dict of per-sigma figures."""
     drm.eval()
     winners, losers, context, pooled, gold = data
     g = torch.Generator().manual_seed(seed)
@@ -91,7 +99,7 @@ def evaluate(drm, data, device, noise_draws=4, seed=1234):
     not_tied = gold[:, 0] != gold[:, 1]
     close = (gold[:, 0] - gold[:, 1]).abs() < CLOSE_GAP
     results = {}
-    for sigma_value in EVAL_SIGMAS:
+    for sigma_value in sigmas:
         margin = torch.zeros(len(winners))
         for _ in range(noise_draws):
             for i in range(0, len(winners), 256):
@@ -130,7 +138,7 @@ def load_split(path, text_encoder, device, need_gold=False):
 
 
 def main(cfg):
-    check(cfg)
+    eval_sigmas = check(cfg)
     print_config(cfg)
     device, ranks = setup_device(cfg.device)
     mine = ranks.shard(cfg.batch_size, "--batch_size")  # this rank's pairs of each global batch
@@ -143,7 +151,7 @@ def main(cfg):
         path = cfg.ckpt or os.path.join(cfg.out_dir, "model.safetensors")
         drm, text_encoder, meta = load_drm(path, device)
         test = load_split(os.path.join(cfg.prefs, "test.jsonl"), text_encoder, device, need_gold=True)
-        results = evaluate(drm, test, device, cfg.eval_noise_draws)
+        results = evaluate(drm, test, device, eval_sigmas, cfg.eval_noise_draws)
         print_table(results, len(test[0]), int(((test[4][:, 0] - test[4][:, 1]).abs() < CLOSE_GAP).sum()))
         out = os.path.join(cfg.out_dir, "eval.json")
         os.makedirs(cfg.out_dir, exist_ok=True)
@@ -172,8 +180,10 @@ def main(cfg):
     if cfg.resume:
         step = resume_training_state(state_path, device, drm=drm, optimizer=optimizer)["step"]
 
-    # under torchrun, DDP averages the gradients over the ranks (the weights start equal: same seed, same file)
-    model = DDP(drm, broadcast_buffers=False) if ranks.world > 1 else drm
+    # under torchrun, DDP averages the gradients over the ranks (the weights start equal: same seed, same file).
+    # The last kept block's text-stream output feeds nothing in the DRM, so its MLP gets no gradient: DDP must
+    # be told to expect unused parameters.
+    model = DDP(drm, broadcast_buffers=False, find_unused_parameters=True) if ranks.world > 1 else drm
 
     def save(step):
         if not ranks.main:
@@ -211,7 +221,7 @@ def main(cfg):
             running.append((loss.item(), (reward_win > reward_lose).float().mean().item()))
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if ranks.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                results = evaluate(drm, test, device, cfg.eval_noise_draws)
+                results = evaluate(drm, test, device, eval_sigmas, cfg.eval_noise_draws)
                 record = {"step": step + 1, "loss": sum(r[0] for r in running) / len(running),
                           "train_label_accuracy": sum(r[1] for r in running) / len(running),
                           "grad_norm": grad_norm.item(), "minutes": (time.time() - t0) / 60, "test": results}

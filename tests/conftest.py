@@ -1,8 +1,11 @@
+import json
 import os
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,6 +29,21 @@ def random_prompts(batch, seed=1):
     """(context (B, 3, 16), pooled (B, 16)) for random_small_dit."""
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(batch, 3, 16, generator=g), torch.randn(batch, 16, generator=g))
+
+
+def tiny_preferences(folder):
+    """A preference folder of 8 random 32x32 images: 24 train and 8 test pairs, each with a gold field."""
+    from data.world import TRAIN_PROMPTS
+    rng = np.random.default_rng(0)
+    os.makedirs(folder / "images")
+    for i in range(8):
+        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+    for split, n in (("train", 24), ("test", 8)):
+        with open(folder / f"{split}.jsonl", "w") as f:
+            for j in range(n):
+                a, b = rng.choice(8, 2, replace=False)
+                f.write(json.dumps({"prompt": TRAIN_PROMPTS[j % len(TRAIN_PROMPTS)], "path1": f"images/{a}.png",
+                                    "path2": f"images/{b}.png", "gold": [0.1, -0.1]}) + "\n")
 
 
 @pytest.fixture

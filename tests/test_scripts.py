@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import train_base
+from conftest import tiny_preferences
 from common import CheckpointError, load_base, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -89,6 +90,11 @@ def run_script(*args):
     (["train_policy.py", "--credit=sparse", "--trajectories=6", "--k=4"], "must be a multiple of --k=4"),
     (["train_policy.py", "--drm=data/base.safetensors"], "is not a drm checkpoint"),
     (["train_policy.py", "--follow=worst"], "--follow=worst: choose random (the paper) or best"),
+    (["train_policy.py", "--k=1"], "--k=1: GRPO compares at least 2 samples per group"),
+    (["train_policy.py", "--noise_level=-0.5"], "--noise_level=-0.5: GRPO needs a stochastic sampler"),
+    (["sample.py", "--noise_level=-1", "--k=2"], "--noise_level=-1.0: the SDE noise scale is at least 0"),
+    (["train_reward.py", "--eval_sigmas=0,1.5"], "--eval_sigmas=0,1.5: every sigma must lie in [0, 1]"),
+    (["train_policy.py", "--rollout_batch=-1"], "--rollout_batch=-1: rows per pass"),
 ])
 def test_bad_input_gives_one_clear_line(args, says):
     result = run_script(*args)
@@ -125,13 +131,64 @@ def test_train_policy_resumed_equals_one_uninterrupted_run(tmp_path):
 
 
 @pytest.mark.parametrize("args", [
+    ["train_reward.py", "--lr=1e30", "--head_lr=1e30", "--steps=3", "--batch_size=8", "--eval_every=5", "--warmup=1",
+     "--prefs=PREFS"],
     ["train_base.py", "--lr=1e30", "--steps=6", "--batch_size=4", "--eval_every=3", "--eval_per_prompt=1", "--warmup=1"],
     ["train_policy.py", "--lr=1e30", "--updates=3", "--trajectories=4", "--k=2", "--steps=2", "--eval_per_prompt=2",
      "--eval_steps=2", "--eval_every=5"],
 ])
 def test_a_non_finite_loss_stops_the_run_and_saves_nothing_bad(args, tmp_path):
+    tiny_preferences(tmp_path / "prefs")
+    args = [a.replace("PREFS", str(tmp_path / "prefs")) for a in args]
     result = run_script(*args, f"--out_dir={tmp_path}")
     last_line = result.stderr.strip().splitlines()[-1]
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert last_line.startswith("error: the loss is") and "at step" in last_line
     assert not (tmp_path / "model.safetensors").exists() and not list(tmp_path.glob("*.tmp-*"))
+
+
+def a_base_of_another_size(path):
+    """A base checkpoint whose DiT makes 16x16 images (a 4x4 position grid), not the DRM's 32x32."""
+    from model import DiTConfig, TextConfig, TextEncoder, build_dit
+    from common import save_base
+    dit = build_dit(DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=2, heads=1, context_dim=64,
+                              pooled_dim=64, pos_embed_max_size=4))
+    save_base(str(path), dit, TextEncoder(TextConfig()), step=0)
+
+
+@pytest.mark.parametrize("case, says", [
+    ("empty prompt file", "holds no prompt; write one prompt per line"),
+    ("truncated checkpoint", "truncated.safetensors is truncated: tensor"),
+    ("base of another size", "scores images of shape (1, 32, 32), the policy makes (1, 16, 16)"),
+    ("damaged train state", "train_state.pt cannot be read"),
+    ("train state of other settings", "does not fit this run's policy; resume with the flags it was written with"),
+])
+def test_bad_files_end_in_one_line_and_leave_nothing_half_written(case, says, tmp_path):
+    out = tmp_path / "run"
+    tiny = ["--trajectories=4", "--k=2", "--steps=2", "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2",
+            "--updates=2", f"--out_dir={out}"]
+    if case == "empty prompt file":
+        (tmp_path / "prompts.txt").write_text("\n  \n")
+        args = [f"--prompts={tmp_path / 'prompts.txt'}"]
+    elif case == "truncated checkpoint":
+        whole = open("data/base.safetensors", "rb").read()
+        (tmp_path / "truncated.safetensors").write_bytes(whole[:len(whole) // 3])
+        args = [f"--base={tmp_path / 'truncated.safetensors'}"]
+    elif case == "base of another size":
+        a_base_of_another_size(tmp_path / "small.safetensors")
+        args = [f"--base={tmp_path / 'small.safetensors'}"]
+    else:  # a first update, then a resume that cannot use its state
+        assert run_script("train_policy.py", *tiny, "--updates=1").returncode == 0
+        if case == "damaged train state":
+            state = (out / "train_state.pt").read_bytes()
+            (out / "train_state.pt").write_bytes(state[:len(state) // 2])
+            args = ["--resume"]
+        else:
+            args = ["--resume", "--lora_rank=4"]
+    before = {f: (out / f).read_bytes() for f in os.listdir(out)} if out.exists() else {}
+    result = run_script("train_policy.py", *tiny, *args)
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert last_line.startswith("error: ") and says in last_line, last_line
+    after = {f: (out / f).read_bytes() for f in os.listdir(out)} if out.exists() else {}
+    assert after == before  # nothing written, nothing half-written
