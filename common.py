@@ -340,14 +340,19 @@ def load_training_state(path, device):
                               "resume from a copy of it or start afresh in a new --out_dir") from None
 
 
+def check_state_fits(path, name, module, saved):
+    """A train state of a run with other settings (preset, LoRA, depth cut) gets a plain error, not a traceback."""
+    check_keys({k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in saved.items()},
+               path, f"this run's {name}; resume with the flags it was written with (saved in it under 'config') "
+               "or use a new --out_dir")
+
+
 def resume_training_state(path, device, **stateful):
     """Load path (train_state.pt), restore each named module / optimizer from state[name] and torch's RNG; -> the state."""
     state = load_training_state(path, device)
     for name, obj in stateful.items():
-        if isinstance(obj, torch.nn.Module):  # a run of other settings (preset, LoRA, depth cut): say so plainly
-            check_keys({k: v.shape for k, v in obj.state_dict().items()}, {k: v.shape for k, v in state[name].items()},
-                       path, f"this run's {name}; resume with the flags it was written with (saved in it under "
-                       "'config') or use a new --out_dir")
+        if isinstance(obj, torch.nn.Module):
+            check_state_fits(path, name, obj, state[name])
         obj.load_state_dict(state[name])
     torch.set_rng_state(state["torch_rng"])
     print(f"resumed from {path} at step {state['step']}")

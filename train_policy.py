@@ -21,16 +21,23 @@ import time
 from dataclasses import asdict, dataclass
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (GracefulStop, any_rank, autocast, check_finite, load_base, print_config, resume_training_state, run_main,
-                    save_base, save_training_state, setup_device)
+from common import (GracefulStop, any_rank, autocast, check_finite, check_state_fits, load_base, print_config,
+                    resume_training_state, run_main, save_base, save_training_state, setup_device)
 from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS, tokenize
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
 from model import DiT, add_lora, export_state_dict, in_chunks, set_compile
 from reward import load_drm
 from sample import encode_prompts, evaluate, initial_noise, save_grid, sigma_schedule
+
+
+# checkpoints hold whole tensors on the CPU (gathered from the ranks' shards under --fsdp), so any number of
+# processes, or one, can resume them
+WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
@@ -66,6 +73,7 @@ class Config:
     grad_checkpointing: bool = False       # recompute each policy block in the loss's backward: less memory
     rollout_batch: int = 0                 # rollout policy passes this many rows at a time (0: all; less memory)
     drm_batch: int = 0                     # DRM scoring this many candidates at a time (0: all; less memory)
+    fsdp: bool = False                     # under torchrun: shard weights, gradients and optimizer state (large models)
     device: str = "auto"
 
 
@@ -102,10 +110,13 @@ def check(cfg):
         raise ValueError(f"--noise_level={cfg.noise_level}: GRPO needs a stochastic sampler, use > 0 (0.7 is Flow-GRPO's)")
 
 
-def export_policy(path, policy, text_encoder, step, dtype=None):
-    """The policy as a base checkpoint (LoRA folded in), so sample.py --ckpt reads it."""
+def export_policy(path, policy_state, config, lora_rank, text_encoder, step, dtype=None):
+    """The policy's whole state dict as a base checkpoint (LoRA folded in), so sample.py --ckpt reads it."""
     with torch.device("meta"):
-        plain = DiT(policy.config)
+        policy, plain = DiT(config), DiT(config)
+        if lora_rank:
+            add_lora(policy, rank=lora_rank, alpha=float(lora_rank))
+    policy.load_state_dict(policy_state, assign=True)
     plain.load_state_dict(export_state_dict(policy), assign=True)
     save_base(path, plain, text_encoder, step, dtype)
 
@@ -116,6 +127,8 @@ def main(cfg):
     print_config(cfg)
     device, ranks = setup_device(cfg.device)
     mine = ranks.shard(cfg.trajectories, "--trajectories")  # this rank's trajectories of each update
+    if cfg.fsdp and ranks.world == 1:
+        raise ValueError("--fsdp shards the policy over torchrun's processes: launch with torchrun --nproc_per_node=N")
     set_compile(cfg.compile)
     torch.manual_seed(cfg.seed)
     from data.judge import Judge
@@ -127,9 +140,14 @@ def main(cfg):
     if cfg.lora_rank > 0:
         add_lora(policy, rank=cfg.lora_rank, alpha=float(cfg.lora_rank))
     policy.grad_checkpointing = cfg.grad_checkpointing
+    if cfg.fsdp:  # each rank holds 1/N of every block's weights (and grads, optimizer state), gathered per block
+        for module in filter(None, (policy, reference)):
+            for block in module.joint_blocks:
+                fully_shard(block)
+            fully_shard(module)
     params = [p for p in policy.parameters() if p.requires_grad]
-    # under torchrun, DDP averages the loss's gradients over the ranks (the weights start equal: same seed, same file)
-    trained = DDP(policy, broadcast_buffers=False) if ranks.world > 1 else policy
+    # under torchrun, DDP (or FSDP) averages the loss's gradients over the ranks (the weights start equal: same seed)
+    trained = DDP(policy, broadcast_buffers=False) if ranks.world > 1 and not cfg.fsdp else policy
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     print(f"policy: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters "
           f"({'LoRA rank ' + str(cfg.lora_rank) if cfg.lora_rank else 'full fine-tune'}); credit {cfg.credit}")
@@ -140,7 +158,10 @@ def main(cfg):
     update, counters = 0, {"nfe": 0, "drm_calls": 0, "time_s": 0.0}
     generator = torch.Generator().manual_seed(cfg.seed)  # prompts, noise and candidate picks of the rollouts
     if cfg.resume:
-        state = resume_training_state(state_path, device, policy=policy, optimizer=optimizer)
+        state = resume_training_state(state_path, device)
+        check_state_fits(state_path, "policy", policy, state["policy"])
+        set_state_dict(policy, optimizer, model_state_dict=state["policy"], optim_state_dict=state["optimizer"],
+                       options=WHOLE)
         update, counters = state["step"], state["counters"]
         generator.set_state(state["generator"])
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -161,15 +182,18 @@ def main(cfg):
             summary["drm"] = drm(images.to(device), torch.zeros(len(images), device=device), context, pooled).mean().item()
         policy.train()
         shown = min(cfg.eval_per_prompt, 8)
-        save_grid(images.view(len(HELDOUT_PROMPTS), cfg.eval_per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1),
-                  os.path.join(cfg.out_dir, f"samples_{update:05d}.png"), nrow=shown)
+        if ranks.main:
+            save_grid(images.view(len(HELDOUT_PROMPTS), cfg.eval_per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1),
+                      os.path.join(cfg.out_dir, f"samples_{update:05d}.png"), nrow=shown)
         return summary
 
     def save():
+        policy_state, optimizer_state = get_state_dict(policy, optimizer, options=WHOLE)  # every rank takes part
         if not ranks.main:
             return
-        export_policy(os.path.join(cfg.out_dir, "model.safetensors"), policy, text_encoder, update)
-        save_training_state(state_path, {"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+        export_policy(os.path.join(cfg.out_dir, "model.safetensors"), policy_state, policy.config, cfg.lora_rank,
+                      text_encoder, update)
+        save_training_state(state_path, {"policy": policy_state, "optimizer": optimizer_state,
                                          "step": update, "counters": counters, "torch_rng": torch.get_rng_state(),
                                          "generator": generator.get_state(),
                                          "config": asdict(cfg)})
@@ -177,9 +201,11 @@ def main(cfg):
     log = open(os.path.join(cfg.out_dir, "metrics.jsonl") if ranks.main else os.devnull, "a")
 
     def log_eval(train_stats):
-        if not ranks.main:
+        if not ranks.main and not cfg.fsdp:  # a sharded policy needs every rank in each forward pass
             return
         summary = run_eval()
+        if not ranks.main:
+            return
         record = {"step": update, "credit": cfg.credit, "seed": cfg.seed, **counters, **summary, **train_stats}
         log.write(json.dumps(record) + "\n")
         log.flush()
