@@ -4,6 +4,8 @@
     python train_policy.py --credit=sparse                  # Flow-GRPO: terminal reward on every step
     python train_policy.py --credit=cosine                  # terminal reward spread by cosine credit
     python train_policy.py --resume                         # continue an interrupted run
+    torchrun --nproc_per_node=8 train_policy.py             # DDP: the rollouts split over 8 processes
+    torchrun --nproc_per_node=8 train_policy.py --fsdp      # FSDP: the policy's weights too (large models)
 
 One update: `trajectories` SDE rollouts on training prompts, DRM rewards, advantages
 (grpo.py), then `minibatches` AdamW steps on the PPO-clipped loss over the

@@ -4,6 +4,7 @@
     python train_reward.py --export=data/drm.safetensors        # the shipped DRM
     python train_reward.py --init=scratch --out_dir=out/drm_scratch   # the ablation: no pretraining
     python train_reward.py --eval_only --ckpt=data/drm.safetensors    # accuracy per sigma -> eval.json
+    torchrun --nproc_per_node=8 train_reward.py --batch_size=512     # DDP: each process 64 pairs a step
 
 For each pair one sigma is drawn (logit-normal, as the DiT was trained) and
 shared by both images, each with its own noise, so the model learns to rank
