@@ -187,9 +187,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight)
 
 
-def attention(q, k, v):
-    """q, k, v (B, L, heads, hd) -> (B, L, heads * hd), with scaled_dot_product_attention."""
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+def attention(q, k, v, **options):
+    """q, k, v (B, L, heads, hd) -> (B, L, heads * hd), with scaled_dot_product_attention.
+
+    options go to it as they are (is_causal, attn_mask, scale: sd3_text.py's CLIP and T5 use them).
+    """
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **options)
     return out.transpose(1, 2).flatten(2)  # (B, heads, L, hd) -> (B, L, D)
 
 

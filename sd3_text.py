@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from common import CheckpointError, assign_from_files, check_keys, read_safetensors_header
+from model import RMSNorm, attention, gelu_tanh
 
 # -----------------------------------------------------------------------------
 # CLIP's text transformer (Radford et al. 2021): pre-LayerNorm, causal self-attention
@@ -49,8 +50,7 @@ class CLIPConfig:
     eos_token_id: int = 49407
 
 
-ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu,
-               "gelu_new": lambda x: F.gelu(x, approximate="tanh")}
+ACTIVATIONS = {"quick_gelu": lambda x: x * torch.sigmoid(1.702 * x), "gelu": F.gelu, "gelu_new": gelu_tanh}
 
 
 class CLIPAttention(nn.Module):
@@ -61,10 +61,8 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x):
         B, L, D = x.shape
-        q, k, v = (proj(x).view(B, L, self.heads, D // self.heads).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))                  # (B, heads, L, hd)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)                  # each token sees its left
-        return self.out_proj(out.transpose(1, 2).reshape(B, L, D))
+        q, k, v = (proj(x).view(B, L, self.heads, D // self.heads) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        return self.out_proj(attention(q, k, v, is_causal=True))                       # each token sees its left
 
 
 class CLIPLayer(nn.Module):
@@ -122,18 +120,6 @@ class T5Config:
     max_distance: int = 128
 
 
-class T5LayerNorm(nn.Module):
-    """RMSNorm without a mean subtraction or bias, eps 1e-6, in float32."""
-
-    def __init__(self, dim):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        x32 = x.float()
-        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(self.weight.dtype) * self.weight
-
-
 def relative_position_bucket(relative_position, num_buckets, max_distance):
     """Key minus query offset -> bucket (bidirectional): half the buckets per direction, exact below
     num_buckets / 4, then logarithmic up to max_distance."""
@@ -164,29 +150,27 @@ class T5Attention(nn.Module):
 
     def forward(self, x, bias):
         B, L, _ = x.shape
-        q, k, v = (proj(x).view(B, L, self.cfg.heads, self.cfg.head_dim).transpose(1, 2)
-                   for proj in (self.q, self.k, self.v))
+        q, k, v = (proj(x).view(B, L, self.cfg.heads, self.cfg.head_dim) for proj in (self.q, self.k, self.v))
         # T5 does not scale q k^T by 1/sqrt(head_dim) (its init accounts for it): scale=1
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0)
-        return self.o(out.transpose(1, 2).reshape(B, L, -1))
+        return self.o(attention(q, k, v, attn_mask=bias.to(q.dtype), scale=1.0))
 
 
 class T5Block(nn.Module):
     def __init__(self, cfg, relative_bias):
         super().__init__()
-        attention, feed_forward = nn.Module(), nn.Module()
-        attention.layer_norm, attention.SelfAttention = T5LayerNorm(cfg.dim), T5Attention(cfg, relative_bias)
-        feed_forward.layer_norm, feed_forward.DenseReluDense = T5LayerNorm(cfg.dim), nn.Module()
+        self_attention, feed_forward = nn.Module(), nn.Module()  # T5's norms: RMSNorm, no mean, no bias
+        self_attention.layer_norm, self_attention.SelfAttention = RMSNorm(cfg.dim), T5Attention(cfg, relative_bias)
+        feed_forward.layer_norm, feed_forward.DenseReluDense = RMSNorm(cfg.dim), nn.Module()
         mlp = feed_forward.DenseReluDense
         mlp.wi_0, mlp.wi_1 = nn.Linear(cfg.dim, cfg.mlp_dim, bias=False), nn.Linear(cfg.dim, cfg.mlp_dim, bias=False)
         mlp.wo = nn.Linear(cfg.mlp_dim, cfg.dim, bias=False)
-        self.layer = nn.ModuleList([attention, feed_forward])
+        self.layer = nn.ModuleList([self_attention, feed_forward])
 
     def forward(self, x, bias):
-        attention, feed_forward = self.layer
-        x = x + attention.SelfAttention(attention.layer_norm(x), bias)
+        self_attention, feed_forward = self.layer
+        x = x + self_attention.SelfAttention(self_attention.layer_norm(x), bias)
         mlp, h = feed_forward.DenseReluDense, feed_forward.layer_norm(x)
-        return x + mlp.wo(F.gelu(mlp.wi_0(h), approximate="tanh") * mlp.wi_1(h))     # gated GELU
+        return x + mlp.wo(gelu_tanh(mlp.wi_0(h)) * mlp.wi_1(h))                      # gated GELU
 
 
 class T5Encoder(nn.Module):
@@ -198,7 +182,7 @@ class T5Encoder(nn.Module):
         self.shared = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.encoder = nn.Module()
         self.encoder.block = nn.ModuleList([T5Block(cfg, relative_bias=(i == 0)) for i in range(cfg.depth)])
-        self.encoder.final_layer_norm = T5LayerNorm(cfg.dim)
+        self.encoder.final_layer_norm = RMSNorm(cfg.dim)
 
     def forward(self, ids):
         x = self.shared(ids)
