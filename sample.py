@@ -273,6 +273,41 @@ def search_table(cfg, ks, dit, text_encoder, device):
     return rows
 
 
+def draw(cfg, ks, dit, text_encoder, device, **kwargs):
+    """--prompt: cfg.n images of one prompt, by the ODE or (--k) step-wise sampling -> a PNG grid."""
+    tokenize([cfg.prompt])  # fail on unknown words before any work
+    t0 = time.time()
+    prompts = [cfg.prompt] * cfg.n
+    search = dict(k=1, beam=1, noise_level=0.0)  # no --k: the plain ODE sampler
+    if ks:
+        from reward import load_drm
+        drm, drm_text, _ = load_drm(cfg.drm, device, policy=dit)
+        search = dict(drm=drm, drm_cond=encode_prompts(drm_text, prompts)[0], k=ks[0], beam=cfg.beam,
+                      noise_level=cfg.noise_level, score_every=cfg.score_every, ode_last=cfg.ode_last)
+    noise = initial_noise(dit, cfg.n, torch.Generator().manual_seed(cfg.seed)).to(device)
+    images, counts = stepwise_sample(dit, noise, *encode_prompts(text_encoder, prompts),
+                                     generator=torch.Generator().manual_seed(cfg.seed + 1), **search, **kwargs)
+    images = images.clamp(-1, 1).cpu()
+    save_grid(images, cfg.out, nrow=min(cfg.n, 8))
+    print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.steps} steps, per image {counts['nfe'] / cfg.n:.0f} "
+          f"DiT passes, {counts['drm_calls'] / cfg.n:.0f} DRM passes, {(time.time() - t0) / cfg.n:.3f} s")
+    return images
+
+
+def evaluate_heldout(cfg, dit, text_encoder, meta, **kwargs):
+    """--eval: ODE samples of the held-out prompts scored by the annotator -> printed, a grid and a JSON."""
+    from data.judge import Judge
+    summary, images, _ = evaluate(dit, text_encoder, Judge(), per_prompt=cfg.per_prompt, seed=cfg.seed, **kwargs)
+    print(f"held-out prompts ({len(HELDOUT_PROMPTS)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg {cfg.cfg_scale}):")
+    for key, value in summary.items():
+        print(f"  {key:24s} {value:.4f}")
+    shown = min(cfg.per_prompt, 8)  # a row of the first images of each prompt
+    save_grid(images.view(len(HELDOUT_PROMPTS), cfg.per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1), cfg.out, nrow=shown)
+    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
+        json.dump({"config": vars(cfg), "checkpoint_step": meta.get("step"), **summary}, f, indent=1)
+    return summary
+
+
 def main(cfg):
     if cfg.steps < 1 or cfg.n < 1 or cfg.per_prompt < 1 or cfg.beam < 1:
         raise ValueError("--steps, --n, --per_prompt and --beam must be at least 1")
@@ -287,40 +322,15 @@ def main(cfg):
     dit, text_encoder, meta = load_base(cfg.ckpt, device)
     kwargs = dict(steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
     with autocast(device):  # bf16 on a GPU
-        if cfg.eval and ks:
-            rows = search_table(cfg, ks, dit, text_encoder, device)
-            with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-                json.dump({"config": vars(cfg), "rows": rows}, f, indent=1)
-            print(f"wrote {os.path.splitext(cfg.out)[0]}.json")
-            return rows
         if not cfg.eval:
-            tokenize([cfg.prompt])  # fail on unknown words before any work
-            t0 = time.time()
-            prompts = [cfg.prompt] * cfg.n
-            search = dict(k=1, beam=1, noise_level=0.0)  # no --k: the plain ODE sampler
-            if ks:
-                from reward import load_drm
-                drm, drm_text, _ = load_drm(cfg.drm, device, policy=dit)
-                search = dict(drm=drm, drm_cond=encode_prompts(drm_text, prompts)[0], k=ks[0], beam=cfg.beam,
-                              noise_level=cfg.noise_level, score_every=cfg.score_every, ode_last=cfg.ode_last)
-            noise = initial_noise(dit, cfg.n, torch.Generator().manual_seed(cfg.seed)).to(device)
-            images, counts = stepwise_sample(dit, noise, *encode_prompts(text_encoder, prompts),
-                                             generator=torch.Generator().manual_seed(cfg.seed + 1), **search, **kwargs)
-            images = images.clamp(-1, 1).cpu()
-            save_grid(images, cfg.out, nrow=min(cfg.n, 8))
-            print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.steps} steps, per image {counts['nfe'] / cfg.n:.0f} "
-                  f"DiT passes, {counts['drm_calls'] / cfg.n:.0f} DRM passes, {(time.time() - t0) / cfg.n:.3f} s")
-            return images
-        from data.judge import Judge
-        summary, images, _ = evaluate(dit, text_encoder, Judge(), per_prompt=cfg.per_prompt, seed=cfg.seed, **kwargs)
-        print(f"held-out prompts ({len(HELDOUT_PROMPTS)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg {cfg.cfg_scale}):")
-        for key, value in summary.items():
-            print(f"  {key:24s} {value:.4f}")
-        shown = min(cfg.per_prompt, 8)  # a row of the first images of each prompt
-        save_grid(images.view(len(HELDOUT_PROMPTS), cfg.per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1), cfg.out, nrow=shown)
-        with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-            json.dump({"config": vars(cfg), "checkpoint_step": meta.get("step"), **summary}, f, indent=1)
-        return summary
+            return draw(cfg, ks, dit, text_encoder, device, **kwargs)
+        if not ks:
+            return evaluate_heldout(cfg, dit, text_encoder, meta, **kwargs)
+        rows = search_table(cfg, ks, dit, text_encoder, device)
+    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
+        json.dump({"config": vars(cfg), "rows": rows}, f, indent=1)
+    print(f"wrote {os.path.splitext(cfg.out)[0]}.json")
+    return rows
 
 
 if __name__ == "__main__":
