@@ -127,24 +127,21 @@ def bench_size(name, cfg, device):
     context = torch.randn(batch, text_tokens, config.context_dim, device=device)
     pooled = torch.randn(batch, config.pooled_dim, device=device)
 
-    def run_theirs():
-        return theirs(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
-                      timestep=sigma * 1000).sample
+    def call_theirs(model):
+        return lambda: model(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
+                             timestep=sigma * 1000).sample
 
     def run_ours():
         return ours(x, sigma, context, pooled)
     with torch.no_grad(), autocast(device):
-        error = ((run_ours().float() - run_theirs().float()).norm() / run_theirs().float().norm()).item()
+        expected = call_theirs(theirs)().float()
+        error = ((run_ours().float() - expected).norm() / expected.norm()).item()
     print(f"{name}: same weights, relative difference of the outputs {error:.1e}")
 
     theirs_compiled = diffusers_model(config).to(device)
     theirs_compiled.load_state_dict(theirs.state_dict())
     for block in theirs_compiled.transformer_blocks:
         block.compile()
-
-    def call_theirs(model):
-        return lambda: model(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
-                             timestep=sigma * 1000).sample
     variants = {  # label: (model, its forward, our compile switch)
         "diffusers": (theirs, call_theirs(theirs), False),
         "diffusers, blocks compiled": (theirs_compiled, call_theirs(theirs_compiled), False),
