@@ -252,7 +252,7 @@ def load_clip(path, dtype=None, device=None):
     plan = _plan(files, "text_model.")
     shapes = {k: v[0].shape for k, v in plan.items()}
     if "text_model.embeddings.token_embedding.weight" not in shapes or "text_projection.weight" not in shapes:
-        raise CheckpointError(f"{path} is not a CLIP text encoder with a projection (found {len(shapes)} tensors)")
+        raise CheckpointError(f"{path} is not a CLIP text encoder with a projection ({len(shapes)} of its tensors have CLIP names)")
     vocab, dim = shapes["text_model.embeddings.token_embedding.weight"]
     cfg = CLIPConfig(
         vocab_size=vocab, dim=dim, max_tokens=shapes["text_model.embeddings.position_embedding.weight"][0],
@@ -273,7 +273,7 @@ def load_t5(path, dtype=None, device=None):
     shapes = {k: v[0].shape for k, v in plan.items()}
     bias_key = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     if bias_key not in shapes or "shared.weight" not in shapes:
-        raise CheckpointError(f"{path} is not a T5 encoder (found {len(shapes)} tensors)")
+        raise CheckpointError(f"{path} is not a T5 encoder ({len(shapes)} of its tensors have T5 encoder names)")
     num_buckets, heads = shapes[bias_key]
     inner, dim = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"]
     cfg = T5Config(vocab_size=shapes["shared.weight"][0], dim=dim, heads=heads, head_dim=inner // heads,
