@@ -16,20 +16,15 @@ the "pre-only" context stream of the last block are config values, not
 subclasses.
 """
 import functools
-import json
 import math
-import os
-import re
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import save_file
 from torch.utils.checkpoint import checkpoint
 
-from common import CheckpointError, assign_from_files, atomic_write, check_keys, read_safetensors_header
 
 # -----------------------------------------------------------------------------
 # Compilation. `set_compile(True)` runs each joint block, the final layer and
@@ -368,7 +363,7 @@ class DiT(nn.Module):
     def unpatchify(self, x, H, W):
         """(B, h*w, p*p*C) -> (B, C, H, W); each token's values in (p, q, C) order, as SD3."""
         p = self.config.patch_size
-        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, p=p, q=p)
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p)
 
     def forward(self, x, sigma, context, pooled, num_blocks=None):
         """x (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) -> velocity (B, C, H, W).
@@ -478,9 +473,11 @@ def flow_matching_loss(model, x0, context, pooled, sigma=None, noise=None):
     """
     sigma = logit_normal_sigma(x0.shape[0], x0.device) if sigma is None else sigma
     noise = torch.randn_like(x0) if noise is None else noise
+    # BEGIN SOLUTION ex1_flow_matching: noise x0 to x_sigma (add_noise); the target velocity is noise - x0
     x_sigma = add_noise(x0, sigma, noise)
     velocity = model(x_sigma, sigma, context, pooled)
     return (velocity.float() - (noise - x0).float()).pow(2).flatten(1).mean(1), sigma
+    # END SOLUTION
 
 # -----------------------------------------------------------------------------
 # LoRA (Hu et al. 2021): W x + (alpha / r) B A x, B zero at start
@@ -538,164 +535,6 @@ def add_lora(model, rank=8, alpha=8.0, targets=("attn.qkv", "attn.proj", "attn2.
         raise ValueError(f"add_lora: no nn.Linear matches the targets {targets}")
     return wrapped
 
-# -----------------------------------------------------------------------------
-# Public SD3 / SD3.5 weights. Our module names are Stability's keys, so their
-# layout loads as is (after the single-file prefix). diffusers renames and
-# splits tensors; the table below maps each of our tensors to theirs:
-# - qkv is one (3D, D) linear here and three (D, D) linears (to_q, to_k, to_v) there;
-# - a modulation with two chunks (the final layer, the last block's pre-only
-#   context stream) is (shift, scale) here and (scale, shift) there.
-
-STABILITY_PREFIX = "model.diffusion_model."
-DIFFUSERS_NAMES = [  # (our name, diffusers name(s)); {i} is a block index; .weight / .bias follow
-    ("pos_embed", "pos_embed.pos_embed"),
-    ("x_embedder.proj", "pos_embed.proj"),
-    ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-    ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
-    ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
-    ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
-    ("context_embedder", "context_embedder"),
-    ("joint_blocks.{i}.x_block.adaLN_modulation.1", "transformer_blocks.{i}.norm1.linear"),
-    ("joint_blocks.{i}.x_block.attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
-                                           "transformer_blocks.{i}.attn.to_v")),
-    ("joint_blocks.{i}.x_block.attn.ln_q", "transformer_blocks.{i}.attn.norm_q"),
-    ("joint_blocks.{i}.x_block.attn.ln_k", "transformer_blocks.{i}.attn.norm_k"),
-    ("joint_blocks.{i}.x_block.attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
-    ("joint_blocks.{i}.x_block.attn2.qkv", ("transformer_blocks.{i}.attn2.to_q", "transformer_blocks.{i}.attn2.to_k",
-                                            "transformer_blocks.{i}.attn2.to_v")),
-    ("joint_blocks.{i}.x_block.attn2.ln_q", "transformer_blocks.{i}.attn2.norm_q"),
-    ("joint_blocks.{i}.x_block.attn2.ln_k", "transformer_blocks.{i}.attn2.norm_k"),
-    ("joint_blocks.{i}.x_block.attn2.proj", "transformer_blocks.{i}.attn2.to_out.0"),
-    ("joint_blocks.{i}.x_block.mlp.fc1", "transformer_blocks.{i}.ff.net.0.proj"),
-    ("joint_blocks.{i}.x_block.mlp.fc2", "transformer_blocks.{i}.ff.net.2"),
-    ("joint_blocks.{i}.context_block.adaLN_modulation.1", "transformer_blocks.{i}.norm1_context.linear"),
-    ("joint_blocks.{i}.context_block.attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
-                                                 "transformer_blocks.{i}.attn.add_k_proj",
-                                                 "transformer_blocks.{i}.attn.add_v_proj")),
-    ("joint_blocks.{i}.context_block.attn.ln_q", "transformer_blocks.{i}.attn.norm_added_q"),
-    ("joint_blocks.{i}.context_block.attn.ln_k", "transformer_blocks.{i}.attn.norm_added_k"),
-    ("joint_blocks.{i}.context_block.attn.proj", "transformer_blocks.{i}.attn.to_add_out"),
-    ("joint_blocks.{i}.context_block.mlp.fc1", "transformer_blocks.{i}.ff_context.net.0.proj"),
-    ("joint_blocks.{i}.context_block.mlp.fc2", "transformer_blocks.{i}.ff_context.net.2"),
-    ("final_layer.linear", "proj_out"),
-    ("final_layer.adaLN_modulation.1", "norm_out.linear"),
-]
-
-
-def _diffusers_names(ours):
-    """Our tensor name -> the tuple of diffusers names it is stored as (three for a qkv)."""
-    block = re.match(r"joint_blocks\.(\d+)\.", ours)
-    for our_base, their_base in DIFFUSERS_NAMES:
-        stem = our_base.replace("{i}", block.group(1)) if block else our_base
-        if ours == stem or ours.startswith(stem + ".") and ours.count(".") == stem.count(".") + 1:
-            suffix = ours[len(stem):]
-            bases = their_base if isinstance(their_base, tuple) else (their_base,)
-            return tuple(b.replace("{i}", block.group(1)) + suffix if block else b + suffix for b in bases)
-    raise KeyError(ours)  # only reached for a tensor our own DiT does not have
-
-
-def _swaps_halves(name, shape, dim):
-    """The two-chunk modulations, stored (shift, scale) by Stability and (scale, shift) by diffusers."""
-    return "adaLN_modulation" in name and shape[0] == 2 * dim
-
-
-def _swap_halves(tensor):
-    first, second = tensor.chunk(2, dim=0)
-    return torch.cat([second, first])
-
-
-def _find_weight_files(path):
-    """A .safetensors file, a sharded index, a diffusers transformer folder or a pipeline folder -> files."""
-    if os.path.isdir(path):
-        if os.path.isdir(os.path.join(path, "transformer")):
-            path = os.path.join(path, "transformer")
-        index = os.path.join(path, "diffusion_pytorch_model.safetensors.index.json")
-        single = os.path.join(path, "diffusion_pytorch_model.safetensors")
-        if os.path.exists(index):
-            path = index
-        elif os.path.exists(single):
-            return [single]
-        else:
-            raise FileNotFoundError(f"{path} holds no diffusion_pytorch_model.safetensors(.index.json); point at "
-                                    "a .safetensors file, a diffusers transformer/ folder or a pipeline folder")
-    if path.endswith(".json"):
-        with open(path) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        return [os.path.join(os.path.dirname(path), shard) for shard in shards]
-    return [path]
-
-
-def _plan_from_files(path):
-    """-> ({our name: [TensorEntry, ...]}, layout, unexpected file keys), reading headers only."""
-    entries = {}
-    for file in _find_weight_files(path):
-        entries.update(read_safetensors_header(file)[0])
-    if any(k.startswith("transformer_blocks.") for k in entries):
-        by_their_name = {}
-        for ours_template, theirs in DIFFUSERS_NAMES:
-            for their_template in (theirs if isinstance(theirs, tuple) else (theirs,)):
-                by_their_name[their_template] = ours_template
-        plan, unexpected = {}, []
-        for name in entries:
-            block = re.match(r"transformer_blocks\.(\d+)\.", name)
-            base, _, suffix = name.rpartition(".") if name != "pos_embed.pos_embed" else (name, "", "")
-            template = base.replace(f"transformer_blocks.{block.group(1)}.", "transformer_blocks.{i}.") if block else base
-            if template not in by_their_name:
-                unexpected.append(name)
-                continue
-            ours = by_their_name[template].replace("{i}", block.group(1) if block else "") + ("." + suffix if suffix else "")
-            plan.setdefault(ours, {})[name] = entries[name]
-        # order the parts of a split qkv as to_q, to_k, to_v
-        plan = {ours: [parts[n] for n in _diffusers_names(ours) if n in parts] for ours, parts in plan.items()}
-        return plan, "diffusers", unexpected
-    if any(k.startswith(STABILITY_PREFIX) for k in entries):  # single file: ignore the VAE and text encoders
-        entries = {k[len(STABILITY_PREFIX):]: v for k, v in entries.items() if k.startswith(STABILITY_PREFIX)}
-    return {k: [v] for k, v in entries.items()}, "stability", []
-
-
-def _shape(parts):
-    return (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) if parts[0].shape else parts[0].shape
-
-
-def config_from_shapes(shapes, path="checkpoint"):
-    """Infer a DiTConfig from {our tensor name: shape}. Head dim is read from the qk norm, else 64 (every SD3)."""
-    needed = ["x_embedder.proj.weight", "pos_embed", "context_embedder.weight", "y_embedder.mlp.0.weight",
-              "final_layer.linear.weight", "joint_blocks.0.x_block.mlp.fc1.weight"]
-    if any(k not in shapes for k in needed):
-        raise CheckpointError(f"{path} is not an SD3 transformer: it lacks "
-                              f"{[k for k in needed if k not in shapes]} (found {len(shapes)} tensors)")
-    dim, in_channels, patch, _ = shapes["x_embedder.proj.weight"]
-    depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("joint_blocks."))
-    ln_q = shapes.get("joint_blocks.0.x_block.attn.ln_q.weight")
-    head_dim = ln_q[0] if ln_q else 64
-    return DiTConfig(
-        in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"][0] // patch ** 2,
-        patch_size=patch, dim=dim, depth=depth, heads=dim // head_dim,
-        context_dim=shapes["context_embedder.weight"][1], pooled_dim=shapes["y_embedder.mlp.0.weight"][1],
-        pos_embed_max_size=math.isqrt(shapes["pos_embed"][1]), qk_norm=ln_q is not None,
-        dual_attention_layers=tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes),
-        mlp_ratio=shapes["joint_blocks.0.x_block.mlp.fc1.weight"][0] / dim)
-
-
-def load_sd3(path, dtype=None, device=None):
-    """An SD3 / SD3.5 transformer from Stability's layout (single file, with or without the
-    `model.diffusion_model.` prefix) or diffusers' (file, folder, sharded folder) -> DiT in eval mode.
-
-    The config comes from the header's shapes. The model is built on the meta device and each
-    tensor is read, converted, cast to `dtype` (default: as stored) and assigned one at a time,
-    so the peak memory is one copy of the model.
-    """
-    plan, layout, unexpected = _plan_from_files(path)
-    shapes = {k: _shape(v) for k, v in plan.items()}
-    config = config_from_shapes(shapes, path)
-    dit = build_dit(config, device="meta")
-    check_keys({k: v.shape for k, v in dit.state_dict().items()}, shapes, path,
-               f"an SD3 transformer ({layout} layout) with the config its shapes give, {config}", unexpected)
-
-    def convert(name, tensor):
-        return _swap_halves(tensor) if layout == "diffusers" and _swaps_halves(name, tensor.shape, config.dim) else tensor
-    return assign_from_files(dit, plan, convert, dtype, device)
-
 
 def export_state_dict(dit):
     """Our-named tensors of a DiT with any LoRA folded in (the module itself is left as it is)."""
@@ -705,41 +544,3 @@ def export_state_dict(dit):
             delta = (module.lora_B @ module.lora_A) * module.scaling
             state[name + ".weight"] = state[name + ".weight"] + delta.to(module.weight.dtype)
     return state
-
-
-def save_sd3(dit, path, layout="diffusers"):
-    """Write a DiT for other tools: layout 'diffusers' -> a transformer folder (config.json +
-    diffusion_pytorch_model.safetensors) that SD3Transformer2DModel.from_pretrained reads;
-    'stability' -> one .safetensors with the `model.diffusion_model.` prefix, as ComfyUI and
-    Stability's reference code read."""
-    state = export_state_dict(dit)
-    config = dit.config
-    if layout == "stability":
-        tensors = {STABILITY_PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}
-        atomic_write(path, lambda tmp: save_file(tensors, tmp))
-        return
-    if layout != "diffusers":
-        raise ValueError(f"save_sd3: layout={layout!r}; choose 'diffusers' or 'stability'")
-    if config.mlp_ratio != 4.0:
-        raise ValueError(f"diffusers' SD3Transformer2DModel has mlp_ratio 4, this model {config.mlp_ratio}")
-    tensors = {}
-    for name, tensor in state.items():
-        tensor = tensor.detach().cpu()
-        if _swaps_halves(name, tensor.shape, config.dim):
-            tensor = _swap_halves(tensor)
-        their_names = _diffusers_names(name)
-        for their_name, part in zip(their_names, tensor.chunk(len(their_names))):
-            tensors[their_name] = part.contiguous()
-    diffusers_config = {
-        "_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": config.patch_size,
-        "in_channels": config.in_channels, "out_channels": config.out_channels, "num_layers": config.depth,
-        "attention_head_dim": config.dim // config.heads, "num_attention_heads": config.heads,
-        "joint_attention_dim": config.context_dim, "caption_projection_dim": config.dim,
-        "pooled_projection_dim": config.pooled_dim, "pos_embed_max_size": config.pos_embed_max_size,
-        "dual_attention_layers": list(config.dual_attention_layers), "qk_norm": "rms_norm" if config.qk_norm else None}
-    os.makedirs(path, exist_ok=True)
-    atomic_write(os.path.join(path, "diffusion_pytorch_model.safetensors"), lambda tmp: save_file(tensors, tmp))
-    def write_config(tmp):
-        with open(tmp, "w") as f:
-            json.dump(diffusers_config, f, indent=2)
-    atomic_write(os.path.join(path, "config.json"), write_config)

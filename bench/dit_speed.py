@@ -29,7 +29,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import model as model_lib  # noqa: E402
 from common import autocast, pick_device, print_config, run_main  # noqa: E402
-from model import PRESETS, DiTConfig, load_sd3  # noqa: E402
+from model import PRESETS, DiTConfig  # noqa: E402
+from sd3 import load_sd3  # noqa: E402
 
 # name -> (DiT config, batch, latent side, text tokens)
 SIZES = {

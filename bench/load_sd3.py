@@ -20,7 +20,8 @@ from safetensors.torch import save_file
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from common import parse_flags  # noqa: E402
-from model import STABILITY_PREFIX, build_dit, load_sd3, save_sd3  # noqa: E402
+from model import build_dit  # noqa: E402
+from sd3 import STABILITY_PREFIX, load_sd3, save_sd3  # noqa: E402
 
 
 @dataclass

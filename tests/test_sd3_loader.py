@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from common import CheckpointError
-from model import load_sd3, save_sd3, add_lora
+from model import add_lora
+from sd3 import load_sd3, save_sd3
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SD3Transformer2DModel  # noqa: E402
