@@ -1,9 +1,17 @@
-"""SD3's text encoders against Hugging Face transformers' own, on tiny random models in both layouts."""
+"""SD3's text encoders against Hugging Face transformers' own, on tiny random models in both layouts; the
+tokenizers against open_clip's and sentencepiece."""
+import base64
+import gzip
+import io
+import json
+import os
+import random
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from sd3_text import load_clip, load_t5, relative_position_bucket, sd3_prompt_embedding
+from sd3_text import CLIPTokenizer, T5Tokenizer, load_clip, read_protobuf, load_t5, relative_position_bucket, sd3_prompt_embedding
 
 transformers = pytest.importorskip("transformers")
 
@@ -99,3 +107,84 @@ def test_prompt_embedding_layout():
     assert (pooled[:, :768] == 1).all() and (pooled[:, 768:] == 2).all()
     without_t5, _ = sd3_prompt_embedding(clip_l, clip_g, None)
     assert without_t5.shape == (B, 154, 4096) and (without_t5[:, 77:] == 0).all()
+
+# -----------------------------------------------------------------------------
+# Tokenizers: CLIP's against open_clip's on its own vocabulary, T5's against sentencepiece
+
+
+def open_clip_tokenizer_module():
+    """open_clip's tokenizer.py alone: importing the package pulls torchvision, which the tests do not need."""
+    import importlib.util
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None:
+        pytest.fail("open_clip is missing: pip install --no-deps open_clip_torch (see requirements-dev.txt)")
+    path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
+    module_spec = importlib.util.spec_from_file_location("open_clip_tokenizer", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module, os.path.join(os.path.dirname(path), "bpe_simple_vocab_16e6.txt.gz")
+
+
+def varied_strings(words, n, seed=0):
+    """n strings of 0-40 words (every tenth up to 90: past the length limit) joined by assorted whitespace."""
+    rng = random.Random(seed)
+    strings = ["".join(rng.choice(words) + rng.choice([" ", "  ", "\t", "\n", "", " "])
+                       for _ in range(rng.randint(0, 90 if i % 10 == 0 else 40))) for i in range(n)]
+    return strings + ["", "   ", "A", "ALL CAPS", "x" * 300]
+
+
+CLIP_WORDS = ("a photo of an astronaut riding horse on mars, 4k HDR!! don't it's we'll they've I'm you'd DSLR "
+              "35mm f/1.8 café naïve Ünïcödé 東京 タワー 🐱🚀 “quoted” ‘single’ &amp; &lt;b&gt; ﬁne ＡＢＣ１２３ "
+              "<|endoftext|> ... --- ### (x) [y] {z} 1,000,000 3.14159 e=mc² ½ über-cool self-driving O'Neil").split(" ")
+
+
+def test_clip_tokenizer_matches_open_clip(tmp_path):
+    """Our BPE, reading vocab.json + merges.txt as SD3's tokenizer folders hold them, written from open_clip's
+    own vocabulary file; CLIP-G's padding ("!", id 0) is open_clip's."""
+    module, vocab_file = open_clip_tokenizer_module()
+    reference = module.SimpleTokenizer()
+    merges = gzip.open(vocab_file).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
+    symbols = list(module.bytes_to_unicode().values())
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m.split()) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    folder = tmp_path / "tokenizer_2"
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(vocab)}), encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
+    ours = CLIPTokenizer.from_folder(str(folder))
+    strings = varied_strings(CLIP_WORDS, 400)
+    mismatched = [s for s in strings if ours([s])[0].tolist() != reference([s])[0].tolist()]
+    assert not mismatched, f"{len(mismatched)} of {len(strings)} differ, e.g. {mismatched[0]!r}"
+    assert ours(["a photo"]).shape == (1, 77)
+    (folder / "special_tokens_map.json").unlink()  # CLIP-L's folder: pad with the end token
+    assert CLIPTokenizer.from_folder(str(folder))(["a photo"])[0, -1].item() == vocab.index("<|endoftext|>")
+
+
+T5_WORDS = ("the DRM scores noisy latents ÆØÅ 漢字 ﬁne ＡＢＣ１２３ café 🐱 x tab\tnew\nline 3.14 don't <unk> </s> ▁ "
+            "under_score a\u00a0b c\u3000d e\rf g\u200bh Ⅻ ①").split(" ")
+
+
+def test_t5_tokenizer_matches_sentencepiece(tmp_path):
+    """A unigram model trained here on this repository's README (T5's special ids: pad 0, </s> 1, unk 2), read
+    from its spiece.model and from a tokenizer.json holding the same pieces and normalisation rules."""
+    spm = pytest.importorskip("sentencepiece")
+    lines = [line for line in open(os.path.join(os.path.dirname(__file__), "..", "README.md")) if line.strip()]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=400,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    (tmp_path / "spiece.model").write_bytes(model.getvalue())
+    reference = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    normalizer = dict(read_protobuf(dict(read_protobuf(model.getvalue()))[3]))   # the model's field 3, its rules
+    (tmp_path / "tokenizer.json").write_text(json.dumps({
+        "added_tokens": [{"id": i, "content": p, "special": True} for i, p in enumerate(["<pad>", "</s>", "<unk>"])],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(normalizer[2]).decode()}]},
+        "model": {"type": "Unigram", "unk_id": 2, "vocab": [[reference.id_to_piece(i), reference.get_score(i)]
+                                                            for i in range(reference.get_piece_size())]}}))
+    length = 64
+    for path in ("spiece.model", "tokenizer.json"):
+        ours = T5Tokenizer.from_file(str(tmp_path / path), length=length)
+        for text in varied_strings(T5_WORDS, 300):
+            expected = reference.encode(text)[:length - 1] + [1]                 # truncated, then </s>
+            assert ours([text])[0].tolist() == expected + [0] * (length - len(expected)), (path, text)
