@@ -1,6 +1,7 @@
 """The Diffusion-based Reward Model (DRM): a pretrained DiT, cut short, with a small scalar head.
 
     drm = DRM.from_dit(dit, drop_last=3)        # the paper's reward model
+    drm = DRM.from_dit(dit, head="token")       # ablation: an MLP on the mean hidden token, no final layer or convs
     drm = DRM.from_scratch(dit.config)          # the same shape, random weights (the ablation)
     reward = drm(x_sigma, sigma, context, pooled)   # (B,): higher = preferred
 
@@ -25,6 +26,13 @@ from common import CheckpointError, load_module, read_model_checkpoint, save_che
 from model import DiT, TextConfig, TextEncoder, build_dit
 
 
+HEADS = ("conv", "token")
+
+
+def mlp_head(width, hidden, dropout):
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+
+
 class ConvHead(nn.Module):
     """(B, C, H, W) -> (B,): stride-2 3x3 convs with GroupNorm and ReLU, global average pool, MLP with dropout."""
 
@@ -35,35 +43,50 @@ class ConvHead(nn.Module):
             layers += [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
             c = width
         self.convs = nn.Sequential(*layers)
-        self.mlp = nn.Sequential(nn.Linear(c, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+        self.mlp = mlp_head(c, hidden, dropout)
 
     def forward(self, x):
         return self.mlp(self.convs(x).mean((2, 3))).squeeze(1)
 
 
+class TokenHead(nn.Module):
+    """(B, N, D) hidden tokens -> (B,): mean over the tokens, LayerNorm, MLP with dropout (the head ablation)."""
+
+    def __init__(self, dim, hidden=64, dropout=0.1):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.mlp = mlp_head(dim, hidden, dropout)
+
+    def forward(self, tokens):
+        return self.mlp(self.norm(tokens.mean(1))).squeeze(1)
+
+
 class DRM(nn.Module):
     """Reward of a noisy latent: forward(x_sigma, sigma, context, pooled) -> (B,)."""
 
-    def __init__(self, backbone, drop_last, head_dropout=0.1):
+    def __init__(self, backbone, drop_last, head_dropout=0.1, head="conv"):
         super().__init__()
-        self.drop_last = drop_last
+        if head not in HEADS:
+            raise ValueError(f"head={head!r}: choose one of {', '.join(HEADS)}")
+        self.drop_last, self.head_type = drop_last, head
         self.backbone = backbone  # a DiT whose last drop_last joint blocks are removed
-        self.head = ConvHead(backbone.config.out_channels, dropout=head_dropout)
+        self.head = (ConvHead(backbone.config.out_channels, dropout=head_dropout) if head == "conv"
+                     else TokenHead(backbone.config.dim, dropout=head_dropout))
 
     @classmethod
-    def from_dit(cls, dit, drop_last=3, head_dropout=0.1):
+    def from_dit(cls, dit, drop_last=3, head_dropout=0.1, head="conv"):
         """Copy the DiT (its weights are not shared) and cut its last drop_last blocks."""
         depth = dit.config.depth
         if not 0 < drop_last < depth:
             raise ValueError(f"drop_last={drop_last}: keep at least one of the DiT's {depth} blocks (0 < drop_last < depth)")
         backbone = copy.deepcopy(dit)
         backbone.joint_blocks = backbone.joint_blocks[:depth - drop_last]
-        return cls(backbone, drop_last, head_dropout).train(dit.training)
+        return cls(backbone, drop_last, head_dropout, head).train(dit.training)
 
     @classmethod
-    def from_scratch(cls, config, drop_last=3, head_dropout=0.1):
+    def from_scratch(cls, config, drop_last=3, head_dropout=0.1, head="conv"):
         """The ablation: the same network with the DiT's own random initialisation."""
-        return cls.from_dit(build_dit(config), drop_last, head_dropout)
+        return cls.from_dit(build_dit(config), drop_last, head_dropout, head)
 
     def hidden_tokens(self, x_sigma, sigma, context, pooled):
         """The backbone's image tokens after its last kept block (B, h*w, D), and the conditioning c (B, D)."""
@@ -71,14 +94,20 @@ class DRM(nn.Module):
 
     def forward(self, x_sigma, sigma, context, pooled):
         """x_sigma (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) -> reward (B,)."""
+        # BEGIN SOLUTION ex2_drm: hidden tokens -> the backbone's final_layer (conditioned on c) -> unpatchify -> head
         tokens, c = self.hidden_tokens(x_sigma, sigma, context, pooled)
+        if self.head_type == "token":
+            return self.head(tokens)
         grid = self.backbone.unpatchify(self.backbone.final_layer(tokens, c), *x_sigma.shape[-2:])  # (B, C, H, W)
         return self.head(grid)
+        # END SOLUTION
 
 
 def bradley_terry_loss(reward_win, reward_lose):
     """-log sigmoid(r_w - r_l), per pair (B,): the negative log-likelihood of the observed preference."""
+    # BEGIN SOLUTION ex2_drm: eq. 4; F.logsigmoid is the stable log sigmoid
     return -F.logsigmoid(reward_win - reward_lose)
+    # END SOLUTION
 
 # -----------------------------------------------------------------------------
 # Checkpoints: the DRM with the text encoder it reads prompts with
@@ -86,7 +115,7 @@ def bradley_terry_loss(reward_win, reward_lose):
 
 def save_drm(path, drm, text_encoder, step, meta=None, dtype=None):
     from dataclasses import asdict
-    meta = {"kind": "drm", "step": step, "drop_last": drm.drop_last, "dit_config": asdict(drm.backbone.config),
+    meta = {"kind": "drm", "step": step, "drop_last": drm.drop_last, "head": drm.head_type, "dit_config": asdict(drm.backbone.config),
             "text_config": asdict(text_encoder.config), **(meta or {})}
     save_checkpoint(path, {"drm": drm, "text": text_encoder}, meta, dtype)
 
@@ -105,7 +134,7 @@ def load_drm(path, device="cpu", policy=None):
                                   f"{image_shape(policy.config)}: use a DRM trained from this base (train_reward.py --base=...)")
     with torch.device("meta"):
         skeleton = DiT(config)
-    drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"])
+    drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"], head=meta.get("head", "conv"))
     drm = load_module(drm, tensors, "drm", path)
     text_encoder = load_module(TextEncoder(TextConfig(**meta["text_config"])), tensors, "text", path)
     return drm.to(device).eval(), text_encoder.to(device).eval(), meta

@@ -55,7 +55,8 @@ class Config:
     k: int = 4                             # stepwise: candidates per step; sparse/cosine: trajectories per prompt
     steps: int = 10                        # SDE steps per rollout
     noise_level: float = 0.7               # Flow-GRPO's a in sigma_t = a sqrt(sigma / (1 - sigma))
-    cfg_scale: float = 4.0                 # guidance in rollouts, in the loss and at evaluation
+    cfg_scale: float = 4.0                 # guidance in rollouts and in the loss (1: none, half the DiT passes)
+    eval_cfg_scale: float = 4.0            # guidance of the held-out evaluation samples
     shift: float = 1.0                     # SD3 schedule shift
     follow: str = "random"                 # stepwise: go on from a random candidate (the paper) or the best
     lr: float = 3e-5
@@ -178,7 +179,7 @@ def main(cfg):
     def run_eval():
         policy.eval()
         summary, images, prompts = evaluate(policy, text_encoder, judge, HELDOUT_PROMPTS, cfg.eval_per_prompt,
-                                            seed=1234, steps=cfg.eval_steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+                                            seed=1234, steps=cfg.eval_steps, cfg_scale=cfg.eval_cfg_scale, shift=cfg.shift)
         (context, pooled), _ = encode_prompts(drm_text, prompts)
         with torch.no_grad():
             summary["drm"] = drm(images.to(device), torch.zeros(len(images), device=device), context, pooled).mean().item()

@@ -30,7 +30,7 @@ from common import (GracefulStop, any_rank, autocast, check_finite, load_base, p
                     save_training_state, setup_device, warmup_cosine)
 from data.preferences import load_pair_tensors, read_pairs
 from model import add_noise, logit_normal_sigma, set_compile
-from reward import DRM, bradley_terry_loss, load_drm, save_drm
+from reward import DRM, HEADS, bradley_terry_loss, load_drm, save_drm
 from sample import encode_prompts
 
 CLOSE_GAP = 0.1  # gold gap under which a pair counts as close
@@ -43,11 +43,13 @@ class Config:
     out_dir: str = "out/drm"
     init: str = "pretrained"               # pretrained (the paper) | scratch (same network, random weights)
     drop_last: int = 3                     # DiT blocks cut from the end
-    head_dropout: float = 0.1              # dropout before the conv head's last linear layer
+    head: str = "conv"                     # conv (the paper: final layer, convs on the latent grid) | token (MLP on the mean token)
+    head_dropout: float = 0.1              # dropout before the head's last linear layer
+    sigma_sampling: str = "logit_normal"   # training noise levels: logit_normal (SD3's) | uniform | zero (clean images only)
     steps: int = 2000
     batch_size: int = 64                   # pairs per step
     lr: float = 1e-4                       # backbone learning rate (AdamW)
-    head_lr: float = 1e-3                  # the new conv head learns faster
+    head_lr: float = 1e-3                  # the new head learns faster
     weight_decay: float = 0.01
     warmup: int = 100
     grad_clip: float = 1.0
@@ -64,6 +66,16 @@ class Config:
     device: str = "auto"
 
 
+SIGMA_SAMPLING = ("logit_normal", "uniform", "zero")
+
+
+def training_sigma(kind, n, device):
+    """The noise levels the DRM trains at: SD3's logit-normal (the paper's choice), uniform, or 0 (a plain image RM)."""
+    if kind == "logit_normal":
+        return logit_normal_sigma(n, device)
+    return torch.rand(n, device=device) if kind == "uniform" else torch.zeros(n, device=device)
+
+
 def check(cfg):
     """Reject bad flag values before any work -> the evaluation sigmas."""
     if cfg.init not in ("pretrained", "scratch"):
@@ -77,6 +89,10 @@ def check(cfg):
         raise ValueError(f"--eval_sigmas={cfg.eval_sigmas}: numbers separated by commas, e.g. 0,0.5,0.9") from None
     if not all(0 <= s <= 1 for s in sigmas):
         raise ValueError(f"--eval_sigmas={cfg.eval_sigmas}: every sigma must lie in [0, 1] (0 = clean, 1 = pure noise)")
+    if cfg.head not in HEADS:
+        raise ValueError(f"--head={cfg.head}: choose one of {', '.join(HEADS)}")
+    if cfg.sigma_sampling not in SIGMA_SAMPLING:
+        raise ValueError(f"--sigma_sampling={cfg.sigma_sampling}: choose one of {', '.join(SIGMA_SAMPLING)}")
     if not 0 <= cfg.head_dropout < 1:
         raise ValueError(f"--head_dropout={cfg.head_dropout}: a probability in [0, 1)")
     return sigmas
@@ -165,8 +181,8 @@ def main(cfg):
     text_encoder.requires_grad_(False)
     train = load_split(os.path.join(cfg.prefs, "train.jsonl"), text_encoder, device)
     test = load_split(os.path.join(cfg.prefs, "test.jsonl"), text_encoder, device, need_gold=True)
-    drm = (DRM.from_dit(dit, cfg.drop_last, cfg.head_dropout) if cfg.init == "pretrained"
-           else DRM.from_scratch(dit.config, cfg.drop_last, cfg.head_dropout)).to(device).train()
+    drm = (DRM.from_dit(dit, cfg.drop_last, cfg.head_dropout, cfg.head) if cfg.init == "pretrained"
+           else DRM.from_scratch(dit.config, cfg.drop_last, cfg.head_dropout, cfg.head)).to(device).train()
     drm.backbone.grad_checkpointing = cfg.grad_checkpointing
     del dit
     n_params = sum(p.numel() for p in drm.parameters())
@@ -202,7 +218,7 @@ def main(cfg):
         for step in bar:
             # the global batch's pairs, sigmas and noise (the same draws on every rank), then this rank's rows
             idx = torch.randint(len(winners), (cfg.batch_size,))
-            sigma = logit_normal_sigma(cfg.batch_size, device)  # one sigma per pair, shared by its two images
+            sigma = training_sigma(cfg.sigma_sampling, cfg.batch_size, device)  # one per pair, shared by its two images
             x_win = add_noise(winners[idx], sigma, torch.randn_like(winners[idx]))[mine]
             x_lose = add_noise(losers[idx], sigma, torch.randn_like(losers[idx]))[mine]
             idx, sigma = idx[mine], sigma[mine]
