@@ -367,6 +367,40 @@ def save_training_state(path, state):
 # The toy base model: DiT + text encoder in one file
 
 
+@dataclasses.dataclass
+class ModelFlags:
+    """The flags that pick the base model, shared by sample.py, train_reward.py and train_policy.py."""
+    model: str = "toy"           # toy (the CPU world) | sd3-medium | sd3.5-medium | sd3.5-large | sd3 (any SD3 checkpoint)
+    ckpt_dir: str = ""           # SD3: a diffusers pipeline folder, or a single .safetensors (DiT + VAE) with --text_dir
+    text_dir: str = ""           # SD3: the folder with text_encoder*/ and tokenizer*/ (default: --ckpt_dir)
+    t5: bool = True              # SD3: load T5-XXL (--t5=false: zeros in its place, as SD3 allows; 9.5 GB less)
+    resolution: int = 1024       # SD3: image side in pixels (the DiT samples latents of side resolution / 8)
+    transformer: str = ""        # SD3: a DiT to use in place of the pipeline's (train_policy.py writes out_dir/transformer)
+
+
+@dataclasses.dataclass
+class Base:
+    """What the scripts need of a base model, the toy's and SD3's alike."""
+    dit: torch.nn.Module
+    text: torch.nn.Module        # .encode(prompts) -> (context, pooled), the DiT's conditioning
+    latent_size: int             # the side of the DiT's input it samples at
+    vae: torch.nn.Module = None  # SD3: latents <-> images; None: the toy samples pixels
+    meta: dict = dataclasses.field(default_factory=dict)
+
+    def to_images(self, x):
+        """What the DiT samples -> images in [-1, 1]."""
+        return (x if self.vae is None else self.vae.decode(x.to(next(self.vae.parameters()).dtype)).float()).clamp(-1, 1)
+
+
+def load_model(cfg, toy_path, device):
+    """-> Base: the toy's checkpoint at toy_path, or (--model=sd3...) the public pipeline at --ckpt_dir."""
+    if cfg.model == "toy":
+        dit, text_encoder, meta = load_base(toy_path, device)
+        return Base(dit, text_encoder, dit.config.pos_embed_max_size * dit.config.patch_size, meta=meta)
+    from sd3_pipeline import load_pipeline
+    return load_pipeline(cfg, device)
+
+
 def save_base(path, dit, text_encoder, step, dtype=None):
     from dataclasses import asdict
     meta = {"kind": "base", "step": step, "dit_config": asdict(dit.config), "text_config": asdict(text_encoder.config)}

@@ -62,10 +62,12 @@ def sde_mean_std(x, velocity, sigma, sigma_next, noise_level):
     shape = (-1,) + (1,) * (x.dim() - 1)
     sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]).reshape(shape)
     sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).expand(x.shape[0]).reshape(shape)
+    # BEGIN SOLUTION ex3_sde_step: the module docstring's sigma_t, mean and std (dt < 0); mind sigma = 1
     dt = sigma_next - sigma
     sigma_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
     mean = x + dt * (velocity + sigma_t ** 2 / (2 * sigma) * (x + (1 - sigma) * velocity))
     return mean, sigma_t * torch.sqrt(-dt)
+    # END SOLUTION
 
 
 @compilable
@@ -74,9 +76,11 @@ def gaussian_log_prob(sample, mean, std):
 
     Only the mean carries gradient: the sample is a fixed action.
     """
+    # BEGIN SOLUTION ex3_sde_step: the Gaussian log-density per element, then the mean over all but the batch dimension
     log_density = (-(sample.detach().float() - mean) ** 2 / (2 * std ** 2)
                    - torch.log(std) - 0.5 * math.log(2 * math.pi))
     return log_density.flatten(1).mean(1)
+    # END SOLUTION
 
 
 def candidate_log_probs(candidates, mean, std):
@@ -174,7 +178,9 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_sca
 
 def group_normalise(rewards, dim, eps=1e-4):
     """(r - mean) / (std + eps) within groups along dim: GRPO's baseline and scale."""
+    # BEGIN SOLUTION ex4_grpo: subtract the group mean, divide by the group std plus eps
     return (rewards - rewards.mean(dim, keepdim=True)) / (rewards.std(dim, keepdim=True) + eps)
+    # END SOLUTION
 
 
 def stepwise_advantages(step_rewards):
@@ -248,9 +254,11 @@ def grpo_loss(policy, rollout, advantages, steps, rows, noise_level, cfg_scale=1
     mean, std = sde_mean_std(states, velocity, sigma, sigma_next, noise_level)
     candidates = rollout.candidates[steps, rows]                                 # (N, k, C, H, W)
     log_prob = candidate_log_probs(candidates, mean, std)
+    # BEGIN SOLUTION ex4_grpo: ratio to the rollout's log-probs; advantages clamped to +-adv_clip; PPO's clipped loss
     ratio = torch.exp(log_prob - rollout.log_probs[steps, rows])
     advantage = advantages[steps, rows].clamp(-adv_clip, adv_clip)
     policy_loss = torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    # END SOLUTION
     stats = {"policy_loss": policy_loss.detach(), "ratio_max_deviation": (ratio - 1).abs().max().detach(),
              "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean().detach()}
     loss = policy_loss

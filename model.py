@@ -421,6 +421,12 @@ class TextEncoder(nn.Module):
         self.final_norm = nn.LayerNorm(cfg.context_dim)
         self.pooled_proj = nn.Linear(cfg.context_dim, cfg.pooled_dim)
 
+    @torch.no_grad()
+    def encode(self, prompts):
+        """Prompts -> (context, pooled), through data/world.py's word-level tokenizer (unknown words: an error)."""
+        from data.world import tokenize
+        return self(tokenize(prompts).to(self.token_embedding.weight.device))
+
     def forward(self, ids):
         h = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]
         h = self.final_norm(self.layers(h, src_key_padding_mask=(ids == 0)))  # (B, L, Dc)

@@ -114,16 +114,19 @@ def bradley_terry_loss(reward_win, reward_lose):
 
 
 def save_drm(path, drm, text_encoder, step, meta=None, dtype=None):
+    """The DRM and the toy's text encoder; an SD3 DRM's text encoders are the pipeline's, not stored again."""
     from dataclasses import asdict
+    toy = isinstance(text_encoder, TextEncoder)
     meta = {"kind": "drm", "step": step, "drop_last": drm.drop_last, "head": drm.head_type, "dit_config": asdict(drm.backbone.config),
-            "text_config": asdict(text_encoder.config), **(meta or {})}
-    save_checkpoint(path, {"drm": drm, "text": text_encoder}, meta, dtype)
+            "text_config": asdict(text_encoder.config) if toy else None, **(meta or {})}
+    save_checkpoint(path, {"drm": drm, **({"text": text_encoder} if toy else {})}, meta, dtype)
 
 
-def load_drm(path, device="cpu", policy=None):
+def load_drm(path, device="cpu", policy=None, text=None):
     """-> (drm, text_encoder, meta) in eval mode, from a file written by save_drm.
 
     policy: the DiT whose images the DRM will score; a clear error if their image shapes differ.
+    text: an SD3 pipeline's text side (sd3_pipeline.SD3Text), which an SD3 DRM reads prompts with.
     """
     tensors, meta, config = read_model_checkpoint(path, "drm", "train one with train_reward.py or use data/drm.safetensors")
     if policy is not None:
@@ -136,5 +139,10 @@ def load_drm(path, device="cpu", policy=None):
         skeleton = DiT(config)
     drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"], head=meta.get("head", "conv"))
     drm = load_module(drm, tensors, "drm", path)
+    if meta["text_config"] is None:  # trained on a public SD3 pipeline
+        if text is None:
+            raise CheckpointError(f"{path} is a DRM of {meta.get('model')} from {meta.get('ckpt_dir')}: it reads prompts "
+                                  f"with that pipeline's text encoders; pass --model={meta.get('model')} --ckpt_dir=...")
+        return drm.to(device).eval(), text, meta
     text_encoder = load_module(TextEncoder(TextConfig(**meta["text_config"])), tensors, "text", path)
     return drm.to(device).eval(), text_encoder.to(device).eval(), meta

@@ -4,6 +4,8 @@
     python sample.py --prompt="a thick 7 slanted right" --k=6    # step-wise sampling: the DRM picks at every step
     python sample.py --eval                                       # judge's scores on the held-out prompts
     python sample.py --eval --k=1,2,4,6                           # step-wise against best-of-N at equal time
+    python sample.py --model=sd3.5-medium --ckpt_dir=stable-diffusion-3.5-medium --prompt="a red fox in snow" \
+        --steps=28 --cfg_scale=4.5 --shift=3 --n=4                 # public weights (sd3_pipeline.py)
 
 Rectified flow integrates dx/dsigma = v from sigma = 1 (noise) to 0 (data);
 one Euler step is x_next = x + (sigma_next - sigma) * v (SD3, Esser et al. 2024).
@@ -25,8 +27,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import autocast, load_base, pick_device, print_config, run_main
-from data.world import HELDOUT_PROMPTS, tokenize
+from common import ModelFlags, autocast, load_model, pick_device, print_config, run_main
+from data.world import HELDOUT_PROMPTS
 from grpo import sde_mean_std
 from model import guided_velocity, set_compile
 
@@ -46,30 +48,29 @@ def sample_ode(model, noise, cond, uncond=None, steps=20, cfg_scale=1.0, shift=1
     sigmas = sigma_schedule(steps, shift).to(noise.device)
     x = noise
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
+        # BEGIN SOLUTION ex1_flow_matching: the guided velocity at sigmas[i], then one Euler step to sigmas[i + 1]
         velocity = guided_velocity(model, x, sigmas[i], cond, uncond, cfg_scale)
         x = x + (sigmas[i + 1] - sigmas[i]) * velocity
+        # END SOLUTION
     return x
 
 
 @torch.no_grad()
 def encode_prompts(text_encoder, prompts):
     """prompts -> (context, pooled) for them, and for the empty prompt at the same batch size."""
-    device = next(text_encoder.parameters()).device
-    cond = text_encoder(tokenize(prompts).to(device))
-    uncond = text_encoder(tokenize([""] * len(prompts)).to(device))
-    return cond, uncond
+    return text_encoder.encode(prompts), text_encoder.encode([""] * len(prompts))
 
 
-def initial_noise(dit, n, generator):
-    """n draws of N(0, I) at the DiT's full image size (its position grid times the patch), on the CPU."""
-    size = dit.config.pos_embed_max_size * dit.config.patch_size
+def initial_noise(dit, n, generator, size=None):
+    """n draws of N(0, I), on the CPU, of side `size` (default: the DiT's full size, its position grid times the patch)."""
+    size = size or dit.config.pos_embed_max_size * dit.config.patch_size
     return torch.randn(n, dit.config.in_channels, size, size, generator=generator)
 
 
-def generate(dit, text_encoder, prompts, seed=0, steps=20, cfg_scale=4.0, shift=1.0, batch_size=100):
-    """Images (N, C, H, W) in [-1, 1] for a list of prompts, noise fixed by seed (one stream per call)."""
+def generate(dit, text_encoder, prompts, seed=0, steps=20, cfg_scale=4.0, shift=1.0, batch_size=100, size=None):
+    """Samples (N, C, H, W), clamped to [-1, 1], for a list of prompts, noise fixed by seed (one stream per call)."""
     device = next(dit.parameters()).device
-    noise = initial_noise(dit, len(prompts), torch.Generator().manual_seed(seed))
+    noise = initial_noise(dit, len(prompts), torch.Generator().manual_seed(seed), size)
     out = []
     for i in range(0, len(prompts), batch_size):
         cond, uncond = encode_prompts(text_encoder, prompts[i:i + batch_size])
@@ -121,8 +122,10 @@ def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, s
         owners = rows.repeat_interleave(k)
         scores = drm(successors, sigma_next.expand(len(successors)), drm_cond[0][owners], drm_cond[1][owners]).float()
         counts["drm_calls"] += len(successors)
+        # BEGIN SOLUTION ex5_beam_search: per image, the top `beam` of its beam * k successors by score become x
         beam_scores, best = scores.view(N, beam * k).topk(beam, dim=1)               # per image, over all its successors
         x = successors.view(N, beam * k, *x.shape[1:])[torch.arange(N, device=x.device).unsqueeze(1), best].flatten(0, 1)
+        # END SOLUTION
     if beam == 1:
         return x, counts
     if beam_scores is None:  # the last steps were not scored: rank the finished beams at sigma 0
@@ -151,16 +154,16 @@ def best_of_n(policy, noise, cond, uncond=None, drm=None, drm_cond=None, n=4, st
 
 
 def save_grid(images, path, nrow):
-    """images (N, 1, H, W) in [-1, 1] -> one PNG, nrow images a row, upscaled 2x for viewing."""
-    n, _, h, w = images.shape
+    """images (N, C, H, W) in [-1, 1], C = 1 or 3 -> one PNG, nrow images a row; small images upscaled 2x for viewing."""
+    n, c, h, w = images.shape
     ncol = math.ceil(n / nrow)
-    grid = torch.full((ncol * (h + 2), nrow * (w + 2)), -1.0)
+    grid = torch.full((c, ncol * (h + 2), nrow * (w + 2)), -1.0)
     for i, img in enumerate(images):
-        r, c = divmod(i, nrow)
-        grid[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = img[0]
-    pixels = ((grid + 1) * 127.5).round().clamp(0, 255).byte().numpy()
+        r, col = divmod(i, nrow)
+        grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, col * (w + 2) + 1: col * (w + 2) + 1 + w] = img
+    image = Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).squeeze(2).numpy())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    Image.fromarray(pixels).resize((pixels.shape[1] * 2, pixels.shape[0] * 2), Image.NEAREST).save(path)
+    (image.resize((image.width * 2, image.height * 2), Image.NEAREST) if h < 256 else image).save(path)
 
 # -----------------------------------------------------------------------------
 # Evaluation on the held-out prompts with the simulated annotator
@@ -191,9 +194,9 @@ def evaluate(dit, text_encoder, judge, prompts=HELDOUT_PROMPTS, per_prompt=20, s
 
 
 @dataclass
-class Config:
-    prompt: str = "a thick 7 slanted right"   # what to draw (words from data/world.py's vocabulary)
-    ckpt: str = "data/base.safetensors"       # base model: DiT + text encoder
+class Config(ModelFlags):                     # --model, --ckpt_dir, ... for public SD3 weights (common.py)
+    prompt: str = "a thick 7 slanted right"   # what to draw (the toy: words from data/world.py's vocabulary)
+    ckpt: str = "data/base.safetensors"       # the toy's base model: DiT + text encoder
     n: int = 16                               # images of the prompt
     steps: int = 20                           # Euler steps
     cfg_scale: float = 4.0                    # classifier-free guidance weight
@@ -273,38 +276,38 @@ def search_table(cfg, ks, dit, text_encoder, device):
     return rows
 
 
-def draw(cfg, ks, dit, text_encoder, device, **kwargs):
+def draw(cfg, ks, base, device, **kwargs):
     """--prompt: cfg.n images of one prompt, by the ODE or (--k) step-wise sampling -> a PNG grid."""
-    tokenize([cfg.prompt])  # fail on unknown words before any work
     t0 = time.time()
     prompts = [cfg.prompt] * cfg.n
+    cond = encode_prompts(base.text, prompts)  # the toy: unknown words fail here, before any sampling
     search = dict(k=1, beam=1, noise_level=0.0)  # no --k: the plain ODE sampler
     if ks:
         from reward import load_drm
-        drm, drm_text, _ = load_drm(cfg.drm, device, policy=dit)
+        drm, drm_text, _ = load_drm(cfg.drm, device, policy=base.dit, text=base.text)
         search = dict(drm=drm, drm_cond=encode_prompts(drm_text, prompts)[0], k=ks[0], beam=cfg.beam,
                       noise_level=cfg.noise_level, score_every=cfg.score_every, ode_last=cfg.ode_last)
-    noise = initial_noise(dit, cfg.n, torch.Generator().manual_seed(cfg.seed)).to(device)
-    images, counts = stepwise_sample(dit, noise, *encode_prompts(text_encoder, prompts),
-                                     generator=torch.Generator().manual_seed(cfg.seed + 1), **search, **kwargs)
-    images = images.clamp(-1, 1).cpu()
+    noise = initial_noise(base.dit, cfg.n, torch.Generator().manual_seed(cfg.seed), base.latent_size).to(device)
+    latents, counts = stepwise_sample(base.dit, noise, *cond, generator=torch.Generator().manual_seed(cfg.seed + 1),
+                                      **search, **kwargs)
+    images = base.to_images(latents).cpu()
     save_grid(images, cfg.out, nrow=min(cfg.n, 8))
     print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.steps} steps, per image {counts['nfe'] / cfg.n:.0f} "
           f"DiT passes, {counts['drm_calls'] / cfg.n:.0f} DRM passes, {(time.time() - t0) / cfg.n:.3f} s")
     return images
 
 
-def evaluate_heldout(cfg, dit, text_encoder, meta, **kwargs):
+def evaluate_heldout(cfg, base, **kwargs):
     """--eval: ODE samples of the held-out prompts scored by the annotator -> printed, a grid and a JSON."""
     from data.judge import Judge
-    summary, images, _ = evaluate(dit, text_encoder, Judge(), per_prompt=cfg.per_prompt, seed=cfg.seed, **kwargs)
+    summary, images, _ = evaluate(base.dit, base.text, Judge(), per_prompt=cfg.per_prompt, seed=cfg.seed, **kwargs)
     print(f"held-out prompts ({len(HELDOUT_PROMPTS)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg {cfg.cfg_scale}):")
     for key, value in summary.items():
         print(f"  {key:24s} {value:.4f}")
     shown = min(cfg.per_prompt, 8)  # a row of the first images of each prompt
     save_grid(images.view(len(HELDOUT_PROMPTS), cfg.per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1), cfg.out, nrow=shown)
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump({"config": vars(cfg), "checkpoint_step": meta.get("step"), **summary}, f, indent=1)
+        json.dump({"config": vars(cfg), "checkpoint_step": base.meta.get("step"), **summary}, f, indent=1)
     return summary
 
 
@@ -316,17 +319,19 @@ def main(cfg):
     ks = parse_ks(cfg.k) if cfg.k else []
     if ks and not cfg.eval and len(ks) > 1:
         raise ValueError(f"--k={cfg.k}: a list of k is for --eval; to draw images give one k")
+    if cfg.eval and cfg.model != "toy":
+        raise ValueError(f"--eval scores with the toy's simulated annotator; with --model={cfg.model} draw with --prompt")
     print_config(cfg)
     device = pick_device(cfg.device)
     set_compile(cfg.compile)
-    dit, text_encoder, meta = load_base(cfg.ckpt, device)
+    base = load_model(cfg, cfg.ckpt, device)
     kwargs = dict(steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
     with autocast(device):  # bf16 on a GPU
         if not cfg.eval:
-            return draw(cfg, ks, dit, text_encoder, device, **kwargs)
+            return draw(cfg, ks, base, device, **kwargs)
         if not ks:
-            return evaluate_heldout(cfg, dit, text_encoder, meta, **kwargs)
-        rows = search_table(cfg, ks, dit, text_encoder, device)
+            return evaluate_heldout(cfg, base, **kwargs)
+        rows = search_table(cfg, ks, base.dit, base.text, device)
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
         json.dump({"config": vars(cfg), "rows": rows}, f, indent=1)
     print(f"wrote {os.path.splitext(cfg.out)[0]}.json")

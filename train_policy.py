@@ -6,6 +6,8 @@
     python train_policy.py --resume                         # continue an interrupted run
     torchrun --nproc_per_node=8 train_policy.py             # DDP: the rollouts split over 8 processes
     torchrun --nproc_per_node=8 train_policy.py --fsdp      # FSDP: the policy's weights too (large models)
+    python train_policy.py --model=sd3.5-medium --ckpt_dir=stable-diffusion-3.5-medium --resolution=512 \
+        --prompts=prompts.txt --drm=out/drm/model.safetensors --lora_rank=16   # public weights (sd3_pipeline.py)
 
 One update: `trajectories` SDE rollouts on training prompts, DRM rewards, advantages
 (grpo.py), then `minibatches` AdamW steps on the PPO-clipped loss over the
@@ -28,13 +30,13 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (GracefulStop, any_rank, autocast, check_finite, check_state_fits, load_base, print_config,
-                    resume_training_state, run_main, save_base, save_training_state, setup_device)
+from common import (GracefulStop, ModelFlags, any_rank, autocast, check_finite, check_state_fits, load_model,
+                    print_config, resume_training_state, run_main, save_base, save_training_state, setup_device)
 from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS, tokenize
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
-from model import DiT, add_lora, export_state_dict, in_chunks, set_compile
+from model import DiT, TextEncoder, add_lora, export_state_dict, in_chunks, set_compile
 from reward import load_drm
-from sample import encode_prompts, evaluate, initial_noise, save_grid, sigma_schedule
+from sample import encode_prompts, evaluate, generate, initial_noise, save_grid, sigma_schedule
 
 
 # checkpoints hold whole tensors on the CPU (gathered from the ranks' shards under --fsdp), so any number of
@@ -43,10 +45,11 @@ WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 @dataclass
-class Config:
-    base: str = "data/base.safetensors"    # the policy starts from this DiT (and reads prompts with its text encoder)
+class Config(ModelFlags):                  # --model, --ckpt_dir, ... for public SD3 weights (common.py)
+    base: str = "data/base.safetensors"    # the toy's policy starts from this DiT (and reads prompts with its text encoder)
     drm: str = "data/drm.safetensors"      # the reward model
     prompts: str = ""                      # a text file, one training prompt per line (default: data/world.py's)
+    eval_prompts: str = ""                 # one per line (default: the toy's held-out prompts; SD3: the first 8 of --prompts)
     out_dir: str = "out/policy"
     credit: str = "stepwise"               # stepwise (the paper) | sparse (Flow-GRPO) | cosine (arXiv 2505.19196)
     updates: int = 60
@@ -80,17 +83,20 @@ class Config:
     device: str = "auto"
 
 
-def read_prompts(path):
-    """The training prompts: data/world.py's, or a file's non-empty lines, checked against the vocabulary."""
+def read_prompts(path, default, flag, toy):
+    """A file's non-empty lines (the toy's: checked against its vocabulary), or the default when no file is given."""
     if not path:
-        return TRAIN_PROMPTS
+        if default is None:
+            raise ValueError(f"--{flag}: give a text file of prompts, one per line")
+        return default
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--prompts={path} does not exist; write one prompt per line")
+        raise FileNotFoundError(f"--{flag}={path} does not exist; write one prompt per line")
     with open(path) as f:
         prompts = [line.strip() for line in f if line.strip()]
     if not prompts:
-        raise ValueError(f"--prompts={path} holds no prompt; write one prompt per line")
-    tokenize(prompts)  # unknown words fail here, naming the prompt
+        raise ValueError(f"--{flag}={path} holds no prompt; write one prompt per line")
+    if toy:
+        tokenize(prompts)  # unknown words fail here, naming the prompt
     return prompts
 
 
@@ -113,20 +119,27 @@ def check(cfg):
         raise ValueError(f"--noise_level={cfg.noise_level}: GRPO needs a stochastic sampler, use > 0 (0.7 is Flow-GRPO's)")
 
 
-def export_policy(path, policy_state, config, lora_rank, text_encoder, step, dtype=None):
-    """The policy's whole state dict as a base checkpoint (LoRA folded in), so sample.py --ckpt reads it."""
+def export_policy(out_dir, policy_state, config, lora_rank, text_encoder, step):
+    """The policy's whole state dict, LoRA folded in, as a file sample.py reads: the toy's base checkpoint
+    (out_dir/model.safetensors, for --ckpt) or an SD3 transformer in diffusers' layout (out_dir/transformer)."""
     with torch.device("meta"):
         policy, plain = DiT(config), DiT(config)
         if lora_rank:
             add_lora(policy, rank=lora_rank, alpha=float(lora_rank))
     policy.load_state_dict(policy_state, assign=True)
     plain.load_state_dict(export_state_dict(policy), assign=True)
-    save_base(path, plain, text_encoder, step, dtype)
+    if isinstance(text_encoder, TextEncoder):
+        save_base(os.path.join(out_dir, "model.safetensors"), plain, text_encoder, step)
+    else:
+        from sd3 import save_sd3
+        save_sd3(plain, os.path.join(out_dir, "transformer"))
 
 
 def main(cfg):
     check(cfg)
-    train_prompts = read_prompts(cfg.prompts)
+    toy = cfg.model == "toy"
+    train_prompts = read_prompts(cfg.prompts, TRAIN_PROMPTS if toy else None, "prompts", toy)
+    heldout = read_prompts(cfg.eval_prompts, HELDOUT_PROMPTS if toy else train_prompts[:8], "eval_prompts", toy)
     print_config(cfg)
     device, ranks = setup_device(cfg.device)
     mine = ranks.shard(cfg.trajectories, "--trajectories")  # this rank's trajectories of each update
@@ -135,9 +148,12 @@ def main(cfg):
     set_compile(cfg.compile)
     torch.manual_seed(cfg.seed)
     from data.judge import Judge
-    judge = Judge()
-    policy, text_encoder, _ = load_base(cfg.base, device)
-    drm, drm_text, _ = load_drm(cfg.drm, device, policy=policy)
+    judge = Judge() if toy else None  # the simulated annotator exists in the toy world only
+    base = load_model(cfg, cfg.base, device)
+    policy, text_encoder = base.dit, base.text
+    if not cfg.lora_rank:
+        policy.float()  # full fine-tuning keeps float32 weights (bf16 only inside autocast on a GPU)
+    drm, drm_text, _ = load_drm(cfg.drm, device, policy=policy, text=text_encoder)
     drm.requires_grad_(False)
     reference = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_weight > 0 else None
     if cfg.lora_rank > 0:
@@ -169,24 +185,32 @@ def main(cfg):
         generator.set_state(state["generator"])
     os.makedirs(cfg.out_dir, exist_ok=True)
 
-    def drm_score(x, sigma, context, pooled):
-        counters["drm_calls"] += x.shape[0] * ranks.world  # every rank scores as many
+    def drm_score(x, sigma, context, pooled, counted=True):
+        counters["drm_calls"] += x.shape[0] * ranks.world * counted  # every rank scores as many
         return in_chunks(drm, cfg.drm_batch, x, sigma, context, pooled)
 
     def rollout_policy(x, sigma, context, pooled):
         return in_chunks(policy, cfg.rollout_batch, x, sigma, context, pooled)
 
     def run_eval():
+        """ODE samples of the held-out prompts with fixed seeds: the DRM's mean score, the annotator's (the toy)."""
         policy.eval()
-        summary, images, prompts = evaluate(policy, text_encoder, judge, HELDOUT_PROMPTS, cfg.eval_per_prompt,
-                                            seed=1234, steps=cfg.eval_steps, cfg_scale=cfg.eval_cfg_scale, shift=cfg.shift)
+        sampling = dict(seed=1234, steps=cfg.eval_steps, cfg_scale=cfg.eval_cfg_scale, shift=cfg.shift)
+        if judge is not None:
+            summary, samples, prompts = evaluate(policy, text_encoder, judge, heldout, cfg.eval_per_prompt, **sampling)
+        else:
+            prompts = [p for p in heldout for _ in range(cfg.eval_per_prompt)]
+            summary, samples = {}, generate(policy, text_encoder, prompts, batch_size=cfg.rollout_batch or 100,
+                                            size=base.latent_size, **sampling)
         (context, pooled), _ = encode_prompts(drm_text, prompts)
         with torch.no_grad():
-            summary["drm"] = drm(images.to(device), torch.zeros(len(images), device=device), context, pooled).mean().item()
+            summary["drm"] = drm_score(samples.to(device), torch.zeros(len(samples), device=device), context, pooled,
+                                       counted=False).mean().item()
+            images = torch.cat([base.to_images(s.to(device)).cpu() for s in samples.split(cfg.rollout_batch or 100)])
         policy.train()
         shown = min(cfg.eval_per_prompt, 8)
         if ranks.main:
-            save_grid(images.view(len(HELDOUT_PROMPTS), cfg.eval_per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1),
+            save_grid(images.view(len(heldout), cfg.eval_per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1),
                       os.path.join(cfg.out_dir, f"samples_{update:05d}.png"), nrow=shown)
         return summary
 
@@ -194,8 +218,7 @@ def main(cfg):
         policy_state, optimizer_state = get_state_dict(policy, optimizer, options=WHOLE)  # every rank takes part
         if not ranks.main:
             return
-        export_policy(os.path.join(cfg.out_dir, "model.safetensors"), policy_state, policy.config, cfg.lora_rank,
-                      text_encoder, update)
+        export_policy(cfg.out_dir, policy_state, policy.config, cfg.lora_rank, text_encoder, update)
         save_training_state(state_path, {"policy": policy_state, "optimizer": optimizer_state,
                                          "step": update, "counters": counters, "torch_rng": torch.get_rng_state(),
                                          "generator": generator.get_state(),
@@ -212,9 +235,8 @@ def main(cfg):
         record = {"step": update, "credit": cfg.credit, "seed": cfg.seed, **counters, **summary, **train_stats}
         log.write(json.dumps(record) + "\n")
         log.flush()
-        tqdm.write(f"update {update:4d} | gold {summary['gold']:.4f} | drm {summary['drm']:.4f} | "
-                   f"digit {summary['digit_correct']:.3f} | attributes {summary['attribute_match']:.3f} | "
-                   f"diversity {summary['diversity']:.4f} | nfe {counters['nfe']} | {counters['time_s']:.0f} s")
+        tqdm.write(f"update {update:4d} | " + " | ".join(f"{key} {value:.4f}" for key, value in summary.items())
+                   + f" | nfe {counters['nfe']} | {counters['time_s']:.0f} s")
 
     if update == 0:
         log_eval({})
@@ -232,7 +254,7 @@ def main(cfg):
             # Rollouts: the update's prompts and noise are drawn whole on every rank; each rank runs its rows
             picks = torch.randint(len(train_prompts), (n_prompts,), generator=generator).tolist()
             prompts = [train_prompts[i] for i in picks for _ in range(cfg.trajectories // n_prompts)]
-            noise = initial_noise(policy, len(prompts), generator)[mine].to(device)
+            noise = initial_noise(policy, len(prompts), generator, base.latent_size)[mine].to(device)
             cond, uncond = encode_prompts(text_encoder, prompts[mine])
             drm_context, drm_pooled = encode_prompts(drm_text, prompts[mine])[0]
             policy.eval()

@@ -5,6 +5,8 @@
     python train_reward.py --init=scratch --out_dir=out/drm_scratch   # the ablation: no pretraining
     python train_reward.py --eval_only --ckpt=data/drm.safetensors    # accuracy per sigma -> eval.json
     torchrun --nproc_per_node=8 train_reward.py --batch_size=512     # DDP: each process 64 pairs a step
+    python train_reward.py --model=sd3.5-medium --ckpt_dir=stable-diffusion-3.5-medium --prefs=hpdv3/ \
+        --resolution=512 --grad_checkpointing                      # public weights: images VAE-encoded once
 
 For each pair one sigma is drawn (logit-normal, as the DiT was trained) and
 shared by both images, each with its own noise, so the model learns to rank
@@ -26,8 +28,8 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from common import (GracefulStop, any_rank, autocast, check_finite, load_base, print_config, resume_training_state, run_main,
-                    save_training_state, setup_device, warmup_cosine)
+from common import (GracefulStop, ModelFlags, any_rank, autocast, check_finite, load_model, print_config,
+                    resume_training_state, run_main, save_training_state, setup_device, warmup_cosine)
 from data.preferences import load_pair_tensors, read_pairs
 from model import add_noise, logit_normal_sigma, set_compile
 from reward import DRM, HEADS, bradley_terry_loss, load_drm, save_drm
@@ -37,9 +39,9 @@ CLOSE_GAP = 0.1  # gold gap under which a pair counts as close
 
 
 @dataclass
-class Config:
-    prefs: str = "out/prefs"               # folder with train.jsonl and test.jsonl (data/preferences.py)
-    base: str = "data/base.safetensors"    # the pretrained DiT + text encoder the DRM starts from
+class Config(ModelFlags):                  # --model, --ckpt_dir, ... for public SD3 weights (common.py)
+    prefs: str = "out/prefs"               # folder with train.jsonl and test.jsonl (or .json lists, HPDv3's)
+    base: str = "data/base.safetensors"    # the toy's pretrained DiT + text encoder the DRM starts from
     out_dir: str = "out/drm"
     init: str = "pretrained"               # pretrained (the paper) | scratch (same network, random weights)
     drop_last: int = 3                     # DiT blocks cut from the end
@@ -56,6 +58,7 @@ class Config:
     eval_every: int = 1000
     eval_noise_draws: int = 2              # noise draws per test pair and sigma, averaged
     eval_sigmas: str = "0,0.25,0.5,0.75,0.9"  # noise levels the test accuracy is measured at
+    eval_batch: int = 256                  # test pairs scored at a time
     eval_only: bool = False                # evaluate --ckpt (default out_dir/model.safetensors), write out_dir/eval.json, stop
     ckpt: str = ""
     export: str = ""                       # at the end, also write the DRM here in float16 (how data/drm.safetensors is made)
@@ -80,7 +83,7 @@ def check(cfg):
     """Reject bad flag values before any work -> the evaluation sigmas."""
     if cfg.init not in ("pretrained", "scratch"):
         raise ValueError(f"--init={cfg.init}: choose pretrained or scratch")
-    for name in ("steps", "batch_size", "eval_every", "eval_noise_draws"):
+    for name in ("steps", "batch_size", "eval_every", "eval_noise_draws", "eval_batch"):
         if getattr(cfg, name) < 1:
             raise ValueError(f"--{name}={getattr(cfg, name)}: must be at least 1")
     try:
@@ -107,50 +110,66 @@ def prompt_embeddings(text_encoder, prompts, device):
 
 
 @torch.no_grad()
-def evaluate(drm, data, device, sigmas, noise_draws=4, seed=1234):
-    """Pairwise accuracy on the test pairs at each sigma -> dict of per-sigma figures."""
+def evaluate(drm, data, device, sigmas, noise_draws=4, seed=1234, batch=256):
+    """Pairwise accuracy on the test pairs at each sigma, against the labels and (the toy) gold -> {sigma: figures}."""
     drm.eval()
     winners, losers, context, pooled, gold = data
     g = torch.Generator().manual_seed(seed)
-    gold_first = gold[:, 0] > gold[:, 1]            # path1 (the labelled winner) is also gold's winner
-    not_tied = gold[:, 0] != gold[:, 1]
-    close = (gold[:, 0] - gold[:, 1]).abs() < CLOSE_GAP
     results = {}
     for sigma_value in sigmas:
         margin = torch.zeros(len(winners))
         for _ in range(noise_draws):
-            for i in range(0, len(winners), 256):
-                w, l = winners[i:i + 256], losers[i:i + 256]
+            for i in range(0, len(winners), batch):
+                w, l = winners[i:i + batch], losers[i:i + batch]
                 sigma = torch.full((len(w),), sigma_value, device=device)
                 x = torch.cat([add_noise(w, sigma, torch.randn(w.shape, generator=g).to(device)),
                                add_noise(l, sigma, torch.randn(l.shape, generator=g).to(device))])
-                rewards = drm(x, torch.cat([sigma, sigma]), torch.cat([context[i:i + 256]] * 2),
-                              torch.cat([pooled[i:i + 256]] * 2)).float().cpu()
+                rewards = drm(x, torch.cat([sigma, sigma]), torch.cat([context[i:i + batch]] * 2),
+                              torch.cat([pooled[i:i + batch]] * 2)).float().cpu()
                 margin[i:i + len(w)] += (rewards[:len(w)] - rewards[len(w):]) / noise_draws
         first_preferred = margin > 0
-        agrees_with_gold = (first_preferred == gold_first) & not_tied
-        results[f"{sigma_value:g}"] = {
-            "label_accuracy": first_preferred.float().mean().item(),
-            "gold_accuracy": (agrees_with_gold.sum() / not_tied.sum()).item(),
-            "gold_accuracy_close_pairs": (agrees_with_gold & close).sum().item() / max(1, (close & not_tied).sum().item()),
-        }
+        results[f"{sigma_value:g}"] = {"label_accuracy": first_preferred.float().mean().item()}
+        if gold is not None:
+            gold_first = gold[:, 0] > gold[:, 1]            # path1 (the labelled winner) is also gold's winner
+            not_tied, close = gold[:, 0] != gold[:, 1], (gold[:, 0] - gold[:, 1]).abs() < CLOSE_GAP
+            agrees_with_gold = (first_preferred == gold_first) & not_tied
+            results[f"{sigma_value:g}"].update(
+                gold_accuracy=(agrees_with_gold.sum() / not_tied.sum()).item(),
+                gold_accuracy_close_pairs=(agrees_with_gold & close).sum().item() / max(1, (close & not_tied).sum().item()))
     drm.train()
     return results
 
 
-def print_table(results, n_pairs, n_close):
-    print(f"accuracy on {n_pairs} test pairs ({n_close} close: gold gap < {CLOSE_GAP})")
+def print_table(results, data):
+    gold = data[4]
+    if gold is None:
+        print(f"accuracy against the labels on {len(data[0])} test pairs")
+        for sigma, r in results.items():
+            print(f"| {sigma} | {r['label_accuracy']:.1%} |")
+        return
+    n_close = int(((gold[:, 0] - gold[:, 1]).abs() < CLOSE_GAP).sum())
+    print(f"accuracy on {len(data[0])} test pairs ({n_close} close: gold gap < {CLOSE_GAP})")
     print("| sigma | vs noisy labels | vs gold ordering | vs gold, close pairs |")
     print("|---|---|---|---|")
     for sigma, r in results.items():
         print(f"| {sigma} | {r['label_accuracy']:.1%} | {r['gold_accuracy']:.1%} | {r['gold_accuracy_close_pairs']:.1%} |")
 
 
-def load_split(path, text_encoder, device, need_gold=False):
-    winners, losers, prompts, gold = load_pair_tensors(read_pairs(path))
-    if need_gold and gold is None:
-        raise ValueError(f"{path}: evaluation needs a 'gold' field on every line")
-    context, pooled = prompt_embeddings(text_encoder, prompts, device)
+def load_split(cfg, split, text, device, base=None):
+    """A split's pairs -> (winners, losers, context, pooled, gold or None): the toy's images as they are, or
+    with an SD3 base, its VAE's latents of them (cached in out_dir/cache)."""
+    pairs = read_pairs(next((p for p in (os.path.join(cfg.prefs, split + ext) for ext in (".jsonl", ".json"))
+                             if os.path.exists(p)), os.path.join(cfg.prefs, split + ".jsonl")))
+    if base is None or base.vae is None:
+        winners, losers, prompts, gold = load_pair_tensors(pairs)
+        if split == "test" and gold is None:
+            raise ValueError(f"{cfg.prefs}/test.jsonl: the toy's evaluation needs a 'gold' field on every line")
+    else:
+        from sd3_pipeline import encode_images
+        winners = encode_images(base, [p["path1"] for p in pairs], cfg.resolution, os.path.join(cfg.out_dir, "cache"))
+        losers = encode_images(base, [p["path2"] for p in pairs], cfg.resolution, os.path.join(cfg.out_dir, "cache"))
+        prompts, gold = [p["prompt"] for p in pairs], None
+    context, pooled = prompt_embeddings(text, prompts, device)
     return winners.to(device), losers.to(device), context, pooled, gold
 
 
@@ -166,10 +185,11 @@ def main(cfg):
         if not ranks.main:
             return None
         path = cfg.ckpt or os.path.join(cfg.out_dir, "model.safetensors")
-        drm, text_encoder, meta = load_drm(path, device)
-        test = load_split(os.path.join(cfg.prefs, "test.jsonl"), text_encoder, device, need_gold=True)
-        results = evaluate(drm, test, device, eval_sigmas, cfg.eval_noise_draws)
-        print_table(results, len(test[0]), int(((test[4][:, 0] - test[4][:, 1]).abs() < CLOSE_GAP).sum()))
+        base = load_model(cfg, cfg.base, device) if cfg.model != "toy" else None  # SD3: its text encoders and VAE
+        drm, text, meta = load_drm(path, device, text=base.text if base else None)
+        test = load_split(cfg, "test", text, device, base)
+        results = evaluate(drm, test, device, eval_sigmas, cfg.eval_noise_draws, batch=cfg.eval_batch)
+        print_table(results, test)
         out = os.path.join(cfg.out_dir, "eval.json")
         os.makedirs(cfg.out_dir, exist_ok=True)
         with open(out, "w") as f:
@@ -177,14 +197,14 @@ def main(cfg):
         print(f"wrote {out}")
         return results
 
-    dit, text_encoder, _ = load_base(cfg.base, device)
-    text_encoder.requires_grad_(False)
-    train = load_split(os.path.join(cfg.prefs, "train.jsonl"), text_encoder, device)
-    test = load_split(os.path.join(cfg.prefs, "test.jsonl"), text_encoder, device, need_gold=True)
-    drm = (DRM.from_dit(dit, cfg.drop_last, cfg.head_dropout, cfg.head) if cfg.init == "pretrained"
-           else DRM.from_scratch(dit.config, cfg.drop_last, cfg.head_dropout, cfg.head)).to(device).train()
+    base = load_model(cfg, cfg.base, device)
+    text_encoder = base.text.requires_grad_(False)
+    train = load_split(cfg, "train", text_encoder, device, base)
+    test = load_split(cfg, "test", text_encoder, device, base)
+    drm = (DRM.from_dit(base.dit, cfg.drop_last, cfg.head_dropout, cfg.head) if cfg.init == "pretrained"
+           else DRM.from_scratch(base.dit.config, cfg.drop_last, cfg.head_dropout, cfg.head)).to(device).float().train()
     drm.backbone.grad_checkpointing = cfg.grad_checkpointing
-    del dit
+    base.dit = None  # the DRM holds its own copy; float32 weights under bf16 autocast on a GPU
     n_params = sum(p.numel() for p in drm.parameters())
     print(f"DRM ({cfg.init}): {len(drm.backbone.joint_blocks)} of {drm.backbone.config.depth} blocks, "
           f"{n_params / 1e6:.2f}M parameters; {len(train[0])} train pairs, {len(test[0])} test pairs")
@@ -205,7 +225,7 @@ def main(cfg):
     def save(step):
         if not ranks.main:
             return
-        save_drm(os.path.join(cfg.out_dir, "model.safetensors"), drm, text_encoder, step, {"init": cfg.init})
+        save_drm(os.path.join(cfg.out_dir, "model.safetensors"), drm, text_encoder, step, {"init": cfg.init, "model": cfg.model, "ckpt_dir": cfg.ckpt_dir})
         save_training_state(state_path, {"drm": drm.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                                          "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
 
@@ -238,7 +258,7 @@ def main(cfg):
             running.append((loss.item(), (reward_win > reward_lose).float().mean().item()))
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if ranks.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
-                results = evaluate(drm, test, device, eval_sigmas, cfg.eval_noise_draws)
+                results = evaluate(drm, test, device, eval_sigmas, cfg.eval_noise_draws, batch=cfg.eval_batch)
                 record = {"step": step + 1, "loss": sum(r[0] for r in running) / len(running),
                           "train_label_accuracy": sum(r[1] for r in running) / len(running),
                           "grad_norm": grad_norm.item(), "minutes": (time.time() - t0) / 60, "test": results}
@@ -246,15 +266,16 @@ def main(cfg):
                 save(step + 1)
                 log.write(json.dumps(record) + "\n")
                 log.flush()
-                tqdm.write(f"step {step + 1:5d} | loss {record['loss']:.4f} | test accuracy vs gold by sigma "
-                           + " ".join(f"{s}:{r['gold_accuracy']:.3f}" for s, r in results.items())
+                against = "gold" if test[4] is not None else "labels"
+                tqdm.write(f"step {step + 1:5d} | loss {record['loss']:.4f} | test accuracy vs {against} by sigma "
+                           + " ".join(f"{s}:{r.get('gold_accuracy', r['label_accuracy']):.3f}" for s, r in results.items())
                            + f" | {record['minutes']:.1f} min")
             if any_rank(stop):
                 save(step + 1)
                 print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
                 return None
     if cfg.export and ranks.main:
-        save_drm(cfg.export, drm, text_encoder, cfg.steps, {"init": cfg.init}, dtype=torch.float16)
+        save_drm(cfg.export, drm, text_encoder, cfg.steps, {"init": cfg.init, "model": cfg.model, "ckpt_dir": cfg.ckpt_dir}, dtype=torch.float16)
         print(f"exported the DRM in float16 to {cfg.export}")
     return drm
 

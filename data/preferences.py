@@ -61,33 +61,49 @@ def to_tensor(path):
     return pixels.view(1, grey.height, grey.width).float() / 127.5 - 1
 
 
+def read_records(path):
+    """JSON lines, or (HPDv3's train.json) one JSON list -> [(where, record)]."""
+    with open(path) as f:
+        if path.endswith(".json"):
+            try:
+                records = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not JSON ({e})") from None
+            if not isinstance(records, list):
+                raise ValueError(f"{path}: expected a JSON list of pairs")
+            return [(f"{path} pair {number}", record) for number, record in enumerate(records, 1)]
+        lines = [(f"{path} line {number}", line) for number, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for where, line in lines:
+        try:
+            records.append((where, json.loads(line)))
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{where}: not JSON ({e})") from None
+    return records
+
+
 def read_pairs(path):
-    """-> list of dicts with prompt, path1, path2 (absolute), confidence, gold (or None). Validated line by line."""
+    """-> list of dicts with prompt, path1 (the preferred image), path2 (paths relative to the file's folder, made
+    absolute), confidence, gold (or None). Validated pair by pair."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"preference file {path} does not exist; make one with python data/preferences.py")
     folder = os.path.dirname(os.path.abspath(path))
     pairs = []
-    with open(path) as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"{path} line {number}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{where}: not JSON ({e})") from None
-            missing = [k for k in ("prompt", "path1", "path2") if k not in record]
-            if missing:
-                raise ValueError(f"{where}: missing field(s) {missing}")
-            confidence = record.get("confidence", 1.0)
-            if not isinstance(confidence, (int, float)) or not 0.0 <= confidence <= 1.0:
-                raise ValueError(f"{where}: confidence {confidence!r} is not a number in [0, 1]")
-            for key in ("path1", "path2"):
-                record[key] = os.path.join(folder, record[key])
-                if not os.path.exists(record[key]):
-                    raise FileNotFoundError(f"{where}: image {record[key]} does not exist")
-            pairs.append({"prompt": record["prompt"], "path1": record["path1"], "path2": record["path2"],
-                          "confidence": float(confidence), "gold": record.get("gold")})
+    for where, record in read_records(path):
+        if not isinstance(record, dict):
+            raise ValueError(f"{where}: expected an object with prompt, path1, path2")
+        missing = [k for k in ("prompt", "path1", "path2") if k not in record]
+        if missing:
+            raise ValueError(f"{where}: missing field(s) {missing}")
+        confidence = record.get("confidence", 1.0)
+        if not isinstance(confidence, (int, float)) or not 0.0 <= confidence <= 1.0:
+            raise ValueError(f"{where}: confidence {confidence!r} is not a number in [0, 1]")
+        for key in ("path1", "path2"):
+            record[key] = os.path.join(folder, record[key])
+            if not os.path.exists(record[key]):
+                raise FileNotFoundError(f"{where}: image {record[key]} does not exist")
+        pairs.append({"prompt": record["prompt"], "path1": record["path1"], "path2": record["path2"],
+                      "confidence": float(confidence), "gold": record.get("gold")})
     if not pairs:
         raise ValueError(f"{path} holds no pairs: an empty split cannot train or evaluate a reward model")
     return pairs

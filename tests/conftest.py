@@ -11,6 +11,14 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 os.chdir(ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
+sys.path.insert(0, os.path.join(ROOT, "assignments"))
+from make_student_copy import EXERCISES  # noqa: E402
+
+
+def pytest_configure(config):
+    """A test marked with an exercise needs that exercise's code: `pytest -k ex3_sde_step` grades it (assignments/)."""
+    for name in EXERCISES:
+        config.addinivalue_line("markers", f"{name}: needs the code of assignments/{name}.md")
 
 
 def random_small_dit(seed=0):

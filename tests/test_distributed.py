@@ -45,6 +45,7 @@ def assert_same_training(single, ddp, start):
     assert (single - ddp).norm() < 1e-3 * moved  # the two runs took the same step, up to rounding
 
 
+@pytest.mark.ex2_drm
 def test_ddp_reward_step_equals_one_process(tmp_path):
     tiny_preferences(tmp_path / "prefs")
     args = [f"--prefs={tmp_path / 'prefs'}", "--steps=2", "--batch_size=8", "--eval_every=2", "--eval_noise_draws=1",
@@ -60,6 +61,10 @@ def test_ddp_reward_step_equals_one_process(tmp_path):
     assert len(open(tmp_path / "two" / "metrics.jsonl").readlines()) == 1      # rank 0 alone writes
 
 
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex2_drm
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
 @pytest.mark.parametrize("credit, k", [("stepwise", 2), ("sparse", 4)])     # sparse: one group of 4 split over 2 ranks
 def test_ddp_policy_update_equals_one_process(tmp_path, credit, k):
     args = ["--updates=1", "--trajectories=4", f"--k={k}", f"--credit={credit}", "--steps=2", "--eval_every=1",
@@ -75,6 +80,10 @@ def test_ddp_policy_update_equals_one_process(tmp_path, credit, k):
                                                 abs=1e-4)
 
 
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex2_drm
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
 def test_fsdp_lora_update_equals_one_process(tmp_path):
     """--fsdp shards the policy over the ranks; a LoRA update, folded into the exported weights, as one process's."""
     args = ["--updates=1", "--trajectories=4", "--k=2", "--steps=2", "--eval_every=1", "--eval_per_prompt=1",
@@ -88,6 +97,7 @@ def test_fsdp_lora_update_equals_one_process(tmp_path):
     assert state["policy"]["joint_blocks.0.x_block.attn.qkv.lora_A"].shape == (4, 128)
 
 
+@pytest.mark.ex1_flow_matching
 def test_ddp_base_steps_equal_one_process(tmp_path):
     """train_base.py too: 3 steps on 2 processes end where one process ends (weights relative to their norm)."""
     args = ["train_base.py", "--steps=3", "--batch_size=8", "--eval_every=3", "--eval_per_prompt=1", "--warmup=1"]
@@ -99,6 +109,7 @@ def test_ddp_base_steps_equal_one_process(tmp_path):
     assert (single - ddp).norm() < 1e-6 * single.norm()  # measured 6e-9; rank 1 taking rank 0's rows: 3e-3
 
 
+@pytest.mark.ex1_flow_matching
 def test_sigterm_then_resume_equals_one_uninterrupted_run(tmp_path):
     """A real SIGTERM to a training process mid-run: it saves and leaves; --resume ends where a straight run ends."""
     args = ["train_base.py", "--steps=40", "--batch_size=4", "--eval_every=10", "--eval_per_prompt=1", "--warmup=2"]

@@ -8,6 +8,7 @@ from grpo import (cosine_weights, credit_advantages, grpo_loss, sample_rollout, 
 from sample import sigma_schedule
 
 
+@pytest.mark.ex3_sde_step
 @pytest.mark.parametrize("sigma, sigma_next", [(0.8, 0.6), (0.3, 0.1), (0.1, 0.0), (1.0, 0.9)])
 def test_sde_step_matches_an_independent_gaussian(sigma, sigma_next):
     g = torch.Generator().manual_seed(0)
@@ -28,6 +29,7 @@ def test_sde_step_matches_an_independent_gaussian(sigma, sigma_next):
     assert torch.allclose(log_prob, normal.log_prob(x_next).flatten(1).mean(1), atol=1e-5)
 
 
+@pytest.mark.ex3_sde_step
 def test_sde_step_without_noise_is_euler():
     g = torch.Generator().manual_seed(0)
     x, velocity = torch.randn(2, 1, 8, 8, generator=g), torch.randn(2, 1, 8, 8, generator=g)
@@ -36,12 +38,15 @@ def test_sde_step_without_noise_is_euler():
     assert torch.equal(x_next, x + (sigma_next - sigma).view(-1, 1, 1, 1) * velocity)
 
 
+@pytest.mark.ex3_sde_step
 def test_sde_step_is_float32_for_a_bf16_model():
     x, velocity = torch.randn(2, 1, 8, 8).bfloat16(), torch.randn(2, 1, 8, 8).bfloat16()
     x_next, log_prob, mean, std = sde_step(x, velocity, 0.5, 0.4, 0.7)
     assert x_next.dtype == log_prob.dtype == mean.dtype == std.dtype == torch.float32
 
 
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
 @pytest.mark.parametrize("k, cfg_scale", [(1, 1.0), (3, 2.0)])
 def test_replayed_rollout_has_ratio_one(k, cfg_scale):
     """With the policy unchanged, log-probs recomputed from the stored states equal the rollout's."""
@@ -60,6 +65,7 @@ def test_replayed_rollout_has_ratio_one(k, cfg_scale):
     assert stats["ratio_max_deviation"].item() < 1e-5
 
 
+@pytest.mark.ex3_sde_step
 def test_candidates_share_the_stored_mean_and_the_trajectory_goes_on_from_the_chosen_one():
     policy, B, k = random_dit(), 3, 4
     cond = prompts(B)
@@ -78,6 +84,7 @@ def test_candidates_share_the_stored_mean_and_the_trajectory_goes_on_from_the_ch
         assert torch.allclose(normal.log_prob(rollout.candidates[t]).flatten(2).mean(2), rollout.log_probs[t], atol=1e-4)
 
 
+@pytest.mark.ex4_grpo
 def test_stepwise_advantages_have_zero_mean_within_each_group():
     rewards = torch.randn(6, 5, 4) * 3 + torch.arange(5).view(1, 5, 1)
     advantages = stepwise_advantages(rewards)
@@ -86,6 +93,7 @@ def test_stepwise_advantages_have_zero_mean_within_each_group():
     assert torch.equal(advantages.argsort(-1), rewards.argsort(-1))
 
 
+@pytest.mark.ex4_grpo
 def test_terminal_advantages_normalise_per_prompt_group():
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])
     advantages = terminal_advantages(rewards, group_size=3)
@@ -109,6 +117,8 @@ def test_cosine_weights_sum_to_one_and_follow_progress():
     assert torch.allclose(weights[5:], torch.full((5, 3), 0.2), atol=1e-6)  # a window shares its credit
 
 
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
 def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
     policy, B = random_dit(), 4
     rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), prompts(B), None, sigma_schedule(6), 0.7)
@@ -124,6 +134,10 @@ def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
         credit_advantages("dense", rollout, final_rewards, 2)
 
 
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex2_drm
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
 def test_short_stepwise_training_raises_the_drm_score():
     """Step-wise GRPO on the shipped base model and DRM, a few updates with a large step: the DRM's mean score of
     ODE samples of fixed noise on the training prompts goes up."""
@@ -164,6 +178,8 @@ def test_short_stepwise_training_raises_the_drm_score():
     assert mean_drm_score() > before + 0.05
 
 
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
 def test_compiled_rollout_and_loss_agree_with_eager_and_compile_once(compiled):
     """Rollout (SDE step and log-prob compiled with the DiT's blocks) and loss gradients match eager;
     a second update of the same shapes compiles nothing new."""
@@ -196,6 +212,7 @@ def test_compiled_rollout_and_loss_agree_with_eager_and_compile_once(compiled):
         assert torch.allclose(grad, eager_grad, rtol=1e-3, atol=1e-6)
 
 
+@pytest.mark.ex3_sde_step
 def test_micro_batched_rollout_equals_the_full_batch():
     """in_chunks over the policy and the DRM changes memory, not the rollout."""
     from model import in_chunks

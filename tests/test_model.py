@@ -44,6 +44,7 @@ def test_public_parameter_counts(preset, billions, exact):
     assert abs(count / 1e9 - billions) < 0.01
 
 
+@pytest.mark.ex1_flow_matching
 def test_flow_matching_target_on_hand_made_tensors():
     x0 = torch.tensor([[[[1.0, -1.0], [0.5, 0.0]]]])
     noise = torch.tensor([[[[0.0, 2.0], [-1.0, 1.0]]]])
@@ -61,6 +62,7 @@ def test_flow_matching_target_on_hand_made_tensors():
     assert oracle.item() == 0
 
 
+@pytest.mark.ex1_flow_matching
 def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
     torch.manual_seed(0)
     dit, text = build_dit(SMALL), TextEncoder(TextConfig(context_dim=16, pooled_dim=16))
@@ -86,6 +88,7 @@ def test_sigma_schedule_and_shift_formula():
     assert torch.equal(sigma_schedule(4, shift=1.0), plain)
 
 
+@pytest.mark.ex1_flow_matching
 def test_sampler_with_one_step_is_one_euler_step():
     dit = randomized(build_dit(SMALL)).eval()
     x, _, context, pooled = small_inputs()
@@ -94,6 +97,7 @@ def test_sampler_with_one_step_is_one_euler_step():
     assert torch.allclose(out, x - velocity, atol=1e-6)
 
 
+@pytest.mark.ex1_flow_matching
 def test_guidance_combines_conditional_and_unconditional_velocities():
     dit = randomized(build_dit(SMALL)).eval()
     x, _, context, pooled = small_inputs()
@@ -201,6 +205,7 @@ def test_compiled_dit_agrees_with_eager_in_forward_and_gradients(compiled):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled path really ran
 
 
+@pytest.mark.ex1_flow_matching
 def test_compiled_training_loop_compiles_once(compiled):
     """After the first step, further steps of the same shapes add no graphs and trigger no recompiles."""
     dit = build_dit(SMALL)

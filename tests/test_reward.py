@@ -22,6 +22,7 @@ def inputs(batch=4, seed=0):
             torch.randn(batch, 3, 16, generator=g), torch.randn(batch, 16, generator=g))
 
 
+@pytest.mark.ex2_drm
 def test_bradley_terry_loss_by_hand():
     win, lose = torch.tensor([2.0, -1.0, 0.0, 5.0]), torch.tensor([1.0, 1.0, 0.0, -3.0])
     expected = torch.tensor([math.log(1 + math.exp(-(w - l))) for w, l in zip(win.tolist(), lose.tolist())])
@@ -42,6 +43,7 @@ def test_drm_reproduces_the_dits_hidden_tokens():
     assert drm.backbone.x_embedder.proj.weight.data_ptr() != dit.x_embedder.proj.weight.data_ptr()  # a copy
 
 
+@pytest.mark.ex2_drm
 def test_gradients_reach_backbone_and_head():
     drm = DRM.from_scratch(SMALL, drop_last=2)
     with torch.no_grad():
@@ -53,6 +55,7 @@ def test_gradients_reach_backbone_and_head():
     assert drm.head.mlp[-1].weight.grad.abs().sum() > 0
 
 
+@pytest.mark.ex2_drm
 def test_drm_learns_a_separable_pair_set():
     """Winners are bright squares, losers dark ones: a few steps reach 100% at low noise."""
     torch.manual_seed(0)

@@ -26,6 +26,8 @@ def minus_pixel_sum(x, sigma, context, pooled):
     return -x.flatten(1).sum(1)
 
 
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex3_sde_step
 def test_one_candidate_without_noise_is_the_ode_sampler():
     policy, noise = random_small_dit(), torch.randn(3, 1, 16, 16)
     cond, uncond = random_prompts(3, 1), random_prompts(3, 2)
@@ -36,6 +38,8 @@ def test_one_candidate_without_noise_is_the_ode_sampler():
     assert counts == {"nfe": 3 * 6 * 2, "drm_calls": 0}
 
 
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex5_beam_search
 def test_greedy_keeps_the_successor_the_drm_likes_best():
     N, k, steps = 3, 4, 5
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
@@ -51,6 +55,8 @@ def test_greedy_keeps_the_successor_the_drm_likes_best():
     assert counts == {"nfe": policy.passes, "drm_calls": drm.passes} == {"nfe": N * steps, "drm_calls": N * steps * k}
 
 
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex5_beam_search
 def test_beam_keeps_the_top_beam_of_all_successors():
     N, k, beam = 2, 3, 2
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
@@ -63,6 +69,8 @@ def test_beam_keeps_the_top_beam_of_all_successors():
         assert torch.allclose(state.view(N, beam, -1).sum(2).sort(1).values, top, atol=1e-4)
 
 
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex5_beam_search
 @pytest.mark.parametrize("k, beam, score_every, ode_last, cfg_scale", [
     (4, 1, 1, 0, 1.0), (3, 2, 2, 0, 2.5), (2, 3, 1, 2, 2.5), (2, 2, 3, 0, 1.0)])
 def test_counters_match_the_calls_made(k, beam, score_every, ode_last, cfg_scale):
@@ -76,6 +84,8 @@ def test_counters_match_the_calls_made(k, beam, score_every, ode_last, cfg_scale
     assert counts["nfe"] == N * beam * steps * (2 if cfg_scale != 1 else 1)
 
 
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex3_sde_step
 def test_best_of_n_picks_the_drms_favourite_of_n_whole_samples():
     N, n = 2, 5
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)

@@ -21,6 +21,7 @@ def tiny_base_config(out_dir, **overrides):
     return train_base.Config(**{**settings, **overrides})
 
 
+@pytest.mark.ex1_flow_matching
 def test_train_base_stopped_and_resumed_equals_one_uninterrupted_run(tmp_path, monkeypatch):
     train_base.main(tiny_base_config(tmp_path / "straight"))
 
@@ -46,6 +47,7 @@ def test_train_base_stopped_and_resumed_equals_one_uninterrupted_run(tmp_path, m
     assert not [f for f in os.listdir(tmp_path / "stopped") if ".tmp-" in f]  # no half-written files
 
 
+@pytest.mark.ex1_flow_matching
 def test_export_writes_a_loadable_float16_copy(tmp_path):
     export = tmp_path / "shipped.safetensors"
     ema = train_base.main(tiny_base_config(tmp_path / "run", steps=2, export=str(export)))
@@ -104,6 +106,7 @@ def test_bad_input_gives_one_clear_line(args, says):
     assert last_line.startswith("error: ") and says in last_line
 
 
+@pytest.mark.ex3_sde_step
 def test_sample_cli_writes_a_grid(tmp_path):
     out = tmp_path / "grid.png"
     result = run_script("sample.py", "--prompt=a thick 7 slanted right", "--n=4", "--steps=4", f"--out={out}")
@@ -112,6 +115,10 @@ def test_sample_cli_writes_a_grid(tmp_path):
     assert Image.open(out).size == (4 * 34 * 2, 34 * 2)
 
 
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex2_drm
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
 def test_train_policy_resumed_equals_one_uninterrupted_run(tmp_path):
     import train_policy
     tiny = dict(trajectories=4, k=2, steps=2, eval_every=1, eval_per_prompt=2, eval_steps=2)
@@ -130,12 +137,16 @@ def test_train_policy_resumed_equals_one_uninterrupted_run(tmp_path):
     assert lines[-1]["drm_calls"] == 2 * 4 * 2 * 2          # per update: 4 trajectories x 2 steps x k = 2
 
 
+EVERY_TRAINING_EXERCISE = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
+
+
 @pytest.mark.parametrize("args", [
-    ["train_reward.py", "--lr=1e30", "--head_lr=1e30", "--steps=3", "--batch_size=8", "--eval_every=5", "--warmup=1",
-     "--prefs=PREFS"],
-    ["train_base.py", "--lr=1e30", "--steps=6", "--batch_size=4", "--eval_every=3", "--eval_per_prompt=1", "--warmup=1"],
-    ["train_policy.py", "--lr=1e30", "--updates=3", "--trajectories=4", "--k=2", "--steps=2", "--eval_per_prompt=2",
-     "--eval_steps=2", "--eval_every=5"],
+    pytest.param(["train_reward.py", "--lr=1e30", "--head_lr=1e30", "--steps=3", "--batch_size=8", "--eval_every=5",
+                  "--warmup=1", "--prefs=PREFS"], marks=pytest.mark.ex2_drm),
+    pytest.param(["train_base.py", "--lr=1e30", "--steps=6", "--batch_size=4", "--eval_every=3", "--eval_per_prompt=1",
+                  "--warmup=1"], marks=pytest.mark.ex1_flow_matching),
+    pytest.param(["train_policy.py", "--lr=1e30", "--updates=3", "--trajectories=4", "--k=2", "--steps=2",
+                  "--eval_per_prompt=2", "--eval_steps=2", "--eval_every=5"], marks=EVERY_TRAINING_EXERCISE),
 ])
 def test_a_non_finite_loss_stops_the_run_and_saves_nothing_bad(args, tmp_path):
     tiny_preferences(tmp_path / "prefs")
@@ -160,8 +171,9 @@ def a_base_of_another_size(path):
     ("empty prompt file", "holds no prompt; write one prompt per line"),
     ("truncated checkpoint", "truncated.safetensors is truncated: tensor"),
     ("base of another size", "scores images of shape (1, 32, 32), the policy makes (1, 16, 16)"),
-    ("damaged train state", "train_state.pt cannot be read"),
-    ("train state of other settings", "does not fit this run's policy; resume with the flags it was written with"),
+    pytest.param("damaged train state", "train_state.pt cannot be read", marks=EVERY_TRAINING_EXERCISE),  # a run first
+    pytest.param("train state of other settings", "does not fit this run's policy; resume with the flags it was written with",
+                 marks=EVERY_TRAINING_EXERCISE),
 ])
 def test_bad_files_end_in_one_line_and_leave_nothing_half_written(case, says, tmp_path):
     out = tmp_path / "run"

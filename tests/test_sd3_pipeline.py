@@ -1,0 +1,163 @@
+"""End to end on public-checkpoint plumbing: a tiny random SD3.5-like pipeline folder in diffusers' layout (all
+its parts, written by diffusers and transformers themselves), then sample.py, train_reward.py on HPDv3-style
+pairs and train_policy.py with LoRA, each run as a user would, on the CPU."""
+import io
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+from sd3_pipeline import find_part
+from sd3_text import bytes_to_unicode
+
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+spm = pytest.importorskip("sentencepiece")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a red fox in the snow", "a bowl of ramen, studio light", "an astronaut riding a horse",
+           "a watercolor of a lighthouse"]
+
+
+def randomize(model, scale=0.1, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+    return model
+
+
+def clip_tokenizer_files(folder, pad):
+    """A small byte-level BPE vocabulary: the 512 byte symbols, a few merges, the two special tokens."""
+    symbols = list(bytes_to_unicode().values())
+    merges = [("t", "h"), ("th", "e</w>"), ("a", "n"), ("r", "e"), ("o", "n</w>"), ("i", "n")]
+    vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    os.makedirs(folder)
+    with open(os.path.join(folder, "vocab.json"), "w") as f:
+        json.dump({s: i for i, s in enumerate(vocab)}, f)
+    with open(os.path.join(folder, "merges.txt"), "w") as f:
+        f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+    with open(os.path.join(folder, "special_tokens_map.json"), "w") as f:
+        json.dump({"pad_token": pad}, f)
+    return len(vocab)
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """transformer/ vae/ text_encoder{,_2,_3}/ tokenizer{,_2,_3}/ of a tiny SD3.5-medium-like model."""
+    root = tmp_path_factory.mktemp("tiny-sd3.5")
+    torch.manual_seed(0)
+    randomize(diffusers.SD3Transformer2DModel(
+        sample_size=16, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=1, joint_attention_dim=32, caption_projection_dim=64, pooled_projection_dim=16,
+        pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,)), 0.05).save_pretrained(root / "transformer")
+    randomize(diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 32), layers_per_block=1, latent_channels=16,
+        norm_num_groups=32, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+        shift_factor=0.0609)).save_pretrained(root / "vae")
+    vocab = clip_tokenizer_files(str(root / "tokenizer"), "<|endoftext|>")
+    clip_tokenizer_files(str(root / "tokenizer_2"), "!")
+    for name, width, heads in (("text_encoder", 16, 2), ("text_encoder_2", 16, 4)):
+        config = transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=width, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=heads, max_position_embeddings=77, projection_dim=8,
+                                             bos_token_id=vocab - 2, eos_token_id=vocab - 1, pad_token_id=vocab - 1)
+        randomize(transformers.CLIPTextModelWithProjection(config), 0.2).save_pretrained(root / name)
+    model = io.BytesIO()
+    lines = [line for line in open(os.path.join(ROOT, "README.md")) if line.strip()]
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=300, model_type="unigram",
+                                   pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    os.makedirs(root / "tokenizer_3")
+    (root / "tokenizer_3" / "spiece.model").write_bytes(model.getvalue())
+    t5 = transformers.T5Config(vocab_size=300, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4,
+                               feed_forward_proj="gated-gelu", relative_attention_num_buckets=8)
+    randomize(transformers.T5EncoderModel(t5), 0.2).save_pretrained(root / "text_encoder_3")
+    return root
+
+
+def run(script, *args):
+    result = subprocess.run([sys.executable, script, *args], cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def preference_folder(folder, seed=0):
+    """HPDv3's layout: train.json / test.json, lists of {prompt, path1 (preferred), path2, confidence}, images of
+    assorted sizes and aspect ratios on disk (resized and centre-cropped by the loader)."""
+    g = torch.Generator().manual_seed(seed)
+    os.makedirs(folder / "images")
+    for split, n in (("train", 8), ("test", 4)):
+        pairs = []
+        for i in range(n):
+            paths = []
+            for side in ("a", "b"):
+                h, w = 24 + 8 * (i % 3), 40 - 4 * (i % 2)
+                pixels = (torch.rand(h, w, 3, generator=g) * 255).byte().numpy()
+                Image.fromarray(pixels).save(folder / "images" / f"{split}{i}{side}.png")
+                paths.append(f"images/{split}{i}{side}.png")
+            pairs.append({"prompt": PROMPTS[i % len(PROMPTS)], "path1": paths[0], "path2": paths[1], "confidence": 0.8})
+        (folder / f"{split}.json").write_text(json.dumps(pairs))
+
+
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex2_drm
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
+@pytest.mark.ex5_beam_search
+def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path):
+    flags = ["--model=sd3", f"--ckpt_dir={pipeline}", "--resolution=32", "--device=cpu"]
+    samples = tmp_path / "samples.png"
+    out = run("sample.py", *flags, "--prompt=a red fox in the snow", "--n=2", "--steps=2", "--cfg_scale=3", f"--out={samples}")
+    assert "2 images" in out
+    grid = Image.open(samples)
+    assert grid.mode == "RGB" and grid.size == (2 * (32 + 2) * 2, (32 + 2) * 2)  # 32 px images, upscaled 2x
+
+    prefs = tmp_path / "prefs"
+    preference_folder(prefs)
+    drm_dir = tmp_path / "drm"
+    out = run("train_reward.py", *flags, f"--prefs={prefs}", f"--out_dir={drm_dir}", "--steps=3", "--batch_size=2",
+              "--eval_every=3", "--eval_sigmas=0,0.5", "--drop_last=1", "--warmup=1")
+    assert "test accuracy vs labels" in out
+    assert len(list((drm_dir / "cache").glob("latents_*.safetensors"))) == 4  # each split's winners and losers, once
+    run("train_reward.py", *flags, f"--prefs={prefs}", f"--out_dir={drm_dir}", "--eval_only")
+    accuracy = json.loads((drm_dir / "eval.json").read_text())["accuracy"]
+    assert set(accuracy) == {"0", "0.25", "0.5", "0.75", "0.9"} and 0 <= accuracy["0"]["label_accuracy"] <= 1
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    policy_dir = tmp_path / "policy"
+    out = run("train_policy.py", *flags, f"--prompts={prompts}", f"--drm={drm_dir / 'model.safetensors'}",
+              f"--out_dir={policy_dir}", "--lora_rank=2", "--updates=1", "--trajectories=2", "--k=2", "--steps=2",
+              "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2")
+    assert "update    1 | drm" in out
+    assert (policy_dir / "samples_00001.png").exists()
+    # the policy, LoRA folded in, as a diffusers transformer that diffusers and sample.py --transformer read
+    trained = diffusers.SD3Transformer2DModel.from_pretrained(policy_dir / "transformer")
+    original = diffusers.SD3Transformer2DModel.from_pretrained(pipeline / "transformer")
+    moved = [n for n, p in trained.named_parameters() if not torch.equal(p, original.get_parameter(n))]
+    assert moved and all(".attn" in n for n in moved)  # LoRA trains the attention projections only
+    run("sample.py", *flags, f"--transformer={policy_dir / 'transformer'}", "--prompt=a bowl of ramen", "--n=1",
+        "--steps=2", f"--drm={drm_dir / 'model.safetensors'}", "--k=2", f"--out={tmp_path / 'stepwise.png'}")
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--model=sd3.5-medium"], "needs --ckpt_dir"),
+    (["--model=sd4"], "--model=sd4: choose toy or one of"),
+    (["--model=sd3.5-medium", "--ckpt_dir={pipeline}"], "not sd3.5-medium's"),
+    (["--model=sd3", "--ckpt_dir={pipeline}", "--resolution=50"], "--resolution=50: a multiple of 4 up to 64"),
+    (["--model=sd3", "--ckpt_dir={pipeline}/transformer"], "transformer holds no SD3 VAE"),
+    (["--model=sd3", "--ckpt_dir={pipeline}", "--eval"], "--eval scores with the toy's simulated annotator"),
+])
+def test_bad_pipeline_flags_give_one_clear_line(pipeline, args, says):
+    result = subprocess.run([sys.executable, "sample.py", "--device=cpu", *(a.format(pipeline=pipeline) for a in args)],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert result.stderr.startswith("error:") and says in result.stderr and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_missing_part_names_every_place_looked(pipeline):
+    with pytest.raises(FileNotFoundError, match="no CLIP-L: looked for .*vae/text_encoder, .*vae/text_encoders/clip_l"):
+        find_part([str(pipeline / "vae"), ""], ["text_encoder", "text_encoders/clip_l.safetensors"], "CLIP-L")

@@ -1,0 +1,151 @@
+"""The teaching promises: the reading path's line budget and README table, no dead code, the student copy, the sweep."""
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
+from make_student_copy import EXERCISES, blank, make_student_copy  # noqa: E402
+from sweep import flatten, parse_grid  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+READING_PATH = ("model.py", "reward.py", "grpo.py", "sample.py", "train_reward.py", "train_policy.py")
+BUDGET = 2000
+
+
+def lines_of_code(path):
+    """Lines that are neither blank nor only a comment (docstrings count: they are read)."""
+    with open(path) as f:
+        return sum(1 for line in f if line.strip() and not line.strip().startswith("#"))
+
+
+def test_reading_path_fits_its_budget_and_the_readme_table_matches():
+    counts = {name: lines_of_code(os.path.join(ROOT, name)) for name in READING_PATH}
+    assert sum(counts.values()) <= BUDGET, f"the reading path has {sum(counts.values())} lines of code, budget {BUDGET}"
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    section = readme[readme.index("## Read the code"):]
+    section = section[:section.index("\n## ", 1)]
+    rows = dict(re.findall(r"^\| \d\. `(\w+\.py)` \| (\d+) \|", section, re.M))
+    assert list(rows) == list(READING_PATH), "the README's reading order"
+    assert {k: int(v) for k, v in rows.items()} == counts, "update the README's 'Read the code' table"
+    total = re.search(r"^\| \| \*\*(\d+)\*\* \|", section, re.M)
+    assert total and int(total.group(1)) == sum(counts.values())
+
+
+def test_reading_path_has_no_unused_code():
+    ruff = shutil.which("ruff") or pytest.fail("ruff is missing: pip install -r requirements-dev.txt")
+    rules = "F401,F811,F841,F842,ARG,ERA001"  # unused imports, redefinitions, variables, arguments; commented-out code
+    result = subprocess.run([ruff, "check", "--no-cache", "--select", rules, *READING_PATH],
+                            cwd=ROOT, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout
+
+
+# -----------------------------------------------------------------------------
+# Assignments
+
+
+def test_blank_replaces_only_the_chosen_regions_and_keeps_indentation():
+    text = ("def f(x):\n    # BEGIN SOLUTION ex3_sde_step: mind sigma = 1\n    y = x + 1\n    return y\n"
+            "    # END SOLUTION\n\ndef g():\n    # BEGIN SOLUTION ex4_grpo: clip it\n    return 2\n    # END SOLUTION\n")
+    student, blanked = blank(text, ["ex3_sde_step"])
+    assert blanked == ["ex3_sde_step"]
+    assert student == ("def f(x):\n    raise NotImplementedError('ex3_sde_step: mind sigma = 1')\n\n"
+                       "def g():\n    # BEGIN SOLUTION ex4_grpo: clip it\n    return 2\n    # END SOLUTION\n")
+    namespace = {}
+    exec(student, namespace)
+    with pytest.raises(NotImplementedError, match="mind sigma"):
+        namespace["f"](1)
+    assert namespace["g"]() == 2
+    assert blank(text, [])[0] == text
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("# BEGIN SOLUTION ex1_flow_matching: a\nx = 1\n", "never closed"),
+    ("x = 1\n# END SOLUTION\n", "without a BEGIN"),
+    ("# BEGIN SOLUTION ex9_nothing: a\n# END SOLUTION\n", "unknown exercise"),
+    ("# BEGIN SOLUTION ex2_drm: a\n# BEGIN SOLUTION ex2_drm: b\n# END SOLUTION\n", "inside the region"),
+])
+def test_malformed_markers_name_the_line(text, problem):
+    with pytest.raises(ValueError, match=problem):
+        blank(text, EXERCISES, "f.py")
+
+
+def test_every_exercise_has_regions_a_page_and_graded_tests():
+    code = "".join(open(os.path.join(ROOT, name)).read() for name in READING_PATH)
+    pages = os.listdir(os.path.join(ROOT, "assignments"))
+    collected = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider", "tests"],
+                               cwd=ROOT, capture_output=True, text=True).stdout
+    for exercise in EXERCISES:
+        assert f"# BEGIN SOLUTION {exercise}:" in code
+        assert any(page.startswith(exercise) and page.endswith(".md") for page in pages), exercise
+        graded = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                                 "-k", exercise, "tests"], cwd=ROOT, capture_output=True, text=True).stdout
+        assert graded.count("::") >= 2 and graded.count("::") < collected.count("::"), exercise
+
+
+def failing_tests(folder):
+    """Run the suite in folder (all but this file) -> the node ids that failed or errored."""
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rfE", "tests",
+                             "--deselect", "tests/test_teaching.py"], cwd=folder, capture_output=True, text=True)
+    assert "passed" in result.stdout or "failed" in result.stdout, result.stdout[-3000:] + result.stderr[-3000:]
+    return set(re.findall(r"^(?:FAILED|ERROR) (\S+)", result.stdout, re.M))
+
+
+def test_student_copy_fails_exactly_the_graded_tests(tmp_path):
+    """Blank every exercise: the failures are exactly the tests `-k exN_...` selects; the reference passes them."""
+    out = str(tmp_path / "student")
+    counts = make_student_copy(out)
+    assert all(n >= 1 for n in counts.values()), counts
+    student_code = "".join(open(os.path.join(out, name)).read() for name in READING_PATH)
+    assert "BEGIN SOLUTION" not in student_code and "stepwise_advantages" in student_code
+    graded = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                             "-k", " or ".join(EXERCISES), "tests", "--deselect", "tests/test_teaching.py"],
+                            cwd=ROOT, capture_output=True, text=True).stdout
+    graded = {line.strip() for line in graded.splitlines() if "::" in line}
+    failed = failing_tests(out)
+    assert failed == graded, (f"fail but are not graded: {sorted(failed - graded)}; "
+                              f"graded but pass: {sorted(graded - failed)}")
+
+# -----------------------------------------------------------------------------
+# The sweep helper, on a stand-in script whose metric is a known function of its flags and seed
+
+
+FAKE_SCRIPT = """
+import json, os, sys
+flags = dict(a[2:].split("=", 1) for a in sys.argv[1:])
+os.makedirs(flags["out_dir"], exist_ok=True)
+with open(os.path.join(flags["out_dir"], "metrics.jsonl"), "w") as f:
+    for step in (0, 5, 10):
+        value = float(flags["width"]) * step / 10 + int(flags["seed"])
+        f.write(json.dumps({"step": step, "test": {"0.5": {"acc": value}}}) + "\\n")
+"""
+
+
+def test_sweep_tables_the_mean_and_spread_over_seeds(tmp_path):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_SCRIPT)
+    out = tmp_path / "sweep"
+    command = [sys.executable, os.path.join(ROOT, "bench", "sweep.py"), f"--script={script}", "--grid=width=1,3",
+               "--seeds=0,1", "--metric=test.0.5.acc", f"--out_dir={out}"]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    # final values: width + seed -> width=1: 1, 2 (mean 1.5, sample std 0.7071); width=3: 3, 4
+    table = (out / "results.md").read_text()
+    assert "| width=1 | 1.5000 ± 0.7071 | 1.0000, 2.0000 |" in table
+    assert "| width=3 | 3.5000 ± 0.7071 | 3.0000, 4.0000 |" in table
+    assert (out / "results.png").stat().st_size > 1000
+    # a second call runs nothing again (every run left its `done`) and gives the same table
+    again = subprocess.run(command, capture_output=True, text=True)
+    assert "$ " not in again.stdout and (out / "results.md").read_text() == table
+    bad = subprocess.run(command[:-2] + ["--metric=nope", f"--out_dir={out}"], capture_output=True, text=True)
+    assert bad.returncode != 0 and bad.stderr.startswith("error:") and "test.0.5.acc" in bad.stderr
+
+
+def test_sweep_parses_grids_and_flattens_metrics():
+    assert parse_grid("credit=stepwise,sparse;k=2,4") == [("credit", ["stepwise", "sparse"]), ("k", ["2", "4"])]
+    with pytest.raises(ValueError, match="flag=value1"):
+        parse_grid("credit")
+    assert flatten({"gold": 1, "test": {"0.5": {"gold_accuracy": 0.7}}}) == {"gold": 1, "test.0.5.gold_accuracy": 0.7}
