@@ -123,3 +123,13 @@ def encode_images(base, paths, resolution, cache_dir, batch_size=8):
     os.makedirs(cache_dir, exist_ok=True)
     atomic_write(cache, lambda tmp: save_file({"latents": latents}, tmp))
     return latents
+
+
+def load_pair_latents(base, pairs, resolution, cache_dir):
+    """SD3's counterpart of data/preferences.load_pair_tensors -> winners, losers (N, 16, h, w), prompts, gold (None).
+    Each distinct image is VAE-encoded once, however many pairs it is in."""
+    paths = sorted({pair[key] for pair in pairs for key in ("path1", "path2")})
+    latents = encode_images(base, paths, resolution, cache_dir)
+    row = {path: i for i, path in enumerate(paths)}
+    winners, losers = (latents[[row[pair[key]] for pair in pairs]] for key in ("path1", "path2"))
+    return winners, losers, [pair["prompt"] for pair in pairs], None

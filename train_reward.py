@@ -158,17 +158,17 @@ def print_table(results, data):
 def load_split(cfg, split, text, device, base=None):
     """A split's pairs -> (winners, losers, context, pooled, gold or None): the toy's images as they are, or
     with an SD3 base, its VAE's latents of them (cached in out_dir/cache)."""
-    pairs = read_pairs(next((p for p in (os.path.join(cfg.prefs, split + ext) for ext in (".jsonl", ".json"))
-                             if os.path.exists(p)), os.path.join(cfg.prefs, split + ".jsonl")))
+    path = os.path.join(cfg.prefs, split + ".jsonl")
+    if not os.path.exists(path) and os.path.exists(path[:-1]):  # HPDv3 ships train.json / test.json lists
+        path = path[:-1]
+    pairs = read_pairs(path)
     if base is None or base.vae is None:
         winners, losers, prompts, gold = load_pair_tensors(pairs)
         if split == "test" and gold is None:
-            raise ValueError(f"{cfg.prefs}/test.jsonl: the toy's evaluation needs a 'gold' field on every line")
+            raise ValueError(f"{path}: the toy's evaluation needs a 'gold' field on every line")
     else:
-        from sd3_pipeline import encode_images
-        winners = encode_images(base, [p["path1"] for p in pairs], cfg.resolution, os.path.join(cfg.out_dir, "cache"))
-        losers = encode_images(base, [p["path2"] for p in pairs], cfg.resolution, os.path.join(cfg.out_dir, "cache"))
-        prompts, gold = [p["prompt"] for p in pairs], None
+        from sd3_pipeline import load_pair_latents
+        winners, losers, prompts, gold = load_pair_latents(base, pairs, cfg.resolution, os.path.join(cfg.out_dir, "cache"))
     context, pooled = prompt_embeddings(text, prompts, device)
     return winners.to(device), losers.to(device), context, pooled, gold
 

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 
 from sd3_pipeline import find_part
 from sd3_text import bytes_to_unicode
@@ -98,6 +99,8 @@ def preference_folder(folder, seed=0):
                 pixels = (torch.rand(h, w, 3, generator=g) * 255).byte().numpy()
                 Image.fromarray(pixels).save(folder / "images" / f"{split}{i}{side}.png")
                 paths.append(f"images/{split}{i}{side}.png")
+            if split == "train" and i == n - 1:  # an image in two pairs, as in HPDv3
+                paths[1] = pairs[0]["path1"]
             pairs.append({"prompt": PROMPTS[i % len(PROMPTS)], "path1": paths[0], "path2": paths[1], "confidence": 0.8})
         (folder / f"{split}.json").write_text(json.dumps(pairs))
 
@@ -121,7 +124,8 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
     out = run("train_reward.py", *flags, f"--prefs={prefs}", f"--out_dir={drm_dir}", "--steps=3", "--batch_size=2",
               "--eval_every=3", "--eval_sigmas=0,0.5", "--drop_last=1", "--warmup=1")
     assert "test accuracy vs labels" in out
-    assert len(list((drm_dir / "cache").glob("latents_*.safetensors"))) == 4  # each split's winners and losers, once
+    caches = (drm_dir / "cache").glob("latents_*.safetensors")  # each split's distinct images, encoded once
+    assert sorted(load_file(path)["latents"].shape[0] for path in caches) == [4 * 2, 8 * 2 - 1]
     run("train_reward.py", *flags, f"--prefs={prefs}", f"--out_dir={drm_dir}", "--eval_only")
     accuracy = json.loads((drm_dir / "eval.json").read_text())["accuracy"]
     assert set(accuracy) == {"0", "0.25", "0.5", "0.75", "0.9"} and 0 <= accuracy["0"]["label_accuracy"] <= 1
