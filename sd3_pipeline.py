@@ -98,7 +98,10 @@ def load_pipeline(cfg, device):
 
 def read_image(path, size):
     """An image file -> (3, size, size) in [-1, 1]: the shorter side resized to size, the centre cropped."""
-    image = Image.open(path).convert("RGB")
+    try:
+        image = Image.open(path).convert("RGB")
+    except OSError as e:  # PIL's UnidentifiedImageError included
+        raise ValueError(f"{path}: not an image PIL can read ({e})") from None
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2

@@ -263,6 +263,9 @@ class CLIPTokenizer:
     def __init__(self, vocab, merges, pad="<|endoftext|>", length=77):
         self.vocab, self.length = vocab, length
         self.ranks = {tuple(merge): rank for rank, merge in enumerate(merges)}
+        missing = [t for t in ("<|startoftext|>", "<|endoftext|>", pad) if t not in vocab]
+        if missing:
+            raise ValueError(f"the CLIP vocabulary lacks {missing}: not a CLIP tokenizer's vocab.json")
         self.bos, self.eos, self.pad = vocab["<|startoftext|>"], vocab["<|endoftext|>"], vocab[pad]
         self.byte_chars = bytes_to_unicode()
         self.cache = {}
@@ -409,28 +412,33 @@ class T5Tokenizer:
                 if os.path.exists(os.path.join(path, name)):
                     return cls.from_file(os.path.join(path, name), length)
             raise FileNotFoundError(f"{path} has no spiece.model or tokenizer.json: point at a T5 tokenizer (tokenizer_3/)")
-        if path.endswith(".json"):
-            with open(path, encoding="utf-8") as f:
-                spec = json.load(f)
-            special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
-            pieces = [(None if p in special else p, s) for p, s in spec["model"]["vocab"]]
-            ids = {p: i for i, (p, _) in enumerate(spec["model"]["vocab"])}
-            normalizers = spec.get("normalizer") or {}
-            normalizers = normalizers.get("normalizers", [normalizers])
-            charsmap = next((base64.b64decode(n["precompiled_charsmap"]) for n in normalizers
-                             if n.get("type") == "Precompiled"), None)
-            return cls(pieces, spec["model"]["unk_id"], ids["</s>"], ids.get("<pad>", 0), charsmap, length)
-        with open(path, "rb") as f:
-            model = read_protobuf(f.read())
-        pieces, names, unk_id = [], {}, None
-        for i, (_, message) in enumerate(m for m in model if m[0] == 1):  # field 1: the pieces
-            piece = dict(read_protobuf(message))
-            text, kind = piece[1].decode("utf-8"), piece.get(3, 1)   # 1 normal, 2 unknown, 3 control
-            unk_id = i if kind == 2 else unk_id
-            names[text] = i
-            pieces.append((text if kind not in (2, 3) else None, struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0))
-        normalizer = dict(read_protobuf(next((m for f, m in model if f == 3), b"")))  # field 3; its field 2: the rules
-        return cls(pieces, unk_id, names["</s>"], names.get("<pad>", 0), normalizer.get(2), length)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path} does not exist: point at a T5 tokenizer (tokenizer_3/ or its spiece.model)")
+        try:
+            if path.endswith(".json"):
+                with open(path, encoding="utf-8") as f:
+                    spec = json.load(f)
+                special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+                pieces = [(None if p in special else p, s) for p, s in spec["model"]["vocab"]]
+                ids = {p: i for i, (p, _) in enumerate(spec["model"]["vocab"])}
+                normalizers = spec.get("normalizer") or {}
+                normalizers = normalizers.get("normalizers", [normalizers])
+                charsmap = next((base64.b64decode(n["precompiled_charsmap"]) for n in normalizers
+                                 if n.get("type") == "Precompiled"), None)
+                return cls(pieces, spec["model"]["unk_id"], ids["</s>"], ids.get("<pad>", 0), charsmap, length)
+            with open(path, "rb") as f:
+                model = read_protobuf(f.read())
+            pieces, names, unk_id = [], {}, None
+            for i, (_, message) in enumerate(m for m in model if m[0] == 1):  # field 1: the pieces
+                piece = dict(read_protobuf(message))
+                text, kind = piece[1].decode("utf-8"), piece.get(3, 1)   # 1 normal, 2 unknown, 3 control
+                unk_id = i if kind == 2 else unk_id
+                names[text] = i
+                pieces.append((text if kind not in (2, 3) else None, struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0))
+            normalizer = dict(read_protobuf(next((m for f, m in model if f == 3), b"")))  # field 3; its field 2: the rules
+            return cls(pieces, unk_id, names["</s>"], names.get("<pad>", 0), normalizer.get(2), length)
+        except (ValueError, KeyError, IndexError, TypeError, struct.error) as e:  # JSON, UTF-8 and protobuf errors included
+            raise ValueError(f"{path} is not a T5 tokenizer: {type(e).__name__}: {e}"[:300]) from None
 
     def segment(self, text):
         """Viterbi: best[i] = the highest total score of any segmentation of text[:i]."""

@@ -52,7 +52,10 @@ def flatten(record, prefix=""):
 
 def read_curve(run_dir, metric):
     """[(step, value)] of the metric in the run's metrics.jsonl."""
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path} does not exist: the script must log its metrics there (its --out_dir)")
+    with open(path) as f:
         records = [flatten(json.loads(line)) for line in f if line.strip()]
     if not records or metric not in records[-1]:
         known = ", ".join(sorted(records[-1])) if records else "none"
@@ -70,6 +73,7 @@ def run(script, run_dir, flags, seed, extra):
     print("$", shlex.join(command), flush=True)
     if subprocess.run(command, cwd=ROOT).returncode:
         raise RuntimeError(f"the run in {run_dir} failed; its command is above")
+    os.makedirs(run_dir, exist_ok=True)
     open(done, "w").close()
 
 
@@ -130,9 +134,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         grid = parse_grid(args.grid)
-        seeds = [int(s) for s in args.seeds.split(",")]
     except ValueError as e:
         sys.exit(f"error: {e}")
+    if not all(s.strip().isdigit() for s in args.seeds.split(",")):
+        sys.exit(f"error: --seeds={args.seeds}: whole numbers separated by commas, e.g. 0,1,2")
+    seeds = [int(s) for s in args.seeds.split(",")]
     if not os.path.exists(os.path.join(ROOT, args.script)):
         sys.exit(f"error: --script={args.script} is not a file in {ROOT}; e.g. train_policy.py or train_reward.py")
     names = [name for name, _ in grid]
@@ -147,7 +153,7 @@ def main(argv=None):
                 run_dir = os.path.join(folder, f"seed{seed}")
                 run(args.script, run_dir, flags, seed, shlex.split(args.args))
                 curves[setting].append(read_curve(run_dir, args.metric))
-    except (RuntimeError, KeyError) as e:
+    except (RuntimeError, KeyError, FileNotFoundError) as e:
         sys.exit(f"error: {e.args[0]}")
     results = table({s: [curve[-1][1] for curve in runs] for s, runs in curves.items()}, args.metric, seeds)
     print(results)

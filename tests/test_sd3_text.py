@@ -188,3 +188,16 @@ def test_t5_tokenizer_matches_sentencepiece(tmp_path):
         for text in varied_strings(T5_WORDS, 300):
             expected = reference.encode(text)[:length - 1] + [1]                 # truncated, then </s>
             assert ours([text])[0].tolist() == expected + [0] * (length - len(expected)), (path, text)
+
+
+def test_broken_tokenizer_files_are_named(tmp_path):
+    (tmp_path / "spiece.model").write_bytes(b"\xff" * 40)
+    (tmp_path / "tokenizer.json").write_text("{}")
+    for name in ("spiece.model", "tokenizer.json"):
+        with pytest.raises(ValueError, match=f"{name} is not a T5 tokenizer"):
+            T5Tokenizer.from_file(str(tmp_path / name))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no spiece.model or tokenizer.json"):
+        T5Tokenizer.from_file(str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match=r"lacks \['<\|startoftext\|>', '<\|endoftext\|>'\]"):
+        CLIPTokenizer({"!": 0}, [], pad="!")

@@ -161,3 +161,17 @@ def test_sweep_parses_grids_and_flattens_metrics():
     with pytest.raises(ValueError, match="flag=value1"):
         parse_grid("credit")
     assert flatten({"gold": 1, "test": {"0.5": {"gold_accuracy": 0.7}}}) == {"gold": 1, "test.0.5.gold_accuracy": 0.7}
+
+
+@pytest.mark.parametrize("script, args, says", [
+    ("import sys\n", ["--grid=width=1", "--seeds=0"], "metrics.jsonl does not exist"),
+    ("raise SystemExit(3)\n", ["--grid=width=1", "--seeds=0"], "failed; its command is above"),
+    ("", ["--grid=width=1", "--seeds=zero"], "--seeds=zero: whole numbers"),
+    ("", ["--grid=width", "--seeds=0"], "is not flag=value1,value2"),
+], ids=["no metrics", "run fails", "bad seeds", "bad grid"])
+def test_sweep_bad_input_gives_one_clear_line(script, args, says, tmp_path):
+    (tmp_path / "fake.py").write_text(script)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sweep.py"), f"--script={tmp_path / 'fake.py'}",
+                             *args, f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error:") and says in result.stderr, result.stderr
