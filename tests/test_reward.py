@@ -9,8 +9,8 @@ from PIL import Image
 
 import train_reward
 from data.preferences import read_pairs
-from model import DiTConfig, build_dit
-from reward import DRM, bradley_terry_loss
+from model import DiTConfig, TextConfig, TextEncoder, build_dit
+from reward import DRM, bradley_terry_loss, load_drm, save_drm
 
 SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=4, heads=2, context_dim=16,
                   pooled_dim=16, pos_embed_max_size=4, qk_norm=True)
@@ -114,3 +114,32 @@ def test_empty_split_is_refused(tmp_path):
 def test_bad_flag_values_are_refused_before_work():
     with pytest.raises(ValueError, match="--init=random: choose pretrained or scratch"):
         train_reward.main(train_reward.Config(init="random"))
+
+
+@pytest.mark.ex2_drm
+def test_token_head_scores_the_mean_hidden_token_and_survives_a_checkpoint(tmp_path):
+    """The head ablation: LayerNorm and MLP on the mean of the last kept block's image tokens, no final layer."""
+    drm = DRM.from_scratch(SMALL, drop_last=1, head="token").eval()
+    x, sigma, context, pooled = inputs()
+    with torch.no_grad():
+        tokens, _ = drm.hidden_tokens(x, sigma, context, pooled)
+        mean = tokens.mean(1)
+        normed = (mean - mean.mean(1, keepdim=True)) / torch.sqrt(mean.var(1, unbiased=False, keepdim=True) + 1e-5)
+        expected = drm.head.mlp(normed * drm.head.norm.weight + drm.head.norm.bias).squeeze(1)
+        assert torch.allclose(drm(x, sigma, context, pooled), expected, atol=1e-5)
+    save_drm(str(tmp_path / "drm.safetensors"), drm, TextEncoder(TextConfig(context_dim=16, pooled_dim=16)), step=1)
+    again, _, meta = load_drm(str(tmp_path / "drm.safetensors"))
+    assert meta["head"] == "token" and isinstance(again.head, type(drm.head))
+    with torch.no_grad():
+        assert torch.equal(again(x, sigma, context, pooled), drm(x, sigma, context, pooled))
+    with pytest.raises(ValueError, match="head='mlp': choose one of conv, token"):
+        DRM.from_scratch(SMALL, head="mlp")
+
+
+def test_training_sigma_follows_the_chosen_density():
+    torch.manual_seed(0)
+    logit = torch.logit(train_reward.training_sigma("logit_normal", 20000, "cpu"))
+    assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03      # sigmoid of N(0, 1), SD3's
+    uniform = train_reward.training_sigma("uniform", 20000, "cpu")
+    assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.01 and abs(uniform.var() - 1 / 12) < 0.003
+    assert torch.equal(train_reward.training_sigma("zero", 5, "cpu"), torch.zeros(5))

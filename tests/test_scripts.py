@@ -97,6 +97,9 @@ def run_script(*args):
     (["sample.py", "--noise_level=-1", "--k=2"], "--noise_level=-1.0: the SDE noise scale is at least 0"),
     (["train_reward.py", "--eval_sigmas=0,1.5"], "--eval_sigmas=0,1.5: every sigma must lie in [0, 1]"),
     (["train_policy.py", "--rollout_batch=-1"], "--rollout_batch=-1: rows per pass"),
+    (["train_reward.py", "--head=mlp"], "--head=mlp: choose one of conv, token"),
+    (["train_reward.py", "--sigma_sampling=beta"], "--sigma_sampling=beta: choose one of logit_normal, uniform, zero"),
+    (["train_policy.py", "--eval_prompts=no/such/prompts.txt"], "--eval_prompts=no/such/prompts.txt does not exist"),
 ])
 def test_bad_input_gives_one_clear_line(args, says):
     result = run_script(*args)
@@ -138,6 +141,23 @@ def test_train_policy_resumed_equals_one_uninterrupted_run(tmp_path):
 
 
 EVERY_TRAINING_EXERCISE = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
+
+
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex2_drm
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
+def test_evaluation_guidance_is_its_own_flag(tmp_path):
+    """The held-out samples follow --eval_cfg_scale alone: the rollouts' --cfg_scale does not move them."""
+    import train_policy
+    tiny = dict(updates=1, trajectories=4, k=2, steps=2, eval_every=1, eval_per_prompt=2, eval_steps=2)
+    first = {}
+    for name, cfg_scale, eval_cfg_scale in (("a", 4.0, 4.0), ("b", 1.0, 4.0), ("c", 4.0, 1.0)):
+        train_policy.main(train_policy.Config(out_dir=str(tmp_path / name), cfg_scale=cfg_scale,
+                                              eval_cfg_scale=eval_cfg_scale, **tiny))
+        first[name] = json.loads(open(tmp_path / name / "metrics.jsonl").readline())
+    assert first["a"]["gold"] == first["b"]["gold"] and first["a"]["drm"] == first["b"]["drm"]
+    assert first["a"]["gold"] != first["c"]["gold"]
 
 
 @pytest.mark.parametrize("args", [
