@@ -48,20 +48,21 @@ from model import compilable, guided_velocity
 CREDIT_MODES = ("stepwise", "sparse", "cosine")
 
 # -----------------------------------------------------------------------------
-# 1. The SDE step and its log-probability (float32 inside, whatever the model's dtype)
+# 1. The SDE step and its log-probability (float32 inside, or float64 for float64 inputs; never bf16)
 
 
 @compilable
 def sde_mean_std(x, velocity, sigma, sigma_next, noise_level):
-    """The Gaussian of one SDE step: -> (mean (B, ...) float32, std (B, 1, ..., 1) float32).
+    """The Gaussian of one SDE step: -> (mean (B, ...), std (B, 1, ..., 1)), float32 (float64 for float64 x).
 
     sigma, sigma_next: floats or (B,) tensors. At sigma = 1 the factor 1 / (1 - sigma) would be infinite;
     as Flow-GRPO, sigma_next (the schedule's next value) replaces sigma in that denominator.
     """
-    x, velocity = x.float(), velocity.float()
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x, velocity = x.to(dtype), velocity.to(dtype)
     shape = (-1,) + (1,) * (x.dim() - 1)
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).expand(x.shape[0]).reshape(shape)
-    sigma_next = torch.as_tensor(sigma_next, dtype=torch.float32, device=x.device).expand(x.shape[0]).reshape(shape)
+    sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device).expand(x.shape[0]).reshape(shape)
+    sigma_next = torch.as_tensor(sigma_next, dtype=dtype, device=x.device).expand(x.shape[0]).reshape(shape)
     # BEGIN SOLUTION ex3_sde_step: the module docstring's sigma_t, mean and std (dt < 0); mind sigma = 1
     dt = sigma_next - sigma
     sigma_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
@@ -77,7 +78,7 @@ def gaussian_log_prob(sample, mean, std):
     Only the mean carries gradient: the sample is a fixed action.
     """
     # BEGIN SOLUTION ex3_sde_step: the Gaussian log-density per element, then the mean over all but the batch dimension
-    log_density = (-(sample.detach().float() - mean) ** 2 / (2 * std ** 2)
+    log_density = (-(sample.detach().to(mean.dtype) - mean) ** 2 / (2 * std ** 2)
                    - torch.log(std) - 0.5 * math.log(2 * math.pi))
     return log_density.flatten(1).mean(1)
     # END SOLUTION
@@ -96,7 +97,7 @@ def sde_step(x, velocity, sigma, sigma_next, noise_level, noise=None):
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
     if noise is None:
         noise = torch.randn_like(mean)
-    x_next = mean + std * noise.float()
+    x_next = mean + std * noise.to(mean.dtype)
     return x_next, gaussian_log_prob(x_next, mean, std), mean, std
 
 # -----------------------------------------------------------------------------
@@ -143,16 +144,16 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_sca
     if k > 1 and reward is None:
         raise ValueError("k > 1 candidates need a reward function to score them")
     B, T = noise.shape[0], len(sigmas) - 1
-    x = noise.float()
+    x = noise.to(torch.promote_types(noise.dtype, torch.float32))
     states, candidates, means, log_probs, chosen, x0_hat, rewards = [], [], [], [], [], [], []
     rows = torch.arange(B, device=noise.device).repeat_interleave(k)
     rank, world = shard
     mine = slice(rank * B, (rank + 1) * B)
     for i in range(T):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        velocity = guided_velocity(policy, x, sigma, cond, uncond, cfg_scale).float()
+        velocity = guided_velocity(policy, x, sigma, cond, uncond, cfg_scale).to(x.dtype)
         mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
-        z = torch.randn((world * B, k) + x.shape[1:], generator=generator)[mine].to(x.device)
+        z = torch.randn((world * B, k) + x.shape[1:], generator=generator)[mine].to(x.device, x.dtype)
         next_states = mean.unsqueeze(1) + std.unsqueeze(1) * z                    # (B, k, C, H, W)
         log_prob = candidate_log_probs(next_states, mean, std)
         if reward is not None and k > 1:
@@ -177,9 +178,10 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_sca
 
 
 def group_normalise(rewards, dim, eps=1e-4):
-    """(r - mean) / (std + eps) within groups along dim: GRPO's baseline and scale."""
-    # BEGIN SOLUTION ex4_grpo: subtract the group mean, divide by the group std plus eps
-    return (rewards - rewards.mean(dim, keepdim=True)) / (rewards.std(dim, keepdim=True) + eps)
+    """(r - mean) / (std + eps) within groups along dim: GRPO's baseline and scale. The std is the population
+    one (ddof 0) and eps 1e-4, as Flow-GRPO's stat_tracking.py computes them."""
+    # BEGIN SOLUTION ex4_grpo: subtract the group mean, divide by the group's population std (ddof 0) plus eps
+    return (rewards - rewards.mean(dim, keepdim=True)) / (rewards.std(dim, keepdim=True, correction=0) + eps)
     # END SOLUTION
 
 
@@ -190,67 +192,86 @@ def stepwise_advantages(step_rewards):
     return group_normalise(step_rewards, dim=-1)
 
 
-def terminal_advantages(final_rewards, group_size):
+def terminal_advantages(final_rewards, group_size, eps=1e-4):
     """final_rewards (B,) of B = prompts x group_size trajectories (a prompt's group adjacent) -> (B,) normalised per group."""
     if group_size < 2 or final_rewards.shape[0] % group_size:
         raise ValueError(f"{final_rewards.shape[0]} trajectories do not split into groups of {group_size} >= 2")
-    return group_normalise(final_rewards.view(-1, group_size), dim=1).flatten()
+    return group_normalise(final_rewards.view(-1, group_size), dim=1, eps=eps).flatten()
 
 
-def cosine_weights(x0_hat, final, window=5):
-    """Per-step credit weights (T, B), summing to 1 over each trajectory (our reading of arXiv 2505.19196).
+def cosine_weights(x0_hat, final, window=5, eps=1e-6):
+    """CoCA's per-step credit weights (T, B), summing to 1 over each trajectory (arXiv 2505.19196, as
+    Lil-Shake/CoCA's pipeline_with_logprob_coca.py computes them).
 
-    c_t = cos(x0_hat_t, final) says how much of the final image step t's state already predicts (c_T = 1);
-    the gain c_{t+1} - c_t is what step t contributed. Gains are clamped at zero, averaged over windows of
-    `window` consecutive steps (single steps are noisy) and normalised to sum to 1.
+    c_t = cos(x0_hat_t, final) for t = 0..T-1, and c_T = cos(final, final) = 1: how much of the final image the
+    state of step t already predicts. Steps form windows of `window`; a window's gain is the mean of its c_{t+1}
+    minus the previous window's mean (c_0 for the first), not clamped (a window that moved away gets negative
+    credit); each step's weight is its window's gain / (sum of the gains x the window's size).
+    Where CoCA's code has no answer: T not a multiple of the window makes the last window shorter, divided by
+    its own size (the same as CoCA's whenever the window divides T); a sum of gains <= eps (the estimate never
+    came closer to the end: CoCA divides by zero, or by a negative sum that flips every sign) gives 1 / T each.
     """
     T, B = x0_hat.shape[:2]
-    cos = torch.nn.functional.cosine_similarity(x0_hat.flatten(2), final.flatten(1).unsqueeze(0), dim=2)  # (T, B)
-    cos = torch.cat([cos, torch.ones(1, B, device=cos.device)])
-    gains = (cos[1:] - cos[:-1]).clamp(min=0)                                    # (T, B)
-    windows = torch.arange(T, device=gains.device) // window
-    window_mean = torch.zeros(windows.max() + 1, B, device=gains.device).index_add_(0, windows, gains)
-    window_mean = window_mean / torch.bincount(windows).unsqueeze(1)
-    smoothed = window_mean[windows]
-    total = smoothed.sum(0, keepdim=True)
-    uniform = torch.full_like(smoothed, 1.0 / T)  # a trajectory that never moved towards its end: spread evenly
-    return torch.where(total > 0, smoothed / total.clamp(min=1e-12), uniform)
+    estimates = torch.cat([x0_hat, final.unsqueeze(0)]).flatten(2)                           # (T + 1, B, D)
+    cos = torch.nn.functional.cosine_similarity(estimates, final.flatten(1).unsqueeze(0), dim=2)  # (T + 1, B)
+    windows = torch.arange(T, device=cos.device) // window                                   # each step's window
+    sizes = torch.bincount(windows).to(cos.dtype).unsqueeze(1)                               # (W, 1)
+    means = torch.zeros(len(sizes), B, dtype=cos.dtype, device=cos.device).index_add_(0, windows, cos[1:]) / sizes
+    gains = means - torch.cat([cos[:1], means[:-1]])                                         # (W, B)
+    total = gains.sum(0, keepdim=True)
+    weights = (gains / (total * sizes))[windows]                                             # (T, B)
+    return torch.where(total > eps, weights, torch.full_like(weights, 1 / T))
 
 
-def credit_advantages(credit, rollout, final_rewards=None, group_size=None, rows=slice(None)):
+def cosine_advantages(weights, final_rewards, group_size, adv_clip, eps=1e-6):
+    """CoCA's advantages (T, B) from its weights (T, B) and the terminal rewards (B,), as scripts/train_coca.py:
+    the terminal reward normalised per prompt and clipped to +-adv_clip, times the reward-to-go (the weights
+    summed from step t on), then normalised a second time per prompt over its trajectories and steps together.
+    CoCA keeps the statistics in a buffer across epochs; here, as for every credit mode, within the update."""
+    T = weights.shape[0]
+    advantage = terminal_advantages(final_rewards, group_size, eps).clamp(-adv_clip, adv_clip)   # (B,)
+    shaped = weights.flip(0).cumsum(0).flip(0) * advantage                                     # (T, B)
+    by_prompt = shaped.T.reshape(-1, group_size * T)                      # a prompt's trajectories x steps in one row
+    return group_normalise(by_prompt, dim=1, eps=eps).view(-1, T).T
+
+
+def credit_advantages(credit, rollout, final_rewards=None, group_size=None, adv_clip=5.0, rows=slice(None),
+                      gather=lambda t: t):
     """Advantages (T, B, k) for one of CREDIT_MODES.
 
     final_rewards: the terminal rewards of every trajectory of the update (under torchrun, gathered from all
-    ranks, so groups are normalised whole); rows: which of them are the rollout's B trajectories.
+    ranks, so groups are normalised whole); rows: which of them are the rollout's B trajectories; gather: how
+    per-trajectory tensors (B, ...) of all ranks are collected (cosine's second normalisation spans a group).
     """
     T = rollout.states.shape[0]
     if credit == "stepwise":
         return stepwise_advantages(rollout.rewards)
     if credit not in CREDIT_MODES:
         raise ValueError(f"credit={credit!r}: choose one of {', '.join(CREDIT_MODES)}")
-    advantage = terminal_advantages(final_rewards, group_size)[rows]            # (B,)
     if credit == "sparse":
-        return advantage.expand(T, -1).unsqueeze(-1)
-    weights = cosine_weights(rollout.x0_hat, rollout.final)
-    reward_to_go = weights.flip(0).cumsum(0).flip(0)                             # sum of the weights from t on
-    return (reward_to_go * advantage).unsqueeze(-1)
+        return terminal_advantages(final_rewards, group_size)[rows].expand(T, -1).unsqueeze(-1)
+    weights = gather(cosine_weights(rollout.x0_hat, rollout.final).T.contiguous()).T          # (T, all trajectories)
+    return cosine_advantages(weights, final_rewards, group_size, adv_clip)[:, rows].unsqueeze(-1)
 
 # -----------------------------------------------------------------------------
 # 3. The loss, on a subset of the rollout's (step, trajectory) pairs
 
 
 def grpo_loss(policy, rollout, advantages, steps, rows, noise_level, cfg_scale=1.0, clip_range=1e-3,
-              adv_clip=5.0, kl_weight=0.0, reference=None):
+              adv_clip=5.0, kl_weight=0.0, reference=None, uncond_grad=True):
     """PPO-clipped GRPO loss over the candidates of the given (step, trajectory) pairs -> (loss, stats).
 
     steps, rows: (N,) index tensors into the rollout's T and B; each pair is one policy forward
-    (with guidance, two), shared by its k candidates.
+    (with guidance, two), shared by its k candidates. uncond_grad=False: no gradient through guidance's
+    unconditional branch, as Flow-GRPO. The KL is the exact one between the two Gaussians; Flow-GRPO's
+    (scripts/train_sd3.py) divides by 2 sigma_t^2 instead of 2 std^2 = 2 sigma_t^2 |dt|, so its beta at a
+    step of length |dt| is kl_weight = beta |dt| here.
     """
     states = rollout.states[steps, rows]                                         # (N, C, H, W)
     sigma, sigma_next = rollout.sigmas[steps], rollout.sigmas[steps + 1]
     cond = tuple(t[rows] for t in rollout.cond)
     uncond = tuple(t[rows] for t in rollout.uncond) if rollout.uncond is not None else None
-    velocity = guided_velocity(policy, states, sigma, cond, uncond, cfg_scale)
+    velocity = guided_velocity(policy, states, sigma, cond, uncond, cfg_scale, uncond_grad)
     mean, std = sde_mean_std(states, velocity, sigma, sigma_next, noise_level)
     candidates = rollout.candidates[steps, rows]                                 # (N, k, C, H, W)
     log_prob = candidate_log_probs(candidates, mean, std)

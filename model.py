@@ -447,10 +447,11 @@ def add_noise(x0, sigma, noise):
     return (1 - s) * x0 + s * noise
 
 
-def guided_velocity(model, x, sigma, cond, uncond, cfg_scale):
+def guided_velocity(model, x, sigma, cond, uncond, cfg_scale, uncond_grad=True):
     """Classifier-free guidance with the conditional and unconditional passes in one batch.
 
     cond, uncond: (context, pooled) pairs. cfg_scale = 1 (or uncond None) skips the unconditional pass.
+    uncond_grad=False stops the gradient through the unconditional branch (Flow-GRPO's loss does).
     """
     sigma = sigma.expand(x.shape[0])
     if uncond is None or cfg_scale == 1.0:
@@ -458,6 +459,8 @@ def guided_velocity(model, x, sigma, cond, uncond, cfg_scale):
     both = model(torch.cat([x, x]), torch.cat([sigma, sigma]),
                  torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]))
     v_cond, v_uncond = both.chunk(2)
+    if not uncond_grad:
+        v_uncond = v_uncond.detach()
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 

@@ -36,16 +36,24 @@ from model import guided_velocity, set_compile
 # The schedule and the sampler: pure functions of tensors and a model callable
 
 
-def sigma_schedule(steps, shift=1.0):
-    """linspace(1, 0, steps + 1) bent by SD3's shift s * sigma / (1 + (s - 1) * sigma). s > 1 spends more steps at high noise."""
-    sigmas = torch.linspace(1, 0, steps + 1)
-    return shift * sigmas / (1 + (shift - 1) * sigmas)
+def bend(sigma, shift):
+    """SD3's time shift s sigma / (1 + (s - 1) sigma): s > 1 spends more of the steps at high noise."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sigma_schedule(steps, shift=1.0, dtype=torch.float32):
+    """SD3's sampling grid, (steps + 1,) from 1 down to 0, as diffusers' FlowMatchEulerDiscreteScheduler and
+    Stability's sd3_impls.py make it: `steps` points evenly spaced from 1 to bend(1/1000) (the least noise SD3
+    trained at), bent again, then a final 0. The low end is bent twice and the last step is short; that is
+    SD3's grid, so our samples are diffusers' for the same noise. Computed in float64."""
+    sigmas = bend(torch.linspace(1, bend(1 / 1000, shift), steps, dtype=torch.float64), shift)
+    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
 
 
 @torch.no_grad()
 def sample_ode(model, noise, cond, uncond=None, steps=20, cfg_scale=1.0, shift=1.0, progress=False):
     """Euler from sigma = 1 to 0. noise (B, C, H, W); cond/uncond (context, pooled) of batch B. -> x0 (B, C, H, W)."""
-    sigmas = sigma_schedule(steps, shift).to(noise.device)
+    sigmas = sigma_schedule(steps, shift, noise.dtype).to(noise.device)
     x = noise
     for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
         # BEGIN SOLUTION ex1_flow_matching: the guided velocity at sigmas[i], then one Euler step to sigmas[i + 1]

@@ -67,7 +67,10 @@ class Config(ModelFlags):                  # --model, --ckpt_dir, ... for public
     lora_rank: int = 0                     # 0: full fine-tune; r > 0: LoRA of rank r on the attention projections
     clip_range: float = 1e-3               # PPO clip on the ratio (log-probs are per-pixel means, so ratios stay near 1)
     adv_clip: float = 5.0
-    kl_weight: float = 0.0                 # weight of the KL to the frozen base policy
+    kl_weight: float = 0.0                 # weight of the exact Gaussian KL to the frozen base policy. Flow-GRPO's KL is
+                                           # ours x |dt|: its beta is kl_weight = beta |dt| (10 steps: |dt| = 0.111)
+    uncond_grad: bool = True               # the loss's gradient flows through guidance's unconditional branch too
+                                           # (the exact gradient); false: detached, as Flow-GRPO's loss
     minibatches: int = 2                   # optimizer steps per update
     grad_clip: float = 1.0
     eval_every: int = 20
@@ -270,7 +273,8 @@ def main(cfg):
                 with torch.no_grad(), autocast(device):
                     final_rewards = ranks.gather(drm_score(rollout.final, torch.zeros(len(noise), device=device),
                                                            drm_context, drm_pooled).float())  # every group whole
-            advantages = credit_advantages(cfg.credit, rollout, final_rewards, cfg.k, rows=mine)
+            advantages = credit_advantages(cfg.credit, rollout, final_rewards, cfg.k, cfg.adv_clip, rows=mine,
+                                           gather=ranks.gather)
 
             # Updates: every (step, trajectory) pair once, in `minibatches` optimizer steps. A rank computes the pairs
             # of its own trajectories, its mean weighted by its share of the minibatch, so that DDP's average over
@@ -284,7 +288,8 @@ def main(cfg):
                 steps, rows = (steps[here], rows[here] - mine.start) if n_here else (steps[:1] * 0, rows[:1] * 0)
                 with autocast(device):
                     loss, chunk_stats = grpo_loss(trained, rollout, advantages, steps, rows, cfg.noise_level,
-                                                  cfg.cfg_scale, cfg.clip_range, cfg.adv_clip, cfg.kl_weight, reference)
+                                                  cfg.cfg_scale, cfg.clip_range, cfg.adv_clip, cfg.kl_weight, reference,
+                                                  cfg.uncond_grad)
                 loss = loss * (n_here * ranks.world / len(chunk))
                 optimizer.zero_grad(set_to_none=True)
                 check_finite(loss, update + 1, cfg.out_dir)

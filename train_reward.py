@@ -41,6 +41,8 @@ CLOSE_GAP = 0.1  # gold gap under which a pair counts as close
 @dataclass
 class Config(ModelFlags):                  # --model, --ckpt_dir, ... for public SD3 weights (common.py)
     prefs: str = "out/prefs"               # folder with train.jsonl and test.jsonl (or .json lists, HPDv3's)
+    min_confidence: float = 0.0            # train only on pairs whose confidence is at least this (the DRM repository's
+                                           # loader: 0.95); evaluation keeps every pair
     base: str = "data/base.safetensors"    # the toy's pretrained DiT + text encoder the DRM starts from
     out_dir: str = "out/drm"
     init: str = "pretrained"               # pretrained (the paper) | scratch (same network, random weights)
@@ -96,6 +98,8 @@ def check(cfg):
         raise ValueError(f"--head={cfg.head}: choose one of {', '.join(HEADS)}")
     if cfg.sigma_sampling not in SIGMA_SAMPLING:
         raise ValueError(f"--sigma_sampling={cfg.sigma_sampling}: choose one of {', '.join(SIGMA_SAMPLING)}")
+    if not 0 <= cfg.min_confidence <= 1:
+        raise ValueError(f"--min_confidence={cfg.min_confidence}: a probability in [0, 1] (0 keeps every pair)")
     if not 0 <= cfg.head_dropout < 1:
         raise ValueError(f"--head_dropout={cfg.head_dropout}: a probability in [0, 1)")
     return sigmas
@@ -162,6 +166,12 @@ def load_split(cfg, split, text, device, base=None):
     if not os.path.exists(path) and os.path.exists(path[:-1]):  # HPDv3 ships train.json / test.json lists
         path = path[:-1]
     pairs = read_pairs(path)
+    if split == "train" and cfg.min_confidence > 0:
+        kept = [pair for pair in pairs if pair["confidence"] >= cfg.min_confidence]
+        print(f"--min_confidence={cfg.min_confidence}: {len(kept)} of {len(pairs)} training pairs kept")
+        if not kept:
+            raise ValueError(f"--min_confidence={cfg.min_confidence} leaves none of the {len(pairs)} pairs of {path}")
+        pairs = kept
     if base is None or base.vae is None:
         winners, losers, prompts, gold = load_pair_tensors(pairs)
         if split == "test" and gold is None:

@@ -10,8 +10,8 @@ Bradley-Terry draw (data/judge.py). Prompts are the full captions
 prompts of data/world.py are left out altogether (they are the policy's test
 prompts), and the rest are split by prompt into train and test.
 
-Format, close to HPDv3's (prompt, path1 (winner), path2, confidence), one JSON
-object a line in `train.jsonl` and `test.jsonl`:
+Format, close to HPDv3's (prompt, path1 (winner), path2, confidence, and in HPDv3 also
+choice_dist, model1, model2), one JSON object a line in `train.jsonl` and `test.jsonl`:
 
     {"prompt": "a thick 7 slanted right", "path1": "images/00042.png", "path2": "images/00107.png",
      "confidence": 0.81, "gold": [-0.93, -1.42]}
@@ -82,9 +82,20 @@ def read_records(path):
     return records
 
 
+def choice_share(choice_dist, where):
+    """HPDv3's choice_dist [annotators who chose path1, who chose path2] -> path1's share (1 when absent)."""
+    if choice_dist is None:
+        return 1.0
+    if (not isinstance(choice_dist, list) or len(choice_dist) != 2
+            or not all(isinstance(n, (int, float)) and n >= 0 for n in choice_dist) or sum(choice_dist) <= 0):
+        raise ValueError(f"{where}: choice_dist {choice_dist!r} is not two vote counts [path1, path2]")
+    return choice_dist[0] / sum(choice_dist)
+
+
 def read_pairs(path):
     """-> list of dicts with prompt, path1 (the preferred image), path2 (paths relative to the file's folder, made
-    absolute), confidence, gold (or None). Validated pair by pair."""
+    absolute), confidence (HPDv3: given, or path1's share of choice_dist, else 1), gold (or None), model1 and
+    model2 (HPDv3: the models that made the two images, or None). Validated pair by pair."""
     if not os.path.exists(path):
         raise FileNotFoundError(f"preference file {path} does not exist; make one with python data/preferences.py")
     folder = os.path.dirname(os.path.abspath(path))
@@ -95,15 +106,19 @@ def read_pairs(path):
         missing = [k for k in ("prompt", "path1", "path2") if k not in record]
         if missing:
             raise ValueError(f"{where}: missing field(s) {missing}")
-        confidence = record.get("confidence", 1.0)
+        confidence = record.get("confidence", choice_share(record.get("choice_dist"), where))
         if not isinstance(confidence, (int, float)) or not 0.0 <= confidence <= 1.0:
             raise ValueError(f"{where}: confidence {confidence!r} is not a number in [0, 1]")
+        for key in ("model1", "model2"):
+            if not isinstance(record.get(key, ""), str):
+                raise ValueError(f"{where}: {key} {record[key]!r} is not a model name")
         for key in ("path1", "path2"):
             record[key] = os.path.join(folder, record[key])
             if not os.path.exists(record[key]):
                 raise FileNotFoundError(f"{where}: image {record[key]} does not exist")
         pairs.append({"prompt": record["prompt"], "path1": record["path1"], "path2": record["path2"],
-                      "confidence": float(confidence), "gold": record.get("gold")})
+                      "confidence": float(confidence), "gold": record.get("gold"),
+                      "model1": record.get("model1"), "model2": record.get("model2")})
     if not pairs:
         raise ValueError(f"{path} holds no pairs: an empty split cannot train or evaluate a reward model")
     return pairs

@@ -1,9 +1,11 @@
 """GRPO: the SDE step against an independent Gaussian, replayed ratios, credit weights, and that training raises the reward."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from conftest import random_prompts as prompts, random_small_dit as random_dit
-from grpo import (cosine_weights, credit_advantages, grpo_loss, sample_rollout, sde_step, stepwise_advantages,
+from grpo import (cosine_advantages, cosine_weights, credit_advantages, grpo_loss, sample_rollout, sde_step, stepwise_advantages,
                   terminal_advantages)
 from sample import sigma_schedule
 
@@ -89,7 +91,7 @@ def test_stepwise_advantages_have_zero_mean_within_each_group():
     rewards = torch.randn(6, 5, 4) * 3 + torch.arange(5).view(1, 5, 1)
     advantages = stepwise_advantages(rewards)
     assert torch.allclose(advantages.mean(-1), torch.zeros(6, 5), atol=1e-5)
-    assert torch.allclose(advantages.std(-1), torch.ones(6, 5), atol=1e-3)
+    assert torch.allclose(advantages.std(-1, correction=0), torch.ones(6, 5), atol=1e-3)  # numpy's std, ddof 0
     assert torch.equal(advantages.argsort(-1), rewards.argsort(-1))
 
 
@@ -97,7 +99,7 @@ def test_stepwise_advantages_have_zero_mean_within_each_group():
 def test_terminal_advantages_normalise_per_prompt_group():
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])
     advantages = terminal_advantages(rewards, group_size=3)
-    assert torch.allclose(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]), atol=1e-3)
+    assert torch.allclose(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]) * 1.5 ** 0.5, atol=1e-3)  # std sqrt(2/3)
     assert torch.allclose(advantages.view(2, 3).sum(1), torch.zeros(2), atol=1e-5)
     with pytest.raises(ValueError):
         terminal_advantages(rewards, group_size=4)
@@ -127,9 +129,20 @@ def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
     assert sparse.shape == (6, B, 1)
     assert torch.equal(sparse[0, :, 0], terminal_advantages(final_rewards, 2))  # the group-normalised terminal reward
     assert torch.equal(sparse[0], sparse[-1])
-    cosine = credit_advantages("cosine", rollout, final_rewards, 2)
-    assert torch.allclose(cosine[0], sparse[0], atol=1e-5)  # the reward-to-go from step 0 is all of it
-    assert (cosine.abs() <= sparse.abs() + 1e-6).all()
+    cosine = credit_advantages("cosine", rollout, final_rewards, 2, adv_clip=0.5)
+    expected = cosine_advantages(cosine_weights(rollout.x0_hat, rollout.final), final_rewards, 2, 0.5)
+    assert cosine.shape == (6, B, 1) and torch.equal(cosine[..., 0], expected)
+    # under torchrun a rank holds some of the trajectories: it gathers every rank's weights, keeps its own rows
+    everyone = cosine_weights(rollout.x0_hat, rollout.final).T                   # (B, T): what a gather returns
+
+    def on_rank(rows):
+        mine = SimpleNamespace(states=rollout.states[:, rows], x0_hat=rollout.x0_hat[:, rows], final=rollout.final[rows])
+
+        def gather(weights):
+            assert torch.equal(weights, everyone[rows])
+            return everyone
+        return credit_advantages("cosine", mine, final_rewards, 2, adv_clip=0.5, rows=rows, gather=gather)
+    assert torch.equal(torch.cat([on_rank(slice(0, 2)), on_rank(slice(2, 4))], dim=1), cosine)
     with pytest.raises(ValueError, match="credit"):
         credit_advantages("dense", rollout, final_rewards, 2)
 
@@ -208,8 +221,11 @@ def test_compiled_rollout_and_loss_agree_with_eager_and_compile_once(compiled):
     eager_rollout, eager_grads = update()
     assert torch.allclose(rollout.final, eager_rollout.final, atol=1e-5)
     assert torch.allclose(rollout.log_probs, eager_rollout.log_probs, atol=1e-5)
+    # per tensor, relative to its norm: SD3's grid ends with a step from sigma 0.001 to 0 whose std is ~1e-3, so
+    # float32 rounding in x_next - mean reaches single gradient entries amplified (measured: 3e-4 of the norm;
+    # Inductor's transposed-input bug was 3-25%)
     for grad, eager_grad in zip(grads, eager_grads):
-        assert torch.allclose(grad, eager_grad, rtol=1e-3, atol=1e-6)
+        assert (grad - eager_grad).norm() <= 2e-3 * eager_grad.norm() + 1e-9
 
 
 @pytest.mark.ex3_sde_step

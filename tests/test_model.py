@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import model as model_lib
 from model import (DiTConfig, TextConfig, TextEncoder, add_lora, build_dit, flow_matching_loss,
                    timestep_embedding)
-from sample import sample_ode, sigma_schedule
+from sample import sample_ode
 
 SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=3, heads=2, context_dim=16,
                   pooled_dim=16, pos_embed_max_size=8, qk_norm=True, dual_attention_layers=(0,))
@@ -78,14 +78,6 @@ def test_one_training_step_lowers_the_loss_on_a_fixed_batch():
     optimizer.step()
     with torch.no_grad():
         assert loss() < before
-
-
-def test_sigma_schedule_and_shift_formula():
-    sigmas = sigma_schedule(4, shift=3.0)
-    plain = torch.linspace(1, 0, 5)
-    assert torch.allclose(sigmas, 3 * plain / (1 + 2 * plain))
-    assert sigmas[2].item() == pytest.approx(0.75)  # sigma 0.5 -> 1.5 / 2
-    assert torch.equal(sigma_schedule(4, shift=1.0), plain)
 
 
 @pytest.mark.ex1_flow_matching

@@ -143,3 +143,32 @@ def test_training_sigma_follows_the_chosen_density():
     uniform = train_reward.training_sigma("uniform", 20000, "cpu")
     assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.01 and abs(uniform.var() - 1 / 12) < 0.003
     assert torch.equal(train_reward.training_sigma("zero", 5, "cpu"), torch.zeros(5))
+
+
+def test_hpdv3_fields_and_the_confidence_threshold(tmp_path):
+    """HPDv3's records may give choice_dist (votes for path1, path2) in place of confidence and name the two models;
+    --min_confidence drops the training pairs below it, as the DRM repository's loader does, and no test pair."""
+    from common import load_base
+    lines = [{**GOOD, "confidence": 0.97, "model1": "sd3", "model2": "flux"},
+             {k: v for k, v in GOOD.items() if k != "confidence"} | {"choice_dist": [3, 1]},
+             {k: v for k, v in GOOD.items() if k != "confidence"},
+             {**GOOD, "confidence": 0.96}]
+    path = write_prefs(tmp_path, lines)
+    pairs = read_pairs(path)
+    assert [p["confidence"] for p in pairs] == [0.97, 0.75, 1.0, 0.96]
+    assert (pairs[0]["model1"], pairs[0]["model2"], pairs[1]["model1"]) == ("sd3", "flux", None)
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({**line, "gold": [0.1, 0.0]}) + "\n" for line in lines))
+    _, text, _ = load_base("data/base.safetensors")
+    cfg = train_reward.Config(prefs=str(tmp_path), min_confidence=0.965)
+    assert len(train_reward.load_split(cfg, "train", text, "cpu")[0]) == 2       # 0.97 and 1.0 (no confidence given)
+    assert len(train_reward.load_split(cfg, "test", text, "cpu")[0]) == 4
+    write_prefs(tmp_path, [lines[0], lines[3]])
+    with pytest.raises(ValueError, match="--min_confidence=0.99 leaves none of the 2 pairs"):
+        train_reward.load_split(train_reward.Config(prefs=str(tmp_path), min_confidence=0.99), "train", text, "cpu")
+    for bad, says in (([3], "choice_dist \\[3\\] is not two vote counts"), ([0, 0], "is not two vote counts")):
+        write_prefs(tmp_path, [{k: v for k, v in GOOD.items() if k != "confidence"} | {"choice_dist": bad}])
+        with pytest.raises(ValueError, match=says):
+            read_pairs(path)
+    write_prefs(tmp_path, [{**GOOD, "model1": 7}])
+    with pytest.raises(ValueError, match="model1 7 is not a model name"):
+        read_pairs(path)
