@@ -8,9 +8,12 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
+import socket
 import sys
 import tempfile
+import time
 
 import torch
 from safetensors.torch import save_file
@@ -19,7 +22,12 @@ from safetensors.torch import save_file
 # Flags
 
 
-class FlagError(ValueError):
+class UserError(Exception):
+    """Something the user can put right (a flag, a file, a setting, a full disk, a diverged run): run_main prints
+    it as one line. Every other exception is a bug, and keeps its traceback."""
+
+
+class FlagError(UserError):
     pass
 
 
@@ -57,30 +65,209 @@ def _convert(key, value, current):
 
 
 def run_main(main, config_class, argv=None):
-    """Entry point of a script: parse flags, run main(cfg), turn expected errors into one line."""
+    """Entry point of a script: parse flags, run main(cfg), turn a UserError into one line (exit status 1)."""
     try:
         cfg = parse_flags(config_class(), sys.argv[1:] if argv is None else argv)
         return main(cfg)
-    except (FlagError, FileNotFoundError, ValueError, CheckpointError) as e:
+    except UserError as e:
         sys.exit(f"error: {e}")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
 
 
-class NonFiniteError(ValueError):
+def check_numbers(cfg):
+    """No float flag takes NaN or infinity: refuse them before any work (they would write black images or NaN)."""
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise FlagError(f"--{field.name}={value}: must be a finite number")
+
+
+def read_text(path, what):
+    """A UTF-8 text file's contents; a clear error naming the file when it is missing or not UTF-8."""
+    name = f"{what}{path}" if what.endswith("=") else f"{what} {path}"
+    if not os.path.isfile(path):
+        raise UserError(f"{name} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise UserError(f"{name} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+
+# -----------------------------------------------------------------------------
+# A run never lost: non-finite values stop it before they are saved, the out_dir belongs to one run, a resume
+# continues the experiment it was (flags that would change it are refused)
+
+
+class NonFiniteError(UserError):
     pass
 
 
-def check_finite(value, step, out_dir, what="loss"):
-    """Stop before a NaN / inf loss or gradient reaches the weights; the checkpoint in out_dir stays the last good one.
+def check_finite(value, step, what, advice):
+    """Stop when a loss, gradient norm or evaluation is NaN / inf: nothing after the last checkpoint is saved.
 
-    Under torchrun every rank stops when any rank sees it (a rank left waiting in an all-reduce would hang).
+    value: a tensor or a dict of numbers (an evaluation); advice: what to do next (RunDir.advice()). Under torchrun
+    every rank stops when any rank sees it (a rank left waiting in an all-reduce would hang).
     """
-    if any_rank(not torch.isfinite(value)):
-        raise NonFiniteError(f"the {what} is {value.item()} at step {step} (on this or another rank); nothing was "
-                             f"updated or saved after the last checkpoint in {out_dir}. Lower --lr (or --grad_clip) "
-                             "and continue with --resume")
+    if isinstance(value, dict):
+        bad = {k: v for k, v in value.items() if isinstance(v, float) and not math.isfinite(v)}
+        if any_rank(bad):
+            raise NonFiniteError(f"the {what} at step {step} gave {bad}: the weights diverged and were not saved; {advice}")
+    elif any_rank(not torch.isfinite(value).all()):
+        raise NonFiniteError(f"the {what} is {value.item() if value.numel() == 1 else 'not finite'} at step {step} "
+                             f"(on this or another rank): nothing from it was saved; {advice}")
+
+
+def check_weights(module, step, advice):
+    """Before a save: every weight finite (an update that overflowed writes inf or NaN); else nothing is saved."""
+    bad = [name for name, p in module.named_parameters()
+           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]  # FSDP: this rank's shard
+    if any_rank(bad):
+        raise NonFiniteError(f"weights are not finite after step {step} ({', '.join(bad[:3]) or 'on another rank'}): "
+                             f"they were not saved; {advice}")
+
+
+class RunDir:
+    """The run's --out_dir, held by one process: `with RunDir(out_dir, resume, overwrite, outputs):`.
+
+    Before any work it refuses a second live run (a lock file naming the other process), a fresh run into a folder
+    a run has used (its `outputs` are there) unless overwrite, and a path that is a file or not writable. It removes
+    the temporary files a killed atomic write left behind; with overwrite, the earlier run's outputs. Under torchrun
+    rank 0 alone holds it (the other ranks write nothing).
+    """
+    LOCK = ".lock"
+
+    def __init__(self, out_dir, resume=False, overwrite=False, outputs=("metrics.jsonl", "train_state.pt")):
+        self.path, self.resume, self.overwrite, self.outputs = out_dir, resume, overwrite, outputs
+        self.main = int(os.environ.get("RANK", "0")) == 0
+        self.last_saved = None  # the step of the last checkpoint this process wrote (or resumed from)
+
+    def __enter__(self):
+        if not self.main:
+            return self
+        if os.path.exists(self.path) and not os.path.isdir(self.path):
+            raise UserError(f"--out_dir={self.path} is a file; give a folder")
+        try:
+            os.makedirs(self.path, exist_ok=True)
+            self._take_lock()
+        except PermissionError as e:
+            raise UserError(f"--out_dir={self.path} is not writable ({e.strerror}); choose another folder") from None
+        try:
+            self._check_fresh()
+            for name in os.listdir(self.path):
+                if ".tmp-" in name:  # atomic_write's leftovers: a write that was killed before its rename
+                    os.remove(os.path.join(self.path, name))
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def _take_lock(self):
+        lock = os.path.join(self.path, self.LOCK)
+        mine = json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S")})
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                try:
+                    with open(lock) as f:
+                        other = json.load(f)
+                except (OSError, ValueError):
+                    other = {}
+                if other.get("host") == socket.gethostname() and not _alive(other.get("pid")):
+                    os.remove(lock)  # its process is gone (killed): a stale lock
+                    continue
+                raise UserError(f"--out_dir={self.path} is in use by another run (pid {other.get('pid')} on "
+                                f"{other.get('host')}, started {other.get('started')}); wait for it, or choose another "
+                                f"--out_dir (if that run is gone, delete {lock})") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(mine)
+            return
+        raise UserError(f"cannot take the lock {lock}: another run is starting there")
+
+    def _check_fresh(self):
+        used = [name for name in self.outputs if os.path.exists(os.path.join(self.path, name))]
+        if self.resume or not used:
+            return
+        if not self.overwrite:
+            raise UserError(f"--out_dir={self.path} holds an earlier run ({', '.join(used)}): continue it with --resume, "
+                            "start afresh there with --overwrite, or choose another --out_dir")
+        for name in os.listdir(self.path):
+            if name in self.outputs or name.startswith("samples_"):
+                path = os.path.join(self.path, name)
+                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        print(f"--overwrite: removed the earlier run's files from {self.path}")
+
+    def __exit__(self, *exc):
+        lock = os.path.join(self.path, self.LOCK)
+        if self.main and os.path.exists(lock):
+            with contextlib.suppress(OSError, ValueError):
+                with open(lock) as f:
+                    if json.load(f).get("pid") == os.getpid():
+                        os.remove(lock)
+        return False
+
+    def file(self, name):
+        return os.path.join(self.path, name)
+
+    def advice(self):
+        """What a user does after a divergence: back to the last good checkpoint, or afresh."""
+        if self.last_saved is not None:
+            return (f"the last good checkpoint (step {self.last_saved}) is in {self.path}: continue from it with a lower "
+                    "--lr (or --grad_clip) and --resume")
+        return f"no checkpoint was saved; start again with a lower --lr (or --grad_clip) and --overwrite"
+
+    def trim_metrics(self, step):
+        """On resume: drop the metrics rows a killed run wrote after its last checkpoint (they are written again)."""
+        path = self.file("metrics.jsonl")
+        if not self.main or not os.path.exists(path):
+            return
+        with open(path) as f:
+            lines = [line for line in f if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+        if len(kept) < len(lines):
+            atomic_write(path, lambda tmp: open(tmp, "w").writelines(kept))
+            print(f"resume: removed {len(lines) - len(kept)} metrics rows written after step {step}")
+
+
+def _alive(pid):
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def check_resumed_config(saved, cfg, may_change):
+    """A resumed run continues the experiment it was: flags outside may_change that differ from the saved config
+    are refused, naming them; changes to may_change (learning rate, length, evaluation cadence, memory knobs) apply
+    -> {flag: (saved, now)}, printed. A field this version does not know is refused; one the saved run did not
+    know yet must be at its default."""
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(saved) - set(fields))
+    if unknown:
+        raise CheckpointError(f"--resume: the saved run has flags this version does not know ({', '.join(unknown)}): "
+                              "it was written by another version of nanoDRM; resume it with that version")
+    defaults = type(cfg)()
+    changed, refused = {}, []
+    for name in fields:
+        before, now = saved.get(name, getattr(defaults, name)), getattr(cfg, name)
+        if before == now or name in ("resume", "overwrite"):
+            continue
+        if name in may_change:
+            changed[name] = (before, now)
+        else:
+            refused.append(f"--{name}={now} (the run has {before})")
+    if refused:
+        raise UserError(f"--resume would change what the experiment is: {'; '.join(refused)}. Resume with the saved "
+                        f"flags, or start a new run in another --out_dir (may change on resume: "
+                        f"{', '.join('--' + n for n in sorted(may_change))})")
+    for name, (before, now) in changed.items():
+        print(f"resume: --{name} {before} -> {now}")
+    return changed
 
 
 def print_config(cfg):
@@ -139,7 +326,7 @@ class Ranks:
     def shard(self, n, what="batch"):
         """The slice of a global batch of n rows that this rank computes."""
         if n % self.world:
-            raise ValueError(f"{what} of {n} does not split over {self.world} processes: use a multiple of {self.world}")
+            raise UserError(f"{what} of {n} does not split over {self.world} processes: use a multiple of {self.world}")
         per = n // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
 
@@ -186,7 +373,15 @@ def pick_device(requested="auto"):
         reason = "a CUDA GPU is present" if device == "cuda" else "no CUDA GPU found"
     else:
         device, reason = requested, "asked for by --device"
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device={requested}: not a device name; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device={requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s) for torch "
+                        f"{torch.__version__}; use --device=cpu (or auto)")
+    if device.type not in ("cpu", "cuda"):
+        raise UserError(f"--device={requested}: nanoDRM runs on cpu or cuda")
     precision = ("bf16 autocast, weights and optimizer in float32" if device.type == "cuda"
                  else "float32 (bf16 is ~30x slower on a CPU)")
     print(f"device: {device} ({reason}); compute in {precision}")
@@ -202,12 +397,13 @@ def autocast(device):
 # to a temporary file and renamed, so an interrupt never leaves half a file.
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     pass
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX)."""
+    """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX): a reader sees the old file or the new
+    one, never half of one. A write that fails (a full disk) leaves the old file as it was."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".tmp-")
@@ -216,8 +412,11 @@ def atomic_write(path, write):
         write(tmp)
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is meant to be shared
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         os.unlink(tmp)
+        if isinstance(e, OSError):
+            kept = "the previous file is intact" if os.path.exists(path) else "nothing was written"
+            raise UserError(f"cannot write {path} ({e.strerror or e}); {kept}") from None
         raise
 
 
@@ -255,7 +454,7 @@ def read_safetensors_header(path):
     copy of the model.
     """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         n = int.from_bytes(f.read(8), "little") if size >= 8 else -1
@@ -266,13 +465,19 @@ def read_safetensors_header(path):
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{path} is not a safetensors file: its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path} is not a safetensors file: its header is not a JSON object")
     metadata = header.pop("__metadata__", None) or {}
     entries = {}
     for name, info in header.items():
-        begin, end = (8 + n + offset for offset in info["data_offsets"])
+        try:
+            begin, end = (8 + n + offset for offset in info["data_offsets"])
+            entry = TensorEntry(path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path} has a damaged header: the entry of tensor {name} is {info!r}") from None
         if end > size:
             raise CheckpointError(f"{path} is truncated: tensor {name} ends at byte {end}, the file has {size}")
-        entries[name] = TensorEntry(path, SAFETENSORS_DTYPES[info["dtype"]], tuple(info["shape"]), begin, end)
+        entries[name] = entry
     return entries, metadata
 
 
@@ -289,7 +494,21 @@ def read_tensor(entry):
 def read_checkpoint(path):
     """-> (tensors dict, meta dict) of a file written by save_checkpoint. Clear errors for a missing or broken file."""
     entries, metadata = read_safetensors_header(path)
-    return {name: read_tensor(entry) for name, entry in entries.items()}, json.loads(metadata.get("meta", "{}"))
+    try:
+        meta = json.loads(metadata.get("meta", "{}"))
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: its metadata 'meta' (the config and step) is not JSON; the file is damaged") from None
+    return {name: read_tensor(entry) for name, entry in entries.items()}, meta
+
+
+def config_from_meta(config_class, values, path):
+    """A config dataclass from a checkpoint's saved dict; a field this version does not know is a clear error."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise CheckpointError(f"{path}: its {config_class.__name__} has fields this version does not know "
+                              f"({', '.join(unknown)}): it was written by another version of nanoDRM")
+    return config_class(**values)
 
 
 def check_keys(expected, found, path, what, also_unexpected=()):
@@ -331,13 +550,16 @@ def assign_from_files(module, plan, convert=None, dtype=None, device=None):
 def load_training_state(path, device):
     """The dict save_training_state wrote, for --resume; a clear error when there is none."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--resume: {path} does not exist")
+        raise UserError(f"--resume: {path} does not exist (no run has saved there)")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        state = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # truncated, overwritten, not a torch file: whatever torch.load trips on
         reason = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(f"--resume: {path} cannot be read ({type(e).__name__}: {reason}); the file is damaged: "
-                              "resume from a copy of it or start afresh in a new --out_dir") from None
+                              "resume from a copy of it or start afresh with --overwrite") from None
+    if not isinstance(state, dict) or not {"step", "config"} <= set(state):
+        raise CheckpointError(f"--resume: {path} is not a train state of nanoDRM (no step and config in it)")
+    return state
 
 
 def check_state_fits(path, name, module, saved):
@@ -347,9 +569,11 @@ def check_state_fits(path, name, module, saved):
                "or use a new --out_dir")
 
 
-def resume_training_state(path, device, **stateful):
-    """Load path (train_state.pt), restore each named module / optimizer from state[name] and torch's RNG; -> the state."""
+def resume_training_state(path, device, config, may_change, **stateful):
+    """Load path (train_state.pt), check the run's flags against it (check_resumed_config), restore each named
+    module / optimizer from state[name] and torch's RNG; -> the state."""
     state = load_training_state(path, device)
+    check_resumed_config(state["config"], config, may_change)
     for name, obj in stateful.items():
         if isinstance(obj, torch.nn.Module):
             check_state_fits(path, name, obj, state[name])
@@ -413,8 +637,9 @@ def read_model_checkpoint(path, kind, how_to_make):
     tensors, meta = read_checkpoint(path)
     if meta.get("kind") != kind:
         raise CheckpointError(f"{path} is not a {kind} checkpoint (kind={meta.get('kind')!r}); {how_to_make}")
-    dit_config = DiTConfig(**{**meta["dit_config"], "dual_attention_layers": tuple(meta["dit_config"]["dual_attention_layers"])})
-    return tensors, meta, dit_config
+    values = dict(meta["dit_config"])
+    values["dual_attention_layers"] = tuple(values.get("dual_attention_layers", ()))
+    return tensors, meta, config_from_meta(DiTConfig, values, path)
 
 
 def load_base(path, device="cpu"):
@@ -423,5 +648,5 @@ def load_base(path, device="cpu"):
     tensors, meta, dit_config = read_model_checkpoint(
         path, "base", "train one with train_base.py or use data/base.safetensors")
     dit = load_module(DiT(dit_config), tensors, "dit", path)
-    text_encoder = load_module(TextEncoder(TextConfig(**meta["text_config"])), tensors, "text", path)
+    text_encoder = load_module(TextEncoder(config_from_meta(TextConfig, meta["text_config"], path)), tensors, "text", path)
     return dit.to(device).eval(), text_encoder.to(device).eval(), meta

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CheckpointError, load_module, read_model_checkpoint, save_checkpoint
+from common import CheckpointError, config_from_meta, load_module, read_model_checkpoint, save_checkpoint
 from model import DiT, TextConfig, TextEncoder, build_dit
 
 
@@ -144,5 +144,5 @@ def load_drm(path, device="cpu", policy=None, text=None):
             raise CheckpointError(f"{path} is a DRM of {meta.get('model')} from {meta.get('ckpt_dir')}: it reads prompts "
                                   f"with that pipeline's text encoders; pass --model={meta.get('model')} --ckpt_dir=...")
         return drm.to(device).eval(), text, meta
-    text_encoder = load_module(TextEncoder(TextConfig(**meta["text_config"])), tensors, "text", path)
+    text_encoder = load_module(TextEncoder(config_from_meta(TextConfig, meta["text_config"], path)), tensors, "text", path)
     return drm.to(device).eval(), text_encoder.to(device).eval(), meta

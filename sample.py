@@ -27,7 +27,7 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import ModelFlags, autocast, load_model, pick_device, print_config, run_main
+from common import ModelFlags, UserError, autocast, check_numbers, load_model, pick_device, print_config, run_main
 from data.world import HELDOUT_PROMPTS
 from grpo import sde_mean_std
 from model import guided_velocity, set_compile
@@ -228,9 +228,9 @@ def parse_ks(text, flag="k"):
     try:
         ks = [int(v) for v in text.split(",")]
     except ValueError:
-        raise ValueError(f"--{flag}={text}: expected whole numbers separated by commas, e.g. --{flag}=1,2,4,6") from None
+        raise UserError(f"--{flag}={text}: expected whole numbers separated by commas, e.g. --{flag}=1,2,4,6") from None
     if min(ks) < 1:
-        raise ValueError(f"--{flag}={text}: every value must be at least 1")
+        raise UserError(f"--{flag}={text}: every value must be at least 1")
     return ks
 
 
@@ -320,15 +320,20 @@ def evaluate_heldout(cfg, base, **kwargs):
 
 
 def main(cfg):
+    check_numbers(cfg)
     if cfg.steps < 1 or cfg.n < 1 or cfg.per_prompt < 1 or cfg.beam < 1:
-        raise ValueError("--steps, --n, --per_prompt and --beam must be at least 1")
+        raise UserError("--steps, --n, --per_prompt and --beam must be at least 1")
     if cfg.noise_level < 0:
-        raise ValueError(f"--noise_level={cfg.noise_level}: the SDE noise scale is at least 0 (0: the ODE)")
+        raise UserError(f"--noise_level={cfg.noise_level}: the SDE noise scale is at least 0 (0: the ODE)")
+    if not cfg.shift > 0:
+        raise UserError(f"--shift={cfg.shift}: SD3's schedule shift is positive (1: none; SD3 at 1024 px: 3)")
+    if os.path.isdir(cfg.out) or os.path.splitext(cfg.out)[1].lower() not in Image.registered_extensions():
+        raise UserError(f"--out={cfg.out}: give an image file name, e.g. samples.png")
     ks = parse_ks(cfg.k) if cfg.k else []
     if ks and not cfg.eval and len(ks) > 1:
-        raise ValueError(f"--k={cfg.k}: a list of k is for --eval; to draw images give one k")
+        raise UserError(f"--k={cfg.k}: a list of k is for --eval; to draw images give one k")
     if cfg.eval and cfg.model != "toy":
-        raise ValueError(f"--eval scores with the toy's simulated annotator; with --model={cfg.model} draw with --prompt")
+        raise UserError(f"--eval scores with the toy's simulated annotator; with --model={cfg.model} draw with --prompt")
     print_config(cfg)
     device = pick_device(cfg.device)
     set_compile(cfg.compile)

@@ -106,7 +106,7 @@ def _find_weight_files(path):
         elif os.path.exists(single):
             return [single]
         else:
-            raise FileNotFoundError(f"{path} holds no diffusion_pytorch_model.safetensors(.index.json); point at "
+            raise CheckpointError(f"{path} holds no diffusion_pytorch_model.safetensors(.index.json); point at "
                                     "a .safetensors file, a diffusers transformer/ folder or a pipeline folder")
     if path.endswith(".json"):
         with open(path) as f:

@@ -26,7 +26,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from common import Base, CheckpointError, atomic_write
+from common import Base, CheckpointError, UserError, atomic_write
 from model import PRESETS
 from sd3 import load_sd3, load_vae
 from sd3_text import CLIPTokenizer, T5Tokenizer, load_clip, load_t5, sd3_prompt_embedding
@@ -57,18 +57,18 @@ def find_part(folders, names, what):
     for path in tried:
         if os.path.exists(path):
             return path
-    raise FileNotFoundError(f"no {what}: looked for {', '.join(tried)}; give a diffusers pipeline folder as "
+    raise UserError(f"no {what}: looked for {', '.join(tried)}; give a diffusers pipeline folder as "
                             "--ckpt_dir (or --text_dir for the text encoders and tokenizers)")
 
 
 def load_pipeline(cfg, device):
     """--model / --ckpt_dir / --text_dir / --t5 / --resolution (common.ModelFlags) -> Base on device."""
     if cfg.model not in SD3_MODELS:
-        raise ValueError(f"--model={cfg.model}: choose toy or one of {', '.join(SD3_MODELS)}")
+        raise UserError(f"--model={cfg.model}: choose toy or one of {', '.join(SD3_MODELS)}")
     if not cfg.ckpt_dir:
-        raise ValueError(f"--model={cfg.model} needs --ckpt_dir: a diffusers pipeline folder or a Stability .safetensors")
+        raise UserError(f"--model={cfg.model} needs --ckpt_dir: a diffusers pipeline folder or a Stability .safetensors")
     if not os.path.exists(cfg.ckpt_dir):
-        raise FileNotFoundError(f"--ckpt_dir={cfg.ckpt_dir} does not exist")
+        raise UserError(f"--ckpt_dir={cfg.ckpt_dir} does not exist")
     dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # float32 on CPUs (bf16 is slow)
     dit = load_sd3(cfg.transformer or cfg.ckpt_dir, dtype, device)
     if cfg.model != "sd3" and dit.config != PRESETS[cfg.model]:
@@ -87,7 +87,7 @@ def load_pipeline(cfg, device):
     factor = 2 ** (len(vae.config.channels) - 1)  # the VAE halves the image between levels: 8 for SD3's
     latent, largest = cfg.resolution // factor, dit.config.pos_embed_max_size * dit.config.patch_size
     if cfg.resolution % (factor * dit.config.patch_size) or not 0 < latent <= largest:
-        raise ValueError(f"--resolution={cfg.resolution}: a multiple of {factor * dit.config.patch_size} up to "
+        raise UserError(f"--resolution={cfg.resolution}: a multiple of {factor * dit.config.patch_size} up to "
                          f"{largest * factor} for this model (latents of side resolution / {factor})")
     return Base(dit, SD3Text(clip_l, clip_g, t5, tokenizers, dit.config.context_dim).eval(), latent, vae=vae,
                 meta={"model": cfg.model, "ckpt_dir": cfg.ckpt_dir})
@@ -101,7 +101,7 @@ def read_image(path, size):
     try:
         image = Image.open(path).convert("RGB")
     except OSError as e:  # PIL's UnidentifiedImageError included
-        raise ValueError(f"{path}: not an image PIL can read ({e})") from None
+        raise UserError(f"{path}: not an image PIL can read ({e})") from None
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2

@@ -265,7 +265,7 @@ class CLIPTokenizer:
         self.ranks = {tuple(merge): rank for rank, merge in enumerate(merges)}
         missing = [t for t in ("<|startoftext|>", "<|endoftext|>", pad) if t not in vocab]
         if missing:
-            raise ValueError(f"the CLIP vocabulary lacks {missing}: not a CLIP tokenizer's vocab.json")
+            raise CheckpointError(f"the CLIP vocabulary lacks {missing}: not a CLIP tokenizer's vocab.json")
         self.bos, self.eos, self.pad = vocab["<|startoftext|>"], vocab["<|endoftext|>"], vocab[pad]
         self.byte_chars = bytes_to_unicode()
         self.cache = {}
@@ -275,7 +275,7 @@ class CLIPTokenizer:
         files = {name: os.path.join(path, name) for name in ("vocab.json", "merges.txt", "special_tokens_map.json")}
         for name in ("vocab.json", "merges.txt"):
             if not os.path.exists(files[name]):
-                raise FileNotFoundError(f"{path} has no {name}: point at a CLIP tokenizer folder (tokenizer/, tokenizer_2/)")
+                raise CheckpointError(f"{path} has no {name}: point at a CLIP tokenizer folder (tokenizer/, tokenizer_2/)")
         with open(files["vocab.json"], encoding="utf-8") as f:
             vocab = json.load(f)
         with open(files["merges.txt"], encoding="utf-8") as f:
@@ -345,7 +345,7 @@ def read_protobuf(data):
             fields.append((number, data[i:i + width]))
             i += width
         else:
-            raise ValueError(f"protobuf wire type {wire} is not one sentencepiece models use")
+            raise CheckpointError(f"protobuf wire type {wire} is not one sentencepiece models use")
     return fields
 
 
@@ -411,9 +411,9 @@ class T5Tokenizer:
             for name in ("spiece.model", "tokenizer.json"):
                 if os.path.exists(os.path.join(path, name)):
                     return cls.from_file(os.path.join(path, name), length)
-            raise FileNotFoundError(f"{path} has no spiece.model or tokenizer.json: point at a T5 tokenizer (tokenizer_3/)")
+            raise CheckpointError(f"{path} has no spiece.model or tokenizer.json: point at a T5 tokenizer (tokenizer_3/)")
         if not os.path.exists(path):
-            raise FileNotFoundError(f"{path} does not exist: point at a T5 tokenizer (tokenizer_3/ or its spiece.model)")
+            raise CheckpointError(f"{path} does not exist: point at a T5 tokenizer (tokenizer_3/ or its spiece.model)")
         try:
             if path.endswith(".json"):
                 with open(path, encoding="utf-8") as f:
@@ -438,7 +438,7 @@ class T5Tokenizer:
             normalizer = dict(read_protobuf(next((m for f, m in model if f == 3), b"")))  # field 3; its field 2: the rules
             return cls(pieces, unk_id, names["</s>"], names.get("<pad>", 0), normalizer.get(2), length)
         except (ValueError, KeyError, IndexError, TypeError, struct.error) as e:  # JSON, UTF-8 and protobuf errors included
-            raise ValueError(f"{path} is not a T5 tokenizer: {type(e).__name__}: {e}"[:300]) from None
+            raise CheckpointError(f"{path} is not a T5 tokenizer: {type(e).__name__}: {e}"[:300]) from None
 
     def segment(self, text):
         """Viterbi: best[i] = the highest total score of any segmentation of text[:i]."""
@@ -499,12 +499,12 @@ def _files_and_config(path, weights_name):
     if os.path.isdir(path):
         files = sorted(os.path.join(path, f) for f in os.listdir(path) if f.endswith(".safetensors"))
         if not files:
-            raise FileNotFoundError(f"{path} holds no .safetensors file; point at a {weights_name} folder or file")
+            raise CheckpointError(f"{path} holds no .safetensors file; point at a {weights_name} folder or file")
         config_path = os.path.join(path, "config.json")
         config = json.load(open(config_path)) if os.path.exists(config_path) else {}
         return files, config
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist")
+        raise CheckpointError(f"{path} does not exist")
     return [path], {}
 
 

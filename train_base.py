@@ -23,8 +23,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import model as model_lib
-from common import (GracefulStop, any_rank, autocast, check_finite, print_config, resume_training_state, run_main, save_base,
-                    save_training_state, setup_device, warmup_cosine)
+from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_finite, check_numbers, check_weights,
+                    print_config, resume_training_state, run_main, save_base, save_training_state, setup_device,
+                    warmup_cosine)
 from data.world import HELDOUT_PROMPTS, caption, load_world, parse_prompt, tokenize
 from model import PRESETS, TextConfig, TextEncoder, flow_matching_loss, logit_normal_sigma
 from sample import generate, save_grid
@@ -48,7 +49,8 @@ class Config:
     eval_per_prompt: int = 8           # images per held-out prompt in each grid
     seed: int = 0
     export: str = ""                   # at the end, also write the EMA model here in float16 (how data/base.safetensors is made)
-    resume: bool = False               # continue from out_dir/train_state.pt
+    resume: bool = False               # continue from out_dir/train_state.pt (--lr, --steps, --eval_every may change)
+    overwrite: bool = False            # start afresh in an out_dir an earlier run used (its files are removed)
     compile: bool = False              # torch.compile each DiT block (fused elementwise ops; model.py)
     grad_checkpointing: bool = False   # recompute each block in the backward: less memory, ~1.3x the compute
     device: str = "auto"
@@ -70,58 +72,72 @@ def update_ema(ema, net, decay):
         e.lerp_(p, 1 - decay)
 
 
-def main(cfg):
+MAY_CHANGE = {"lr", "steps", "eval_every", "eval_per_prompt", "device", "compile", "grad_checkpointing", "export"}
+OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors")
+
+
+def check(cfg):
+    check_numbers(cfg)
     if cfg.preset not in PRESETS:
-        raise ValueError(f"--preset={cfg.preset}: choose one of {list(PRESETS)}")
-    print_config(cfg)
-    device, ranks = setup_device(cfg.device)
-    mine = ranks.shard(cfg.batch_size, "--batch_size")  # this rank's rows of each global batch
-    model_lib.set_compile(cfg.compile)
-    torch.manual_seed(cfg.seed)
-    rng = random.Random(cfg.seed)
+        raise UserError(f"--preset={cfg.preset}: choose one of {list(PRESETS)}")
+    for name in ("steps", "batch_size", "eval_every", "eval_per_prompt"):
+        if getattr(cfg, name) < 1:
+            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
 
-    world = load_world()
-    images = world["images"][world["train"]]
-    captions = [c for c, keep in zip(world["captions"], world["train"]) if keep]
-    print(f"training on {len(images)} digits; held-out prompts: {HELDOUT_PROMPTS}")
 
-    net = nn.ModuleDict({"dit": model_lib.build_dit(cfg.preset), "text": TextEncoder(TextConfig())}).to(device)
-    ema = copy.deepcopy(net).requires_grad_(False)
-    net["dit"].grad_checkpointing = cfg.grad_checkpointing
-    optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    print(f"DiT parameters: {sum(p.numel() for p in net['dit'].parameters()) / 1e6:.2f}M, "
-          f"text encoder: {sum(p.numel() for p in net['text'].parameters()) / 1e6:.2f}M")
+def main(cfg):
+    check(cfg)
+    with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, OUTPUTS) as run_dir, GracefulStop() as stop:
+        print_config(cfg)
+        device, ranks = setup_device(cfg.device)
+        mine = ranks.shard(cfg.batch_size, "--batch_size")  # this rank's rows of each global batch
+        model_lib.set_compile(cfg.compile)
+        torch.manual_seed(cfg.seed)
+        rng = random.Random(cfg.seed)
 
-    state_path = os.path.join(cfg.out_dir, "train_state.pt")
-    step, minutes_before = 0, 0.0
-    if cfg.resume:
-        state = resume_training_state(state_path, device, net=net, ema=ema, optimizer=optimizer)
-        step, minutes_before = state["step"], state["minutes"]
-        rng.setstate(state["python_rng"])
+        world = load_world()
+        images = world["images"][world["train"]]
+        captions = [c for c, keep in zip(world["captions"], world["train"]) if keep]
+        print(f"training on {len(images)} digits; held-out prompts: {HELDOUT_PROMPTS}")
 
-    # under torchrun, DDP averages the gradients over the ranks (the weights start equal: same seed)
-    dit, text = ((DDP(net["dit"], broadcast_buffers=False), DDP(net["text"])) if ranks.world > 1
-                 else (net["dit"], net["text"]))
+        net = nn.ModuleDict({"dit": model_lib.build_dit(cfg.preset), "text": TextEncoder(TextConfig())}).to(device)
+        ema = copy.deepcopy(net).requires_grad_(False)
+        net["dit"].grad_checkpointing = cfg.grad_checkpointing
+        optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        print(f"DiT parameters: {sum(p.numel() for p in net['dit'].parameters()) / 1e6:.2f}M, "
+              f"text encoder: {sum(p.numel() for p in net['text'].parameters()) / 1e6:.2f}M")
 
-    def save(step):
-        if not ranks.main:
-            return
-        save_base(os.path.join(cfg.out_dir, "model.safetensors"), ema["dit"], ema["text"], step)
-        save_training_state(state_path, {"net": net.state_dict(), "ema": ema.state_dict(),
-                                         "optimizer": optimizer.state_dict(), "step": step, "minutes": minutes(),
-                                         "torch_rng": torch.get_rng_state(), "python_rng": rng.getstate(),
-                                         "config": asdict(cfg)})
+        step, minutes_before = 0, 0.0
+        if cfg.resume:  # the learning rate follows --lr (warmup_cosine below), so a resume may change it
+            state = resume_training_state(run_dir.file("train_state.pt"), device, net=net, ema=ema, optimizer=optimizer,
+                                          config=cfg, may_change=MAY_CHANGE)
+            step, minutes_before = state["step"], state["minutes"]
+            rng.setstate(state["python_rng"])
+            run_dir.last_saved = step
+            run_dir.trim_metrics(step)
 
-    os.makedirs(cfg.out_dir, exist_ok=True)
-    log = open(os.path.join(cfg.out_dir, "metrics.jsonl") if ranks.main else os.devnull, "a")
-    sigma_bins = torch.linspace(0, 1, 6)  # loss by sigma quintile, as minRF logs it
-    bin_loss, bin_count = torch.zeros(5), torch.zeros(5)
-    net.train()
-    t0 = time.time()
-    def minutes():
-        return minutes_before + (time.time() - t0) / 60
-    bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_base", disable=not ranks.main)
-    with GracefulStop() as stop, log:
+        # under torchrun, DDP averages the gradients over the ranks (the weights start equal: same seed)
+        dit, text = ((DDP(net["dit"], broadcast_buffers=False), DDP(net["text"])) if ranks.world > 1
+                     else (net["dit"], net["text"]))
+        t0 = time.time()
+
+        def minutes():
+            return minutes_before + (time.time() - t0) / 60
+
+        def save(step):
+            check_weights(net, step, run_dir.advice())
+            if ranks.main:
+                save_base(run_dir.file("model.safetensors"), ema["dit"], ema["text"], step)
+                save_training_state(run_dir.file("train_state.pt"), {
+                    "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                    "minutes": minutes(), "torch_rng": torch.get_rng_state(), "python_rng": rng.getstate(),
+                    "config": asdict(cfg)})
+            run_dir.last_saved = step
+
+        sigma_bins = torch.linspace(0, 1, 6)  # loss by sigma quintile, as minRF logs it
+        bin_loss, bin_count = torch.zeros(5), torch.zeros(5)
+        net.train()
+        bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_base", disable=not ranks.main)
         for step in bar:
             # the global batch's images, captions, sigmas and noise (the same draws on every rank), then this rank's rows
             idx = torch.randint(len(images), (cfg.batch_size,))
@@ -136,10 +152,10 @@ def main(cfg):
                 losses, sigma = flow_matching_loss(dit, x0[mine], context, pooled, sigma[mine], noise[mine])
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
-            check_finite(loss, step + 1, cfg.out_dir)
+            check_finite(loss, step + 1, "loss", run_dir.advice())
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
-            check_finite(grad_norm, step + 1, cfg.out_dir, "gradient norm")
+            check_finite(grad_norm, step + 1, "gradient norm", run_dir.advice())
             optimizer.step()
             update_ema(ema, net, cfg.ema_decay)
 
@@ -147,27 +163,29 @@ def main(cfg):
             bin_loss.index_add_(0, which, losses.detach().cpu())
             bin_count.index_add_(0, which, torch.ones_like(losses.cpu()))
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if ranks.main and ((step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps):
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
                 by_bin = (bin_loss / bin_count.clamp(min=1)).tolist()
                 record = {"step": step + 1, "loss": sum(bin_loss.tolist()) / max(1, bin_count.sum().item()),
                           "loss_by_sigma": [round(v, 4) for v in by_bin], "grad_norm": grad_norm.item(),
                           "lr": warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr), "minutes": minutes()}
                 bin_loss.zero_(), bin_count.zero_()
-                prompts = [p for p in HELDOUT_PROMPTS for _ in range(cfg.eval_per_prompt)]
-                grid = generate(ema["dit"], ema["text"], prompts, seed=0, cfg_scale=cfg.eval_cfg)
-                save_grid(grid, os.path.join(cfg.out_dir, f"samples_{step + 1:06d}.png"), nrow=cfg.eval_per_prompt)
                 save(step + 1)
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                tqdm.write(f"step {step + 1:6d} | loss {record['loss']:.4f} | by sigma {record['loss_by_sigma']} "
-                           f"| {record['minutes']:.1f} min")
+                if ranks.main:
+                    prompts = [p for p in HELDOUT_PROMPTS for _ in range(cfg.eval_per_prompt)]
+                    grid = generate(ema["dit"], ema["text"], prompts, seed=0, cfg_scale=cfg.eval_cfg)
+                    save_grid(grid, run_dir.file(f"samples_{step + 1:06d}.png"), nrow=cfg.eval_per_prompt)
+                    with open(run_dir.file("metrics.jsonl"), "a") as log:
+                        log.write(json.dumps(record) + "\n")
+                    tqdm.write(f"step {step + 1:6d} | loss {record['loss']:.4f} | by sigma {record['loss_by_sigma']} "
+                               f"| {record['minutes']:.1f} min")
             if any_rank(stop):
-                save(step + 1)
+                if run_dir.last_saved != step + 1:
+                    save(step + 1)
                 print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
                 return None
-    if cfg.export and ranks.main:
-        save_base(cfg.export, ema["dit"], ema["text"], cfg.steps, dtype=torch.float16)
-        print(f"exported the EMA model in float16 to {cfg.export}")
+        if cfg.export and ranks.main:
+            save_base(cfg.export, ema["dit"], ema["text"], cfg.steps, dtype=torch.float16)
+            print(f"exported the EMA model in float16 to {cfg.export}")
     return ema
 
 

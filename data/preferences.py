@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import load_base  # noqa: E402
+from common import UserError, load_base, read_text  # noqa: E402
 from data.world import TRAIN_PROMPTS  # noqa: E402
 
 
@@ -55,30 +55,33 @@ class Config:
 
 def to_tensor(path):
     """A grey PNG -> (1, H, W) float in [-1, 1]."""
-    with Image.open(path) as img:
-        grey = img.convert("L")
+    try:
+        with Image.open(path) as img:
+            grey = img.convert("L")
+    except OSError as e:  # PIL's UnidentifiedImageError included
+        raise UserError(f"{path}: not an image PIL can read ({e})") from None
     pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
     return pixels.view(1, grey.height, grey.width).float() / 127.5 - 1
 
 
 def read_records(path):
     """JSON lines, or (HPDv3's train.json) one JSON list -> [(where, record)]."""
-    with open(path) as f:
-        if path.endswith(".json"):
-            try:
-                records = json.load(f)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not JSON ({e})") from None
-            if not isinstance(records, list):
-                raise ValueError(f"{path}: expected a JSON list of pairs")
-            return [(f"{path} pair {number}", record) for number, record in enumerate(records, 1)]
-        lines = [(f"{path} line {number}", line) for number, line in enumerate(f, 1) if line.strip()]
+    text = read_text(path, "preference file")
+    if path.endswith(".json"):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not JSON ({e})") from None
+        if not isinstance(records, list):
+            raise UserError(f"{path}: expected a JSON list of pairs")
+        return [(f"{path} pair {number}", record) for number, record in enumerate(records, 1)]
+    lines = [(f"{path} line {number}", line) for number, line in enumerate(text.splitlines(), 1) if line.strip()]
     records = []
     for where, line in lines:
         try:
             records.append((where, json.loads(line)))
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not JSON ({e})") from None
+            raise UserError(f"{where}: not JSON ({e})") from None
     return records
 
 
@@ -88,7 +91,7 @@ def choice_share(choice_dist, where):
         return 1.0
     if (not isinstance(choice_dist, list) or len(choice_dist) != 2
             or not all(isinstance(n, (int, float)) and n >= 0 for n in choice_dist) or sum(choice_dist) <= 0):
-        raise ValueError(f"{where}: choice_dist {choice_dist!r} is not two vote counts [path1, path2]")
+        raise UserError(f"{where}: choice_dist {choice_dist!r} is not two vote counts [path1, path2]")
     return choice_dist[0] / sum(choice_dist)
 
 
@@ -97,30 +100,31 @@ def read_pairs(path):
     absolute), confidence (HPDv3: given, or path1's share of choice_dist, else 1), gold (or None), model1 and
     model2 (HPDv3: the models that made the two images, or None). Validated pair by pair."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"preference file {path} does not exist; make one with python data/preferences.py")
+        raise UserError(f"preference file {path} does not exist; make one with python data/preferences.py")
     folder = os.path.dirname(os.path.abspath(path))
     pairs = []
     for where, record in read_records(path):
         if not isinstance(record, dict):
-            raise ValueError(f"{where}: expected an object with prompt, path1, path2")
+            raise UserError(f"{where}: expected an object with prompt, path1, path2")
         missing = [k for k in ("prompt", "path1", "path2") if k not in record]
         if missing:
-            raise ValueError(f"{where}: missing field(s) {missing}")
+            raise UserError(f"{where}: missing field(s) {missing}")
         confidence = record.get("confidence", choice_share(record.get("choice_dist"), where))
         if not isinstance(confidence, (int, float)) or not 0.0 <= confidence <= 1.0:
-            raise ValueError(f"{where}: confidence {confidence!r} is not a number in [0, 1]")
+            raise UserError(f"{where}: confidence {confidence!r} is not a number in [0, 1]")
         for key in ("model1", "model2"):
             if not isinstance(record.get(key, ""), str):
-                raise ValueError(f"{where}: {key} {record[key]!r} is not a model name")
+                raise UserError(f"{where}: {key} {record[key]!r} is not a model name")
         for key in ("path1", "path2"):
             record[key] = os.path.join(folder, record[key])
-            if not os.path.exists(record[key]):
-                raise FileNotFoundError(f"{where}: image {record[key]} does not exist")
+            if not os.path.isfile(record[key]):
+                problem = "is a folder, not an image" if os.path.isdir(record[key]) else "does not exist"
+                raise UserError(f"{where}: image {record[key]} {problem}")
         pairs.append({"prompt": record["prompt"], "path1": record["path1"], "path2": record["path2"],
                       "confidence": float(confidence), "gold": record.get("gold"),
                       "model1": record.get("model1"), "model2": record.get("model2")})
     if not pairs:
-        raise ValueError(f"{path} holds no pairs: an empty split cannot train or evaluate a reward model")
+        raise UserError(f"{path} holds no pairs: an empty split cannot train or evaluate a reward model")
     return pairs
 
 
@@ -131,6 +135,11 @@ def load_pair_tensors(pairs):
         if path not in cache:
             cache[path] = to_tensor(path)
         return cache[path]
+    shape = image(pairs[0]["path1"]).shape
+    for path in (p[key] for p in pairs for key in ("path1", "path2")):
+        if image(path).shape != shape:
+            raise UserError(f"image {path} is {'x'.join(map(str, image(path).shape[1:]))} pixels, the others "
+                            f"{'x'.join(map(str, shape[1:]))}: every image of a preference set has the model's size")
     winners = torch.stack([image(p["path1"]) for p in pairs])
     losers = torch.stack([image(p["path2"]) for p in pairs])
     gold = torch.tensor([p["gold"] for p in pairs]) if all(p["gold"] is not None for p in pairs) else None

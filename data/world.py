@@ -24,6 +24,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common import UserError
+
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 IMAGE_SIZE = 32
 THICKNESS = ("thin", "regular", "thick")
@@ -66,9 +68,9 @@ def tokenize(prompts):
         words = prompt.lower().split()
         unknown = [w for w in words if w not in WORD_TO_ID]
         if unknown:
-            raise ValueError(f"prompt {prompt!r}: unknown word(s) {unknown}; the vocabulary is {VOCAB[2:]}")
+            raise UserError(f"prompt {prompt!r}: unknown word(s) {unknown}; the vocabulary is {VOCAB[2:]}")
         if len(words) + 1 > MAX_TOKENS:
-            raise ValueError(f"prompt {prompt!r} is longer than {MAX_TOKENS - 1} words")
+            raise UserError(f"prompt {prompt!r} is longer than {MAX_TOKENS - 1} words")
         ids[row, : len(words) + 1] = torch.tensor([1] + [WORD_TO_ID[w] for w in words])
     return ids
 
@@ -78,7 +80,7 @@ def parse_prompt(prompt):
     words = prompt.lower().split()
     digits = [w for w in words if w.isdigit()]
     if len(digits) != 1:
-        raise ValueError(f"prompt {prompt!r} must name exactly one digit")
+        raise UserError(f"prompt {prompt!r} must name exactly one digit")
     thickness = next((THICKNESS.index(w) for w in words if w in THICKNESS), None)
     phrase = " ".join(words)
     slant = next((i for i, s in enumerate(SLANT) if s in phrase), None)
@@ -92,7 +94,7 @@ def load_digits():
     """-> images (5000, 1, 32, 32) float32 in [-1, 1], labels (5000,) int64."""
     path = os.path.join(DATA_DIR, "mnist.npz")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing; rebuild it with data/build_mnist.py (see data/README.md)")
+        raise UserError(f"{path} is missing; rebuild it with data/build_mnist.py (see data/README.md)")
     with np.load(path) as f:
         images = torch.from_numpy(f["images"]).float() / 127.5 - 1  # (N, 28, 28)
         labels = torch.from_numpy(f["labels"]).long()

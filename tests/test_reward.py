@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 import train_reward
+from common import UserError
 from data.preferences import read_pairs
 from model import DiTConfig, TextConfig, TextEncoder, build_dit
 from reward import DRM, bradley_terry_loss, load_drm, save_drm
@@ -102,17 +103,17 @@ GOOD = {"prompt": "a 7", "path1": "images/a.png", "path2": "images/b.png", "conf
 ])
 def test_bad_preference_lines_are_named(tmp_path, bad, says):
     path = write_prefs(tmp_path, [GOOD, bad])
-    with pytest.raises((ValueError, FileNotFoundError), match=says):
+    with pytest.raises(UserError, match=says):
         read_pairs(path)
 
 
 def test_empty_split_is_refused(tmp_path):
-    with pytest.raises(ValueError, match="holds no pairs"):
+    with pytest.raises(UserError, match="holds no pairs"):
         read_pairs(write_prefs(tmp_path, []))
 
 
 def test_bad_flag_values_are_refused_before_work():
-    with pytest.raises(ValueError, match="--init=random: choose pretrained or scratch"):
+    with pytest.raises(UserError, match="--init=random: choose pretrained or scratch"):
         train_reward.main(train_reward.Config(init="random"))
 
 
@@ -160,15 +161,15 @@ def test_hpdv3_fields_and_the_confidence_threshold(tmp_path):
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({**line, "gold": [0.1, 0.0]}) + "\n" for line in lines))
     _, text, _ = load_base("data/base.safetensors")
     cfg = train_reward.Config(prefs=str(tmp_path), min_confidence=0.965)
-    assert len(train_reward.load_split(cfg, "train", text, "cpu")[0]) == 2       # 0.97 and 1.0 (no confidence given)
-    assert len(train_reward.load_split(cfg, "test", text, "cpu")[0]) == 4
+    assert len(train_reward.load_split(cfg, "train", text, "cpu").winners) == 2       # 0.97 and 1.0 (no confidence given)
+    assert len(train_reward.load_split(cfg, "test", text, "cpu").winners) == 4
     write_prefs(tmp_path, [lines[0], lines[3]])
-    with pytest.raises(ValueError, match="--min_confidence=0.99 leaves none of the 2 pairs"):
+    with pytest.raises(UserError, match="--min_confidence=0.99 leaves none of the 2 pairs"):
         train_reward.load_split(train_reward.Config(prefs=str(tmp_path), min_confidence=0.99), "train", text, "cpu")
     for bad, says in (([3], "choice_dist \\[3\\] is not two vote counts"), ([0, 0], "is not two vote counts")):
         write_prefs(tmp_path, [{k: v for k, v in GOOD.items() if k != "confidence"} | {"choice_dist": bad}])
-        with pytest.raises(ValueError, match=says):
+        with pytest.raises(UserError, match=says):
             read_pairs(path)
     write_prefs(tmp_path, [{**GOOD, "model1": 7}])
-    with pytest.raises(ValueError, match="model1 7 is not a model name"):
+    with pytest.raises(UserError, match="model1 7 is not a model name"):
         read_pairs(path)

@@ -173,7 +173,7 @@ def test_broken_checkpoints_name_the_file_and_the_keys(tmp_path):
     text.write_text(json.dumps({"not": "weights"}))
     with pytest.raises(CheckpointError, match="config.safetensors is not a safetensors file"):
         load_sd3(str(text))
-    with pytest.raises(FileNotFoundError, match="no/such/dir"):
+    with pytest.raises(CheckpointError, match="no/such/dir"):
         load_sd3("no/such/dir")
 
 # -----------------------------------------------------------------------------

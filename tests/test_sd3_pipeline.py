@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from common import UserError
 from sd3_pipeline import find_part
 from sd3_text import bytes_to_unicode
 
@@ -163,12 +164,12 @@ def test_bad_pipeline_flags_give_one_clear_line(pipeline, args, says):
 
 
 def test_a_missing_part_names_every_place_looked(pipeline):
-    with pytest.raises(FileNotFoundError, match="no CLIP-L: looked for .*vae/text_encoder, .*vae/text_encoders/clip_l"):
+    with pytest.raises(UserError, match="no CLIP-L: looked for .*vae/text_encoder, .*vae/text_encoders/clip_l"):
         find_part([str(pipeline / "vae"), ""], ["text_encoder", "text_encoders/clip_l.safetensors"], "CLIP-L")
 
 
 def test_an_unreadable_image_is_named(tmp_path):
     from sd3_pipeline import read_image
     (tmp_path / "notes.png").write_text("not an image")
-    with pytest.raises(ValueError, match="notes.png: not an image PIL can read"):
+    with pytest.raises(UserError, match="notes.png: not an image PIL can read"):
         read_image(str(tmp_path / "notes.png"), 32)

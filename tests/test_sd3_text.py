@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from common import CheckpointError
 from sd3_text import CLIPTokenizer, T5Tokenizer, load_clip, read_protobuf, load_t5, relative_position_bucket, sd3_prompt_embedding
 
 transformers = pytest.importorskip("transformers")
@@ -194,10 +195,10 @@ def test_broken_tokenizer_files_are_named(tmp_path):
     (tmp_path / "spiece.model").write_bytes(b"\xff" * 40)
     (tmp_path / "tokenizer.json").write_text("{}")
     for name in ("spiece.model", "tokenizer.json"):
-        with pytest.raises(ValueError, match=f"{name} is not a T5 tokenizer"):
+        with pytest.raises(CheckpointError, match=f"{name} is not a T5 tokenizer"):
             T5Tokenizer.from_file(str(tmp_path / name))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="has no spiece.model or tokenizer.json"):
+    with pytest.raises(CheckpointError, match="has no spiece.model or tokenizer.json"):
         T5Tokenizer.from_file(str(tmp_path / "empty"))
-    with pytest.raises(ValueError, match=r"lacks \['<\|startoftext\|>', '<\|endoftext\|>'\]"):
+    with pytest.raises(CheckpointError, match=r"lacks \['<\|startoftext\|>', '<\|endoftext\|>'\]"):
         CLIPTokenizer({"!": 0}, [], pad="!")

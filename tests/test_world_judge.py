@@ -5,6 +5,7 @@ from collections import deque
 import pytest
 import torch
 
+from common import UserError
 from data.judge import Judge, interval_distance, largest_blob_mask, load_classifier
 from data.world import (HELDOUT_PROMPTS, SLANT, THICKNESS, caption, load_world, measure_attributes,
                         parse_prompt, tokenize)
@@ -40,7 +41,7 @@ def test_captions_round_trip_and_unknown_words_fail_clearly():
             for s in (None, 0, 1, 2):
                 assert parse_prompt(caption(digit, t, s)) == (digit, t, s)
     assert len(THICKNESS) == len(SLANT) == 3
-    with pytest.raises(ValueError, match="purple"):
+    with pytest.raises(UserError, match="purple"):
         tokenize(["a purple 7"])
     ids = tokenize(["a thick 7 slanted right", ""])
     assert ids[0, 0] == 1 and (ids[0, 6:] == 0).all() and ids[1].tolist() == [1] + [0] * 7
