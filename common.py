@@ -71,6 +71,8 @@ def run_main(main, config_class, argv=None):
         return main(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except KeyboardInterrupt:  # a second Ctrl-C, or one before the run's loop could catch it
+        sys.exit("error: interrupted; nothing was saved after the last checkpoint")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -151,8 +153,8 @@ class RunDir:
         try:
             os.makedirs(self.path, exist_ok=True)
             self._take_lock()
-        except PermissionError as e:
-            raise UserError(f"--out_dir={self.path} is not writable ({e.strerror}); choose another folder") from None
+        except OSError as e:
+            raise UserError(f"--out_dir={self.path} cannot be written ({e.strerror or e}); choose another folder") from None
         try:
             self._check_fresh()
             for name in os.listdir(self.path):
@@ -255,7 +257,7 @@ def check_resumed_config(saved, cfg, may_change):
     changed, refused = {}, []
     for name in fields:
         before, now = saved.get(name, getattr(defaults, name)), getattr(cfg, name)
-        if before == now or name in ("resume", "overwrite"):
+        if before == now or name in ("resume", "overwrite", "out_dir"):  # a run folder may move
             continue
         if name in may_change:
             changed[name] = (before, now)
@@ -295,8 +297,10 @@ class GracefulStop:
         return self
 
     def _request(self, signum, frame):
+        if self.signals and signum == signal.SIGINT:  # asked twice: stop now
+            raise KeyboardInterrupt
         self.signals.append(signum)
-        print("\nstop requested: saving after this step", file=sys.stderr)
+        print("\nstop requested: saving after this step (Ctrl-C again: stop at once, unsaved)", file=sys.stderr)
 
     def __bool__(self):
         return bool(self.signals)

@@ -68,8 +68,11 @@ def run(script, run_dir, flags, seed, extra):
     done = os.path.join(run_dir, "done")
     if os.path.exists(done):
         return
+    # a run an earlier sweep left unfinished: continue it from its checkpoint, or start it afresh
+    again = (["--resume"] if os.path.exists(os.path.join(run_dir, "train_state.pt"))
+             else ["--overwrite"] if os.path.exists(os.path.join(run_dir, "metrics.jsonl")) else [])
     command = [sys.executable, script, f"--out_dir={run_dir}", f"--seed={seed}",
-               *(f"--{k}={v}" for k, v in flags), *extra]
+               *(f"--{k}={v}" for k, v in flags), *extra, *again]
     print("$", shlex.join(command), flush=True)
     if subprocess.run(command, cwd=ROOT).returncode:
         raise RuntimeError(f"the run in {run_dir} failed; its command is above")

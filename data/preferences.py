@@ -26,6 +26,7 @@ import json
 import os
 import random
 import sys
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -135,8 +136,9 @@ def load_pair_tensors(pairs):
         if path not in cache:
             cache[path] = to_tensor(path)
         return cache[path]
-    shape = image(pairs[0]["path1"]).shape
-    for path in (p[key] for p in pairs for key in ("path1", "path2")):
+    paths = [p[key] for p in pairs for key in ("path1", "path2")]
+    shape = Counter(image(path).shape for path in paths).most_common(1)[0][0]
+    for path in paths:
         if image(path).shape != shape:
             raise UserError(f"image {path} is {'x'.join(map(str, image(path).shape[1:]))} pixels, the others "
                             f"{'x'.join(map(str, shape[1:]))}: every image of a preference set has the model's size")

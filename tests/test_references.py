@@ -174,6 +174,7 @@ def test_cosine_weights_where_cocas_code_has_no_answer():
     assert torch.isinf(coca_weights(still, final, 5)).any() or torch.isnan(coca_weights(still, final, 5)).any()
 
 
+@pytest.mark.ex4_grpo
 @pytest.mark.parametrize("adv_clip", [5.0, 0.6])
 def test_cosine_advantages_follow_cocas_two_normalisations(adv_clip):
     from grpo import cosine_advantages, cosine_weights
@@ -203,6 +204,7 @@ def flow_grpo_group_advantages(prompts, rewards):
     return advantages
 
 
+@pytest.mark.ex4_grpo
 def test_group_advantages_are_flow_grpos():
     from grpo import stepwise_advantages, terminal_advantages
     g = torch.Generator().manual_seed(0)
