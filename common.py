@@ -1,7 +1,7 @@
-"""What every script shares: `--key=value` flags, the device choice, atomic checkpoints.
+"""What every script shares: `--key=value` flags, the device choice, torchrun, checkpoints, a run's out_dir.
 
-Kept apart so that train_base.py, train_reward.py, train_policy.py and
-sample.py parse flags and write files one way.
+Kept apart so that train_base.py, train_reward.py, train_policy.py and sample.py parse flags and write files
+one way. It imports nothing of the project: every other file may import it (tests/test_teaching.py checks).
 """
 import contextlib
 import dataclasses
@@ -16,6 +16,7 @@ import tempfile
 import time
 
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
 # -----------------------------------------------------------------------------
@@ -218,7 +219,7 @@ class RunDir:
         if self.last_saved is not None:
             return (f"the last good checkpoint (step {self.last_saved}) is in {self.path}: continue from it with a lower "
                     "--lr (or --grad_clip) and --resume")
-        return f"no checkpoint was saved; start again with a lower --lr (or --grad_clip) and --overwrite"
+        return "no checkpoint was saved; start again with a lower --lr (or --grad_clip) and --overwrite"
 
     def trim_metrics(self, step):
         """On resume: drop the metrics rows a killed run wrote after its last checkpoint (they are written again)."""
@@ -326,6 +327,11 @@ class Ranks:
     @property
     def main(self):
         return self.rank == 0
+
+    @property
+    def shard_id(self):
+        """(rank, world): which slice of a global batch's random draws is this process's."""
+        return self.rank, self.world
 
     def shard(self, n, what="batch"):
         """The slice of a global batch of n rows that this rank computes."""
@@ -495,24 +501,31 @@ def read_tensor(entry):
     return torch.frombuffer(data, dtype=entry.dtype).reshape(entry.shape)
 
 
-def read_checkpoint(path):
-    """-> (tensors dict, meta dict) of a file written by save_checkpoint. Clear errors for a missing or broken file."""
+def read_checkpoint(path, kind=None, how_to_make=""):
+    """-> (tensors dict, meta dict) of a file written by save_checkpoint, whose meta says `kind` (when given).
+    Clear errors for a missing, broken or other kind of file."""
     entries, metadata = read_safetensors_header(path)
     try:
         meta = json.loads(metadata.get("meta", "{}"))
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: its metadata 'meta' (the config and step) is not JSON; the file is damaged") from None
+    if kind is not None and meta.get("kind") != kind:
+        raise CheckpointError(f"{path} is not a {kind} checkpoint (kind={meta.get('kind')!r}); {how_to_make}")
     return {name: read_tensor(entry) for name, entry in entries.items()}, meta
 
 
 def config_from_meta(config_class, values, path):
-    """A config dataclass from a checkpoint's saved dict; a field this version does not know is a clear error."""
-    known = {f.name for f in dataclasses.fields(config_class)}
-    unknown = sorted(set(values) - known)
+    """A config dataclass from a checkpoint's saved dict (JSON lists back to tuples); a field this version does
+    not know is a clear error."""
+    fields = {f.name: f for f in dataclasses.fields(config_class)}
+    if not isinstance(values, dict):
+        raise CheckpointError(f"{path}: its saved {config_class.__name__} is {values!r}, not a dict of settings")
+    unknown = sorted(set(values) - set(fields))
     if unknown:
         raise CheckpointError(f"{path}: its {config_class.__name__} has fields this version does not know "
                               f"({', '.join(unknown)}): it was written by another version of nanoDRM")
-    return config_class(**values)
+    tuples = {name for name, f in fields.items() if f.default_factory is tuple or isinstance(f.default, tuple)}
+    return config_class(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
 
 
 def check_keys(expected, found, path, what, also_unexpected=()):
@@ -592,65 +605,17 @@ def save_training_state(path, state):
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 # -----------------------------------------------------------------------------
-# The toy base model: DiT + text encoder in one file
+# Images
 
 
-@dataclasses.dataclass
-class ModelFlags:
-    """The flags that pick the base model, shared by sample.py, train_reward.py and train_policy.py."""
-    model: str = "toy"           # toy (the CPU world) | sd3-medium | sd3.5-medium | sd3.5-large | sd3 (any SD3 checkpoint)
-    ckpt_dir: str = ""           # SD3: a diffusers pipeline folder, or a single .safetensors (DiT + VAE) with --text_dir
-    text_dir: str = ""           # SD3: the folder with text_encoder*/ and tokenizer*/ (default: --ckpt_dir)
-    t5: bool = True              # SD3: load T5-XXL (--t5=false: zeros in its place, as SD3 allows; 9.5 GB less)
-    resolution: int = 1024       # SD3: image side in pixels (the DiT samples latents of side resolution / 8)
-    transformer: str = ""        # SD3: a DiT to use in place of the pipeline's (train_policy.py writes out_dir/transformer)
-
-
-@dataclasses.dataclass
-class Base:
-    """What the scripts need of a base model, the toy's and SD3's alike."""
-    dit: torch.nn.Module
-    text: torch.nn.Module        # .encode(prompts) -> (context, pooled), the DiT's conditioning
-    latent_size: int             # the side of the DiT's input it samples at
-    vae: torch.nn.Module = None  # SD3: latents <-> images; None: the toy samples pixels
-    meta: dict = dataclasses.field(default_factory=dict)
-
-    def to_images(self, x):
-        """What the DiT samples -> images in [-1, 1]."""
-        return (x if self.vae is None else self.vae.decode(x.to(next(self.vae.parameters()).dtype)).float()).clamp(-1, 1)
-
-
-def load_model(cfg, toy_path, device):
-    """-> Base: the toy's checkpoint at toy_path, or (--model=sd3...) the public pipeline at --ckpt_dir."""
-    if cfg.model == "toy":
-        dit, text_encoder, meta = load_base(toy_path, device)
-        return Base(dit, text_encoder, dit.config.pos_embed_max_size * dit.config.patch_size, meta=meta)
-    from sd3_pipeline import load_pipeline
-    return load_pipeline(cfg, device)
-
-
-def save_base(path, dit, text_encoder, step, dtype=None):
-    from dataclasses import asdict
-    meta = {"kind": "base", "step": step, "dit_config": asdict(dit.config), "text_config": asdict(text_encoder.config)}
-    save_checkpoint(path, {"dit": dit, "text": text_encoder}, meta, dtype)
-
-
-def read_model_checkpoint(path, kind, how_to_make):
-    """-> (tensors, meta, DiTConfig) of a checkpoint whose meta says kind; else a clear error."""
-    from model import DiTConfig
-    tensors, meta = read_checkpoint(path)
-    if meta.get("kind") != kind:
-        raise CheckpointError(f"{path} is not a {kind} checkpoint (kind={meta.get('kind')!r}); {how_to_make}")
-    values = dict(meta["dit_config"])
-    values["dual_attention_layers"] = tuple(values.get("dual_attention_layers", ()))
-    return tensors, meta, config_from_meta(DiTConfig, values, path)
-
-
-def load_base(path, device="cpu"):
-    """-> (dit, text_encoder, meta) in eval mode, from a file written by save_base."""
-    from model import DiT, TextConfig, TextEncoder
-    tensors, meta, dit_config = read_model_checkpoint(
-        path, "base", "train one with train_base.py or use data/base.safetensors")
-    dit = load_module(DiT(dit_config), tensors, "dit", path)
-    text_encoder = load_module(TextEncoder(config_from_meta(TextConfig, meta["text_config"], path)), tensors, "text", path)
-    return dit.to(device).eval(), text_encoder.to(device).eval(), meta
+def save_grid(images, path, nrow):
+    """images (N, C, H, W) in [-1, 1], C = 1 or 3 -> one PNG, nrow images a row; small images upscaled 2x for viewing."""
+    n, c, h, w = images.shape
+    ncol = math.ceil(n / nrow)
+    grid = torch.full((c, ncol * (h + 2), nrow * (w + 2)), -1.0)
+    for i, img in enumerate(images):
+        r, col = divmod(i, nrow)
+        grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, col * (w + 2) + 1: col * (w + 2) + 1 + w] = img
+    image = Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).squeeze(2).numpy())
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    (image.resize((image.width * 2, image.height * 2), Image.NEAREST) if h < 256 else image).save(path)

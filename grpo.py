@@ -1,69 +1,64 @@
-"""Step-wise GRPO on a flow-matching model: SDE rollouts with exact log-probs, three ways to assign credit, the PPO loss.
+"""Step-wise GRPO on a flow-matching model: SDE rollouts with exact log-probs, credit, the PPO loss.
 
-    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, k=4, reward=score)
-    advantages = stepwise_advantages(rollout.rewards)          # the paper: DRM score of each candidate
-    loss, stats = grpo_loss(policy, rollout, advantages, ...)
+    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, k=4, reward=drm)
+    advantages = stepwise_advantages(rollout.rewards)      # the paper: DRM score of each candidate
+    loss, stats = grpo_loss(policy, rollout, advantages, step_ids, rows, clip_range=1e-3)
 
-1. The ODE-to-SDE step (Flow-GRPO, Liu et al. 2025). The Euler step of the flow
-   ODE, x_next = x + dt v, is deterministic, so it has no log-probability to
-   push on. Flow-GRPO replaces it by an SDE with the same marginals; one step is
-   Gaussian:
+1. The ODE-to-SDE step (Flow-GRPO, Liu et al. 2025). The Euler step of the flow ODE,
+   x_next = x + dt v, is deterministic, so it has no log-probability to push on. Flow-GRPO
+   replaces it by an SDE with the same marginals; one step is Gaussian:
 
-       sigma_t = a sqrt(sigma / (1 - sigma))                  (a = noise_level)
-       mean    = x + dt (v + sigma_t^2 / (2 sigma) (x + (1 - sigma) v)),   dt = sigma_next - sigma < 0
+       sigma_t = a sqrt(sigma / (1 - sigma))                                  (a = noise_level)
+       mean    = x + dt (v + sigma_t^2 / (2 sigma) (x + (1 - sigma) v)),   dt = sigma_next - sigma
        std     = sigma_t sqrt(-dt)
        x_next  = mean + std z,   z ~ N(0, I)
 
-   (x + (1 - sigma) v is the model's estimate of the noise: the added term is the
-   score correction that keeps the marginals while noise is injected.)
-   a = 0 gives back the Euler step. The log-density of x_next under N(mean, std^2)
-   is what GRPO's importance ratio needs; as Flow-GRPO we average it over pixels.
+   (x + (1 - sigma) v is the model's estimate of the noise: the added term is the score
+   correction that keeps the marginals while noise is injected.) a = 0 gives back the Euler
+   step. The log-density of x_next under N(mean, std^2) is what GRPO's importance ratio needs;
+   as Flow-GRPO we average it over pixels. `propose` is the one primitive every sampler is made
+   of: one policy pass, k candidates around its one mean, their log-probs.
 
-2. Credit. GRPO normalises rewards within a group of samples that share a
-   starting point, so the group mean is the baseline (no value network).
-   - `stepwise` (DRM, the paper): at every trained step the policy's one mean
-     spawns k candidate next states; the DRM scores each candidate at sigma_next
-     (it can judge noisy states); advantages are normalised within those k. Each
-     step gets its own reward, so a step is credited for what it did.
-   - `sparse` (Flow-GRPO): G whole trajectories per prompt; the DRM scores the
-     final images; each trajectory's normalised reward is the advantage of all
-     its steps, good and bad steps alike.
-   - `cosine` (arXiv 2505.19196): as sparse, but the terminal advantage is spread
-     over the steps by how much each step moved the model's clean-image estimate
-     x0_hat towards the final image (cosine similarity), as a reward-to-go.
+2. Credit. GRPO normalises rewards within a group of samples that share a starting point, so
+   the group mean is the baseline (no value network).
+   - `stepwise` (DRM, the paper): at every trained step the policy's one mean spawns k candidate
+     next states; the DRM scores each at sigma_next (it can judge noisy states); advantages are
+     normalised within those k, so a step is credited for what it did.
+   - `sparse` (Flow-GRPO): G whole trajectories per prompt; the DRM scores the final images;
+     each trajectory's normalised reward is the advantage of all its steps, good and bad alike.
+   - `cosine` (CoCA, arXiv 2505.19196): as sparse, but the terminal advantage is spread over the
+     steps by how much each moved the clean-image estimate x0_hat towards the final image.
 
 3. The loss: PPO's clipped importance ratio per (state, next state) pair,
-   r = exp(log p_theta(x_next | x) - log p_old(x_next | x)), loss =
-   -min(r A, clip(r, 1 - eps, 1 + eps) A), plus an optional KL to the frozen
-   reference policy, which between two Gaussians of equal std is
-   ||mean - mean_ref||^2 / (2 std^2).
+   r = exp(log p_theta(x_next | x) - log p_old(x_next | x)), loss = -min(r A, clip(r, 1 +- eps) A),
+   plus an optional KL to the frozen reference policy, which between two Gaussians of equal std
+   is ||mean - mean_ref||^2 / (2 std^2).
 """
 import math
 from dataclasses import dataclass
 
 import torch
 
-from model import compilable, guided_velocity
+from model import guided_velocity
 
 CREDIT_MODES = ("stepwise", "sparse", "cosine")
 
 # -----------------------------------------------------------------------------
-# 1. The SDE step and its log-probability (float32 inside, or float64 for float64 inputs; never bf16)
+# 1. The SDE step and its log-probability (float32 inside, float64 for float64 inputs)
 
 
-@compilable
 def sde_mean_std(x, velocity, sigma, sigma_next, noise_level):
-    """The Gaussian of one SDE step: -> (mean (B, ...), std (B, 1, ..., 1)), float32 (float64 for float64 x).
+    """The Gaussian of one SDE step -> (mean (B, ...), std (B, 1, ..., 1)), float32 or wider.
 
-    sigma, sigma_next: floats or (B,) tensors. At sigma = 1 the factor 1 / (1 - sigma) would be infinite;
-    as Flow-GRPO, sigma_next (the schedule's next value) replaces sigma in that denominator.
+    sigma, sigma_next: floats or (B,) tensors. At sigma = 1 the factor 1 / (1 - sigma) would be
+    infinite; as Flow-GRPO, sigma_next (the schedule's next value) replaces sigma there.
     """
     dtype = torch.promote_types(x.dtype, torch.float32)
     x, velocity = x.to(dtype), velocity.to(dtype)
     shape = (-1,) + (1,) * (x.dim() - 1)
-    sigma = torch.as_tensor(sigma, dtype=dtype, device=x.device).expand(x.shape[0]).reshape(shape)
-    sigma_next = torch.as_tensor(sigma_next, dtype=dtype, device=x.device).expand(x.shape[0]).reshape(shape)
-    # BEGIN SOLUTION ex3_sde_step: the module docstring's sigma_t, mean and std (dt < 0); mind sigma = 1
+    sigma, sigma_next = (torch.as_tensor(s, dtype=dtype, device=x.device).expand(x.shape[0])
+                         .reshape(shape) for s in (sigma, sigma_next))
+    # BEGIN SOLUTION ex3_sde_step: the docstring's sigma_t, mean and std (dt < 0); mind sigma = 1
     dt = sigma_next - sigma
     sigma_t = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
     mean = x + dt * (velocity + sigma_t ** 2 / (2 * sigma) * (x + (1 - sigma) * velocity))
@@ -71,13 +66,10 @@ def sde_mean_std(x, velocity, sigma, sigma_next, noise_level):
     # END SOLUTION
 
 
-@compilable
 def gaussian_log_prob(sample, mean, std):
     """log N(sample; mean, std^2) averaged over all dimensions but the first: (B, ...) -> (B,).
-
-    Only the mean carries gradient: the sample is a fixed action.
-    """
-    # BEGIN SOLUTION ex3_sde_step: the Gaussian log-density per element, then the mean over all but the batch dimension
+    Only the mean carries gradient: the sample is a fixed action."""
+    # BEGIN SOLUTION ex3_sde_step: the log-density per element, then the mean over all but the batch
     log_density = (-(sample.detach().to(mean.dtype) - mean) ** 2 / (2 * std ** 2)
                    - torch.log(std) - 0.5 * math.log(2 * math.pi))
     return log_density.flatten(1).mean(1)
@@ -87,18 +79,55 @@ def gaussian_log_prob(sample, mean, std):
 def candidate_log_probs(candidates, mean, std):
     """Log-probs (N, k) of k candidates (N, k, ...) drawn around one mean (N, ...) each."""
     k = candidates.shape[1]
-    return gaussian_log_prob(candidates.flatten(0, 1), mean.repeat_interleave(k, 0), std.repeat_interleave(k, 0)).view(-1, k)
+    return gaussian_log_prob(candidates.flatten(0, 1), mean.repeat_interleave(k, 0),
+                             std.repeat_interleave(k, 0)).view(-1, k)
 
 
 def sde_step(x, velocity, sigma, sigma_next, noise_level, noise=None):
-    """One Flow-GRPO step -> (x_next, log_prob (B,), mean, std). noise_level = 0 is the Euler step (log_prob then 0)."""
+    """One Flow-GRPO step from x (B, ...) -> (x_next, log_prob, mean, std). noise (B, ...): one
+    next state, log_prob (B,); noise (B, k, ...): k candidates around the one mean, x_next
+    (B, k, ...), log_prob (B, k). noise_level = 0: the Euler step (x_next = mean, log_prob 0)."""
     mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
     if noise_level == 0:
         return mean, torch.zeros(x.shape[0], device=x.device), mean, std
     if noise is None:
         noise = torch.randn_like(mean)
-    x_next = mean + std * noise.to(mean.dtype)
-    return x_next, gaussian_log_prob(x_next, mean, std), mean, std
+    if noise.dim() == x.dim():
+        x_next = mean + std * noise.to(mean.dtype)
+        return x_next, gaussian_log_prob(x_next, mean, std), mean, std
+    x_next = mean.unsqueeze(1) + std.unsqueeze(1) * noise.to(mean.dtype)          # (B, k, ...)
+    return x_next, candidate_log_probs(x_next, mean, std), mean, std
+
+
+def draw_noise(n, k, shape, generator=None, shard=(0, 1), device=None):
+    """N(0, I) of shape (n, k, *shape): every sampler's one random-number convention. Drawn on the
+    CPU (a seed gives the same noise on any device) for all world * n rows, this process's n kept
+    (shard = (rank, world) under torchrun): the ranks together draw what one process draws."""
+    rank, world = shard
+    noise = torch.randn((world * n, k, *shape), generator=generator)
+    return noise[rank * n:(rank + 1) * n].to(device)
+
+
+@dataclass
+class Step:
+    """One denoising step from B states: k candidates around the step's one mean."""
+    candidates: torch.Tensor   # (B, k, C, H, W); noise_level 0: (B, 1, ...), the Euler step's
+    log_probs: torch.Tensor    # (B, k) under the policy that proposed them
+    mean: torch.Tensor         # (B, C, H, W)
+    x0_hat: torch.Tensor       # (B, C, H, W): the clean-image estimate x - sigma v of the states
+
+
+def propose(policy, x, sigma, sigma_next, cond, uncond, *, cfg_scale, noise_level, k=1,
+            generator=None, shard=(0, 1)):
+    """The primitive every sampler and rollout is made of: from states x (B, ...) at sigma, one
+    guided policy pass and k candidates for sigma_next around its one mean -> Step."""
+    velocity = guided_velocity(policy, x, sigma, cond, uncond, cfg_scale).to(x.dtype)
+    noise = (draw_noise(x.shape[0], k, x.shape[1:], generator, shard, x.device) if noise_level
+             else None)
+    candidates, log_probs, mean, _ = sde_step(x, velocity, sigma, sigma_next, noise_level, noise)
+    if noise is None:
+        candidates, log_probs = candidates.unsqueeze(1), log_probs.unsqueeze(1)
+    return Step(candidates, log_probs, mean, x - sigma * velocity)
 
 # -----------------------------------------------------------------------------
 # Rollouts: a trajectory per row of noise; with k > 1 every step branches into k candidates
@@ -106,142 +135,135 @@ def sde_step(x, velocity, sigma, sigma_next, noise_level, noise=None):
 
 @dataclass
 class Rollout:
-    """What one batch of trajectories left behind, T steps of B trajectories with k candidates a step.
-
-    states (T, B, C, H, W): the state each step started from; candidates (T, B, k, C, H, W): the sampled
-    next states (k = 1: just the one taken); means (T, B, C, H, W): the Gaussian's mean they were drawn around;
-    log_probs (T, B, k): their log-probs under the rollout policy;
-    chosen (T, B): which candidate the trajectory went on from; x0_hat (T, B, C, H, W): the clean-image
-    estimate x - sigma v at each state; final (B, C, H, W); rewards (T, B, k) DRM scores of the candidates
-    (stepwise) or None; sigmas (T + 1,); cond, uncond: the prompts' (context, pooled) for replaying.
-    """
-    states: torch.Tensor
-    candidates: torch.Tensor
-    means: torch.Tensor
-    log_probs: torch.Tensor
-    chosen: torch.Tensor
-    x0_hat: torch.Tensor
-    final: torch.Tensor
-    rewards: torch.Tensor | None
-    sigmas: torch.Tensor
-    cond: tuple
-    uncond: tuple | None
+    """What one batch of trajectories left behind, T steps of B trajectories with k candidates a
+    step, and the settings they were drawn with (the loss replays them: its ratio starts at 1)."""
+    states: torch.Tensor       # (T, B, C, H, W): the state each step started from
+    candidates: torch.Tensor   # (T, B, k, C, H, W): the sampled next states (k = 1: the one taken)
+    means: torch.Tensor        # (T, B, C, H, W): the Gaussian's mean they were drawn around
+    log_probs: torch.Tensor    # (T, B, k): their log-probs under the rollout policy
+    chosen: torch.Tensor       # (T, B): the candidate each trajectory went on from
+    x0_hat: torch.Tensor       # (T, B, C, H, W): the clean-image estimate x - sigma v
+    final: torch.Tensor        # (B, C, H, W)
+    rewards: torch.Tensor | None  # (T, B, k): the DRM's scores of the candidates (stepwise)
+    sigmas: torch.Tensor       # (T + 1,)
+    cond: tuple                # the prompts' (context, pooled), for replaying
+    uncond: tuple | None       # the empty prompt's, when guided
+    noise_level: float
+    cfg_scale: float
 
 
 @torch.no_grad()
-def sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=1.0, k=1, reward=None,
-                   follow="random", generator=None, shard=(0, 1)):
-    """SDE trajectories from noise (B, C, H, W) along sigmas (T + 1,).
+def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_scale=1.0, k=1,
+                   reward=None, follow="random", generator=None, shard=(0, 1)):
+    """SDE trajectories from noise (B, C, H, W) along sigmas (T + 1,) -> Rollout.
 
-    k > 1: at each step, k candidates share the step's one policy mean; reward(x (B*k, ...), sigma (B*k,), rows)
-    scores them (rows: the trajectory of each candidate, to pick its prompt) and the trajectory follows a random
-    candidate (follow="random", the paper's default) or the best one (follow="best").
-    shard=(rank, world): these B trajectories are rows rank*B..(rank+1)*B of world*B (torchrun); the random
+    k > 1: at each step, k candidates share the step's one policy mean; reward(x (B*k, ...),
+    sigma (B*k,), rows) scores them (rows: each candidate's trajectory, for its prompt) and the
+    trajectory goes on from a random candidate (the paper's) or the best (follow="best").
+    shard=(rank, world): these B are rows rank*B..(rank+1)*B of world*B (torchrun); the random
     draws are made for all world*B and sliced, so the ranks together sample what one process would.
     """
     if follow not in ("random", "best"):
         raise ValueError(f"follow={follow!r}: choose random or best")
     if k > 1 and reward is None:
         raise ValueError("k > 1 candidates need a reward function to score them")
-    B, T = noise.shape[0], len(sigmas) - 1
+    (B, T), (rank, world) = (noise.shape[0], len(sigmas) - 1), shard
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
-    states, candidates, means, log_probs, chosen, x0_hat, rewards = [], [], [], [], [], [], []
+    states, steps, chosen, rewards = [], [], [], []
     rows = torch.arange(B, device=noise.device).repeat_interleave(k)
-    rank, world = shard
-    mine = slice(rank * B, (rank + 1) * B)
     for i in range(T):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        velocity = guided_velocity(policy, x, sigma, cond, uncond, cfg_scale).to(x.dtype)
-        mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
-        z = torch.randn((world * B, k) + x.shape[1:], generator=generator)[mine].to(x.device, x.dtype)
-        next_states = mean.unsqueeze(1) + std.unsqueeze(1) * z                    # (B, k, C, H, W)
-        log_prob = candidate_log_probs(next_states, mean, std)
+        step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=cfg_scale,
+                       noise_level=noise_level, k=k, generator=generator, shard=shard)
+        pick = torch.zeros(B, dtype=torch.long, device=x.device)
         if reward is not None and k > 1:
-            scores = reward(next_states.flatten(0, 1), sigma_next.expand(B * k), rows).float().view(B, k)
-            rewards.append(scores)
-            pick = (scores.argmax(1) if follow == "best" else
-                    torch.randint(k, (world * B,), generator=generator)[mine].to(x.device))
-        else:
-            pick = torch.zeros(B, dtype=torch.long, device=x.device)
+            scores = reward(step.candidates.flatten(0, 1), sigmas[i + 1].expand(B * k), rows)
+            rewards.append(scores.float().view(B, k))
+            pick = (rewards[-1].argmax(1) if follow == "best" else torch.randint(
+                k, (world * B,), generator=generator)[rank * B:(rank + 1) * B].to(x.device))
         states.append(x)
-        candidates.append(next_states)
-        means.append(mean)
-        log_probs.append(log_prob)
+        steps.append(step)
         chosen.append(pick)
-        x0_hat.append(x - sigma * velocity)
-        x = next_states[torch.arange(B, device=x.device), pick]
-    return Rollout(torch.stack(states), torch.stack(candidates), torch.stack(means), torch.stack(log_probs), torch.stack(chosen),
-                   torch.stack(x0_hat), x, torch.stack(rewards) if rewards else None, sigmas, cond, uncond)
+        x = step.candidates[torch.arange(B, device=x.device), pick]
+    stack = lambda name: torch.stack([getattr(s, name) for s in steps])  # noqa: E731
+    return Rollout(torch.stack(states), stack("candidates"), stack("mean"), stack("log_probs"),
+                   torch.stack(chosen), stack("x0_hat"), x,
+                   torch.stack(rewards) if rewards else None,
+                   sigmas, cond, uncond, noise_level, cfg_scale)
 
 # -----------------------------------------------------------------------------
 # 2. Credit: advantages (T, B, k), one per candidate
 
 
 def group_normalise(rewards, dim, eps=1e-4):
-    """(r - mean) / (std + eps) within groups along dim: GRPO's baseline and scale. The std is the population
-    one (ddof 0) and eps 1e-4, as Flow-GRPO's stat_tracking.py computes them."""
-    # BEGIN SOLUTION ex4_grpo: subtract the group mean, divide by the group's population std (ddof 0) plus eps
-    return (rewards - rewards.mean(dim, keepdim=True)) / (rewards.std(dim, keepdim=True, correction=0) + eps)
+    """(r - mean) / (std + eps) within groups along dim: GRPO's baseline and scale. The std is the
+    population one (ddof 0) and eps 1e-4, as Flow-GRPO's stat_tracking.py computes them."""
+    # BEGIN SOLUTION ex4_grpo: subtract the group mean, divide by its population std (ddof 0) + eps
+    mean, std = rewards.mean(dim, keepdim=True), rewards.std(dim, keepdim=True, correction=0)
+    return (rewards - mean) / (std + eps)
     # END SOLUTION
 
 
 def stepwise_advantages(step_rewards):
-    """step_rewards (T, B, k): the DRM score of each of the k candidates -> advantages normalised within the k."""
+    """step_rewards (T, B, k): the DRM's score of each candidate -> normalised within the k."""
     if step_rewards.shape[-1] < 2:
         raise ValueError("stepwise credit needs k >= 2 candidates per step to compare")
     return group_normalise(step_rewards, dim=-1)
 
 
 def terminal_advantages(final_rewards, group_size, eps=1e-4):
-    """final_rewards (B,) of B = prompts x group_size trajectories (a prompt's group adjacent) -> (B,) normalised per group."""
+    """final_rewards (B,) of B = prompts x group_size trajectories (a prompt's group adjacent) ->
+    (B,) normalised per group."""
     if group_size < 2 or final_rewards.shape[0] % group_size:
-        raise ValueError(f"{final_rewards.shape[0]} trajectories do not split into groups of {group_size} >= 2")
+        raise ValueError(f"{final_rewards.shape[0]} trajectories do not split into groups of "
+                         f"{group_size} >= 2")
     return group_normalise(final_rewards.view(-1, group_size), dim=1, eps=eps).flatten()
 
 
 def cosine_weights(x0_hat, final, window=5, eps=1e-6):
-    """CoCA's per-step credit weights (T, B), summing to 1 over each trajectory (arXiv 2505.19196, as
-    Lil-Shake/CoCA's pipeline_with_logprob_coca.py computes them).
+    """CoCA's per-step credit weights (T, B), summing to 1 over each trajectory, as
+    Lil-Shake/CoCA's pipeline_with_logprob_coca.py computes them.
 
-    c_t = cos(x0_hat_t, final) for t = 0..T-1, and c_T = cos(final, final) = 1: how much of the final image the
-    state of step t already predicts. Steps form windows of `window`; a window's gain is the mean of its c_{t+1}
-    minus the previous window's mean (c_0 for the first), not clamped (a window that moved away gets negative
-    credit); each step's weight is its window's gain / (sum of the gains x the window's size).
-    Where CoCA's code has no answer: T not a multiple of the window makes the last window shorter, divided by
-    its own size (the same as CoCA's whenever the window divides T); a sum of gains <= eps (the estimate never
-    came closer to the end: CoCA divides by zero, or by a negative sum that flips every sign) gives 1 / T each.
+    c_t = cos(x0_hat_t, final) for t < T, and c_T = cos(final, final) = 1: how much of the final
+    image the state of step t already predicts. Steps form windows of `window`; a window's gain is
+    the mean of its c_{t+1} minus the previous window's mean (c_0 for the first), not clamped (a
+    window that moved away is debited); a step's weight is its window's gain / (sum of the gains x
+    the window's size). Where CoCA's code has no answer: a last window shorter than `window`
+    divides by its own size; a sum of gains <= eps (CoCA divides by zero, or by a negative sum
+    that flips every sign) gives 1 / T each.
     """
     T, B = x0_hat.shape[:2]
-    estimates = torch.cat([x0_hat, final.unsqueeze(0)]).flatten(2)                           # (T + 1, B, D)
-    cos = torch.nn.functional.cosine_similarity(estimates, final.flatten(1).unsqueeze(0), dim=2)  # (T + 1, B)
-    windows = torch.arange(T, device=cos.device) // window                                   # each step's window
-    sizes = torch.bincount(windows).to(cos.dtype).unsqueeze(1)                               # (W, 1)
-    means = torch.zeros(len(sizes), B, dtype=cos.dtype, device=cos.device).index_add_(0, windows, cos[1:]) / sizes
-    gains = means - torch.cat([cos[:1], means[:-1]])                                         # (W, B)
+    estimates = torch.cat([x0_hat, final.unsqueeze(0)]).flatten(2)                 # (T + 1, B, D)
+    cos = torch.nn.functional.cosine_similarity(estimates, final.flatten(1)[None], dim=2)
+    windows = torch.arange(T, device=cos.device) // window                         # each step's
+    sizes = torch.bincount(windows).to(cos.dtype).unsqueeze(1)                     # (W, 1)
+    means = cos.new_zeros(len(sizes), B).index_add_(0, windows, cos[1:]) / sizes
+    gains = means - torch.cat([cos[:1], means[:-1]])                               # (W, B)
     total = gains.sum(0, keepdim=True)
-    weights = (gains / (total * sizes))[windows]                                             # (T, B)
+    weights = (gains / (total * sizes))[windows]                                   # (T, B)
     return torch.where(total > eps, weights, torch.full_like(weights, 1 / T))
 
 
 def cosine_advantages(weights, final_rewards, group_size, adv_clip, eps=1e-6):
-    """CoCA's advantages (T, B) from its weights (T, B) and the terminal rewards (B,), as scripts/train_coca.py:
-    the terminal reward normalised per prompt and clipped to +-adv_clip, times the reward-to-go (the weights
-    summed from step t on), then normalised a second time per prompt over its trajectories and steps together.
-    CoCA keeps the statistics in a buffer across epochs; here, as for every credit mode, within the update."""
+    """CoCA's advantages (T, B) from its weights (T, B) and the terminal rewards (B,), as its
+    scripts/train_coca.py: the terminal reward normalised per prompt and clipped to +-adv_clip,
+    times the reward-to-go (the weights summed from step t on), then normalised again per prompt
+    over its trajectories and steps. CoCA keeps its statistics across epochs; we, as every mode
+    here, within the update."""
     T = weights.shape[0]
-    advantage = terminal_advantages(final_rewards, group_size, eps).clamp(-adv_clip, adv_clip)   # (B,)
-    shaped = weights.flip(0).cumsum(0).flip(0) * advantage                                     # (T, B)
-    by_prompt = shaped.T.reshape(-1, group_size * T)                      # a prompt's trajectories x steps in one row
+    advantage = terminal_advantages(final_rewards, group_size, eps).clamp(-adv_clip, adv_clip)
+    shaped = weights.flip(0).cumsum(0).flip(0) * advantage                         # (T, B)
+    by_prompt = shaped.T.reshape(-1, group_size * T)        # a prompt's trajectories x steps: a row
     return group_normalise(by_prompt, dim=1, eps=eps).view(-1, T).T
 
 
-def credit_advantages(credit, rollout, final_rewards=None, group_size=None, adv_clip=5.0, rows=slice(None),
-                      gather=lambda t: t):
+def credit_advantages(credit, rollout, final_rewards=None, group_size=None, adv_clip=5.0,
+                      rows=slice(None), gather=lambda t: t):
     """Advantages (T, B, k) for one of CREDIT_MODES.
 
-    final_rewards: the terminal rewards of every trajectory of the update (under torchrun, gathered from all
-    ranks, so groups are normalised whole); rows: which of them are the rollout's B trajectories; gather: how
-    per-trajectory tensors (B, ...) of all ranks are collected (cosine's second normalisation spans a group).
+    final_rewards: the terminal rewards of every trajectory of the update (under torchrun,
+    gathered from all ranks, so groups are normalised whole); rows: which of them are the
+    rollout's B; gather: collects a per-trajectory tensor (B, ...) of all ranks (cosine credit's
+    second normalisation spans a group).
     """
     T = rollout.states.shape[0]
     if credit == "stepwise":
@@ -250,43 +272,44 @@ def credit_advantages(credit, rollout, final_rewards=None, group_size=None, adv_
         raise ValueError(f"credit={credit!r}: choose one of {', '.join(CREDIT_MODES)}")
     if credit == "sparse":
         return terminal_advantages(final_rewards, group_size)[rows].expand(T, -1).unsqueeze(-1)
-    weights = gather(cosine_weights(rollout.x0_hat, rollout.final).T.contiguous()).T          # (T, all trajectories)
+    weights = gather(cosine_weights(rollout.x0_hat, rollout.final).T.contiguous()).T
     return cosine_advantages(weights, final_rewards, group_size, adv_clip)[:, rows].unsqueeze(-1)
 
 # -----------------------------------------------------------------------------
 # 3. The loss, on a subset of the rollout's (step, trajectory) pairs
 
 
-def grpo_loss(policy, rollout, advantages, steps, rows, noise_level, cfg_scale=1.0, clip_range=1e-3,
-              adv_clip=5.0, kl_weight=0.0, reference=None, uncond_grad=True):
-    """PPO-clipped GRPO loss over the candidates of the given (step, trajectory) pairs -> (loss, stats).
-
-    steps, rows: (N,) index tensors into the rollout's T and B; each pair is one policy forward
-    (with guidance, two), shared by its k candidates. uncond_grad=False: no gradient through guidance's
-    unconditional branch, as Flow-GRPO. The KL is the exact one between the two Gaussians; Flow-GRPO's
-    (scripts/train_sd3.py) divides by 2 sigma_t^2 instead of 2 std^2 = 2 sigma_t^2 |dt|, so its beta at a
-    step of length |dt| is kl_weight = beta |dt| here.
+def grpo_loss(policy, rollout, advantages, step_ids, rows, *, clip_range=1e-3, adv_clip=5.0,
+              kl_weight=0.0, reference=None, uncond_grad=True):
+    """PPO-clipped GRPO loss over the candidates of the given (step, trajectory) pairs ->
+    (loss, stats). step_ids, rows: (N,) indices into the rollout's T steps and B trajectories;
+    each pair is one policy forward (with guidance, two) shared by its k candidates, with the
+    rollout's noise level and guidance. uncond_grad=False: no gradient through guidance's
+    unconditional branch (Flow-GRPO's loss). The KL is the exact one between the two Gaussians;
+    Flow-GRPO's (its scripts/train_sd3.py) divides by 2 sigma_t^2, not 2 std^2 = 2 sigma_t^2 |dt|,
+    so its beta at a step of length |dt| is kl_weight = beta |dt| here.
     """
-    states = rollout.states[steps, rows]                                         # (N, C, H, W)
-    sigma, sigma_next = rollout.sigmas[steps], rollout.sigmas[steps + 1]
+    states = rollout.states[step_ids, rows]                                        # (N, C, H, W)
+    sigma, sigma_next = rollout.sigmas[step_ids], rollout.sigmas[step_ids + 1]
     cond = tuple(t[rows] for t in rollout.cond)
     uncond = tuple(t[rows] for t in rollout.uncond) if rollout.uncond is not None else None
-    velocity = guided_velocity(policy, states, sigma, cond, uncond, cfg_scale, uncond_grad)
-    mean, std = sde_mean_std(states, velocity, sigma, sigma_next, noise_level)
-    candidates = rollout.candidates[steps, rows]                                 # (N, k, C, H, W)
-    log_prob = candidate_log_probs(candidates, mean, std)
-    # BEGIN SOLUTION ex4_grpo: ratio to the rollout's log-probs; advantages clamped to +-adv_clip; PPO's clipped loss
-    ratio = torch.exp(log_prob - rollout.log_probs[steps, rows])
-    advantage = advantages[steps, rows].clamp(-adv_clip, adv_clip)
-    policy_loss = torch.maximum(-advantage * ratio, -advantage * ratio.clamp(1 - clip_range, 1 + clip_range)).mean()
+    velocity = guided_velocity(policy, states, sigma, cond, uncond, rollout.cfg_scale, uncond_grad)
+    mean, std = sde_mean_std(states, velocity, sigma, sigma_next, rollout.noise_level)
+    log_prob = candidate_log_probs(rollout.candidates[step_ids, rows], mean, std)  # (N, k)
+    # BEGIN SOLUTION ex4_grpo: ratio to the rollout's log-probs; advantages clamped; PPO's clip
+    ratio = torch.exp(log_prob - rollout.log_probs[step_ids, rows])
+    advantage = advantages[step_ids, rows].clamp(-adv_clip, adv_clip)
+    clipped = ratio.clamp(1 - clip_range, 1 + clip_range)
+    policy_loss = torch.maximum(-advantage * ratio, -advantage * clipped).mean()
     # END SOLUTION
-    stats = {"policy_loss": policy_loss.detach(), "ratio_max_deviation": (ratio - 1).abs().max().detach(),
-             "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean().detach()}
+    stats = {"policy_loss": policy_loss.detach(), "ratio_max_deviation": (ratio - 1).abs().max(),
+             "clip_fraction": ((ratio - 1).abs() > clip_range).float().mean()}
+    stats = {key: value.detach() for key, value in stats.items()}
     loss = policy_loss
     if kl_weight > 0:
         with torch.no_grad():
-            mean_ref, _ = sde_mean_std(states, guided_velocity(reference, states, sigma, cond, uncond, cfg_scale),
-                                       sigma, sigma_next, noise_level)
+            v_ref = guided_velocity(reference, states, sigma, cond, uncond, rollout.cfg_scale)
+            mean_ref, _ = sde_mean_std(states, v_ref, sigma, sigma_next, rollout.noise_level)
         kl = ((mean - mean_ref) ** 2).flatten(1).mean(1) / (2 * std.flatten() ** 2)
         loss = loss + kl_weight * kl.mean()
         stats["kl"] = kl.mean().detach()

@@ -1,8 +1,8 @@
 """The DiT: an SD3-style MMDiT, rectified-flow training, LoRA, and the toy text encoder.
 
-Read bottom-up, as nanoGPT: compiled regions and elementwise ops, embedders, attention, the joint block,
-the final layer, the DiT, the presets, then the text encoder, the flow-matching
-loss and LoRA.
+Read bottom-up, as nanoGPT: elementwise ops, embedders, attention, the joint block, the final layer, the
+DiT and its compiled regions, the presets, then the flow-matching loss and LoRA. (The toy's text
+encoder is in data/world.py; SD3's are in sd3/text.py.)
 
 Conventions (SD3's, so public weights drop in; see ../shared/DESIGN.md):
 - sigma in [0, 1], 1 = pure noise. x_sigma = (1 - sigma) x0 + sigma noise, and
@@ -27,48 +27,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 # -----------------------------------------------------------------------------
-# Compilation. `set_compile(True)` runs each joint block, the final layer and
-# grpo's SDE step through torch.compile, one region each: Inductor then fuses
-# the elementwise ops below (LayerNorm + adaLN modulate, gated residual, qk
-# RMSNorm, GELU-tanh) with one another and with the reshapes around the
-# matmuls, in the forward and in the backward. Compiling each small op on its
-# own fuses nothing across ops and pays a guard check per call: slower than
-# eager on CPU in training (bench/RESULTS.md). Off by default: the eager path
-# is the reference, and compiling costs a cold start (seconds per region,
-# printed by bench/dit_speed.py). Blocks share one compiled graph (parameters
-# are graph inputs); a new batch size compiles once more with a dynamic batch.
-
-COMPILE = False
-
-
-def set_compile(enabled):
-    """Switch the compiled regions between torch.compile and eager."""
-    global COMPILE
-    COMPILE = bool(enabled)
-    # one code object serves plain, dual-attention and pre-only blocks, with and without grad, static and
-    # dynamic batch: more variants than dynamo's default limit of 8, after which it would fall back to eager
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
-
-
-def compilable(fn):
-    """fn through torch.compile while set_compile(True) is on, eager otherwise; fn.eager is always eager."""
-    compiled = []  # made on the first compiled call, so importing stays fast
-
-    @functools.wraps(fn)
-    def call(*args, **kwargs):
-        if not COMPILE:
-            return fn(*args, **kwargs)
-        if not compiled:
-            compiled.append(torch.compile(fn))
-        # contiguous inputs: with a transposed input (the patch embedder's tokens) Inductor 2.13 on CPU
-        # computed the forward right and gradients 3-25% off (tests/test_model.py checks them)
-        args = [a.contiguous() if isinstance(a, torch.Tensor) else a for a in args]
-        return compiled[0](*args, **kwargs)
-    call.eager = fn
-    return call
-
-# -----------------------------------------------------------------------------
-# Elementwise ops (fused by the compiled regions that call them)
+# Elementwise ops (fused by compile_regions, below the DiT, when the scripts run with --compile)
 
 
 def layer_norm_modulate(x, shift, scale):
@@ -246,7 +205,6 @@ class JointBlock(nn.Module):
         self.context_block = StreamBlock(dim, heads, mlp_ratio, qk_norm, pre_only=pre_only)
         self.x_block = StreamBlock(dim, heads, mlp_ratio, qk_norm, dual_attention=dual_attention)
 
-    @compilable
     def forward(self, context, x, c):
         """context (B, Lc, D), x (B, Lx, D), c (B, D) -> context (None if pre-only), x."""
         ctx_qkv, _, ctx_mod = self.context_block.pre_attention(context, c)
@@ -267,7 +225,6 @@ class FinalLayer(nn.Module):
         self.linear = nn.Linear(dim, patch_size * patch_size * out_channels)
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, 2 * dim))
 
-    @compilable
     def forward(self, x, c):
         shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
         return self.linear(layer_norm_modulate(x, shift, scale))
@@ -365,21 +322,47 @@ class DiT(nn.Module):
         p = self.config.patch_size
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p)
 
-    def forward(self, x, sigma, context, pooled, num_blocks=None):
-        """x (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) -> velocity (B, C, H, W).
-
-        With num_blocks = i < depth, stops after block i and returns the image tokens (B, h*w, D) and c (B, D).
-        """
+    def features(self, x, sigma, context, pooled, num_blocks=None):
+        """The image tokens after the first num_blocks joint blocks (all by default), (B, h*w, D), and the
+        conditioning vector c (B, D): what the final layer reads, and what the DRM reads after fewer blocks."""
         tokens, context, c = self.embed(x, sigma, context, pooled)
-        blocks = self.joint_blocks if num_blocks is None else self.joint_blocks[:num_blocks]
-        for block in blocks:
+        for block in self.joint_blocks[:num_blocks]:
             if self.grad_checkpointing and torch.is_grad_enabled():
                 context, tokens = checkpoint(block, context, tokens, c, use_reentrant=False)
             else:
                 context, tokens = block(context, tokens, c)
-        if num_blocks is not None:
-            return tokens, c
+        return tokens, c
+
+    def forward(self, x, sigma, context, pooled):
+        """x (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) -> velocity (B, C, H, W)."""
+        tokens, c = self.features(x, sigma, context, pooled)
         return self.unpatchify(self.final_layer(tokens, c), x.shape[-2], x.shape[-1])
+
+
+def compile_regions(model):
+    """torch.compile each joint block and the final layer of `model` (a DiT, or a DRM's backbone), one region
+    each: Inductor then fuses the elementwise ops (LayerNorm + adaLN modulate, gated residual, qk RMSNorm,
+    GELU-tanh) with one another and with the reshapes around the matmuls, forward and backward. Compiling single
+    ops fuses nothing across them and pays a guard check per call: slower than eager on CPU in training
+    (bench/RESULTS.md). Blocks share one compiled graph (their parameters are graph inputs). The eager path is
+    the reference; compiling costs a cold start (seconds per region, bench/dit_speed.py prints it)."""
+    # one code object serves plain, dual-attention and pre-only blocks, with and without grad, static and dynamic
+    # batch: more variants than dynamo's default limit of 8, after which it would fall back to eager
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+    for module in model.modules():
+        if isinstance(module, (JointBlock, FinalLayer)):
+            compiled = _COMPILED.setdefault(type(module), torch.compile(type(module).forward))
+            module.forward = functools.partial(_call_contiguous, compiled, module)
+    return model
+
+
+_COMPILED = {}  # one compiled function per region type, shared by every model compiled in this process
+
+
+def _call_contiguous(compiled, module, *args):
+    # contiguous inputs: with a transposed input (the patch embedder's tokens) Inductor 2.13 on CPU computed the
+    # forward right and gradients 3-25% off (tests/test_model.py checks them)
+    return compiled(module, *(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
 
 
 def build_dit(preset_or_config, device=None):
@@ -388,49 +371,6 @@ def build_dit(preset_or_config, device=None):
     with torch.device(device or "cpu"):
         model = DiT(config)
     return model if str(device) == "meta" else model.initialize_weights()
-
-# -----------------------------------------------------------------------------
-# The toy text encoder, with SD3's interface: tokens -> (context, pooled)
-
-
-@dataclass
-class TextConfig:
-    vocab_size: int = 21
-    max_tokens: int = 8
-    context_dim: int = 64   # = DiTConfig.context_dim
-    pooled_dim: int = 64    # = DiTConfig.pooled_dim
-    depth: int = 2
-    heads: int = 2
-
-
-class TextEncoder(nn.Module):
-    """Token embeddings and two pre-norm transformer layers. ids (B, L) -> context (B, L, Dc), pooled (B, Dp).
-
-    pooled is a projection of the start token's final state (it attends to the
-    whole prompt, as CLIP's end token does); padding is masked out.
-    """
-
-    def __init__(self, config):
-        super().__init__()
-        self.config = cfg = config
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.context_dim)
-        self.position_embedding = nn.Parameter(torch.randn(cfg.max_tokens, cfg.context_dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.context_dim, cfg.heads, 4 * cfg.context_dim, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
-        self.layers = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
-        self.final_norm = nn.LayerNorm(cfg.context_dim)
-        self.pooled_proj = nn.Linear(cfg.context_dim, cfg.pooled_dim)
-
-    @torch.no_grad()
-    def encode(self, prompts):
-        """Prompts -> (context, pooled), through data/world.py's word-level tokenizer (unknown words: an error)."""
-        from data.world import tokenize
-        return self(tokenize(prompts).to(self.token_embedding.weight.device))
-
-    def forward(self, ids):
-        h = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]
-        h = self.final_norm(self.layers(h, src_key_padding_mask=(ids == 0)))  # (B, L, Dc)
-        return h, self.pooled_proj(h[:, 0])
 
 # -----------------------------------------------------------------------------
 # Rectified-flow training (SD3, Esser et al. 2024, sec. 2-3)

@@ -17,13 +17,14 @@ images of a pair noised to the same sigma (eq. 4):
     L = -log sigmoid(r(x_sigma^w) - r(x_sigma^l)).
 """
 import copy
+from dataclasses import asdict
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CheckpointError, config_from_meta, load_module, read_model_checkpoint, save_checkpoint
-from model import DiT, TextConfig, TextEncoder, build_dit
+from common import CheckpointError, config_from_meta, load_module, read_checkpoint, save_checkpoint
+from model import DiT, DiTConfig, build_dit
 
 
 HEADS = ("conv", "token")
@@ -90,7 +91,7 @@ class DRM(nn.Module):
 
     def hidden_tokens(self, x_sigma, sigma, context, pooled):
         """The backbone's image tokens after its last kept block (B, h*w, D), and the conditioning c (B, D)."""
-        return self.backbone(x_sigma, sigma, context, pooled, num_blocks=len(self.backbone.joint_blocks))
+        return self.backbone.features(x_sigma, sigma, context, pooled)
 
     def forward(self, x_sigma, sigma, context, pooled):
         """x_sigma (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) -> reward (B,)."""
@@ -110,39 +111,31 @@ def bradley_terry_loss(reward_win, reward_lose):
     # END SOLUTION
 
 # -----------------------------------------------------------------------------
-# Checkpoints: the DRM with the text encoder it reads prompts with
+# Checkpoints: the DRM, its settings, and whatever the base model stores beside it (the toy: its text encoder)
 
 
-def save_drm(path, drm, text_encoder, step, meta=None, dtype=None):
-    """The DRM and the toy's text encoder; an SD3 DRM's text encoders are the pipeline's, not stored again."""
-    from dataclasses import asdict
-    toy = isinstance(text_encoder, TextEncoder)
-    meta = {"kind": "drm", "step": step, "drop_last": drm.drop_last, "head": drm.head_type, "dit_config": asdict(drm.backbone.config),
-            "text_config": asdict(text_encoder.config) if toy else None, **(meta or {})}
-    save_checkpoint(path, {"drm": drm, **({"text": text_encoder} if toy else {})}, meta, dtype)
+def save_drm(path, drm, step, meta, dtype=None, extra=None):
+    """One safetensors file: the DRM's tensors under 'drm.', each module of `extra` under its name; meta: JSON."""
+    meta = {"kind": "drm", "step": step, "drop_last": drm.drop_last, "head": drm.head_type,
+            "dit_config": asdict(drm.backbone.config), **meta}
+    save_checkpoint(path, {"drm": drm, **(extra or {})}, meta, dtype)
 
 
-def load_drm(path, device="cpu", policy=None, text=None):
-    """-> (drm, text_encoder, meta) in eval mode, from a file written by save_drm.
+def read_drm(path, device="cpu", policy_config=None):
+    """-> (drm in eval mode, meta, all the file's tensors) from a file written by save_drm.
 
-    policy: the DiT whose images the DRM will score; a clear error if their image shapes differ.
-    text: an SD3 pipeline's text side (sd3_pipeline.SD3Text), which an SD3 DRM reads prompts with.
+    policy_config: the DiTConfig of the model whose samples the DRM will score; a clear error if the shapes of
+    their inputs differ.
     """
-    tensors, meta, config = read_model_checkpoint(path, "drm", "train one with train_reward.py or use data/drm.safetensors")
-    if policy is not None:
+    tensors, meta = read_checkpoint(path, "drm", "train one with train_reward.py or use data/drm.safetensors")
+    config = config_from_meta(DiTConfig, meta.get("dit_config"), path)
+    if policy_config is not None:
         def image_shape(c):
             return (c.in_channels, c.pos_embed_max_size * c.patch_size, c.pos_embed_max_size * c.patch_size)
-        if image_shape(config) != image_shape(policy.config):
+        if image_shape(config) != image_shape(policy_config):
             raise CheckpointError(f"{path} scores images of shape {image_shape(config)}, the policy makes "
-                                  f"{image_shape(policy.config)}: use a DRM trained from this base (train_reward.py --base=...)")
+                                  f"{image_shape(policy_config)}: use a DRM trained from this base (train_reward.py --base=...)")
     with torch.device("meta"):
         skeleton = DiT(config)
     drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"], head=meta.get("head", "conv"))
-    drm = load_module(drm, tensors, "drm", path)
-    if meta["text_config"] is None:  # trained on a public SD3 pipeline
-        if text is None:
-            raise CheckpointError(f"{path} is a DRM of {meta.get('model')} from {meta.get('ckpt_dir')}: it reads prompts "
-                                  f"with that pipeline's text encoders; pass --model={meta.get('model')} --ckpt_dir=...")
-        return drm.to(device).eval(), text, meta
-    text_encoder = load_module(TextEncoder(config_from_meta(TextConfig, meta["text_config"], path)), tensors, "text", path)
-    return drm.to(device).eval(), text_encoder.to(device).eval(), meta
+    return load_module(drm, tensors, "drm", path).to(device).eval(), meta, tensors

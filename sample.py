@@ -3,9 +3,9 @@
     python sample.py --prompt="a thick 7 slanted right"          # writes samples.png
     python sample.py --prompt="a thick 7 slanted right" --k=6    # step-wise sampling: the DRM picks at every step
     python sample.py --eval                                       # judge's scores on the held-out prompts
-    python sample.py --eval --k=1,2,4,6                           # step-wise against best-of-N at equal time
+    python -m bench.search --k=1,2,4,6                            # step-wise against best-of-N at equal time
     python sample.py --model=sd3.5-medium --ckpt_dir=stable-diffusion-3.5-medium --prompt="a red fox in snow" \
-        --steps=28 --cfg_scale=4.5 --shift=3 --n=4                 # public weights (sd3_pipeline.py)
+        --steps=28 --cfg_scale=4.5 --shift=3 --n=4                 # public weights (sd3/pipeline.py)
 
 Rectified flow integrates dx/dsigma = v from sigma = 1 (noise) to 0 (data);
 one Euler step is x_next = x + (sigma_next - sigma) * v (SD3, Esser et al. 2024).
@@ -18,7 +18,6 @@ all of them with the DRM at sigma_next (one batched pass) and keep the best
 against best-of-N (N whole samples, the DRM picks one) at the same wall time.
 """
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from common import ModelFlags, UserError, autocast, check_numbers, load_model, pick_device, print_config, run_main
-from data.world import HELDOUT_PROMPTS
-from grpo import sde_mean_std
-from model import guided_velocity, set_compile
+from base import ANNOTATED, ModelFlags, check_model_flags, load_base
+from common import UserError, autocast, check_numbers, pick_device, print_config, run_main, save_grid
+from grpo import propose
+from model import compile_regions, guided_velocity
 
 # -----------------------------------------------------------------------------
 # The schedule and the sampler: pure functions of tensors and a model callable
@@ -63,40 +62,37 @@ def sample_ode(model, noise, cond, uncond=None, steps=20, cfg_scale=1.0, shift=1
     return x
 
 
-@torch.no_grad()
-def encode_prompts(text_encoder, prompts):
-    """prompts -> (context, pooled) for them, and for the empty prompt at the same batch size."""
-    return text_encoder.encode(prompts), text_encoder.encode([""] * len(prompts))
-
-
 def initial_noise(dit, n, generator, size=None):
     """n draws of N(0, I), on the CPU, of side `size` (default: the DiT's full size, its position grid times the patch)."""
     size = size or dit.config.pos_embed_max_size * dit.config.patch_size
     return torch.randn(n, dit.config.in_channels, size, size, generator=generator)
 
 
-def generate(dit, text_encoder, prompts, seed=0, steps=20, cfg_scale=4.0, shift=1.0, batch_size=100, size=None):
-    """Samples (N, C, H, W), clamped to [-1, 1], for a list of prompts, noise fixed by seed (one stream per call)."""
+def generate(dit, base, prompts, seed=0, steps=20, cfg_scale=4.0, shift=1.0, batch_size=100):
+    """ODE samples (N, C, H, W) on the CPU for a list of prompts, noise fixed by seed (one stream per call), as the
+    base keeps them (base.finish: the toy's pixels clamped to [-1, 1], SD3's latents as they are)."""
     device = next(dit.parameters()).device
-    noise = initial_noise(dit, len(prompts), torch.Generator().manual_seed(seed), size)
+    noise = initial_noise(dit, len(prompts), torch.Generator().manual_seed(seed), base.latent_size)
     out = []
     for i in range(0, len(prompts), batch_size):
-        cond, uncond = encode_prompts(text_encoder, prompts[i:i + batch_size])
-        out.append(sample_ode(dit, noise[i:i + batch_size].to(device), cond, uncond, steps, cfg_scale, shift).clamp(-1, 1))
+        cond, uncond = base.encode(prompts[i:i + batch_size])
+        out.append(base.finish(sample_ode(dit, noise[i:i + batch_size].to(device), cond, uncond, steps, cfg_scale, shift)))
     return torch.cat(out).cpu()
+
+# -----------------------------------------------------------------------------
+# Search with the DRM: step-wise (the paper) and best-of-N, on grpo.py's one step primitive
 
 
 @torch.no_grad()
-def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, steps=20, k=1, beam=1, noise_level=0.7,
-                    cfg_scale=1.0, shift=1.0, score_every=1, ode_last=0, generator=None):
+def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, steps=20, k=1, beam=1,
+                    noise_level=0.7, cfg_scale=1.0, shift=1.0, score_every=1, ode_last=0, generator=None):
     """Beam search over SDE successors, scored by the DRM. -> (x0 (N, C, H, W), counts).
 
-    noise (N, C, H, W) starts each image; cond/uncond (the policy's) and drm_cond (the DRM's) are
-    (context, pooled) of batch N. Each of an image's `beam` states proposes k successors sharing one mean;
-    at scored steps (every `score_every`-th, and the last) the DRM ranks the beam * k successors at sigma_next and
-    the top `beam` survive; between them each state keeps one successor. The last `ode_last` steps are Euler
-    steps. beam = 1 is the paper's greedy rule; k = beam = 1 with noise_level = 0 is the plain ODE sampler.
-    counts: {"nfe": DiT forward passes, "drm_calls": DRM forward passes}, totals over the batch.
+    noise (N, C, H, W) starts each image; cond/uncond (the policy's) and drm_cond (the DRM's) are (context, pooled)
+    of batch N. Each of an image's `beam` states proposes k successors sharing one mean (grpo.propose); at scored
+    steps (every `score_every`-th, and the last) the DRM ranks the beam * k successors at sigma_next and the top
+    `beam` survive; between them each state keeps one successor. The last `ode_last` steps are Euler steps.
+    beam = 1 is the paper's greedy rule. counts: {"nfe": DiT forward passes, "drm_calls": DRM forward passes}.
     """
     if k < 1 or beam < 1 or score_every < 1 or not 0 <= ode_last <= steps:
         raise ValueError(f"k={k}, beam={beam}, score_every={score_every}, ode_last={ode_last}: "
@@ -112,23 +108,18 @@ def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, s
     passes = 2 if uncond is not None and cfg_scale != 1 else 1
     beam_scores = None
     for i in range(steps):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
-        velocity = guided_velocity(policy, x, sigma, tuple(t[rows] for t in cond),
-                                   tuple(t[rows] for t in uncond) if uncond is not None else None, cfg_scale).float()
+        euler = i >= steps - ode_last
+        scored = searching and not euler and ((i + 1) % score_every == 0 or i == steps - 1)
+        step = propose(policy, x, sigmas[i], sigmas[i + 1], tuple(t[rows] for t in cond),
+                       tuple(t[rows] for t in uncond) if uncond is not None else None, cfg_scale=cfg_scale,
+                       noise_level=0 if euler else noise_level, k=k if scored else 1, generator=generator)
         counts["nfe"] += x.shape[0] * passes
-        if i >= steps - ode_last:
-            x, beam_scores = x + (sigma_next - sigma) * velocity, None
-            continue
-        mean, std = sde_mean_std(x, velocity, sigma, sigma_next, noise_level)
-        scored = searching and ((i + 1) % score_every == 0 or i == steps - 1)
-        width = k if scored else 1
-        z = torch.randn((x.shape[0], width) + x.shape[1:], generator=generator).to(x.device)
-        successors = (mean.unsqueeze(1) + std.unsqueeze(1) * z).flatten(0, 1)     # (N * beam * width, ...)
+        successors = step.candidates.flatten(0, 1)                                 # (N * beam * width, ...)
         if not scored:
             x, beam_scores = successors, None
             continue
         owners = rows.repeat_interleave(k)
-        scores = drm(successors, sigma_next.expand(len(successors)), drm_cond[0][owners], drm_cond[1][owners]).float()
+        scores = drm(successors, sigmas[i + 1].expand(len(successors)), drm_cond[0][owners], drm_cond[1][owners]).float()
         counts["drm_calls"] += len(successors)
         # BEGIN SOLUTION ex5_beam_search: per image, the top `beam` of its beam * k successors by score become x
         beam_scores, best = scores.view(N, beam * k).topk(beam, dim=1)               # per image, over all its successors
@@ -143,16 +134,20 @@ def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, s
 
 
 @torch.no_grad()
-def best_of_n(policy, noise, cond, uncond=None, drm=None, drm_cond=None, n=4, steps=20, noise_level=0.0,
+def best_of_n(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, n=4, steps=20, noise_level=0.0,
               cfg_scale=1.0, shift=1.0, generator=None):
     """N whole samples per image (noise (N * n, ...), an image's n adjacent), the DRM picks one at sigma 0.
 
-    noise_level = 0: ODE samples; > 0: SDE samples. -> (x0 (N, ...), counts) as stepwise_sample.
+    noise_level = 0: ODE samples (sample_ode); > 0: SDE samples. -> (x0 (N, ...), counts) as stepwise_sample.
     """
     per_sample = lambda t: tuple(v.repeat_interleave(n, 0) for v in t)  # noqa: E731
-    samples, counts = stepwise_sample(policy, noise, per_sample(cond), per_sample(uncond) if uncond is not None else None,
-                                      steps=steps, noise_level=noise_level, cfg_scale=cfg_scale, shift=shift,
-                                      generator=generator)
+    both = (per_sample(cond), per_sample(uncond) if uncond is not None else None)
+    if noise_level:
+        samples, counts = stepwise_sample(policy, noise, *both, steps=steps, noise_level=noise_level,
+                                          cfg_scale=cfg_scale, shift=shift, generator=generator)
+    else:
+        samples = sample_ode(policy, noise.float(), *both, steps=steps, cfg_scale=cfg_scale, shift=shift)
+        counts = {"nfe": len(noise) * steps * (2 if uncond is not None and cfg_scale != 1 else 1), "drm_calls": 0}
     if n == 1:
         return samples, counts
     scores = drm(samples, torch.zeros(len(samples), device=samples.device), *per_sample(drm_cond)).float()
@@ -161,20 +156,8 @@ def best_of_n(policy, noise, cond, uncond=None, drm=None, drm_cond=None, n=4, st
     return samples.view(N, n, *samples.shape[1:])[torch.arange(N), scores.view(N, n).argmax(1)], counts
 
 
-def save_grid(images, path, nrow):
-    """images (N, C, H, W) in [-1, 1], C = 1 or 3 -> one PNG, nrow images a row; small images upscaled 2x for viewing."""
-    n, c, h, w = images.shape
-    ncol = math.ceil(n / nrow)
-    grid = torch.full((c, ncol * (h + 2), nrow * (w + 2)), -1.0)
-    for i, img in enumerate(images):
-        r, col = divmod(i, nrow)
-        grid[:, r * (h + 2) + 1: r * (h + 2) + 1 + h, col * (w + 2) + 1: col * (w + 2) + 1 + w] = img
-    image = Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).squeeze(2).numpy())
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    (image.resize((image.width * 2, image.height * 2), Image.NEAREST) if h < 256 else image).save(path)
-
 # -----------------------------------------------------------------------------
-# Evaluation on the held-out prompts with the simulated annotator
+# Evaluation on held-out prompts: the base's annotator (the toy's), diversity
 
 
 @torch.no_grad()
@@ -187,24 +170,27 @@ def diversity(images, per_prompt):
     return (distances.sum((1, 2)) / (per_prompt * (per_prompt - 1))).mean().item()
 
 
-def evaluate(dit, text_encoder, judge, prompts=HELDOUT_PROMPTS, per_prompt=20, seed=1234, **sample_kwargs):
-    """Sample per_prompt images of each prompt with fixed seeds; -> (dict of judge means, images, prompts)."""
+def evaluate(dit, base, prompts, per_prompt=20, seed=1234, batch_size=100, **sampling):
+    """per_prompt ODE samples of each prompt with fixed seeds -> (summary: the annotator's means where the base has
+    one, diversity; the samples; their images; the prompts repeated)."""
     repeated = [p for p in prompts for _ in range(per_prompt)]
-    images = generate(dit, text_encoder, repeated, seed=seed, **sample_kwargs)
-    scores = judge.score(images, repeated)
-    summary = {k: scores[k].mean().item() for k in ("gold", "digit_correct", "attribute_match", "fidelity", "perceptual")}
-    summary["gold_std_over_prompts"] = scores["gold"].view(len(prompts), per_prompt).mean(1).std().item()
+    samples = generate(dit, base, repeated, seed=seed, batch_size=batch_size, **sampling)
+    device = next(dit.parameters()).device
+    images = torch.cat([base.to_images(s.to(device)).cpu() for s in samples.split(batch_size)])
+    scores = base.judge(images, repeated)
+    summary = {key: value.float().mean().item() for key, value in scores.items()}
+    if "gold" in scores:
+        summary["gold_std_over_prompts"] = scores["gold"].view(len(prompts), per_prompt).mean(1).std().item()
     summary["diversity"] = diversity(images, per_prompt)
-    return summary, images, repeated
+    return summary, samples, images, repeated
 
 # -----------------------------------------------------------------------------
 # Command line
 
 
 @dataclass
-class Config(ModelFlags):                     # --model, --ckpt_dir, ... for public SD3 weights (common.py)
+class Config(ModelFlags):                     # --model, --base, --ckpt_dir, ...: the base model (base.py)
     prompt: str = "a thick 7 slanted right"   # what to draw (the toy: words from data/world.py's vocabulary)
-    ckpt: str = "data/base.safetensors"       # the toy's base model: DiT + text encoder
     n: int = 16                               # images of the prompt
     steps: int = 20                           # Euler steps
     cfg_scale: float = 4.0                    # classifier-free guidance weight
@@ -213,91 +199,32 @@ class Config(ModelFlags):                     # --model, --ckpt_dir, ... for pub
     out: str = "samples.png"                  # image grid (with --eval: a JSON of the scores beside it)
     eval: bool = False                        # score the held-out prompts with the simulated annotator
     per_prompt: int = 20                      # with --eval: images per held-out prompt
-    k: str = ""                               # step-wise sampling: successors per step (with --eval a list, 1,2,4,6)
+    k: int = 0                                # step-wise sampling: SDE successors per step (0: the plain ODE sampler)
     beam: int = 1                             # states kept per image (1: the paper's greedy rule)
     drm: str = "data/drm.safetensors"         # the reward model that ranks successors
     noise_level: float = 0.7                  # SDE noise of the successors (grpo.py's a)
     score_every: int = 1                      # rank successors every this many steps
     ode_last: int = 0                         # plain Euler for the last this many steps
-    best_of: str = ""                         # with --eval --k: best-of-N rows for these N (default: N matched to each k's time)
-    compile: bool = False                     # torch.compile the DiT and DRM blocks and the SDE step (model.py)
+    compile: bool = False                     # torch.compile the DiT's and DRM's blocks (model.compile_regions)
     device: str = "auto"
 
 
-def parse_ks(text, flag="k"):
-    try:
-        ks = [int(v) for v in text.split(",")]
-    except ValueError:
-        raise UserError(f"--{flag}={text}: expected whole numbers separated by commas, e.g. --{flag}=1,2,4,6") from None
-    if min(ks) < 1:
-        raise UserError(f"--{flag}={text}: every value must be at least 1")
-    return ks
-
-
-def search_table(cfg, ks, dit, text_encoder, device):
-    """--eval --k=...: plain ODE, step-wise sampling at each k, and best-of-N with N matched to each k's time."""
-    from data.judge import Judge
-    from reward import load_drm
-    judge = Judge()
-    drm, drm_text, _ = load_drm(cfg.drm, device, policy=dit)
-    prompts = [p for p in HELDOUT_PROMPTS for _ in range(cfg.per_prompt)]
-    cond, uncond = encode_prompts(text_encoder, prompts)
-    drm_cond, _ = encode_prompts(drm_text, prompts)
-    noise = initial_noise(dit, len(prompts), torch.Generator().manual_seed(cfg.seed)).to(device)
-    common = dict(steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
-
-    def measure(name, run):
-        t0 = time.time()
-        images, counts = run(torch.Generator().manual_seed(cfg.seed + 1))
-        seconds = time.time() - t0
-        images = images.clamp(-1, 1)
-        scores = judge.score(images.cpu(), prompts)
-        with torch.no_grad():
-            drm_score = drm(images, torch.zeros(len(images), device=device), *drm_cond).mean().item()
-        row = {"method": name, "gold": scores["gold"].mean().item(), "digit_correct": scores["digit_correct"].mean().item(),
-               "attribute_match": scores["attribute_match"].mean().item(), "drm": drm_score,
-               "diversity": diversity(images.cpu(), cfg.per_prompt), "dit_passes": counts["nfe"] / len(prompts),
-               "drm_passes": counts["drm_calls"] / len(prompts), "seconds": seconds / len(prompts)}
-        print(f"| {name} | {row['gold']:.4f} | {row['digit_correct']:.1%} | {row['attribute_match']:.1%} | {row['drm']:.3f} | "
-              f"{row['diversity']:.4f} | {row['dit_passes']:.0f} | {row['drm_passes']:.0f} | {row['seconds'] * 1000:.1f} |", flush=True)
-        return row
-
-    two = lambda t: tuple(v[:2] for v in t)  # noqa: E731
-    stepwise_sample(dit, noise[:2], two(cond), two(uncond), drm, two(drm_cond), k=2, **common)  # warm-up, untimed
-    print(f"held-out prompts, {len(HELDOUT_PROMPTS)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg {cfg.cfg_scale}, "
-          f"SDE noise {cfg.noise_level}, beam {cfg.beam}")
-    print("| method | gold | digit | attributes | DRM | diversity | DiT passes / image | DRM passes / image | ms / image |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    rows = [measure("ODE", lambda g: stepwise_sample(dit, noise, cond, uncond, noise_level=0.0, generator=g, **common))]
-    for k in ks:
-        rows.append(measure(f"step-wise k={k} beam={cfg.beam}", lambda g, k=k: stepwise_sample(
-            dit, noise, cond, uncond, drm, drm_cond, k=k, beam=cfg.beam, noise_level=cfg.noise_level,
-            score_every=cfg.score_every, ode_last=cfg.ode_last, generator=g, **common)))
-    if cfg.best_of:
-        ns = parse_ks(cfg.best_of, "best_of")
-    else:  # N at the wall time of each searching row
-        ns = sorted({max(2, round(row["seconds"] / rows[0]["seconds"])) for row in rows[1:] if row["drm_passes"]})
-    for n in ns:
-        many = initial_noise(dit, len(prompts) * n, torch.Generator().manual_seed(cfg.seed + 2)).to(device)
-        rows.append(measure(f"best-of-{n} ODE", lambda g, n=n, many=many: best_of_n(
-            dit, many, cond, uncond, drm, drm_cond, n=n, generator=g, **common)))
-    return rows
-
-
-def draw(cfg, ks, base, device, **kwargs):
+def draw(cfg, base, device, **sampling):
     """--prompt: cfg.n images of one prompt, by the ODE or (--k) step-wise sampling -> a PNG grid."""
     t0 = time.time()
     prompts = [cfg.prompt] * cfg.n
-    cond = encode_prompts(base.text, prompts)  # the toy: unknown words fail here, before any sampling
-    search = dict(k=1, beam=1, noise_level=0.0)  # no --k: the plain ODE sampler
-    if ks:
-        from reward import load_drm
-        drm, drm_text, _ = load_drm(cfg.drm, device, policy=base.dit, text=base.text)
-        search = dict(drm=drm, drm_cond=encode_prompts(drm_text, prompts)[0], k=ks[0], beam=cfg.beam,
-                      noise_level=cfg.noise_level, score_every=cfg.score_every, ode_last=cfg.ode_last)
+    cond, uncond = base.encode(prompts)  # the toy: unknown words fail here, before any sampling
     noise = initial_noise(base.dit, cfg.n, torch.Generator().manual_seed(cfg.seed), base.latent_size).to(device)
-    latents, counts = stepwise_sample(base.dit, noise, *cond, generator=torch.Generator().manual_seed(cfg.seed + 1),
-                                      **search, **kwargs)
+    if cfg.k:
+        drm, drm_text, _ = base.load_drm(cfg.drm, device)
+        if cfg.compile:
+            compile_regions(drm.backbone)
+        latents, counts = stepwise_sample(base.dit, noise, cond, uncond, drm, drm_text.encode(prompts), k=cfg.k,
+                                          beam=cfg.beam, noise_level=cfg.noise_level, score_every=cfg.score_every,
+                                          ode_last=cfg.ode_last, generator=torch.Generator().manual_seed(cfg.seed + 1),
+                                          **sampling)
+    else:
+        latents, counts = best_of_n(base.dit, noise, cond, uncond, n=1, **sampling)
     images = base.to_images(latents).cpu()
     save_grid(images, cfg.out, nrow=min(cfg.n, 8))
     print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.steps} steps, per image {counts['nfe'] / cfg.n:.0f} "
@@ -305,15 +232,15 @@ def draw(cfg, ks, base, device, **kwargs):
     return images
 
 
-def evaluate_heldout(cfg, base, **kwargs):
+def evaluate_heldout(cfg, base, **sampling):
     """--eval: ODE samples of the held-out prompts scored by the annotator -> printed, a grid and a JSON."""
-    from data.judge import Judge
-    summary, images, _ = evaluate(base.dit, base.text, Judge(), per_prompt=cfg.per_prompt, seed=cfg.seed, **kwargs)
-    print(f"held-out prompts ({len(HELDOUT_PROMPTS)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg {cfg.cfg_scale}):")
+    prompts = base.heldout_prompts("", [])
+    summary, _, images, _ = evaluate(base.dit, base, prompts, per_prompt=cfg.per_prompt, seed=cfg.seed, **sampling)
+    print(f"held-out prompts ({len(prompts)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg {cfg.cfg_scale}):")
     for key, value in summary.items():
         print(f"  {key:24s} {value:.4f}")
     shown = min(cfg.per_prompt, 8)  # a row of the first images of each prompt
-    save_grid(images.view(len(HELDOUT_PROMPTS), cfg.per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1), cfg.out, nrow=shown)
+    save_grid(images.view(len(prompts), cfg.per_prompt, *images.shape[1:])[:, :shown].flatten(0, 1), cfg.out, nrow=shown)
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
         json.dump({"config": vars(cfg), "checkpoint_step": base.meta.get("step"), **summary}, f, indent=1)
     return summary
@@ -321,34 +248,27 @@ def evaluate_heldout(cfg, base, **kwargs):
 
 def main(cfg):
     check_numbers(cfg)
-    if cfg.steps < 1 or cfg.n < 1 or cfg.per_prompt < 1 or cfg.beam < 1:
-        raise UserError("--steps, --n, --per_prompt and --beam must be at least 1")
+    check_model_flags(cfg)
+    if cfg.steps < 1 or cfg.n < 1 or cfg.per_prompt < 1 or cfg.beam < 1 or cfg.k < 0:
+        raise UserError("--steps, --n, --per_prompt and --beam must be at least 1, --k at least 0")
     if cfg.noise_level < 0:
         raise UserError(f"--noise_level={cfg.noise_level}: the SDE noise scale is at least 0 (0: the ODE)")
     if not cfg.shift > 0:
         raise UserError(f"--shift={cfg.shift}: SD3's schedule shift is positive (1: none; SD3 at 1024 px: 3)")
     if os.path.isdir(cfg.out) or os.path.splitext(cfg.out)[1].lower() not in Image.registered_extensions():
         raise UserError(f"--out={cfg.out}: give an image file name, e.g. samples.png")
-    ks = parse_ks(cfg.k) if cfg.k else []
-    if ks and not cfg.eval and len(ks) > 1:
-        raise UserError(f"--k={cfg.k}: a list of k is for --eval; to draw images give one k")
-    if cfg.eval and cfg.model != "toy":
+    if cfg.eval and cfg.k:
+        raise UserError("--eval scores the ODE sampler; step-wise sampling against best-of-N is python -m bench.search")
+    if cfg.eval and cfg.model not in ANNOTATED:
         raise UserError(f"--eval scores with the toy's simulated annotator; with --model={cfg.model} draw with --prompt")
     print_config(cfg)
     device = pick_device(cfg.device)
-    set_compile(cfg.compile)
-    base = load_model(cfg, cfg.ckpt, device)
-    kwargs = dict(steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+    base = load_base(cfg, device)
+    if cfg.compile:
+        compile_regions(base.dit)
+    sampling = dict(steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
     with autocast(device):  # bf16 on a GPU
-        if not cfg.eval:
-            return draw(cfg, ks, base, device, **kwargs)
-        if not ks:
-            return evaluate_heldout(cfg, base, **kwargs)
-        rows = search_table(cfg, ks, base.dit, base.text, device)
-    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump({"config": vars(cfg), "rows": rows}, f, indent=1)
-    print(f"wrote {os.path.splitext(cfg.out)[0]}.json")
-    return rows
+        return evaluate_heldout(cfg, base, **sampling) if cfg.eval else draw(cfg, base, device, **sampling)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ Samples and the shipped weights come from an exponential moving average.
 """
 import copy
 import json
-import os
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -22,13 +21,13 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-import model as model_lib
-from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_finite, check_numbers, check_weights,
-                    print_config, resume_training_state, run_main, save_base, save_training_state, setup_device,
-                    warmup_cosine)
-from data.world import HELDOUT_PROMPTS, caption, load_world, parse_prompt, tokenize
-from model import PRESETS, TextConfig, TextEncoder, flow_matching_loss, logit_normal_sigma
-from sample import generate, save_grid
+from base import ToyBase, save_toy_base
+from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_finite, check_numbers,
+                    check_weights, print_config, resume_training_state, run_main, save_grid,
+                    save_training_state, setup_device, warmup_cosine)
+from data.world import HELDOUT_PROMPTS, TextConfig, TextEncoder, caption, load_world, parse_prompt, tokenize
+from model import PRESETS, build_dit, compile_regions, flow_matching_loss, logit_normal_sigma
+from sample import generate
 
 
 @dataclass
@@ -91,7 +90,6 @@ def main(cfg):
         print_config(cfg)
         device, ranks = setup_device(cfg.device)
         mine = ranks.shard(cfg.batch_size, "--batch_size")  # this rank's rows of each global batch
-        model_lib.set_compile(cfg.compile)
         torch.manual_seed(cfg.seed)
         rng = random.Random(cfg.seed)
 
@@ -100,9 +98,11 @@ def main(cfg):
         captions = [c for c, keep in zip(world["captions"], world["train"]) if keep]
         print(f"training on {len(images)} digits; held-out prompts: {HELDOUT_PROMPTS}")
 
-        net = nn.ModuleDict({"dit": model_lib.build_dit(cfg.preset), "text": TextEncoder(TextConfig())}).to(device)
+        net = nn.ModuleDict({"dit": build_dit(cfg.preset), "text": TextEncoder(TextConfig())}).to(device)
         ema = copy.deepcopy(net).requires_grad_(False)
         net["dit"].grad_checkpointing = cfg.grad_checkpointing
+        if cfg.compile:
+            compile_regions(net["dit"])
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         print(f"DiT parameters: {sum(p.numel() for p in net['dit'].parameters()) / 1e6:.2f}M, "
               f"text encoder: {sum(p.numel() for p in net['text'].parameters()) / 1e6:.2f}M")
@@ -127,7 +127,7 @@ def main(cfg):
         def save(step):
             check_weights(net, step, run_dir.advice())
             if ranks.main:
-                save_base(run_dir.file("model.safetensors"), ema["dit"], ema["text"], step)
+                save_toy_base(run_dir.file("model.safetensors"), ema["dit"], ema["text"], step)
                 save_training_state(run_dir.file("train_state.pt"), {
                     "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
                     "minutes": minutes(), "torch_rng": torch.get_rng_state(), "python_rng": rng.getstate(),
@@ -172,7 +172,7 @@ def main(cfg):
                 save(step + 1)
                 if ranks.main:
                     prompts = [p for p in HELDOUT_PROMPTS for _ in range(cfg.eval_per_prompt)]
-                    grid = generate(ema["dit"], ema["text"], prompts, seed=0, cfg_scale=cfg.eval_cfg)
+                    grid = generate(ema["dit"], ToyBase(ema["dit"], ema["text"]), prompts, seed=0, cfg_scale=cfg.eval_cfg)
                     save_grid(grid, run_dir.file(f"samples_{step + 1:06d}.png"), nrow=cfg.eval_per_prompt)
                     with open(run_dir.file("metrics.jsonl"), "a") as log:
                         log.write(json.dumps(record) + "\n")
@@ -184,7 +184,7 @@ def main(cfg):
                 print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
                 return None
         if cfg.export and ranks.main:
-            save_base(cfg.export, ema["dit"], ema["text"], cfg.steps, dtype=torch.float16)
+            save_toy_base(cfg.export, ema["dit"], ema["text"], cfg.steps, dtype=torch.float16)
             print(f"exported the EMA model in float16 to {cfg.export}")
     return ema
 

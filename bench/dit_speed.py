@@ -1,14 +1,14 @@
 """Our DiT against diffusers' SD3Transformer2DModel, and against the machine's own matmul ceiling.
 
-    python bench/dit_speed.py                                    # CPU, float32: the toy and a mid size
-    python bench/dit_speed.py --sizes=sd3.5-medium --device=cuda  # GPU, bf16 autocast, random weights
+    python -m bench.dit_speed                                    # CPU, float32: the toy and a mid size
+    python -m bench.dit_speed --sizes=sd3.5-medium --device=cuda  # GPU, bf16 autocast, random weights
 
 For each size one diffusers model with random weights is saved and loaded into
 ours with `load_sd3`, so both run the same weights (their outputs are checked
 to agree first). Then four variants are timed, forward without grad and a
 training step (forward, backward, AdamW step): diffusers as users run it,
 diffusers with each of its blocks compiled, ours eager, ours with
-`set_compile(True)`. The variants take turns round after round and each keeps
+`model.compile_regions` (what --compile does). The variants take turns round after round and each keeps
 its median, so a slow spell of this noisy machine hits all of them alike;
 read the ratios, not the seconds.
 
@@ -17,20 +17,17 @@ forward's matmul and attention FLOPs analytically (elementwise ops are free in
 this count) and triples them: the backward computes two matmuls for each
 forward one (input and weight gradients).
 """
-import os
+import copy
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as model_lib  # noqa: E402
-from common import autocast, pick_device, print_config, run_main  # noqa: E402
-from model import PRESETS, DiTConfig  # noqa: E402
-from sd3 import load_sd3  # noqa: E402
+from common import autocast, pick_device, print_config, run_main
+from model import PRESETS, DiTConfig, compile_regions
+from sd3.mmdit import load_sd3
 
 # name -> (DiT config, batch, latent side, text tokens)
 SIZES = {
@@ -132,36 +129,35 @@ def bench_size(name, cfg, device):
         return lambda: model(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
                              timestep=sigma * 1000).sample
 
-    def run_ours():
-        return ours(x, sigma, context, pooled)
+    def call_ours(model):
+        return lambda: model(x, sigma, context, pooled)
     with torch.no_grad(), autocast(device):
         expected = call_theirs(theirs)().float()
-        error = ((run_ours().float() - expected).norm() / expected.norm()).item()
+        error = ((call_ours(ours)().float() - expected).norm() / expected.norm()).item()
     print(f"{name}: same weights, relative difference of the outputs {error:.1e}")
 
     theirs_compiled = diffusers_model(config).to(device)
     theirs_compiled.load_state_dict(theirs.state_dict())
     for block in theirs_compiled.transformer_blocks:
         block.compile()
-    variants = {  # label: (model, its forward, our compile switch)
-        "diffusers": (theirs, call_theirs(theirs), False),
-        "diffusers, blocks compiled": (theirs_compiled, call_theirs(theirs_compiled), False),
-        "ours": (ours, run_ours, False),
-        "ours, --compile": (ours, run_ours, True),
+    ours_compiled = compile_regions(copy.deepcopy(ours))
+    variants = {  # label: (model, its forward)
+        "diffusers": (theirs, call_theirs(theirs)),
+        "diffusers, blocks compiled": (theirs_compiled, call_theirs(theirs_compiled)),
+        "ours": (ours, call_ours(ours)),
+        "ours, --compile": (ours_compiled, call_ours(ours_compiled)),
     }
 
-    def forward(model, call, compile):
+    def forward(model, call):
         def run():
-            model_lib.set_compile(compile)
             with torch.no_grad(), autocast(device):
                 call()
         return run
 
-    def train_step(model, call, compile):
+    def train_step(model, call):
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
 
         def run():
-            model_lib.set_compile(compile)
             with autocast(device):
                 out = call()
             out.float().square().mean().backward()
@@ -184,7 +180,6 @@ def bench_size(name, cfg, device):
         for label, seconds in medians.items():
             rows.append(dict(size=name, task=task, variant=label, ms=seconds * 1e3, speedup=medians["diffusers"] / seconds,
                              tflops=flops / seconds / 1e12, first_call_s=cold[label]))
-    model_lib.set_compile(False)
     return rows
 
 

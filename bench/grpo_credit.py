@@ -1,7 +1,7 @@
 """The paper's credit-assignment experiment: step-wise GRPO against sparse (Flow-GRPO) and cosine credit.
 
-    python bench/grpo_credit.py                      # 3 credit modes x 3 seeds on the CPU toy, then the table and figure
-    python bench/grpo_credit.py --plot_only          # redraw from out/credit/*/metrics.jsonl
+    python -m bench.grpo_credit                      # 3 credit modes x 3 seeds on the CPU toy, then the table and figure
+    python -m bench.grpo_credit --plot_only          # redraw from out/credit/*/metrics.jsonl
 
 Every run gets the same budget of DiT forward passes (--max_nfe; rollouts and
 training passes counted, DRM passes apart) and the same number of them per
@@ -18,8 +18,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import print_config, run_main  # noqa: E402
+from common import print_config, run_main
 
 MODES = ("stepwise", "sparse", "cosine")
 

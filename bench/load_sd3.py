@@ -1,6 +1,6 @@
 """Peak memory and time of load_sd3 on an SD3.5-medium-sized checkpoint (random weights, bf16).
 
-    python bench/load_sd3.py                      # writes ~5 GB to --dir, loads it in both layouts, deletes it
+    python -m bench.load_sd3                      # writes ~5 GB to --dir, loads it in both layouts, deletes it
 
 Each load runs in a fresh process, so its peak resident memory (ru_maxrss) is
 the loader's alone, interpreter and torch included. The loader reads the header,
@@ -18,10 +18,9 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import parse_flags  # noqa: E402
-from model import build_dit  # noqa: E402
-from sd3 import STABILITY_PREFIX, load_sd3, save_sd3  # noqa: E402
+from common import parse_flags
+from model import build_dit
+from sd3.mmdit import STABILITY_PREFIX, load_sd3, save_sd3
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """Where a Step-GRPO update spends its time and memory.
 
-    python bench/rl_loop.py                          # the CPU toy at train_policy.py's defaults, eager and --compile
-    python bench/rl_loop.py --size=sd3.5-medium --device=cuda --lora_rank=16 --grad_checkpointing \
+    python -m bench.rl_loop                          # the CPU toy at train_policy.py's defaults, eager and --compile
+    python -m bench.rl_loop --size=sd3.5-medium --device=cuda --lora_rank=16 --grad_checkpointing \
         --trajectories=4 --k=4 --latent=64           # random SD3.5-medium weights, 512 px, bf16 autocast
 
 One update as train_policy.py runs it: SDE rollouts with k DRM-scored
@@ -15,22 +15,19 @@ Each variant runs one untimed update first (warm-up and compilation), then the
 median of `repeats` updates.
 """
 import dataclasses
-import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-import model as model_lib  # noqa: E402
-from common import autocast, load_base, pick_device, print_config, run_main  # noqa: E402
-from data.world import TRAIN_PROMPTS  # noqa: E402
-from grpo import grpo_loss, sample_rollout, stepwise_advantages  # noqa: E402
-from model import PRESETS, add_lora, build_dit, in_chunks  # noqa: E402
-from reward import DRM, load_drm  # noqa: E402
-from sample import encode_prompts, initial_noise, sigma_schedule  # noqa: E402
+from base import ToyBase
+from common import UserError, autocast, pick_device, print_config, run_main
+from data.world import TRAIN_PROMPTS
+from grpo import grpo_loss, sample_rollout, stepwise_advantages
+from model import PRESETS, add_lora, build_dit, compile_regions, in_chunks
+from reward import DRM
+from sample import initial_noise, sigma_schedule
 
 
 @dataclass
@@ -76,14 +73,13 @@ def build(cfg, device):
     """-> policy, drm, cond, uncond, drm_cond for cfg.trajectories rollouts."""
     n = cfg.trajectories
     if cfg.size == "toy":
-        policy, text_encoder, _ = load_base("data/base.safetensors", device)
-        drm, drm_text, _ = load_drm("data/drm.safetensors", device)
+        base = ToyBase.load("data/base.safetensors", device)
+        drm, drm_text, _ = base.load_drm("data/drm.safetensors", device)
         prompts = [TRAIN_PROMPTS[i % len(TRAIN_PROMPTS)] for i in range(n)]
-        cond, uncond = encode_prompts(text_encoder, prompts)
-        drm_cond = encode_prompts(drm_text, prompts)[0]
-        return policy, drm, cond, uncond, drm_cond
+        cond, uncond = base.encode(prompts)
+        return base.dit, drm, cond, uncond, drm_text.encode(prompts)
     if cfg.size not in PRESETS:
-        raise ValueError(f"--size={cfg.size}: toy or one of {', '.join(PRESETS)}")
+        raise UserError(f"--size={cfg.size}: toy or one of {', '.join(PRESETS)}")
     config = dataclasses.replace(PRESETS[cfg.size], pos_embed_max_size=cfg.latent // PRESETS[cfg.size].patch_size)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # frozen weights in bf16 on a GPU
     policy = build_dit(config, device=device).to(dtype)
@@ -106,8 +102,8 @@ def one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, devi
     t0 = time.perf_counter()
     policy.eval()
     with autocast(device):
-        rollout = sample_rollout(timed_policy, noise, cond, uncond, sigmas, 0.7, cfg.cfg_scale, k=cfg.k,
-                                 reward=timed_drm, generator=g)
+        rollout = sample_rollout(timed_policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=cfg.cfg_scale,
+                                 k=cfg.k, reward=timed_drm, generator=g)
     sync(device)
     times = {"rollout": time.perf_counter() - t0, "rollout: policy": timed_policy.seconds, "rollout: DRM": timed_drm.seconds}
     times["rollout: the rest"] = times["rollout"] - timed_policy.seconds - timed_drm.seconds
@@ -129,8 +125,7 @@ def one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, devi
         sync(device)
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device):
-            loss, _ = grpo_loss(policy, rollout, advantages, chunk // cfg.trajectories, chunk % cfg.trajectories, 0.7,
-                                cfg.cfg_scale)
+            loss, _ = grpo_loss(policy, rollout, advantages, chunk // cfg.trajectories, chunk % cfg.trajectories)
         sync(device)
         t1 = time.perf_counter()
         loss.backward()
@@ -151,20 +146,23 @@ def one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, devi
 def main(cfg):
     print_config(cfg)
     device = pick_device(cfg.device)
-    policy, drm, cond, uncond, drm_cond = build(cfg, device)
-    if cfg.lora_rank:
-        add_lora(policy, rank=cfg.lora_rank, alpha=float(cfg.lora_rank))
-    policy.grad_checkpointing = cfg.grad_checkpointing
-    params = [p for p in policy.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-7)
-    print(f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, {sum(p.numel() for p in params) / 1e6:.2f}M "
-          f"trained; {cfg.trajectories} trajectories x {cfg.steps} steps x k={cfg.k}, {cfg.minibatches} minibatches; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     results = {}
     for variant in cfg.compile.split(","):
         if variant not in ("off", "on"):
-            raise ValueError(f"--compile={cfg.compile}: a list of off and on")
-        model_lib.set_compile(variant == "on")
+            raise UserError(f"--compile={cfg.compile}: a list of off and on")
+        policy, drm, cond, uncond, drm_cond = build(cfg, device)  # fresh models for each variant
+        if cfg.lora_rank:
+            add_lora(policy, rank=cfg.lora_rank, alpha=float(cfg.lora_rank))
+        policy.grad_checkpointing = cfg.grad_checkpointing
+        if variant == "on":
+            compile_regions(policy)
+            compile_regions(drm.backbone)
+        params = [p for p in policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-7)
+        print(f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, "
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trained; {cfg.trajectories} trajectories x {cfg.steps} "
+              f"steps x k={cfg.k}, {cfg.minibatches} minibatches; torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; compile {variant}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
@@ -175,7 +173,6 @@ def main(cfg):
         times["first update (compiles)"] = first
         peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
         results[variant] = (times, runs[0][1] / 2 ** 30, peak)
-    model_lib.set_compile(False)
     variants = list(results)
     print("\n| part | " + " | ".join(f"compile {v}: s" for v in variants) + " | share of the step (compile off) |")
     print("|---|" + "---|" * (len(variants) + 1))

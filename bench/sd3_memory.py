@@ -1,20 +1,17 @@
 """What each script keeps on the GPU at SD3.5-medium size, by arithmetic: parameter counts times bytes, no activations.
 
-    python bench/sd3_memory.py            # needs transformers and diffusers (requirements-dev.txt); builds on `meta`
+    python -m bench.sd3_memory            # needs transformers and diffusers (requirements-dev.txt); builds on `meta`
 
 The parts are built on the meta device with the public models' configs (CLIP-L, OpenCLIP bigG, T5-XXL's
 encoder, SD3's VAE; our DiT and DRM), so their parameter counts are exact and nothing is allocated. Frozen
 weights are bf16 (2 bytes) as sd3_pipeline.py loads them on a GPU; the DRM is float32 as reward.load_drm
 keeps it; a trained model costs 16 bytes a parameter (float32 weights, gradients, AdamW's two moments).
 """
-import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model import PRESETS, build_dit  # noqa: E402
-from reward import DRM  # noqa: E402
+from model import PRESETS, build_dit
+from reward import DRM
 
 
 def count(module):

@@ -1,6 +1,6 @@
 """What k successors cost: seconds per image of step-wise sampling for k = 1..8, as a ratio to k = 1.
 
-    python bench/stepwise_cost.py                     # the shipped toy models, 32 images, 20 steps, guidance 4
+    python -m bench.stepwise_cost                     # the shipped toy models, 32 images, 20 steps, guidance 4
 
 Each step is one policy pass (two with guidance) for the whole batch, whatever
 k is, plus one batched DRM pass over the k successors of every image; so the
@@ -8,24 +8,21 @@ time grows with k only through the DRM batch. Each k is timed `repeats` times
 in one process after a warm-up and the median is kept (the machine is noisy;
 read the ratios, not the seconds).
 """
-import os
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import load_base, pick_device, print_config, run_main  # noqa: E402
-from data.world import HELDOUT_PROMPTS  # noqa: E402
-from reward import load_drm  # noqa: E402
-from sample import encode_prompts, initial_noise, stepwise_sample  # noqa: E402
+from base import ToyBase
+from common import pick_device, print_config, run_main
+from data.world import HELDOUT_PROMPTS
+from sample import initial_noise, stepwise_sample
 
 
 @dataclass
 class Config:
-    ckpt: str = "data/base.safetensors"
+    base: str = "data/base.safetensors"
     drm: str = "data/drm.safetensors"
     images: int = 32
     steps: int = 20
@@ -38,11 +35,12 @@ class Config:
 def main(cfg):
     print_config(cfg)
     device = pick_device(cfg.device)
-    dit, text_encoder, _ = load_base(cfg.ckpt, device)
-    drm, drm_text, _ = load_drm(cfg.drm, device)
+    base = ToyBase.load(cfg.base, device)
+    dit = base.dit
+    drm, drm_text, _ = base.load_drm(cfg.drm, device)
     prompts = [HELDOUT_PROMPTS[i % len(HELDOUT_PROMPTS)] for i in range(cfg.images)]
-    cond, uncond = encode_prompts(text_encoder, prompts)
-    drm_cond, _ = encode_prompts(drm_text, prompts)
+    cond, uncond = base.encode(prompts)
+    drm_cond = drm_text.encode(prompts)
     noise = initial_noise(dit, cfg.images, torch.Generator().manual_seed(0)).to(device)
 
     def seconds_per_image(k):

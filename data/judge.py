@@ -1,6 +1,6 @@
 """The simulated annotator: a gold score per image and noisy Bradley-Terry preference labels.
 
-    python data/judge.py          # trains the digit classifier, writes data/judge.safetensors (~3 min)
+    python -m data.judge          # trains the digit classifier, writes data/judge.safetensors (~3 min)
 
 Policies and the DRM never see the gold score, only pair labels drawn from it;
 evaluation reads it on held-out prompts and seeds.
@@ -22,16 +22,13 @@ Pair labels: P(a preferred to b) = sigmoid((gold_a - gold_b) / temperature),
 the Bradley-Terry model, so close pairs get noisy labels as human ones do.
 """
 import os
-import sys
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import load_module, read_checkpoint, save_checkpoint  # noqa: E402
-from data.world import (DATA_DIR, SLANT_EDGES, THICKNESS_EDGES, load_world,  # noqa: E402
-                        measure_attributes, parse_prompt)
+from common import load_module, read_checkpoint, save_checkpoint
+from data.world import DATA_DIR, SLANT_EDGES, THICKNESS_EDGES, load_world, measure_attributes, parse_prompt
 
 JUDGE_PATH = os.path.join(DATA_DIR, "judge.safetensors")
 ATTRIBUTE_SCALE = {"thickness": 0.4, "slant": 0.25}

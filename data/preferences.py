@@ -1,6 +1,6 @@
 """Preference pairs for the DRM: samples of the shipped base model, labelled by the simulated annotator.
 
-    python data/preferences.py                # writes out/prefs/ (about 4 minutes on 2 CPU cores)
+    python -m data.preferences                # writes out/prefs/ (14 minutes on 2 CPU cores)
 
 What it makes, per prompt: images from the base model at a grid of guidance
 scales and step counts (so quality varies, as it does between the models that
@@ -25,22 +25,22 @@ never by training.
 import json
 import os
 import random
-import sys
-from collections import Counter
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from common import UserError, load_base, read_text  # noqa: E402
-from data.world import TRAIN_PROMPTS  # noqa: E402
+from base import ToyBase
+from common import UserError, read_text, run_main, save_grid
+from data.judge import Judge
+from data.world import TRAIN_PROMPTS, read_images
+from sample import generate
 
 
 @dataclass
 class Config:
     out_dir: str = "out/prefs"
-    ckpt: str = "data/base.safetensors"
+    base: str = "data/base.safetensors"   # the toy base model whose samples are paired
     cfg_scales: str = "1,1.5,2,3,4,6"     # guidance scales of the image pool
     step_counts: str = "1,2,4,8,20"       # Euler step counts of the image pool (1-2 steps give blurred digits)
     seeds_per_setting: int = 6            # images per (prompt, guidance, steps)
@@ -52,17 +52,6 @@ class Config:
 
 # -----------------------------------------------------------------------------
 # Reading (used by train_reward.py): every problem names the file and line
-
-
-def to_tensor(path):
-    """A grey PNG -> (1, H, W) float in [-1, 1]."""
-    try:
-        with Image.open(path) as img:
-            grey = img.convert("L")
-    except OSError as e:  # PIL's UnidentifiedImageError included
-        raise UserError(f"{path}: not an image PIL can read ({e})") from None
-    pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
-    return pixels.view(1, grey.height, grey.width).float() / 127.5 - 1
 
 
 def read_records(path):
@@ -101,7 +90,7 @@ def read_pairs(path):
     absolute), confidence (HPDv3: given, or path1's share of choice_dist, else 1), gold (or None), model1 and
     model2 (HPDv3: the models that made the two images, or None). Validated pair by pair."""
     if not os.path.exists(path):
-        raise UserError(f"preference file {path} does not exist; make one with python data/preferences.py")
+        raise UserError(f"preference file {path} does not exist; make one with python -m data.preferences")
     folder = os.path.dirname(os.path.abspath(path))
     pairs = []
     for where, record in read_records(path):
@@ -129,32 +118,16 @@ def read_pairs(path):
     return pairs
 
 
-def load_pair_tensors(pairs):
-    """-> winners (N, 1, H, W), losers (N, 1, H, W), prompts, gold (N, 2) or None. Each image read once."""
-    cache = {}
-    def image(path):
-        if path not in cache:
-            cache[path] = to_tensor(path)
-        return cache[path]
-    paths = [p[key] for p in pairs for key in ("path1", "path2")]
-    shape = Counter(image(path).shape for path in paths).most_common(1)[0][0]
-    for path in paths:
-        if image(path).shape != shape:
-            raise UserError(f"image {path} is {'x'.join(map(str, image(path).shape[1:]))} pixels, the others "
-                            f"{'x'.join(map(str, shape[1:]))}: every image of a preference set has the model's size")
-    winners = torch.stack([image(p["path1"]) for p in pairs])
-    losers = torch.stack([image(p["path2"]) for p in pairs])
-    gold = torch.tensor([p["gold"] for p in pairs]) if all(p["gold"] is not None for p in pairs) else None
-    return winners, losers, [p["prompt"] for p in pairs], gold
+def gold_scores(pairs):
+    """(N, 2) gold scores of path1 and path2 when every pair has them (the toy's), else None."""
+    return torch.tensor([p["gold"] for p in pairs]) if all(p["gold"] is not None for p in pairs) else None
 
 # -----------------------------------------------------------------------------
 # Making the data set
 
 
 def main(cfg):
-    from data.judge import Judge
-    from sample import generate, save_grid
-    dit, text_encoder, _ = load_base(cfg.ckpt)
+    base = ToyBase.load(cfg.base, "cpu")
     judge = Judge(temperature=cfg.temperature)
     cfg_scales = [float(v) for v in cfg.cfg_scales.split(",")]
     step_counts = [int(v) for v in cfg.step_counts.split(",")]
@@ -169,7 +142,7 @@ def main(cfg):
     for scale_number, scale in enumerate(cfg_scales):
         for steps in step_counts:
             batch = [p for p in prompts for _ in range(cfg.seeds_per_setting)]
-            images = generate(dit, text_encoder, batch, seed=cfg.seed * 1000 + scale_number * 100 + steps,
+            images = generate(base.dit, base, batch, seed=cfg.seed * 1000 + scale_number * 100 + steps,
                               steps=steps, cfg_scale=scale)
             pixels = ((images + 1) * 127.5).round().clamp(0, 255).byte()
             gold = judge.gold(pixels.float() / 127.5 - 1, batch)  # scored as stored, after 8-bit rounding
@@ -198,10 +171,9 @@ def main(cfg):
         print(f"{name}: {len(lines)} pairs over {len(names_prompts)} prompts; "
               f"labels agree with the gold ordering on {agree / len(lines):.1%}")
     first = [path for path, _ in pool[split["test"][0]][:16]]
-    save_grid(torch.stack([to_tensor(os.path.join(cfg.out_dir, p)) for p in first]),
+    save_grid(read_images([os.path.join(cfg.out_dir, p) for p in first]),
               os.path.join(cfg.out_dir, "example_pool.png"), nrow=8)
 
 
 if __name__ == "__main__":
-    from common import run_main
     run_main(main, Config)

@@ -5,7 +5,8 @@ Everything the other files need to know about the toy data lives here:
 - `measure_attributes()`: stroke thickness and slant, measured by a fixed rule
   (below) on any batch of images, real or generated, so captions of the data and
   the judge's attribute check use the same ruler.
-- `caption()`, `tokenize()`: prompts like "a thick 7 slanted right" and their ids.
+- `caption()`, `tokenize()`: prompts like "a thick 7 slanted right" and their ids;
+  `TextEncoder`: the toy's text encoder, ids -> (context, pooled), SD3's interface.
 - `HELDOUT_PROMPTS`, `split()`: ten (digit, thickness, slant) combinations never
   seen in training, and the train/test split of the images; `TRAIN_PROMPTS`:
   the other 80 full captions.
@@ -19,10 +20,14 @@ The attribute rule, on the ink mask `pixel > 0` (half intensity):
   (about 14 degrees). MNIST leans right on average, so "upright" is 0..0.25.
 """
 import os
+from collections import Counter
+from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
+from PIL import Image
 
 from common import UserError
 
@@ -88,6 +93,42 @@ def parse_prompt(prompt):
 
 
 # ----------------------------------------------------------------------------
+# The toy text encoder, with SD3's interface: tokens -> (context, pooled)
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 21
+    max_tokens: int = 8
+    context_dim: int = 64   # = DiTConfig.context_dim
+    pooled_dim: int = 64    # = DiTConfig.pooled_dim
+    depth: int = 2
+    heads: int = 2
+
+
+class TextEncoder(nn.Module):
+    """Token embeddings and two pre-norm transformer layers: ids (B, L) from tokenize() ->
+    context (B, L, Dc), pooled (B, Dp). pooled is a projection of the start token's final state (it
+    attends to the whole prompt, as CLIP's end token does); padding is masked out."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = cfg = config
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.context_dim)
+        self.position_embedding = nn.Parameter(torch.randn(cfg.max_tokens, cfg.context_dim) * 0.02)
+        layer = nn.TransformerEncoderLayer(cfg.context_dim, cfg.heads, 4 * cfg.context_dim, dropout=0.0,
+                                           activation="gelu", batch_first=True, norm_first=True)
+        self.layers = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.final_norm = nn.LayerNorm(cfg.context_dim)
+        self.pooled_proj = nn.Linear(cfg.context_dim, cfg.pooled_dim)
+
+    def forward(self, ids):
+        h = self.token_embedding(ids) + self.position_embedding[: ids.shape[1]]
+        h = self.final_norm(self.layers(h, src_key_padding_mask=(ids == 0)))  # (B, L, Dc)
+        return h, self.pooled_proj(h[:, 0])
+
+
+# ----------------------------------------------------------------------------
 # Images and attributes
 
 def load_digits():
@@ -100,6 +141,27 @@ def load_digits():
         labels = torch.from_numpy(f["labels"]).long()
     images = F.pad(images, (2, 2, 2, 2), value=-1.0).unsqueeze(1)  # (N, 1, 32, 32)
     return images, labels
+
+
+def read_images(paths):
+    """Grey image files -> (N, 1, H, W) in [-1, 1], each file read once; a file that is not an image, or of
+    another size than most, is named."""
+    cache = {}
+    for path in paths:
+        if path not in cache:
+            try:
+                with Image.open(path) as img:
+                    grey = img.convert("L")
+            except OSError as e:  # PIL's UnidentifiedImageError included
+                raise UserError(f"{path}: not an image PIL can read ({e})") from None
+            pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
+            cache[path] = pixels.view(1, grey.height, grey.width).float() / 127.5 - 1
+    shape = Counter(image.shape for image in cache.values()).most_common(1)[0][0]
+    for path, image in cache.items():
+        if image.shape != shape:
+            raise UserError(f"image {path} is {image.shape[1]}x{image.shape[2]} pixels, the others "
+                            f"{shape[1]}x{shape[2]}: every image of a preference set has the model's size")
+    return torch.stack([cache[path] for path in paths])
 
 
 def measure_attributes(images):

@@ -1,18 +1,16 @@
 import json
 import os
-import sys
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from assignments.make_student_copy import EXERCISES
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
-os.chdir(ROOT)
+os.chdir(ROOT)  # the scripts' default paths (data/base.safetensors, ...) are relative to the repository
 torch.set_num_threads(min(2, torch.get_num_threads()))
-sys.path.insert(0, os.path.join(ROOT, "assignments"))
-from make_student_copy import EXERCISES  # noqa: E402
 
 
 def pytest_configure(config):
@@ -56,11 +54,11 @@ def tiny_preferences(folder):
 
 @pytest.fixture
 def compiled():
-    """set_compile(True) for one test, with fresh dynamo caches and counters, then back to eager."""
-    from model import set_compile
+    """Fresh dynamo caches and counters for a test that compiles (model.compile_regions), and again after it."""
+    import model
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    set_compile(True)
+    model._COMPILED.clear()
     yield
-    set_compile(False)
     torch._dynamo.reset()
+    model._COMPILED.clear()

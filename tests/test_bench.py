@@ -1,14 +1,10 @@
 """The benchmarks' analytic FLOP count against PyTorch's own FLOP counter."""
-import os
-import sys
-
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
-from dit_speed import forward_flops  # noqa: E402
-from model import DiTConfig, build_dit  # noqa: E402
+from bench.dit_speed import forward_flops
+from model import DiTConfig, build_dit
 
 
 @pytest.mark.parametrize("dual", [(), (0, 1)])

@@ -74,7 +74,7 @@ def test_ddp_reward_step_equals_one_process(tmp_path):
 @pytest.mark.ex4_grpo
 @pytest.mark.parametrize("credit, k", [("stepwise", 2), ("sparse", 4)])     # sparse: one group of 4 split over 2 ranks
 def test_ddp_policy_update_equals_one_process(tmp_path, credit, k):
-    args = ["--updates=1", "--trajectories=4", f"--k={k}", f"--credit={credit}", "--steps=2", "--eval_every=1",
+    args = ["--updates=1", "--trajectories=4", f"--k={k}", f"--group_size={k}", f"--credit={credit}", "--steps=2", "--eval_every=1",
             "--eval_per_prompt=1", "--eval_steps=2"]
     run("train_policy.py", *args, f"--out_dir={tmp_path / 'one'}")
     run("train_policy.py", *args, f"--out_dir={tmp_path / 'two'}", processes=2)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import sample
 import train_base
@@ -224,7 +224,7 @@ def test_preference_images_of_the_wrong_size_for_the_model_are_named(tmp_path):
     for i in range(8):
         Image.new("L", (28, 28)).save(tmp_path / "prefs" / "images" / f"{i}.png")
     line = error_line(train_reward, f"--prefs={tmp_path / 'prefs'}", "--steps=1", f"--out_dir={tmp_path / 'run'}")
-    assert "its images are 28x28 pixels, the model's 32x32" in line
+    assert "the preference images are 28x28 pixels, the model's 32x32" in line
 
 
 @pytest.mark.parametrize("case, says", [
@@ -252,7 +252,7 @@ def test_bad_files_are_named(case, says, tmp_path):
             text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
             data[8:8 + n] = text[:n] if len(text) <= n else pytest.fail("header grew")
             path.write_bytes(bytes(data))
-        line = error_line(sample, f"--ckpt={path}", "--n=1", "--steps=1", f"--out={tmp_path / 'x.png'}")
+        line = error_line(sample, f"--base={path}", "--n=1", "--steps=1", f"--out={tmp_path / 'x.png'}")
     assert says in line and str(tmp_path) in line
 
 

@@ -56,14 +56,14 @@ def test_replayed_rollout_has_ratio_one(k, cfg_scale):
     cond, uncond = prompts(B, 1), prompts(B, 2)
     sigmas = sigma_schedule(5)
     reward = lambda x, sigma, rows: -x.flatten(1).sum(1)  # noqa: E731
-    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, uncond, sigmas, 0.7, cfg_scale, k=k,
+    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, uncond, sigmas, noise_level=0.7, cfg_scale=cfg_scale, k=k,
                              reward=reward if k > 1 else None, generator=torch.Generator().manual_seed(0))
     advantages = torch.randn(5, B, k)
     for step in range(5):  # the rollout's own batches: the same arithmetic, so exactly 1
-        _, stats = grpo_loss(policy, rollout, advantages, torch.full((B,), step), torch.arange(B), 0.7, cfg_scale)
+        _, stats = grpo_loss(policy, rollout, advantages, torch.full((B,), step), torch.arange(B))
         assert stats["ratio_max_deviation"].item() == 0.0
     shuffled = torch.randperm(5 * B)  # mixed steps in one batch: equal up to float rounding
-    _, stats = grpo_loss(policy, rollout, advantages, shuffled // B, shuffled % B, 0.7, cfg_scale)
+    _, stats = grpo_loss(policy, rollout, advantages, shuffled // B, shuffled % B)
     assert stats["ratio_max_deviation"].item() < 1e-5
 
 
@@ -71,7 +71,7 @@ def test_replayed_rollout_has_ratio_one(k, cfg_scale):
 def test_candidates_share_the_stored_mean_and_the_trajectory_goes_on_from_the_chosen_one():
     policy, B, k = random_dit(), 3, 4
     cond = prompts(B)
-    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, None, sigma_schedule(4), 0.7, k=k,
+    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, None, sigma_schedule(4), noise_level=0.7, k=k,
                              reward=lambda x, sigma, rows: x.mean((1, 2, 3)), follow="best")
     for t in range(4):
         candidates = rollout.candidates[t]                                   # (B, k, ...)
@@ -123,7 +123,7 @@ def test_cosine_weights_sum_to_one_and_follow_progress():
 @pytest.mark.ex4_grpo
 def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
     policy, B = random_dit(), 4
-    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), prompts(B), None, sigma_schedule(6), 0.7)
+    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), prompts(B), None, sigma_schedule(6), noise_level=0.7)
     final_rewards = torch.tensor([0.0, 1.0, 5.0, 2.0])
     sparse = credit_advantages("sparse", rollout, final_rewards, 2)
     assert sparse.shape == (6, B, 1)
@@ -154,16 +154,16 @@ def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
 def test_short_stepwise_training_raises_the_drm_score():
     """Step-wise GRPO on the shipped base model and DRM, a few updates with a large step: the DRM's mean score of
     ODE samples of fixed noise on the training prompts goes up."""
-    from common import load_base
+    from base import ToyBase
     from data.world import TRAIN_PROMPTS
-    from reward import load_drm
-    from sample import encode_prompts, sample_ode
+    from sample import sample_ode
     torch.manual_seed(0)
-    policy, text, _ = load_base("data/base.safetensors")
-    drm, drm_text, _ = load_drm("data/drm.safetensors")
+    base = ToyBase.load("data/base.safetensors", "cpu")
+    policy = base.dit
+    drm, drm_text, _ = base.load_drm("data/drm.safetensors", "cpu")
     chosen = TRAIN_PROMPTS[::10]  # 8 prompts
-    cond, _ = encode_prompts(text, chosen)
-    drm_cond, _ = encode_prompts(drm_text, chosen)
+    cond, _ = base.encode(chosen)
+    drm_cond = drm_text.encode(chosen)
     noise = torch.randn(len(chosen), 1, 32, 32, generator=torch.Generator().manual_seed(1))
     sigmas = sigma_schedule(4)
 
@@ -180,10 +180,10 @@ def test_short_stepwise_training_raises_the_drm_score():
     g = torch.Generator().manual_seed(2)
     for _ in range(6):
         rollout = sample_rollout(policy.eval(), torch.randn(len(chosen), 1, 32, 32, generator=g), cond, None, sigmas,
-                                 0.7, k=4, reward=reward, generator=g)
+                                 noise_level=0.7, k=4, reward=reward, generator=g)
         advantages = credit_advantages("stepwise", rollout)
         pairs = torch.arange(4 * len(chosen))
-        loss, _ = grpo_loss(policy.train(), rollout, advantages, pairs // len(chosen), pairs % len(chosen), 0.7,
+        loss, _ = grpo_loss(policy.train(), rollout, advantages, pairs // len(chosen), pairs % len(chosen),
                             clip_range=0.2)
         optimizer.zero_grad()
         loss.backward()
@@ -196,29 +196,30 @@ def test_short_stepwise_training_raises_the_drm_score():
 def test_compiled_rollout_and_loss_agree_with_eager_and_compile_once(compiled):
     """Rollout (SDE step and log-prob compiled with the DiT's blocks) and loss gradients match eager;
     a second update of the same shapes compiles nothing new."""
-    import model as model_lib
-    policy, B, k = random_dit(), 3, 2
+    import copy
+    from model import compile_regions
+    eager_policy, B, k = random_dit(), 3, 2
+    policy = compile_regions(copy.deepcopy(eager_policy))
     cond, uncond = prompts(B, 1), prompts(B, 2)
     reward = lambda x, sigma, rows: -x.flatten(1).sum(1)  # noqa: E731
 
-    def update():
+    def update(policy):
         policy.zero_grad()
         rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16, generator=torch.Generator().manual_seed(0)), cond,
-                                 uncond, sigma_schedule(3), 0.7, 2.0, k=k, reward=reward,
+                                 uncond, sigma_schedule(3), noise_level=0.7, cfg_scale=2.0, k=k, reward=reward,
                                  generator=torch.Generator().manual_seed(1))
         advantages = stepwise_advantages(rollout.rewards)
         steps, rows = torch.arange(3).repeat_interleave(B), torch.arange(B).repeat(3)
-        loss, _ = grpo_loss(policy, rollout, advantages, steps, rows, 0.7, 2.0)
+        loss, _ = grpo_loss(policy, rollout, advantages, steps, rows)
         loss.backward()
         return rollout, [p.grad.clone() for p in policy.parameters()]
-    rollout, grads = update()
+    rollout, grads = update(policy)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert graphs > 0
-    update()
+    update(policy)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert not torch._dynamo.utils.counters["recompiles"]
-    model_lib.set_compile(False)
-    eager_rollout, eager_grads = update()
+    eager_rollout, eager_grads = update(eager_policy)
     assert torch.allclose(rollout.final, eager_rollout.final, atol=1e-5)
     assert torch.allclose(rollout.log_probs, eager_rollout.log_probs, atol=1e-5)
     # per tensor, relative to its norm: SD3's grid ends with a step from sigma 0.001 to 0 whose std is ~1e-3, so
@@ -242,7 +243,8 @@ def test_micro_batched_rollout_equals_the_full_batch():
     chunked_policy = lambda *args: in_chunks(policy, 3, *args)  # noqa: E731
     chunked_reward = lambda x, sigma, rows: in_chunks(lambda a, b: reward(a, b, rows), 4, x, sigma)  # noqa: E731
     runs = [sample_rollout(p, torch.randn(B, 1, 16, 16, generator=torch.Generator().manual_seed(0)), cond, uncond,
-                           sigma_schedule(3), 0.7, 2.0, k=3, reward=r, generator=torch.Generator().manual_seed(1))
+                           sigma_schedule(3), noise_level=0.7, cfg_scale=2.0, k=3, reward=r,
+                           generator=torch.Generator().manual_seed(1))
             for p, r in ((policy, reward), (chunked_policy, chunked_reward))]
     assert calls[:3] == [15] * 3 and calls[3:7] == [4, 4, 4, 3]  # really chunked: 15 candidates, 4 at a time
     for name in ("final", "log_probs", "rewards", "chosen"):

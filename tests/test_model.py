@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import model as model_lib
-from model import (DiTConfig, TextConfig, TextEncoder, add_lora, build_dit, flow_matching_loss,
+from data.world import TextConfig, TextEncoder
+from model import (DiTConfig, add_lora, build_dit, compile_regions, flow_matching_loss,
                    timestep_embedding)
 from sample import sample_ode
 
@@ -162,7 +162,7 @@ def test_early_exit_returns_the_hidden_tokens_the_full_forward_uses():
     dit = randomized(build_dit(SMALL)).eval()
     x, sigma, context, pooled = small_inputs()
     with torch.no_grad():
-        tokens, c = dit(x, sigma, context, pooled, num_blocks=SMALL.depth)
+        tokens, c = dit.features(x, sigma, context, pooled)
         assert tokens.shape == (3, 64, 64) and c.shape == (3, 64)
         velocity = dit.unpatchify(dit.final_layer(tokens, c), 32, 32)
         assert torch.allclose(velocity, dit(x, sigma, context, pooled), atol=1e-6)
@@ -187,10 +187,8 @@ def velocity_and_grads(dit, inputs):
 def test_compiled_dit_agrees_with_eager_in_forward_and_gradients(compiled):
     """Every region (plain block, dual-attention block, pre-only last block, final layer) compiled vs eager."""
     dit, inputs = randomized(build_dit(SMALL)), small_inputs()
-    model_lib.set_compile(False)
     eager_velocity, eager_grads = velocity_and_grads(dit, inputs)
-    model_lib.set_compile(True)
-    velocity, grads = velocity_and_grads(dit, inputs)
+    velocity, grads = velocity_and_grads(compile_regions(dit), inputs)
     assert torch.allclose(velocity, eager_velocity, rtol=1e-4, atol=1e-5)
     for name, grad in grads.items():
         assert torch.allclose(grad, eager_grads[name], rtol=1e-3, atol=1e-5), name
@@ -200,7 +198,7 @@ def test_compiled_dit_agrees_with_eager_in_forward_and_gradients(compiled):
 @pytest.mark.ex1_flow_matching
 def test_compiled_training_loop_compiles_once(compiled):
     """After the first step, further steps of the same shapes add no graphs and trigger no recompiles."""
-    dit = build_dit(SMALL)
+    dit = compile_regions(build_dit(SMALL))
     optimizer = torch.optim.AdamW(dit.parameters(), lr=1e-3)
     x0, _, context, pooled = small_inputs(batch=4)
 

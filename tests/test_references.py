@@ -42,7 +42,7 @@ def test_sample_ode_gives_the_sd3_pipelines_latents(steps):
     """StableDiffusion3Pipeline (prompt embeddings given, guidance 4.5, shift 3) and our sampler, from the same noise,
     in float64, on a tiny random SD3.5-like transformer loaded into our DiT from diffusers' own folder."""
     import tempfile
-    from sd3 import load_sd3
+    from sd3.mmdit import load_sd3
     torch.manual_seed(0)
     transformer = diffusers.SD3Transformer2DModel(
         sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=64,
@@ -263,13 +263,14 @@ def test_loss_with_uncond_grad_off_is_flow_grpos(j):
     cond, uncond = (tuple(t.double() for t in random_prompts(B, seed)) for seed in (1, 2))
     sigmas = sigma_schedule(steps, 3.0, torch.float64)
     rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16, generator=torch.Generator().manual_seed(3), dtype=torch.float64),
-                             cond, uncond, sigmas, 0.7, guidance, generator=torch.Generator().manual_seed(4))
+                             cond, uncond, sigmas, noise_level=0.7, cfg_scale=guidance,
+                             generator=torch.Generator().manual_seed(4))
     with torch.no_grad():  # the policy moves after the rollout, so ratios leave 1 and some are clipped
         for p in policy.parameters():
             p.add_(torch.randn_like(p) * 2e-2)
     advantages = torch.randn(steps, B, 1, generator=torch.Generator().manual_seed(5), dtype=torch.float64) * 2
     dt = (sigmas[j] - sigmas[j + 1]).item()
-    ours, stats = grpo_loss(policy, rollout, advantages, torch.full((B,), j), torch.arange(B), 0.7, guidance,
+    ours, stats = grpo_loss(policy, rollout, advantages, torch.full((B,), j), torch.arange(B),
                             clip_range=1e-3, adv_clip=2.0, kl_weight=beta * dt, reference=reference, uncond_grad=False)
     assert stats["clip_fraction"] > 0  # the clipped branch takes part (at j = 0 half the samples)
     ours.backward()
@@ -285,7 +286,7 @@ def test_loss_with_uncond_grad_off_is_flow_grpos(j):
         assert (ours_grad - p.grad).norm() <= 1e-6 * p.grad.norm() + 1e-9
     # the default, the exact gradient of guidance, differs: the flag is what makes the two equal
     policy.zero_grad()
-    exact, _ = grpo_loss(policy, rollout, advantages, torch.full((B,), j), torch.arange(B), 0.7, guidance,
+    exact, _ = grpo_loss(policy, rollout, advantages, torch.full((B,), j), torch.arange(B),
                          clip_range=1e-3, adv_clip=2.0, kl_weight=beta * dt, reference=reference)
     exact.backward()
     assert exact.item() == pytest.approx(ours.item(), rel=1e-6)

@@ -10,8 +10,8 @@ from PIL import Image
 import train_reward
 from common import UserError
 from data.preferences import read_pairs
-from model import DiTConfig, TextConfig, TextEncoder, build_dit
-from reward import DRM, bradley_terry_loss, load_drm, save_drm
+from model import DiTConfig, build_dit
+from reward import DRM, bradley_terry_loss, read_drm, save_drm
 
 SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=4, heads=2, context_dim=16,
                   pooled_dim=16, pos_embed_max_size=4, qk_norm=True)
@@ -39,7 +39,7 @@ def test_drm_reproduces_the_dits_hidden_tokens():
     x, sigma, context, pooled = inputs()
     with torch.no_grad():
         ours, c_ours = drm.hidden_tokens(x, sigma, context, pooled)
-        theirs, c_theirs = dit(x, sigma, context, pooled, num_blocks=SMALL.depth - 1)
+        theirs, c_theirs = dit.features(x, sigma, context, pooled, num_blocks=SMALL.depth - 1)
     assert torch.equal(ours, theirs) and torch.equal(c_ours, c_theirs)
     assert drm.backbone.x_embedder.proj.weight.data_ptr() != dit.x_embedder.proj.weight.data_ptr()  # a copy
 
@@ -128,8 +128,8 @@ def test_token_head_scores_the_mean_hidden_token_and_survives_a_checkpoint(tmp_p
         normed = (mean - mean.mean(1, keepdim=True)) / torch.sqrt(mean.var(1, unbiased=False, keepdim=True) + 1e-5)
         expected = drm.head.mlp(normed * drm.head.norm.weight + drm.head.norm.bias).squeeze(1)
         assert torch.allclose(drm(x, sigma, context, pooled), expected, atol=1e-5)
-    save_drm(str(tmp_path / "drm.safetensors"), drm, TextEncoder(TextConfig(context_dim=16, pooled_dim=16)), step=1)
-    again, _, meta = load_drm(str(tmp_path / "drm.safetensors"))
+    save_drm(str(tmp_path / "drm.safetensors"), drm, step=1, meta={})
+    again, meta, _ = read_drm(str(tmp_path / "drm.safetensors"))
     assert meta["head"] == "token" and isinstance(again.head, type(drm.head))
     with torch.no_grad():
         assert torch.equal(again(x, sigma, context, pooled), drm(x, sigma, context, pooled))
@@ -149,7 +149,7 @@ def test_training_sigma_follows_the_chosen_density():
 def test_hpdv3_fields_and_the_confidence_threshold(tmp_path):
     """HPDv3's records may give choice_dist (votes for path1, path2) in place of confidence and name the two models;
     --min_confidence drops the training pairs below it, as the DRM repository's loader does, and no test pair."""
-    from common import load_base
+    from base import ToyBase
     lines = [{**GOOD, "confidence": 0.97, "model1": "sd3", "model2": "flux"},
              {k: v for k, v in GOOD.items() if k != "confidence"} | {"choice_dist": [3, 1]},
              {k: v for k, v in GOOD.items() if k != "confidence"},
@@ -159,13 +159,14 @@ def test_hpdv3_fields_and_the_confidence_threshold(tmp_path):
     assert [p["confidence"] for p in pairs] == [0.97, 0.75, 1.0, 0.96]
     assert (pairs[0]["model1"], pairs[0]["model2"], pairs[1]["model1"]) == ("sd3", "flux", None)
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({**line, "gold": [0.1, 0.0]}) + "\n" for line in lines))
-    _, text, _ = load_base("data/base.safetensors")
+    base = ToyBase.load("data/base.safetensors", "cpu")
     cfg = train_reward.Config(prefs=str(tmp_path), min_confidence=0.965)
-    assert len(train_reward.load_split(cfg, "train", text, "cpu").winners) == 2       # 0.97 and 1.0 (no confidence given)
-    assert len(train_reward.load_split(cfg, "test", text, "cpu").winners) == 4
+    assert len(train_reward.load_split(cfg, "train", base, base.text, "cpu").winners) == 2  # 0.97 and 1.0 (none given)
+    assert len(train_reward.load_split(cfg, "test", base, base.text, "cpu").winners) == 4
     write_prefs(tmp_path, [lines[0], lines[3]])
     with pytest.raises(UserError, match="--min_confidence=0.99 leaves none of the 2 pairs"):
-        train_reward.load_split(train_reward.Config(prefs=str(tmp_path), min_confidence=0.99), "train", text, "cpu")
+        train_reward.load_split(train_reward.Config(prefs=str(tmp_path), min_confidence=0.99), "train", base, base.text,
+                                "cpu")
     for bad, says in (([3], "choice_dist \\[3\\] is not two vote counts"), ([0, 0], "is not two vote counts")):
         write_prefs(tmp_path, [{k: v for k, v in GOOD.items() if k != "confidence"} | {"choice_dist": bad}])
         with pytest.raises(UserError, match=says):

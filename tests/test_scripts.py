@@ -11,7 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import train_base
 from conftest import tiny_preferences
-from common import CheckpointError, load_base, read_checkpoint
+from base import load_toy_base
+from common import CheckpointError, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -53,7 +54,7 @@ def test_export_writes_a_loadable_float16_copy(tmp_path):
     ema = train_base.main(tiny_base_config(tmp_path / "run", steps=2, export=str(export)))
     tensors, meta = read_checkpoint(str(export))
     assert meta["kind"] == "base" and tensors["dit.x_embedder.proj.weight"].dtype == torch.float16
-    dit, _, _ = load_base(str(export))
+    dit, _, _ = load_toy_base(str(export))
     assert torch.allclose(dit.x_embedder.proj.weight, ema["dit"].x_embedder.proj.weight, atol=1e-3)
     assert dit.x_embedder.proj.weight.dtype == torch.float32
 
@@ -65,16 +66,16 @@ def test_checkpoint_with_a_missing_key_names_it(tmp_path):
     broken = tmp_path / "broken.safetensors"
     save_file(tensors, broken, metadata=metadata)
     with pytest.raises(CheckpointError, match="missing 1 \\(final_layer.linear.weight\\)"):
-        load_base(str(broken))
+        load_toy_base(str(broken))
     truncated = tmp_path / "truncated.safetensors"
     whole = open("data/base.safetensors", "rb").read()
     truncated.write_bytes(whole[:len(whole) // 2])
     with pytest.raises(CheckpointError, match="truncated.safetensors is truncated: tensor"):
-        load_base(str(truncated))
+        load_toy_base(str(truncated))
     not_safetensors = tmp_path / "notes.safetensors"
     not_safetensors.write_text("these are not weights")
     with pytest.raises(CheckpointError, match="notes.safetensors is not a safetensors file"):
-        load_base(str(not_safetensors))
+        load_toy_base(str(not_safetensors))
 
 
 def run_script(*args):
@@ -83,16 +84,16 @@ def run_script(*args):
 
 @pytest.mark.parametrize("args, says", [
     (["sample.py", "--promt=a 7"], "unknown flag --promt"),
-    (["sample.py", "--ckpt=no/such/file.safetensors"], "no/such/file.safetensors does not exist"),
+    (["sample.py", "--base=no/such/file.safetensors"], "no/such/file.safetensors does not exist"),
     (["sample.py", "--prompt=a purple 7"], "unknown word(s) ['purple']"),
     (["sample.py", "--steps=many"], "--steps=many: expected a int"),
     (["train_base.py", "--preset=huge"], "--preset=huge: choose one of"),
     (["train_base.py", "--resume", "--out_dir=no/such/run"], "train_state.pt does not exist"),
     (["train_policy.py", "--credit=dense"], "--credit=dense: choose one of stepwise, sparse, cosine"),
-    (["train_policy.py", "--credit=sparse", "--trajectories=6", "--k=4"], "must be a multiple of --k=4"),
+    (["train_policy.py", "--credit=sparse", "--trajectories=6", "--group_size=4"], "must be a multiple of --group_size=4"),
     (["train_policy.py", "--drm=data/base.safetensors"], "is not a drm checkpoint"),
     (["train_policy.py", "--follow=worst"], "--follow=worst: choose random (the paper) or best"),
-    (["train_policy.py", "--k=1"], "--k=1: GRPO compares at least 2 samples per group"),
+    (["train_policy.py", "--k=1"], "--k=1, --group_size=4: GRPO compares at least 2 samples per group"),
     (["train_policy.py", "--noise_level=-0.5"], "--noise_level=-0.5: GRPO needs a stochastic sampler"),
     (["sample.py", "--noise_level=-1", "--k=2"], "--noise_level=-1.0: the SDE noise scale is at least 0"),
     (["train_reward.py", "--eval_sigmas=0,1.5"], "--eval_sigmas=0,1.5: every sigma must lie in [0, 1]"),
@@ -180,11 +181,12 @@ def test_a_non_finite_loss_stops_the_run_and_saves_nothing_bad(args, tmp_path):
 
 def a_base_of_another_size(path):
     """A base checkpoint whose DiT makes 16x16 images (a 4x4 position grid), not the DRM's 32x32."""
-    from model import DiTConfig, TextConfig, TextEncoder, build_dit
-    from common import save_base
+    from data.world import TextConfig, TextEncoder
+    from model import DiTConfig, build_dit
+    from base import save_toy_base
     dit = build_dit(DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=2, heads=1, context_dim=64,
                               pooled_dim=64, pos_embed_max_size=4))
-    save_base(str(path), dit, TextEncoder(TextConfig()), step=0)
+    save_toy_base(str(path), dit, TextEncoder(TextConfig()), step=0)
 
 
 @pytest.mark.parametrize("case, says", [

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from common import CheckpointError
 from model import add_lora
-from sd3 import load_sd3, save_sd3
+from sd3.mmdit import load_sd3, save_sd3
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SD3Transformer2DModel  # noqa: E402
@@ -207,7 +207,7 @@ def assert_vae_matches(ours, reference):
 
 def test_vae_loads_diffusers_and_stability_layouts(tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
-    from sd3 import load_vae
+    from sd3.vae import load_vae
     reference = tiny_diffusers_vae()
     reference.save_pretrained(tmp_path / "pipeline" / "vae")
     vae = load_vae(str(tmp_path / "pipeline"))
@@ -226,7 +226,7 @@ def test_vae_loads_diffusers_and_stability_layouts(tmp_path):
 
 
 def test_vae_from_another_model_is_refused(tmp_path):
-    from sd3 import load_vae
+    from sd3.vae import load_vae
     reference = tiny_diffusers_vae()
     tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
     tensors["quant_conv.weight"] = torch.zeros(32, 32, 1, 1)  # an SD1-style VAE has quant convs

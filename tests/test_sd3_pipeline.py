@@ -13,8 +13,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from common import UserError
-from sd3_pipeline import find_part
-from sd3_text import bytes_to_unicode
+from sd3.pipeline import find_part
+from sd3.tokenizers import bytes_to_unicode
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -124,7 +124,7 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
     drm_dir = tmp_path / "drm"
     out = run("train_reward.py", *flags, f"--prefs={prefs}", f"--out_dir={drm_dir}", "--steps=3", "--batch_size=2",
               "--eval_every=3", "--eval_sigmas=0,0.5", "--drop_last=1", "--warmup=1")
-    assert "test accuracy vs labels" in out
+    assert "test label_accuracy by sigma" in out
     caches = (drm_dir / "cache").glob("latents_*.safetensors")  # each split's distinct images, encoded once
     assert sorted(load_file(path)["latents"].shape[0] for path in caches) == [4 * 2, 8 * 2 - 1]
     run("train_reward.py", *flags, f"--prefs={prefs}", f"--out_dir={drm_dir}", "--eval_only")
@@ -137,7 +137,7 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
     out = run("train_policy.py", *flags, f"--prompts={prompts}", f"--drm={drm_dir / 'model.safetensors'}",
               f"--out_dir={policy_dir}", "--lora_rank=2", "--updates=1", "--trajectories=2", "--k=2", "--steps=2",
               "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2")
-    assert "update    1 | drm" in out
+    assert "update    1 | diversity" in out and "| drm " in out
     assert (policy_dir / "samples_00001.png").exists()
     # the policy, LoRA folded in, as a diffusers transformer that diffusers and sample.py --transformer read
     trained = diffusers.SD3Transformer2DModel.from_pretrained(policy_dir / "transformer")
@@ -169,7 +169,7 @@ def test_a_missing_part_names_every_place_looked(pipeline):
 
 
 def test_an_unreadable_image_is_named(tmp_path):
-    from sd3_pipeline import read_image
+    from sd3.pipeline import read_image
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(UserError, match="notes.png: not an image PIL can read"):
         read_image(str(tmp_path / "notes.png"), 32)

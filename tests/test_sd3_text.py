@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 from common import CheckpointError
-from sd3_text import CLIPTokenizer, T5Tokenizer, load_clip, read_protobuf, load_t5, relative_position_bucket, sd3_prompt_embedding
+from sd3.text import load_clip, load_t5, relative_position_bucket, sd3_prompt_embedding
+from sd3.tokenizers import CLIPTokenizer, T5Tokenizer, read_protobuf
 
 transformers = pytest.importorskip("transformers")
 

@@ -7,9 +7,8 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "bench"))
-from make_student_copy import EXERCISES, blank, make_student_copy  # noqa: E402
-from sweep import flatten, parse_grid  # noqa: E402
+from assignments.make_student_copy import EXERCISES, blank, make_student_copy
+from bench.sweep import flatten, parse_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 READING_PATH = ("model.py", "reward.py", "grpo.py", "sample.py", "train_reward.py", "train_policy.py")
