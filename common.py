@@ -87,6 +87,19 @@ def check_numbers(cfg):
             raise FlagError(f"--{field.name}={value}: must be a finite number")
 
 
+def check_at_least(cfg, minimum, *names):
+    """Each named flag of cfg is at least minimum; else one line naming it."""
+    for name in names:
+        if getattr(cfg, name) < minimum:
+            raise FlagError(f"--{name}={getattr(cfg, name)}: must be at least {minimum}")
+
+
+def check_choice(cfg, name, choices):
+    """The flag's value is one of choices; else one line listing them."""
+    if getattr(cfg, name) not in choices:
+        raise FlagError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(choices)}")
+
+
 def read_text(path, what):
     """A UTF-8 text file's contents; a clear error naming the file when it is missing or not UTF-8."""
     name = f"{what}{path}" if what.endswith("=") else f"{what} {path}"

@@ -135,8 +135,7 @@ def propose(policy, x, sigma, sigma_next, cond, uncond, *, cfg_scale, noise_leve
 
 @dataclass
 class Rollout:
-    """What one batch of trajectories left behind, T steps of B trajectories with k candidates a
-    step, and the settings they were drawn with (the loss replays them: its ratio starts at 1)."""
+    """T steps of B trajectories with k candidates a step, and the settings they were drawn with."""
     states: torch.Tensor       # (T, B, C, H, W): the state each step started from
     candidates: torch.Tensor   # (T, B, k, C, H, W): the sampled next states (k = 1: the one taken)
     means: torch.Tensor        # (T, B, C, H, W): the Gaussian's mean they were drawn around
@@ -155,9 +154,8 @@ class Rollout:
 @torch.no_grad()
 def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_scale=1.0, k=1,
                    reward=None, follow="random", generator=None, shard=(0, 1)):
-    """SDE trajectories from noise (B, C, H, W) along sigmas (T + 1,) -> Rollout.
-
-    k > 1: at each step, k candidates share the step's one policy mean; reward(x (B*k, ...),
+    """SDE trajectories from noise (B, C, H, W) along sigmas (T + 1,) -> Rollout. k > 1: at
+    each step, k candidates share the step's one policy mean; reward(x (B*k, ...),
     sigma (B*k,), rows) scores them (rows: each candidate's trajectory, for its prompt) and the
     trajectory goes on from a random candidate (the paper's) or the best (follow="best").
     shard=(rank, world): these B are rows rank*B..(rank+1)*B of world*B (torchrun); the random
@@ -258,13 +256,9 @@ def cosine_advantages(weights, final_rewards, group_size, adv_clip, eps=1e-6):
 
 def credit_advantages(credit, rollout, final_rewards=None, group_size=None, adv_clip=5.0,
                       rows=slice(None), gather=lambda t: t):
-    """Advantages (T, B, k) for one of CREDIT_MODES.
-
-    final_rewards: the terminal rewards of every trajectory of the update (under torchrun,
-    gathered from all ranks, so groups are normalised whole); rows: which of them are the
-    rollout's B; gather: collects a per-trajectory tensor (B, ...) of all ranks (cosine credit's
-    second normalisation spans a group).
-    """
+    """Advantages (T, B, k) for one of CREDIT_MODES. final_rewards: of every trajectory of the
+    update (under torchrun all ranks', so groups are normalised whole); rows: which of them are the
+    rollout's; gather: collects every rank's tensor (B, ...) (cosine's 2nd normalisation)."""
     T = rollout.states.shape[0]
     if credit == "stepwise":
         return stepwise_advantages(rollout.rewards)

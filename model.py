@@ -1,19 +1,17 @@
-"""The DiT: an SD3-style MMDiT, rectified-flow training, LoRA, and the toy text encoder.
+"""The DiT: an SD3-style MMDiT, rectified-flow training and LoRA.
 
-Read bottom-up, as nanoGPT: elementwise ops, embedders, attention, the joint block, the final layer, the
-DiT and its compiled regions, the presets, then the flow-matching loss and LoRA. (The toy's text
-encoder is in data/world.py; SD3's are in sd3/text.py.)
+Read bottom-up, as nanoGPT: elementwise ops, embedders, attention, the joint block, the final
+layer, the DiT and its compiled regions, the presets, then the flow-matching loss and LoRA. (The
+toy's text encoder is in data/world.py; SD3's are in sd3/text.py.)
 
 Conventions (SD3's, so public weights drop in; see ../shared/DESIGN.md):
-- sigma in [0, 1], 1 = pure noise. x_sigma = (1 - sigma) x0 + sigma noise, and
-  the network predicts the velocity v = noise - x0 (rectified flow, Esser et al.
-  2024, eq. 2-3). The timestep input is 1000 * sigma, taken inside forward.
-- Module names equal the keys of Stability's SD3 checkpoints (`x_embedder`,
-  `t_embedder`, `joint_blocks.i.context_block`, `adaLN_modulation`, ...).
-
-One block class serves every preset: qk RMSNorm, SD3.5's dual attention and
-the "pre-only" context stream of the last block are config values, not
-subclasses.
+- sigma in [0, 1], 1 = pure noise. x_sigma = (1 - sigma) x0 + sigma noise, and the network
+  predicts the velocity v = noise - x0 (rectified flow, Esser et al. 2024, eq. 2-3). The
+  timestep input is 1000 * sigma, taken inside forward.
+- Module names equal the keys of Stability's SD3 checkpoints (`x_embedder`, `t_embedder`,
+  `joint_blocks.i.context_block`, `adaLN_modulation`, ...).
+One block class serves every preset: qk RMSNorm, SD3.5's dual attention and the "pre-only"
+context stream of the last block are config values, not subclasses.
 """
 import functools
 import math
@@ -31,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 
 def layer_norm_modulate(x, shift, scale):
-    """adaLN: weight-free LayerNorm (eps 1e-6), then x * (1 + scale) + shift. x (B, L, D), shift/scale (B, D)."""
+    """adaLN: weight-free LayerNorm (eps 1e-6), then x (1 + scale) + shift; x (B, L, D)."""
     x = F.layer_norm(x, x.shape[-1:], eps=1e-6)
     return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
 
@@ -57,7 +55,7 @@ def gelu_tanh(x):
 def timestep_embedding(t, dim=256, max_period=10000):
     """Sinusoidal embedding of t (B,) -> (B, dim), cos half first, as SD3."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device) / half)
     args = t.float()[:, None] * freqs[None]
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
@@ -109,10 +107,8 @@ def sincos_pos_embed(dim, grid_size):
 
 
 class Attention(nn.Module):
-    """The projections of one stream: qkv in, optional per-head RMSNorm on q and k, proj out.
-
-    The attention itself is computed jointly over both streams in `joint_attention`.
-    """
+    """The projections of one stream: qkv in, optional per-head RMSNorm on q and k, proj out (the
+    attention itself is computed over both streams at once, by `joint_attention`)."""
 
     def __init__(self, dim, heads, qk_norm, pre_only=False):
         super().__init__()
@@ -146,12 +142,13 @@ def attention(q, k, v, **options):
 
     options go to it as they are (is_causal, attn_mask, scale: sd3_text.py's CLIP and T5 use them).
     """
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), **options)
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))                        # (B, heads, L, hd)
+    out = F.scaled_dot_product_attention(q, k, v, **options)
     return out.transpose(1, 2).flatten(2)  # (B, heads, L, hd) -> (B, L, D)
 
 
 def joint_attention(qkv_a, qkv_b):
-    """One attention over the concatenated token sequences of two streams; returns each stream's part."""
+    """One attention over the two streams' tokens, concatenated; returns each stream's part."""
     La = qkv_a[0].shape[1]
     out = attention(*(torch.cat([a, b], dim=1) for a, b in zip(qkv_a, qkv_b)))
     return out[:, :La], out[:, La:]
@@ -161,12 +158,10 @@ def joint_attention(qkv_a, qkv_b):
 
 
 class StreamBlock(nn.Module):
-    """One stream (text or image) of a joint block: adaLN-Zero around attention and a GELU-tanh MLP.
-
-    adaLN chunks, in order: shift, scale, gate for attention, then for the MLP,
-    then (dual attention only) for the second, image-only attention.
-    A pre-only stream (the last block's context) only produces q, k, v.
-    """
+    """One stream (text or image) of a joint block: adaLN-Zero around attention and a GELU-tanh
+    MLP. adaLN chunks, in order: shift, scale, gate for attention, then for the MLP, then (dual
+    attention only) for the second, image-only attention. A pre-only stream (the last block's
+    context) only produces q, k, v."""
 
     def __init__(self, dim, heads, mlp_ratio, qk_norm, pre_only=False, dual_attention=False):
         super().__init__()
@@ -182,10 +177,12 @@ class StreamBlock(nn.Module):
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(dim, self.n_chunks * dim))
 
     def pre_attention(self, x, c):
-        """x (B, L, D), c (B, D) -> (q, k, v) for the joint attention, (q, k, v) of attn2 or None, modulation."""
+        """x (B, L, D), c (B, D) -> q, k, v for the joint attention; those of attn2 or None; mod."""
         mod = self.adaLN_modulation(c).chunk(self.n_chunks, dim=1)
         qkv = self.attn.pre_attention(layer_norm_modulate(x, mod[0], mod[1]))
-        qkv2 = self.attn2.pre_attention(layer_norm_modulate(x, mod[6], mod[7])) if self.attn2 else None
+        qkv2 = None
+        if self.attn2 is not None:  # SD3.5's second, image-only attention
+            qkv2 = self.attn2.pre_attention(layer_norm_modulate(x, mod[6], mod[7]))
         return qkv, qkv2, mod
 
     def post_attention(self, x, attn_out, attn2_out, mod):
@@ -254,7 +251,8 @@ PRESETS = {
     "tiny": DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=128, depth=6, heads=2,
                       context_dim=64, pooled_dim=64, pos_embed_max_size=8, qk_norm=True),
     "sd3-medium": DiTConfig(),
-    "sd3.5-medium": DiTConfig(pos_embed_max_size=384, qk_norm=True, dual_attention_layers=tuple(range(13))),
+    "sd3.5-medium": DiTConfig(pos_embed_max_size=384, qk_norm=True,
+                              dual_attention_layers=tuple(range(13))),
     "sd3.5-large": DiTConfig(dim=2432, depth=38, heads=38, qk_norm=True),
 }
 
@@ -271,7 +269,7 @@ class DiT(nn.Module):
         self.y_embedder = MLPEmbedder(cfg.pooled_dim, cfg.dim)
         self.context_embedder = nn.Linear(cfg.context_dim, cfg.dim)
         self.joint_blocks = nn.ModuleList([
-            JointBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, pre_only=(i == cfg.depth - 1),
+            JointBlock(cfg.dim, cfg.heads, cfg.mlp_ratio, cfg.qk_norm, pre_only=i == cfg.depth - 1,
                        dual_attention=(i in cfg.dual_attention_layers))
             for i in range(cfg.depth)])
         self.final_layer = FinalLayer(cfg.dim, cfg.patch_size, cfg.out_channels)
@@ -280,7 +278,8 @@ class DiT(nn.Module):
         self.grad_checkpointing = False
 
     def initialize_weights(self):
-        """DiT's init: xavier linears, N(0, 0.02) timestep MLP, zero adaLN and output so each block starts as identity."""
+        """DiT's init: xavier linears, N(0, 0.02) timestep MLP, zero adaLN and output layer: each
+        block starts as the identity."""
         for module in self.modules():
             if isinstance(module, nn.Linear):
                 nn.init.xavier_uniform_(module.weight)
@@ -298,7 +297,8 @@ class DiT(nn.Module):
                 nn.init.zeros_(module.adaLN_modulation[1].weight)
                 nn.init.zeros_(module.adaLN_modulation[1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
-        self.pos_embed.copy_(sincos_pos_embed(self.config.dim, self.config.pos_embed_max_size)[None])
+        grid = sincos_pos_embed(self.config.dim, self.config.pos_embed_max_size)
+        self.pos_embed.copy_(grid[None])
         return self
 
     def cropped_pos_embed(self, h, w):
@@ -311,7 +311,7 @@ class DiT(nn.Module):
         return grid.reshape(1, h * w, -1)
 
     def embed(self, x, sigma, context, pooled):
-        """Inputs -> image tokens (B, h*w, D), text tokens (B, L, D), conditioning vector c (B, D)."""
+        """Inputs -> image tokens (B, h*w, D), text tokens (B, L, D), conditioning c (B, D)."""
         p = self.config.patch_size
         tokens = self.x_embedder(x) + self.cropped_pos_embed(x.shape[-2] // p, x.shape[-1] // p)
         c = self.t_embedder(sigma * 1000) + self.y_embedder(pooled)
@@ -323,8 +323,8 @@ class DiT(nn.Module):
         return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=H // p, w=W // p, p=p, q=p)
 
     def features(self, x, sigma, context, pooled, num_blocks=None):
-        """The image tokens after the first num_blocks joint blocks (all by default), (B, h*w, D), and the
-        conditioning vector c (B, D): what the final layer reads, and what the DRM reads after fewer blocks."""
+        """The image tokens after the first num_blocks joint blocks (default all), (B, h*w, D),
+        and c (B, D): what the final layer reads, and the DRM after fewer blocks."""
         tokens, context, c = self.embed(x, sigma, context, pooled)
         for block in self.joint_blocks[:num_blocks]:
             if self.grad_checkpointing and torch.is_grad_enabled():
@@ -334,20 +334,22 @@ class DiT(nn.Module):
         return tokens, c
 
     def forward(self, x, sigma, context, pooled):
-        """x (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) -> velocity (B, C, H, W)."""
+        """x (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) ->
+        velocity (B, C, H, W)."""
         tokens, c = self.features(x, sigma, context, pooled)
         return self.unpatchify(self.final_layer(tokens, c), x.shape[-2], x.shape[-1])
 
 
 def compile_regions(model):
-    """torch.compile each joint block and the final layer of `model` (a DiT, or a DRM's backbone), one region
-    each: Inductor then fuses the elementwise ops (LayerNorm + adaLN modulate, gated residual, qk RMSNorm,
-    GELU-tanh) with one another and with the reshapes around the matmuls, forward and backward. Compiling single
-    ops fuses nothing across them and pays a guard check per call: slower than eager on CPU in training
-    (bench/RESULTS.md). Blocks share one compiled graph (their parameters are graph inputs). The eager path is
-    the reference; compiling costs a cold start (seconds per region, bench/dit_speed.py prints it)."""
-    # one code object serves plain, dual-attention and pre-only blocks, with and without grad, static and dynamic
-    # batch: more variants than dynamo's default limit of 8, after which it would fall back to eager
+    """torch.compile each joint block and the final layer of `model` (a DiT or a DRM's backbone),
+    one region each: Inductor fuses the elementwise ops (LayerNorm + adaLN modulate, gated
+    residual, qk RMSNorm, GELU-tanh) with one another and the reshapes around the matmuls, forward
+    and backward. Single ops compiled fuse nothing across ops and pay a guard check per call:
+    slower than eager on a CPU in training (bench/RESULTS.md). Blocks share one compiled graph
+    (their parameters are graph inputs). Eager is the reference; compiling costs a cold start."""
+    # one code object serves plain, dual-attention and pre-only blocks, with and without grad,
+    # static and dynamic batch: more variants than dynamo's default limit of 8, after which it
+    # would fall back to eager
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
     for module in model.modules():
         if isinstance(module, (JointBlock, FinalLayer)):
@@ -356,12 +358,12 @@ def compile_regions(model):
     return model
 
 
-_COMPILED = {}  # one compiled function per region type, shared by every model compiled in this process
+_COMPILED = {}  # one compiled function per region type, shared by every model compiled here
 
 
 def _call_contiguous(compiled, module, *args):
-    # contiguous inputs: with a transposed input (the patch embedder's tokens) Inductor 2.13 on CPU computed the
-    # forward right and gradients 3-25% off (tests/test_model.py checks them)
+    # contiguous inputs: with a transposed input (the patch embedder's tokens) Inductor 2.13 on a
+    # CPU computed the forward right and gradients 3-25% off (tests/test_model.py checks them)
     return compiled(module, *(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
 
 
@@ -382,17 +384,15 @@ def logit_normal_sigma(batch_size, device=None, generator=None):
 
 
 def add_noise(x0, sigma, noise):
-    """The rectified-flow path: x_sigma = (1 - sigma) x0 + sigma noise, sigma (B,) broadcast per sample."""
+    """The rectified-flow path: x_sigma = (1 - sigma) x0 + sigma noise, sigma (B,) per sample."""
     s = sigma.view(-1, *[1] * (x0.dim() - 1))
     return (1 - s) * x0 + s * noise
 
 
 def guided_velocity(model, x, sigma, cond, uncond, cfg_scale, uncond_grad=True):
     """Classifier-free guidance with the conditional and unconditional passes in one batch.
-
-    cond, uncond: (context, pooled) pairs. cfg_scale = 1 (or uncond None) skips the unconditional pass.
-    uncond_grad=False stops the gradient through the unconditional branch (Flow-GRPO's loss does).
-    """
+    cond, uncond: (context, pooled) pairs. cfg_scale = 1 (or uncond None) skips the unconditional
+    pass. uncond_grad=False stops the gradient through the unconditional branch (as Flow-GRPO)."""
     sigma = sigma.expand(x.shape[0])
     if uncond is None or cfg_scale == 1.0:
         return model(x, sigma, *cond)
@@ -422,7 +422,7 @@ def flow_matching_loss(model, x0, context, pooled, sigma=None, noise=None):
     """
     sigma = logit_normal_sigma(x0.shape[0], x0.device) if sigma is None else sigma
     noise = torch.randn_like(x0) if noise is None else noise
-    # BEGIN SOLUTION ex1_flow_matching: noise x0 to x_sigma (add_noise); the target velocity is noise - x0
+    # BEGIN SOLUTION ex1_flow_matching: noise x0 to x_sigma (add_noise); the target is noise - x0
     x_sigma = add_noise(x0, sigma, noise)
     velocity = model(x_sigma, sigma, context, pooled)
     return (velocity.float() - (noise - x0).float()).pow(2).flatten(1).mean(1), sigma
@@ -433,7 +433,7 @@ def flow_matching_loss(model, x0, context, pooled, sigma=None, noise=None):
 
 
 class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update. Keeps the base keys `weight`, `bias`."""
+    """A frozen linear layer plus a trainable low-rank update; keeps the base keys weight, bias."""
 
     def __init__(self, linear, rank, alpha):
         super().__init__()
@@ -441,37 +441,23 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
-        self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=self.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=self.weight.device))
+        device = self.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=device))  # B A = 0
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.scaling = alpha / rank
-        self.merged = False
 
     def forward(self, x):
-        out = F.linear(x, self.weight, self.bias)
-        if self.merged:
-            return out
-        return out + F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-
-    @torch.no_grad()
-    def merge(self):
-        """Fold B A into the base weight (for export); forward then skips the LoRA path."""
-        if not self.merged:
-            self.weight += (self.lora_B @ self.lora_A).to(self.weight.dtype) * self.scaling
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self):
-        if self.merged:
-            self.weight -= (self.lora_B @ self.lora_A).to(self.weight.dtype) * self.scaling
-            self.merged = False
+        update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        return F.linear(x, self.weight, self.bias) + update
 
 
-def add_lora(model, rank=8, alpha=8.0, targets=("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")):
-    """Freeze every parameter of `model`, then wrap the linears whose names end with a target in LoRA.
+LORA_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")
 
-    Returns the list of LoRA modules (call .merge() / .unmerge() on each for export).
-    """
+
+def add_lora(model, rank=8, alpha=8.0, targets=LORA_TARGETS):
+    """Freeze every parameter of `model`, then wrap the linears whose names end with a target
+    -> the LoRA modules (export_state_dict folds them into the weights)."""
     model.requires_grad_(False)
     wrapped = []
     for name, module in list(model.named_modules()):
@@ -489,7 +475,7 @@ def export_state_dict(dit):
     """Our-named tensors of a DiT with any LoRA folded in (the module itself is left as it is)."""
     state = {k: v for k, v in dit.state_dict().items() if ".lora_" not in k}
     for name, module in dit.named_modules():
-        if isinstance(module, LoRALinear) and not module.merged:
+        if isinstance(module, LoRALinear):
             delta = (module.lora_B @ module.lora_A) * module.scaling
             state[name + ".weight"] = state[name + ".weight"] + delta.to(module.weight.dtype)
     return state

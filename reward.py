@@ -1,18 +1,17 @@
 """The Diffusion-based Reward Model (DRM): a pretrained DiT, cut short, with a small scalar head.
 
     drm = DRM.from_dit(dit, drop_last=3)        # the paper's reward model
-    drm = DRM.from_dit(dit, head="token")       # ablation: an MLP on the mean hidden token, no final layer or convs
-    drm = DRM.from_scratch(dit.config)          # the same shape, random weights (the ablation)
+    drm = DRM.from_dit(dit, head="token")       # ablation: an MLP on the mean hidden token
+    drm = DRM.from_scratch(dit.config)          # ablation: the same shape, random weights
     reward = drm(x_sigma, sigma, context, pooled)   # (B,): higher = preferred
 
-The paper's recipe (DRM, sec. 3): keep the patch, time and text embedders and
-the first depth - drop_last joint blocks of the pretrained DiT, keep its
-timestep-conditioned final norm and projection (so the hidden tokens go back to
-the latent grid as in the DiT), then a conv head reduces the grid to one score.
-Because the backbone was trained to denoise at every sigma, the DRM can judge a
-noisy state x_sigma, not only a finished image; that is what makes step-wise
-rewards possible. Trained with the Bradley-Terry loss on preference pairs, both
-images of a pair noised to the same sigma (eq. 4):
+The paper's recipe (DRM, sec. 3): keep the patch, time and text embedders and the first
+depth - drop_last joint blocks of the pretrained DiT, keep its timestep-conditioned final norm
+and projection (so the hidden tokens go back to the latent grid as in the DiT), then a conv head
+reduces the grid to one score. Because the backbone was trained to denoise at every sigma, the
+DRM can judge a noisy state x_sigma, not only a finished image; that is what makes step-wise
+rewards possible. Trained with the Bradley-Terry loss on preference pairs, both images of a pair
+noised to the same sigma (eq. 4):
 
     L = -log sigmoid(r(x_sigma^w) - r(x_sigma^l)).
 """
@@ -26,22 +25,24 @@ import torch.nn.functional as F
 from common import CheckpointError, config_from_meta, load_module, read_checkpoint, save_checkpoint
 from model import DiT, DiTConfig, build_dit
 
-
 HEADS = ("conv", "token")
 
 
 def mlp_head(width, hidden, dropout):
-    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout), nn.Linear(hidden, 1))
+    return nn.Sequential(nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(dropout),
+                         nn.Linear(hidden, 1))
 
 
 class ConvHead(nn.Module):
-    """(B, C, H, W) -> (B,): stride-2 3x3 convs with GroupNorm and ReLU, global average pool, MLP with dropout."""
+    """(B, C, H, W) -> (B,): stride-2 3x3 convs with GroupNorm and ReLU, global average pool, MLP
+    with dropout."""
 
     def __init__(self, in_channels, widths=(32, 64, 128), hidden=64, dropout=0.1):
         super().__init__()
         layers, c = [], in_channels
         for width in widths:
-            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), nn.ReLU()]
+            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(8, width),
+                       nn.ReLU()]
             c = width
         self.convs = nn.Sequential(*layers)
         self.mlp = mlp_head(c, hidden, dropout)
@@ -51,7 +52,7 @@ class ConvHead(nn.Module):
 
 
 class TokenHead(nn.Module):
-    """(B, N, D) hidden tokens -> (B,): mean over the tokens, LayerNorm, MLP with dropout (the head ablation)."""
+    """(B, N, D) hidden tokens -> (B,): their mean, LayerNorm, MLP with dropout (the ablation)."""
 
     def __init__(self, dim, hidden=64, dropout=0.1):
         super().__init__()
@@ -79,7 +80,8 @@ class DRM(nn.Module):
         """Copy the DiT (its weights are not shared) and cut its last drop_last blocks."""
         depth = dit.config.depth
         if not 0 < drop_last < depth:
-            raise ValueError(f"drop_last={drop_last}: keep at least one of the DiT's {depth} blocks (0 < drop_last < depth)")
+            raise ValueError(f"drop_last={drop_last}: keep at least one of the DiT's {depth} "
+                             "blocks (0 < drop_last < depth)")
         backbone = copy.deepcopy(dit)
         backbone.joint_blocks = backbone.joint_blocks[:depth - drop_last]
         return cls(backbone, drop_last, head_dropout, head).train(dit.training)
@@ -90,32 +92,34 @@ class DRM(nn.Module):
         return cls.from_dit(build_dit(config), drop_last, head_dropout, head)
 
     def hidden_tokens(self, x_sigma, sigma, context, pooled):
-        """The backbone's image tokens after its last kept block (B, h*w, D), and the conditioning c (B, D)."""
+        """The image tokens after the last kept block (B, h*w, D), and the conditioning c (B, D)."""
         return self.backbone.features(x_sigma, sigma, context, pooled)
 
     def forward(self, x_sigma, sigma, context, pooled):
-        """x_sigma (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) -> reward (B,)."""
-        # BEGIN SOLUTION ex2_drm: hidden tokens -> the backbone's final_layer (conditioned on c) -> unpatchify -> head
+        """x_sigma (B, C, H, W), sigma (B,), context (B, L, context_dim), pooled (B, pooled_dim) ->
+        reward (B,)."""
+        # BEGIN SOLUTION ex2_drm: hidden tokens -> final_layer (given c) -> unpatchify -> head
         tokens, c = self.hidden_tokens(x_sigma, sigma, context, pooled)
         if self.head_type == "token":
             return self.head(tokens)
-        grid = self.backbone.unpatchify(self.backbone.final_layer(tokens, c), *x_sigma.shape[-2:])  # (B, C, H, W)
-        return self.head(grid)
+        patches = self.backbone.final_layer(tokens, c)
+        return self.head(self.backbone.unpatchify(patches, *x_sigma.shape[-2:]))   # (B, C, H, W)
         # END SOLUTION
 
 
 def bradley_terry_loss(reward_win, reward_lose):
-    """-log sigmoid(r_w - r_l), per pair (B,): the negative log-likelihood of the observed preference."""
+    """-log sigmoid(r_w - r_l) per pair (B,): the negative log-likelihood of the preference seen."""
     # BEGIN SOLUTION ex2_drm: eq. 4; F.logsigmoid is the stable log sigmoid
     return -F.logsigmoid(reward_win - reward_lose)
     # END SOLUTION
 
 # -----------------------------------------------------------------------------
-# Checkpoints: the DRM, its settings, and whatever the base model stores beside it (the toy: its text encoder)
+# Checkpoints: the DRM, its settings, and what the base model keeps beside it (the toy: its text
+# encoder; base.py decides)
 
 
 def save_drm(path, drm, step, meta, dtype=None, extra=None):
-    """One safetensors file: the DRM's tensors under 'drm.', each module of `extra` under its name; meta: JSON."""
+    """One safetensors file: the DRM under 'drm.', each module of `extra` under its name."""
     meta = {"kind": "drm", "step": step, "drop_last": drm.drop_last, "head": drm.head_type,
             "dit_config": asdict(drm.backbone.config), **meta}
     save_checkpoint(path, {"drm": drm, **(extra or {})}, meta, dtype)
@@ -123,19 +127,19 @@ def save_drm(path, drm, step, meta, dtype=None, extra=None):
 
 def read_drm(path, device="cpu", policy_config=None):
     """-> (drm in eval mode, meta, all the file's tensors) from a file written by save_drm.
-
-    policy_config: the DiTConfig of the model whose samples the DRM will score; a clear error if the shapes of
-    their inputs differ.
-    """
-    tensors, meta = read_checkpoint(path, "drm", "train one with train_reward.py or use data/drm.safetensors")
+    policy_config: the DiTConfig of the model whose samples the DRM will score (their image shapes
+    must agree)."""
+    tensors, meta = read_checkpoint(path, "drm", "train one with train_reward.py, or use "
+                                    "data/drm.safetensors")
     config = config_from_meta(DiTConfig, meta.get("dit_config"), path)
-    if policy_config is not None:
-        def image_shape(c):
-            return (c.in_channels, c.pos_embed_max_size * c.patch_size, c.pos_embed_max_size * c.patch_size)
-        if image_shape(config) != image_shape(policy_config):
-            raise CheckpointError(f"{path} scores images of shape {image_shape(config)}, the policy makes "
-                                  f"{image_shape(policy_config)}: use a DRM trained from this base (train_reward.py --base=...)")
+    side = lambda c: c.pos_embed_max_size * c.patch_size  # noqa: E731
+    if policy_config is not None and (config.in_channels, side(config)) != (
+            policy_config.in_channels, side(policy_config)):
+        shapes = [(c.in_channels, side(c), side(c)) for c in (config, policy_config)]
+        raise CheckpointError(f"{path} scores images of shape {shapes[0]}, the policy makes "
+                              f"{shapes[1]}: use a DRM trained from this base (train_reward.py)")
     with torch.device("meta"):
         skeleton = DiT(config)
-    drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"], head=meta.get("head", "conv"))
+    drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"],
+                       head=meta.get("head", "conv"))
     return load_module(drm, tensors, "drm", path).to(device).eval(), meta, tensors

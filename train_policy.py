@@ -29,10 +29,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from base import ModelFlags, check_model_flags, load_base, plain_dit
-from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_finite,
-                    check_numbers, check_resumed_config, check_state_fits, check_weights,
-                    load_training_state, print_config, run_main, save_grid, save_training_state,
-                    setup_device)
+from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_at_least,
+                    check_choice, check_finite, check_numbers, check_resumed_config,
+                    check_state_fits, check_weights, load_training_state, print_config, run_main,
+                    save_grid, save_training_state, setup_device)
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
 from model import add_lora, compile_regions, in_chunks
 from sample import evaluate, initial_noise, sigma_schedule
@@ -95,24 +95,15 @@ OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors", "transformer"
 
 def check(cfg):
     check_numbers(cfg)
-    if cfg.credit not in CREDIT_MODES:
-        raise UserError(f"--credit={cfg.credit}: choose one of {', '.join(CREDIT_MODES)}")
-    if cfg.k < 2 or cfg.group_size < 2:
-        raise UserError(f"--k={cfg.k}, --group_size={cfg.group_size}: GRPO compares at least "
-                        "2 samples per group")
+    check_choice(cfg, "credit", CREDIT_MODES)
+    check_choice(cfg, "follow", ("random", "best"))
+    check_at_least(cfg, 2, "k", "group_size")  # GRPO compares at least 2 samples a group
+    check_at_least(cfg, 1, "updates", "trajectories", "steps", "minibatches", "eval_every",
+                   "eval_per_prompt", "eval_steps")
+    check_at_least(cfg, 0, "rollout_batch", "drm_batch")  # rows per pass (0: all at once)
     if cfg.credit != "stepwise" and cfg.trajectories % cfg.group_size:
         raise UserError(f"--trajectories={cfg.trajectories} must be a multiple of "
                         f"--group_size={cfg.group_size}")
-    for name in ("updates", "trajectories", "steps", "minibatches", "eval_every",
-                 "eval_per_prompt", "eval_steps"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
-    for name in ("rollout_batch", "drm_batch"):
-        if getattr(cfg, name) < 0:
-            raise UserError(f"--{name}={getattr(cfg, name)}: rows per pass, at least 1 "
-                            "(or 0 for all at once)")
-    if cfg.follow not in ("random", "best"):
-        raise UserError(f"--follow={cfg.follow}: choose random (the paper) or best")
     if not 0 < cfg.noise_level:
         raise UserError(f"--noise_level={cfg.noise_level}: GRPO needs a stochastic sampler, "
                         "use > 0 (0.7 is Flow-GRPO's)")
@@ -122,8 +113,7 @@ def check(cfg):
 
 
 class Scorer:
-    """The DRM on one batch of prompts, `batch` rows a pass; `calls` counts the states it scored,
-    on every rank."""
+    """The DRM on one batch of prompts, `batch` rows a pass; `calls`: states scored on all ranks."""
 
     def __init__(self, drm, drm_text, prompts, batch, world=1):
         self.drm, self.batch, self.world, self.calls = drm, batch, world, 0
@@ -193,8 +183,7 @@ def update(cfg, trained, optimizer, reference, trajectories, advantages, mine, g
 
 
 def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
-    """ODE samples of the held-out prompts with fixed seeds -> (the annotator's figures where the
-    base has one, the DRM's mean score; the images). Under FSDP every rank takes part."""
+    """Held-out ODE samples, fixed seeds -> (the annotator's figures if any, the DRM's; images)."""
     policy.eval()
     summary, samples, images, prompts = evaluate(
         policy, base, heldout, cfg.eval_per_prompt, seed=1234, batch_size=cfg.rollout_batch or 100,
@@ -209,8 +198,7 @@ def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
 
 
 def save_run(cfg, run_dir, base, policy, optimizer, *, step, counters, generator):
-    """The policy (LoRA folded in) for sample.py, the train state for --resume. Every rank takes
-    part (FSDP gathers the whole tensors); rank 0 writes."""
+    """The policy (LoRA folded in) and the train state; every rank takes part (FSDP gathers)."""
     policy_state, optimizer_state = get_state_dict(policy, optimizer, options=WHOLE)
     if run_dir.main:
         base.save_policy(cfg.out_dir, plain_dit(policy_state, policy.config, cfg.lora_rank), step)

@@ -11,7 +11,7 @@
 For each pair one sigma is drawn (logit-normal, as the DiT was trained) and shared by both
 images, each with its own noise, so the model learns to rank noisy states at every noise level:
 
-    L = -log sigmoid(r(x_sigma^w, sigma) - r(x_sigma^l, sigma)),  x_sigma = (1 - sigma) x0 + sigma z.
+    L = -log sigmoid(r(x_sigma^w, sigma) - r(x_sigma^l, sigma)),  x_sigma = (1 - sigma) x0 + sigma z
 
 The text encoder is the base model's, frozen: prompts are encoded once. Evaluation noises the
 test pairs at fixed sigmas with fixed noise and reports pairwise accuracy against the labels and,
@@ -27,9 +27,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from base import ModelFlags, check_model_flags, load_base
-from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_finite,
-                    check_numbers, check_weights, print_config, resume_training_state, run_main,
-                    save_training_state, setup_device, warmup_cosine)
+from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_at_least,
+                    check_choice, check_finite, check_numbers, check_weights, print_config,
+                    resume_training_state, run_main, save_training_state, setup_device,
+                    warmup_cosine)
 from data.preferences import gold_scores, read_pairs
 from model import add_noise, compile_regions, logit_normal_sigma
 from reward import DRM, HEADS, bradley_terry_loss
@@ -79,8 +80,7 @@ OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors")  # a run's fi
 
 
 def training_sigma(kind, n, device):
-    """The noise levels the DRM trains at: SD3's logit-normal (the paper's), uniform, or 0 (a
-    plain image reward model)."""
+    """The DRM's training sigmas: SD3's logit-normal (the paper's), uniform, or 0 (images only)."""
     if kind == "logit_normal":
         return logit_normal_sigma(n, device)
     return torch.rand(n, device=device) if kind == "uniform" else torch.zeros(n, device=device)
@@ -89,11 +89,10 @@ def training_sigma(kind, n, device):
 def check(cfg):
     """Reject bad flag values before any work -> the evaluation sigmas."""
     check_numbers(cfg)
-    if cfg.init not in ("pretrained", "scratch"):
-        raise UserError(f"--init={cfg.init}: choose pretrained or scratch")
-    for name in ("steps", "batch_size", "eval_every", "eval_noise_draws", "eval_batch"):
-        if getattr(cfg, name) < 1:
-            raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    check_choice(cfg, "init", ("pretrained", "scratch"))
+    check_choice(cfg, "head", HEADS)
+    check_choice(cfg, "sigma_sampling", SIGMA_SAMPLING)
+    check_at_least(cfg, 1, "steps", "batch_size", "eval_every", "eval_noise_draws", "eval_batch")
     try:
         sigmas = [float(v) for v in cfg.eval_sigmas.split(",")]
     except ValueError:
@@ -102,10 +101,6 @@ def check(cfg):
     if not all(0 <= s <= 1 for s in sigmas):
         raise UserError(f"--eval_sigmas={cfg.eval_sigmas}: every sigma must lie in [0, 1] "
                         "(0 = clean, 1 = pure noise)")
-    for name, value, choices in (("head", cfg.head, HEADS),
-                                 ("sigma_sampling", cfg.sigma_sampling, SIGMA_SAMPLING)):
-        if value not in choices:
-            raise UserError(f"--{name}={value}: choose one of {', '.join(choices)}")
     if not 0 <= cfg.min_confidence <= 1:
         raise UserError(f"--min_confidence={cfg.min_confidence}: a probability in [0, 1] "
                         "(0 keeps every pair)")
@@ -181,8 +176,7 @@ def evaluate(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
 
 
 def evaluate_only(cfg, device, eval_sigmas):
-    """--eval_only: the test accuracy of --drm (default out_dir/model.safetensors), printed as a
-    table and written to out_dir/eval.json."""
+    """--eval_only: the test accuracy of --drm (default out_dir's) as a table and eval.json."""
     path = cfg.drm or os.path.join(cfg.out_dir, "model.safetensors")
     base = load_base(cfg, device)
     drm, text, meta = base.load_drm(path, device)

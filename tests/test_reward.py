@@ -113,7 +113,7 @@ def test_empty_split_is_refused(tmp_path):
 
 
 def test_bad_flag_values_are_refused_before_work():
-    with pytest.raises(UserError, match="--init=random: choose pretrained or scratch"):
+    with pytest.raises(UserError, match="--init=random: choose one of pretrained, scratch"):
         train_reward.main(train_reward.Config(init="random"))
 
 
