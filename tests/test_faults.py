@@ -229,7 +229,7 @@ def test_preference_images_of_the_wrong_size_for_the_model_are_named(tmp_path):
 
 @pytest.mark.parametrize("case, says", [
     ("prompts not UTF-8", "prompts.txt is not UTF-8 text"),
-    ("damaged header", "has a damaged header: the entry of tensor dit.pos_embed"),
+    ("damaged header", "is not a readable safetensors file (Error while deserializing header"),
     ("meta not JSON", "its metadata 'meta' (the config and step) is not JSON"),
     ("unknown config field", "its DiTConfig has fields this version does not know (rope)"),
 ])

@@ -70,11 +70,11 @@ def test_checkpoint_with_a_missing_key_names_it(tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     whole = open("data/base.safetensors", "rb").read()
     truncated.write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(CheckpointError, match="truncated.safetensors is truncated: tensor"):
+    with pytest.raises(CheckpointError, match="truncated.safetensors is not a readable safetensors file .*incomplete metadata"):
         load_toy_base(str(truncated))
     not_safetensors = tmp_path / "notes.safetensors"
     not_safetensors.write_text("these are not weights")
-    with pytest.raises(CheckpointError, match="notes.safetensors is not a safetensors file"):
+    with pytest.raises(CheckpointError, match="notes.safetensors is not a readable safetensors file"):
         load_toy_base(str(not_safetensors))
 
 
@@ -191,7 +191,7 @@ def a_base_of_another_size(path):
 
 @pytest.mark.parametrize("case, says", [
     ("empty prompt file", "holds no prompt; write one prompt per line"),
-    ("truncated checkpoint", "truncated.safetensors is truncated: tensor"),
+    ("truncated checkpoint", "truncated.safetensors is not a readable safetensors file"),
     ("base of another size", "scores images of shape (1, 32, 32), the policy makes (1, 16, 16)"),
     pytest.param("damaged train state", "train_state.pt cannot be read", marks=EVERY_TRAINING_EXERCISE),  # a run first
     pytest.param("train state of other settings", "--resume would change what the experiment is: --lora_rank=4 (the run "

@@ -1,4 +1,6 @@
-"""The teaching promises: the reading path's line budget and README table, no dead code, the student copy, the sweep."""
+"""The teaching promises: the reading path's size, short functions, no dead code, no import cycle, the student copy,
+the sweep."""
+import ast
 import os
 import re
 import shutil
@@ -21,7 +23,9 @@ def lines_of_code(path):
         return sum(1 for line in f if line.strip() and not line.strip().startswith("#"))
 
 
-def test_reading_path_fits_its_budget_and_the_readme_table_matches():
+def test_reading_path_fits_its_budget_and_the_readme_table_is_near():
+    """The budget holds; the README's table is within 10% (and 15 lines) of each file's count, so a small
+    edit does not break it but a stale table does."""
     counts = {name: lines_of_code(os.path.join(ROOT, name)) for name in READING_PATH}
     assert sum(counts.values()) <= BUDGET, f"the reading path has {sum(counts.values())} lines of code, budget {BUDGET}"
     readme = open(os.path.join(ROOT, "README.md")).read()
@@ -29,17 +33,71 @@ def test_reading_path_fits_its_budget_and_the_readme_table_matches():
     section = section[:section.index("\n## ", 1)]
     rows = dict(re.findall(r"^\| \d\. `(\w+\.py)` \| (\d+) \|", section, re.M))
     assert list(rows) == list(READING_PATH), "the README's reading order"
-    assert {k: int(v) for k, v in rows.items()} == counts, "update the README's 'Read the code' table"
+    for name, count in counts.items():
+        assert abs(int(rows[name]) - count) <= max(15, count // 10), f"update the README's 'Read the code' row of {name}"
     total = re.search(r"^\| \| \*\*(\d+)\*\* \|", section, re.M)
-    assert total and int(total.group(1)) == sum(counts.values())
+    assert total and abs(int(total.group(1)) - sum(counts.values())) <= max(15, sum(counts.values()) // 10)
 
 
-def test_reading_path_has_no_unused_code():
+def test_reading_path_has_no_unused_code_and_short_lines():
     ruff = shutil.which("ruff") or pytest.fail("ruff is missing: pip install -r requirements-dev.txt")
-    rules = "F401,F811,F841,F842,ARG,ERA001"  # unused imports, redefinitions, variables, arguments; commented-out code
-    result = subprocess.run([ruff, "check", "--no-cache", "--select", rules, *READING_PATH],
+    rules = "F401,F811,F841,F842,ARG,ERA001,E501"  # unused imports, names, arguments; commented-out code; long lines
+    result = subprocess.run([ruff, "check", "--no-cache", "--line-length", "100", "--select", rules, *READING_PATH],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_reading_path_functions_are_short():
+    """No function of the reading path is longer than 60 lines, but the two training scripts' main (80)."""
+    for name in READING_PATH:
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, name)).read())):
+            if isinstance(node, ast.FunctionDef):
+                limit = 80 if (name, node.name) in {("train_reward.py", "main"), ("train_policy.py", "main")} else 60
+                assert node.end_lineno - node.lineno + 1 <= limit, f"{name}: {node.name} is longer than {limit} lines"
+
+
+def project_imports():
+    """{module: [(imported project module, inside a function?)]} for every .py file of the project, read with ast."""
+    files = [os.path.relpath(os.path.join(folder, f), ROOT) for folder, dirs, names in os.walk(ROOT)
+             for f in names if f.endswith(".py") and not {".git", "out", "tests"} & set(folder[len(ROOT):].split(os.sep))]
+    modules = {path[:-3].replace(os.sep, "."): path for path in files}
+    edges = {}
+    for module, path in modules.items():
+        tree = ast.parse(open(os.path.join(ROOT, path)).read())
+        functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        inside = {id(n) for f in functions for n in ast.walk(f)}
+        found = []
+        for node in ast.walk(tree):
+            names = ([alias.name for alias in node.names] if isinstance(node, ast.Import)
+                     else [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                     if isinstance(node, ast.ImportFrom) and node.module and not node.level else [])
+            for name in names:
+                if name in modules and name != module:
+                    found.append((name, id(node) in inside))
+        edges[module] = found
+    return edges
+
+
+def test_the_project_imports_have_no_cycle_and_common_is_a_leaf():
+    edges = project_imports()
+    assert edges["common"] == [], f"common.py imports {edges['common']}: it must import no project module"
+    lazy = {(module, target) for module, found in edges.items() for target, inner in found if inner}
+    # the one deliberate lazy import: the SD3 plumbing, which the toy never needs (base.load_base says why)
+    assert lazy == {("base", "sd3.pipeline")}, f"project imports inside functions: {sorted(lazy)}"
+    graph = {module: {target for target, _ in found} for module, found in edges.items()}
+    state = {}
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in sorted(graph[module]):
+            assert state.get(target) != "open", f"an import cycle: {' -> '.join(path + [module, target])}"
+            if target not in state:
+                visit(target, path + [module])
+        state[module] = "done"
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [])
+    assert {"model", "grpo", "sample", "base", "sd3.pipeline", "data.world"} <= set(graph)  # the walk saw the project
 
 
 # -----------------------------------------------------------------------------
