@@ -165,6 +165,8 @@ class RunDir:
             return self
         if os.path.exists(self.path) and not os.path.isdir(self.path):
             raise UserError(f"--out_dir={self.path} is a file; give a folder")
+        if self.resume and not os.path.isdir(self.path):  # refused before any folder is made
+            raise UserError(f"--resume: {os.path.join(self.path, 'train_state.pt')} does not exist (no run has saved there)")
         try:
             os.makedirs(self.path, exist_ok=True)
             self._take_lock()

@@ -104,6 +104,13 @@ def test_a_second_live_run_and_a_fresh_run_into_a_used_folder_are_refused(module
     assert (out / "train_state.pt").read_bytes() == b"a finished run" and not (out / ".lock").exists()
 
 
+@pytest.mark.parametrize("module", [train_policy, train_reward, train_base], ids=["policy", "reward", "base"])
+def test_resume_into_an_empty_place_makes_no_folder(module, tmp_path):
+    out = tmp_path / "never" / "run"
+    assert "train_state.pt does not exist (no run has saved there)" in error_line(module, f"--out_dir={out}", "--resume")
+    assert not (tmp_path / "never").exists()
+
+
 @pytest.mark.parametrize("tiny", [pytest.param([*TINY_POLICY, "--updates=1", "--eval_every=1"], marks=TRAINING)])
 def test_overwrite_starts_afresh_and_leftovers_are_cleaned(tiny, tmp_path):
     out = tmp_path / "run"
