@@ -145,6 +145,11 @@ def check_weights(module, step, advice):
                              f"they were not saved; {advice}")
 
 
+def is_main_process():
+    """Rank 0 under torchrun (its RANK variable, set before any process group exists), or a lone process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 class RunDir:
     """The run's --out_dir, held by one process: `with RunDir(out_dir, resume, overwrite, outputs):`.
 
@@ -157,7 +162,7 @@ class RunDir:
 
     def __init__(self, out_dir, resume=False, overwrite=False, outputs=("metrics.jsonl", "train_state.pt")):
         self.path, self.resume, self.overwrite, self.outputs = out_dir, resume, overwrite, outputs
-        self.main = int(os.environ.get("RANK", "0")) == 0
+        self.main = is_main_process()
         self.last_saved = None  # the step of the last checkpoint this process wrote (or resumed from)
 
     def __enter__(self):
@@ -285,12 +290,14 @@ def check_resumed_config(saved, cfg, may_change):
                         f"flags, or start a new run in another --out_dir (may change on resume: "
                         f"{', '.join('--' + n for n in sorted(may_change))})")
     for name, (before, now) in changed.items():
-        print(f"resume: --{name} {before} -> {now}")
+        if is_main_process():
+            print(f"resume: --{name} {before} -> {now}")
     return changed
 
 
 def print_config(cfg):
-    print(" ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+    if is_main_process():
+        print(" ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
 
 # -----------------------------------------------------------------------------
 # Training-loop helpers

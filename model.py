@@ -140,7 +140,7 @@ class RMSNorm(nn.Module):
 def attention(q, k, v, **options):
     """q, k, v (B, L, heads, hd) -> (B, L, heads * hd), with scaled_dot_product_attention.
 
-    options go to it as they are (is_causal, attn_mask, scale: sd3_text.py's CLIP and T5 use them).
+    options go to it as they are (is_causal, attn_mask, scale: sd3/text.py's CLIP and T5 use them).
     """
     q, k, v = (t.transpose(1, 2) for t in (q, k, v))                        # (B, heads, L, hd)
     out = F.scaled_dot_product_attention(q, k, v, **options)

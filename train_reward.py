@@ -1,6 +1,6 @@
 """Train the Diffusion-based Reward Model on preference pairs (DRM, sec. 3, eq. 4).
 
-    python -m data.preferences                                   # the pairs, out/prefs/ (14 min)
+    python -m data.preferences                                   # the pairs, out/prefs/ (9 min)
     python train_reward.py --export=data/drm.safetensors         # the shipped DRM
     python train_reward.py --init=scratch --out_dir=out/drm_scratch   # ablation: no pretraining
     python train_reward.py --eval_only --drm=data/drm.safetensors     # accuracy per sigma

