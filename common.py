@@ -101,6 +101,17 @@ def check_choice(cfg, name, choices):
         raise FlagError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(choices)}")
 
 
+def parse_numbers(cfg, name, kind=int, sep=","):
+    """A flag holding numbers, e.g. --split_steps=0,3,6 -> [0, 3, 6] ("" -> []); one line if not."""
+    text = getattr(cfg, name)
+    try:
+        return [kind(value) for value in text.split(sep)] if text else []
+    except ValueError:
+        example = sep.join(["1", "2"] if kind is int else ["0.5", "0.25"])
+        raise FlagError(f"--{name}={text}: expected {kind.__name__} values separated by {sep!r}, "
+                        f"e.g. --{name}={example}") from None
+
+
 def read_text(path, what):
     """A UTF-8 text file's contents; a clear error naming the file when it is missing or not UTF-8."""
     name = f"{what}{path}" if what.endswith("=") else f"{what} {path}"

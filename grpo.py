@@ -28,6 +28,14 @@
      each trajectory's normalised reward is the advantage of all its steps, good and bad alike.
    - `cosine` (CoCA, arXiv 2505.19196): as sparse, but the terminal advantage is spread over the
      steps by how much each moved the clean-image estimate x0_hat towards the final image.
+   - `tree` (BranchGRPO, arXiv 2509.06040; TreeGRPO, arXiv 2512.08153): a prompt's trajectories
+     share their prefix and branch into b children at chosen steps; leaves get the DRM's terminal
+     reward, a node's value is the mean of its leaves'. The b children of one node are a group
+     (they share a starting state, as stepwise's k candidates), so each split's children are
+     normalised among their siblings; the steps after a split, up to the next, carry their
+     child's advantage (`tree_advantages`).
+   A window (Flow-GRPO-Fast, MixGRPO arXiv 2507.21802) makes only steps a..b-1 stochastic and
+   trained, any mode: the same DiT passes a rollout, fewer steps to train, less variance.
 
 3. The loss: PPO's clipped importance ratio per (state, next state) pair,
    r = exp(log p_theta(x_next | x) - log p_old(x_next | x)), loss = -min(r A, clip(r, 1 +- eps) A),
@@ -41,7 +49,7 @@ import torch
 
 from model import guided_velocity
 
-CREDIT_MODES = ("stepwise", "sparse", "cosine")
+CREDIT_MODES = ("stepwise", "sparse", "cosine", "tree")
 
 # -----------------------------------------------------------------------------
 # 1. The SDE step and its log-probability (float32 inside, float64 for float64 inputs)
@@ -147,17 +155,25 @@ class Rollout:
     sigmas: torch.Tensor       # (T + 1,)
     cond: tuple                # the prompts' (context, pooled), for replaying
     uncond: tuple | None       # the empty prompt's, when guided
-    noise_level: float
+    noise_level: float         # of the trained steps (the others are Euler steps)
     cfg_scale: float
+    trained: torch.Tensor      # (T, B) bool, on the CPU: the (step, trajectory) pairs to train
+    nfe: int                   # the policy's forward passes it took (a guided pass counts two)
+
+
+def passes(uncond, cfg_scale):
+    """Forward passes of one guided velocity (model.guided_velocity): 2, or 1 unguided."""
+    return 2 if uncond is not None and cfg_scale != 1 else 1
 
 
 @torch.no_grad()
 def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_scale=1.0, k=1,
-                   reward=None, follow="random", generator=None, shard=(0, 1)):
+                   reward=None, follow="random", window=None, generator=None, shard=(0, 1)):
     """SDE trajectories from noise (B, C, H, W) along sigmas (T + 1,) -> Rollout. k > 1: at
     each step, k candidates share the step's one policy mean; reward(x (B*k, ...),
     sigma (B*k,), rows) scores them (rows: each candidate's trajectory, for its prompt) and the
     trajectory goes on from a random candidate (the paper's) or the best (follow="best").
+    window=(a, b): steps a..b-1 as above and trained; the others Euler steps, k = 1, untrained.
     shard=(rank, world): these B are rows rank*B..(rank+1)*B of world*B (torchrun); the random
     draws are made for all world*B and sliced, so the ranks together sample what one process would.
     """
@@ -166,27 +182,79 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_
     if k > 1 and reward is None:
         raise ValueError("k > 1 candidates need a reward function to score them")
     (B, T), (rank, world) = (noise.shape[0], len(sigmas) - 1), shard
+    sde = in_window(T, window)
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
     states, steps, chosen, rewards = [], [], [], []
     rows = torch.arange(B, device=noise.device).repeat_interleave(k)
     for i in range(T):
         step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=cfg_scale,
-                       noise_level=noise_level, k=k, generator=generator, shard=shard)
+                       noise_level=noise_level if sde[i] else 0.0, k=k if sde[i] else 1,
+                       generator=generator, shard=shard)
         pick = torch.zeros(B, dtype=torch.long, device=x.device)
-        if reward is not None and k > 1:
-            scores = reward(step.candidates.flatten(0, 1), sigmas[i + 1].expand(B * k), rows)
-            rewards.append(scores.float().view(B, k))
-            pick = (rewards[-1].argmax(1) if follow == "best" else torch.randint(
-                k, (world * B,), generator=generator)[rank * B:(rank + 1) * B].to(x.device))
+        if reward is not None and k > 1:  # stepwise: the DRM's scores (0 outside the window)
+            rewards.append(torch.zeros(B, k, device=x.device))
+            if sde[i]:
+                scores = reward(step.candidates.flatten(0, 1), sigmas[i + 1].expand(B * k), rows)
+                rewards[-1] = scores.float().view(B, k)
+                pick = (rewards[-1].argmax(1) if follow == "best" else torch.randint(
+                    k, (world * B,), generator=generator)[rank * B:(rank + 1) * B].to(x.device))
         states.append(x)
         steps.append(step)
         chosen.append(pick)
         x = step.candidates[torch.arange(B, device=x.device), pick]
+    def stack(name, widen=False):  # widen: an Euler step's one candidate, k times (window)
+        parts = [getattr(step, name) for step in steps]
+        return torch.stack([p.expand(B, k, *p.shape[2:]) for p in parts] if widen else parts)
+    return Rollout(torch.stack(states), stack("candidates", True), stack("mean"),
+                   stack("log_probs", True), torch.stack(chosen), stack("x0_hat"), x,
+                   torch.stack(rewards) if rewards else None, sigmas, cond, uncond, noise_level,
+                   cfg_scale, sde.unsqueeze(1).expand(T, B), B * T * passes(uncond, cfg_scale))
+
+
+def in_window(T, window):
+    """(T,) bool: the steps a..b-1 of window=(a, b) (all T steps for None)."""
+    a, b = window or (0, T)
+    return (torch.arange(T) >= a) & (torch.arange(T) < b)
+
+
+@torch.no_grad()
+def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noise_level=0.7,
+                cfg_scale=1.0, window=None, generator=None, shard=(0, 1)):
+    """Tree rollouts: from each of R root noises (R, C, H, W) one trajectory that branches into
+    `branch` children, which all go on, at each step of split_steps -> a Rollout over its
+    L = R branch^m leaves (m splits; a root's leaves adjacent, each node's leaves contiguous),
+    every leaf's path in full: shared prefixes repeated, `trained` marking each edge once (on the
+    first leaf below it), from the first split on and inside the window. The policy runs once a
+    node. shard as sample_rollout's (every rank the same R)."""
+    T, leaves = len(sigmas) - 1, noise.shape[0] * branch ** len(split_steps)
+    sde = in_window(T, window)
+    x = noise.to(torch.promote_types(noise.dtype, torch.float32))
+    rows = torch.arange(len(x), device=x.device)                    # each node's root: its prompt
+    states, steps, trained, nfe = [], [], [], 0
+    for i in range(T):
+        step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, rows), take(uncond, rows),
+                       cfg_scale=cfg_scale, noise_level=noise_level if sde[i] else 0.0,
+                       k=branch if i in split_steps else 1, generator=generator, shard=shard)
+        nfe += len(x) * passes(uncond, cfg_scale)
+        per_node = leaves // len(x)                                 # leaves below each node
+        states.append(x.repeat_interleave(per_node, 0))
+        x, rows = step.candidates.flatten(0, 1), rows.repeat_interleave(step.candidates.shape[1])
+        below = leaves // len(x)                                    # leaves below each child
+        steps.append(Step(x.repeat_interleave(below, 0).unsqueeze(1),
+                          step.log_probs.flatten().repeat_interleave(below).unsqueeze(1),
+                          step.mean.repeat_interleave(per_node, 0),
+                          step.x0_hat.repeat_interleave(per_node, 0)))
+        trained.append((torch.arange(leaves) % below == 0) & sde[i] & (i >= min(split_steps)))
     stack = lambda name: torch.stack([getattr(s, name) for s in steps])  # noqa: E731
     return Rollout(torch.stack(states), stack("candidates"), stack("mean"), stack("log_probs"),
-                   torch.stack(chosen), stack("x0_hat"), x,
-                   torch.stack(rewards) if rewards else None,
-                   sigmas, cond, uncond, noise_level, cfg_scale)
+                   torch.zeros(T, leaves, dtype=torch.long), stack("x0_hat"), x, None, sigmas,
+                   take(cond, rows), take(uncond, rows), noise_level, cfg_scale,
+                   torch.stack(trained), nfe)
+
+
+def take(pair, rows):
+    """The rows of a (context, pooled) pair, or None."""
+    return None if pair is None else tuple(t[rows] for t in pair)
 
 # -----------------------------------------------------------------------------
 # 2. Credit: advantages (T, B, k), one per candidate
@@ -254,16 +322,39 @@ def cosine_advantages(weights, final_rewards, group_size, adv_clip, eps=1e-6):
     return group_normalise(by_prompt, dim=1, eps=eps).view(-1, T).T
 
 
+def tree_advantages(final_rewards, split_steps, branch, T, by="siblings"):
+    """final_rewards (L,) of sample_tree's leaves -> advantages (T, L, 1). At level j (after the
+    j-th split) a node's value is the mean of its leaves' rewards; by="siblings" normalises the b
+    children of each node among themselves, by="depth" all of a root's level-j nodes together
+    (BranchGRPO's grouping; its statistics are ddof 1 and eps 1e-8, ours ddof 0 and 1e-4, so its
+    advantages are ours x sqrt((n - 1) / n) for n nodes, up to eps). The steps from split j to
+    split j + 1 carry level j's advantage; the steps before the first split, 0."""
+    m = len(split_steps)
+    leaves = final_rewards.view(-1, branch ** m)                    # (R, b^m): a root's leaves
+    advantages = final_rewards.new_zeros(T, *leaves.shape)
+    bounds = [*sorted(split_steps), T]
+    for j in range(1, m + 1):
+        values = leaves.view(len(leaves), branch ** j, -1).mean(2)  # (R, b^j): level j's nodes
+        groups = values.view(len(leaves), -1, branch) if by == "siblings" else values
+        level = group_normalise(groups, dim=-1).view(len(leaves), -1)
+        advantages[bounds[j - 1]:bounds[j]] = level.repeat_interleave(branch ** (m - j), 1)
+    return advantages.view(T, -1, 1)
+
+
 def credit_advantages(credit, rollout, final_rewards=None, group_size=None, adv_clip=5.0,
-                      rows=slice(None), gather=lambda t: t):
+                      rows=slice(None), gather=lambda t: t, tree=None):
     """Advantages (T, B, k) for one of CREDIT_MODES. final_rewards: of every trajectory of the
     update (under torchrun all ranks', so groups are normalised whole); rows: which of them are the
-    rollout's; gather: collects every rank's tensor (B, ...) (cosine's 2nd normalisation)."""
+    rollout's; gather: collects every rank's tensor (B, ...) (cosine's 2nd normalisation); tree:
+    tree_advantages' (split_steps, branch, by)."""
     T = rollout.states.shape[0]
     if credit == "stepwise":
         return stepwise_advantages(rollout.rewards)
     if credit not in CREDIT_MODES:
         raise ValueError(f"credit={credit!r}: choose one of {', '.join(CREDIT_MODES)}")
+    if credit == "tree":
+        split_steps, branch, by = tree
+        return tree_advantages(final_rewards, split_steps, branch, T, by)[:, rows]
     if credit == "sparse":
         return terminal_advantages(final_rewards, group_size)[rows].expand(T, -1).unsqueeze(-1)
     weights = gather(cosine_weights(rollout.x0_hat, rollout.final).T.contiguous()).T

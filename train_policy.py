@@ -1,8 +1,10 @@
-"""Fine-tune the DiT with GRPO against the DRM: step-wise credit (the paper), or sparse / cosine.
+"""Fine-tune the DiT with GRPO against the DRM: step-wise credit (the paper), or its rivals.
 
     python train_policy.py                           # step-wise GRPO on the CPU toy (3 min)
     python train_policy.py --credit=sparse           # Flow-GRPO: terminal reward on every step
     python train_policy.py --credit=cosine           # CoCA: terminal reward spread by cosine credit
+    python train_policy.py --credit=tree --split_steps=0,3,6 --branch=2   # BranchGRPO's trees
+    python train_policy.py --sde_window=2:6          # SDE and training at steps 2..5 only
     python train_policy.py --resume                  # continue an interrupted run
     torchrun --nproc_per_node=8 train_policy.py      # DDP: the rollouts split over 8 processes
     torchrun --nproc_per_node=8 train_policy.py --fsdp   # FSDP: the weights too (large models)
@@ -11,11 +13,12 @@
 
 One update: `trajectories` SDE rollouts on training prompts, DRM rewards, advantages (grpo.py),
 then `minibatches` AdamW steps on the PPO-clipped loss over the rollout's (step, trajectory)
-pairs. Every mode spends the same DiT passes per update: stepwise draws k candidates per step
-from one policy mean (DRM passes are counted apart), sparse and cosine run the trajectories as
-groups of `group_size` per prompt. Every `eval_every` updates: ODE samples of the held-out
-prompts with fixed seeds, scored by the DRM and, in the toy, by the simulated annotator (gold,
-never seen in training); one JSON line in OUT_DIR/metrics.jsonl, a grid PNG, a checkpoint.
+pairs (a window's or a tree's: those it marks). DiT passes are counted (`--max_nfe` gives every
+mode one budget; DRM passes apart): stepwise draws k candidates per step from one policy mean,
+sparse and cosine run groups of `group_size` trajectories per prompt, a tree branch^splits
+leaves per prompt whose shared prefixes run once. Every `eval_every` updates: ODE samples of the
+held-out prompts with fixed seeds, scored by the DRM and, in the toy, by the simulated annotator
+(gold, never seen in training); one JSON line in OUT_DIR/metrics.jsonl, a grid PNG, a checkpoint.
 """
 import copy
 import json
@@ -31,9 +34,9 @@ from tqdm import tqdm
 from base import ModelFlags, check_model_flags, load_base, plain_dit
 from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_at_least,
                     check_choice, check_finite, check_numbers, check_resumed_config,
-                    check_state_fits, check_weights, load_training_state, print_config, run_main,
-                    save_grid, save_training_state, setup_device)
-from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout
+                    check_state_fits, check_weights, load_training_state, parse_numbers,
+                    print_config, run_main, save_grid, save_training_state, setup_device)
+from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout, sample_tree, take
 from model import add_lora, compile_regions, in_chunks
 from sample import evaluate, initial_noise, sigma_schedule
 
@@ -49,11 +52,16 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     eval_prompts: str = ""             # held-out prompts (the toy: its 10; SD3: 8 of --prompts)
     out_dir: str = "out/policy"
     credit: str = "stepwise"           # stepwise (the paper) | sparse (Flow-GRPO) | cosine (CoCA)
+                                       # | tree (BranchGRPO)
     updates: int = 60
     max_nfe: int = 0                   # also stop after this many DiT passes (0: no limit)
     trajectories: int = 16             # rollouts per update
     k: int = 4                         # stepwise: candidates per step, around one policy mean
     group_size: int = 4                # sparse / cosine: trajectories per prompt, one group
+    split_steps: str = "0,3,6"         # tree: the steps at which every trajectory branches
+    branch: int = 2                    # tree: children per split (branch^splits leaves a prompt)
+    tree_norm: str = "siblings"        # tree: normalise among siblings | depth (BranchGRPO's)
+    sde_window: str = ""               # a:b: SDE and training at steps a..b-1 only ("": all)
     steps: int = 10                    # SDE steps per rollout
     noise_level: float = 0.7           # Flow-GRPO's a: sigma_t = a sqrt(sigma / (1 - sigma))
     cfg_scale: float = 4.0             # guidance in rollouts and loss (1: none, half the passes)
@@ -97,19 +105,45 @@ def check(cfg):
     check_numbers(cfg)
     check_choice(cfg, "credit", CREDIT_MODES)
     check_choice(cfg, "follow", ("random", "best"))
-    check_at_least(cfg, 2, "k", "group_size")  # GRPO compares at least 2 samples a group
+    check_choice(cfg, "tree_norm", ("siblings", "depth"))
+    check_at_least(cfg, 2, "k", "group_size", "branch")  # GRPO compares at least 2 samples a group
     check_at_least(cfg, 1, "updates", "trajectories", "steps", "minibatches", "eval_every",
                    "eval_per_prompt", "eval_steps")
     check_at_least(cfg, 0, "rollout_batch", "drm_batch")  # rows per pass (0: all at once)
-    if cfg.credit != "stepwise" and cfg.trajectories % cfg.group_size:
+    a, b = window_of(cfg) or (0, cfg.steps)
+    splits = parse_numbers(cfg, "split_steps")
+    if cfg.credit == "tree" and not (splits and splits == sorted(set(splits))
+                                     and a <= splits[0] and splits[-1] < b):
+        raise UserError(f"--split_steps={cfg.split_steps}: give increasing steps in [{a}, {b}), "
+                        "where the sampler is stochastic (--steps, --sde_window)")
+    if cfg.trajectories % group_of(cfg):
+        group = "--group_size" if cfg.credit != "tree" else "--branch^splits"
         raise UserError(f"--trajectories={cfg.trajectories} must be a multiple of "
-                        f"--group_size={cfg.group_size}")
+                        f"{group}={group_of(cfg)}")
     if not 0 < cfg.noise_level:
         raise UserError(f"--noise_level={cfg.noise_level}: GRPO needs a stochastic sampler, "
                         "use > 0 (0.7 is Flow-GRPO's)")
     if not cfg.shift > 0:
         raise UserError(f"--shift={cfg.shift}: SD3's schedule shift is positive "
                         "(1: none; SD3 at 1024 px: 3)")
+
+
+def window_of(cfg):
+    """--sde_window=a:b -> (a, b); "" -> None (every step stochastic and trained)."""
+    if not cfg.sde_window:
+        return None
+    bounds = parse_numbers(cfg, "sde_window", sep=":")
+    if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1] <= cfg.steps:
+        raise UserError(f"--sde_window={cfg.sde_window}: give a:b, 0 <= a < b <= "
+                        f"--steps={cfg.steps}")
+    return tuple(bounds)
+
+
+def group_of(cfg):
+    """Trajectories a prompt: 1 (stepwise), a tree's leaves, or --group_size (sparse, cosine)."""
+    if cfg.credit == "tree":
+        return cfg.branch ** len(parse_numbers(cfg, "split_steps"))
+    return 1 if cfg.credit == "stepwise" else cfg.group_size
 
 
 class Scorer:
@@ -132,12 +166,20 @@ def rollout(cfg, policy, base, scorer, noise, prompts, generator, ranks):
     stepwise = cfg.credit == "stepwise"
     cond, uncond = base.encode(prompts)
     policy.eval()
+    velocity = lambda *inputs: in_chunks(policy, cfg.rollout_batch, *inputs)  # noqa: E731
+    sigmas = sigma_schedule(cfg.steps, cfg.shift).to(noise.device)
+    settings = dict(noise_level=cfg.noise_level, cfg_scale=cfg.cfg_scale, window=window_of(cfg),
+                    generator=generator, shard=ranks.shard_id)
     with autocast(noise.device):
-        trajectories = sample_rollout(
-            lambda *inputs: in_chunks(policy, cfg.rollout_batch, *inputs), noise, cond, uncond,
-            sigma_schedule(cfg.steps, cfg.shift).to(noise.device), noise_level=cfg.noise_level,
-            cfg_scale=cfg.cfg_scale, k=cfg.k if stepwise else 1, follow=cfg.follow,
-            reward=scorer if stepwise else None, generator=generator, shard=ranks.shard_id)
+        if cfg.credit == "tree":  # a prompt's leaves grow from one root: its first noise
+            roots = slice(None, None, group_of(cfg))
+            trajectories = sample_tree(
+                velocity, noise[roots], take(cond, roots), take(uncond, roots), sigmas,
+                split_steps=parse_numbers(cfg, "split_steps"), branch=cfg.branch, **settings)
+        else:
+            trajectories = sample_rollout(
+                velocity, noise, cond, uncond, sigmas, k=cfg.k if stepwise else 1,
+                follow=cfg.follow, reward=scorer if stepwise else None, **settings)
         final_rewards = None
         if not stepwise:  # gathered from every rank: each prompt's group is normalised whole
             rows = torch.arange(len(noise), device=noise.device)
@@ -150,12 +192,13 @@ def rollout(cfg, policy, base, scorer, noise, prompts, generator, ranks):
 
 def update(cfg, trained, optimizer, reference, trajectories, advantages, mine, generator, *, step,
            advice):
-    """Every (step, trajectory) pair of the rollout once, in `minibatches` AdamW steps -> (mean
-    stats, DiT passes). A rank computes the pairs of its own trajectories, its mean weighted by its
-    share of the minibatch, so that DDP's average over the ranks is the minibatch mean; a rank with
-    no pair there runs one at weight 0 (DDP needs every rank in each step)."""
+    """Every trained (step, trajectory) pair of the rollout once, in `minibatches` AdamW steps ->
+    (mean stats, DiT passes). A rank computes the pairs of its own trajectories, its mean weighted
+    by its share of the minibatch, so that DDP's average over the ranks is the minibatch mean; a
+    rank with no pair there runs one at weight 0 (DDP needs every rank in each step)."""
     world = cfg.trajectories // trajectories.states.shape[1]
-    pairs = torch.randperm(cfg.steps * cfg.trajectories, generator=generator)
+    marked = trajectories.trained.repeat(1, world).flatten()  # the ranks' rows are marked alike
+    pairs = marked.nonzero().flatten()[torch.randperm(int(marked.sum()), generator=generator)]
     passes = (2 if cfg.cfg_scale != 1 else 1) * (2 if reference is not None else 1)
     stats, nfe = [], 0
     for chunk in pairs.to(trajectories.states.device).chunk(cfg.minibatches):
@@ -289,6 +332,9 @@ def main(cfg):
             check_resumed_config(state["config"], cfg, MAY_CHANGE)
         device, ranks = setup_device(cfg.device)
         mine = ranks.shard(cfg.trajectories, "--trajectories")  # this rank's trajectories
+        if (mine.stop - mine.start) % group_of(cfg) and cfg.credit == "tree":
+            raise UserError(f"--credit=tree: each process grows whole trees; make --trajectories "
+                            f"a multiple of {group_of(cfg)} x {ranks.world} processes")
         if cfg.fsdp and ranks.world == 1:
             raise UserError("--fsdp shards the policy over torchrun's processes: launch with "
                             "torchrun --nproc_per_node=N")
@@ -305,8 +351,7 @@ def main(cfg):
         if step == 0:
             evaluate_and_save(cfg, run_dir, ranks, policy, optimizer, models, heldout, step=0,
                               save=False, stop=stop, **saving)
-        # stepwise takes one trajectory per prompt; sparse / cosine groups of group_size per prompt
-        n_prompts = cfg.trajectories // (1 if cfg.credit == "stepwise" else cfg.group_size)
+        n_prompts = cfg.trajectories // group_of(cfg)  # a group of trajectories a prompt
         spent = lambda: cfg.max_nfe and counters["nfe"] >= cfg.max_nfe  # noqa: E731
         bar = tqdm(initial=step, total=cfg.updates, desc=f"grpo {cfg.credit}",
                    disable=not ranks.main)
@@ -320,15 +365,18 @@ def main(cfg):
             scorer = Scorer(drm, drm_text, prompts[mine], cfg.drm_batch, ranks.world)
             trajectories, final_rewards = rollout(cfg, policy, base, scorer, noise.to(device),
                                                   prompts[mine], generator, ranks)
-            advantages = credit_advantages(cfg.credit, trajectories, final_rewards, cfg.group_size,
-                                           cfg.adv_clip, rows=mine, gather=ranks.gather)
+            advantages = credit_advantages(
+                cfg.credit, trajectories, final_rewards, cfg.group_size, cfg.adv_clip, rows=mine,
+                gather=ranks.gather, tree=(parse_numbers(cfg, "split_steps"), cfg.branch,
+                                           cfg.tree_norm))
             train_stats, nfe = update(cfg, trained, optimizer, reference, trajectories, advantages,
                                       mine, generator, step=step + 1, advice=run_dir.advice())
             step += 1
-            counters["nfe"] += len(prompts) * cfg.steps * (2 if cfg.cfg_scale != 1 else 1) + nfe
+            counters["nfe"] += trajectories.nfe * ranks.world + nfe
             counters["drm_calls"] += scorer.calls
             counters["time_s"] += time.time() - t0
-            rewards = trajectories.rewards[-1] if final_rewards is None else final_rewards
+            last = int(trajectories.trained.any(1).nonzero().max())  # the last trained step
+            rewards = trajectories.rewards[last] if final_rewards is None else final_rewards
             train_stats["train_reward"] = rewards.mean().item()
             bar.update(1)
             bar.set_postfix(reward=f"{train_stats['train_reward']:.3f}",

@@ -72,10 +72,13 @@ def test_ddp_reward_step_equals_one_process(tmp_path):
 @pytest.mark.ex2_drm
 @pytest.mark.ex3_sde_step
 @pytest.mark.ex4_grpo
-@pytest.mark.parametrize("credit, k", [("stepwise", 2), ("sparse", 4)])     # sparse: one group of 4 split over 2 ranks
-def test_ddp_policy_update_equals_one_process(tmp_path, credit, k):
+@pytest.mark.parametrize("credit, k, extra", [
+    ("stepwise", 2, []),
+    ("sparse", 4, []),                                                      # one group of 4 split over 2 ranks
+    ("tree", 2, ["--split_steps=0", "--sde_window=0:1"])])                  # a tree of 2 leaves a rank, a window
+def test_ddp_policy_update_equals_one_process(tmp_path, credit, k, extra):
     args = ["--updates=1", "--trajectories=4", f"--k={k}", f"--group_size={k}", f"--credit={credit}", "--steps=2", "--eval_every=1",
-            "--eval_per_prompt=1", "--eval_steps=2"]
+            "--eval_per_prompt=1", "--eval_steps=2", *extra]
     run("train_policy.py", *args, f"--out_dir={tmp_path / 'one'}")
     run("train_policy.py", *args, f"--out_dir={tmp_path / 'two'}", processes=2)
     single, ddp = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")

@@ -101,6 +101,12 @@ def run_script(*args):
     (["train_reward.py", "--head=mlp"], "--head=mlp: choose one of conv, token"),
     (["train_reward.py", "--sigma_sampling=beta"], "--sigma_sampling=beta: choose one of logit_normal, uniform, zero"),
     (["train_policy.py", "--eval_prompts=no/such/prompts.txt"], "--eval_prompts=no/such/prompts.txt does not exist"),
+    (["train_policy.py", "--credit=tree", "--split_steps=3,1"], "--split_steps=3,1: give increasing steps in [0, 10)"),
+    (["train_policy.py", "--credit=tree", "--split_steps=0", "--sde_window=2:5"], "give increasing steps in [2, 5)"),
+    (["train_policy.py", "--credit=tree", "--trajectories=12"], "--trajectories=12 must be a multiple of --branch^splits=8"),
+    (["train_policy.py", "--sde_window=5:2"], "--sde_window=5:2: give a:b, 0 <= a < b <= --steps=10"),
+    (["train_policy.py", "--sde_window=two:five"], "--sde_window=two:five: expected int values separated by ':'"),
+    (["train_policy.py", "--tree_norm=global"], "--tree_norm=global: choose one of siblings, depth"),
 ])
 def test_bad_input_gives_one_clear_line(args, says):
     result = run_script(*args)

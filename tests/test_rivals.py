@@ -1,0 +1,150 @@
+"""The rivals of issue 19 on the one SDE-candidate core: tree rollouts and SDE windows (training),
+particle search and pruned best-of-N (sampling), the Thurstone loss and the noise ensemble (the DRM).
+Each against an independent reference: numbers by hand, a reference's formula written out from its
+code, a plain Euler loop, or a property that must hold."""
+import math
+
+import pytest
+import torch
+
+import train_policy
+from common import run_main
+from conftest import random_prompts as prompts, random_small_dit as random_dit
+from grpo import credit_advantages, grpo_loss, sample_rollout, sample_tree, tree_advantages
+from model import guided_velocity
+from sample import sigma_schedule
+
+TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
+
+# -----------------------------------------------------------------------------
+# A. Tree rollouts
+
+
+@pytest.mark.ex4_grpo
+def test_tree_advantages_by_hand():
+    """One root, splits at steps 1 and 3 of 5, two children each: leaves (a, b) under the first child,
+    (c, d) under the second, rewards 1, 3, 2, 6."""
+    rewards = torch.tensor([1.0, 3.0, 2.0, 6.0], dtype=torch.float64)
+    eps = 1e-4
+    # level 1: the children's values are their leaves' means, 2 and 4: mean 3, population std 1
+    first = 1 / (1 + eps)
+    # level 2: siblings (1, 3): std 1; siblings (2, 6): std 2
+    second = [-1 / (1 + eps), 1 / (1 + eps), -2 / (2 + eps), 2 / (2 + eps)]
+    expected = torch.tensor([[0.0] * 4,                                   # before the first split: one node
+                             [-first, -first, first, first], [-first, -first, first, first],
+                             second, second], dtype=torch.float64)
+    advantages = tree_advantages(rewards, (1, 3), 2, T=5)
+    assert advantages.shape == (5, 4, 1)
+    assert torch.allclose(advantages.squeeze(-1), expected, atol=1e-12)
+
+
+@pytest.mark.ex4_grpo
+def test_tree_advantages_by_depth_are_branchgrpos_up_to_its_std():
+    """BranchGRPO's compute_hierarchical_advantages_by_depth (fastvideo/train_branchgrpo_flux.py), written
+    out: all of a tree's nodes at one depth together, torch's std (ddof 1), zero when std < 1e-6, else
+    (r - mean) / (std + 1e-8). Ours uses the population std: its advantage = ours x sqrt((n - 1) / n)."""
+    torch.manual_seed(0)
+    rewards = torch.randn(2 * 8, dtype=torch.float64)                  # 2 roots, 3 splits of 2
+    ours = tree_advantages(rewards, (0, 2, 4), 2, T=6, by="depth").squeeze(-1)
+    for root in range(2):
+        leaves = rewards[root * 8:(root + 1) * 8]
+        for depth, step in zip((1, 2, 3), (0, 2, 4)):
+            nodes = leaves.view(2 ** depth, -1).mean(1)
+            std = nodes.std()
+            branchgrpo = torch.zeros_like(nodes) if std < 1e-6 else (nodes - nodes.mean()) / (std + 1e-8)
+            n = len(nodes)
+            mine = ours[step, root * 8:(root + 1) * 8].view(n, -1)
+            assert torch.equal(mine, mine[:, :1].expand_as(mine))          # one value per node
+            assert torch.allclose(mine[:, 0] * math.sqrt((n - 1) / n), branchgrpo, atol=1e-3)
+
+
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
+@pytest.mark.parametrize("cfg_scale", [1.0, 3.0])
+def test_tree_rollout_shares_prefixes_trains_each_edge_once_and_replays(cfg_scale):
+    policy, roots, T = random_dit(), 2, 5
+    cond, uncond = prompts(roots, 1), prompts(roots, 2)
+    noise = torch.randn(roots, 1, 16, 16)
+    tree = sample_tree(policy, noise, cond, uncond, sigma_schedule(T), split_steps=(1, 3), branch=2,
+                       noise_level=0.7, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0))
+    L = roots * 4
+    assert tree.states.shape[:2] == (T, L) and tree.candidates.shape[:3] == (T, L, 1)
+    assert torch.equal(tree.states[0], noise.repeat_interleave(4, 0))
+    nodes, children = [1, 1, 2, 2, 4], [1, 2, 2, 4, 4]                  # a root's states, and edges, a step
+    for t in range(T):
+        distinct = [torch.unique(tree.states[t, r * 4:(r + 1) * 4].flatten(1), dim=0) for r in range(roots)]
+        assert [len(d) for d in distinct] == [nodes[t]] * roots
+        nxt = tree.states[t + 1] if t < T - 1 else tree.final
+        assert torch.equal(tree.candidates[t, :, 0], nxt)
+    # every edge from the first split on is trained once: a root has 2 + 2 + 4 + 4 children at steps 1..4
+    assert tree.trained[0].sum() == 0 and tree.trained.sum() == roots * 12
+    for t in range(1, T):
+        edges = tree.candidates[t, tree.trained[t], 0].flatten(1)
+        assert len(torch.unique(edges, dim=0)) == len(edges) == roots * children[t]
+    assert tree.nfe == roots * sum(nodes) * (2 if cfg_scale != 1 else 1)
+    step_ids, rows = tree.trained.nonzero(as_tuple=True)
+    _, stats = grpo_loss(policy, tree, torch.randn(T, L, 1), step_ids, rows)
+    assert stats["ratio_max_deviation"].item() < 1e-5                    # the stored log-probs replay
+    assert torch.equal(tree.cond[0], cond[0].repeat_interleave(4, 0))    # each leaf keeps its root's prompt
+
+
+@pytest.mark.ex4_grpo
+def test_credit_advantages_slice_a_ranks_trees():
+    rewards = torch.randn(16)
+    tree = type("Rollout", (), {"states": torch.zeros(6, 8)})()
+    whole = tree_advantages(rewards, (0, 3), 2, T=6)
+    mine = credit_advantages("tree", tree, rewards, rows=slice(8, 16), tree=((0, 3), 2, "siblings"))
+    assert torch.equal(mine, whole[:, 8:16])
+
+# -----------------------------------------------------------------------------
+# A. SDE windows
+
+
+def euler(policy, x, sigmas, steps, cond, uncond, cfg_scale):
+    """A plain Euler loop over the given step indices: the reference path outside a window."""
+    for i in steps:
+        x = x + (sigmas[i + 1] - sigmas[i]) * guided_velocity(policy, x, sigmas[i], cond, uncond, cfg_scale)
+    return x
+
+
+@pytest.mark.ex3_sde_step
+def test_a_window_is_the_ode_path_outside_it_and_scores_only_inside():
+    policy, B, T, k = random_dit(), 3, 6, 3
+    cond, uncond = prompts(B, 1), prompts(B, 2)
+    noise, sigmas = torch.randn(B, 1, 16, 16), sigma_schedule(T)
+    scored = []
+    reward = lambda x, sigma, rows: scored.append(sigma[0].item()) or x.mean((1, 2, 3))  # noqa: E731
+    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0, k=k,
+                             reward=reward, window=(2, 4), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(rollout.states[2], euler(policy, noise, sigmas, range(2), cond, uncond, 2.0))
+    assert torch.equal(rollout.final, euler(policy, rollout.states[4], sigmas, range(4, 6), cond, uncond, 2.0))
+    assert not torch.equal(rollout.states[3], euler(policy, rollout.states[2], sigmas, [2], cond, uncond, 2.0))
+    assert scored == [sigmas[3].item(), sigmas[4].item()]                 # the DRM only inside the window
+    assert rollout.trained.tolist() == [[t in (2, 3)] * B for t in range(T)]
+    assert (rollout.rewards[[0, 1, 4, 5]] == 0).all() and rollout.nfe == B * T * 2
+
+
+@pytest.mark.parametrize("credit, window, splits", [
+    pytest.param("stepwise", "1:3", "", marks=TRAINING),
+    pytest.param("sparse", "2:4", "", marks=TRAINING),
+    pytest.param("cosine", "0:2", "", marks=TRAINING),
+    pytest.param("tree", "1:4", "1,3", marks=TRAINING)])
+def test_a_window_trains_exactly_the_steps_inside_it(credit, window, splits, tmp_path, monkeypatch):
+    """The real training loop, its loss spied on: every pair it trains lies in the window, each once, and
+    the DiT passes counted are the rollout's plus those of the trained pairs."""
+    seen = []
+
+    def spy(policy, rollout, advantages, step_ids, rows, **settings):
+        seen.extend(zip(step_ids.tolist(), rows.tolist()))
+        return grpo_loss(policy, rollout, advantages, step_ids, rows, **settings)
+    monkeypatch.setattr(train_policy, "grpo_loss", spy)
+    a, b = map(int, window.split(":"))
+    args = ["--steps=4", "--trajectories=8", "--k=2", "--group_size=4", "--updates=1", "--eval_every=1",
+            "--eval_per_prompt=1", "--eval_steps=2", f"--credit={credit}", f"--sde_window={window}",
+            f"--split_steps={splits or '0'}", f"--out_dir={tmp_path}"]
+    run_main(train_policy.main, train_policy.Config, args)
+    assert len(seen) == len(set(seen)) and {t for t, _ in seen} <= set(range(a, b))
+    if credit != "tree":
+        assert sorted(seen) == [(t, r) for t in range(a, b) for r in range(8)]
+    else:  # 2 roots, splits at 1 and 3: children at steps 1, 2, 3 = 2 + 2 + 4 a root
+        assert len(seen) == 2 * 8
