@@ -1,9 +1,10 @@
 """Sampling from the DiT: Euler on SD3's schedule with classifier-free guidance, DRM-guided search.
 
     python sample.py --prompt="a thick 7 slanted right"          # writes samples.png
-    python sample.py --prompt="a thick 7 slanted right" --k=6    # step-wise: the DRM picks a step
+    python sample.py --prompt="a thick 7 slanted right" --search=stepwise --k=6   # the paper's
+    python sample.py --prompt="a thick 7 slanted right" --search=smc --particles=4  # FK steering
     python sample.py --eval                                       # the annotator's held-out scores
-    python -m bench.search --k=1,2,4,6                            # step-wise against best-of-N
+    python -m bench.search                                        # every search at equal compute
     python sample.py --model=sd3.5-medium --ckpt_dir=stable-diffusion-3.5-medium \
         --prompt="a red fox in snow" --steps=28 --cfg_scale=4.5 --shift=3 --n=4   # public weights
 
@@ -12,8 +13,10 @@ x_next = x + (sigma_next - sigma) v (SD3, Esser et al. 2024). Guidance: v = v_un
 v_uncond) (Ho & Salimans 2022). Step-wise sampling (DRM paper, sec. 4.3): replace each Euler
 step by grpo.py's SDE step, draw k successors from its one mean (one policy pass), score them all
 with the DRM at sigma_next (one batched pass) and keep the best `beam`. It needs no training; it
-trades compute for quality, so it is measured against best-of-N (N whole samples, the DRM picks
-one) at the same wall time.
+trades compute for quality, so it is measured (bench/search.py) against its rivals at the same
+compute: best-of-N (N whole samples, the DRM picks one), particle search (FK steering: N SDE
+particles resampled by their DRM scores) and pruned best-of-N (N ODE trajectories, the DRM keeps
+the best part of them at an intermediate sigma). All are made of grpo.propose's steps.
 """
 import json
 import os
@@ -25,9 +28,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from base import ANNOTATED, ModelFlags, check_model_flags, load_base
-from common import (UserError, autocast, check_at_least, check_numbers, pick_device, print_config,
-                    run_main, save_grid)
-from grpo import propose
+from common import (UserError, autocast, check_at_least, check_choice, check_numbers, parse_numbers,
+                    pick_device, print_config, run_main, save_grid)
+from grpo import passes, propose, take
 from model import compile_regions, guided_velocity
 
 # -----------------------------------------------------------------------------
@@ -102,61 +105,127 @@ def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *
         raise ValueError("k * beam > 1 needs a DRM to rank the successors")
     N, sigmas = noise.shape[0], sigma_schedule(steps, shift).to(noise.device)
     rows = torch.arange(N, device=noise.device).repeat_interleave(beam)   # each beam state's image
-    x, passes = noise.float()[rows], 2 if uncond is not None and cfg_scale != 1 else 1
+    x = noise.float()[rows]
     counts, beam_scores = {"nfe": 0, "drm_calls": 0}, None
     for i in range(steps):
         euler = i >= steps - ode_last
         scored = searching and not euler and ((i + 1) % score_every == 0 or i == steps - 1)
-        step = propose(policy, x, sigmas[i], sigmas[i + 1], tuple(t[rows] for t in cond),
-                       uncond and tuple(t[rows] for t in uncond), cfg_scale=cfg_scale,
-                       noise_level=0 if euler else noise_level, k=k if scored else 1,
-                       generator=generator)
-        counts["nfe"] += x.shape[0] * passes
+        step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, rows), take(uncond, rows),
+                       cfg_scale=cfg_scale, noise_level=0 if euler else noise_level,
+                       k=k if scored else 1, generator=generator)
+        counts["nfe"] += x.shape[0] * passes(uncond, cfg_scale)
         successors = step.candidates.flatten(0, 1)                      # (N * beam * width, ...)
         if not scored:
             x, beam_scores = successors, None
             continue
         owners = rows.repeat_interleave(k)
         sigma = sigmas[i + 1].expand(len(successors))
-        scores = drm(successors, sigma, drm_cond[0][owners], drm_cond[1][owners]).float()
+        scores = drm(successors, sigma, *take(drm_cond, owners)).float()
         counts["drm_calls"] += len(successors)
         # BEGIN SOLUTION ex5_beam_search: per image, the top `beam` of its successors become x
         beam_scores, best = scores.view(N, beam * k).topk(beam, dim=1)    # over all of an image's
         image = torch.arange(N, device=x.device).unsqueeze(1)
         x = successors.view(N, beam * k, *x.shape[1:])[image, best].flatten(0, 1)
         # END SOLUTION
-    if beam == 1:
-        return x, counts
-    if beam_scores is None:  # the last steps were not scored: rank the finished beams at sigma 0
+    # the best of the beam: by its last scores, or (the last steps unscored) by the DRM at sigma 0
+    last = None if beam_scores is None else beam_scores.flatten()
+    return favourite(drm, x, drm_cond, beam, counts, last), counts
+
+
+def favourite(drm, x, drm_cond, n, counts, scores=None):
+    """Each image's DRM favourite among its n samples x (N * n, ...), an image's adjacent, scored at
+    sigma 0 unless scores (N * n,) are given -> (N, ...)."""
+    if n == 1:
+        return x
+    if scores is None:
+        owners = torch.arange(len(x) // n, device=x.device).repeat_interleave(n)
         zeros = torch.zeros(len(x), device=x.device)
-        beam_scores = drm(x, zeros, drm_cond[0][rows], drm_cond[1][rows]).float().view(N, beam)
+        scores = drm(x, zeros, *take(drm_cond, owners)).float()
         counts["drm_calls"] += len(x)
-    best = beam_scores.argmax(1)
-    return x.view(N, beam, *x.shape[1:])[torch.arange(N, device=x.device), best], counts
+    best = scores.view(-1, n).argmax(1)
+    return x.view(-1, n, *x.shape[1:])[torch.arange(len(best), device=x.device), best]
 
 
 @torch.no_grad()
 def best_of_n(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, n=4, steps=20,
               noise_level=0.0, cfg_scale=1.0, shift=1.0, generator=None):
     """n whole samples per image (noise (N * n, ...), an image's adjacent), the DRM's favourite at
-    sigma 0 -> (x0, counts). noise_level 0: ODE samples (sample_ode); > 0: SDE samples."""
-    per_sample = lambda t: tuple(v.repeat_interleave(n, 0) for v in t)  # noqa: E731
-    both = (per_sample(cond), uncond and per_sample(uncond))
-    if noise_level:
-        samples, counts = stepwise_sample(policy, noise, *both, steps=steps, cfg_scale=cfg_scale,
-                                          noise_level=noise_level, shift=shift, generator=generator)
-    else:
-        samples = sample_ode(policy, noise.float(), *both, steps, cfg_scale, shift)
-        passes = 2 if uncond is not None and cfg_scale != 1 else 1
-        counts = {"nfe": len(noise) * steps * passes, "drm_calls": 0}
-    if n == 1:
-        return samples, counts
-    zeros = torch.zeros(len(samples), device=samples.device)
-    scores = drm(samples, zeros, *per_sample(drm_cond)).float()
-    counts["drm_calls"] += len(samples)
-    N = len(samples) // n
-    best = scores.view(N, n).argmax(1)
-    return samples.view(N, n, *samples.shape[1:])[torch.arange(N), best], counts
+    sigma 0 -> (x0, counts). noise_level 0: ODE samples; > 0: SDE samples."""
+    owners = torch.arange(len(noise) // n, device=noise.device).repeat_interleave(n)
+    samples, counts = stepwise_sample(policy, noise, take(cond, owners), take(uncond, owners),
+                                      steps=steps, noise_level=noise_level, cfg_scale=cfg_scale,
+                                      shift=shift, generator=generator)
+    return favourite(drm, samples, drm_cond, n, counts), counts
+
+
+@torch.no_grad()
+def smc_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, particles=4, steps=20,
+               noise_level=0.7, cfg_scale=1.0, shift=1.0, potential="diff", lmbda=10.0,
+               score_every=1, ess_threshold=0.5, generator=None):
+    """Particle search (FK steering, Singhal et al. 2025): `particles` SDE trajectories an image
+    (noise (N * particles, ...), an image's adjacent). At every score_every-th step (and the last)
+    the DRM scores each particle r at sigma_next, and its weight is exp(lmbda G): G = r - r at the
+    particle's last resampling ("diff": the weight accumulated since then) or its ancestors'
+    running max of r ("max"). An image whose effective sample size 1 / sum(w_norm^2) is below
+    ess_threshold x particles resamples them in proportion to w (multinomial). At the end, the
+    DRM's favourite. (FK's code forgets the weights of a step that did not resample: "diff" there
+    is the gain since the last scored step.) -> (x0, counts with "resampled": image-steps)."""
+    N, P = len(noise) // particles, particles
+    owners = torch.arange(N, device=noise.device).repeat_interleave(P)
+    x, sigmas = noise.float(), sigma_schedule(steps, shift).to(noise.device)
+    anchor = torch.zeros(N * P, device=x.device)   # FK's start: the first weights are exp(lmbda r)
+    best = torch.full((N * P,), -torch.inf, device=x.device)
+    counts = {"nfe": 0, "drm_calls": 0, "resampled": 0}
+    for i in range(steps):
+        step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, owners),
+                       take(uncond, owners), cfg_scale=cfg_scale, noise_level=noise_level,
+                       generator=generator)
+        x = step.candidates[:, 0]
+        counts["nfe"] += len(x) * passes(uncond, cfg_scale)
+        if (i + 1) % score_every and i < steps - 1:
+            continue
+        r = drm(x, sigmas[i + 1].expand(len(x)), *take(drm_cond, owners)).float()
+        counts["drm_calls"] += len(x)
+        best = torch.maximum(best, r)
+        log_w = lmbda * ((r - anchor) if potential == "diff" else best).view(N, P)
+        w = torch.softmax(log_w, dim=1)
+        resample = 1 / (w ** 2).sum(1) < ess_threshold * P                 # (N,)
+        if i == steps - 1 or not resample.any():
+            continue
+        picks = torch.multinomial(w.cpu(), P, replacement=True, generator=generator)
+        keep = torch.arange(P).expand(N, P)
+        parents = (torch.where(resample.cpu().unsqueeze(1), picks, keep)
+                   + torch.arange(N).unsqueeze(1) * P).flatten().to(x.device)
+        x, best = x[parents], best[parents]
+        anchor = torch.where(resample.repeat_interleave(P), r[parents], anchor[parents])
+        counts["resampled"] += int(resample.sum())
+    return favourite(drm, x, drm_cond, P, counts, scores=r), counts
+
+
+@torch.no_grad()
+def prune_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, particles=4,
+                 steps=20, cfg_scale=1.0, shift=1.0, prune_at=(0.6,), keep=0.5):
+    """Pruned best-of-N (as TTSnap, arXiv 2511.22242, with the DRM as its noise-aware judge):
+    `particles` ODE trajectories an image (noise (N * particles, ...), an image's adjacent); at the
+    first state whose sigma is at or below each value of prune_at, the DRM scores the survivors
+    there and the best `keep` fraction of each image's (at least one) go on; the DRM's favourite
+    at the end -> (x0, counts)."""
+    N, alive = len(noise) // particles, particles
+    x, sigmas = noise.float(), sigma_schedule(steps, shift).to(noise.device)
+    counts, pending = {"nfe": 0, "drm_calls": 0}, sorted(prune_at, reverse=True)
+    owners = torch.arange(N, device=x.device).repeat_interleave(alive)
+    for i in range(steps):
+        if pending and sigmas[i] <= pending[0]:
+            pending.pop(0)
+            scores = drm(x, sigmas[i].expand(len(x)), *take(drm_cond, owners)).float()
+            counts["drm_calls"] += len(x)
+            top = scores.view(N, alive).topk(max(1, round(alive * keep)), dim=1).indices
+            x = x.view(N, alive, *x.shape[1:])[torch.arange(N).unsqueeze(1), top].flatten(0, 1)
+            alive, owners = top.shape[1], owners.view(N, alive)[:, :top.shape[1]].flatten()
+        x = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, owners), take(uncond, owners),
+                    cfg_scale=cfg_scale, noise_level=0.0).candidates[:, 0]
+        counts["nfe"] += len(x) * passes(uncond, cfg_scale)
+    return favourite(drm, x, drm_cond, alive, counts), counts
 
 # -----------------------------------------------------------------------------
 # Evaluation on held-out prompts: the base's annotator (the toy's), diversity
@@ -202,38 +271,68 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: the b
     out: str = "samples.png"           # image grid (with --eval: a JSON of the scores beside it)
     eval: bool = False                 # score the held-out prompts with the simulated annotator
     per_prompt: int = 20               # with --eval: images per held-out prompt
-    k: int = 0                         # step-wise sampling: SDE successors per step (0: the ODE)
-    beam: int = 1                      # states kept per image (1: the paper's greedy rule)
-    drm: str = "data/drm.safetensors"  # the reward model that ranks successors
-    noise_level: float = 0.7           # SDE noise of the successors (grpo.py's a)
-    score_every: int = 1               # rank successors every this many steps
-    ode_last: int = 0                  # plain Euler for the last this many steps
+    search: str = "ode"                # ode | stepwise | best_of | smc | prune: how the DRM picks
+    drm: str = "data/drm.safetensors"  # the reward model that ranks (every search but ode)
+    k: int = 4                         # stepwise: SDE successors per step
+    beam: int = 1                      # stepwise: states kept per image (1: the paper's greedy)
+    particles: int = 4                 # best_of, smc, prune: trajectories per image
+    noise_level: float = 0.7           # stepwise, smc: SDE noise (grpo.py's a)
+    score_every: int = 1               # stepwise, smc: rank every this many steps
+    ode_last: int = 0                  # stepwise: plain Euler for the last this many steps
+    potential: str = "diff"            # smc: diff (gain since the last resampling) | max
+    lmbda: float = 10.0                # smc: weights exp(lmbda x potential), FK steering's lambda
+    ess_threshold: float = 0.5         # smc: resample below this effective sample size / particles
+    prune_at: str = "0.6"              # prune: the sigmas at which the DRM keeps the best
+    keep: float = 0.5                  # prune: the fraction kept at each
     compile: bool = False              # torch.compile the DiT's and DRM's blocks (model.py)
     device: str = "auto"
 
 
+def width(cfg):
+    """Initial noises an image: the particles of best_of, smc and prune; 1 otherwise."""
+    return cfg.particles if cfg.search in ("best_of", "smc", "prune") else 1
+
+
+def search(cfg, policy, noise, cond, uncond, drm, drm_cond, generator, **sampling):
+    """cfg.search on noise (N * width(cfg), ...), an image's adjacent -> (x0 (N, ...), counts)."""
+    if cfg.search in ("ode", "stepwise"):
+        stepwise = cfg.search == "stepwise"
+        return stepwise_sample(policy, noise, cond, uncond, drm, drm_cond,
+                               k=cfg.k if stepwise else 1, beam=cfg.beam if stepwise else 1,
+                               noise_level=cfg.noise_level if stepwise else 0.0,
+                               score_every=cfg.score_every, ode_last=cfg.ode_last,
+                               generator=generator, **sampling)
+    if cfg.search == "best_of":
+        return best_of_n(policy, noise, cond, uncond, drm, drm_cond, n=cfg.particles, **sampling)
+    if cfg.search == "smc":
+        return smc_sample(policy, noise, cond, uncond, drm, drm_cond, particles=cfg.particles,
+                          noise_level=cfg.noise_level, potential=cfg.potential, lmbda=cfg.lmbda,
+                          score_every=cfg.score_every, ess_threshold=cfg.ess_threshold,
+                          generator=generator, **sampling)
+    return prune_sample(policy, noise, cond, uncond, drm, drm_cond, particles=cfg.particles,
+                        prune_at=parse_numbers(cfg, "prune_at", float), keep=cfg.keep, **sampling)
+
+
 def draw(cfg, base, device, **sampling):
-    """--prompt: cfg.n images of one prompt, by the ODE or (--k) step-wise sampling -> a grid."""
+    """--prompt: cfg.n images of one prompt by cfg.search -> a grid."""
     t0 = time.time()
     prompts = [cfg.prompt] * cfg.n
     cond, uncond = base.encode(prompts)  # the toy: unknown words fail here, before any sampling
     seed = torch.Generator().manual_seed(cfg.seed)
-    noise = initial_noise(base.dit, cfg.n, seed, base.latent_size).to(device)
-    if cfg.k:
+    noise = initial_noise(base.dit, cfg.n * width(cfg), seed, base.latent_size).to(device)
+    drm, drm_cond = None, None
+    if cfg.search != "ode":
         drm, drm_text, _ = base.load_drm(cfg.drm, device)
+        drm_cond = drm_text.encode(prompts)
         if cfg.compile:
             compile_regions(drm.backbone)
-        latents, counts = stepwise_sample(
-            base.dit, noise, cond, uncond, drm, drm_text.encode(prompts), k=cfg.k, beam=cfg.beam,
-            noise_level=cfg.noise_level, score_every=cfg.score_every, ode_last=cfg.ode_last,
-            generator=torch.Generator().manual_seed(cfg.seed + 1), **sampling)
-    else:
-        latents, counts = best_of_n(base.dit, noise, cond, uncond, n=1, **sampling)
+    latents, counts = search(cfg, base.dit, noise, cond, uncond, drm, drm_cond,
+                             torch.Generator().manual_seed(cfg.seed + 1), **sampling)
     images = base.to_images(latents).cpu()
     save_grid(images, cfg.out, nrow=min(cfg.n, 8))
-    print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.steps} steps, per image "
-          f"{counts['nfe'] / cfg.n:.0f} DiT passes, {counts['drm_calls'] / cfg.n:.0f} DRM passes, "
-          f"{(time.time() - t0) / cfg.n:.3f} s")
+    print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.search}, {cfg.steps} steps, "
+          f"per image {counts['nfe'] / cfg.n:.0f} DiT passes, {counts['drm_calls'] / cfg.n:.0f} "
+          f"DRM passes, {(time.time() - t0) / cfg.n:.3f} s")
     return images
 
 
@@ -257,16 +356,22 @@ def evaluate_heldout(cfg, base, **sampling):
 def main(cfg):
     check_numbers(cfg)
     check_model_flags(cfg)
-    check_at_least(cfg, 1, "steps", "n", "per_prompt", "beam", "score_every")
-    check_at_least(cfg, 0, "k", "noise_level", "ode_last")
+    check_choice(cfg, "search", ("ode", "stepwise", "best_of", "smc", "prune"))
+    check_choice(cfg, "potential", ("diff", "max"))
+    check_at_least(cfg, 1, "steps", "n", "per_prompt", "k", "beam", "particles", "score_every")
+    check_at_least(cfg, 0, "noise_level", "ode_last")
+    if not (0 < cfg.keep <= 1 and 0 < cfg.ess_threshold <= 1):
+        raise UserError(f"--keep={cfg.keep}, --ess_threshold={cfg.ess_threshold}: each in (0, 1]")
+    if not all(0 <= sigma <= 1 for sigma in parse_numbers(cfg, "prune_at", float)):
+        raise UserError(f"--prune_at={cfg.prune_at}: sigmas in [0, 1], e.g. 0.6 or 0.8,0.5")
     if not cfg.shift > 0:
         raise UserError(f"--shift={cfg.shift}: SD3's schedule shift is positive "
                         "(1: none; SD3 at 1024 px: 3)")
     extension = os.path.splitext(cfg.out)[1].lower()
     if os.path.isdir(cfg.out) or extension not in Image.registered_extensions():
         raise UserError(f"--out={cfg.out}: give an image file name, e.g. samples.png")
-    if cfg.eval and cfg.k:
-        raise UserError("--eval scores the ODE sampler; step-wise sampling against best-of-N: "
+    if cfg.eval and cfg.search != "ode":
+        raise UserError("--eval scores the ODE sampler; the searches against each other: "
                         "python -m bench.search")
     if cfg.eval and cfg.model not in ANNOTATED:
         raise UserError(f"--eval scores with the toy's simulated annotator; with "

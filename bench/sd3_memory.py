@@ -53,7 +53,7 @@ def main():
     vae_dit = gigabytes(n["VAE"], 2) + gigabytes(n["DiT"], 2)
     frozen_drm = gigabytes(n["DRM"], 4)
     rows = [("sample.py", vae_dit),
-            ("sample.py --k=4 --drm=...", vae_dit + frozen_drm),
+            ("sample.py --search=stepwise --drm=...", vae_dit + frozen_drm),
             ("train_reward.py (DRM trained, AdamW)", gigabytes(n["DRM"], 16, 4) + gigabytes(n["VAE"], 2)),
             ("train_policy.py --lora_rank=16", vae_dit + frozen_drm),
             ("train_policy.py (full fine-tune, AdamW)", gigabytes(n["DiT"], 16, 4) + frozen_drm + gigabytes(n["VAE"], 2))]

@@ -10,9 +10,10 @@ import torch
 import train_policy
 from common import run_main
 from conftest import random_prompts as prompts, random_small_dit as random_dit
-from grpo import credit_advantages, grpo_loss, sample_rollout, sample_tree, tree_advantages
+from grpo import credit_advantages, grpo_loss, sample_rollout, sample_tree, take, tree_advantages
 from model import guided_velocity
-from sample import sigma_schedule
+from sample import best_of_n, prune_sample, sample_ode, sigma_schedule, smc_sample, stepwise_sample
+from test_sample import Recorder
 
 TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
 
@@ -148,3 +149,76 @@ def test_a_window_trains_exactly_the_steps_inside_it(credit, window, splits, tmp
         assert sorted(seen) == [(t, r) for t in range(a, b) for r in range(8)]
     else:  # 2 roots, splits at 1 and 3: children at steps 1, 2, 3 = 2 + 2 + 4 a root
         assert len(seen) == 2 * 8
+
+# -----------------------------------------------------------------------------
+# B. Particle search and pruned best-of-N
+
+
+def constant(x, sigma, context, pooled):
+    return torch.full((len(x),), 3.0)
+
+
+def mean_pixel(x, sigma, context, pooled):
+    return x.flatten(1).mean(1)
+
+
+@pytest.mark.ex3_sde_step
+@pytest.mark.parametrize("potential", ["diff", "max"])
+def test_smc_with_a_constant_potential_never_resamples_and_is_plain_sde_sampling(potential):
+    N, P, steps = 2, 3, 4
+    policy, cond, uncond = random_dit(), prompts(N, 1), prompts(N, 2)
+    noise = torch.randn(N * P, 1, 16, 16)
+    ours, counts = smc_sample(policy, noise, cond, uncond, constant, cond, particles=P, steps=steps, cfg_scale=2.0,
+                              potential=potential, generator=torch.Generator().manual_seed(0))
+    owners = torch.arange(N).repeat_interleave(P)
+    plain, _ = stepwise_sample(policy, noise, take(cond, owners), take(uncond, owners), steps=steps, k=1, noise_level=0.7,
+                               cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert counts["resampled"] == 0
+    assert torch.equal(ours, plain.view(N, P, 1, 16, 16)[:, 0])          # equal weights: the first particle
+
+
+@pytest.mark.ex3_sde_step
+@pytest.mark.parametrize("potential", ["diff", "max"])
+def test_smc_with_one_dominant_particle_keeps_only_its_copies(potential):
+    N, P = 2, 4
+    drm = Recorder(mean_pixel)
+    cond = prompts(N)
+    noise = torch.randn(N * P, 1, 16, 16)
+    noise[::P] += 10                                                      # particle 0 of each image: far ahead
+    smc_sample(random_dit(), noise, cond, None, drm, cond, particles=P, steps=3, potential=potential,
+               generator=torch.Generator().manual_seed(0))
+    first, second = drm.inputs[0].flatten(1).mean(1), drm.inputs[1].flatten(1).mean(1)
+    assert (first > 5).sum() == N                                         # before: one leader an image
+    assert (second > 5).all()                                             # after resampling: its copies only
+
+
+@pytest.mark.ex3_sde_step
+def test_pruning_keeps_the_trajectory_the_drm_prefers():
+    N, P, steps = 2, 4, 6
+    policy, cond, uncond = random_dit(), prompts(N, 1), prompts(N, 2)
+    noise = torch.randn(N * P, 1, 16, 16)
+    noise[2::P] += 3                                                       # the DRM will prefer particle 2
+    ours, counts = prune_sample(policy, noise, cond, uncond, mean_pixel, cond, particles=P, steps=steps,
+                                cfg_scale=2.0, prune_at=(0.7,), keep=0.25)
+    owners = torch.arange(N).repeat_interleave(P)
+    ode = sample_ode(policy, noise, take(cond, owners), take(uncond, owners), steps=steps, cfg_scale=2.0)
+    assert torch.allclose(ours, ode.view(N, P, 1, 16, 16)[:, 2], atol=1e-5)
+    assert counts["drm_calls"] == N * P                                   # one survivor: no final pick
+
+
+@pytest.mark.ex3_sde_step
+@pytest.mark.parametrize("method, settings", [
+    ("smc", dict(particles=3, score_every=2)), ("smc", dict(particles=2, potential="max")),
+    ("prune", dict(particles=4, prune_at=(0.8, 0.4), keep=0.5)), ("prune", dict(particles=3, prune_at=(0.5,), keep=0.7)),
+    ("best_of", dict(n=3))])
+def test_search_counters_match_the_calls_made(method, settings):
+    N, steps = 2, 5
+    policy, drm = Recorder(random_dit()), Recorder(mean_pixel)
+    cond, uncond = prompts(N, 1), prompts(N, 2)
+    width = settings.get("particles", settings.get("n"))
+    sampler = {"smc": smc_sample, "prune": prune_sample, "best_of": best_of_n}[method]
+    extra = dict(generator=torch.Generator().manual_seed(0)) if method == "smc" else {}
+    final, counts = sampler(policy, torch.randn(N * width, 1, 16, 16), cond, uncond, drm, cond, steps=steps,
+                            cfg_scale=2.0, **settings, **extra)
+    assert final.shape == (N, 1, 16, 16)
+    assert counts["nfe"] == policy.passes and counts["drm_calls"] == drm.passes

@@ -145,7 +145,7 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
     moved = [n for n, p in trained.named_parameters() if not torch.equal(p, original.get_parameter(n))]
     assert moved and all(".attn" in n for n in moved)  # LoRA trains the attention projections only
     run("sample.py", *flags, f"--transformer={policy_dir / 'transformer'}", "--prompt=a bowl of ramen", "--n=1",
-        "--steps=2", f"--drm={drm_dir / 'model.safetensors'}", "--k=2", f"--out={tmp_path / 'stepwise.png'}")
+        "--steps=2", f"--drm={drm_dir / 'model.safetensors'}", "--search=stepwise", "--k=2", f"--out={tmp_path / 'stepwise.png'}")
 
 
 @pytest.mark.parametrize("args, says", [
