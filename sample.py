@@ -32,6 +32,7 @@ from common import (UserError, autocast, check_at_least, check_choice, check_num
                     pick_device, print_config, run_main, save_grid)
 from grpo import passes, propose, take
 from model import compile_regions, guided_velocity
+from reward import with_ensemble
 
 # -----------------------------------------------------------------------------
 # The schedule and the sampler: pure functions of tensors and a model callable
@@ -273,6 +274,8 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: the b
     per_prompt: int = 20               # with --eval: images per held-out prompt
     search: str = "ode"                # ode | stepwise | best_of | smc | prune: how the DRM picks
     drm: str = "data/drm.safetensors"  # the reward model that ranks (every search but ode)
+    drm_draws: int = 1                 # its noise ensemble (reward.NoiseEnsemble): states below
+    drm_sigma: float = 0.0             # drm_sigma re-noised to it drm_draws times, scores averaged
     k: int = 4                         # stepwise: SDE successors per step
     beam: int = 1                      # stepwise: states kept per image (1: the paper's greedy)
     particles: int = 4                 # best_of, smc, prune: trajectories per image
@@ -323,16 +326,16 @@ def draw(cfg, base, device, **sampling):
     drm, drm_cond = None, None
     if cfg.search != "ode":
         drm, drm_text, _ = base.load_drm(cfg.drm, device)
-        drm_cond = drm_text.encode(prompts)
         if cfg.compile:
             compile_regions(drm.backbone)
+        drm, drm_cond = with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma), drm_text.encode(prompts)
     latents, counts = search(cfg, base.dit, noise, cond, uncond, drm, drm_cond,
                              torch.Generator().manual_seed(cfg.seed + 1), **sampling)
     images = base.to_images(latents).cpu()
     save_grid(images, cfg.out, nrow=min(cfg.n, 8))
     print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.search}, {cfg.steps} steps, "
           f"per image {counts['nfe'] / cfg.n:.0f} DiT passes, {counts['drm_calls'] / cfg.n:.0f} "
-          f"DRM passes, {(time.time() - t0) / cfg.n:.3f} s")
+          f"DRM scorings, {(time.time() - t0) / cfg.n:.3f} s")
     return images
 
 
@@ -358,12 +361,15 @@ def main(cfg):
     check_model_flags(cfg)
     check_choice(cfg, "search", ("ode", "stepwise", "best_of", "smc", "prune"))
     check_choice(cfg, "potential", ("diff", "max"))
-    check_at_least(cfg, 1, "steps", "n", "per_prompt", "k", "beam", "particles", "score_every")
+    check_at_least(cfg, 1, "steps", "n", "per_prompt", "k", "beam", "particles", "score_every",
+                   "drm_draws")
     check_at_least(cfg, 0, "noise_level", "ode_last")
     if not (0 < cfg.keep <= 1 and 0 < cfg.ess_threshold <= 1):
         raise UserError(f"--keep={cfg.keep}, --ess_threshold={cfg.ess_threshold}: each in (0, 1]")
     if not all(0 <= sigma <= 1 for sigma in parse_numbers(cfg, "prune_at", float)):
         raise UserError(f"--prune_at={cfg.prune_at}: sigmas in [0, 1], e.g. 0.6 or 0.8,0.5")
+    if not 0 <= cfg.drm_sigma < 1:
+        raise UserError(f"--drm_sigma={cfg.drm_sigma}: a sigma in [0, 1)")
     if not cfg.shift > 0:
         raise UserError(f"--shift={cfg.shift}: SD3's schedule shift is positive "
                         "(1: none; SD3 at 1024 px: 3)")

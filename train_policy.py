@@ -38,6 +38,7 @@ from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_a
                     print_config, run_main, save_grid, save_training_state, setup_device)
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout, sample_tree, take
 from model import add_lora, compile_regions, in_chunks
+from reward import with_ensemble
 from sample import evaluate, initial_noise, sigma_schedule
 
 # checkpoints hold whole tensors on the CPU (gathered from the ranks' shards under --fsdp), so any
@@ -48,6 +49,8 @@ WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 @dataclass
 class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where the policy starts
     drm: str = "data/drm.safetensors"  # the reward model
+    drm_draws: int = 1                 # its noise ensemble (reward.NoiseEnsemble): states below
+    drm_sigma: float = 0.0             # drm_sigma re-noised to it drm_draws times, scores averaged
     prompts: str = ""                  # training prompts, one a line (the toy's default: its 80)
     eval_prompts: str = ""             # held-out prompts (the toy: its 10; SD3: 8 of --prompts)
     out_dir: str = "out/policy"
@@ -108,7 +111,7 @@ def check(cfg):
     check_choice(cfg, "tree_norm", ("siblings", "depth"))
     check_at_least(cfg, 2, "k", "group_size", "branch")  # GRPO compares at least 2 samples a group
     check_at_least(cfg, 1, "updates", "trajectories", "steps", "minibatches", "eval_every",
-                   "eval_per_prompt", "eval_steps")
+                   "eval_per_prompt", "eval_steps", "drm_draws")
     check_at_least(cfg, 0, "rollout_batch", "drm_batch")  # rows per pass (0: all at once)
     a, b = window_of(cfg) or (0, cfg.steps)
     splits = parse_numbers(cfg, "split_steps")
@@ -120,6 +123,8 @@ def check(cfg):
         group = "--group_size" if cfg.credit != "tree" else "--branch^splits"
         raise UserError(f"--trajectories={cfg.trajectories} must be a multiple of "
                         f"{group}={group_of(cfg)}")
+    if not 0 <= cfg.drm_sigma < 1:
+        raise UserError(f"--drm_sigma={cfg.drm_sigma}: a sigma in [0, 1)")
     if not 0 < cfg.noise_level:
         raise UserError(f"--noise_level={cfg.noise_level}: GRPO needs a stochastic sampler, "
                         "use > 0 (0.7 is Flow-GRPO's)")
@@ -305,6 +310,7 @@ def build_models(cfg, base, device, ranks):
     print(f"policy: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters ({kind}); "
           f"credit {cfg.credit}")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    drm = with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma)
     return policy, trained, reference, drm, drm_text, optimizer
 
 

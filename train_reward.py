@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from base import ModelFlags, check_model_flags, load_base
 from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_at_least,
-                    check_choice, check_finite, check_numbers, check_weights, print_config,
-                    resume_training_state, run_main, save_training_state, setup_device,
-                    warmup_cosine)
+                    check_choice, check_finite, check_numbers, check_weights, parse_numbers,
+                    print_config, resume_training_state, run_main, save_training_state,
+                    setup_device, warmup_cosine)
 from data.preferences import gold_scores, read_pairs
 from model import add_noise, compile_regions, logit_normal_sigma
-from reward import DRM, HEADS, bradley_terry_loss
+from reward import DRM, HEADS, bradley_terry_loss, thurstone_loss, with_ensemble
 
 CLOSE_GAP = 0.1  # gold gap under which a pair counts as close
 
@@ -50,6 +50,7 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     head: str = "conv"                 # conv (the paper: final layer, convs) | token (mean token)
     head_dropout: float = 0.1          # dropout before the head's last linear layer
     sigma_sampling: str = "logit_normal"  # logit_normal (SD3's) | uniform | zero (clean images)
+    loss: str = "bt"                   # bt (Bradley-Terry, the paper) | thurstone (DiNa-LRM's)
     steps: int = 2000
     batch_size: int = 64               # pairs per step
     lr: float = 1e-4                   # backbone learning rate (AdamW)
@@ -59,6 +60,8 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     grad_clip: float = 1.0
     eval_every: int = 1000
     eval_noise_draws: int = 2          # noise draws per test pair and sigma, averaged
+    drm_draws: int = 1                 # the evaluation's noise ensemble (reward.NoiseEnsemble):
+    drm_sigma: float = 0.0             # states below drm_sigma re-noised to it drm_draws times
     eval_sigmas: str = "0,0.25,0.5,0.75,0.9"  # the noise levels test accuracy is measured at
     eval_batch: int = 256              # test pairs scored at a time
     eval_only: bool = False            # evaluate --drm (default: out_dir's) -> out_dir/eval.json
@@ -92,15 +95,13 @@ def check(cfg):
     check_choice(cfg, "init", ("pretrained", "scratch"))
     check_choice(cfg, "head", HEADS)
     check_choice(cfg, "sigma_sampling", SIGMA_SAMPLING)
-    check_at_least(cfg, 1, "steps", "batch_size", "eval_every", "eval_noise_draws", "eval_batch")
-    try:
-        sigmas = [float(v) for v in cfg.eval_sigmas.split(",")]
-    except ValueError:
-        raise UserError(f"--eval_sigmas={cfg.eval_sigmas}: numbers separated by commas, "
-                        "e.g. 0,0.5,0.9") from None
-    if not all(0 <= s <= 1 for s in sigmas):
-        raise UserError(f"--eval_sigmas={cfg.eval_sigmas}: every sigma must lie in [0, 1] "
-                        "(0 = clean, 1 = pure noise)")
+    check_choice(cfg, "loss", ("bt", "thurstone"))
+    check_at_least(cfg, 1, "steps", "batch_size", "eval_every", "eval_noise_draws", "eval_batch",
+                   "drm_draws")
+    sigmas = parse_numbers(cfg, "eval_sigmas", float)
+    if not sigmas or not all(0 <= s <= 1 for s in sigmas + [cfg.drm_sigma]):
+        raise UserError(f"--eval_sigmas={cfg.eval_sigmas}, --drm_sigma={cfg.drm_sigma}: every "
+                        "sigma must lie in [0, 1] (0 = clean, 1 = pure noise)")
     if not 0 <= cfg.min_confidence <= 1:
         raise UserError(f"--min_confidence={cfg.min_confidence}: a probability in [0, 1] "
                         "(0 keeps every pair)")
@@ -180,7 +181,8 @@ def evaluate_only(cfg, device, eval_sigmas):
     path = cfg.drm or os.path.join(cfg.out_dir, "model.safetensors")
     base = load_base(cfg, device)
     drm, text, meta = base.load_drm(path, device)
-    results = evaluate(drm, load_split(cfg, "test", base, text, device), eval_sigmas,
+    results = evaluate(with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma),
+                       load_split(cfg, "test", base, text, device), eval_sigmas,
                        cfg.eval_noise_draws, batch=cfg.eval_batch)
     columns = list(next(iter(results.values())))
     print(f"test accuracy of {path} (close pairs: a gold gap under {CLOSE_GAP})")
@@ -206,7 +208,8 @@ def train_step(cfg, model, optimizer, train, mine, step, advice):
         rewards = model(torch.cat([x_win, x_lose]), torch.cat([sigma, sigma]),
                         torch.cat([train.context[idx]] * 2), torch.cat([train.pooled[idx]] * 2))
     reward_win, reward_lose = rewards.chunk(2)
-    loss = bradley_terry_loss(reward_win, reward_lose).mean()
+    loss = (bradley_terry_loss(reward_win, reward_lose) if cfg.loss == "bt"
+            else thurstone_loss(reward_win, reward_lose, sigma)).mean()
     for group in optimizer.param_groups:
         group["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, group["peak"])
     optimizer.zero_grad(set_to_none=True)
@@ -222,7 +225,8 @@ def train_step(cfg, model, optimizer, train, mine, step, advice):
 def evaluate_and_save(cfg, run_dir, base, drm, optimizer, test, eval_sigmas, *, step, running,
                       minutes):
     """Test accuracy; refuse to save a diverged DRM; save the DRM and train state; log one line."""
-    results = evaluate(drm, test, eval_sigmas, cfg.eval_noise_draws, batch=cfg.eval_batch
+    results = evaluate(with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma), test, eval_sigmas,
+                       cfg.eval_noise_draws, batch=cfg.eval_batch
                        ) if run_dir.main else {}
     figures = {f"{sigma} {key}": value for sigma, r in results.items() for key, value in r.items()}
     check_finite(figures, step, "test evaluation", run_dir.advice())

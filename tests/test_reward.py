@@ -11,7 +11,7 @@ import train_reward
 from common import UserError
 from data.preferences import read_pairs
 from model import DiTConfig, build_dit
-from reward import DRM, bradley_terry_loss, read_drm, save_drm
+from reward import DRM, bradley_terry_loss, read_drm, save_drm, thurstone_loss
 
 SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=4, heads=2, context_dim=16,
                   pooled_dim=16, pos_embed_max_size=4, qk_norm=True)
@@ -57,8 +57,9 @@ def test_gradients_reach_backbone_and_head():
 
 
 @pytest.mark.ex2_drm
-def test_drm_learns_a_separable_pair_set():
-    """Winners are bright squares, losers dark ones: a few steps reach 100% at low noise."""
+@pytest.mark.parametrize("loss_name", ["bt", "thurstone"])
+def test_drm_learns_a_separable_pair_set(loss_name):
+    """Winners are bright squares, losers dark ones: a few steps reach 100% at low noise, with either loss."""
     torch.manual_seed(0)
     drm = DRM.from_scratch(SMALL, drop_last=2).train()
     n = 32
@@ -71,7 +72,8 @@ def test_drm_learns_a_separable_pair_set():
         sigma = torch.rand(n) * 0.5
         rewards = drm(torch.cat([winners, losers]), torch.cat([sigma, sigma]), torch.cat([context] * 2),
                       torch.cat([pooled] * 2))
-        loss = bradley_terry_loss(*rewards.chunk(2)).mean()
+        win, lose = rewards.chunk(2)
+        loss = (bradley_terry_loss(win, lose) if loss_name == "bt" else thurstone_loss(win, lose, sigma)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -12,6 +12,7 @@ from common import run_main
 from conftest import random_prompts as prompts, random_small_dit as random_dit
 from grpo import credit_advantages, grpo_loss, sample_rollout, sample_tree, take, tree_advantages
 from model import guided_velocity
+from reward import thurstone_loss, with_ensemble
 from sample import best_of_n, prune_sample, sample_ode, sigma_schedule, smc_sample, stepwise_sample
 from test_sample import Recorder
 
@@ -222,3 +223,39 @@ def test_search_counters_match_the_calls_made(method, settings):
                             cfg_scale=2.0, **settings, **extra)
     assert final.shape == (N, 1, 16, 16)
     assert counts["nfe"] == policy.passes and counts["drm_calls"] == drm.passes
+
+# -----------------------------------------------------------------------------
+# C. The DRM beside DiNa-LRM: the Thurstone loss and the noise ensemble
+
+
+def test_thurstone_loss_is_dina_lrms():
+    """diffusion_rm/train/engine.py's compute_loss, model_type "thurstone", written out per pair with
+    math.erf: var = 2 sigma^2 + 0.05, p = Phi((s_c - s_r) / sqrt(var + var + 1e-6)), loss 1 - sqrt(p + 1e-6)."""
+    torch.manual_seed(0)
+    win, lose, sigma = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64), torch.rand(16, dtype=torch.float64)
+    ours = thurstone_loss(win, lose, sigma)
+    for i in range(16):
+        var = 2.0 * sigma[i].item() ** 2 + 0.05
+        cur = (win[i].item() - lose[i].item()) / (var + var + 1e-6) ** 0.5
+        p = 0.5 * (1 + math.erf(cur / math.sqrt(2)))
+        assert ours[i].item() == pytest.approx(1 - math.sqrt(p + 1e-6), abs=1e-12)
+    margin = torch.tensor([0.5, 0.5])
+    low, high = thurstone_loss(margin, torch.zeros(2), torch.tensor([0.1, 0.9]))
+    assert high > low                                     # the same margin is less sure at higher noise
+
+
+def test_noise_ensemble_carries_states_forward_by_the_flow_and_averages():
+    drm = Recorder(mean_pixel)
+    x0, z = torch.randn(4, 1, 64, 64), torch.randn(4, 1, 64, 64)
+    sigma = torch.tensor([0.0, 0.1, 0.3, 0.6])
+    x = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * z
+    ensemble = with_ensemble(drm, 3, 0.3)
+    scores = ensemble(x, sigma, *prompts(4))
+    assert len(drm.inputs) == 3
+    draws = torch.stack(drm.inputs)                       # (3, 4, 1, 64, 64)
+    assert torch.allclose(scores, draws.flatten(2).mean(2).mean(0), atol=1e-6)
+    for row, u in ((0, 0.3), (1, 0.3)):                   # below 0.3: (1 - u) x0 + u z', z' fresh
+        residual = (draws[:, row] - (1 - u) * x0[row]) / u
+        assert residual.mean().abs() < 0.05 and (residual.std() - 1).abs() < 0.05
+    assert torch.equal(draws[:, 2:], x[2:].expand(3, -1, -1, -1, -1))   # at or above 0.3: as it is
+    assert with_ensemble(drm, 1, 0.0) is drm
