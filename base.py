@@ -10,15 +10,17 @@ world they are in:
 | `dit`, `latent_size` | the tiny DiT of --base; 32 (pixels) | the pipeline's transformer; resolution / 8 |
 | `train_prompts(path)` | a file, or data/world.py's 80 captions | a file (required) |
 | `heldout_prompts(path, train)` | a file, or the 10 held-out captions | a file, or the first 8 training prompts |
-| `encode(prompts)` | the toy text encoder (word ids) | CLIP-L, CLIP-G and T5, SD3's embedding |
+| `prepare(prompts, cache_dir)` | nothing | each prompt embedded once (a disk cache), then the encoders and VAE leave the GPU |
+| `encode(prompts)` | the toy text encoder (word ids) | the embeddings looked up (CLIP-L, CLIP-G and T5, SD3's) |
 | `finish(x)`, `to_images(x)` | pixels clamped to [-1, 1]; the same | latents as they are; the VAE's decoding |
 | `judge(images, prompts)` | the simulated annotator's scores of each image (gold, ...) | {} (no annotator) |
 | `pair_tensors(pairs, cache)` | the PNGs, checked against the DiT's size | VAE latents, each image encoded once, cached |
 | `load_drm(path)`, `save_drm(...)` | the DRM file carries the toy text encoder | the pipeline's encoders, not stored again |
-| `save_policy(out_dir, dit, step)` | out_dir/model.safetensors (a --base for sample.py) | out_dir/transformer (diffusers' layout) |
+| `save_policy(out_dir, state, ...)` | out_dir/model.safetensors, LoRA folded (a --base) | out_dir/lora (diffusers' LoRA format), or out_dir/transformer |
 
 `encode` returns (cond, uncond): the prompts' (context, pooled) and the empty prompt's at the same batch
-size, for classifier-free guidance.
+size, for classifier-free guidance (SD3 looks the empty prompt up once and expands it; the toy encodes it
+per row, which keeps its published figures bitwise: its encoder's rounding depends on the batch).
 """
 import dataclasses
 import os
@@ -46,6 +48,7 @@ class ModelFlags:
     t5: bool = True              # SD3: load T5-XXL (--t5=false: zeros in its place, as SD3 allows; 9.5 GB less)
     resolution: int = 1024       # SD3: image side in pixels (the DiT samples latents of side resolution / 8)
     transformer: str = ""        # SD3: a DiT to use in place of the pipeline's (train_policy.py writes out_dir/transformer)
+    lora: str = ""               # SD3: a LoRA in diffusers' format folded into the DiT (train_policy.py writes out_dir/lora)
 
 
 def check_model_flags(cfg):
@@ -54,6 +57,8 @@ def check_model_flags(cfg):
         raise UserError(f"--model={cfg.model}: choose toy or one of {', '.join(SD3_MODELS)}")
     if cfg.model != "toy" and not cfg.ckpt_dir:
         raise UserError(f"--model={cfg.model} needs --ckpt_dir: a diffusers pipeline folder or a Stability .safetensors")
+    if cfg.model == "toy" and cfg.lora:
+        raise UserError("--lora is for SD3 models; a toy policy trained with LoRA is saved whole: pass it as --base")
 
 
 def load_base(cfg, device):
@@ -152,9 +157,13 @@ class ToyBase:
         meta = {**meta, "model": "toy", "text_config": dataclasses.asdict(encoder.config)}
         save_drm(path, drm, step, meta, dtype, {"text": encoder})
 
-    def save_policy(self, out_dir, dit, step):
-        """The policy as a toy base checkpoint, out_dir/model.safetensors (sample.py --base=... reads it)."""
-        save_toy_base(os.path.join(out_dir, "model.safetensors"), dit, self.text.encoder, step)
+    def prepare(self, prompts, cache_dir=""):
+        """Nothing to do: the toy's encoder costs nothing (SD3Base embeds a run's prompts once)."""
+
+    def save_policy(self, out_dir, state, config, lora_rank, step):
+        """The policy (LoRA folded in) as a toy base checkpoint, out_dir/model.safetensors (a --base)."""
+        save_toy_base(os.path.join(out_dir, "model.safetensors"), plain_dit(state, config, lora_rank),
+                      self.text.encoder, step)
 
 
 def read_prompts(path, flag, default):

@@ -432,6 +432,12 @@ def pick_device(requested="auto"):
     return device
 
 
+def frozen_dtype(device):
+    """The dtype of frozen weights (a base model, the DRM while it scores): bf16 on a GPU, float32 elsewhere
+    (bf16 matmuls are ~30x slower on a CPU)."""
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def autocast(device):
     """The forward passes' precision: bf16 autocast on a GPU (half the activation memory, tensor cores), float32 elsewhere."""
     return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
@@ -584,9 +590,14 @@ def load_training_state(path, device):
     return state
 
 
-def check_state_fits(path, name, module, saved):
-    """A train state of a run with other settings (preset, LoRA, depth cut) gets a plain error, not a traceback."""
-    check_keys({k: v.shape for k, v in module.state_dict().items()}, {k: v.shape for k, v in saved.items()},
+def check_state_fits(path, name, module, saved, trained_only=False):
+    """A train state of a run with other settings (preset, LoRA, depth cut) gets a plain error, not a traceback.
+    trained_only: the state holds the module's trainable tensors alone (a LoRA run's adapters)."""
+    expected = {k: v.shape for k, v in module.state_dict().items()}
+    if trained_only:
+        trainable = {k for k, p in module.named_parameters() if p.requires_grad}
+        expected = {k: v for k, v in expected.items() if k in trainable}
+    check_keys(expected, {k: v.shape for k, v in saved.items()},
                path, f"this run's {name}; resume with the flags it was written with (saved in it under 'config') "
                "or use a new --out_dir")
 

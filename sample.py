@@ -28,8 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from base import ANNOTATED, ModelFlags, check_model_flags, load_base
-from common import (UserError, autocast, check_at_least, check_choice, check_numbers, parse_numbers,
-                    pick_device, print_config, run_main, save_grid)
+from common import (UserError, autocast, check_at_least, check_choice, check_numbers, frozen_dtype,
+                    parse_numbers, pick_device, print_config, run_main, save_grid)
 from grpo import passes, propose, take
 from model import compile_regions, guided_velocity
 from reward import with_ensemble
@@ -320,12 +320,14 @@ def draw(cfg, base, device, **sampling):
     """--prompt: cfg.n images of one prompt by cfg.search -> a grid."""
     t0 = time.time()
     prompts = [cfg.prompt] * cfg.n
+    base.prepare(prompts)                # SD3: embedded once; the text encoders leave the GPU
     cond, uncond = base.encode(prompts)  # the toy: unknown words fail here, before any sampling
     seed = torch.Generator().manual_seed(cfg.seed)
     noise = initial_noise(base.dit, cfg.n * width(cfg), seed, base.latent_size).to(device)
     drm, drm_cond = None, None
     if cfg.search != "ode":
         drm, drm_text, _ = base.load_drm(cfg.drm, device)
+        drm.to(frozen_dtype(device))     # bf16 on a GPU
         if cfg.compile:
             compile_regions(drm.backbone)
         drm, drm_cond = with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma), drm_text.encode(prompts)

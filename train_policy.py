@@ -21,6 +21,7 @@ held-out prompts with fixed seeds, scored by the DRM and, in the toy, by the sim
 (gold, never seen in training); one JSON line in OUT_DIR/metrics.jsonl, a grid PNG, a checkpoint.
 """
 import copy
+import dataclasses
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -31,11 +32,12 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from base import ModelFlags, check_model_flags, load_base, plain_dit
+from base import ModelFlags, check_model_flags, load_base
 from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_at_least,
                     check_choice, check_finite, check_numbers, check_resumed_config,
                     check_state_fits, check_weights, load_training_state, parse_numbers,
-                    print_config, run_main, save_grid, save_training_state, setup_device)
+                    frozen_dtype, print_config, run_main, save_grid, save_training_state,
+                    setup_device)
 from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout, sample_tree, take
 from model import add_lora, compile_regions, in_chunks
 from reward import with_ensemble
@@ -246,12 +248,14 @@ def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
 
 
 def save_run(cfg, run_dir, base, policy, optimizer, *, step, counters, generator):
-    """The policy (LoRA folded in) and the train state; every rank takes part (FSDP gathers)."""
+    """The policy and the train state (with LoRA: the adapters and their optimizer state alone; the
+    frozen weights are the base's); every rank takes part (FSDP gathers)."""
     policy_state, optimizer_state = get_state_dict(policy, optimizer, options=WHOLE)
     if run_dir.main:
-        base.save_policy(cfg.out_dir, plain_dit(policy_state, policy.config, cfg.lora_rank), step)
+        base.save_policy(cfg.out_dir, policy_state, policy.config, cfg.lora_rank, step)
+        trained = {k: v for k, v in policy_state.items() if ".lora_" in k or not cfg.lora_rank}
         save_training_state(run_dir.file("train_state.pt"), {
-            "policy": policy_state, "optimizer": optimizer_state, "step": step,
+            "policy": trained, "optimizer": optimizer_state, "step": step,
             "counters": counters, "torch_rng": torch.get_rng_state(),
             "generator": generator.get_state(), "config": asdict(cfg)})
     run_dir.last_saved = step
@@ -289,7 +293,7 @@ def build_models(cfg, base, device, ranks):
     reference, drm, drm_text, optimizer)."""
     policy = base.dit if cfg.lora_rank else base.dit.float()
     drm, drm_text, _ = base.load_drm(cfg.drm, device)
-    drm.requires_grad_(False)
+    drm.requires_grad_(False).to(frozen_dtype(device))  # bf16 on a GPU
     reference = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_weight > 0 else None
     if cfg.lora_rank > 0:
         torch.manual_seed(cfg.seed)  # the adapters' init: the seed's alone, whatever loaded before
@@ -316,9 +320,11 @@ def build_models(cfg, base, device, ranks):
 
 def resume_run(cfg, run_dir, state, policy, optimizer, generator):
     """The saved policy, optimizer and random streams back in place -> (update, counters)."""
-    check_state_fits(run_dir.file("train_state.pt"), "policy", policy, state["policy"])
+    check_state_fits(run_dir.file("train_state.pt"), "policy", policy, state["policy"],
+                     trained_only=cfg.lora_rank > 0)
+    options = dataclasses.replace(WHOLE, strict=not cfg.lora_rank)  # LoRA: the adapters alone
     set_state_dict(policy, optimizer, model_state_dict=state["policy"],
-                   optim_state_dict=state["optimizer"], options=WHOLE)
+                   optim_state_dict=state["optimizer"], options=options)
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr  # the flag, not the saved value: a resume may lower it
     generator.set_state(state["generator"])
@@ -348,6 +354,7 @@ def main(cfg):
         base = load_base(cfg, device)
         train_prompts = base.train_prompts(cfg.prompts)
         heldout = base.heldout_prompts(cfg.eval_prompts, train_prompts)
+        base.prepare(train_prompts + heldout, run_dir.file("cache"))  # SD3: embedded once, cached
         policy, trained, reference, drm, drm_text, optimizer = build_models(cfg, base, device,
                                                                             ranks)
         generator = torch.Generator().manual_seed(cfg.seed)  # the rollouts' prompts, noise, picks

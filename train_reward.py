@@ -112,13 +112,20 @@ def check(cfg):
 
 @dataclass
 class Pairs:
-    """A split's preference pairs as tensors: path1 (the labelled winner) and path2 of each, the
-    prompt's embedding, and (the toy) the two gold scores, which only evaluation reads."""
+    """A split's preference pairs as tensors: path1 (the labelled winner) and path2 of each, its
+    prompt, and (the toy) the two gold scores, which only evaluation reads. Embeddings are kept
+    once per distinct prompt, and on the CPU (a batch's go to the device)."""
     winners: torch.Tensor       # (N, C, H, W)
     losers: torch.Tensor        # (N, C, H, W)
-    context: torch.Tensor       # (N, L, context_dim)
-    pooled: torch.Tensor        # (N, pooled_dim)
+    prompt: torch.Tensor        # (N,): each pair's row of context and pooled
+    context: torch.Tensor       # (P, L, context_dim), P distinct prompts
+    pooled: torch.Tensor        # (P, pooled_dim)
     gold: torch.Tensor | None   # (N, 2) or None
+
+    def text(self, rows, device):
+        """(context, pooled) of the pairs `rows` (a tensor or a slice) on `device`."""
+        index = self.prompt[rows]
+        return self.context[index].to(device), self.pooled[index].to(device)
 
 
 def load_split(cfg, split, base, text, device):
@@ -137,9 +144,11 @@ def load_split(cfg, split, base, text, device):
         pairs = kept
     winners, losers = base.pair_tensors(pairs, os.path.join(cfg.out_dir, "cache"))
     distinct = sorted({pair["prompt"] for pair in pairs})  # each prompt encoded once
+    base.prepare(distinct, os.path.join(cfg.out_dir, "cache"))    # SD3: embedded once, cached
+    row = {prompt: i for i, prompt in enumerate(distinct)}
     context, pooled = text.encode(distinct)
-    index = torch.tensor([distinct.index(pair["prompt"]) for pair in pairs], device=device)
-    return Pairs(winners.to(device), losers.to(device), context[index], pooled[index],
+    return Pairs(winners.to(device), losers.to(device),
+                 torch.tensor([row[pair["prompt"]] for pair in pairs]), context.cpu(), pooled.cpu(),
                  gold_scores(pairs))
 
 
@@ -159,7 +168,7 @@ def evaluate(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
                 sigma = torch.full((len(w),), sigma_value, device=device)
                 x = torch.cat([add_noise(w, sigma, torch.randn(w.shape, generator=g).to(device)),
                                add_noise(l, sigma, torch.randn(l.shape, generator=g).to(device))])
-                text = (torch.cat([t[i:i + batch]] * 2) for t in (pairs.context, pairs.pooled))
+                text = (torch.cat([t] * 2) for t in pairs.text(slice(i, i + batch), device))
                 rewards = drm(x, torch.cat([sigma, sigma]), *text).float().cpu()
                 margin[i:i + len(w)] += (rewards[:len(w)] - rewards[len(w):]) / noise_draws
         first = margin > 0
@@ -206,7 +215,7 @@ def train_step(cfg, model, optimizer, train, mine, step, advice):
     idx, sigma = idx[mine], sigma[mine]
     with autocast(device):
         rewards = model(torch.cat([x_win, x_lose]), torch.cat([sigma, sigma]),
-                        torch.cat([train.context[idx]] * 2), torch.cat([train.pooled[idx]] * 2))
+                        *(torch.cat([t] * 2) for t in train.text(idx, device)))
     reward_win, reward_lose = rewards.chunk(2)
     loss = (bradley_terry_loss(reward_win, reward_lose) if cfg.loss == "bt"
             else thurstone_loss(reward_win, reward_lose, sigma)).mean()

@@ -12,7 +12,7 @@ import os
 import re
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from common import CheckpointError, assign_from_files, atomic_write, check_keys, read_safetensors_header
 from model import DiTConfig, build_dit, export_state_dict
@@ -212,3 +212,54 @@ def save_sd3(dit, path, layout="diffusers"):
         with open(tmp, "w") as f:
             json.dump(diffusers_config, f, indent=2)
     atomic_write(os.path.join(path, "config.json"), write_config)
+
+# -----------------------------------------------------------------------------
+# LoRA in diffusers' format: what StableDiffusion3Pipeline.load_lora_weights reads
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def save_lora(state, path, scaling=1.0):
+    """A policy's LoRA adapters (its state dict's `<linear>.lora_A` (r, in) and `.lora_B` (out, r),
+    our names) -> path/pytorch_lora_weights.safetensors with keys `transformer.<diffusers module>.
+    lora_A.weight` / `.lora_B.weight`. A fused qkv adapter B A splits exactly into q, k and v
+    adapters that share A, B's three row blocks; the scaling alpha / r is folded into B (diffusers
+    takes alpha = r, scale 1, when the file names none)."""
+    tensors = {}
+    for key in sorted(k for k in state if k.endswith(".lora_A")):
+        linear = key[:-len(".lora_A")]
+        their_names = _diffusers_names(linear + ".weight")
+        for their_name, b in zip(their_names, (state[linear + ".lora_B"] * scaling).chunk(len(their_names))):
+            stem = "transformer." + their_name[:-len(".weight")]
+            tensors[stem + ".lora_A.weight"] = state[key].detach().float().cpu().clone()  # one copy each
+            tensors[stem + ".lora_B.weight"] = b.detach().float().cpu().contiguous()
+    if not tensors:
+        raise ValueError("save_lora: the state holds no LoRA adapter")
+    os.makedirs(path, exist_ok=True)
+    atomic_write(os.path.join(path, LORA_FILE), lambda tmp: save_file(tensors, tmp))
+
+
+def fold_lora(dit, path):
+    """Add a diffusers-format LoRA (a folder with pytorch_lora_weights.safetensors, or the file) to the
+    DiT's weights, in place: each target's B A (q, k and v concatenated for a fused qkv). -> dit."""
+    file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
+    if not os.path.isfile(file):
+        raise CheckpointError(f"--lora={path}: no {LORA_FILE} there (train_policy.py --lora_rank writes "
+                              "out_dir/lora)")
+    tensors = {k[len("transformer."):]: v for k, v in load_file(file).items() if k.startswith("transformer.")}
+    params = dict(dit.named_parameters())
+    with torch.no_grad():
+        for name in params:
+            stems = [n[:-len(".weight")] for n in _diffusers_names(name)] if name.endswith(".weight") else []
+            if stems and all(s + ".lora_A.weight" in tensors for s in stems):
+                delta = torch.cat([tensors[s + ".lora_B.weight"] @ tensors[s + ".lora_A.weight"] for s in stems])
+                if delta.shape != params[name].shape:
+                    raise CheckpointError(f"--lora={path}: its update of {name} is {tuple(delta.shape)}, the "
+                                          f"DiT's weight {tuple(params[name].shape)}: a LoRA of another model")
+                params[name] += delta.to(params[name])
+                for s in stems:
+                    del tensors[s + ".lora_A.weight"], tensors[s + ".lora_B.weight"]
+    if tensors:
+        raise CheckpointError(f"--lora={path}: {len(tensors)} tensors match no layer of this DiT, e.g. "
+                              f"{sorted(tensors)[:3]}: a LoRA of another model")
+    return dit

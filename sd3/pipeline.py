@@ -13,6 +13,7 @@ SD3Base gives what base.py's table lists, as the toy's ToyBase does, from a diff
 or Stability's single file (DiT + VAE) as --ckpt_dir with such a folder, or Stability's
 text_encoders/{clip_l,clip_g,t5xxl_fp16}.safetensors beside diffusers' tokenizer folders, as --text_dir.
 """
+import contextlib
 import hashlib
 import json
 import os
@@ -24,29 +25,71 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from common import CheckpointError, UserError, atomic_write, read_text
-from model import PRESETS
+from common import CheckpointError, UserError, atomic_write, frozen_dtype, read_text
+from model import PRESETS, build_dit
 from reward import read_drm, save_drm
-from sd3.mmdit import load_sd3, save_sd3
+from sd3.mmdit import fold_lora, load_sd3, save_lora, save_sd3
 from sd3.text import load_clip, load_t5, sd3_prompt_embedding
 from sd3.tokenizers import CLIPTokenizer, T5Tokenizer
 from sd3.vae import load_vae
 
 class SD3Text(nn.Module):
-    """SD3's prompt encoding: three tokenizers and encoders -> (context (B, 77 + 256, 4096), pooled (B, 2048))."""
+    """SD3's prompt encoding: three tokenizers and encoders -> (context (B, 77 + 256, 4096), pooled (B, 2048)).
 
-    def __init__(self, clip_l, clip_g, t5, tokenizers, context_dim=4096):
+    The lean recipe: `prepare` embeds a run's prompts once (read from, and added to, a disk cache keyed by the
+    encoders and the prompt, when a cache folder is given), then the encoders leave the GPU; `encode` looks the
+    embeddings up (kept in memory, or read from the cache's files), on `device`."""
+
+    def __init__(self, clip_l, clip_g, t5, tokenizers, context_dim=4096, identity="", device="cpu"):
         super().__init__()
         self.clip_l, self.clip_g, self.t5 = clip_l, clip_g, t5
         self.tokenizers = tokenizers  # CLIP-L's, CLIP-G's, T5's
         self.context_dim = context_dim  # T5's width, the DiT's context_dim
+        self.identity, self.device = identity, torch.device(device)  # the encoders' files; where results go
+        self.memory, self.folder = {}, None  # prompt -> (context, pooled) on the CPU; or the disk cache's folder
 
     @torch.no_grad()
-    def encode(self, prompts):
+    def run_encoders(self, prompts):
         device = self.clip_l.text_projection.weight.device
         ids = [tokenizer(prompts).to(device) for tokenizer in self.tokenizers]
         t5 = self.t5(ids[2]) if self.t5 is not None else None
         return sd3_prompt_embedding(self.clip_l(ids[0]), self.clip_g(ids[1]), t5, self.context_dim)
+
+    def file(self, prompt):
+        return os.path.join(self.folder, hashlib.sha256(prompt.encode()).hexdigest()[:32] + ".safetensors")
+
+    def prepare(self, prompts, cache_dir="", batch=8):
+        """Embed each distinct prompt not yet embedded (in batches, on the encoders' device), then move the
+        encoders to the CPU. cache_dir: keep the embeddings there, one file a prompt, reused by later runs."""
+        if cache_dir:
+            key = hashlib.sha256(self.identity.encode()).hexdigest()[:16]
+            self.folder = os.path.join(cache_dir, f"prompts_{key}")
+            os.makedirs(self.folder, exist_ok=True)
+        missing = [p for p in dict.fromkeys(prompts) if not self.has(p)]
+        for i in tqdm(range(0, len(missing), batch), desc="embedding prompts", disable=len(missing) <= batch):
+            chunk = missing[i:i + batch]
+            for prompt, context, pooled in zip(chunk, *(t.cpu() for t in self.run_encoders(chunk))):
+                if self.folder:
+                    atomic_write(self.file(prompt), lambda tmp, c=context, p=pooled: save_file(
+                        {"context": c.contiguous(), "pooled": p.contiguous()}, tmp))
+                else:
+                    self.memory[prompt] = (context, pooled)
+        self.to("cpu")  # the encoders are done: rollouts and updates run without them
+
+    def has(self, prompt):
+        return prompt in self.memory or bool(self.folder) and os.path.exists(self.file(prompt))
+
+    def lookup(self, prompt):
+        if prompt in self.memory:
+            return self.memory[prompt]
+        tensors = load_file(self.file(prompt))
+        return tensors["context"], tensors["pooled"]
+
+    def encode(self, prompts):
+        """(context, pooled) of the prompts on `device`; a prompt not prepared is embedded now."""
+        self.prepare([p for p in prompts if not self.has(p)])
+        stored = {p: self.lookup(p) for p in dict.fromkeys(prompts)}  # each distinct prompt read once
+        return tuple(torch.stack([stored[p][i] for p in prompts]).to(self.device) for i in (0, 1))
 
 
 def find_part(folders, names, what):
@@ -66,8 +109,10 @@ class SD3Base:
     def __init__(self, cfg, device):
         if not os.path.exists(cfg.ckpt_dir):
             raise UserError(f"--ckpt_dir={cfg.ckpt_dir} does not exist")
-        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32  # float32 on CPUs (bf16 is slow)
+        dtype, self.device = frozen_dtype(device), torch.device(device)
         self.dit = load_sd3(cfg.transformer or cfg.ckpt_dir, dtype, device)
+        if cfg.lora:  # a LoRA train_policy.py wrote (out_dir/lora), folded into the weights
+            fold_lora(self.dit, cfg.lora)
         if cfg.model != "sd3" and self.dit.config != PRESETS[cfg.model]:
             raise CheckpointError(f"--ckpt_dir={cfg.ckpt_dir} holds a DiT of config {self.dit.config}, not {cfg.model}'s "
                                   f"{PRESETS[cfg.model]}; name the right --model, or --model=sd3 to take it as it is")
@@ -88,15 +133,31 @@ class SD3Base:
     def heldout_prompts(self, path, train_prompts):
         return read_prompts(path, "--eval_prompts=") if path else train_prompts[:8]
 
+    def prepare(self, prompts, cache_dir=""):
+        """The lean recipe: the prompts' (and the empty prompt's) embeddings computed once (cached in cache_dir),
+        then the text encoders and the VAE leave the GPU; the VAE comes back only to decode or encode images."""
+        self.text.prepare([*prompts, ""], cache_dir)
+        self.vae.to("cpu")
+
     def encode(self, prompts):
-        return self.text.encode(prompts), self.text.encode([""] * len(prompts))
+        """(cond, uncond): the prompts' embeddings, and the empty prompt's, looked up once for the batch."""
+        uncond = self.text.encode([""])
+        return self.text.encode(prompts), tuple(t.expand(len(prompts), *t.shape[1:]) for t in uncond)
 
     def finish(self, x):
         return x  # latents have no range to keep
 
+    @contextlib.contextmanager
+    def vae_on_device(self):
+        """The VAE on the run's device for the moment it is used, back on the CPU after (once prepared)."""
+        where = next(self.vae.parameters()).device
+        yield self.vae.to(self.device)
+        self.vae.to(where)
+
     def to_images(self, x):
         """Latents -> RGB images in [-1, 1], by the VAE's decoder."""
-        return self.vae.decode(x.to(next(self.vae.parameters()).dtype)).float().clamp(-1, 1)
+        with self.vae_on_device() as vae:
+            return vae.decode(x.to(next(vae.parameters()).dtype)).float().clamp(-1, 1)
 
     def judge(self, images, prompts):
         return {}  # no simulated annotator for real images
@@ -119,8 +180,14 @@ class SD3Base:
     def save_drm(self, path, drm, step, meta, dtype=None):
         save_drm(path, drm, step, {**meta, **self.meta, "text_config": None}, dtype)
 
-    def save_policy(self, out_dir, dit, step):
-        """The policy as a diffusers transformer folder, out_dir/transformer (--transformer=... reads it)."""
+    def save_policy(self, out_dir, state, config, lora_rank, step):
+        """The policy: with LoRA its adapters alone in diffusers' LoRA format, out_dir/lora (--lora=... or
+        diffusers' load_lora_weights reads it); else a diffusers transformer folder, out_dir/transformer."""
+        if lora_rank:
+            save_lora(state, os.path.join(out_dir, "lora"))
+            return
+        dit = build_dit(config, device="meta")
+        dit.load_state_dict(state, assign=True)
         save_sd3(dit, os.path.join(out_dir, "transformer"))
 
 
@@ -135,14 +202,17 @@ def load_text(cfg, dtype, device, context_dim):
     """The two CLIPs, T5 (or none: --t5=false) and their tokenizers, from --text_dir or --ckpt_dir -> SD3Text."""
     folders = [cfg.text_dir, cfg.ckpt_dir if os.path.isdir(cfg.ckpt_dir) else ""]
     stability = os.path.join("text_encoders", "{}.safetensors")
-    clip_l = load_clip(find_part(folders, ["text_encoder", stability.format("clip_l")], "CLIP-L"), dtype, device)
-    clip_g = load_clip(find_part(folders, ["text_encoder_2", stability.format("clip_g")], "CLIP-G"), dtype, device)
-    t5 = (load_t5(find_part(folders, ["text_encoder_3", stability.format("t5xxl_fp16"), stability.format("t5xxl")],
-                            "T5-XXL"), dtype, device) if cfg.t5 else None)
+    clip_l_path = find_part(folders, ["text_encoder", stability.format("clip_l")], "CLIP-L")
+    clip_g_path = find_part(folders, ["text_encoder_2", stability.format("clip_g")], "CLIP-G")
+    t5_path = (find_part(folders, ["text_encoder_3", stability.format("t5xxl_fp16"), stability.format("t5xxl")],
+                         "T5-XXL") if cfg.t5 else None)
+    clip_l, clip_g = load_clip(clip_l_path, dtype, device), load_clip(clip_g_path, dtype, device)
+    t5 = load_t5(t5_path, dtype, device) if t5_path else None
     tokenizers = (CLIPTokenizer.from_folder(find_part(folders, ["tokenizer"], "CLIP-L tokenizer")),
                   CLIPTokenizer.from_folder(find_part(folders, ["tokenizer_2"], "CLIP-G tokenizer")),
                   T5Tokenizer.from_file(find_part(folders, ["tokenizer_3"], "T5 tokenizer")))
-    return SD3Text(clip_l, clip_g, t5, tokenizers, context_dim).eval()
+    identity = json.dumps([clip_l_path, clip_g_path, t5_path, str(dtype)])
+    return SD3Text(clip_l, clip_g, t5, tokenizers, context_dim, identity, device).eval()
 
 # -----------------------------------------------------------------------------
 # Preference images -> latents, once
@@ -169,11 +239,12 @@ def encode_images(base, paths, cache_dir, batch_size=8):
     cache = os.path.join(cache_dir, f"latents_{key}.safetensors")
     if os.path.exists(cache):
         return load_file(cache)["latents"]
-    parameter = next(base.vae.parameters())
     latents = []
-    for i in tqdm(range(0, len(paths), batch_size), desc="VAE-encoding the images"):
-        images = torch.stack([read_image(p, base.resolution) for p in paths[i:i + batch_size]])
-        latents.append(base.vae.encode(images.to(parameter.device, parameter.dtype)).float().cpu())
+    with base.vae_on_device() as vae:
+        parameter = next(vae.parameters())
+        for i in tqdm(range(0, len(paths), batch_size), desc="VAE-encoding the images"):
+            images = torch.stack([read_image(p, base.resolution) for p in paths[i:i + batch_size]])
+            latents.append(vae.encode(images.to(parameter.device, parameter.dtype)).float().cpu())
     latents = torch.cat(latents)
     os.makedirs(cache_dir, exist_ok=True)
     atomic_write(cache, lambda tmp: save_file({"latents": latents}, tmp))

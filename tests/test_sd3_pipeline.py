@@ -139,13 +139,33 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
               "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2")
     assert "update    1 | diversity" in out and "| drm " in out
     assert (policy_dir / "samples_00001.png").exists()
-    # the policy, LoRA folded in, as a diffusers transformer that diffusers and sample.py --transformer read
-    trained = diffusers.SD3Transformer2DModel.from_pretrained(policy_dir / "transformer")
-    original = diffusers.SD3Transformer2DModel.from_pretrained(pipeline / "transformer")
-    moved = [n for n, p in trained.named_parameters() if not torch.equal(p, original.get_parameter(n))]
-    assert moved and all(".attn" in n for n in moved)  # LoRA trains the attention projections only
-    run("sample.py", *flags, f"--transformer={policy_dir / 'transformer'}", "--prompt=a bowl of ramen", "--n=1",
+    # the lean recipe: each prompt (and the empty one) embedded once, in the run's cache
+    assert len(list((policy_dir / "cache").glob("prompts_*/*.safetensors"))) == len(PROMPTS) + 1
+    # the policy as a LoRA in diffusers' format, the train state the adapters and their AdamW moments alone
+    lora = load_file(policy_dir / "lora" / "pytorch_lora_weights.safetensors")
+    assert lora and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in lora)
+    state = torch.load(policy_dir / "train_state.pt", weights_only=False)
+    assert state["policy"] and all(".lora_" in k for k in state["policy"])
+    run("sample.py", *flags, f"--lora={policy_dir / 'lora'}", "--prompt=a bowl of ramen", "--n=1",
         "--steps=2", f"--drm={drm_dir / 'model.safetensors'}", "--search=stepwise", "--k=2", f"--out={tmp_path / 'stepwise.png'}")
+
+
+def test_a_lora_run_resumes_exactly_from_its_adapters(pipeline, tmp_path):
+    flags = ["--model=sd3", f"--ckpt_dir={pipeline}", "--resolution=32", "--device=cpu"]
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    drm = tmp_path / "drm"
+    preference_folder(tmp_path / "prefs")
+    run("train_reward.py", *flags, f"--prefs={tmp_path / 'prefs'}", f"--out_dir={drm}", "--steps=1", "--batch_size=2", "--eval_every=1", "--eval_sigmas=0", "--drop_last=1", "--warmup=1")
+    train = [*flags, f"--prompts={prompts}", f"--drm={drm / 'model.safetensors'}", "--lora_rank=2", "--trajectories=2",
+             "--k=2", "--steps=2", "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2", "--lr=1e-3"]
+    run("train_policy.py", *train, f"--out_dir={tmp_path / 'whole'}", "--updates=2")
+    run("train_policy.py", *train, f"--out_dir={tmp_path / 'parts'}", "--updates=1")
+    run("train_policy.py", *train, f"--out_dir={tmp_path / 'parts'}", "--updates=2", "--resume")
+    whole, parts = (load_file(tmp_path / run_dir / "lora" / "pytorch_lora_weights.safetensors")
+                    for run_dir in ("whole", "parts"))
+    assert whole.keys() == parts.keys() and all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert any(v.abs().sum() > 0 for k, v in whole.items() if "lora_B" in k)   # it trained
 
 
 @pytest.mark.parametrize("args, says", [
