@@ -85,6 +85,7 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     # false: detached, as Flow-GRPO's loss
     uncond_grad: bool = True
     minibatches: int = 2               # optimizer steps per update
+    loss_batch: int = 0                # pairs per backward pass (0: a minibatch's; less memory)
     grad_clip: float = 1.0
     eval_every: int = 20
     eval_per_prompt: int = 8           # ODE samples per held-out prompt at each evaluation
@@ -102,8 +103,9 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
 
 # the flags a resumed run may change; any other change would make it another experiment
 MAY_CHANGE = {"lr", "updates", "max_nfe", "eval_every", "device", "compile", "grad_checkpointing",
-              "rollout_batch", "drm_batch", "fsdp"}
-OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors", "transformer")  # a run's files
+              "rollout_batch", "drm_batch", "loss_batch", "fsdp"}
+# a run's files
+OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors", "transformer", "lora")
 
 
 def check(cfg):
@@ -114,7 +116,7 @@ def check(cfg):
     check_at_least(cfg, 2, "k", "group_size", "branch")  # GRPO compares at least 2 samples a group
     check_at_least(cfg, 1, "updates", "trajectories", "steps", "minibatches", "eval_every",
                    "eval_per_prompt", "eval_steps", "drm_draws")
-    check_at_least(cfg, 0, "rollout_batch", "drm_batch")  # rows per pass (0: all at once)
+    check_at_least(cfg, 0, "rollout_batch", "drm_batch", "loss_batch")  # 0: all at once
     a, b = window_of(cfg) or (0, cfg.steps)
     splits = parse_numbers(cfg, "split_steps")
     if cfg.credit == "tree" and not (splits and splits == sorted(set(splits))
@@ -200,9 +202,10 @@ def rollout(cfg, policy, base, scorer, noise, prompts, generator, ranks):
 def update(cfg, trained, optimizer, reference, trajectories, advantages, mine, generator, *, step,
            advice):
     """Every trained (step, trajectory) pair of the rollout once, in `minibatches` AdamW steps ->
-    (mean stats, DiT passes). A rank computes the pairs of its own trajectories, its mean weighted
-    by its share of the minibatch, so that DDP's average over the ranks is the minibatch mean; a
-    rank with no pair there runs one at weight 0 (DDP needs every rank in each step)."""
+    (mean stats, DiT passes). A rank computes the pairs of its own trajectories, `loss_batch` at a
+    time (their gradients add up), each piece's mean weighted by its share of the minibatch, so that
+    DDP's average over the ranks is the minibatch mean; every rank runs as many pieces as the
+    busiest one, a rank out of pairs one at weight 0 (DDP needs every rank in each backward)."""
     world = cfg.trajectories // trajectories.states.shape[1]
     marked = trajectories.trained.repeat(1, world).flatten()  # the ranks' rows are marked alike
     pairs = marked.nonzero().flatten()[torch.randperm(int(marked.sum()), generator=generator)]
@@ -210,24 +213,29 @@ def update(cfg, trained, optimizer, reference, trajectories, advantages, mine, g
     stats, nfe = [], 0
     for chunk in pairs.to(trajectories.states.device).chunk(cfg.minibatches):
         step_ids, rows = chunk // cfg.trajectories, chunk % cfg.trajectories
+        owners = torch.bincount(rows // (cfg.trajectories // world), minlength=world)
         here = (rows >= mine.start) & (rows < mine.stop)
-        n_here = int(here.sum())
-        step_ids, rows = ((step_ids[here], rows[here] - mine.start) if n_here
-                          else (step_ids[:1] * 0, rows[:1] * 0))
-        with autocast(trajectories.states.device):
-            loss, chunk_stats = grpo_loss(
-                trained, trajectories, advantages, step_ids, rows, clip_range=cfg.clip_range,
-                adv_clip=cfg.adv_clip, kl_weight=cfg.kl_weight, reference=reference,
-                uncond_grad=cfg.uncond_grad)
-        loss = loss * (n_here * world / len(chunk))
+        step_ids, rows = step_ids[here], rows[here] - mine.start
+        size = cfg.loss_batch or int(owners.max())
         optimizer.zero_grad(set_to_none=True)
-        check_finite(loss, step, "loss", advice)
-        loss.backward()
+        for start in range(0, int(owners.max()), size):
+            piece = slice(start, start + size)
+            n = len(step_ids[piece])
+            with autocast(trajectories.states.device):
+                loss, piece_stats = grpo_loss(
+                    trained, trajectories, advantages, *((step_ids[piece], rows[piece]) if n else
+                                                        (chunk[:1] * 0, chunk[:1] * 0)),
+                    clip_range=cfg.clip_range, adv_clip=cfg.adv_clip, kl_weight=cfg.kl_weight,
+                    reference=reference, uncond_grad=cfg.uncond_grad)
+            loss = loss * (n * world / len(chunk))
+            check_finite(loss, step, "loss", advice)
+            loss.backward()
+            if n or not stats:
+                stats.append(piece_stats)
         params = optimizer.param_groups[0]["params"]
         check_finite(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip), step, "gradient norm",
                      advice)
         optimizer.step()
-        stats.append(chunk_stats)
         nfe += len(chunk) * passes
     return {key: sum(s[key].item() for s in stats) / len(stats) for key in stats[0]}, nfe
 

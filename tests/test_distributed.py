@@ -75,7 +75,8 @@ def test_ddp_reward_step_equals_one_process(tmp_path):
 @pytest.mark.parametrize("credit, k, extra", [
     ("stepwise", 2, []),
     ("sparse", 4, []),                                                      # one group of 4 split over 2 ranks
-    ("tree", 2, ["--split_steps=0", "--sde_window=0:1"])])                  # a tree of 2 leaves a rank, a window
+    ("tree", 2, ["--split_steps=0", "--sde_window=0:1"]),                   # a tree of 2 leaves a rank, a window
+    ("sparse", 4, ["--loss_batch=3", "--minibatches=1"])])                  # pieces of 3 pairs: 2 ranks, uneven
 def test_ddp_policy_update_equals_one_process(tmp_path, credit, k, extra):
     args = ["--updates=1", "--trajectories=4", f"--k={k}", f"--group_size={k}", f"--credit={credit}", "--steps=2", "--eval_every=1",
             "--eval_per_prompt=1", "--eval_steps=2", *extra]
@@ -89,6 +90,21 @@ def test_ddp_policy_update_equals_one_process(tmp_path, credit, k, extra):
     assert [r["step"] for r in records] == [0, 1]
     assert records[-1]["gold"] == pytest.approx(json.loads(open(tmp_path / "one" / "metrics.jsonl").readlines()[-1])["gold"],
                                                 abs=1e-4 if credit != "stepwise" else 1e-3)
+
+
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex2_drm
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
+def test_loss_pieces_add_up_to_the_whole_minibatch(tmp_path):
+    """--loss_batch runs a minibatch's pairs a few at a time, their gradients summed: the same update."""
+    args = ["--updates=1", "--trajectories=4", "--group_size=4", "--credit=sparse", "--steps=2", "--eval_every=1",
+            "--eval_per_prompt=1", "--eval_steps=2", "--minibatches=1"]
+    run("train_policy.py", *args, f"--out_dir={tmp_path / 'whole'}")
+    run("train_policy.py", *args, "--loss_batch=3", f"--out_dir={tmp_path / 'pieces'}")
+    whole, pieces = (load_file(tmp_path / d / "model.safetensors") for d in ("whole", "pieces"))
+    base = load_file("data/base.safetensors")
+    assert_same_training(whole, pieces, {k: v for k, v in base.items() if k.startswith("dit.")}, 1e-4)
 
 
 @pytest.mark.ex1_flow_matching
