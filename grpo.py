@@ -208,13 +208,14 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_
     return Rollout(torch.stack(states), stack("candidates", True), stack("mean"),
                    stack("log_probs", True), torch.stack(chosen), stack("x0_hat"), x,
                    torch.stack(rewards) if rewards else None, sigmas, cond, uncond, noise_level,
-                   cfg_scale, sde.unsqueeze(1).expand(T, B), B * T * passes(uncond, cfg_scale))
+                   cfg_scale, torch.tensor(sde).unsqueeze(1).expand(T, B),
+                   B * T * passes(uncond, cfg_scale))
 
 
 def in_window(T, window):
-    """(T,) bool: the steps a..b-1 of window=(a, b) (all T steps for None)."""
+    """[T bools]: the steps a..b-1 of window=(a, b) (all T steps for None)."""
     a, b = window or (0, T)
-    return (torch.arange(T) >= a) & (torch.arange(T) < b)
+    return [a <= i < b for i in range(T)]
 
 
 @torch.no_grad()

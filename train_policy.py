@@ -240,6 +240,30 @@ def update(cfg, trained, optimizer, reference, trajectories, advantages, mine, g
     return {key: sum(s[key].item() for s in stats) / len(stats) for key in stats[0]}, nfe
 
 
+def grpo_step(cfg, base, models, train_prompts, generator, ranks, *, step, advice):
+    """One update: its prompts and noise drawn (whole on every rank; each rank runs its rows),
+    the rollout, the advantages, the AdamW steps -> (stats, DiT passes, DRM calls; all ranks)."""
+    policy, trained, reference, drm, drm_text, optimizer = models
+    mine = ranks.shard(cfg.trajectories, "--trajectories")  # this rank's trajectories
+    n_prompts = cfg.trajectories // group_of(cfg)  # a group of trajectories a prompt
+    picks = torch.randint(len(train_prompts), (n_prompts,), generator=generator).tolist()
+    prompts = [train_prompts[i] for i in picks for _ in range(cfg.trajectories // n_prompts)]
+    noise = initial_noise(policy, len(prompts), generator, base.latent_size)[mine]
+    device = next(policy.parameters()).device
+    scorer = Scorer(drm, drm_text, prompts[mine], cfg.drm_batch, ranks.world)
+    trajectories, final_rewards = rollout(cfg, policy, base, scorer, noise.to(device),
+                                          prompts[mine], generator, ranks)
+    advantages = credit_advantages(
+        cfg.credit, trajectories, final_rewards, cfg.group_size, cfg.adv_clip, rows=mine,
+        gather=ranks.gather, tree=(parse_numbers(cfg, "split_steps"), cfg.branch, cfg.tree_norm))
+    stats, nfe = update(cfg, trained, optimizer, reference, trajectories, advantages, mine,
+                        generator, step=step, advice=advice)
+    last = int(trajectories.trained.any(1).nonzero().max())  # the last trained step
+    rewards = trajectories.rewards[last] if final_rewards is None else final_rewards
+    stats["train_reward"] = rewards.mean().item()
+    return stats, trajectories.nfe * ranks.world + nfe, scorer.calls
+
+
 def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
     """Held-out ODE samples, fixed seeds -> (the annotator's figures if any, the DRM's; images)."""
     policy.eval()
@@ -363,47 +387,31 @@ def main(cfg):
         train_prompts = base.train_prompts(cfg.prompts)
         heldout = base.heldout_prompts(cfg.eval_prompts, train_prompts)
         base.prepare(train_prompts + heldout, run_dir.file("cache"))  # SD3: embedded once, cached
-        policy, trained, reference, drm, drm_text, optimizer = build_models(cfg, base, device,
-                                                                            ranks)
+        models = build_models(cfg, base, device, ranks)
+        policy, _, _, drm, drm_text, optimizer = models
         generator = torch.Generator().manual_seed(cfg.seed)  # the rollouts' prompts, noise, picks
         step, counters = (resume_run(cfg, run_dir, state, policy, optimizer, generator) if state
                           else (0, {"nfe": 0, "drm_calls": 0, "time_s": 0.0}))
-        models, saving = (base, drm, drm_text), dict(counters=counters, generator=generator)
+        scoring, saving = (base, drm, drm_text), dict(counters=counters, generator=generator)
         if step == 0:
-            evaluate_and_save(cfg, run_dir, ranks, policy, optimizer, models, heldout, step=0,
+            evaluate_and_save(cfg, run_dir, ranks, policy, optimizer, scoring, heldout, step=0,
                               save=False, stop=stop, **saving)
-        n_prompts = cfg.trajectories // group_of(cfg)  # a group of trajectories a prompt
         spent = lambda: cfg.max_nfe and counters["nfe"] >= cfg.max_nfe  # noqa: E731
         bar = tqdm(initial=step, total=cfg.updates, desc=f"grpo {cfg.credit}",
                    disable=not ranks.main)
         while step < cfg.updates and not spent() and not any_rank(stop):
             t0 = time.time()
-            # the update's prompts and noise are drawn whole on every rank; each rank runs its rows
-            picks = torch.randint(len(train_prompts), (n_prompts,), generator=generator).tolist()
-            per_prompt = cfg.trajectories // n_prompts
-            prompts = [train_prompts[i] for i in picks for _ in range(per_prompt)]
-            noise = initial_noise(policy, len(prompts), generator, base.latent_size)[mine]
-            scorer = Scorer(drm, drm_text, prompts[mine], cfg.drm_batch, ranks.world)
-            trajectories, final_rewards = rollout(cfg, policy, base, scorer, noise.to(device),
-                                                  prompts[mine], generator, ranks)
-            advantages = credit_advantages(
-                cfg.credit, trajectories, final_rewards, cfg.group_size, cfg.adv_clip, rows=mine,
-                gather=ranks.gather, tree=(parse_numbers(cfg, "split_steps"), cfg.branch,
-                                           cfg.tree_norm))
-            train_stats, nfe = update(cfg, trained, optimizer, reference, trajectories, advantages,
-                                      mine, generator, step=step + 1, advice=run_dir.advice())
+            train_stats, nfe, drm_calls = grpo_step(cfg, base, models, train_prompts, generator,
+                                                    ranks, step=step + 1, advice=run_dir.advice())
             step += 1
-            counters["nfe"] += trajectories.nfe * ranks.world + nfe
-            counters["drm_calls"] += scorer.calls
+            counters["nfe"] += nfe
+            counters["drm_calls"] += drm_calls
             counters["time_s"] += time.time() - t0
-            last = int(trajectories.trained.any(1).nonzero().max())  # the last trained step
-            rewards = trajectories.rewards[last] if final_rewards is None else final_rewards
-            train_stats["train_reward"] = rewards.mean().item()
             bar.update(1)
             bar.set_postfix(reward=f"{train_stats['train_reward']:.3f}",
                             clip=f"{train_stats['clip_fraction']:.2f}")
             if step % cfg.eval_every == 0 or step >= cfg.updates or spent():
-                evaluate_and_save(cfg, run_dir, ranks, policy, optimizer, models, heldout,
+                evaluate_and_save(cfg, run_dir, ranks, policy, optimizer, scoring, heldout,
                                   step=step, train_stats=train_stats, **saving)
         bar.close()
         if any_rank(stop):

@@ -155,9 +155,11 @@ class SD3Base:
         self.vae.to(where)
 
     def to_images(self, x):
-        """Latents -> RGB images in [-1, 1], by the VAE's decoder."""
+        """Latents -> RGB images in [-1, 1], by the VAE's decoder, one image at a time: at 1024 px the
+        decoder's activations are ~9 GiB an image (bench/sd3_memory.py), more than the DiT's weights."""
         with self.vae_on_device() as vae:
-            return vae.decode(x.to(next(vae.parameters()).dtype)).float().clamp(-1, 1)
+            dtype = next(vae.parameters()).dtype
+            return torch.cat([vae.decode(image.to(dtype)).float().clamp(-1, 1) for image in x.split(1)])
 
     def judge(self, images, prompts):
         return {}  # no simulated annotator for real images

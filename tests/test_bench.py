@@ -1,10 +1,18 @@
-"""The benchmarks' analytic FLOP count against PyTorch's own FLOP counter."""
+"""The benchmarks' analytic FLOP count against PyTorch's own FLOP counter; the memory simulation against
+arithmetic; the first-GPU check on the CPU toy."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench.dit_speed import forward_flops
-from model import DiTConfig, build_dit
+from bench.sd3_memory import Config, peak, policy_model, sd35
+from model import DiTConfig, add_lora, build_dit
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.parametrize("dual", [(), (0, 1)])
@@ -17,3 +25,39 @@ def test_forward_flops_match_pytorchs_counter(dual):
         dit(x, torch.rand(batch, device="meta"), torch.randn(batch, text_tokens, 32, device="meta"),
             torch.randn(batch, 24, device="meta"))
     assert forward_flops(config, batch, 64, text_tokens) == pytest.approx(counter.get_total_flops(), rel=1e-6)
+
+
+def test_simulated_parameter_bytes_are_the_parameter_count():
+    """bench/sd3_memory.py's fake-tensor tracker against arithmetic: SD3.5-medium's LoRA policy holds 2 bytes a
+    frozen bf16 weight and 4 an adapter's float32 one, counted on the meta device."""
+    shapes = sd35(512, Config())
+    meta = build_dit(shapes.dit, device="meta")
+    add_lora(meta, rank=16, alpha=16.0)
+    adapters = sum(p.numel() for name, p in meta.named_parameters() if ".lora_" in name)
+    frozen = sum(p.numel() for p in meta.parameters()) - adapters
+    buffers = sum(b.numel() for b in meta.buffers())
+    simulated = peak(lambda: (policy_model(shapes, 16, False),), lambda policy: None)
+    assert simulated["Parameter"] * 2 ** 30 == 2 * frozen + 4 * adapters
+    assert simulated["Buffer"] * 2 ** 30 == 2 * buffers
+    assert 2.2e9 < frozen < 2.3e9  # SD3.5-medium's 2.24B parameters
+
+
+def run_gpu_check(*flags):
+    return subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device=cpu", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
+    """Every check passes on the toy, the memory simulation within a hair of the real tensors' tracker; a limit
+    no run can meet (a clip range of 1e-9: bf16 rounding alone exceeds it) fails its line and exits 1."""
+    result = run_gpu_check()
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.endswith(" |")]
+    checks = {line.split(" | ")[0][2:]: line for line in table if line.endswith(("| pass |", "| **FAIL** |"))}
+    assert len(checks) == 6 and all(line.endswith("| pass |") for line in checks.values())
+    assert checks["ratio, the rollout's own batches: max abs(ratio - 1)"].split(" | ")[1] == "0"
+    memory = next(line for name, line in checks.items() if name.startswith("one update step's peak memory"))
+    assert float(memory.split(" | ")[1]) < 0.01  # fake tensors allocate what real ones do
+    failed = run_gpu_check("--clip_range=1e-9", "--trajectories=2", "--group_size=2", "--steps=2")
+    assert failed.returncode == 1 and "**FAIL**" in failed.stdout and "check(s) failed" in failed.stdout
+    assert "ratio, the rollout's own batches: max abs(ratio - 1) | 0 | 0 | pass" in failed.stdout
