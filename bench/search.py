@@ -84,8 +84,8 @@ def drm_cost(dit, drm, x, cond):
     return times["drm"] / times["dit"]
 
 
-def measure(cfg, point, base, drm, drm_text, pool, prompts, cost):
-    """One point of the sweep -> its row."""
+def measure(cfg, point, base, drm, drm_text, pool, prompts, cost, show=True):
+    """One point of the sweep -> its row (printed as a table line when show)."""
     method, label, overrides = point
     options = dataclasses.replace(sample.Config(), noise_level=cfg.noise_level, **overrides)
     width = sample.width(options)
@@ -108,9 +108,10 @@ def measure(cfg, point, base, drm, drm_text, pool, prompts, cost):
            "drm": drm_score, "diversity": diversity(images.cpu(), cfg.per_prompt), "dit_passes": dit,
            "drm_passes": drm_passes, "dit_equivalents": dit + cost * drm_passes, "ms": 1000 * seconds / n,
            "gold_per_image": gold.tolist()}
-    print(f"| {label} | {row['gold']:.4f} ± {row['gold_se']:.4f} | {row['digit_correct']:.1%} | "
-          f"{row['attribute_match']:.1%} | {row['drm']:.3f} | {row['diversity']:.4f} | {dit:.0f} | {drm_passes:.0f} | "
-          f"{row['dit_equivalents']:.0f} | {row['ms']:.1f} |", flush=True)
+    if show:
+        print(f"| {label} | {row['gold']:.4f} ± {row['gold_se']:.4f} | {row['digit_correct']:.1%} | "
+              f"{row['attribute_match']:.1%} | {row['drm']:.3f} | {row['diversity']:.4f} | {dit:.0f} | "
+              f"{drm_passes:.0f} | {row['dit_equivalents']:.0f} | {row['ms']:.1f} |", flush=True)
     return row
 
 
@@ -142,7 +143,11 @@ def verdict(rows):
 
 
 def plot(rows, path):
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no figure: {path} needs matplotlib (pip install matplotlib)")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
@@ -162,6 +167,7 @@ def plot(rows, path):
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    return True
 
 
 def main(cfg):
@@ -184,7 +190,8 @@ def main(cfg):
     pool = initial_noise(base.dit, len(prompts) * most, torch.Generator().manual_seed(cfg.seed))
     pool = pool.view(len(prompts), most, *pool.shape[1:]).to(device)    # image i's j-th particle: pool[i, j]
     cost = drm_cost(base.dit, drm, pool[:, 0], base.encode(prompts)[0])
-    measure(cfg, points[0], base, drm, drm_text, pool[:2], prompts[:2], cost)   # warm-up, untimed
+    one = slice(cfg.per_prompt)                                           # the first prompt's images
+    measure(cfg, points[0], base, drm, drm_text, pool[one], prompts[one], cost, show=False)   # warm-up
     print(f"{cfg.prompt_set} prompts, {len(prompt_list)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg "
           f"{cfg.cfg_scale}, SDE noise {cfg.noise_level}; a DRM pass costs {cost:.2f} DiT passes")
     header = ("| method | gold ± s.e. | digit | attributes | DRM | diversity | DiT passes / image | "
@@ -202,8 +209,8 @@ def main(cfg):
         json.dump({"config": vars(cfg), "drm_cost": cost, "rows": rows}, f, indent=1)
     with open(cfg.out + ".md", "w") as f:
         f.write(f"A DRM pass costs {cost:.2f} DiT passes here.\n\n{table}\n\n{judged}\n")
-    plot(rows, cfg.out + ".png")
-    print(f"wrote {cfg.out}.json, {cfg.out}.md, {cfg.out}.png")
+    figure = plot(rows, cfg.out + ".png")
+    print(f"wrote {cfg.out}.json, {cfg.out}.md" + (f", {cfg.out}.png" if figure else ""))
     return rows
 
 

@@ -1,5 +1,6 @@
 """The benchmarks' analytic FLOP count against PyTorch's own FLOP counter; the memory simulation against
 arithmetic; the first-GPU check on the CPU toy."""
+import json
 import os
 import subprocess
 import sys
@@ -8,8 +9,10 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from bench import search
 from bench.dit_speed import forward_flops
 from bench.sd3_memory import Config, peak, policy_model, sd35
+from common import run_main
 from model import DiTConfig, add_lora, build_dit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -61,3 +64,19 @@ def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
     failed = run_gpu_check("--clip_range=1e-9", "--trajectories=2", "--group_size=2", "--steps=2")
     assert failed.returncode == 1 and "**FAIL**" in failed.stdout and "check(s) failed" in failed.stdout
     assert "ratio, the rollout's own batches: max abs(ratio - 1) | 0 | 0 | pass" in failed.stdout
+
+
+def test_the_search_bench_counts_every_method_at_its_budget(tmp_path):
+    """bench/search.py end to end at toy size: each method's DiT and DRM passes per image as its algorithm
+    implies (2 steps, guidance: 2 DiT passes a step a trajectory), the verdict and the files written."""
+    rows = run_main(search.main, search.Config, ["--methods=ode,best_of,stepwise,smc", "--per_prompt=3",
+                                                 "--steps=2", f"--out={tmp_path / 'search'}", "--device=cpu"])
+    by = {r["label"]: (r["dit_passes"], r["drm_passes"]) for r in rows}
+    assert by["ODE"] == (4, 0)
+    assert by["best-of-8"] == (8 * 4, 8)                      # N ODE samples, the DRM scores each at the end
+    assert by["step-wise k=4"] == (4, 2 * 4)                  # one policy mean a step, k successors scored
+    assert by["SMC N=4, lambda 10"] == (4 * 4, 2 * 4)         # N particles, each scored after every step
+    assert all(r["ms"] > 0 and r["gold_se"] > 0 for r in rows)  # (2 SDE steps are far too noisy to judge by)
+    report = (tmp_path / "search.md").read_text()
+    assert "best-of-N at that time" in report and "| step-wise k=8 |" in report
+    assert json.loads((tmp_path / "search.json").read_text())["rows"][0]["label"] == "ODE"

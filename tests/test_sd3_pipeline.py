@@ -87,8 +87,9 @@ def run(script, *args):
 
 
 def preference_folder(folder, seed=0):
-    """HPDv3's layout: train.json / test.json, lists of {prompt, path1 (preferred), path2, confidence}, images of
-    assorted sizes and aspect ratios on disk (resized and centre-cropped by the loader)."""
+    """HPDv3's layout: train.json / test.json, lists of {prompt, path1 (preferred), path2, confidence and / or
+    choice_dist, model1, model2}, images of assorted sizes and aspect ratios on disk (resized and centre-cropped
+    by the loader), paths relative to the folder."""
     g = torch.Generator().manual_seed(seed)
     os.makedirs(folder / "images")
     for split, n in (("train", 8), ("test", 4)):
@@ -102,7 +103,11 @@ def preference_folder(folder, seed=0):
                 paths.append(f"images/{split}{i}{side}.png")
             if split == "train" and i == n - 1:  # an image in two pairs, as in HPDv3
                 paths[1] = pairs[0]["path1"]
-            pairs.append({"prompt": PROMPTS[i % len(PROMPTS)], "path1": paths[0], "path2": paths[1], "confidence": 0.8})
+            record = {"prompt": PROMPTS[i % len(PROMPTS)], "path1": paths[0], "path2": paths[1],
+                      "model1": "sd3", "model2": "flux"}
+            # HPDv3's records carry confidence, or the annotators' votes in choice_dist, or both
+            record |= ({"confidence": 0.8}, {"choice_dist": [3, 1]}, {"confidence": 0.75, "choice_dist": [3, 1]})[i % 3]
+            pairs.append(record)
         (folder / f"{split}.json").write_text(json.dumps(pairs))
 
 
