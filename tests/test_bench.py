@@ -78,5 +78,6 @@ def test_the_search_bench_counts_every_method_at_its_budget(tmp_path):
     assert by["SMC N=4, lambda 10"] == (4 * 4, 2 * 4)         # N particles, each scored after every step
     assert all(r["ms"] > 0 and r["gold_se"] > 0 for r in rows)  # (2 SDE steps are far too noisy to judge by)
     report = (tmp_path / "search.md").read_text()
-    assert "best-of-N at that time" in report and "| step-wise k=8 |" in report
+    assert report.count("best-of-N at that cost") == 2 and "| DiT-pass equivalents |" in report
+    assert "| step-wise k=8 |" in report
     assert json.loads((tmp_path / "search.json").read_text())["rows"][0]["label"] == "ODE"
