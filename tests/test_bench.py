@@ -50,6 +50,8 @@ def run_gpu_check(*flags):
                           capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
 def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
     """Every check passes on the toy, the memory simulation within a hair of the real tensors' tracker; a limit
     no run can meet (a clip range of 1e-9: bf16 rounding alone exceeds it) fails its line and exits 1."""
@@ -66,6 +68,9 @@ def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
     assert "ratio, the rollout's own batches: max abs(ratio - 1) | 0 | 0 | pass" in failed.stdout
 
 
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex5_beam_search
 def test_the_search_bench_counts_every_method_at_its_budget(tmp_path):
     """bench/search.py end to end at toy size: each method's DiT and DRM passes per image as its algorithm
     implies (2 steps, guidance: 2 DiT passes a step a trajectory), the verdict and the files written."""

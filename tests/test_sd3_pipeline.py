@@ -155,6 +155,11 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
         "--steps=2", f"--drm={drm_dir / 'model.safetensors'}", "--search=stepwise", "--k=2", f"--out={tmp_path / 'stepwise.png'}")
 
 
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex2_drm
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
+@pytest.mark.ex5_beam_search
 def test_a_lora_run_resumes_exactly_from_its_adapters(pipeline, tmp_path):
     flags = ["--model=sd3", f"--ckpt_dir={pipeline}", "--resolution=32", "--device=cpu"]
     prompts = tmp_path / "prompts.txt"
