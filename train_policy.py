@@ -240,10 +240,9 @@ def update(cfg, trained, optimizer, reference, trajectories, advantages, mine, g
     return {key: sum(s[key].item() for s in stats) / len(stats) for key in stats[0]}, nfe
 
 
-def grpo_step(cfg, base, models, train_prompts, generator, ranks, *, step, advice):
-    """One update: its prompts and noise drawn (whole on every rank; each rank runs its rows),
-    the rollout, the advantages, the AdamW steps -> (stats, DiT passes, DRM calls; all ranks)."""
-    policy, trained, reference, drm, drm_text, optimizer = models
+def draw_rollout(cfg, base, policy, drm, drm_text, train_prompts, generator, ranks):
+    """An update's prompts and noise, drawn whole on every rank, and this rank's rows rolled out
+    -> (Rollout, terminal rewards of all ranks or None, the Scorer)."""
     mine = ranks.shard(cfg.trajectories, "--trajectories")  # this rank's trajectories
     n_prompts = cfg.trajectories // group_of(cfg)  # a group of trajectories a prompt
     picks = torch.randint(len(train_prompts), (n_prompts,), generator=generator).tolist()
@@ -253,6 +252,16 @@ def grpo_step(cfg, base, models, train_prompts, generator, ranks, *, step, advic
     scorer = Scorer(drm, drm_text, prompts[mine], cfg.drm_batch, ranks.world)
     trajectories, final_rewards = rollout(cfg, policy, base, scorer, noise.to(device),
                                           prompts[mine], generator, ranks)
+    return trajectories, final_rewards, scorer
+
+
+def grpo_step(cfg, base, models, train_prompts, generator, ranks, *, step, advice):
+    """One update: the rollout (draw_rollout), the advantages, the AdamW steps -> (stats, DiT
+    passes, DRM calls; all ranks)."""
+    policy, trained, reference, drm, drm_text, optimizer = models
+    trajectories, final_rewards, scorer = draw_rollout(cfg, base, policy, drm, drm_text,
+                                                       train_prompts, generator, ranks)
+    mine = ranks.shard(cfg.trajectories, "--trajectories")
     advantages = credit_advantages(
         cfg.credit, trajectories, final_rewards, cfg.group_size, cfg.adv_clip, rows=mine,
         gather=ranks.gather, tree=(parse_numbers(cfg, "split_steps"), cfg.branch, cfg.tree_norm))

@@ -19,7 +19,7 @@ table and exits 1 if a check fails. What each line means, and what to do when it
 Below the table, for information, bf16 against float32 step by step: the largest ratio difference and the
 gradients' cosine. Where the SDE's noise is tiny (SD3's last step, sigma 0.001 -> 0: std 7e-4 on the toy) bf16's
 rounding of the velocity is a sizeable part of it, and the step's log-prob, its ratio and its gradient are mostly
-rounding (the toy: ratio 6e-3 apart, gradient cosine 0.87 at the last step, 1.000 at the first). Training in bf16,
+rounding (the toy: ratio 4e-3 apart, gradient cosine 0.39 at the last step, 1.000 at the first). Training in bf16,
 consider leaving that step out (--sde_window=0:T-1; Flow-GRPO's timestep_fraction=0.99 does). On a CPU the bf16
 replay runs under the CPU's bf16 autocast (slow; the CPU trains in float32).
 """
@@ -35,7 +35,6 @@ from bench.sd3_memory import Shapes, grpo_update, peak
 from common import UserError, autocast, print_config, run_main, setup_device
 from grpo import grpo_loss
 from model import compile_regions, in_chunks
-from sample import initial_noise
 
 
 @dataclass
@@ -86,11 +85,7 @@ def main(cfg):
     results = []  # (check, measured, limit, passed)
 
     # 1. the rollout replayed: the importance ratio before any update
-    noise = initial_noise(policy, cfg.trajectories, generator, base.latent_size).to(device)
-    group = [prompts[i % len(prompts)] for i in range(cfg.trajectories // train_policy.group_of(cfg))]
-    batch_prompts = [p for p in group for _ in range(train_policy.group_of(cfg))]
-    scorer = train_policy.Scorer(drm, drm_text, batch_prompts, cfg.drm_batch)
-    trajectories, _ = train_policy.rollout(cfg, policy, base, scorer, noise, batch_prompts, generator, ranks)
+    trajectories, _, scorer = train_policy.draw_rollout(cfg, base, policy, drm, drm_text, prompts, generator, ranks)
     T, B, k = trajectories.candidates.shape[:3]
     advantages = torch.randn(T, B, k, generator=generator).to(device)  # any advantages: every pair pulls
     trained_steps = [i for i in range(T) if trajectories.trained[i].any()]
@@ -143,7 +138,8 @@ def main(cfg):
     whole_update = torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None
 
     # 4. one update step's memory, measured against the simulation at this model's size
-    shapes = Shapes(policy.config, tuple(noise.shape[1:]), scorer.context.shape[1], getattr(drm, "drm", drm).drop_last)
+    shapes = Shapes(policy.config, tuple(trajectories.final.shape[1:]), scorer.context.shape[1],
+                    getattr(drm, "drm", drm).drop_last)
     sizes = replace(cfg, rollout_batch=cfg.rollout_batch or cfg.trajectories, loss_batch=cfg.loss_batch or len(pairs),
                     k=k)  # k: the rollout's candidates a step (1 but for step-wise credit)
     del models, policy, drm, drm_text, optimizer, trajectories, base, scorer

@@ -18,6 +18,7 @@ attention runs as the CPU's flash kernel (it keeps O(tokens) a head for the back
 memory-efficient kernels do) and autocast is the CPU's bf16 autocast.
 """
 import contextlib
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -270,7 +271,7 @@ def update_flops(cfg, shapes, lora_rank):
     """-> (TFLOPs of one Step-GRPO update, its three parts' TFLOPs each): one guided rollout row, one DRM
     candidate, one loss pair (guided forward, backward), counted, times T x trajectories, their k candidates,
     and the T x trajectories pairs the update trains."""
-    build, _ = grpo_update(Config(**{**cfg.__dict__, "rollout_batch": 1, "k": 2}), shapes, lora_rank, False)
+    build, _ = grpo_update(dataclasses.replace(cfg, rollout_batch=1, k=2), shapes, lora_rank, False)
 
     def rollout_row(policy, drm, optimizer, noise, context, pooled, empty, empty_pooled):
         with torch.no_grad(), bf16(noise):
