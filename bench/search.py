@@ -29,7 +29,7 @@ import torch
 
 import sample
 from base import ToyBase
-from common import UserError, check_numbers, parse_numbers, pick_device, print_config, run_main
+from common import UserError, check_at_least, check_numbers, parse_numbers, pick_device, print_config, run_main
 from model import compile_regions
 from sample import diversity, initial_noise, search
 
@@ -176,6 +176,7 @@ def plot(rows, path):
 
 def main(cfg):
     check_numbers(cfg)
+    check_at_least(cfg, 1, "per_prompt", "steps")
     if cfg.prompt_set not in ("heldout", "train"):
         raise UserError(f"--prompt_set={cfg.prompt_set}: choose heldout or train")
     points = settings(cfg)
