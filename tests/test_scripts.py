@@ -116,7 +116,9 @@ def run_script(*args):
     (["train_policy.py", "--sde_window=two:five"], "--sde_window=two:five: expected int values separated by ':'"),
     (["train_policy.py", "--tree_norm=global"], "--tree_norm=global: choose one of siblings, depth"),
 ])
-def test_bad_input_gives_one_clear_line(args, says):
+def test_bad_input_gives_one_clear_line(args, says, tmp_path):
+    if args[0].startswith("train_") and not any(a.startswith("--out_dir") for a in args):
+        args = [*args, f"--out_dir={tmp_path / 'run'}"]  # not the default folder, which a README run may hold
     result = run_script(*args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
