@@ -1,7 +1,8 @@
 """GPU memory and FLOPs of each script at SD3.5-medium size, simulated: one real step of each under PyTorch's
 fake tensors, every allocation counted, no GPU and no memory needed.
 
-    python -m bench.sd3_memory                   # the tables (README, bench/RESULTS.md), about two minutes
+    python -m bench.sd3_memory                   # the tables (README, bench/RESULTS.md), about 17 minutes on 2 cores
+    python -m bench.sd3_memory --tables=flops    # the FLOPs table alone, about 2 minutes
 
 Each row builds what the script keeps on the GPU (bf16 frozen weights, float32 trained ones and LoRA adapters,
 as the scripts do) inside torch._subclasses.fake_tensor.FakeTensorMode and runs the scripts' own functions for
@@ -25,9 +26,10 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+from torch.utils import flop_counter
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import print_config, run_main
+from common import UserError, print_config, run_main
 from grpo import grpo_loss, propose, sample_rollout
 from model import PRESETS, DiTConfig, add_lora, build_dit, guided_velocity, in_chunks
 from reward import DRM, bradley_terry_loss
@@ -54,6 +56,7 @@ class Config:
     drm_drop_last: int = 3             # the DRM: 21 of SD3.5-medium's 24 blocks
     h100_tflops: float = 989.0         # H100 SXM, dense bf16
     utilisation: float = 0.4           # the share of it an update is assumed to reach, for the time estimate
+    tables: str = "memory,flops"       # which tables to print (memory: about 15 minutes on 2 cores, flops: 2)
 
 
 @dataclass
@@ -258,8 +261,22 @@ def grpo_update(cfg, shapes, lora_rank, checkpointing):
 # FLOPs of a whole Step-GRPO update, from its three kinds of pass
 
 
+# FlopCounterMode knows CUDA's attention kernels but not the CPU's flash kernel, which the fake tensors (on the
+# CPU device) dispatch to: count it by the same formulas, or an update's attention FLOPs go missing.
+def cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward}
+
+
 def flops(fn):
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     with FakeTensorMode():
         objects = fn[0]()
         with counter:
@@ -291,7 +308,17 @@ def update_flops(cfg, shapes, lora_rank):
 
 
 def main(cfg):
+    tables = set(cfg.tables.split(","))
+    if not tables or tables - {"memory", "flops"}:
+        raise UserError(f"--tables={cfg.tables}: a comma-separated list of memory, flops")
     print_config(cfg)
+    if "memory" in tables:
+        memory_table(cfg)
+    if "flops" in tables:
+        flops_table(cfg)
+
+
+def memory_table(cfg):
     rows = [
         ("every SD3 run's start: 8 prompts embedded (DiT, VAE, CLIP-L, CLIP-G, T5-XXL loaded)", embedding_prompts()),
         ("`sample.py --n=4`, 1024 px: a guided step, then the VAE decodes", sampling(sd35(1024, cfg), 4)),
@@ -312,6 +339,9 @@ def main(cfg):
         result = peak(build, run)
         print(f"| {name} | " + " | ".join(f"{result.get(c, 0):.1f}" for c in CATEGORIES) + f" | **{result['Total']:.1f}** |",
               flush=True)
+
+
+def flops_table(cfg):
     print(f"\nOne Step-GRPO update ({cfg.steps} steps x {cfg.trajectories} trajectories, k={cfg.k}, every pair trained "
           f"once), FLOPs counted (FlopCounterMode), time at {cfg.utilisation:.0%} of an H100's {cfg.h100_tflops:.0f} "
           "dense bf16 TFLOP/s:")

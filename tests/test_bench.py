@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from bench import search
 from bench.dit_speed import forward_flops
-from bench.sd3_memory import Config, peak, policy_model, sd35
+from bench.sd3_memory import Config, flops, frozen, peak, policy_model, sd35
 from common import run_main
 from model import DiTConfig, add_lora, build_dit
 
@@ -28,6 +28,24 @@ def test_forward_flops_match_pytorchs_counter(dual):
         dit(x, torch.rand(batch, device="meta"), torch.randn(batch, text_tokens, 32, device="meta"),
             torch.randn(batch, 24, device="meta"))
     assert forward_flops(config, batch, 64, text_tokens) == pytest.approx(counter.get_total_flops(), rel=1e-6)
+
+
+def test_simulated_flops_count_the_cpu_attention_kernel():
+    """bench/sd3_memory.py counts FLOPs under fake tensors on the CPU device, where bf16 attention dispatches to
+    the CPU's flash kernel, which PyTorch's counter does not know: its count must still be the analytic one."""
+    config = DiTConfig(in_channels=4, out_channels=4, patch_size=2, dim=128, depth=3, heads=2, context_dim=32,
+                       pooled_dim=24, pos_embed_max_size=8, qk_norm=True, dual_attention_layers=(0,))
+    batch, text_tokens = 3, 5
+
+    def build():
+        return (frozen(lambda: build_dit(config)), torch.randn(batch, 4, 16, 16, dtype=torch.bfloat16),
+                torch.rand(batch), torch.randn(batch, text_tokens, 32, dtype=torch.bfloat16),
+                torch.randn(batch, 24, dtype=torch.bfloat16))
+
+    def run(dit, x, t, context, pooled):
+        with torch.no_grad():
+            dit(x, t, context, pooled)
+    assert flops((build, run)) == pytest.approx(forward_flops(config, batch, 64, text_tokens), rel=1e-6)
 
 
 def test_simulated_parameter_bytes_are_the_parameter_count():
