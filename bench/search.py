@@ -105,7 +105,8 @@ def measure(cfg, point, base, drm, drm_text, pool, prompts, cost, show=True):
         drm_score = drm(images, torch.zeros(len(images), device=images.device), *drm_cond).mean().item()
     gold, n = scores["gold"], len(prompts)
     dit, drm_passes = counts["nfe"] / n, counts["drm_calls"] / n
-    row = {"method": method, "label": label, "gold": gold.mean().item(), "gold_se": gold.std().item() / math.sqrt(n),
+    curve = method + (f", lambda {options.lmbda:g}" if method == "smc" else "")   # one line of the figure
+    row = {"method": method, "curve": curve, "label": label, "gold": gold.mean().item(), "gold_se": gold.std().item() / math.sqrt(n),
            "digit_correct": scores["digit_correct"].mean().item(), "attribute_match": scores["attribute_match"].mean().item(),
            "drm": drm_score, "diversity": diversity(images.cpu(), cfg.per_prompt), "dit_passes": dit,
            "drm_passes": drm_passes, "dit_equivalents": dit + cost * drm_passes, "ms": 1000 * seconds / n,
@@ -155,14 +156,15 @@ def plot(rows, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    for method in METHODS:
-        points = [r for r in rows if r["method"] in ((method, "ode") if method == "best_of" else (method,))]
-        if not points or method == "ode" and len(points) == 1 and any(r["method"] == "best_of" for r in rows):
-            continue
+    curves = dict.fromkeys(r["curve"] for r in rows)                      # in the sweep's order
+    if "best_of" in curves:
+        curves.pop("ode", None)                                             # the ODE is best-of-1
+    for curve in curves:
+        points = [r for r in rows if r["curve"] == curve or curve == "best_of" and r["method"] == "ode"]
         points.sort(key=lambda r: r["ms"])
         for ax, key in zip(axes, ("ms", "dit_equivalents")):
             ax.errorbar([r[key] for r in points], [r["gold"] for r in points], yerr=[r["gold_se"] for r in points],
-                        marker="o", capsize=3, label="best-of-N (N = 1: ODE)" if method == "best_of" else method)
+                        marker="o", capsize=3, label="best-of-N (N = 1: ODE)" if curve == "best_of" else curve)
     for ax, label in zip(axes, ("ms per image (2 CPU threads)", "DiT-pass equivalents per image")):
         ax.set_xscale("log")
         ax.set_xlabel(label)
