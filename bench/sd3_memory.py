@@ -1,8 +1,8 @@
 """GPU memory and FLOPs of each script at SD3.5-medium size, simulated: one real step of each under PyTorch's
 fake tensors, every allocation counted, no GPU and no memory needed.
 
-    python -m bench.sd3_memory                   # the tables (README, bench/RESULTS.md), about 17 minutes on 2 cores
-    python -m bench.sd3_memory --tables=flops    # the FLOPs table alone, about 2 minutes
+    python -m bench.sd3_memory                   # the tables (README, bench/RESULTS.md), 17 minutes on 2 cores
+    python -m bench.sd3_memory --tables=flops    # the FLOPs table alone, under a minute
 
 Each row builds what the script keeps on the GPU (bf16 frozen weights, float32 trained ones and LoRA adapters,
 as the scripts do) inside torch._subclasses.fake_tensor.FakeTensorMode and runs the scripts' own functions for
@@ -56,7 +56,7 @@ class Config:
     drm_drop_last: int = 3             # the DRM: 21 of SD3.5-medium's 24 blocks
     h100_tflops: float = 989.0         # H100 SXM, dense bf16
     utilisation: float = 0.4           # the share of it an update is assumed to reach, for the time estimate
-    tables: str = "memory,flops"       # which tables to print (memory: about 15 minutes on 2 cores, flops: 2)
+    tables: str = "memory,flops"       # which tables to print (memory: 16 minutes on 2 cores, flops: 40 s)
 
 
 @dataclass
