@@ -92,15 +92,20 @@ def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
 def test_the_search_bench_counts_every_method_at_its_budget(tmp_path):
     """bench/search.py end to end at toy size: each method's DiT and DRM passes per image as its algorithm
     implies (2 steps, guidance: 2 DiT passes a step a trajectory), the verdict and the files written."""
-    rows = run_main(search.main, search.Config, ["--methods=ode,best_of,stepwise,smc", "--per_prompt=3",
-                                                 "--steps=2", f"--out={tmp_path / 'search'}", "--device=cpu"])
+    rows = run_main(search.main, search.Config, ["--methods=ode,best_of,stepwise,smc", "--lmbdas=1,10",
+                                                 "--per_prompt=3", "--steps=2", f"--out={tmp_path / 'search'}",
+                                                 "--device=cpu"])
     by = {r["label"]: (r["dit_passes"], r["drm_passes"]) for r in rows}
     assert by["ODE"] == (4, 0)
     assert by["best-of-8"] == (8 * 4, 8)                      # N ODE samples, the DRM scores each at the end
     assert by["step-wise k=4"] == (4, 2 * 4)                  # one policy mean a step, k successors scored
     assert by["SMC N=4, lambda 10"] == (4 * 4, 2 * 4)         # N particles, each scored after every step
     assert all(r["ms"] > 0 and r["gold_se"] > 0 for r in rows)  # (2 SDE steps are far too noisy to judge by)
+    # the figure's lines: one a method, one a lambda for SMC (its two lambdas are two searches, not one curve)
+    assert list(dict.fromkeys(r["curve"] for r in rows)) == ["ode", "best_of", "stepwise", "smc, lambda 1",
+                                                             "smc, lambda 10"]
     report = (tmp_path / "search.md").read_text()
-    assert report.count("best-of-N at that cost") == 2 and "| DiT-pass equivalents |" in report
+    assert report.count("best-of-N at that cost") == 2   # the verdict at equal ms, then at equal DiT-pass equivalents
+    assert "| method | DiT-pass equivalents | gold | best-of-N at that cost |" in report
     assert "| step-wise k=8 |" in report
     assert json.loads((tmp_path / "search.json").read_text())["rows"][0]["label"] == "ODE"
