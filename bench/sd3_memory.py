@@ -1,7 +1,7 @@
 """GPU memory and FLOPs of each script at SD3.5-medium size, simulated: one real step of each under PyTorch's
 fake tensors, every allocation counted, no GPU and no memory needed.
 
-    python -m bench.sd3_memory                   # the tables (README, bench/RESULTS.md), 17 minutes on 2 cores
+    python -m bench.sd3_memory                   # the tables (README, bench/RESULTS.md), 16 minutes on 2 cores
     python -m bench.sd3_memory --tables=flops    # the FLOPs table alone, under a minute
 
 Each row builds what the script keeps on the GPU (bf16 frozen weights, float32 trained ones and LoRA adapters,
