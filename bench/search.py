@@ -106,7 +106,8 @@ def measure(cfg, point, base, drm, drm_text, pool, prompts, cost, show=True):
     gold, n = scores["gold"], len(prompts)
     dit, drm_passes = counts["nfe"] / n, counts["drm_calls"] / n
     curve = method + (f", lambda {options.lmbda:g}" if method == "smc" else "")   # one line of the figure
-    row = {"method": method, "curve": curve, "label": label, "gold": gold.mean().item(), "gold_se": gold.std().item() / math.sqrt(n),
+    row = {"method": method, "curve": curve, "label": label,
+           "gold": gold.mean().item(), "gold_se": gold.std().item() / math.sqrt(n),
            "digit_correct": scores["digit_correct"].mean().item(), "attribute_match": scores["attribute_match"].mean().item(),
            "drm": drm_score, "diversity": diversity(images.cpu(), cfg.per_prompt), "dit_passes": dit,
            "drm_passes": drm_passes, "dit_equivalents": dit + cost * drm_passes, "ms": 1000 * seconds / n,
