@@ -35,7 +35,9 @@
      normalised among their siblings; the steps after a split, up to the next, carry their
      child's advantage (`tree_advantages`).
    A window (Flow-GRPO-Fast, MixGRPO arXiv 2507.21802) makes only steps a..b-1 stochastic and
-   trained, any mode: the same DiT passes a rollout, fewer steps to train, less variance.
+   trained, any mode: the same DiT passes a rollout, fewer steps to train, less variance. In every
+   mode the last step (sigma 0.001 -> 0) is sampled but not trained, as Flow-GRPO: its std is so
+   small that float32's rounding of the state is 1e-4 of it (`trained_steps`).
 
 3. The loss: PPO's clipped importance ratio per (state, next state) pair,
    r = exp(log p_theta(x_next | x) - log p_old(x_next | x)), loss = -min(r A, clip(r, 1 +- eps) A),
@@ -168,32 +170,35 @@ def passes(uncond, cfg_scale):
 
 @torch.no_grad()
 def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_scale=1.0, k=1,
-                   reward=None, follow="random", window=None, generator=None, shard=(0, 1)):
+                   reward=None, follow="random", window=None, train_last=False, generator=None,
+                   shard=(0, 1)):
     """SDE trajectories from noise (B, C, H, W) along sigmas (T + 1,) -> Rollout. k > 1: at
-    each step, k candidates share the step's one policy mean; reward(x (B*k, ...),
+    each trained step, k candidates share the step's one policy mean; reward(x (B*k, ...),
     sigma (B*k,), rows) scores them (rows: each candidate's trajectory, for its prompt) and the
     trajectory goes on from a random candidate (the paper's) or the best (follow="best").
     window=(a, b): steps a..b-1 as above and trained; the others Euler steps, k = 1, untrained.
-    shard=(rank, world): these B are rows rank*B..(rank+1)*B of world*B (torchrun); the random
-    draws are made for all world*B and sliced, so the ranks together sample what one process would.
+    train_last=False: the last step is an SDE step with one candidate, unscored and untrained
+    (trained_steps). shard=(rank, world): these B are rows rank*B..(rank+1)*B of world*B
+    (torchrun); the random draws are made for all world*B and sliced, so the ranks together
+    sample what one process would.
     """
     if follow not in ("random", "best"):
         raise ValueError(f"follow={follow!r}: choose random or best")
     if k > 1 and reward is None:
         raise ValueError("k > 1 candidates need a reward function to score them")
     (B, T), (rank, world) = (noise.shape[0], len(sigmas) - 1), shard
-    sde = in_window(T, window)
+    sde, trained = in_window(T, window), trained_steps(T, window, train_last)
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
     states, steps, chosen, rewards = [], [], [], []
     rows = torch.arange(B, device=noise.device).repeat_interleave(k)
     for i in range(T):
         step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=cfg_scale,
-                       noise_level=noise_level if sde[i] else 0.0, k=k if sde[i] else 1,
+                       noise_level=noise_level if sde[i] else 0.0, k=k if trained[i] else 1,
                        generator=generator, shard=shard)
         pick = torch.zeros(B, dtype=torch.long, device=x.device)
-        if reward is not None and k > 1:  # stepwise: the DRM's scores (0 outside the window)
+        if reward is not None and k > 1:  # stepwise: the DRM's scores (0 at untrained steps)
             rewards.append(torch.zeros(B, k, device=x.device))
-            if sde[i]:
+            if trained[i]:
                 scores = reward(step.candidates.flatten(0, 1), sigmas[i + 1].expand(B * k), rows)
                 rewards[-1] = scores.float().view(B, k)
                 pick = (rewards[-1].argmax(1) if follow == "best" else torch.randint(
@@ -208,27 +213,35 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_
     return Rollout(torch.stack(states), stack("candidates", True), stack("mean"),
                    stack("log_probs", True), torch.stack(chosen), stack("x0_hat"), x,
                    torch.stack(rewards) if rewards else None, sigmas, cond, uncond, noise_level,
-                   cfg_scale, torch.tensor(sde).unsqueeze(1).expand(T, B),
+                   cfg_scale, torch.tensor(trained).unsqueeze(1).expand(T, B),
                    B * T * passes(uncond, cfg_scale))
 
 
 def in_window(T, window):
-    """[T bools]: the steps a..b-1 of window=(a, b) (all T steps for None)."""
+    """[T bools]: the steps a..b-1 of window=(a, b) (all T steps for None): the SDE steps."""
     a, b = window or (0, T)
     return [a <= i < b for i in range(T)]
 
 
+def trained_steps(T, window, train_last=False):
+    """[T bools]: the steps that enter the loss, the window's, less the last step unless train_last.
+    The last step (SD3's grid: sigma 0.001 -> 0) has an SDE std of ~7e-4, only ~1e4 times float32's
+    rounding of a state of size 1, and the log-prob's gradient carries (x_next - mean) / std^2:
+    there it trains on rounding. Flow-GRPO does not train it either (timestep_fraction 0.99)."""
+    return [sde and (i < T - 1 or train_last) for i, sde in enumerate(in_window(T, window))]
+
+
 @torch.no_grad()
 def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noise_level=0.7,
-                cfg_scale=1.0, window=None, generator=None, shard=(0, 1)):
+                cfg_scale=1.0, window=None, train_last=False, generator=None, shard=(0, 1)):
     """Tree rollouts: from each of R root noises (R, C, H, W) one trajectory that branches into
     `branch` children, which all go on, at each step of split_steps -> a Rollout over its
     L = R branch^m leaves (m splits; a root's leaves adjacent, each node's leaves contiguous),
     every leaf's path in full: shared prefixes repeated, `trained` marking each edge once (on the
-    first leaf below it), from the first split on and inside the window. The policy runs once a
+    first leaf below it), from the first split on, at trained_steps. The policy runs once a
     node. shard as sample_rollout's (every rank the same R)."""
     T, leaves = len(sigmas) - 1, noise.shape[0] * branch ** len(split_steps)
-    sde = in_window(T, window)
+    sde, trained_at = in_window(T, window), trained_steps(T, window, train_last)
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
     rows = torch.arange(len(x), device=x.device)                    # each node's root: its prompt
     states, steps, trained, nfe = [], [], [], 0
@@ -245,7 +258,8 @@ def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noi
                           step.log_probs.flatten().repeat_interleave(below).unsqueeze(1),
                           step.mean.repeat_interleave(per_node, 0),
                           step.x0_hat.repeat_interleave(per_node, 0)))
-        trained.append((torch.arange(leaves) % below == 0) & sde[i] & (i >= min(split_steps)))
+        first_edge = torch.arange(leaves) % below == 0
+        trained.append(first_edge & trained_at[i] & (i >= min(split_steps)))
     stack = lambda name: torch.stack([getattr(s, name) for s in steps])  # noqa: E731
     return Rollout(torch.stack(states), stack("candidates"), stack("mean"), stack("log_probs"),
                    torch.zeros(T, leaves, dtype=torch.long), stack("x0_hat"), x, None, sigmas,

@@ -38,7 +38,8 @@ from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_a
                     check_state_fits, check_weights, load_training_state, parse_numbers,
                     frozen_dtype, print_config, run_main, save_grid, save_training_state,
                     setup_device)
-from grpo import CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout, sample_tree, take
+from grpo import (CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout, sample_tree, take,
+                  trained_steps)
 from model import add_lora, compile_regions, in_chunks
 from reward import with_ensemble
 from sample import evaluate, initial_noise, sigma_schedule
@@ -67,6 +68,9 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     branch: int = 2                    # tree: children per split (branch^splits leaves a prompt)
     tree_norm: str = "siblings"        # tree: normalise among siblings | depth (BranchGRPO's)
     sde_window: str = ""               # a:b: SDE and training at steps a..b-1 only ("": all)
+    # train the last step too (sigma 0.001 -> 0: its std is ~1e4 float32 roundings of the state, its
+    # gradient mostly rounding); false: sampled, never in the loss, as Flow-GRPO
+    train_last_step: bool = False
     steps: int = 10                    # SDE steps per rollout
     noise_level: float = 0.7           # Flow-GRPO's a: sigma_t = a sqrt(sigma / (1 - sigma))
     cfg_scale: float = 4.0             # guidance in rollouts and loss (1: none, half the passes)
@@ -117,12 +121,17 @@ def check(cfg):
     check_at_least(cfg, 1, "updates", "trajectories", "steps", "minibatches", "eval_every",
                    "eval_per_prompt", "eval_steps", "drm_draws")
     check_at_least(cfg, 0, "rollout_batch", "drm_batch", "loss_batch")  # 0: all at once
-    a, b = window_of(cfg) or (0, cfg.steps)
+    trained = [i for i, t in enumerate(trained_steps(cfg.steps, window_of(cfg),
+                                                     cfg.train_last_step)) if t]
+    if not trained:
+        raise UserError(f"--sde_window={cfg.sde_window} trains no step: the last of --steps="
+                        f"{cfg.steps} is not trained unless --train_last_step")
+    a, b = trained[0], trained[-1] + 1
     splits = parse_numbers(cfg, "split_steps")
     if cfg.credit == "tree" and not (splits and splits == sorted(set(splits))
                                      and a <= splits[0] and splits[-1] < b):
         raise UserError(f"--split_steps={cfg.split_steps}: give increasing steps in [{a}, {b}), "
-                        "where the sampler is stochastic (--steps, --sde_window)")
+                        "the trained ones (--steps, --sde_window, --train_last_step)")
     if cfg.trajectories % group_of(cfg):
         group = "--group_size" if cfg.credit != "tree" else "--branch^splits"
         raise UserError(f"--trajectories={cfg.trajectories} must be a multiple of "
@@ -178,7 +187,7 @@ def rollout(cfg, policy, base, scorer, noise, prompts, generator, ranks):
     velocity = lambda *inputs: in_chunks(policy, cfg.rollout_batch, *inputs)  # noqa: E731
     sigmas = sigma_schedule(cfg.steps, cfg.shift).to(noise.device)
     settings = dict(noise_level=cfg.noise_level, cfg_scale=cfg.cfg_scale, window=window_of(cfg),
-                    generator=generator, shard=ranks.shard_id)
+                    train_last=cfg.train_last_step, generator=generator, shard=ranks.shard_id)
     with autocast(noise.device):
         if cfg.credit == "tree":  # a prompt's leaves grow from one root: its first noise
             roots = slice(None, None, group_of(cfg))
@@ -270,6 +279,7 @@ def grpo_step(cfg, base, models, train_prompts, generator, ranks, *, step, advic
     last = int(trajectories.trained.any(1).nonzero().max())  # the last trained step
     rewards = trajectories.rewards[last] if final_rewards is None else final_rewards
     stats["train_reward"] = rewards.mean().item()
+    stats["trained_pairs"] = int(trajectories.trained.sum()) * ranks.world
     return stats, trajectories.nfe * ranks.world + nfe, scorer.calls
 
 

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import random_prompts as prompts, random_small_dit as random_dit
-from grpo import (cosine_advantages, cosine_weights, credit_advantages, grpo_loss, sample_rollout, sde_step, stepwise_advantages,
-                  terminal_advantages)
+from grpo import (cosine_advantages, cosine_weights, credit_advantages, grpo_loss, sample_rollout, sample_tree, sde_step,
+                  stepwise_advantages, terminal_advantages)
+from model import guided_velocity
 from sample import sigma_schedule
 
 
@@ -84,6 +85,35 @@ def test_candidates_share_the_stored_mean_and_the_trajectory_goes_on_from_the_ch
         std = 0.7 * (sigma / (1 - (sigma_next if sigma == 1 else sigma))) ** 0.5 * (sigma - sigma_next) ** 0.5
         normal = torch.distributions.Normal(rollout.means[t].unsqueeze(1), std)
         assert torch.allclose(normal.log_prob(rollout.candidates[t]).flatten(2).mean(2), rollout.log_probs[t], atol=1e-4)
+
+
+@pytest.mark.ex3_sde_step
+def test_a_default_rollout_samples_the_last_step_but_never_trains_it():
+    """The last step (sigma_{T-1} -> 0) stays an SDE step, but with one candidate, unscored and untrained, in
+    stepwise and tree rollouts alike; train_last=True trains it as any other."""
+    import train_policy
+    policy, B, T, k = random_dit(), 3, 4, 3
+    cond, uncond = prompts(B, 1), prompts(B, 2)
+    noise, sigmas = torch.randn(B, 1, 16, 16), sigma_schedule(T)
+    scored = []
+    reward = lambda x, sigma, rows: scored.append(sigma[0].item()) or x.mean((1, 2, 3))  # noqa: E731
+    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0, k=k, reward=reward,
+                             generator=torch.Generator().manual_seed(0))
+    assert rollout.trained.tolist() == [[t < T - 1] * B for t in range(T)]
+    assert scored == sigmas[1:T].tolist()                                # the DRM at steps 0 .. T-2 only
+    assert (rollout.rewards[T - 1] == 0).all() and rollout.nfe == B * T * 2
+    last = rollout.states[T - 1]
+    euler = last - sigmas[T - 1] * guided_velocity(policy, last, sigmas[T - 1], cond, uncond, 2.0)
+    assert not torch.equal(rollout.final, euler)                          # still sampled with noise
+    assert torch.equal(rollout.candidates[T - 1, :, 0], rollout.final)
+    scored.clear()
+    every = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0, k=k, reward=reward,
+                           train_last=True, generator=torch.Generator().manual_seed(0))
+    assert every.trained.all() and scored == sigmas[1:].tolist()
+    tree = sample_tree(policy, noise, cond, uncond, sigmas, split_steps=(0,), branch=2, noise_level=0.7,
+                       generator=torch.Generator().manual_seed(0))
+    assert tree.trained[:T - 1].any(1).all() and not tree.trained[T - 1].any()
+    assert train_policy.Config().train_last_step is False
 
 
 @pytest.mark.ex4_grpo
@@ -246,6 +276,7 @@ def test_micro_batched_rollout_equals_the_full_batch():
                            sigma_schedule(3), noise_level=0.7, cfg_scale=2.0, k=3, reward=r,
                            generator=torch.Generator().manual_seed(1))
             for p, r in ((policy, reward), (chunked_policy, chunked_reward))]
-    assert calls[:3] == [15] * 3 and calls[3:7] == [4, 4, 4, 3]  # really chunked: 15 candidates, 4 at a time
+    # the first two steps scored (the last is not trained), really chunked: 15 candidates, 4 at a time
+    assert calls[:2] == [15] * 2 and calls[2:6] == [4, 4, 4, 3] and len(calls) == 10
     for name in ("final", "log_probs", "rewards", "chosen"):
         assert torch.allclose(getattr(runs[0], name).float(), getattr(runs[1], name).float(), atol=1e-5), name

@@ -78,9 +78,10 @@ def test_tree_rollout_shares_prefixes_trains_each_edge_once_and_replays(cfg_scal
         assert [len(d) for d in distinct] == [nodes[t]] * roots
         nxt = tree.states[t + 1] if t < T - 1 else tree.final
         assert torch.equal(tree.candidates[t, :, 0], nxt)
-    # every edge from the first split on is trained once: a root has 2 + 2 + 4 + 4 children at steps 1..4
-    assert tree.trained[0].sum() == 0 and tree.trained.sum() == roots * 12
-    for t in range(1, T):
+    # every edge from the first split on is trained once: a root has 2 + 2 + 4 children at steps 1..3; the last
+    # step's 4 are sampled, not trained
+    assert tree.trained[0].sum() == tree.trained[T - 1].sum() == 0 and tree.trained.sum() == roots * 8
+    for t in range(1, T - 1):
         edges = tree.candidates[t, tree.trained[t], 0].flatten(1)
         assert len(torch.unique(edges, dim=0)) == len(edges) == roots * children[t]
     assert tree.nfe == roots * sum(nodes) * (2 if cfg_scale != 1 else 1)
@@ -126,14 +127,15 @@ def test_a_window_is_the_ode_path_outside_it_and_scores_only_inside():
     assert (rollout.rewards[[0, 1, 4, 5]] == 0).all() and rollout.nfe == B * T * 2
 
 
-@pytest.mark.parametrize("credit, window, splits", [
-    pytest.param("stepwise", "1:3", "", marks=TRAINING),
-    pytest.param("sparse", "2:4", "", marks=TRAINING),
-    pytest.param("cosine", "0:2", "", marks=TRAINING),
-    pytest.param("tree", "1:4", "1,3", marks=TRAINING)])
-def test_a_window_trains_exactly_the_steps_inside_it(credit, window, splits, tmp_path, monkeypatch):
-    """The real training loop, its loss spied on: every pair it trains lies in the window, each once, and
-    the DiT passes counted are the rollout's plus those of the trained pairs."""
+@pytest.mark.parametrize("credit, window, splits, last", [
+    pytest.param("stepwise", "1:3", "", False, marks=TRAINING),
+    pytest.param("sparse", "2:4", "", False, marks=TRAINING),              # the last step (3) left out
+    pytest.param("sparse", "2:4", "", True, marks=TRAINING),               # --train_last_step: steps 2 and 3
+    pytest.param("cosine", "0:2", "", False, marks=TRAINING),
+    pytest.param("tree", "1:4", "1,2", False, marks=TRAINING)])
+def test_a_window_trains_exactly_the_steps_inside_it(credit, window, splits, last, tmp_path, monkeypatch):
+    """The real training loop, its loss spied on: every pair it trains lies in the window (less the last
+    step unless --train_last_step), each once."""
     seen = []
 
     def spy(policy, rollout, advantages, step_ids, rows, **settings):
@@ -143,13 +145,14 @@ def test_a_window_trains_exactly_the_steps_inside_it(credit, window, splits, tmp
     a, b = map(int, window.split(":"))
     args = ["--steps=4", "--trajectories=8", "--k=2", "--group_size=4", "--updates=1", "--eval_every=1",
             "--eval_per_prompt=1", "--eval_steps=2", f"--credit={credit}", f"--sde_window={window}",
-            f"--split_steps={splits or '0'}", f"--out_dir={tmp_path}"]
+            f"--split_steps={splits or '0'}", f"--train_last_step={last}", f"--out_dir={tmp_path}"]
     run_main(train_policy.main, train_policy.Config, args)
-    assert len(seen) == len(set(seen)) and {t for t, _ in seen} <= set(range(a, b))
+    steps = [t for t in range(a, b) if t < 3 or last]
+    assert len(seen) == len(set(seen)) and {t for t, _ in seen} <= set(steps)
     if credit != "tree":
-        assert sorted(seen) == [(t, r) for t in range(a, b) for r in range(8)]
-    else:  # 2 roots, splits at 1 and 3: children at steps 1, 2, 3 = 2 + 2 + 4 a root
-        assert len(seen) == 2 * 8
+        assert sorted(seen) == [(t, r) for t in steps for r in range(8)]
+    else:  # 2 roots, splits at 1 and 2: children at steps 1, 2 = 2 + 4 a root (step 3, the last, untrained)
+        assert len(seen) == 2 * 6
 
 # -----------------------------------------------------------------------------
 # B. Particle search and pruned best-of-N
