@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.utils import flop_counter
 
 # -----------------------------------------------------------------------------
 # Flags
@@ -635,3 +636,29 @@ def save_grid(images, path, nrow):
     image = Image.fromarray(((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).squeeze(2).numpy())
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     (image.resize((image.width * 2, image.height * 2), Image.NEAREST) if h < 256 else image).save(path)
+
+# -----------------------------------------------------------------------------
+# FLOPs: the compute of a pass, counted rather than timed (a count is the same on any machine)
+
+
+def _cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_flop_count(query, key, value)
+
+
+def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
+    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
+
+
+# FlopCounterMode knows CUDA's attention kernels but not the CPU's flash kernel (which fake tensors on the CPU
+# dispatch to as well): count it by the same formulas, or a pass's attention FLOPs go missing
+CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
+
+
+def count_flops(run):
+    """The FLOPs that run() performs, counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+    counter = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
+    with counter:
+        run()
+    return counter.get_total_flops()
+

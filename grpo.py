@@ -125,19 +125,57 @@ class Step:
     log_probs: torch.Tensor    # (B, k) under the policy that proposed them
     mean: torch.Tensor         # (B, C, H, W)
     x0_hat: torch.Tensor       # (B, C, H, W): the clean-image estimate x - sigma v of the states
+    velocity: torch.Tensor     # (B, C, H, W): the guided velocity v at the states
 
 
 def propose(policy, x, sigma, sigma_next, cond, uncond, *, cfg_scale, noise_level, k=1,
-            generator=None, shard=(0, 1)):
+            generator=None, shard=(0, 1), noise_scale=1.0):
     """The primitive every sampler and rollout is made of: from states x (B, ...) at sigma, one
-    guided policy pass and k candidates for sigma_next around its one mean -> Step."""
+    guided policy pass and k candidates for sigma_next around its one mean -> Step.
+    noise_scale: the candidates drawn with noise_scale x std, their log-probs taken under the
+    step's own std (BranchGRPO's split steps)."""
     velocity = guided_velocity(policy, x, sigma, cond, uncond, cfg_scale).to(x.dtype)
-    noise = (draw_noise(x.shape[0], k, x.shape[1:], generator, shard, x.device) if noise_level
-             else None)
+    noise = (noise_scale * draw_noise(x.shape[0], k, x.shape[1:], generator, shard, x.device)
+             if noise_level else None)
     candidates, log_probs, mean, _ = sde_step(x, velocity, sigma, sigma_next, noise_level, noise)
     if noise is None:
         candidates, log_probs = candidates.unsqueeze(1), log_probs.unsqueeze(1)
-    return Step(candidates, log_probs, mean, x - sigma * velocity)
+    return Step(candidates, log_probs, mean, x - sigma * velocity, velocity)
+
+
+SCORES = ("noisy", "x0", "lookahead")
+
+
+def score_candidates(reward, step, sigmas, i, rows, *, score="noisy", policy=None, cond=None,
+                     uncond=None, cfg_scale=1.0):
+    """The DRM's scores (B, k) of step i's k candidates x_next (B, k, ...), and the DiT passes
+    it spent. reward(x (N, ...), sigma (N,), rows (N,)) scores N states of the prompts `rows`;
+    rows (B,): each state's. What the DRM sees, by `score`:
+      noisy      x_next at sigma_next: the paper (a noisy-latent reward, no extra pass)
+      x0         x_next - sigma_next v at sigma 0: the candidate's clean estimate from the step's
+                 own velocity v (no extra pass; at noise level 0 it is the state's x0_hat)
+      lookahead  the Euler ODE from x_next down the rest of the grid, at sigma 0: DenseGRPO's
+                 step reward (arXiv 2601.20218, n = t); each candidate costs the remaining steps'
+                 guided passes (policy, cond, uncond (B, ...), cfg_scale are needed)
+    """
+    B, k = step.candidates.shape[:2]
+    x, passes_spent = step.candidates.flatten(0, 1), 0
+    owners = rows.repeat_interleave(k)
+    sigma = sigmas[i + 1].expand(B * k)
+    if score == "x0":
+        x = x - sigmas[i + 1] * step.velocity.repeat_interleave(k, 0)
+        sigma = torch.zeros_like(sigma)
+    elif score == "lookahead":
+        context = take(cond, torch.arange(B, device=x.device).repeat_interleave(k))
+        empty = take(uncond, torch.arange(B, device=x.device).repeat_interleave(k))
+        for j in range(i + 1, len(sigmas) - 1):
+            v = guided_velocity(policy, x, sigmas[j], context, empty, cfg_scale).to(x.dtype)
+            x = x + (sigmas[j + 1] - sigmas[j]) * v
+            passes_spent += B * k * passes(uncond, cfg_scale)
+        sigma = torch.zeros_like(sigma)
+    elif score != "noisy":
+        raise ValueError(f"score={score!r}: choose one of {', '.join(SCORES)}")
+    return reward(x, sigma, owners).float().view(B, k), passes_spent
 
 # -----------------------------------------------------------------------------
 # Rollouts: a trajectory per row of noise; with k > 1 every step branches into k candidates
@@ -170,15 +208,16 @@ def passes(uncond, cfg_scale):
 
 @torch.no_grad()
 def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_scale=1.0, k=1,
-                   reward=None, follow="random", window=None, train_last=False, generator=None,
-                   shard=(0, 1)):
+                   reward=None, score="noisy", follow="random", window=None, train_last=False,
+                   generator=None, picks=None, shard=(0, 1)):
     """SDE trajectories from noise (B, C, H, W) along sigmas (T + 1,) -> Rollout. k > 1: at
-    each trained step, k candidates share the step's one policy mean; reward(x (B*k, ...),
-    sigma (B*k,), rows) scores them (rows: each candidate's trajectory, for its prompt) and the
-    trajectory goes on from a random candidate (the paper's) or the best (follow="best").
-    window=(a, b): steps a..b-1 as above and trained; the others Euler steps, k = 1, untrained.
-    train_last=False: the last step is an SDE step with one candidate, unscored and untrained
-    (trained_steps). shard=(rank, world): these B are rows rank*B..(rank+1)*B of world*B
+    each trained step, k candidates share the step's one policy mean; the DRM scores them
+    (score_candidates: reward(x (N, ...), sigma (N,), rows (N,)), rows: each state's trajectory,
+    for its prompt) and the trajectory goes on from a random candidate (the paper's) or the best
+    (follow="best"). window=(a, b): steps a..b-1 as above and trained; the others Euler steps,
+    k = 1, untrained. train_last=False: the last step is an SDE step with one candidate, unscored
+    and untrained (trained_steps). generator: the SDE noise; picks: the random candidate picks
+    (default: generator). shard=(rank, world): these B are rows rank*B..(rank+1)*B of world*B
     (torchrun); the random draws are made for all world*B and sliced, so the ranks together
     sample what one process would.
     """
@@ -190,7 +229,7 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_
     sde, trained = in_window(T, window), trained_steps(T, window, train_last)
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
     states, steps, chosen, rewards = [], [], [], []
-    rows = torch.arange(B, device=noise.device).repeat_interleave(k)
+    rows, nfe = torch.arange(B, device=noise.device), B * T * passes(uncond, cfg_scale)
     for i in range(T):
         step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=cfg_scale,
                        noise_level=noise_level if sde[i] else 0.0, k=k if trained[i] else 1,
@@ -199,10 +238,14 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_
         if reward is not None and k > 1:  # stepwise: the DRM's scores (0 at untrained steps)
             rewards.append(torch.zeros(B, k, device=x.device))
             if trained[i]:
-                scores = reward(step.candidates.flatten(0, 1), sigmas[i + 1].expand(B * k), rows)
-                rewards[-1] = scores.float().view(B, k)
-                pick = (rewards[-1].argmax(1) if follow == "best" else torch.randint(
-                    k, (world * B,), generator=generator)[rank * B:(rank + 1) * B].to(x.device))
+                rewards[-1], spent = score_candidates(
+                    reward, step, sigmas, i, rows, score=score, policy=policy, cond=cond,
+                    uncond=uncond, cfg_scale=cfg_scale)
+                nfe += spent
+                stream = generator if picks is None else picks
+                drawn = torch.randint(k, (world * B,), generator=stream)
+                pick = (rewards[-1].argmax(1) if follow == "best"
+                        else drawn[rank * B:(rank + 1) * B].to(x.device))
         states.append(x)
         steps.append(step)
         chosen.append(pick)
@@ -213,8 +256,7 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_
     return Rollout(torch.stack(states), stack("candidates", True), stack("mean"),
                    stack("log_probs", True), torch.stack(chosen), stack("x0_hat"), x,
                    torch.stack(rewards) if rewards else None, sigmas, cond, uncond, noise_level,
-                   cfg_scale, torch.tensor(trained).unsqueeze(1).expand(T, B),
-                   B * T * passes(uncond, cfg_scale))
+                   cfg_scale, torch.tensor(trained).unsqueeze(1).expand(T, B), nfe)
 
 
 def in_window(T, window):
@@ -233,13 +275,16 @@ def trained_steps(T, window, train_last=False):
 
 @torch.no_grad()
 def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noise_level=0.7,
-                cfg_scale=1.0, window=None, train_last=False, generator=None, shard=(0, 1)):
+                cfg_scale=1.0, split_noise=1.0, window=None, train_last=False, generator=None,
+                shard=(0, 1)):
     """Tree rollouts: from each of R root noises (R, C, H, W) one trajectory that branches into
     `branch` children, which all go on, at each step of split_steps -> a Rollout over its
     L = R branch^m leaves (m splits; a root's leaves adjacent, each node's leaves contiguous),
     every leaf's path in full: shared prefixes repeated, `trained` marking each edge once (on the
     first leaf below it), from the first split on, at trained_steps. The policy runs once a
-    node. shard as sample_rollout's (every rank the same R)."""
+    node. split_noise: the children of a split drawn with split_noise x the step's std, their
+    log-probs under the step's own std (BranchGRPO's split_noise_scale; its script: 4). shard as
+    sample_rollout's (every rank the same R)."""
     T, leaves = len(sigmas) - 1, noise.shape[0] * branch ** len(split_steps)
     sde, trained_at = in_window(T, window), trained_steps(T, window, train_last)
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
@@ -248,7 +293,8 @@ def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noi
     for i in range(T):
         step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, rows), take(uncond, rows),
                        cfg_scale=cfg_scale, noise_level=noise_level if sde[i] else 0.0,
-                       k=branch if i in split_steps else 1, generator=generator, shard=shard)
+                       k=branch if i in split_steps else 1, generator=generator, shard=shard,
+                       noise_scale=split_noise if i in split_steps else 1.0)
         nfe += len(x) * passes(uncond, cfg_scale)
         per_node = leaves // len(x)                                 # leaves below each node
         states.append(x.repeat_interleave(per_node, 0))
@@ -257,7 +303,8 @@ def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noi
         steps.append(Step(x.repeat_interleave(below, 0).unsqueeze(1),
                           step.log_probs.flatten().repeat_interleave(below).unsqueeze(1),
                           step.mean.repeat_interleave(per_node, 0),
-                          step.x0_hat.repeat_interleave(per_node, 0)))
+                          step.x0_hat.repeat_interleave(per_node, 0),
+                          step.velocity.repeat_interleave(per_node, 0)))
         first_edge = torch.arange(leaves) % below == 0
         trained.append(first_edge & trained_at[i] & (i >= min(split_steps)))
     stack = lambda name: torch.stack([getattr(s, name) for s in steps])  # noqa: E731
@@ -291,13 +338,18 @@ def stepwise_advantages(step_rewards):
     return group_normalise(step_rewards, dim=-1)
 
 
-def terminal_advantages(final_rewards, group_size, eps=1e-4):
+def terminal_advantages(final_rewards, group_size, eps=1e-4, group_std="group"):
     """final_rewards (B,) of B = prompts x group_size trajectories (a prompt's group adjacent) ->
-    (B,) normalised per group."""
+    (B,) less their group's mean, over the group's std (group_std="group") or the std of all B
+    (group_std="global": Flow-GRPO's SD3 configs, global_std=True), + eps."""
     if group_size < 2 or final_rewards.shape[0] % group_size:
         raise ValueError(f"{final_rewards.shape[0]} trajectories do not split into groups of "
                          f"{group_size} >= 2")
-    return group_normalise(final_rewards.view(-1, group_size), dim=1, eps=eps).flatten()
+    groups = final_rewards.view(-1, group_size)
+    if group_std == "global":
+        return ((groups - groups.mean(1, keepdim=True)) / (final_rewards.std(correction=0) + eps)
+                ).flatten()
+    return group_normalise(groups, dim=1, eps=eps).flatten()
 
 
 def cosine_weights(x0_hat, final, window=5, eps=1e-6):
@@ -337,31 +389,36 @@ def cosine_advantages(weights, final_rewards, group_size, adv_clip, eps=1e-6):
     return group_normalise(by_prompt, dim=1, eps=eps).view(-1, T).T
 
 
-def tree_advantages(final_rewards, split_steps, branch, T, by="siblings"):
+def tree_advantages(final_rewards, split_steps, branch, T, by="depth"):
     """final_rewards (L,) of sample_tree's leaves -> advantages (T, L, 1). At level j (after the
-    j-th split) a node's value is the mean of its leaves' rewards; by="siblings" normalises the b
-    children of each node among themselves, by="depth" all of a root's level-j nodes together
-    (BranchGRPO's grouping; its statistics are ddof 1 and eps 1e-8, ours ddof 0 and 1e-4, so its
-    advantages are ours x sqrt((n - 1) / n) for n nodes, up to eps). The steps from split j to
-    split j + 1 carry level j's advantage; the steps before the first split, 0."""
+    j-th split) a node's value is the mean of its leaves' rewards. by="depth" (BranchGRPO, its
+    train_branchgrpo_flux.py): all of a root's level-j nodes normalised together, with torch's
+    unbiased std (ddof 1) and eps 1e-8, a level whose std is below 1e-6 getting 0; by="siblings":
+    the b children of each node among themselves (ddof 0, eps 1e-4, as group_normalise; with b = 2
+    every advantage is +-1). A step from split j up to split j + 1 carries its child's, level j's,
+    advantage; the steps before the first split, 0."""
     m = len(split_steps)
     leaves = final_rewards.view(-1, branch ** m)                    # (R, b^m): a root's leaves
     advantages = final_rewards.new_zeros(T, *leaves.shape)
     bounds = [*sorted(split_steps), T]
     for j in range(1, m + 1):
         values = leaves.view(len(leaves), branch ** j, -1).mean(2)  # (R, b^j): level j's nodes
-        groups = values.view(len(leaves), -1, branch) if by == "siblings" else values
-        level = group_normalise(groups, dim=-1).view(len(leaves), -1)
+        if by == "siblings":
+            level = group_normalise(values.view(len(leaves), -1, branch), dim=-1)
+        else:
+            mean, std = values.mean(1, keepdim=True), values.std(1, keepdim=True)
+            level = torch.where(std < 1e-6, 0.0, (values - mean) / (std + 1e-8))
+        level = level.reshape(len(leaves), -1)
         advantages[bounds[j - 1]:bounds[j]] = level.repeat_interleave(branch ** (m - j), 1)
     return advantages.view(T, -1, 1)
 
 
 def credit_advantages(credit, rollout, final_rewards=None, group_size=None, adv_clip=5.0,
-                      rows=slice(None), gather=lambda t: t, tree=None):
+                      rows=slice(None), gather=lambda t: t, tree=None, group_std="group"):
     """Advantages (T, B, k) for one of CREDIT_MODES. final_rewards: of every trajectory of the
     update (under torchrun all ranks', so groups are normalised whole); rows: which of them are the
     rollout's; gather: collects every rank's tensor (B, ...) (cosine's 2nd normalisation); tree:
-    tree_advantages' (split_steps, branch, by)."""
+    tree_advantages' (split_steps, branch, by); group_std: sparse's (terminal_advantages)."""
     T = rollout.states.shape[0]
     if credit == "stepwise":
         return stepwise_advantages(rollout.rewards)
@@ -371,7 +428,8 @@ def credit_advantages(credit, rollout, final_rewards=None, group_size=None, adv_
         split_steps, branch, by = tree
         return tree_advantages(final_rewards, split_steps, branch, T, by)[:, rows]
     if credit == "sparse":
-        return terminal_advantages(final_rewards, group_size)[rows].expand(T, -1).unsqueeze(-1)
+        advantages = terminal_advantages(final_rewards, group_size, group_std=group_std)
+        return advantages[rows].expand(T, -1).unsqueeze(-1)
     weights = gather(cosine_weights(rollout.x0_hat, rollout.final).T.contiguous()).T
     return cosine_advantages(weights, final_rewards, group_size, adv_clip)[:, rows].unsqueeze(-1)
 

@@ -152,6 +152,13 @@ class NoiseEnsemble(nn.Module):
         return total / (self.draws if below.any() else 1)
 
 
+def drm_passes(drm, sigma):
+    """DRM passes a scoring of states at sigma (N,) takes: the ensemble's draws where it re-noises."""
+    if isinstance(drm, NoiseEnsemble) and bool((sigma < drm.at_sigma).any()):
+        return drm.draws
+    return 1
+
+
 def with_ensemble(drm, draws, at_sigma):
     """The DRM, or (draws > 1 or at_sigma > 0) its NoiseEnsemble."""
     return NoiseEnsemble(drm, draws, at_sigma) if draws > 1 or at_sigma > 0 else drm

@@ -22,9 +22,11 @@ held-out prompts with fixed seeds, scored by the DRM and, in the toy, by the sim
 """
 import copy
 import dataclasses
+import hashlib
 import json
 import time
 from dataclasses import asdict, dataclass
+from types import SimpleNamespace
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
@@ -34,14 +36,14 @@ from tqdm import tqdm
 
 from base import ModelFlags, check_model_flags, load_base
 from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_at_least,
-                    check_choice, check_finite, check_numbers, check_resumed_config,
+                    check_choice, check_finite, check_numbers, check_resumed_config, count_flops,
                     check_state_fits, check_weights, load_training_state, parse_numbers,
                     frozen_dtype, print_config, run_main, save_grid, save_training_state,
                     setup_device)
-from grpo import (CREDIT_MODES, credit_advantages, grpo_loss, sample_rollout, sample_tree, take,
-                  trained_steps)
+from grpo import (CREDIT_MODES, SCORES, credit_advantages, grpo_loss, sample_rollout, sample_tree,
+                  take, trained_steps)
 from model import add_lora, compile_regions, in_chunks
-from reward import with_ensemble
+from reward import drm_passes, with_ensemble
 from sample import evaluate, initial_noise, sigma_schedule
 
 # checkpoints hold whole tensors on the CPU (gathered from the ranks' shards under --fsdp), so any
@@ -59,15 +61,28 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     out_dir: str = "out/policy"
     credit: str = "stepwise"           # stepwise (the paper) | sparse (Flow-GRPO) | cosine (CoCA)
                                        # | tree (BranchGRPO)
+    # stepwise: what the DRM scores (grpo.score_candidates): noisy (x_next, the paper) | x0 (its
+    # clean estimate) | lookahead (its ODE completion, DenseGRPO's; the passes counted)
+    score: str = "noisy"
     updates: int = 60
-    max_nfe: int = 0                   # also stop after this many DiT passes (0: no limit)
+    # also stop after this many DiT-pass equivalents: DiT passes + DRM passes x a DRM pass's cost,
+    # its FLOPs over a DiT pass's, counted in the run (0: no limit)
+    max_nfe: int = 0
     trajectories: int = 16             # rollouts per update
     k: int = 4                         # stepwise: candidates per step, around one policy mean
-    group_size: int = 4                # sparse / cosine: trajectories per prompt, one group
-    split_steps: str = "0,3,6"         # tree: the steps at which every trajectory branches
+    group_size: int = 4                # trajectories per prompt, every mode (sparse, cosine: the
+                                       # group normalised together; tree: branch^splits leaves)
+    group_std: str = "group"           # sparse: divide by the group's std | global (the update's:
+                                       # Flow-GRPO's SD3 configs)
+    split_steps: str = "0,1,3,4"       # tree: where it branches (BranchGRPO's 0,3,6,9 of 20 halved)
     branch: int = 2                    # tree: children per split (branch^splits leaves a prompt)
-    tree_norm: str = "siblings"        # tree: normalise among siblings | depth (BranchGRPO's)
-    sde_window: str = ""               # a:b: SDE and training at steps a..b-1 only ("": all)
+    tree_norm: str = "depth"           # tree: depth (BranchGRPO: a tree's nodes of a depth, ddof 1)
+                                       # | siblings (each split's children among themselves)
+    split_noise: float = 4.0           # tree: a split's noise x this (BranchGRPO's script; 1: none)
+    # where the sampler is stochastic and trained: "" every step | a:b steps a..b-1 | random:n
+    # (Flow-GRPO-Fast: n steps from a start drawn each update in [0, steps/2 - n]) | slide:n:u
+    # (MixGRPO: n steps from step (update - 1) // u on, cut at steps - 2, back to 0 past it)
+    sde_window: str = ""
     # train the last step too (sigma 0.001 -> 0: its std is ~1e4 float32 roundings of the state, its
     # gradient mostly rounding); false: sampled, never in the loss, as Flow-GRPO
     train_last_step: bool = False
@@ -117,17 +132,26 @@ def check(cfg):
     check_choice(cfg, "credit", CREDIT_MODES)
     check_choice(cfg, "follow", ("random", "best"))
     check_choice(cfg, "tree_norm", ("siblings", "depth"))
+    check_choice(cfg, "score", SCORES)
+    check_choice(cfg, "group_std", ("group", "global"))
     check_at_least(cfg, 2, "k", "group_size", "branch")  # GRPO compares at least 2 samples a group
     check_at_least(cfg, 1, "updates", "trajectories", "steps", "minibatches", "eval_every",
                    "eval_per_prompt", "eval_steps", "drm_draws")
     check_at_least(cfg, 0, "rollout_batch", "drm_batch", "loss_batch")  # 0: all at once
-    trained = [i for i, t in enumerate(trained_steps(cfg.steps, window_of(cfg),
+    if not cfg.split_noise > 0:
+        raise UserError(f"--split_noise={cfg.split_noise}: a positive factor (1: a split's noise "
+                        "as any step's; BranchGRPO's script: 4)")
+    kind, *window = parse_window(cfg)
+    trained = [i for i, t in enumerate(trained_steps(cfg.steps, window if kind == "fixed" else None,
                                                      cfg.train_last_step)) if t]
     if not trained:
         raise UserError(f"--sde_window={cfg.sde_window} trains no step: the last of --steps="
                         f"{cfg.steps} is not trained unless --train_last_step")
     a, b = trained[0], trained[-1] + 1
     splits = parse_numbers(cfg, "split_steps")
+    if cfg.credit == "tree" and kind in ("random", "slide"):
+        raise UserError(f"--credit=tree --sde_window={cfg.sde_window}: a tree splits at fixed "
+                        "steps; give it a fixed window a:b or none")
     if cfg.credit == "tree" and not (splits and splits == sorted(set(splits))
                                      and a <= splits[0] and splits[-1] < b):
         raise UserError(f"--split_steps={cfg.split_steps}: give increasing steps in [{a}, {b}), "
@@ -146,22 +170,68 @@ def check(cfg):
                         "(1: none; SD3 at 1024 px: 3)")
 
 
-def window_of(cfg):
-    """--sde_window=a:b -> (a, b); "" -> None (every step stochastic and trained)."""
-    if not cfg.sde_window:
-        return None
+def parse_window(cfg):
+    """--sde_window -> ("all",), ("fixed", a, b), ("random", n) or ("slide", n, every), checked."""
+    kind, _, rest = cfg.sde_window.partition(":") if ":" in cfg.sde_window else ("", "", "")
+    T, text = cfg.steps, cfg.sde_window
+    if not text:
+        return ("all",)
+    if kind in ("random", "slide"):
+        numbers = rest.split(":")
+        if not all(n.isdigit() for n in numbers) or len(numbers) != (1 if kind == "random" else 2):
+            raise UserError(f"--sde_window={text}: give random:n or slide:n:every, e.g. random:3 "
+                            "(Flow-GRPO-Fast) or slide:2:12 (MixGRPO)")
+        n, *every = map(int, numbers)
+        top = T // 2 if kind == "random" else T - 2  # Flow-GRPO-Fast's range (0, num_steps // 2)
+        if not 1 <= n <= top or every == [0]:
+            raise UserError(f"--sde_window={text}: n in [1, {top}] for --steps={T}, every >= 1")
+        return (kind, n, *every)
     bounds = parse_numbers(cfg, "sde_window", sep=":")
-    if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1] <= cfg.steps:
-        raise UserError(f"--sde_window={cfg.sde_window}: give a:b, 0 <= a < b <= "
-                        f"--steps={cfg.steps}")
-    return tuple(bounds)
+    if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1] <= T:
+        raise UserError(f"--sde_window={text}: give a:b, 0 <= a < b <= --steps={T}, or random:n, "
+                        "slide:n:every")
+    return ("fixed", *bounds)
+
+
+def window_at(cfg, update, generator):
+    """The SDE window (a, b) of an update, or None (every step). random: Flow-GRPO-Fast's window of
+    n steps, its start uniform in [0, steps // 2 - n], one draw an update for all its trajectories
+    (its code: one a GPU batch); slide: MixGRPO's, which moves one step every `every` updates
+    through [0, steps - 2) (it never trains the last two steps) and rolls back to 0 past the end
+    (MixGRPO idles one interval with an empty window first; we roll back at once)."""
+    kind, *numbers = parse_window(cfg)
+    if kind == "all":
+        return None
+    if kind == "fixed":
+        return tuple(numbers)
+    if kind == "random":
+        n = numbers[0]
+        start = int(torch.randint(cfg.steps // 2 - n + 1, (1,), generator=generator))
+        return start, start + n
+    n, every = numbers
+    start = (update - 1) // every % (cfg.steps - 2)
+    return start, min(start + n, cfg.steps - 2)
 
 
 def group_of(cfg):
-    """Trajectories a prompt: 1 (stepwise), a tree's leaves, or --group_size (sparse, cosine)."""
+    """Trajectories a prompt: a tree's leaves, or --group_size (every other mode)."""
     if cfg.credit == "tree":
         return cfg.branch ** len(parse_numbers(cfg, "split_steps"))
-    return 1 if cfg.credit == "stepwise" else cfg.group_size
+    return cfg.group_size
+
+
+def streams(seed, update):
+    """An update's random numbers, a generator each, seeded by (seed, update, name): prompts,
+    sde (the SDE's noise), picks (stepwise's candidate picks), order (the minibatches' order),
+    window (random windows), noise(p) (prompt p's initial noises). So every mode and method run
+    with one seed draws the same prompts and initial noise at each update, whatever else it draws
+    (common random numbers: runs compare pairwise), and a resumed run needs no saved streams."""
+    def stream(name):
+        digest = hashlib.sha256(f"{seed}/{update}/{name}".encode()).digest()
+        return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
+    names = ("prompts", "sde", "picks", "order", "window")
+    return SimpleNamespace(**{name: stream(name) for name in names},
+                           noise=lambda p: stream(f"noise/{p}"))
 
 
 class Scorer:
@@ -173,12 +243,12 @@ class Scorer:
 
     def __call__(self, x, sigma, rows):
         """x (N, C, H, W) at sigma (N,); rows (N,): the prompt of each -> scores (N,)."""
-        self.calls += x.shape[0] * self.world
+        self.calls += x.shape[0] * self.world * drm_passes(self.drm, sigma)
         context, pooled = self.context[rows], self.pooled[rows]
         return in_chunks(self.drm, self.batch, x, sigma, context, pooled).float()
 
 
-def rollout(cfg, policy, base, scorer, noise, prompts, generator, ranks):
+def rollout(cfg, policy, base, scorer, noise, prompts, rng, ranks, *, window):
     """SDE trajectories from noise for this rank's prompts -> (Rollout, the terminal rewards of
     every rank's trajectories, or None for stepwise credit: its rewards are in the Rollout)."""
     stepwise = cfg.credit == "stepwise"
@@ -186,18 +256,20 @@ def rollout(cfg, policy, base, scorer, noise, prompts, generator, ranks):
     policy.eval()
     velocity = lambda *inputs: in_chunks(policy, cfg.rollout_batch, *inputs)  # noqa: E731
     sigmas = sigma_schedule(cfg.steps, cfg.shift).to(noise.device)
-    settings = dict(noise_level=cfg.noise_level, cfg_scale=cfg.cfg_scale, window=window_of(cfg),
-                    train_last=cfg.train_last_step, generator=generator, shard=ranks.shard_id)
+    settings = dict(noise_level=cfg.noise_level, cfg_scale=cfg.cfg_scale, window=window,
+                    train_last=cfg.train_last_step, generator=rng.sde, shard=ranks.shard_id)
     with autocast(noise.device):
         if cfg.credit == "tree":  # a prompt's leaves grow from one root: its first noise
             roots = slice(None, None, group_of(cfg))
             trajectories = sample_tree(
                 velocity, noise[roots], take(cond, roots), take(uncond, roots), sigmas,
-                split_steps=parse_numbers(cfg, "split_steps"), branch=cfg.branch, **settings)
+                split_steps=parse_numbers(cfg, "split_steps"), branch=cfg.branch,
+                split_noise=cfg.split_noise, **settings)
         else:
             trajectories = sample_rollout(
                 velocity, noise, cond, uncond, sigmas, k=cfg.k if stepwise else 1,
-                follow=cfg.follow, reward=scorer if stepwise else None, **settings)
+                follow=cfg.follow, reward=scorer if stepwise else None, score=cfg.score,
+                picks=rng.picks, **settings)
         final_rewards = None
         if not stepwise:  # gathered from every rank: each prompt's group is normalised whole
             rows = torch.arange(len(noise), device=noise.device)
@@ -208,7 +280,7 @@ def rollout(cfg, policy, base, scorer, noise, prompts, generator, ranks):
     return trajectories, final_rewards
 
 
-def update(cfg, trained, optimizer, reference, trajectories, advantages, mine, generator, *, step,
+def update(cfg, trained, optimizer, reference, trajectories, advantages, mine, order, *, step,
            advice):
     """Every trained (step, trajectory) pair of the rollout once, in `minibatches` AdamW steps ->
     (mean stats, DiT passes). A rank computes the pairs of its own trajectories, `loss_batch` at a
@@ -217,7 +289,7 @@ def update(cfg, trained, optimizer, reference, trajectories, advantages, mine, g
     busiest one, a rank out of pairs one at weight 0 (DDP needs every rank in each backward)."""
     world = cfg.trajectories // trajectories.states.shape[1]
     marked = trajectories.trained.repeat(1, world).flatten()  # the ranks' rows are marked alike
-    pairs = marked.nonzero().flatten()[torch.randperm(int(marked.sum()), generator=generator)]
+    pairs = marked.nonzero().flatten()[torch.randperm(int(marked.sum()), generator=order)]
     passes = (2 if cfg.cfg_scale != 1 else 1) * (2 if reference is not None else 1)
     stats, nfe = [], 0
     for chunk in pairs.to(trajectories.states.device).chunk(cfg.minibatches):
@@ -249,38 +321,57 @@ def update(cfg, trained, optimizer, reference, trajectories, advantages, mine, g
     return {key: sum(s[key].item() for s in stats) / len(stats) for key in stats[0]}, nfe
 
 
-def draw_rollout(cfg, base, policy, drm, drm_text, train_prompts, generator, ranks):
-    """An update's prompts and noise, drawn whole on every rank, and this rank's rows rolled out
-    -> (Rollout, terminal rewards of all ranks or None, the Scorer)."""
+def draw_rollout(cfg, base, policy, drm, drm_text, train_prompts, rng, ranks, *, step):
+    """An update's prompts and initial noise (prompt p's from its own stream: every mode with one
+    seed starts its p-th prompt's trajectories from the same noises), drawn whole on every rank,
+    and this rank's rows rolled out -> (Rollout, terminal rewards of all ranks or None, Scorer)."""
     mine = ranks.shard(cfg.trajectories, "--trajectories")  # this rank's trajectories
-    n_prompts = cfg.trajectories // group_of(cfg)  # a group of trajectories a prompt
-    picks = torch.randint(len(train_prompts), (n_prompts,), generator=generator).tolist()
-    prompts = [train_prompts[i] for i in picks for _ in range(cfg.trajectories // n_prompts)]
-    noise = initial_noise(policy, len(prompts), generator, base.latent_size)[mine]
+    per_prompt = group_of(cfg)
+    n_prompts = cfg.trajectories // per_prompt
+    picks = torch.randint(len(train_prompts), (n_prompts,), generator=rng.prompts).tolist()
+    prompts = [train_prompts[i] for i in picks for _ in range(per_prompt)]
+    noise = torch.cat([initial_noise(policy, per_prompt, rng.noise(p), base.latent_size)
+                       for p in range(n_prompts)])[mine]
     device = next(policy.parameters()).device
     scorer = Scorer(drm, drm_text, prompts[mine], cfg.drm_batch, ranks.world)
     trajectories, final_rewards = rollout(cfg, policy, base, scorer, noise.to(device),
-                                          prompts[mine], generator, ranks)
+                                          prompts[mine], rng, ranks,
+                                          window=window_at(cfg, step, rng.window))
     return trajectories, final_rewards, scorer
 
 
-def grpo_step(cfg, base, models, train_prompts, generator, ranks, *, step, advice):
+def grpo_step(cfg, base, models, train_prompts, ranks, *, step, advice):
     """One update: the rollout (draw_rollout), the advantages, the AdamW steps -> (stats, DiT
-    passes, DRM calls; all ranks)."""
+    passes, DRM passes; all ranks)."""
     policy, trained, reference, drm, drm_text, optimizer = models
+    rng = streams(cfg.seed, step)
     trajectories, final_rewards, scorer = draw_rollout(cfg, base, policy, drm, drm_text,
-                                                       train_prompts, generator, ranks)
+                                                       train_prompts, rng, ranks, step=step)
     mine = ranks.shard(cfg.trajectories, "--trajectories")
     advantages = credit_advantages(
         cfg.credit, trajectories, final_rewards, cfg.group_size, cfg.adv_clip, rows=mine,
-        gather=ranks.gather, tree=(parse_numbers(cfg, "split_steps"), cfg.branch, cfg.tree_norm))
+        gather=ranks.gather, tree=(parse_numbers(cfg, "split_steps"), cfg.branch, cfg.tree_norm),
+        group_std=cfg.group_std)
     stats, nfe = update(cfg, trained, optimizer, reference, trajectories, advantages, mine,
-                        generator, step=step, advice=advice)
+                        rng.order, step=step, advice=advice)
     last = int(trajectories.trained.any(1).nonzero().max())  # the last trained step
     rewards = trajectories.rewards[last] if final_rewards is None else final_rewards
     stats["train_reward"] = rewards.mean().item()
     stats["trained_pairs"] = int(trajectories.trained.sum()) * ranks.world
     return stats, trajectories.nfe * ranks.world + nfe, scorer.calls
+
+
+def drm_pass_cost(base, policy, drm, drm_text, prompt):
+    """A DRM pass's cost in DiT passes: its FLOPs over an unguided DiT pass's, on one state of
+    `prompt` (counted, so the same on any machine: the run's DiT-pass equivalents per DRM pass)."""
+    device = next(policy.parameters()).device
+    x = initial_noise(policy, 1, torch.Generator().manual_seed(0), base.latent_size).to(device)
+    sigma = torch.full((1,), 0.5, device=device)
+    (context, pooled), _ = base.encode([prompt])
+    drm_context, drm_pooled = drm_text.encode([prompt])
+    with torch.no_grad(), autocast(device):
+        dit = count_flops(lambda: policy(x, sigma, context, pooled))
+        return count_flops(lambda: drm(x, sigma, drm_context, drm_pooled)) / dit
 
 
 def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
@@ -298,7 +389,7 @@ def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
     return summary, images
 
 
-def save_run(cfg, run_dir, base, policy, optimizer, *, step, counters, generator):
+def save_run(cfg, run_dir, base, policy, optimizer, *, step, counters):
     """The policy and the train state (with LoRA: the adapters and their optimizer state alone; the
     frozen weights are the base's); every rank takes part (FSDP gathers)."""
     policy_state, optimizer_state = get_state_dict(policy, optimizer, options=WHOLE)
@@ -307,13 +398,12 @@ def save_run(cfg, run_dir, base, policy, optimizer, *, step, counters, generator
         trained = {k: v for k, v in policy_state.items() if ".lora_" in k or not cfg.lora_rank}
         save_training_state(run_dir.file("train_state.pt"), {
             "policy": trained, "optimizer": optimizer_state, "step": step,
-            "counters": counters, "torch_rng": torch.get_rng_state(),
-            "generator": generator.get_state(), "config": asdict(cfg)})
+            "counters": counters, "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
     run_dir.last_saved = step
 
 
 def evaluate_and_save(cfg, run_dir, ranks, policy, optimizer, models, heldout, *, step, counters,
-                      generator, train_stats=None, save=True, stop=False):
+                      train_stats=None, save=True, stop=False):
     """Evaluate; refuse to save or log a diverged policy (NaN metrics, non-finite weights); save;
     log one line. A stop asked for during the evaluation before any update leaves nothing."""
     summary, images = {}, None
@@ -324,8 +414,7 @@ def evaluate_and_save(cfg, run_dir, ranks, policy, optimizer, models, heldout, *
     check_finite(summary, step, "held-out evaluation", run_dir.advice())
     check_weights(policy, step, run_dir.advice())
     if save:
-        save_run(cfg, run_dir, models[0], policy, optimizer, step=step, counters=counters,
-                 generator=generator)
+        save_run(cfg, run_dir, models[0], policy, optimizer, step=step, counters=counters)
     if ranks.main:
         shown = min(cfg.eval_per_prompt, 8)
         grid = images.view(len(heldout), cfg.eval_per_prompt, *images.shape[1:])[:, :shown]
@@ -335,7 +424,8 @@ def evaluate_and_save(cfg, run_dir, ranks, policy, optimizer, models, heldout, *
         with open(run_dir.file("metrics.jsonl"), "a") as log:
             log.write(json.dumps(record) + "\n")
         tqdm.write(f"update {step:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in summary.items())
-                   + f" | nfe {counters['nfe']} | {counters['time_s']:.0f} s")
+                   + f" | DiT-pass equivalents {counters['dit_equivalents']:.0f} | "
+                   f"{counters['time_s']:.0f} s")
 
 
 def build_models(cfg, base, device, ranks):
@@ -369,8 +459,9 @@ def build_models(cfg, base, device, ranks):
     return policy, trained, reference, drm, drm_text, optimizer
 
 
-def resume_run(cfg, run_dir, state, policy, optimizer, generator):
-    """The saved policy, optimizer and random streams back in place -> (update, counters)."""
+def resume_run(cfg, run_dir, state, policy, optimizer):
+    """The saved policy and optimizer back in place (the random streams are the update's:
+    streams) -> (update, counters)."""
     check_state_fits(run_dir.file("train_state.pt"), "policy", policy, state["policy"],
                      trained_only=cfg.lora_rank > 0)
     options = dataclasses.replace(WHOLE, strict=not cfg.lora_rank)  # LoRA: the adapters alone
@@ -378,7 +469,6 @@ def resume_run(cfg, run_dir, state, policy, optimizer, generator):
                    optim_state_dict=state["optimizer"], options=options)
     for group in optimizer.param_groups:
         group["lr"] = cfg.lr  # the flag, not the saved value: a resume may lower it
-    generator.set_state(state["generator"])
     torch.set_rng_state(state["torch_rng"])
     run_dir.last_saved = state["step"]
     run_dir.trim_metrics(state["step"])
@@ -408,35 +498,38 @@ def main(cfg):
         base.prepare(train_prompts + heldout, run_dir.file("cache"))  # SD3: embedded once, cached
         models = build_models(cfg, base, device, ranks)
         policy, _, _, drm, drm_text, optimizer = models
-        generator = torch.Generator().manual_seed(cfg.seed)  # the rollouts' prompts, noise, picks
-        step, counters = (resume_run(cfg, run_dir, state, policy, optimizer, generator) if state
-                          else (0, {"nfe": 0, "drm_calls": 0, "time_s": 0.0}))
-        scoring, saving = (base, drm, drm_text), dict(counters=counters, generator=generator)
+        drm_cost = drm_pass_cost(base, policy, drm, drm_text, train_prompts[0])
+        print(f"a DRM pass costs {drm_cost:.3f} DiT passes (FLOPs counted)")
+        step, counters = (resume_run(cfg, run_dir, state, policy, optimizer) if state else
+                          (0, {"nfe": 0, "drm_calls": 0, "dit_equivalents": 0.0, "time_s": 0.0,
+                               "drm_cost": drm_cost}))
+        scoring = (base, drm, drm_text)
         if step == 0:
             evaluate_and_save(cfg, run_dir, ranks, policy, optimizer, scoring, heldout, step=0,
-                              save=False, stop=stop, **saving)
-        spent = lambda: cfg.max_nfe and counters["nfe"] >= cfg.max_nfe  # noqa: E731
+                              save=False, stop=stop, counters=counters)
+        spent = lambda: cfg.max_nfe and counters["dit_equivalents"] >= cfg.max_nfe  # noqa: E731
         bar = tqdm(initial=step, total=cfg.updates, desc=f"grpo {cfg.credit}",
                    disable=not ranks.main)
         while step < cfg.updates and not spent() and not any_rank(stop):
             t0 = time.time()
-            train_stats, nfe, drm_calls = grpo_step(cfg, base, models, train_prompts, generator,
-                                                    ranks, step=step + 1, advice=run_dir.advice())
+            train_stats, nfe, drm_calls = grpo_step(cfg, base, models, train_prompts, ranks,
+                                                    step=step + 1, advice=run_dir.advice())
             step += 1
             counters["nfe"] += nfe
             counters["drm_calls"] += drm_calls
+            counters["dit_equivalents"] = counters["nfe"] + drm_cost * counters["drm_calls"]
             counters["time_s"] += time.time() - t0
             bar.update(1)
             bar.set_postfix(reward=f"{train_stats['train_reward']:.3f}",
                             clip=f"{train_stats['clip_fraction']:.2f}")
             if step % cfg.eval_every == 0 or step >= cfg.updates or spent():
                 evaluate_and_save(cfg, run_dir, ranks, policy, optimizer, scoring, heldout,
-                                  step=step, train_stats=train_stats, **saving)
+                                  step=step, train_stats=train_stats, counters=counters)
         bar.close()
         if any_rank(stop):
             if step and run_dir.last_saved != step:
                 check_weights(policy, step, run_dir.advice())
-                save_run(cfg, run_dir, base, policy, optimizer, step=step, **saving)
+                save_run(cfg, run_dir, base, policy, optimizer, step=step, counters=counters)
             print(f"stopped: saved update {step} to {cfg.out_dir}; continue with --resume" if step
                   else "stopped: nothing saved")
             return None

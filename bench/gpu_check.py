@@ -80,12 +80,13 @@ def main(cfg):
     eager_cfg = replace(cfg, compile=False)  # compiled below, after the eager checks
     models = train_policy.build_models(eager_cfg, base, device, ranks)
     policy, _, _, drm, drm_text, optimizer = models
-    generator = torch.Generator().manual_seed(cfg.seed)
+    rng = train_policy.streams(cfg.seed, 1)
+    generator = torch.Generator().manual_seed(cfg.seed)  # this check's own draws
     gpu = device.type == "cuda"
     results = []  # (check, measured, limit, passed)
 
     # 1. the rollout replayed: the importance ratio before any update
-    trajectories, _, scorer = train_policy.draw_rollout(cfg, base, policy, drm, drm_text, prompts, generator, ranks)
+    trajectories, _, scorer = train_policy.draw_rollout(cfg, base, policy, drm, drm_text, prompts, rng, ranks, step=1)
     T, B, k = trajectories.candidates.shape[:3]
     advantages = torch.randn(T, B, k, generator=generator).to(device)  # any advantages: every pair pulls
     trained_steps = [i for i in range(T) if trajectories.trained[i].any()]
@@ -128,11 +129,11 @@ def main(cfg):
     gap, limit = relative(compiled_gradient, eager_gradient), (3e-2 if gpu else 1e-4)
     results.append(("compiled = eager: relative L2 gradient difference", gap, limit, gap < limit))
     advice = "bench.gpu_check"
-    train_policy.grpo_step(cfg, base, models, prompts, generator, ranks, step=1, advice=advice)
+    train_policy.grpo_step(cfg, base, models, prompts, ranks, step=1, advice=advice)
     graphs = dynamo_counters["stats"]["unique_graphs"]
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    train_policy.grpo_step(cfg, base, models, prompts, generator, ranks, step=2, advice=advice)
+    train_policy.grpo_step(cfg, base, models, prompts, ranks, step=2, advice=advice)
     recompiles = dynamo_counters["stats"]["unique_graphs"] - graphs
     results.append(("no recompiles after the first update: new graphs", recompiles, 0, recompiles == 0))
     whole_update = torch.cuda.max_memory_allocated() / 2 ** 30 if gpu else None

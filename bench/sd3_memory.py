@@ -26,10 +26,8 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 
-from common import UserError, print_config, run_main
+from common import UserError, count_flops, print_config, run_main
 from grpo import grpo_loss, propose, sample_rollout
 from model import PRESETS, DiTConfig, add_lora, build_dit, guided_velocity, in_chunks
 from reward import DRM, bradley_terry_loss
@@ -261,30 +259,13 @@ def grpo_update(cfg, shapes, lora_rank, checkpointing):
 # FLOPs of a whole Step-GRPO update, from its three kinds of pass
 
 
-# FlopCounterMode knows CUDA's attention kernels but not the CPU's flash kernel, which the fake tensors (on the
-# CPU device) dispatch to: count it by the same formulas, or an update's attention FLOPs go missing.
-def cpu_attention(query, key, value, *args, out_shape=None, **kwargs):
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, **kwargs):
-    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: cpu_attention,
-                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: cpu_attention_backward}
-
-
 def flops(build, *runs):
     """-> the FLOPs of each run on one set of built objects (built once: a model under fake tensors takes seconds)."""
     counts = []
     with FakeTensorMode():
         objects = build()
         for run in runs:
-            counter = FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
-            with counter:
-                run(*objects)
-            counts.append(counter.get_total_flops())
+            counts.append(count_flops(lambda: run(*objects)))
     return counts
 
 

@@ -101,7 +101,7 @@ def one_update(args):
     base = load_base(cfg, torch.device("cpu"))
     policy, _, _, drm, drm_text, _ = train_policy.build_models(cfg, base, torch.device("cpu"), Ranks())
     rollout, final_rewards, _ = train_policy.draw_rollout(cfg, base, policy, drm, drm_text, base.train_prompts(""),
-                                                         torch.Generator().manual_seed(cfg.seed), Ranks())
+                                                         train_policy.streams(cfg.seed, 1), Ranks(), step=1)
     advantages = credit_advantages(cfg.credit, rollout, final_rewards, cfg.group_size, rows=slice(0, cfg.trajectories))
     return cfg, policy, rollout, advantages
 

@@ -116,6 +116,41 @@ def test_a_default_rollout_samples_the_last_step_but_never_trains_it():
     assert train_policy.Config().train_last_step is False
 
 
+@pytest.mark.ex3_sde_step
+def test_what_the_drm_scores_noisy_x0_and_lookahead():
+    """score_candidates against the quantities written out: noisy sees x_next at sigma_next, x0 sees x_next - sigma_next v
+    at 0 (at noise level 0, the state's own x0_hat), lookahead sees a plain Euler loop from x_next to 0."""
+    from grpo import propose, score_candidates
+    policy, B, k, i = random_dit(), 2, 3, 1
+    cond, uncond = prompts(B, 1), prompts(B, 2)
+    sigmas, x = sigma_schedule(4), torch.randn(B, 1, 16, 16)
+    seen = []
+    reward = lambda x, sigma, rows: seen.append((x, sigma, rows)) or x.flatten(1).mean(1)  # noqa: E731
+    step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0, noise_level=0.7, k=k,
+                   generator=torch.Generator().manual_seed(0))
+    rows = torch.tensor([1, 0])
+    options = dict(policy=policy, cond=cond, uncond=uncond, cfg_scale=2.0)
+    scores, spent = score_candidates(reward, step, sigmas, i, rows, score="noisy", **options)
+    assert spent == 0 and torch.equal(seen[-1][0], step.candidates.flatten(0, 1))
+    assert torch.equal(seen[-1][1], sigmas[i + 1].expand(B * k)) and seen[-1][2].tolist() == [1, 1, 1, 0, 0, 0]
+    assert torch.equal(scores, step.candidates.flatten(2).mean(2))
+    velocity = guided_velocity(policy, x, sigmas[i], cond, uncond, 2.0)
+    score_candidates(reward, step, sigmas, i, rows, score="x0", **options)
+    assert torch.allclose(seen[-1][0], (step.candidates - sigmas[i + 1] * velocity.unsqueeze(1)).flatten(0, 1), atol=1e-6)
+    assert (seen[-1][1] == 0).all()
+    euler = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0, noise_level=0.0)
+    score_candidates(reward, euler, sigmas, i, rows, score="x0", **options)
+    assert torch.allclose(seen[-1][0], euler.x0_hat, atol=1e-5)
+    _, spent = score_candidates(reward, step, sigmas, i, rows, score="lookahead", **options)
+    completed = step.candidates.flatten(0, 1)
+    context, empty = (tuple(t.repeat_interleave(k, 0) for t in pair) for pair in (cond, uncond))
+    for j in (2, 3):
+        completed = completed + (sigmas[j + 1] - sigmas[j]) * guided_velocity(policy, completed, sigmas[j], context,
+                                                                              empty, 2.0)
+    assert torch.allclose(seen[-1][0], completed, atol=1e-5) and (seen[-1][1] == 0).all()
+    assert spent == B * k * 2 * 2                                         # 2 steps to go, guided
+
+
 @pytest.mark.ex4_grpo
 def test_stepwise_advantages_have_zero_mean_within_each_group():
     rewards = torch.randn(6, 5, 4) * 3 + torch.arange(5).view(1, 5, 1)

@@ -2,6 +2,7 @@
 particle search and pruned best-of-N (sampling), the Thurstone loss and the noise ensemble (the DRM).
 Each against an independent reference: numbers by hand, a reference's formula written out from its
 code, a plain Euler loop, or a property that must hold."""
+import json
 import math
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 import train_policy
 from common import run_main
 from conftest import random_prompts as prompts, random_small_dit as random_dit
-from grpo import credit_advantages, grpo_loss, sample_rollout, sample_tree, take, tree_advantages
+from grpo import (credit_advantages, gaussian_log_prob, grpo_loss, sample_rollout, sample_tree, sde_mean_std, take,
+                  tree_advantages)
 from model import guided_velocity
 from reward import thurstone_loss, with_ensemble
 from sample import best_of_n, prune_sample, sample_ode, sigma_schedule, smc_sample, stepwise_sample
@@ -35,19 +37,19 @@ def test_tree_advantages_by_hand():
     expected = torch.tensor([[0.0] * 4,                                   # before the first split: one node
                              [-first, -first, first, first], [-first, -first, first, first],
                              second, second], dtype=torch.float64)
-    advantages = tree_advantages(rewards, (1, 3), 2, T=5)
+    advantages = tree_advantages(rewards, (1, 3), 2, T=5, by="siblings")
     assert advantages.shape == (5, 4, 1)
     assert torch.allclose(advantages.squeeze(-1), expected, atol=1e-12)
 
 
 @pytest.mark.ex4_grpo
-def test_tree_advantages_by_depth_are_branchgrpos_up_to_its_std():
+def test_tree_advantages_by_depth_are_branchgrpos():
     """BranchGRPO's compute_hierarchical_advantages_by_depth (fastvideo/train_branchgrpo_flux.py), written
     out: all of a tree's nodes at one depth together, torch's std (ddof 1), zero when std < 1e-6, else
-    (r - mean) / (std + 1e-8). Ours uses the population std: its advantage = ours x sqrt((n - 1) / n)."""
+    (r - mean) / (std + 1e-8); the default."""
     torch.manual_seed(0)
     rewards = torch.randn(2 * 8, dtype=torch.float64)                  # 2 roots, 3 splits of 2
-    ours = tree_advantages(rewards, (0, 2, 4), 2, T=6, by="depth").squeeze(-1)
+    ours = tree_advantages(rewards, (0, 2, 4), 2, T=6).squeeze(-1)
     for root in range(2):
         leaves = rewards[root * 8:(root + 1) * 8]
         for depth, step in zip((1, 2, 3), (0, 2, 4)):
@@ -57,7 +59,9 @@ def test_tree_advantages_by_depth_are_branchgrpos_up_to_its_std():
             n = len(nodes)
             mine = ours[step, root * 8:(root + 1) * 8].view(n, -1)
             assert torch.equal(mine, mine[:, :1].expand_as(mine))          # one value per node
-            assert torch.allclose(mine[:, 0] * math.sqrt((n - 1) / n), branchgrpo, atol=1e-3)
+            assert torch.allclose(mine[:, 0], branchgrpo, rtol=1e-12, atol=0)
+    same = torch.zeros(8, dtype=torch.float64)                           # equal leaves: 0, not 0 / 0
+    assert torch.equal(tree_advantages(same, (0, 2, 4), 2, T=6), torch.zeros(6, 8, 1, dtype=torch.float64))
 
 
 @pytest.mark.ex3_sde_step
@@ -96,7 +100,7 @@ def test_credit_advantages_slice_a_ranks_trees():
     rewards = torch.randn(16)
     tree = type("Rollout", (), {"states": torch.zeros(6, 8)})()
     whole = tree_advantages(rewards, (0, 3), 2, T=6)
-    mine = credit_advantages("tree", tree, rewards, rows=slice(8, 16), tree=((0, 3), 2, "siblings"))
+    mine = credit_advantages("tree", tree, rewards, rows=slice(8, 16), tree=((0, 3), 2, "depth"))
     assert torch.equal(mine, whole[:, 8:16])
 
 # -----------------------------------------------------------------------------
@@ -262,3 +266,119 @@ def test_noise_ensemble_carries_states_forward_by_the_flow_and_averages():
         assert residual.mean().abs() < 0.05 and (residual.std() - 1).abs() < 0.05
     assert torch.equal(draws[:, 2:], x[2:].expand(3, -1, -1, -1, -1))   # at or above 0.3: as it is
     assert with_ensemble(drm, 1, 0.0) is drm
+
+# -----------------------------------------------------------------------------
+# C. Rivals as their code runs them, and one accounting for all (train_policy.py)
+
+
+def policy_config(*args):
+    from common import parse_flags
+    return parse_flags(train_policy.Config(), list(args))
+
+
+@pytest.mark.ex2_drm
+@pytest.mark.ex3_sde_step
+def test_two_credit_modes_draw_the_same_prompts_and_initial_noise():
+    """Common random numbers: with one seed, stepwise and sparse credit start each update from the same prompts and
+    noises, a tree grows its prompt's leaves from the same first noise; the next update draws anew."""
+    from base import load_base
+    from common import Ranks
+    base = load_base(policy_config(), torch.device("cpu"))
+    drm, drm_text, _ = base.load_drm("data/drm.safetensors", "cpu")
+    prompts = base.train_prompts("")
+    starts = {}
+    for name, args in (("stepwise", ["--credit=stepwise", "--k=2"]), ("sparse", ["--credit=sparse"]),
+                       ("tree", ["--credit=tree", "--split_steps=0", "--trajectories=2", "--group_size=2"])):
+        cfg = policy_config(*args, "--steps=2", "--trajectories=8", "--group_size=4") if name != "tree" else \
+            policy_config(*args, "--steps=2")
+        for update in (1, 2):
+            rollout, _, _ = train_policy.draw_rollout(cfg, base, base.dit, drm, drm_text, prompts,
+                                                      train_policy.streams(0, update), Ranks(), step=update)
+            starts[name, update] = rollout.states[0], rollout.cond[0]
+    for update in (1, 2):
+        (noise, context), (noise2, context2) = starts["stepwise", update], starts["sparse", update]
+        assert torch.equal(noise, noise2) and torch.equal(context, context2)
+        tree_noise, tree_context = starts["tree", update]                    # one prompt, 2 leaves from one root
+        assert torch.equal(tree_noise[0], noise[0]) and torch.equal(tree_context[0], context[0])
+    assert not torch.equal(starts["sparse", 1][0], starts["sparse", 2][0])
+    assert train_policy.streams(0, 3).sde.initial_seed() != train_policy.streams(1, 3).sde.initial_seed()
+
+
+def test_windows_are_flow_grpo_fasts_and_mixgrpos():
+    """random:3 (Flow-GRPO-Fast's sd3_pipeline_with_logprob_fast.py: start = randint(0, num_steps // 2 - size),
+    inclusive) and slide:2:3 (MixGRPO's grpo_states.py: the start moves one step every 3 updates, the window cut at
+    steps - 2, back to 0 past it), on 10 steps."""
+    cfg = policy_config("--sde_window=random:3")
+    windows = [train_policy.window_at(cfg, u, train_policy.streams(0, u).window) for u in range(1, 61)]
+    assert {w[0] for w in windows} == {0, 1, 2} and all(b - a == 3 for a, b in windows)
+    assert windows[4] == train_policy.window_at(cfg, 5, train_policy.streams(0, 5).window)   # a stream per update
+    cfg = policy_config("--sde_window=slide:2:3")
+    expected = []
+    for update in range(1, 31):
+        start = (update - 1) // 3
+        start = start % 8                                                   # MixGRPO's roll back, past step 7
+        expected.append((start, min(start + 2, 8)))
+    assert [train_policy.window_at(cfg, u, None) for u in range(1, 31)] == expected
+    assert expected[21] == (7, 8) and expected[24] == (0, 2)
+    assert train_policy.window_at(policy_config("--sde_window=2:6"), 7, None) == (2, 6)
+    assert train_policy.window_at(policy_config(), 7, None) is None
+
+
+@pytest.mark.ex4_grpo
+def test_global_std_is_flow_grpos_stat_tracker():
+    """Flow-GRPO's stat_tracking.py with global_std=True: (r - the prompt's mean) / (np.std(all rewards) + 1e-4)."""
+    import numpy as np
+    from grpo import terminal_advantages
+    rewards = torch.randn(12, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.1]).repeat_interleave(4)
+    r = rewards.numpy()
+    theirs = np.concatenate([(r[i:i + 4] - r[i:i + 4].mean()) / (np.std(r) + 1e-4) for i in range(0, 12, 4)])
+    assert np.allclose(terminal_advantages(rewards, 4, group_std="global").numpy(), theirs, rtol=1e-12)
+    assert not np.allclose(terminal_advantages(rewards, 4).numpy(), theirs)
+
+
+@pytest.mark.ex3_sde_step
+def test_a_split_draws_scaled_noise_and_keeps_the_steps_log_prob():
+    """BranchGRPO's split: noise x split_noise_scale around the step's mean, the log-prob under the unscaled std (its
+    code, sampling and loss alike), so a replay still has ratio 1."""
+    policy, noise = random_dit(), torch.randn(1, 1, 16, 16)
+    cond, sigmas = prompts(1, 1), sigma_schedule(3)
+    trees = [sample_tree(policy, noise, cond, None, sigmas, split_steps=(1,), branch=2, split_noise=scale,
+                         generator=torch.Generator().manual_seed(0)) for scale in (1.0, 4.0)]
+    (plain, scaled) = ((t.candidates[1, :, 0] - t.means[1]) for t in trees)
+    assert torch.allclose(scaled, 4 * plain, atol=1e-5)
+    assert torch.equal(trees[0].candidates[0], trees[1].candidates[0])  # the step before the split unscaled
+    _, std = sde_mean_std(trees[1].states[1], torch.zeros_like(noise), sigmas[1], sigmas[2], 0.7)
+    assert torch.allclose(trees[1].log_probs[1, :, 0], gaussian_log_prob(trees[1].candidates[1, :, 0],
+                                                                         trees[1].means[1], std), atol=1e-5)
+    step_ids, rows = trees[1].trained.nonzero(as_tuple=True)
+    _, stats = grpo_loss(policy, trees[1], torch.randn(3, 2, 1), step_ids, rows)
+    assert stats["ratio_max_deviation"].item() < 1e-5
+
+
+@pytest.mark.parametrize("score", ["noisy", "x0", "lookahead"])
+def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
+    """The real loop: the DiT passes and DRM passes an update reports are the rows the policy and the DRM were called
+    on (a guided pass: two rows), lookahead's ODE completions included; the DiT-pass equivalents their weighted sum."""
+    rows = {"dit": 0, "drm": 0}
+    real_step = train_policy.grpo_step
+
+    def counted(cfg, base, models, *args, **kwargs):
+        hooks = [models[0].register_forward_hook(lambda m, i, o: rows.__setitem__("dit", rows["dit"] + len(i[0]))),
+                 models[3].register_forward_hook(lambda m, i, o: rows.__setitem__("drm", rows["drm"] + len(i[0])))]
+        try:
+            return real_step(cfg, base, models, *args, **kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+    monkeypatch.setattr(train_policy, "grpo_step", counted)
+    args = ["--steps=3", "--trajectories=4", "--k=2", "--group_size=2", "--updates=2", "--eval_every=2",
+            "--eval_per_prompt=1", "--eval_steps=2", f"--score={score}", f"--out_dir={tmp_path}"]
+    run_main(train_policy.main, train_policy.Config, args)
+    record = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
+    assert record["nfe"] == rows["dit"] and record["drm_calls"] == rows["drm"]
+    # lookahead: 2 updates x 4 trajectories x k = 2 x guidance 2 x (2 + 1) steps to go from steps 0 and 1
+    lookahead = 2 * 4 * 2 * 2 * (2 + 1) if score == "lookahead" else 0
+    assert rows["dit"] == 2 * (4 * 3 * 2 + 4 * 2 * 2) + lookahead          # rollout, loss, (lookahead) x 2 updates
+    assert rows["drm"] == 2 * 4 * 2 * 2                                     # 4 trajectories x 2 trained steps x k
+    assert record["dit_equivalents"] == pytest.approx(record["nfe"] + record["drm_cost"] * record["drm_calls"])
+    assert 0.4 < record["drm_cost"] < 0.7                                   # 3 of the 6 blocks and a small head

@@ -109,9 +109,17 @@ def run_script(*args):
     (["train_reward.py", "--head=mlp"], "--head=mlp: choose one of conv, token"),
     (["train_reward.py", "--sigma_sampling=beta"], "--sigma_sampling=beta: choose one of logit_normal, uniform, zero"),
     (["train_policy.py", "--eval_prompts=no/such/prompts.txt"], "--eval_prompts=no/such/prompts.txt does not exist"),
-    (["train_policy.py", "--credit=tree", "--split_steps=3,1"], "--split_steps=3,1: give increasing steps in [0, 10)"),
+    (["train_policy.py", "--credit=tree", "--split_steps=3,1"], "--split_steps=3,1: give increasing steps in [0, 9)"),
     (["train_policy.py", "--credit=tree", "--split_steps=0", "--sde_window=2:5"], "give increasing steps in [2, 5)"),
-    (["train_policy.py", "--credit=tree", "--trajectories=12"], "--trajectories=12 must be a multiple of --branch^splits=8"),
+    (["train_policy.py", "--credit=tree", "--trajectories=12"], "--trajectories=12 must be a multiple of --branch^splits=16"),
+    (["train_policy.py", "--sde_window=random:9"], "--sde_window=random:9: n in [1, 5] for --steps=10"),
+    (["train_policy.py", "--sde_window=slide:2:0"], "--sde_window=slide:2:0: n in [1, 8] for --steps=10, every >= 1"),
+    (["train_policy.py", "--sde_window=slide:two"], "--sde_window=slide:two: give random:n or slide:n:every"),
+    (["train_policy.py", "--credit=tree", "--sde_window=random:2"], "a tree splits at fixed steps"),
+    (["train_policy.py", "--sde_window=9:10"], "--sde_window=9:10 trains no step: the last of --steps=10 is not trained"),
+    (["train_policy.py", "--score=best"], "--score=best: choose one of noisy, x0, lookahead"),
+    (["train_policy.py", "--group_std=batch"], "--group_std=batch: choose one of group, global"),
+    (["train_policy.py", "--split_noise=0"], "--split_noise=0.0: a positive factor"),
     (["train_policy.py", "--sde_window=5:2"], "--sde_window=5:2: give a:b, 0 <= a < b <= --steps=10"),
     (["train_policy.py", "--sde_window=two:five"], "--sde_window=two:five: expected int values separated by ':'"),
     (["train_policy.py", "--tree_norm=global"], "--tree_norm=global: choose one of siblings, depth"),
@@ -152,9 +160,11 @@ def test_train_policy_resumed_equals_one_uninterrupted_run(tmp_path):
     assert not torch.equal(straight["dit.final_layer.linear.weight"], base["dit.final_layer.linear.weight"].float())
     lines = [json.loads(line) for line in open(tmp_path / "halves" / "metrics.jsonl")]
     assert [line["step"] for line in lines] == [0, 1, 2]
-    assert {"gold", "drm", "nfe", "drm_calls", "time_s", "diversity"} <= lines[-1].keys()
-    assert lines[-1]["nfe"] == 2 * (4 * 2 * 2 + 4 * 2 * 2)  # per update: rollout and loss, 4 x 2 steps x 2 (guidance)
-    assert lines[-1]["drm_calls"] == 2 * 4 * 2 * 2          # per update: 4 trajectories x 2 steps x k = 2
+    assert {"gold", "drm", "nfe", "drm_calls", "dit_equivalents", "time_s", "diversity"} <= lines[-1].keys()
+    # per update: the rollout's 4 x 2 steps and the loss's 4 x 1 trained step (the last is not), x 2 (guidance)
+    assert lines[-1]["nfe"] == 2 * (4 * 2 * 2 + 4 * 1 * 2)
+    assert lines[-1]["drm_calls"] == 2 * 4 * 1 * 2          # per update: 4 trajectories x 1 trained step x k = 2
+    assert lines[-1]["dit_equivalents"] == pytest.approx(lines[-1]["nfe"] + lines[-1]["drm_cost"] * lines[-1]["drm_calls"])
 
 
 EVERY_TRAINING_EXERCISE = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
