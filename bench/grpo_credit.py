@@ -1,61 +1,110 @@
-"""The paper's credit-assignment experiment, with its rivals: step-wise GRPO against sparse (Flow-GRPO),
-cosine (CoCA) and tree (BranchGRPO) credit, and step-wise and sparse with an SDE window (Flow-GRPO-Fast).
+"""The paper's credit-assignment experiment and its rivals, each as its authors' code runs it, at one budget of
+DiT-pass equivalents, with common random numbers and paired statistics.
 
-    python -m bench.grpo_credit                      # 6 modes x 3 seeds on the CPU toy, then the table and figure
-    python -m bench.grpo_credit --modes=tree --seeds=0   # some of them
-    python -m bench.grpo_credit --plot_only          # redraw from out/credit/*/metrics.jsonl
+    python -m bench.grpo_credit                          # the credit table: every mode x 5 seeds (about 2 h)
+    python -m bench.grpo_credit --experiment=collapse    # step-wise with windows 0:5, 5:10, none, KL or not
+    python -m bench.grpo_credit --modes=tree,sparse --seeds=0   # some of them
+    python -m bench.grpo_credit --plot_only              # redraw from out/credit/*/metrics.jsonl
 
-Every run gets the same budget of DiT forward passes (--max_nfe: rollouts and training passes counted,
-DRM passes apart). Modes differ in what an update costs (a window trains fewer steps, a tree runs its
-shared prefixes once), so they run different numbers of updates: compare them by DiT passes and by
-wall time. Runs go `jobs` at a time, one CPU thread each, so wall times compare between modes. Writes
-OUT_DIR/results.md (the table) and OUT_DIR/grpo_credit.png: held-out gold against DiT passes and wall
-time, mean over seeds with the spread (min-max) shaded. Needs matplotlib for the figure
-(`pip install matplotlib`; it is not a dependency of the rest).
+Every run gets the same budget (--max_nfe): DiT passes (rollouts, look-aheads, training forwards) plus DRM passes
+times a DRM pass's FLOPs over a DiT pass's (train_policy.py counts it: 0.535 on the toy). A run that stops early
+is resumed (--resume); a finished one is skipped. With one seed every mode draws the same prompts and initial
+noise at each update (train_policy.streams), so modes compare pairwise: the table gives each mode's final held-out
+gold as mean +- s.e. over seeds, and its difference from the reference mode per seed (paired), mean +- s.e.;
+"beats" or "loses" only at 2 s.e. or more, else "tie". It also gives the DiT-pass equivalents at which the
+mode's mean curve first reaches the target (sparse's final gold), and its budget at SD3.5-medium's DRM cost
+(0.90 DiT passes a DRM pass: bench/sd3_memory.py's 2.19 against 2.44 TFLOPs). Runs go `jobs` at a time, one CPU
+thread each, so wall times compare between modes. Writes OUT_DIR/<experiment>.md and OUT_DIR/<experiment>.png
+(needs matplotlib, which the rest does not).
 """
 import json
+import math
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 
-from common import UserError, print_config, run_main
+from common import UserError, check_at_least, check_choice, parse_numbers, print_config, run_main
 
-# name in the table -> train_policy.py flags; the run folder is the name with spaces and commas as _
+SD35_MEDIUM_DRM_COST = 2.19 / 2.44   # a DRM pass over a DiT pass at SD3.5-medium, 512 px (bench/sd3_memory.py)
+KL = "--kl_weight=0.0044"            # Flow-GRPO's beta 0.04 x |dt| = 0.111 (grpo.grpo_loss: its KL is ours x |dt|)
+
+# name in the tables -> train_policy.py flags; every mode 4 prompts an update (16 trajectories of 4, a tree 64 leaves
+# of 16, Flow-GRPO's recipe 48 of 24: its first 2), the same first prompts and noises for a seed
 MODES = {
     "stepwise": "--credit=stepwise",
+    "stepwise, last step trained": "--credit=stepwise --train_last_step",
+    "stepwise, x0 score": "--credit=stepwise --score=x0",
+    "stepwise, lookahead score": "--credit=stepwise --score=lookahead --eval_every=5",
     "sparse": "--credit=sparse",
+    "sparse, Flow-GRPO's recipe": f"--credit=sparse --trajectories=48 --group_size=24 --group_std=global {KL} "
+                                  "--eval_every=5",
     "cosine": "--credit=cosine",
-    "tree": "--credit=tree --split_steps=0,3,6 --branch=2",
+    "tree": "--credit=tree --trajectories=64 --eval_every=5",
+    "sparse, random window (Flow-GRPO-Fast)": "--credit=sparse --sde_window=random:3",
+    "sparse, sliding window (MixGRPO)": "--credit=sparse --sde_window=slide:2:12",
     "stepwise, window 0:5": "--credit=stepwise --sde_window=0:5",
-    "sparse, window 0:5": "--credit=sparse --sde_window=0:5",
+    "stepwise, window 5:10": "--credit=stepwise --sde_window=5:10",
+    "stepwise, KL": f"--credit=stepwise {KL}",
+    "stepwise, window 0:5, KL": f"--credit=stepwise --sde_window=0:5 {KL}",
+    "stepwise, window 5:10, KL": f"--credit=stepwise --sde_window=5:10 {KL}",
+}
+# experiment -> (its modes, the reference each is compared with, default seeds)
+EXPERIMENTS = {
+    "credit": (["stepwise", "stepwise, last step trained", "stepwise, x0 score", "stepwise, lookahead score",
+                "sparse", "sparse, Flow-GRPO's recipe", "cosine", "tree", "sparse, random window (Flow-GRPO-Fast)",
+                "sparse, sliding window (MixGRPO)"], "sparse", "0,1,2,3,4"),
+    "collapse": (["stepwise", "stepwise, window 0:5", "stepwise, window 5:10", "stepwise, KL",
+                  "stepwise, window 0:5, KL", "stepwise, window 5:10, KL"], "stepwise", "0,1,2"),
 }
 
 
 @dataclass
 class Config:
     out_dir: str = "out/credit"
-    modes: str = ""                    # comma-separated folder names (stepwise,tree,...); "" = all of MODES
-    seeds: str = "0,1,2"
-    max_nfe: int = 38400               # DiT passes per run: 60 stepwise updates of 16 trajectories x 10 steps x 2 x 2
-    eval_every: int = 10
+    experiment: str = "credit"         # credit | collapse (EXPERIMENTS)
+    modes: str = ""                    # comma-separated folder names (stepwise,tree,...); "" = the experiment's
+    seeds: str = ""                    # "" = the experiment's (credit: 0-4, collapse: 0-2)
+    max_nfe: int = 38400               # DiT-pass equivalents a run
+    eval_every: int = 10               # updates between held-out evaluations (a mode's flags may say otherwise)
     jobs: int = 2                      # runs at a time, one thread each
     extra: str = ""                    # more train_policy.py flags for every run, space-separated
     plot_only: bool = False
 
 
 def folder(name):
-    return name.replace(", ", "_").replace(" ", "_").replace(":", "-")
+    """A mode's run folder name: 'sparse, random window (Flow-GRPO-Fast)' -> sparse_random_window_Flow-GRPO-Fast."""
+    for old, new in ((", ", "_"), (" ", "_"), (":", "-"), ("(", ""), (")", ""), ("'", "")):
+        name = name.replace(old, new)
+    return name
 
 
-def chosen_modes(cfg):
-    if not cfg.modes:
-        return list(MODES)
-    by_folder = {folder(name): name for name in MODES}
-    unknown = [m for m in cfg.modes.split(",") if m not in by_folder]
-    if unknown:
-        raise UserError(f"--modes={cfg.modes}: unknown {unknown}; choose from {', '.join(by_folder)}")
-    return [by_folder[m] for m in cfg.modes.split(",")]
+def chosen(cfg):
+    """-> (modes, the reference mode, seeds) of the experiment, narrowed by --modes and --seeds."""
+    modes, reference, seeds = EXPERIMENTS[cfg.experiment]
+    if cfg.modes:
+        by_folder = {folder(name): name for name in MODES}
+        unknown = [m for m in cfg.modes.split(",") if m not in by_folder]
+        if unknown:
+            raise UserError(f"--modes={cfg.modes}: unknown {unknown}; choose from {', '.join(by_folder)}")
+        modes = [by_folder[m] for m in cfg.modes.split(",")]
+    seeds = parse_numbers(cfg, "seeds") if cfg.seeds else [int(s) for s in seeds.split(",")]
+    if not seeds:
+        raise UserError("--seeds: give at least one seed, e.g. --seeds=0,1")
+    return modes, reference, seeds
+
+
+def run_dir(cfg, mode, seed):
+    return os.path.join(cfg.out_dir, f"{folder(mode)}_seed{seed}")
+
+
+def finished(cfg, path):
+    """Whether the run in path spent its budget (its last evaluation at or past --max_nfe)."""
+    metrics = os.path.join(path, "metrics.jsonl")
+    if not os.path.exists(metrics):
+        return False
+    lines = open(metrics).read().split()
+    return bool(lines) and json.loads(lines[-1]).get("dit_equivalents", 0) >= cfg.max_nfe
 
 
 def run_all(cfg, modes, seeds):
@@ -65,20 +114,20 @@ def run_all(cfg, modes, seeds):
     while queue or running:
         while queue and len(running) < cfg.jobs:
             mode, seed = queue.pop(0)
-            run_dir = os.path.join(cfg.out_dir, f"{folder(mode)}_seed{seed}")
-            if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-                print(f"{run_dir}: already there, skipped (delete it to rerun)")
+            path = run_dir(cfg, mode, seed)
+            if finished(cfg, path):
                 continue
-            command = [sys.executable, "train_policy.py", *MODES[mode].split(), f"--seed={seed}", f"--out_dir={run_dir}",
-                       f"--max_nfe={cfg.max_nfe}", "--updates=100000", f"--eval_every={cfg.eval_every}",
-                       *cfg.extra.split()]
+            again = "--resume" if os.path.exists(os.path.join(path, "train_state.pt")) else "--overwrite"
+            command = [sys.executable, "train_policy.py", f"--eval_every={cfg.eval_every}", *MODES[mode].split(),
+                       f"--seed={seed}", f"--out_dir={path}", f"--max_nfe={cfg.max_nfe}", "--updates=100000",
+                       again, *cfg.extra.split()]
             print(" ".join(command), flush=True)
-            os.makedirs(run_dir, exist_ok=True)
-            running.append(subprocess.Popen(command, env=env, stdout=open(os.path.join(run_dir, "log.txt"), "w"),
-                                            stderr=subprocess.STDOUT))
+            os.makedirs(path, exist_ok=True)
+            log = open(os.path.join(path, "log.txt"), "a")
+            running.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
         running[0].wait()
         if running[0].returncode:
-            raise RuntimeError(f"{' '.join(running[0].args)} failed; see its log.txt")
+            raise UserError(f"{' '.join(running[0].args)} failed; see its log.txt")
         running.pop(0)
 
 
@@ -86,7 +135,7 @@ def load_runs(cfg, modes, seeds):
     runs = {}
     for mode in modes:
         for seed in seeds:
-            path = os.path.join(cfg.out_dir, f"{folder(mode)}_seed{seed}", "metrics.jsonl")
+            path = os.path.join(run_dir(cfg, mode, seed), "metrics.jsonl")
             if not os.path.exists(path):
                 raise UserError(f"{path} is missing: run without --plot_only first")
             with open(path) as f:
@@ -94,81 +143,127 @@ def load_runs(cfg, modes, seeds):
     return runs
 
 
-def mean_curve(runs, mode, seeds, key):
-    """Per evaluation, the mean over seeds (runs cut to the shortest)."""
-    n = min(len(runs[mode, s]) for s in seeds)
-    return [sum(runs[mode, s][i][key] for s in seeds) / len(seeds) for i in range(n)]
+def mean_se(values):
+    """-> (mean, standard error of the mean) of a list (s.e. 0 for one value)."""
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
-def first_reaching(curve, target):
-    return next((i for i, value in enumerate(curve) if value >= target), None)
+def verdict(difference, se):
+    """'beats' / 'loses' at 2 standard errors or more, else 'tie'."""
+    if se > 0 and difference >= 2 * se:
+        return "beats"
+    if se > 0 and difference <= -2 * se:
+        return "loses"
+    return "tie"
 
 
-def summarise(runs, modes, seeds):
-    """The table: gold at the end, what it took to reach sparse's final gold, DRM passes, reward hacking."""
-    target = mean_curve(runs, "sparse", seeds, "gold")[-1] if "sparse" in modes else None
-    lines = [f"target: sparse's final held-out gold, mean of {len(seeds)} seeds = {target:.4f}" if target is not None
-             else "no sparse runs: no target", "",
-             "| credit | gold start | gold end (mean, min to max) | DRM start -> end | updates | "
-             "updates to target | DiT passes to target | wall time to target (s) | DRM passes a run | "
-             "DRM up while gold down |", "|---|---|---|---|---|---|---|---|---|---|"]
-    reached = {}
+def gold_at(run, budget):
+    """A run's held-out gold at `budget` DiT-pass equivalents, linear between its evaluations (None past its end)."""
+    points = [(r["dit_equivalents"], r["gold"]) for r in run]
+    for (x0, g0), (x1, g1) in zip(points, points[1:]):
+        if x0 <= budget <= x1:
+            return g0 + (g1 - g0) * (budget - x0) / (x1 - x0) if x1 > x0 else g1
+    return None
+
+
+def reaching(runs, mode, seeds, target, budget):
+    """The least DiT-pass equivalents at which the mode's mean gold over seeds (interpolated) reaches target."""
+    grid = [budget * i / 200 for i in range(201)]
+    for x in grid:
+        values = [gold_at(runs[mode, s], x) for s in seeds]
+        if None not in values and sum(values) / len(values) >= target:
+            return x
+    return None
+
+
+def summarise(cfg, runs, modes, reference, seeds):
+    """The table: final gold (mean +- s.e.), the paired difference from the reference, the verdict, the budget to the
+    target, the counts behind the equivalents, and reward hacking."""
+    finals = {m: [runs[m, s][-1]["gold"] for s in seeds] for m in modes}
+    target = mean_se(finals[reference])[0] if reference in modes else None
+    lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); budget {cfg.max_nfe:,} DiT-pass equivalents a run; "
+             f"differences paired by seed (the same prompts and initial noise), s.e. over seeds; target: "
+             + (f"{reference}'s final gold, {target:.4f}" if target is not None else "none"), "",
+             f"| mode | gold start | gold end (mean ± s.e.) | minus {reference} (paired) | verdict | DRM start -> end | "
+             "updates | DiT passes | DRM passes | DiT-pass equivalents (at SD3.5-medium's DRM cost) | "
+             "equivalents to target | DRM up while gold down |", "|---" * 12 + "|"]
     for mode in modes:
-        gold, drm = mean_curve(runs, mode, seeds, "gold"), mean_curve(runs, mode, seeds, "drm")
-        steps, nfe, times = (mean_curve(runs, mode, seeds, key) for key in ("step", "nfe", "time_s"))
-        ends = [runs[mode, s][-1]["gold"] for s in seeds]
-        hit = first_reaching(gold, target) if target is not None else None
-        reached[mode] = (nfe[hit], times[hit]) if hit is not None else None
+        end, end_se = mean_se(finals[mode])
+        if reference in modes and mode != reference:
+            diff, diff_se = mean_se([a - b for a, b in zip(finals[mode], finals[reference])])
+            paired, judged = f"{diff:+.4f} ± {diff_se:.4f}", verdict(diff, diff_se)
+        else:
+            paired, judged = "", ""
+        last = [runs[mode, s][-1] for s in seeds]
+        average = lambda key: sum(r[key] for r in last) / len(last)  # noqa: E731
+        sd35 = average("nfe") + SD35_MEDIUM_DRM_COST * average("drm_calls")
+        hit = reaching(runs, mode, seeds, target, cfg.max_nfe) if target is not None else None
         hacked = [s for s in seeds if runs[mode, s][-1]["drm"] > runs[mode, s][0]["drm"]
                   and runs[mode, s][-1]["gold"] < runs[mode, s][0]["gold"]]
-        drm_calls = sum(runs[mode, s][-1]["drm_calls"] for s in seeds) / len(seeds)
-        at = (lambda values, fmt: fmt.format(values[hit]) if hit is not None else "not reached")  # noqa: E731
-        lines.append(f"| {mode} | {gold[0]:.4f} | {gold[-1]:.4f} ({min(ends):.4f} to {max(ends):.4f}) | "
-                     f"{drm[0]:.3f} -> {drm[-1]:.3f} | {steps[-1]:.0f} | {at(steps, '{:.0f}')} | {at(nfe, '{:,.0f}')} | "
-                     f"{at(times, '{:.0f}')} | {drm_calls:,.0f} | {'seeds ' + str(hacked) if hacked else 'no'} |")
-    if reached.get("stepwise") and reached.get("sparse") and reached["sparse"][0] > 0:
-        lines += ["", f"stepwise reaches sparse's final gold in {reached['stepwise'][0] / reached['sparse'][0]:.2f}x "
-                      f"the DiT passes and {reached['stepwise'][1] / reached['sparse'][1]:.2f}x the wall time "
-                      "(paper: 1/2.5 = 0.40x the iterations and 1/3.5 = 0.29x the time)"]
+        start = mean_se([runs[mode, s][0]["gold"] for s in seeds])[0]
+        drm = [mean_se([runs[mode, s][i]["drm"] for s in seeds])[0] for i in (0, -1)]
+        lines.append(f"| {mode} | {start:.4f} | {end:.4f} ± {end_se:.4f} | {paired} | {judged} | {drm[0]:.3f} -> "
+                     f"{drm[1]:.3f} | {average('step'):.0f} | {average('nfe'):,.0f} | {average('drm_calls'):,.0f} | "
+                     f"{average('dit_equivalents'):,.0f} ({sd35:,.0f}) | "
+                     f"{f'{hit:,.0f}' if hit is not None else 'not reached'} | "
+                     f"{'seeds ' + str(hacked) if hacked else 'no'} |")
     return "\n".join(lines)
 
 
-def plot(runs, modes, seeds, path):
-    import matplotlib
+def plot(runs, modes, seeds, path, title):
+    try:
+        import matplotlib
+    except ImportError:
+        print(f"no figure: {path} needs matplotlib (pip install matplotlib)")
+        return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
+    budget = min(runs[m, s][-1]["dit_equivalents"] for m in modes for s in seeds)
+    grid = [budget * i / 100 for i in range(101)]
     for mode in modes:
-        gold = mean_curve(runs, mode, seeds, "gold")
-        lo = [min(runs[mode, s][i]["gold"] for s in seeds) for i in range(len(gold))]
-        hi = [max(runs[mode, s][i]["gold"] for s in seeds) for i in range(len(gold))]
-        for ax, key in zip(axes, ("nfe", "time_s")):
-            x = mean_curve(runs, mode, seeds, key)
-            ax.plot(x, gold, label=mode, linestyle="--" if "window" in mode else "-")
-            ax.fill_between(x, lo, hi, alpha=0.15)
-    for ax, label in zip(axes, ("DiT forward passes (rollouts and training)", "wall time, s (1 CPU thread)")):
+        curves = [[gold_at(runs[mode, s], x) for x in grid] for s in seeds]
+        stats = [mean_se(list(values)) for values in zip(*curves)]
+        mean, se = [m for m, _ in stats], [e for _, e in stats]
+        style = "--" if "window" in mode else ":" if "score" in mode or "last" in mode else "-"
+        axes[0].plot(grid, mean, label=mode, linestyle=style)
+        axes[0].fill_between(grid, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)], alpha=0.12)
+        time = [sum(runs[mode, s][i]["time_s"] for s in seeds) / len(seeds) for i in range(len(runs[mode, seeds[0]]))]
+        gold = [sum(runs[mode, s][i]["gold"] for s in seeds) / len(seeds) for i in range(len(time))]
+        axes[1].plot(time, gold, label=mode, linestyle=style)
+    for ax, label in zip(axes, ("DiT-pass equivalents (DiT passes + DRM passes x their FLOPs share)",
+                                "wall time, s (1 CPU thread)")):
         ax.set_xlabel(label)
-        ax.set_ylabel("held-out gold score")
+        ax.set_ylabel("held-out gold")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle(f"GRPO credit on the toy world at one DiT budget, mean and min-max over seeds {seeds}")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{title}: mean ± s.e. over seeds {seeds}")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+    return True
 
 
 def main(cfg):
+    check_choice(cfg, "experiment", tuple(EXPERIMENTS))
+    check_at_least(cfg, 1, "max_nfe", "eval_every", "jobs")
+    modes, reference, seeds = chosen(cfg)
     print_config(cfg)
-    modes, seeds = chosen_modes(cfg), [int(s) for s in cfg.seeds.split(",")]
     if not cfg.plot_only:
         run_all(cfg, modes, seeds)
     runs = load_runs(cfg, modes, seeds)
-    table = summarise(runs, modes, seeds)
+    table = summarise(cfg, runs, modes, reference, seeds)
     print(table)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "results.md"), "w") as f:
+    report = os.path.join(cfg.out_dir, cfg.experiment)
+    with open(report + ".md", "w") as f:
         f.write(table + "\n")
-    plot(runs, modes, seeds, os.path.join(cfg.out_dir, "grpo_credit.png"))
-    print(f"wrote {cfg.out_dir}/results.md and {cfg.out_dir}/grpo_credit.png")
+    figure = plot(runs, modes, seeds, report + ".png", f"GRPO on the toy, {cfg.experiment}")
+    print(f"wrote {report}.md" + (f" and {report}.png" if figure else ""))
+    return table
 
 
 if __name__ == "__main__":
