@@ -30,7 +30,7 @@ from tqdm import tqdm
 from base import ANNOTATED, ModelFlags, check_model_flags, load_base
 from common import (UserError, autocast, check_at_least, check_choice, check_numbers, frozen_dtype,
                     parse_numbers, pick_device, print_config, run_main, save_grid)
-from grpo import passes, propose, take
+from grpo import passes, propose, score_candidates, take
 from model import compile_regions, guided_velocity
 from reward import with_ensemble
 
@@ -89,13 +89,15 @@ def generate(dit, base, prompts, seed=0, steps=20, cfg_scale=4.0, shift=1.0, bat
 @torch.no_grad()
 def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, steps=20, k=1,
                     beam=1, noise_level=0.7, cfg_scale=1.0, shift=1.0, score_every=1, ode_last=0,
-                    generator=None):
+                    score="noisy", generator=None):
     """Beam search over SDE successors, scored by the DRM -> (x0 (N, C, H, W), counts). noise
     (N, C, H, W) starts each image; cond / uncond (the policy's) and drm_cond (the DRM's) are
     (context, pooled) of batch N. Each of an image's `beam` states proposes k successors around one
     mean (grpo.propose); at scored steps (every `score_every`-th, and the last) the DRM ranks the
-    beam * k successors at sigma_next and the top `beam` survive; between them each state keeps
-    one successor. The last `ode_last` steps are Euler steps. beam = 1: the paper's greedy rule.
+    beam * k successors and the top `beam` survive; between them each state keeps one successor.
+    score: what the DRM sees of a successor (grpo.score_candidates): noisy (it at sigma_next, the
+    paper), x0 (its clean estimate), lookahead (its ODE completion; those passes counted). The last
+    `ode_last` steps are Euler steps. beam = 1: the paper's greedy rule.
     counts: {"nfe": DiT forward passes, "drm_calls": DRM forward passes}.
     """
     if k < 1 or beam < 1 or score_every < 1 or not 0 <= ode_last <= steps:
@@ -119,9 +121,12 @@ def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *
         if not scored:
             x, beam_scores = successors, None
             continue
-        owners = rows.repeat_interleave(k)
-        sigma = sigmas[i + 1].expand(len(successors))
-        scores = drm(successors, sigma, *take(drm_cond, owners)).float()
+        reward = lambda x, sigma, owners: drm(x, sigma, *take(drm_cond, owners))  # noqa: E731
+        scores, spent = score_candidates(reward, step, sigmas, i, rows, score=score, policy=policy,
+                                         cond=take(cond, rows), uncond=take(uncond, rows),
+                                         cfg_scale=cfg_scale)
+        scores = scores.flatten()
+        counts["nfe"] += spent
         counts["drm_calls"] += len(successors)
         # BEGIN SOLUTION ex5_beam_search: per image, the top `beam` of its successors become x
         beam_scores, best = scores.view(N, beam * k).topk(beam, dim=1)    # over all of an image's
@@ -159,48 +164,67 @@ def best_of_n(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, n=4,
     return favourite(drm, samples, drm_cond, n, counts), counts
 
 
+def resampling_steps(steps, every=1, start=1, end=6):
+    """FK steering's schedule (fkd_class.py): steps start, start + every, ... up to end, and the
+    last step. Its defaults for 100 steps (every 5, from 5 to 30) scaled to 20: every 1, 1 to 6."""
+    return sorted(set(range(start, min(end, steps - 1) + 1, every)) | {steps - 1})
+
+
 @torch.no_grad()
 def smc_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, particles=4, steps=20,
                noise_level=0.7, cfg_scale=1.0, shift=1.0, potential="diff", lmbda=10.0,
-               score_every=1, ess_threshold=0.5, generator=None):
-    """Particle search (FK steering, Singhal et al. 2025): `particles` SDE trajectories an image
-    (noise (N * particles, ...), an image's adjacent). At every score_every-th step (and the last)
-    the DRM scores each particle r at sigma_next, and its weight is exp(lmbda G): G = r - r at the
-    particle's last resampling ("diff": the weight accumulated since then) or its ancestors'
-    running max of r ("max"). An image whose effective sample size 1 / sum(w_norm^2) is below
-    ess_threshold x particles resamples them in proportion to w (multinomial). At the end, the
-    DRM's favourite. (FK's code forgets the weights of a step that did not resample: "diff" there
-    is the gain since the last scored step.) -> (x0, counts with "resampled": image-steps)."""
+               score="x0", schedule=(1, 1, 6), adaptive=False, ess_threshold=0.5,
+               generator=None):
+    """Particle search (FK steering, Singhal et al. 2025, as its fkd_class.py runs it): `particles`
+    SDE trajectories an image (noise (N * particles, ...), an image's adjacent). At the steps of
+    resampling_steps(steps, *schedule) the DRM scores each particle, r: score="x0" the one-step
+    x0-prediction of its state before the step, at sigma 0 (FK's, with a clean-image reward);
+    "noisy" its state after the step at sigma_next. Potential "diff": weights
+    exp(lmbda (r - r_prev)), r_prev the particle's (or its ancestor's) r at the previous such step, 0 at first; "max":
+    exp(lmbda max(r, r_prev)), r_prev then the running max, and the last step's weights divided by
+    the product of the potentials a particle was resampled with. Weights are not carried between
+    steps. A scheduled step resamples multinomially (adaptive: only if the effective sample size
+    1 / sum(w_norm^2) is below ess_threshold x particles); the last step always asks the ESS test.
+    At the end, the DRM's favourite at sigma 0 -> (x0, counts with "resampled": image-steps)."""
     N, P = len(noise) // particles, particles
     owners = torch.arange(N, device=noise.device).repeat_interleave(P)
     x, sigmas = noise.float(), sigma_schedule(steps, shift).to(noise.device)
-    anchor = torch.zeros(N * P, device=x.device)   # FK's start: the first weights are exp(lmbda r)
-    best = torch.full((N * P,), -torch.inf, device=x.device)
+    previous = torch.zeros(N * P, device=x.device)       # FK's population_rs: reward_min_value 0
+    product = torch.ones(N * P, device=x.device)         # the potentials each particle was drawn by
     counts = {"nfe": 0, "drm_calls": 0, "resampled": 0}
+    scheduled = resampling_steps(steps, *schedule)
     for i in range(steps):
         step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, owners),
                        take(uncond, owners), cfg_scale=cfg_scale, noise_level=noise_level,
                        generator=generator)
         x = step.candidates[:, 0]
         counts["nfe"] += len(x) * passes(uncond, cfg_scale)
-        if (i + 1) % score_every and i < steps - 1:
+        if i not in scheduled:
             continue
-        r = drm(x, sigmas[i + 1].expand(len(x)), *take(drm_cond, owners)).float()
+        scored, sigma = (step.x0_hat, sigmas.new_zeros(1)) if score == "x0" else (x, sigmas[i + 1])
+        r = drm(scored, sigma.expand(len(x)), *take(drm_cond, owners)).float()
         counts["drm_calls"] += len(x)
-        best = torch.maximum(best, r)
-        log_w = lmbda * ((r - anchor) if potential == "diff" else best).view(N, P)
-        w = torch.softmax(log_w, dim=1)
-        resample = 1 / (w ** 2).sum(1) < ess_threshold * P                 # (N,)
-        if i == steps - 1 or not resample.any():
-            continue
-        picks = torch.multinomial(w.cpu(), P, replacement=True, generator=generator)
+        last = i == steps - 1
+        if potential == "diff":
+            potentials, w = r, torch.exp(lmbda * (r - previous))
+        else:
+            potentials = torch.maximum(r, previous)
+            w = torch.exp(lmbda * (r if last else potentials)) / (product if last else 1)
+        w = torch.nan_to_num(w.clamp(0, 1e10)).view(N, P)
+        normalised = w / w.sum(1, keepdim=True)
+        resample = torch.ones(N, dtype=torch.bool, device=x.device)
+        if adaptive or last:
+            resample = 1 / (normalised ** 2).sum(1) < ess_threshold * P             # (N,)
         keep = torch.arange(P).expand(N, P)
+        picks = (torch.multinomial(normalised.cpu(), P, replacement=True, generator=generator)
+                 if resample.any() else keep)
         parents = (torch.where(resample.cpu().unsqueeze(1), picks, keep)
                    + torch.arange(N).unsqueeze(1) * P).flatten().to(x.device)
-        x, best = x[parents], best[parents]
-        anchor = torch.where(resample.repeat_interleave(P), r[parents], anchor[parents])
+        moved = resample.repeat_interleave(P)
+        product = torch.where(moved, product[parents] * w.flatten()[parents], product)
+        x, previous = x[parents], potentials[parents]
         counts["resampled"] += int(resample.sum())
-    return favourite(drm, x, drm_cond, P, counts, scores=r), counts
+    return favourite(drm, x, drm_cond, P, counts), counts
 
 
 @torch.no_grad()
@@ -272,23 +296,32 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: the b
     out: str = "samples.png"           # image grid (with --eval: a JSON of the scores beside it)
     eval: bool = False                 # score the held-out prompts with the simulated annotator
     per_prompt: int = 20               # with --eval: images per held-out prompt
-    search: str = "ode"                # ode | stepwise | best_of | smc | prune: how the DRM picks
+    search: str = "ode"                # ode | sde | stepwise | best_of | smc | prune (how it picks)
     drm: str = "data/drm.safetensors"  # the reward model that ranks (every search but ode)
     drm_draws: int = 1                 # its noise ensemble (reward.NoiseEnsemble): states below
     drm_sigma: float = 0.0             # drm_sigma re-noised to it drm_draws times, scores averaged
     k: int = 4                         # stepwise: SDE successors per step
     beam: int = 1                      # stepwise: states kept per image (1: the paper's greedy)
     particles: int = 4                 # best_of, smc, prune: trajectories per image
-    noise_level: float = 0.7           # stepwise, smc: SDE noise (grpo.py's a)
-    score_every: int = 1               # stepwise, smc: rank every this many steps
+    noise_level: float = 0.7           # sde, stepwise, smc: SDE noise (grpo.py's a)
+    # what the DRM scores: noisy (a state at its sigma) | x0 (its clean estimate) | lookahead
+    # (stepwise: its ODE completion); "" = the method's own: stepwise noisy (the paper), smc x0 (FK)
+    score: str = ""
+    score_every: int = 1               # stepwise: rank every this many steps
     ode_last: int = 0                  # stepwise: plain Euler for the last this many steps
-    potential: str = "diff"            # smc: diff (gain since the last resampling) | max
+    potential: str = "diff"            # smc: diff (the gain since the last scored step) | max
     lmbda: float = 10.0                # smc: weights exp(lmbda x potential), FK steering's lambda
-    ess_threshold: float = 0.5         # smc: resample below this effective sample size / particles
+    resample: str = "1:1:6"            # smc: every:from:to, resampled at those steps and the last
+                                       # (FK's every 5 from 5 to 30 of 100 steps, scaled to 20)
+    adaptive: bool = False             # smc: resample a scheduled step only below the ESS threshold
+    ess_threshold: float = 0.5         # smc: the effective sample size / particles resampled below
     prune_at: str = "0.6"              # prune: the sigmas at which the DRM keeps the best
     keep: float = 0.5                  # prune: the fraction kept at each
     compile: bool = False              # torch.compile the DiT's and DRM's blocks (model.py)
     device: str = "auto"
+
+
+SEARCHES = ("ode", "sde", "stepwise", "best_of", "smc", "prune")
 
 
 def width(cfg):
@@ -298,19 +331,20 @@ def width(cfg):
 
 def search(cfg, policy, noise, cond, uncond, drm, drm_cond, generator, **sampling):
     """cfg.search on noise (N * width(cfg), ...), an image's adjacent -> (x0 (N, ...), counts)."""
-    if cfg.search in ("ode", "stepwise"):
+    if cfg.search in ("ode", "sde", "stepwise"):
         stepwise = cfg.search == "stepwise"
         return stepwise_sample(policy, noise, cond, uncond, drm, drm_cond,
                                k=cfg.k if stepwise else 1, beam=cfg.beam if stepwise else 1,
-                               noise_level=cfg.noise_level if stepwise else 0.0,
+                               noise_level=0.0 if cfg.search == "ode" else cfg.noise_level,
                                score_every=cfg.score_every, ode_last=cfg.ode_last,
-                               generator=generator, **sampling)
+                               score=cfg.score or "noisy", generator=generator, **sampling)
     if cfg.search == "best_of":
         return best_of_n(policy, noise, cond, uncond, drm, drm_cond, n=cfg.particles, **sampling)
     if cfg.search == "smc":
         return smc_sample(policy, noise, cond, uncond, drm, drm_cond, particles=cfg.particles,
                           noise_level=cfg.noise_level, potential=cfg.potential, lmbda=cfg.lmbda,
-                          score_every=cfg.score_every, ess_threshold=cfg.ess_threshold,
+                          score=cfg.score or "x0", schedule=parse_numbers(cfg, "resample", sep=":"),
+                          adaptive=cfg.adaptive, ess_threshold=cfg.ess_threshold,
                           generator=generator, **sampling)
     return prune_sample(policy, noise, cond, uncond, drm, drm_cond, particles=cfg.particles,
                         prune_at=parse_numbers(cfg, "prune_at", float), keep=cfg.keep, **sampling)
@@ -361,8 +395,14 @@ def evaluate_heldout(cfg, base, **sampling):
 def main(cfg):
     check_numbers(cfg)
     check_model_flags(cfg)
-    check_choice(cfg, "search", ("ode", "stepwise", "best_of", "smc", "prune"))
+    check_choice(cfg, "search", SEARCHES)
     check_choice(cfg, "potential", ("diff", "max"))
+    check_choice(cfg, "score", ("", "noisy", "x0", "lookahead") if cfg.search == "stepwise"
+                 else ("", "noisy", "x0"))
+    schedule = parse_numbers(cfg, "resample", sep=":")
+    if len(schedule) != 3 or schedule[0] < 1 or not 0 <= schedule[1] <= schedule[2]:
+        raise UserError(f"--resample={cfg.resample}: give every:from:to, every >= 1 and "
+                        "0 <= from <= to, e.g. 1:1:6")
     check_at_least(cfg, 1, "steps", "n", "per_prompt", "k", "beam", "particles", "score_every",
                    "drm_draws")
     check_at_least(cfg, 0, "noise_level", "ode_last")

@@ -34,6 +34,7 @@ from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_a
 from data.preferences import gold_scores, read_pairs
 from model import add_noise, compile_regions, logit_normal_sigma
 from reward import DRM, HEADS, bradley_terry_loss, thurstone_loss, with_ensemble
+from sample import sigma_schedule
 
 CLOSE_GAP = 0.1  # gold gap under which a pair counts as close
 
@@ -50,6 +51,8 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     head: str = "conv"                 # conv (the paper: final layer, convs) | token (mean token)
     head_dropout: float = 0.1          # dropout before the head's last linear layer
     sigma_sampling: str = "logit_normal"  # logit_normal (SD3's) | uniform | zero (clean images)
+    pair_noise: str = "independent"    # independent (each image its own noise: the paper) | shared
+                                       # (one noise for both images of a pair: DiNa-LRM's)
     loss: str = "bt"                   # bt (Bradley-Terry, the paper) | thurstone (DiNa-LRM's)
     steps: int = 2000
     batch_size: int = 64               # pairs per step
@@ -65,6 +68,9 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     eval_sigmas: str = "0,0.25,0.5,0.75,0.9"  # the noise levels test accuracy is measured at
     eval_batch: int = 256              # test pairs scored at a time
     eval_only: bool = False            # evaluate --drm (default: out_dir's) -> out_dir/eval.json
+    # what --eval_only scores: prefs (the test pairs) | policy (the toy: pairs of the base's own
+    # samples, and the DRM's ranking of SDE candidates by step; bench/drm_on_policy.py)
+    eval_set: str = "prefs"
     drm: str = ""                      # with --eval_only: the DRM checkpoint to evaluate
     export: str = ""                   # at the end, the DRM here in float16 (data/drm.safetensors)
     resume: bool = False               # continue out_dir's run (MAY_CHANGE below may change)
@@ -96,6 +102,11 @@ def check(cfg):
     check_choice(cfg, "head", HEADS)
     check_choice(cfg, "sigma_sampling", SIGMA_SAMPLING)
     check_choice(cfg, "loss", ("bt", "thurstone"))
+    check_choice(cfg, "pair_noise", ("independent", "shared"))
+    check_choice(cfg, "eval_set", ("prefs", "policy"))
+    if cfg.eval_set == "policy" and not (cfg.eval_only and cfg.model == "toy"):
+        raise UserError("--eval_set=policy scores the toy's own samples with its annotator: use "
+                        "it with --eval_only on --model=toy")
     check_at_least(cfg, 1, "steps", "batch_size", "eval_every", "eval_noise_draws", "eval_batch",
                    "drm_draws")
     sigmas = parse_numbers(cfg, "eval_sigmas", float)
@@ -185,22 +196,48 @@ def evaluate(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
     return results
 
 
+def policy_split(base, text, device):
+    """--eval_set=policy: Pairs of the base's own samples, each pair of 8 of a training prompt."""
+    from bench.drm_on_policy import policy_pairs
+    prompts = base.train_prompts("")
+    winners, losers, pair_prompts, gold = policy_pairs(base, prompts)
+    context, pooled = text.encode(prompts)
+    row = {prompt: i for i, prompt in enumerate(prompts)}
+    rows = torch.tensor([row[p] for p in pair_prompts])
+    return Pairs(winners.to(device), losers.to(device), rows, context.cpu(), pooled.cpu(), gold)
+
+
 def evaluate_only(cfg, device, eval_sigmas):
-    """--eval_only: the test accuracy of --drm (default out_dir's) as a table and eval.json."""
+    """--eval_only: the test accuracy of --drm (default out_dir's) as a table and eval.json; with
+    --eval_set=policy on the base's own samples, and the DRM's ranking of SDE candidates by step."""
     path = cfg.drm or os.path.join(cfg.out_dir, "model.safetensors")
     base = load_base(cfg, device)
     drm, text, meta = base.load_drm(path, device)
-    results = evaluate(with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma),
-                       load_split(cfg, "test", base, text, device), eval_sigmas,
-                       cfg.eval_noise_draws, batch=cfg.eval_batch)
+    drm = with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma)
+    pairs = (policy_split(base, text, device) if cfg.eval_set == "policy"
+             else load_split(cfg, "test", base, text, device))
+    results = evaluate(drm, pairs, eval_sigmas, cfg.eval_noise_draws, batch=cfg.eval_batch)
     columns = list(next(iter(results.values())))
-    print(f"test accuracy of {path} (close pairs: a gold gap under {CLOSE_GAP})")
+    what = "the base's own samples, pairs within a prompt" if cfg.eval_set == "policy" else "test"
+    print(f"{what}: accuracy of {path} (close pairs: a gold gap under {CLOSE_GAP})")
     print("| sigma | " + " | ".join(columns) + " |\n|---" + "|---" * len(columns) + "|")
     for sigma, result in results.items():
         print(f"| {sigma} | " + " | ".join(f"{result[c]:.1%}" for c in columns) + " |")
+    ranking = None
+    if cfg.eval_set == "policy":
+        from bench.drm_on_policy import candidate_ranking
+        ranking = candidate_ranking(base, drm, text, base.train_prompts("")[::2])
+        print("Spearman of the DRM's ranking of k = 8 SDE candidates against their ODE "
+              "completions' gold, mean ± s.e. over 40 rollouts")
+        print("| step | sigma -> sigma_next | noisy (the paper) | x0 estimate |\n|---|---|---|---|")
+        sigmas = sigma_schedule(len(ranking["noisy"]))
+        for i, (noisy, x0) in enumerate(zip(ranking["noisy"], ranking["x0"])):
+            print(f"| {i} | {sigmas[i]:.3f} -> {sigmas[i + 1]:.3f} | {noisy[0]:+.3f} ± "
+                  f"{noisy[1]:.3f} | {x0[0]:+.3f} ± {x0[1]:.3f} |")
     with open(os.path.join(cfg.out_dir, "eval.json"), "w") as f:
         json.dump({"checkpoint": path, "init": meta.get("init"), "step": meta.get("step"),
-                   "accuracy": results}, f, indent=1)
+                   "eval_set": cfg.eval_set, "accuracy": results, "candidate_ranking": ranking}, f,
+                  indent=1)
     return results
 
 
@@ -210,8 +247,10 @@ def train_step(cfg, model, optimizer, train, mine, step, advice):
     device = train.winners.device
     idx = torch.randint(len(train.winners), (cfg.batch_size,))
     sigma = training_sigma(cfg.sigma_sampling, cfg.batch_size, device)
-    x_win = add_noise(train.winners[idx], sigma, torch.randn_like(train.winners[idx]))[mine]
-    x_lose = add_noise(train.losers[idx], sigma, torch.randn_like(train.losers[idx]))[mine]
+    noise_win = torch.randn_like(train.winners[idx])
+    noise_lose = noise_win if cfg.pair_noise == "shared" else torch.randn_like(train.losers[idx])
+    x_win = add_noise(train.winners[idx], sigma, noise_win)[mine]
+    x_lose = add_noise(train.losers[idx], sigma, noise_lose)[mine]
     idx, sigma = idx[mine], sigma[mine]
     with autocast(device):
         rewards = model(torch.cat([x_win, x_lose]), torch.cat([sigma, sigma]),

@@ -24,9 +24,9 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from bench.stats import SD35_MEDIUM_DRM_COST, mean_se, verdict
 from common import UserError, check_at_least, check_choice, parse_numbers, print_config, run_main
 
-SD35_MEDIUM_DRM_COST = 2.19 / 2.44   # a DRM pass over a DiT pass at SD3.5-medium, 512 px (bench/sd3_memory.py)
 KL = "--kl_weight=0.0044"            # Flow-GRPO's beta 0.04 x |dt| = 0.111 (grpo.grpo_loss: its KL is ours x |dt|)
 
 # name in the tables -> train_policy.py flags; every mode 4 prompts an update (16 trajectories of 4, a tree 64 leaves
@@ -141,24 +141,6 @@ def load_runs(cfg, modes, seeds):
             with open(path) as f:
                 runs[mode, seed] = [json.loads(line) for line in f]
     return runs
-
-
-def mean_se(values):
-    """-> (mean, standard error of the mean) of a list (s.e. 0 for one value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, 0.0
-    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
-
-
-def verdict(difference, se):
-    """'beats' / 'loses' at 2 standard errors or more, else 'tie'."""
-    if se > 0 and difference >= 2 * se:
-        return "beats"
-    if se > 0 and difference <= -2 * se:
-        return "loses"
-    return "tie"
 
 
 def gold_at(run, budget):

@@ -1,22 +1,26 @@
-"""Every DRM-guided search against best-of-N at equal compute, on the CPU toy: the annotator's gold per
-millisecond and per DiT-pass equivalent.
+"""Every DRM-guided search against best-of-N at equal compute, on the CPU toy, compared image by image.
 
-    python -m bench.search                                  # every method at a few budgets (about 25 minutes)
-    python -m bench.search --methods=ode,best_of,smc        # some of them
-    python -m bench.search --prompt_set=train --methods=smc --lmbdas=1,10,100   # tune on training prompts
+    python -m bench.search                                  # every method (about 50 minutes on 2 cores)
+    python -m bench.search --methods=ode,sde,stepwise       # some of them (best-of-N always)
+    python -m bench.search --prompt_set=train --methods=smc --lmbdas=1,10,100 --out=out/search_train  # tune SMC
 
-Ten prompts (the held-out ones, or with --prompt_set=train ten training prompts) x per_prompt seeds; every
-method starts from the same pool of initial noises (an image's j-th particle is the j-th noise of its seed,
-the ODE's is the first) and the same SDE generator. Methods (sample.py --search=...): the ODE; best-of-N
-(N ODE samples, the DRM's favourite); step-wise greedy and beam search (the paper: k SDE successors a step,
-the DRM ranks them); particle search (FK steering: N SDE particles resampled by the DRM, lambda
---lmbdas); pruned best-of-N (N ODE trajectories, the DRM keeps a fraction at sigma 0.6). Each point: gold
-with its standard error over the images, digit and attribute accuracy, the DRM's own score, diversity,
-DiT and DRM passes per image, DiT-pass equivalents (DRM passes weighted by their cost relative to a DiT
-pass, measured here), milliseconds per image. Writes OUT.json, OUT.md (table and verdict) and OUT.png
-(gold against ms / image and against DiT-pass equivalents; needs matplotlib). The verdict: each search against
-best-of-N at equal ms and at equal DiT-pass equivalents (ms include batch effects: all 200 images run as one
-batch, and a wide batch runs slower per row on a CPU).
+Ten prompts (the held-out ones, or with --prompt_set=train ten training prompts) x per_prompt seeds. Every method
+starts from the same pool of initial noises (image i's j-th particle is pool[i, j]; single-trajectory methods start
+from pool[i, 0]) and the same SDE generator, so methods compare image by image. Methods (sample.py --search=...): the
+ODE; the plain SDE (no search); step-wise greedy and beam search (the paper: k SDE successors a step, the DRM ranks
+them), scoring the successor's noisy state (the paper), its clean estimate (x0) or its ODE completion (lookahead,
+DenseGRPO's step reward, every 5th step); particle search (FK steering as its code runs it: the x0-prediction scored,
+resampled on its interval; lambda --lmbdas, tuned on --prompt_set=train), and our earlier variant (the noisy state
+scored and resampled at every step below the ESS threshold); pruned best-of-N (N ODE trajectories, the DRM keeps a
+quarter at sigma 0.6).
+
+Best-of-N is one curve, N = 1..16, from one pool of 16 ODE samples an image: with the 16 ranked by the DRM at sigma 0,
+the chance that the i-th lowest is the favourite of a random N of them is C(i - 1, N - 1) / C(16, N), so the curve is
+the unbiased mean over all N-subsets (`best_of_n_curve`), image by image. Compute per image is counted in DiT-pass
+equivalents: DiT passes plus DRM passes x a DRM pass's FLOPs over a DiT pass's (counted here: 0.535 on the toy), and
+shown at SD3.5-medium's ratio (0.90) too. Each method's verdict: its gold minus best-of-N's at the same equivalents
+(interpolated in N), per image, mean +- s.e. clustered by prompt (images of one prompt are not independent); "beats" or
+"loses" at 2 s.e. or more, else "tie". Writes OUT.json, OUT.md and OUT.png (needs matplotlib).
 """
 import dataclasses
 import json
@@ -29,21 +33,28 @@ import torch
 
 import sample
 from base import ToyBase
-from common import UserError, check_at_least, check_numbers, parse_numbers, pick_device, print_config, run_main
+from bench.stats import SD35_MEDIUM_DRM_COST, clustered, verdict
+from common import (UserError, check_at_least, check_choice, check_numbers, count_flops, parse_numbers, pick_device,
+                    print_config, run_main)
 from model import compile_regions
-from sample import diversity, initial_noise, search
+from sample import diversity, initial_noise, search, stepwise_sample
 
-METHODS = ("ode", "best_of", "stepwise", "beam", "smc", "prune")
+METHODS = ("ode", "sde", "stepwise", "x0", "lookahead", "beam", "smc", "smc_noisy", "prune")
+POOL = 16  # ODE samples an image behind the best-of-N curve
 
 
 def settings(cfg):
     """(method, label, sample.Config overrides) for every point of the sweep."""
-    points = [("ode", "ODE", {"search": "ode"})]
-    points += [("best_of", f"best-of-{n}", {"search": "best_of", "particles": n}) for n in (2, 4, 8)]
+    points = [("ode", "ODE", {"search": "ode"}), ("sde", "SDE", {"search": "sde"})]
     points += [("stepwise", f"step-wise k={k}", {"search": "stepwise", "k": k}) for k in (2, 4, 8)]
+    points += [("x0", f"step-wise k={k}, x0 score", {"search": "stepwise", "k": k, "score": "x0"}) for k in (2, 4, 8)]
+    points += [("lookahead", f"step-wise k={k}, lookahead every 5th step",
+                {"search": "stepwise", "k": k, "score": "lookahead", "score_every": 5}) for k in (2, 4)]
     points += [("beam", f"beam 2, k={k}", {"search": "stepwise", "k": k, "beam": 2}) for k in (2, 4)]
     points += [("smc", f"SMC N={n}, lambda {lmbda:g}", {"search": "smc", "particles": n, "lmbda": lmbda})
                for lmbda in parse_numbers(cfg, "lmbdas", float) for n in (2, 4, 8)]
+    points += [("smc_noisy", "SMC N=4, noisy, every step, ESS", {"search": "smc", "particles": 4, "score": "noisy",
+                                                                  "resample": "1:0:19", "adaptive": True})]
     points += [("prune", f"prune N={n} to {n // 4 or 1} at 0.6",
                 {"search": "prune", "particles": n, "keep": 0.25, "prune_at": "0.6"}) for n in (4, 8, 16)]
     chosen = cfg.methods.split(",") if cfg.methods else METHODS
@@ -57,7 +68,7 @@ def settings(cfg):
 class Config:
     base: str = "data/base.safetensors"
     drm: str = "data/drm.safetensors"
-    methods: str = ""                  # comma-separated, of METHODS ("" = all)
+    methods: str = ""                  # comma-separated, of METHODS ("" = all); best-of-N is always measured
     lmbdas: str = "10"                 # SMC's lambda(s): weights exp(lambda x the DRM's gain)
     prompt_set: str = "heldout"        # heldout (the ten held-out prompts) | train (ten training prompts, to tune)
     per_prompt: int = 20               # seeds per prompt
@@ -71,27 +82,54 @@ class Config:
     device: str = "auto"
 
 
-def drm_cost(dit, drm, x, cond):
-    """Seconds of one DRM pass over one DiT pass (unguided), on the same batch: median of 3."""
+def drm_cost(dit, drm, x, cond, drm_cond):
+    """-> (a DRM pass's FLOPs over an unguided DiT pass's, the same in seconds, median of 3), on one state."""
     sigma = torch.full((len(x),), 0.5, device=x.device)
-    times = {}
-    for name, model in (("dit", dit), ("drm", drm)):
-        runs = []
-        for _ in range(4):
-            t0 = time.time()
-            with torch.no_grad():
-                model(x, sigma, *cond)
-            runs.append(time.time() - t0)
-        times[name] = sorted(runs[1:])[1]
-    return times["drm"] / times["dit"]
+    with torch.no_grad():
+        flops = count_flops(lambda: drm(x[:1], sigma[:1], *(t[:1] for t in drm_cond)))
+        flops /= count_flops(lambda: dit(x[:1], sigma[:1], *(t[:1] for t in cond)))
+        times = {}
+        for name, model, text in (("dit", dit, cond), ("drm", drm, drm_cond)):
+            runs = []
+            for _ in range(4):
+                t0 = time.time()
+                model(x, sigma, *text)
+                runs.append(time.time() - t0)
+            times[name] = sorted(runs[1:])[1]
+    return flops, times["drm"] / times["dit"]
 
 
-def measure(cfg, point, base, drm, drm_text, pool, prompts, cost, show=True):
+def best_of_n_curve(scores, gold, n):
+    """The expected gold of the DRM's favourite among n of M samples drawn without replacement, per image, from all M:
+    scores, gold (I, M) -> (I,). Ranked by score, the i-th lowest (i = 1..M) is the favourite of C(i - 1, n - 1) of
+    the C(M, n) subsets (those of it and n - 1 lower ones), so the mean over subsets weights it by that share."""
+    M = scores.shape[1]
+    ranked = gold.gather(1, scores.argsort(1)).double()
+    weights = torch.tensor([math.comb(i, n - 1) / math.comb(M, n) for i in range(M)], dtype=torch.float64)
+    return ranked @ weights
+
+
+def best_of_cost(n, sample_passes, cost):
+    """DiT-pass equivalents an image of best-of-n: n ODE samples of sample_passes DiT passes each (as the sampler
+    counted them), and n DRM scorings to pick one (none for n = 1)."""
+    return n * sample_passes + (n * cost if n > 1 else 0.0)
+
+
+def best_of_at(curves, budget, sample_passes, cost):
+    """Best-of-N's gold per image at `budget` equivalents: linear in N between the two N that bracket it, or None."""
+    for n in range(1, POOL):
+        low, high = best_of_cost(n, sample_passes, cost), best_of_cost(n + 1, sample_passes, cost)
+        if low <= budget <= high:
+            f = (budget - low) / (high - low)
+            return (1 - f) * curves[n] + f * curves[n + 1]
+    return None
+
+
+def measure(cfg, point, base, drm, drm_text, pool, prompts, show=True):
     """One point of the sweep -> its row (printed as a table line when show)."""
     method, label, overrides = point
     options = dataclasses.replace(sample.Config(), noise_level=cfg.noise_level, **overrides)
-    width = sample.width(options)
-    noise = pool[:, :width].flatten(0, 1)                                 # an image's particles adjacent
+    noise = pool[:, :sample.width(options)].flatten(0, 1)                # an image's particles adjacent
     cond, uncond = base.encode(prompts)
     drm_cond = drm_text.encode(prompts)
     t0 = time.time()
@@ -104,51 +142,54 @@ def measure(cfg, point, base, drm, drm_text, pool, prompts, cost, show=True):
     with torch.no_grad():
         drm_score = drm(images, torch.zeros(len(images), device=images.device), *drm_cond).mean().item()
     gold, n = scores["gold"], len(prompts)
-    dit, drm_passes = counts["nfe"] / n, counts["drm_calls"] / n
     curve = method + (f", lambda {options.lmbda:g}" if method == "smc" else "")   # one line of the figure
-    row = {"method": method, "curve": curve, "label": label,
-           "gold": gold.mean().item(), "gold_se": gold.std().item() / math.sqrt(n),
-           "digit_correct": scores["digit_correct"].mean().item(), "attribute_match": scores["attribute_match"].mean().item(),
-           "drm": drm_score, "diversity": diversity(images.cpu(), cfg.per_prompt), "dit_passes": dit,
-           "drm_passes": drm_passes, "dit_equivalents": dit + cost * drm_passes, "ms": 1000 * seconds / n,
-           "gold_per_image": gold.tolist()}
+    row = {"method": method, "curve": curve, "label": label, "gold": gold.mean().item(),
+           "gold_se": gold.std().item() / math.sqrt(n), "digit_correct": scores["digit_correct"].mean().item(),
+           "attribute_match": scores["attribute_match"].mean().item(), "drm": drm_score,
+           "diversity": diversity(images.cpu(), cfg.per_prompt), "dit_passes": counts["nfe"] / n,
+           "drm_passes": counts["drm_calls"] / n, "ms": 1000 * seconds / n, "gold_per_image": gold.tolist()}
     if show:
-        print(f"| {label} | {row['gold']:.4f} ± {row['gold_se']:.4f} | {row['digit_correct']:.1%} | "
-              f"{row['attribute_match']:.1%} | {row['drm']:.3f} | {row['diversity']:.4f} | {dit:.0f} | "
-              f"{drm_passes:.0f} | {row['dit_equivalents']:.0f} | {row['ms']:.1f} |", flush=True)
+        print(f"| {label} | {row['gold']:.4f} ± {row['gold_se']:.4f} | {row['dit_passes']:.0f} | "
+              f"{row['drm_passes']:.0f} | {row['ms']:.1f} |", flush=True)
     return row
 
 
-def best_of_at(rows, value, key):
-    """Best-of-N's gold (and its standard error) at `value` of `key` (ms or dit_equivalents) per image: linear
-    between the two best-of points (the ODE being best-of-1) that bracket it; None outside their range."""
-    curve = sorted((r[key], r["gold"], r["gold_se"]) for r in rows if r["method"] in ("ode", "best_of"))
-    for (m0, g0, s0), (m1, g1, s1) in zip(curve, curve[1:]):
-        if m0 <= value <= m1:
-            f = (value - m0) / (m1 - m0)
-            return g0 + f * (g1 - g0), s0 + f * (s1 - s0)
+def pool_of_samples(cfg, base, drm, drm_text, pool, prompts):
+    """POOL ODE samples an image from pool[:, :POOL] -> (their DRM scores at sigma 0, their gold, each (I, POOL); DiT
+    passes a sample)."""
+    I = len(prompts)
+    repeated = [p for p in prompts for _ in range(POOL)]
+    cond, uncond = base.encode(repeated)
+    x, counts = stepwise_sample(base.dit, pool[:, :POOL].flatten(0, 1), cond, uncond, steps=cfg.steps,
+                                cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+    x = x.clamp(-1, 1)
+    with torch.no_grad():
+        scores = drm(x, torch.zeros(len(x), device=x.device), *drm_text.encode(repeated)).float().cpu()
+    gold = base.judge(x, repeated)["gold"].float().cpu()
+    return scores.view(I, POOL), gold.view(I, POOL), counts["nfe"] / len(x)
 
 
-def verdict(rows, key="ms"):
-    """Each searching point against best-of-N at the same cost (`key`: ms or dit_equivalents per image): the
-    difference and its standard error (independent errors assumed: the shared noise makes it conservative)."""
-    name = {"ms": "ms / image", "dit_equivalents": "DiT-pass equivalents"}[key]
-    lines = [f"| method | {name} | gold | best-of-N at that cost | difference | in standard errors |",
-             "|---|---|---|---|---|---|"]
+def compare(rows, curves, clusters, sample_passes, at_cost):
+    """Each method against best-of-N at the same equivalents (`at_cost`: the DRM cost the equivalents are weighed
+    at): per-image differences, clustered s.e., verdicts -> markdown."""
+    lines = [f"| method | DiT-pass equivalents / image | gold | best-of-N there (N) | difference ± clustered s.e. | "
+             "paired s.e. (images) | verdict |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        if r["method"] in ("ode", "best_of"):
+        budget = r["dit_passes"] + at_cost * r["drm_passes"]
+        reference = best_of_at(curves, budget, sample_passes, at_cost)
+        if reference is None:
+            lines.append(f"| {r['label']} | {budget:.0f} | {r['gold']:.4f} | outside best-of-1..{POOL} | | | |")
             continue
-        ref = best_of_at(rows, r[key], key)
-        if ref is None:
-            lines.append(f"| {r['label']} | {r[key]:.0f} | {r['gold']:.4f} | outside best-of-N's range | | |")
-            continue
-        diff, se = r["gold"] - ref[0], math.hypot(r["gold_se"], ref[1])
-        lines.append(f"| {r['label']} | {r[key]:.0f} | {r['gold']:.4f} | {ref[0]:.4f} | {diff:+.4f} | "
-                     f"{diff / se:+.1f} |")
+        diff = torch.tensor(r["gold_per_image"], dtype=torch.float64) - reference
+        mean, se = clustered(diff, clusters)
+        paired = diff.std().item() / math.sqrt(len(diff))
+        n = next(n for n in range(1, POOL) if best_of_cost(n + 1, sample_passes, at_cost) >= budget)
+        lines.append(f"| {r['label']} | {budget:.0f} | {r['gold']:.4f} | {reference.mean().item():.4f} "
+                     f"({n}-{n + 1}) | {mean:+.4f} ± {se:.4f} | {paired:.4f} | {verdict(mean, se)} |")
     return "\n".join(lines)
 
 
-def plot(rows, path):
+def plot(rows, curves, sample_passes, cost, path):
     try:
         import matplotlib
     except ImportError:
@@ -156,22 +197,21 @@ def plot(rows, path):
         return False
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.6))
-    curves = dict.fromkeys(r["curve"] for r in rows)                      # in the sweep's order
-    if "best_of" in curves:
-        curves.pop("ode", None)                                             # the ODE is best-of-1
-    for curve in curves:
-        points = [r for r in rows if r["curve"] == curve or curve == "best_of" and r["method"] == "ode"]
-        points.sort(key=lambda r: r["ms"])
-        for ax, key in zip(axes, ("ms", "dit_equivalents")):
-            ax.errorbar([r[key] for r in points], [r["gold"] for r in points], yerr=[r["gold_se"] for r in points],
-                        marker="o", capsize=3, label="best-of-N (N = 1: ODE)" if curve == "best_of" else curve)
-    for ax, label in zip(axes, ("ms per image (2 CPU threads)", "DiT-pass equivalents per image")):
-        ax.set_xscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out gold (± one standard error)")
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ns = range(1, POOL + 1)
+    means = [curves[n].mean().item() for n in ns]
+    ses = [curves[n].std().item() / math.sqrt(len(curves[n])) for n in ns]
+    ax.errorbar([best_of_cost(n, sample_passes, cost) for n in ns], means, yerr=ses, marker=".", capsize=2, color="black",
+                label=f"best-of-N, N = 1..{POOL} (one pool)")
+    for curve in dict.fromkeys(r["curve"] for r in rows):
+        points = sorted((r for r in rows if r["curve"] == curve), key=lambda r: r["dit_passes"])
+        ax.errorbar([r["dit_passes"] + cost * r["drm_passes"] for r in points], [r["gold"] for r in points],
+                    yerr=[r["gold_se"] for r in points], marker="o", capsize=3, label=curve)
+    ax.set_xscale("log")
+    ax.set_xlabel("DiT-pass equivalents per image")
+    ax.set_ylabel("held-out gold (± one s.e. over images)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     return True
@@ -180,9 +220,14 @@ def plot(rows, path):
 def main(cfg):
     check_numbers(cfg)
     check_at_least(cfg, 1, "per_prompt", "steps")
-    if cfg.prompt_set not in ("heldout", "train"):
-        raise UserError(f"--prompt_set={cfg.prompt_set}: choose heldout or train")
+    check_choice(cfg, "prompt_set", ("heldout", "train"))
     points = settings(cfg)
+    try:  # the outputs' place is writable, before any work
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
+        with open(cfg.out + ".md", "a"):
+            pass
+    except OSError as e:
+        raise UserError(f"--out={cfg.out}: cannot write there ({e.strerror})") from None
     print_config(cfg)
     device = pick_device(cfg.device)
     base = ToyBase.load(cfg.base, device)
@@ -194,30 +239,46 @@ def main(cfg):
     prompt_list = (base.heldout_prompts("", []) if cfg.prompt_set == "heldout"
                    else [train[8 * d + d % 8] for d in range(10)])
     prompts = [p for p in prompt_list for _ in range(cfg.per_prompt)]
-    most = max(sample.width(dataclasses.replace(sample.Config(), **p[2])) for p in points)
+    clusters = torch.arange(len(prompt_list)).repeat_interleave(cfg.per_prompt)
+    most = max([POOL] + [sample.width(dataclasses.replace(sample.Config(), **p[2])) for p in points])
     pool = initial_noise(base.dit, len(prompts) * most, torch.Generator().manual_seed(cfg.seed))
     pool = pool.view(len(prompts), most, *pool.shape[1:]).to(device)    # image i's j-th particle: pool[i, j]
-    cost = drm_cost(base.dit, drm, pool[:, 0], base.encode(prompts)[0])
+    cost, seconds = drm_cost(base.dit, drm, pool[:, 0], base.encode(prompts)[0], drm_text.encode(prompts))
     one = slice(cfg.per_prompt)                                           # the first prompt's images
-    measure(cfg, points[0], base, drm, drm_text, pool[one], prompts[one], cost, show=False)   # warm-up
-    print(f"{cfg.prompt_set} prompts, {len(prompt_list)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg "
-          f"{cfg.cfg_scale}, SDE noise {cfg.noise_level}; a DRM pass costs {cost:.2f} DiT passes")
-    header = ("| method | gold ± s.e. | digit | attributes | DRM | diversity | DiT passes / image | "
-              "DRM passes / image | DiT-pass equivalents | ms / image |\n|---|---|---|---|---|---|---|---|---|---|")
+    measure(cfg, points[0], base, drm, drm_text, pool[one], prompts[one], show=False)   # warm-up
+    scores, gold, sample_passes = pool_of_samples(cfg, base, drm, drm_text, pool, prompts)
+    curves = {n: best_of_n_curve(scores, gold, n) for n in range(1, POOL + 1)}
+    head = (f"{cfg.prompt_set} prompts, {len(prompt_list)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg "
+            f"{cfg.cfg_scale}, SDE noise {cfg.noise_level}; a DRM pass costs {cost:.3f} DiT passes in FLOPs "
+            f"({seconds:.2f} in time here), {SD35_MEDIUM_DRM_COST:.2f} at SD3.5-medium")
+    print(head)
+    header = ("| method | gold ± s.e. | DiT passes / image | DRM passes / image | ms / image |\n"
+              "|---|---|---|---|---|")
     print(header)
-    rows = [measure(cfg, point, base, drm, drm_text, pool, prompts, cost) for point in points]
-    table = "\n".join([header] + [f"| {r['label']} | {r['gold']:.4f} ± {r['gold_se']:.4f} | {r['digit_correct']:.1%} | "
-                                  f"{r['attribute_match']:.1%} | {r['drm']:.3f} | {r['diversity']:.4f} | "
-                                  f"{r['dit_passes']:.0f} | {r['drm_passes']:.0f} | {r['dit_equivalents']:.0f} | "
-                                  f"{r['ms']:.1f} |" for r in rows])
-    judged = verdict(rows, "ms") + "\n\n" + verdict(rows, "dit_equivalents")
+    rows = [measure(cfg, point, base, drm, drm_text, pool, prompts) for point in points]
+    bon = "\n".join(f"| best-of-{n} | {curves[n].mean().item():.4f} ± {curves[n].std().item() / math.sqrt(len(gold)):.4f}"
+                    f" | {sample_passes * n:.0f} | {n if n > 1 else 0} | {best_of_cost(n, sample_passes, cost):.0f} |"
+                    for n in range(1, POOL + 1))
+    table = "\n".join([
+        "| method | gold ± s.e. | digit | attributes | DRM | diversity | DiT passes / image | DRM passes / image | "
+        "DiT-pass equivalents (SD3.5-medium) | ms / image |", "|---" * 10 + "|"]
+        + [f"| {r['label']} | {r['gold']:.4f} ± {r['gold_se']:.4f} | {r['digit_correct']:.1%} | "
+           f"{r['attribute_match']:.1%} | {r['drm']:.3f} | {r['diversity']:.4f} | {r['dit_passes']:.0f} | "
+           f"{r['drm_passes']:.0f} | {r['dit_passes'] + cost * r['drm_passes']:.0f} "
+           f"({r['dit_passes'] + SD35_MEDIUM_DRM_COST * r['drm_passes']:.0f}) | {r['ms']:.1f} |" for r in rows])
+    curve_table = ("| best-of-N (one pool of 16) | gold ± s.e. | DiT passes / image | DRM passes / image | "
+                   "DiT-pass equivalents |\n|---|---|---|---|---|\n" + bon)
+    judged = (f"Against best-of-N at equal DiT-pass equivalents (a DRM pass = {cost:.3f} DiT passes):\n\n"
+              + compare(rows, curves, clusters, sample_passes, cost)
+              + f"\n\nThe same at SD3.5-medium's DRM cost ({SD35_MEDIUM_DRM_COST:.2f}):\n\n"
+              + compare(rows, curves, clusters, sample_passes, SD35_MEDIUM_DRM_COST))
     print(judged)
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
     with open(cfg.out + ".json", "w") as f:
-        json.dump({"config": vars(cfg), "drm_cost": cost, "rows": rows}, f, indent=1)
+        json.dump({"config": vars(cfg), "drm_cost": cost, "drm_seconds": seconds, "rows": rows,
+                   "best_of": {n: curves[n].tolist() for n in curves}}, f, indent=1)
     with open(cfg.out + ".md", "w") as f:
-        f.write(f"A DRM pass costs {cost:.2f} DiT passes here.\n\n{table}\n\n{judged}\n")
-    figure = plot(rows, cfg.out + ".png")
+        f.write(f"{head}\n\n{table}\n\n{curve_table}\n\n{judged}\n")
+    figure = plot(rows, curves, sample_passes, cost, cfg.out + ".png")
     print(f"wrote {cfg.out}.json, {cfg.out}.md" + (f", {cfg.out}.png" if figure else ""))
     return rows
 

@@ -1,6 +1,7 @@
 """The benchmarks' analytic FLOP count against PyTorch's own FLOP counter; the memory simulation against
 arithmetic; the first-GPU check on the CPU toy."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -91,21 +92,51 @@ def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
 @pytest.mark.ex5_beam_search
 def test_the_search_bench_counts_every_method_at_its_budget(tmp_path):
     """bench/search.py end to end at toy size: each method's DiT and DRM passes per image as its algorithm
-    implies (2 steps, guidance: 2 DiT passes a step a trajectory), the verdict and the files written."""
-    rows = run_main(search.main, search.Config, ["--methods=ode,best_of,stepwise,smc", "--lmbdas=1,10",
-                                                 "--per_prompt=3", "--steps=2", f"--out={tmp_path / 'search'}",
+    implies (4 steps, guidance: 2 DiT passes a step a trajectory), the verdicts and the files written."""
+    rows = run_main(search.main, search.Config, ["--methods=ode,sde,stepwise,lookahead,smc", "--lmbdas=1,10",
+                                                 "--per_prompt=2", "--steps=4", f"--out={tmp_path / 'search'}",
                                                  "--device=cpu"])
     by = {r["label"]: (r["dit_passes"], r["drm_passes"]) for r in rows}
-    assert by["ODE"] == (4, 0)
-    assert by["best-of-8"] == (8 * 4, 8)                      # N ODE samples, the DRM scores each at the end
-    assert by["step-wise k=4"] == (4, 2 * 4)                  # one policy mean a step, k successors scored
-    assert by["SMC N=4, lambda 10"] == (4 * 4, 2 * 4)         # N particles, each scored after every step
-    assert all(r["ms"] > 0 and r["gold_se"] > 0 for r in rows)  # (2 SDE steps are far too noisy to judge by)
-    # the figure's lines: one a method, one a lambda for SMC (its two lambdas are two searches, not one curve)
-    assert list(dict.fromkeys(r["curve"] for r in rows)) == ["ode", "best_of", "stepwise", "smc, lambda 1",
+    assert by["ODE"] == by["SDE"] == (8, 0)
+    assert by["step-wise k=4"] == (8, 4 * 4)                  # one policy mean a step, k successors scored
+    # lookahead every 5th step of 4: the last step alone is scored, its successors' completions take no step
+    assert by["step-wise k=2, lookahead every 5th step"] == (8, 2)
+    # FK's schedule on 4 steps: steps 1, 2 and the last, N particles scored there, then the favourite at sigma 0
+    assert by["SMC N=4, lambda 10"] == (4 * 8, 4 * 3 + 4)
+    assert all(r["ms"] > 0 and r["gold_se"] > 0 for r in rows)
+    assert list(dict.fromkeys(r["curve"] for r in rows)) == ["ode", "sde", "stepwise", "lookahead", "smc, lambda 1",
                                                              "smc, lambda 10"]
     report = (tmp_path / "search.md").read_text()
-    assert report.count("best-of-N at that cost") == 2   # the verdict at equal ms, then at equal DiT-pass equivalents
-    assert "| method | DiT-pass equivalents | gold | best-of-N at that cost |" in report
-    assert "| step-wise k=8 |" in report
-    assert json.loads((tmp_path / "search.json").read_text())["rows"][0]["label"] == "ODE"
+    assert report.count("| method | DiT-pass equivalents / image | gold | best-of-N there (N) |") == 2   # 2 DRM costs
+    assert "| best-of-16 |" in report and "| step-wise k=8 |" in report
+    saved = json.loads((tmp_path / "search.json").read_text())
+    assert saved["rows"][0]["label"] == "ODE" and len(saved["best_of"]["16"]) == 20
+
+
+def test_the_best_of_n_curve_is_the_mean_over_every_subset():
+    """search.best_of_n_curve against brute force: for each N, every N-subset of an image's M samples, the gold of the
+    DRM's favourite among them, averaged."""
+    import itertools
+    g = torch.Generator().manual_seed(0)
+    scores, gold = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
+    for n in range(1, 8):
+        brute = torch.tensor([[sum(gold[i, list(s)][scores[i, list(s)].argmax()].item()
+                                   for s in itertools.combinations(range(7), n)) / math.comb(7, n)]
+                              for i in range(3)]).flatten()
+        assert torch.allclose(search.best_of_n_curve(scores, gold, n).float(), brute, atol=1e-6)
+    assert torch.allclose(search.best_of_n_curve(scores, gold, 1).float(), gold.mean(1))
+    assert torch.equal(search.best_of_n_curve(scores, gold, 7).float(), gold.gather(1, scores.argmax(1, True)).flatten())
+
+
+def test_clustered_standard_errors_by_hand():
+    """bench.stats.clustered: CR1 written out for 3 clusters; with one image a cluster it is the paired s.e. times
+    sqrt(G / (G - 1)) x sqrt((G - 1) / G) = the usual s.e. (sample std over sqrt(n))."""
+    from bench.stats import clustered, verdict
+    d = torch.tensor([1.0, 2.0, 3.0, 5.0, 8.0, 2.0], dtype=torch.float64)
+    clusters = torch.tensor([0, 0, 1, 1, 2, 2])
+    mean = d.mean().item()
+    sums = [(d[0] + d[1] - 2 * mean), (d[2] + d[3] - 2 * mean), (d[4] + d[5] - 2 * mean)]
+    expected = math.sqrt(3 / 2 * sum(s.item() ** 2 for s in sums)) / 6
+    assert clustered(d, clusters) == pytest.approx((mean, expected), rel=1e-12)
+    assert clustered(d, torch.arange(6))[1] == pytest.approx(d.std().item() / math.sqrt(6), rel=1e-12)
+    assert [verdict(0.3, 0.1), verdict(0.19, 0.1), verdict(-0.2, 0.1)] == ["beats", "tie", "loses"]

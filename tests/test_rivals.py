@@ -172,17 +172,39 @@ def mean_pixel(x, sigma, context, pooled):
 
 @pytest.mark.ex3_sde_step
 @pytest.mark.parametrize("potential", ["diff", "max"])
-def test_smc_with_a_constant_potential_never_resamples_and_is_plain_sde_sampling(potential):
+def test_smc_with_a_constant_potential_and_the_ess_test_never_resamples_and_is_plain_sde_sampling(potential):
     N, P, steps = 2, 3, 4
     policy, cond, uncond = random_dit(), prompts(N, 1), prompts(N, 2)
     noise = torch.randn(N * P, 1, 16, 16)
     ours, counts = smc_sample(policy, noise, cond, uncond, constant, cond, particles=P, steps=steps, cfg_scale=2.0,
-                              potential=potential, generator=torch.Generator().manual_seed(0))
+                              potential=potential, adaptive=True, generator=torch.Generator().manual_seed(0))
     owners = torch.arange(N).repeat_interleave(P)
     plain, _ = stepwise_sample(policy, noise, take(cond, owners), take(uncond, owners), steps=steps, k=1, noise_level=0.7,
                                cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert counts["resampled"] == 0
     assert torch.equal(ours, plain.view(N, P, 1, 16, 16)[:, 0])          # equal weights: the first particle
+    _, counts = smc_sample(policy, noise, cond, uncond, constant, cond, particles=P, steps=steps, cfg_scale=2.0,
+                           potential=potential, generator=torch.Generator().manual_seed(0))
+    assert counts["resampled"] == N * 2   # FK's schedule resamples steps 1 and 2 regardless; the last asks the ESS
+
+
+def test_smc_resamples_on_fk_steerings_interval():
+    """fkd_class.py's rule: np.arange(resampling_t_start, resampling_t_end + 1, resample_frequency) and the last step;
+    its launch scripts' settings, and ours scaled to 20 steps; on a hand-made run, the DRM scores those steps alone."""
+    fk = lambda steps, every, start, end: sorted(set(range(start, end + 1, every)) | {steps - 1})  # noqa: E731
+    from sample import resampling_steps
+    for settings in ((100, 5, 5, 30), (100, 20, 20, 80), (20, 1, 1, 6), (20, 4, 4, 16)):
+        assert resampling_steps(*settings) == fk(*settings)
+    assert resampling_steps(20) == [1, 2, 3, 4, 5, 6, 19]
+    N, P, steps = 1, 2, 8
+    cond, sigmas, seen = prompts(N), sigma_schedule(8), []
+
+    def drm(x, sigma, context, pooled):
+        seen.append(sigma[0].item())
+        return x.flatten(1).mean(1)
+    smc_sample(random_dit(), torch.randn(N * P, 1, 16, 16), cond, None, drm, cond, particles=P, steps=steps,
+               score="noisy", schedule=(2, 1, 5), generator=torch.Generator().manual_seed(0))
+    assert seen == [sigmas[i + 1].item() for i in (1, 3, 5, 7)] + [0.0]   # then the final favourite at sigma 0
 
 
 @pytest.mark.ex3_sde_step
@@ -216,7 +238,7 @@ def test_pruning_keeps_the_trajectory_the_drm_prefers():
 
 @pytest.mark.ex3_sde_step
 @pytest.mark.parametrize("method, settings", [
-    ("smc", dict(particles=3, score_every=2)), ("smc", dict(particles=2, potential="max")),
+    ("smc", dict(particles=3, schedule=(2, 0, 3))), ("smc", dict(particles=2, potential="max", score="noisy")),
     ("prune", dict(particles=4, prune_at=(0.8, 0.4), keep=0.5)), ("prune", dict(particles=3, prune_at=(0.5,), keep=0.7)),
     ("best_of", dict(n=3))])
 def test_search_counters_match_the_calls_made(method, settings):
