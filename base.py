@@ -10,11 +10,13 @@ world they are in:
 | `dit`, `latent_size` | the tiny DiT of --base; 32 (pixels) | the pipeline's transformer; resolution / 8 |
 | `train_prompts(path)` | a file, or data/world.py's 80 captions | a file (required) |
 | `heldout_prompts(path, train)` | a file, or the 10 held-out captions | a file, or the first 8 training prompts |
-| `prepare(prompts, cache_dir)` | nothing | each prompt embedded once (a disk cache), then the encoders and VAE leave the GPU |
+| `prepare(prompts, cache_dir, text)` | nothing | each prompt embedded once (a disk cache; a DRM's text side if given), then the encoders and VAE leave the GPU |
+| `drm_text(t5_tokens)` | the one encoder | the encoders, T5 padded to t5_tokens (the DRM repository's: 512) |
 | `encode(prompts)` | the toy text encoder (word ids) | the embeddings looked up (CLIP-L, CLIP-G and T5, SD3's) |
 | `finish(x)`, `to_images(x)` | pixels clamped to [-1, 1]; the same | latents as they are; the VAE's decoding |
 | `judge(images, prompts)` | the simulated annotator's scores of each image (gold, ...) | {} (no annotator) |
-| `pair_tensors(pairs, cache)` | the PNGs, checked against the DiT's size | VAE latents, each image encoded once, cached |
+| `pair_tensors(pairs, cache, resize)` | the PNGs, checked against the DiT's size | VAE posteriors, each image encoded once, cached |
+| `shift` | 1 | its scheduler's (SD3, SD3.5: 3) |
 | `load_drm(path)`, `save_drm(...)` | the DRM file carries the toy text encoder | the pipeline's encoders, not stored again |
 | `save_policy(out_dir, state, ...)` | out_dir/model.safetensors, LoRA folded (a --base) | out_dir/lora (diffusers' LoRA format), or out_dir/transformer |
 
@@ -109,6 +111,7 @@ class ToyBase:
         self.dit, self.text, self.meta = dit, ToyText(text_encoder), meta or {}
         self.latent_size = self.dit.config.pos_embed_max_size * self.dit.config.patch_size
         self.annotator = None  # made on first use: only evaluations need it
+        self.shift = 1.0  # its sampling and training grid's shift (32 x 32 pixels need none)
 
     @classmethod
     def load(cls, path, device):
@@ -135,13 +138,14 @@ class ToyBase:
         scores = self.annotator.score(images.cpu(), prompts)
         return {k: scores[k] for k in ("gold", "digit_correct", "attribute_match", "fidelity", "perceptual")}
 
-    def pair_tensors(self, pairs, cache_dir):
-        """The pairs' images -> winners, losers (N, 1, H, W) in [-1, 1], each of the DiT's size."""
+    def pair_tensors(self, pairs, cache_dir, resize="crop"):
+        """The pairs' images -> ((winners, losers) (N, 1, H, W) in [-1, 1], each of the DiT's size, None):
+        pixels, no posterior to draw from."""
         images = read_images([p[key] for p in pairs for key in ("path1", "path2")])
         if images.shape[-1] != self.latent_size or images.shape[-2] != self.latent_size:
             raise UserError(f"the preference images are {images.shape[-2]}x{images.shape[-1]} pixels, the model's "
                             f"{self.latent_size}x{self.latent_size}")
-        return images[0::2], images[1::2]
+        return (images[0::2], images[1::2]), None
 
     def load_drm(self, path, device):
         """-> (drm, the text encoder it reads prompts with, meta): a toy DRM carries its own."""
@@ -157,8 +161,12 @@ class ToyBase:
         meta = {**meta, "model": "toy", "text_config": dataclasses.asdict(encoder.config)}
         save_drm(path, drm, step, meta, dtype, {"text": encoder})
 
-    def prepare(self, prompts, cache_dir=""):
+    def prepare(self, prompts, cache_dir="", text=None):
         """Nothing to do: the toy's encoder costs nothing (SD3Base embeds a run's prompts once)."""
+
+    def drm_text(self, t5_tokens):
+        """The text side a DRM reads prompts with: the toy's one encoder (no T5 to pad)."""
+        return self.text
 
     def save_policy(self, out_dir, state, config, lora_rank, step):
         """The policy (LoRA folded in) as a toy base checkpoint, out_dir/model.safetensors (a --base)."""

@@ -49,7 +49,17 @@ def parse_flags(config, argv):
                 raise FlagError(f"flag --{key} needs a value: --{key}=...")
             value = "true"
         setattr(config, key, _convert(key, value, current))
+    config._given_flags = frozenset(arg[2:].partition("=")[0] for arg in argv)  # (given_flags reads it)
     return config
+
+
+def given_flags(config):
+    """The flags given on the command line (parse_flags), or, for a config built in code, those whose value
+    differs from the default."""
+    if hasattr(config, "_given_flags"):
+        return config._given_flags
+    default = type(config)()
+    return frozenset(f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name))
 
 
 def _convert(key, value, current):

@@ -25,10 +25,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CheckpointError, config_from_meta, load_module, read_checkpoint, save_checkpoint
+from common import (CheckpointError, config_from_meta, load_module, read_checkpoint,
+                    read_safetensors_header, save_checkpoint)
 from model import DiT, DiTConfig, build_dit
 
-HEADS = ("conv", "token")
+# The conv heads by name: (widths of the stride-2 convs, GroupNorm groups, MLP hidden size, blocks cut).
+# 2BConvGN and 7BConvGN are the DRM repository's (drm/model.py's ConvScalarHeadGroupNorm, drm/utils.py's
+# HEAD_LAYER_MISSING) for SD3.5-medium's 24 blocks and SD3.5-large's 38; conv is the toy's, scaled down.
+CONV_HEADS = {"conv": ((32, 64, 128), 8, 64, 3),
+              "2BConvGN": ((256, 512, 512), 32, 512, 3),
+              "7BConvGN": ((256, 512, 512), 32, 512, 5)}
+HEADS = (*CONV_HEADS, "token")
 
 
 def mlp_head(width, hidden, dropout):
@@ -37,21 +44,25 @@ def mlp_head(width, hidden, dropout):
 
 
 class ConvHead(nn.Module):
-    """(B, C, H, W) -> (B,): stride-2 3x3 convs with GroupNorm and ReLU, global average pool, MLP
-    with dropout."""
+    """(B, C, H, W) -> (B,): stride-2 3x3 convs, each with GroupNorm and ReLU (down1, down2, ...), a
+    global average pool, an MLP with dropout: the DRM repository's ConvScalarHeadGroupNorm, module
+    for module (its state-dict keys), at any widths."""
 
-    def __init__(self, in_channels, widths=(32, 64, 128), hidden=64, dropout=0.1):
+    def __init__(self, in_channels, widths=(32, 64, 128), groups=8, hidden=64, dropout=0.1):
         super().__init__()
-        layers, c = [], in_channels
-        for width in widths:
-            layers += [nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(8, width),
-                       nn.ReLU()]
+        c = in_channels
+        for i, width in enumerate(widths):
+            self.add_module(f"down{i + 1}", nn.Sequential(
+                nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(groups, width), nn.ReLU()))
             c = width
-        self.convs = nn.Sequential(*layers)
+        self.depth = len(widths)
+        self.gap = nn.AdaptiveAvgPool2d(1)
         self.mlp = mlp_head(c, hidden, dropout)
 
     def forward(self, x):
-        return self.mlp(self.convs(x).mean((2, 3))).squeeze(1)
+        for i in range(self.depth):
+            x = getattr(self, f"down{i + 1}")(x)
+        return self.mlp(self.gap(x).flatten(1)).squeeze(1)
 
 
 class TokenHead(nn.Module):
@@ -66,6 +77,11 @@ class TokenHead(nn.Module):
         return self.mlp(self.norm(tokens.mean(1))).squeeze(1)
 
 
+def default_head(depth):
+    """The head a DiT of `depth` blocks gets: the DRM repository's for SD3.5's 24 and 38, else the toy's."""
+    return {24: "2BConvGN", 38: "7BConvGN"}.get(depth, "conv")
+
+
 class DRM(nn.Module):
     """Reward of a noisy latent: forward(x_sigma, sigma, context, pooled) -> (B,)."""
 
@@ -75,13 +91,19 @@ class DRM(nn.Module):
             raise ValueError(f"head={head!r}: choose one of {', '.join(HEADS)}")
         self.drop_last, self.head_type = drop_last, head
         self.backbone = backbone  # a DiT whose last drop_last joint blocks are removed
-        self.head = (ConvHead(backbone.config.out_channels, dropout=head_dropout) if head == "conv"
-                     else TokenHead(backbone.config.dim, dropout=head_dropout))
+        if head == "token":
+            self.head = TokenHead(backbone.config.dim, dropout=head_dropout)
+        else:
+            widths, groups, hidden, _ = CONV_HEADS[head]
+            self.head = ConvHead(backbone.config.out_channels, widths, groups, hidden, head_dropout)
 
     @classmethod
-    def from_dit(cls, dit, drop_last=3, head_dropout=0.1, head="conv"):
-        """Copy the DiT (its weights are not shared) and cut its last drop_last blocks."""
+    def from_dit(cls, dit, drop_last=None, head_dropout=0.1, head=None):
+        """Copy the DiT (its weights are not shared) and cut its last drop_last blocks (None: the head's
+        own, 3 for conv and 2BConvGN, 5 for 7BConvGN; head None: default_head of its depth)."""
         depth = dit.config.depth
+        head = head or default_head(depth)
+        drop_last = drop_last or (CONV_HEADS[head][3] if head in CONV_HEADS else 3)
         if not 0 < drop_last < depth:
             raise ValueError(f"drop_last={drop_last}: keep at least one of the DiT's {depth} "
                              "blocks (0 < drop_last < depth)")
@@ -90,7 +112,7 @@ class DRM(nn.Module):
         return cls(backbone, drop_last, head_dropout, head).train(dit.training)
 
     @classmethod
-    def from_scratch(cls, config, drop_last=3, head_dropout=0.1, head="conv"):
+    def from_scratch(cls, config, drop_last=None, head_dropout=0.1, head=None):
         """The ablation: the same network with the DiT's own random initialisation."""
         return cls.from_dit(build_dit(config), drop_last, head_dropout, head)
 
@@ -175,21 +197,39 @@ def save_drm(path, drm, step, meta, dtype=None, extra=None):
     save_checkpoint(path, {"drm": drm, **(extra or {})}, meta, dtype)
 
 
-def read_drm(path, device="cpu", policy_config=None):
-    """-> (drm in eval mode, meta, all the file's tensors) from a file written by save_drm.
-    policy_config: the DiTConfig of the model whose samples the DRM will score (their image shapes
-    must agree)."""
+def read_drm(path, device="cpu", policy_config=None, drop_last=None):
+    """-> (drm in eval mode, meta, all the file's tensors) from a file written by save_drm, or from
+    the DRM repository's model.safetensors (sd3/mmdit.py reads it: the config from its shapes,
+    drop_last from its table, or as given). policy_config: the DiTConfig of the model whose samples
+    the DRM will score (their image shapes must agree)."""
+    entries, metadata = read_safetensors_header(path)
+    if "meta" not in metadata:
+        from sd3.mmdit import is_official_drm, read_official_drm  # the SD3 plumbing, only for SD3
+        if is_official_drm(entries):
+            drm, meta = read_official_drm(path, entries, torch.float32, drop_last)
+            check_shapes(path, drm.backbone.config, policy_config)
+            return drm.to(device).eval(), meta, {}
     tensors, meta = read_checkpoint(path, "drm", "train one with train_reward.py, or use "
                                     "data/drm.safetensors")
     config = config_from_meta(DiTConfig, meta.get("dit_config"), path)
+    check_shapes(path, config, policy_config)
+    with torch.device("meta"):
+        skeleton = DiT(config)
+    drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"],
+                       head=meta.get("head", "conv"))
+    old = {k: k.replace("drm.head.convs.", "drm.head.down") for k in tensors
+           if k.startswith("drm.head.convs.")}  # files before the heads had the repository's names
+    for key in old:
+        index, rest = key[len("drm.head.convs."):].split(".", 1)
+        tensors[f"drm.head.down{int(index) // 3 + 1}.{int(index) % 3}.{rest}"] = tensors.pop(key)
+    return load_module(drm, tensors, "drm", path).to(device).eval(), meta, tensors
+
+
+def check_shapes(path, config, policy_config):
+    """The DRM of `config` scores the images the policy of policy_config (if given) makes."""
     side = lambda c: c.pos_embed_max_size * c.patch_size  # noqa: E731
     if policy_config is not None and (config.in_channels, side(config)) != (
             policy_config.in_channels, side(policy_config)):
         shapes = [(c.in_channels, side(c), side(c)) for c in (config, policy_config)]
         raise CheckpointError(f"{path} scores images of shape {shapes[0]}, the policy makes "
                               f"{shapes[1]}: use a DRM trained from this base (train_reward.py)")
-    with torch.device("meta"):
-        skeleton = DiT(config)
-    drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"],
-                       head=meta.get("head", "conv"))
-    return load_module(drm, tensors, "drm", path).to(device).eval(), meta, tensors

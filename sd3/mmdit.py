@@ -6,6 +6,7 @@
 
 The config is read from the tensor shapes, so there is nothing to set.
 """
+import dataclasses
 import json
 import math
 import os
@@ -14,7 +15,7 @@ import re
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import CheckpointError, assign_from_files, atomic_write, check_keys, read_safetensors_header
+from common import CheckpointError, assign_from_files, atomic_write, check_keys, read_safetensors_header, read_tensor
 from model import DiTConfig, build_dit, export_state_dict
 
 # -----------------------------------------------------------------------------
@@ -109,6 +110,11 @@ def _plan_from_files(path):
     entries = {}
     for file in _find_weight_files(path):
         entries.update(read_safetensors_header(file)[0])
+    return _plan_from_entries(entries)
+
+
+def _plan_from_entries(entries):
+    """{file key: TensorEntry} of one transformer, in either layout -> _plan_from_files' triple."""
     if any(k.startswith("transformer_blocks.") for k in entries):
         by_their_name = {}
         for ours_template, theirs in DIFFUSERS_NAMES:
@@ -164,12 +170,19 @@ def load_sd3(path, dtype=None, device=None):
     tensor is read, converted, cast to `dtype` (default: as stored) and assigned one at a time,
     so the peak memory is one copy of the model.
     """
-    plan, layout, unexpected = _plan_from_files(path)
+    return _dit_from_plan(*_plan_from_files(path), path, dtype, device)
+
+
+def _dit_from_plan(plan, layout, unexpected, path, dtype=None, device=None, keep_blocks=None):
+    """A DiT from a checked plan; keep_blocks: only the first so many joint blocks built and read (a DRM's)."""
     shapes = {k: _shape(v) for k, v in plan.items()}
     config = dit_config_from_shapes(shapes, path)
     dit = build_dit(config, device="meta")
     check_keys({k: v.shape for k, v in dit.state_dict().items()}, shapes, path,
                f"an SD3 transformer ({layout} layout) with the config its shapes give, {config}", unexpected)
+    if keep_blocks is not None:
+        dit.joint_blocks = dit.joint_blocks[:keep_blocks]
+        plan = {k: v for k, v in plan.items() if k in dit.state_dict()}
 
     def convert(name, tensor):
         return _swap_halves(tensor) if layout == "diffusers" and _swaps_halves(name, tensor.shape, config.dim) else tensor
@@ -191,14 +204,7 @@ def save_sd3(dit, path, layout="diffusers"):
         raise ValueError(f"save_sd3: layout={layout!r}; choose 'diffusers' or 'stability'")
     if config.mlp_ratio != 4.0:
         raise ValueError(f"diffusers' SD3Transformer2DModel has mlp_ratio 4, this model {config.mlp_ratio}")
-    tensors = {}
-    for name, tensor in state.items():
-        tensor = tensor.detach().cpu()
-        if _swaps_halves(name, tensor.shape, config.dim):
-            tensor = _swap_halves(tensor)
-        their_names = _diffusers_names(name)
-        for their_name, part in zip(their_names, tensor.chunk(len(their_names))):
-            tensors[their_name] = part.contiguous()
+    tensors = diffusers_tensors(state, config.dim)
     diffusers_config = {
         "_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": config.patch_size,
         "in_channels": config.in_channels, "out_channels": config.out_channels, "num_layers": config.depth,
@@ -212,6 +218,64 @@ def save_sd3(dit, path, layout="diffusers"):
         with open(tmp, "w") as f:
             json.dump(diffusers_config, f, indent=2)
     atomic_write(os.path.join(path, "config.json"), write_config)
+
+def diffusers_tensors(state, dim):
+    """Our state dict (one DiT's, or part of it) -> the same tensors under diffusers' names (qkv split in
+    three, the two-chunk modulations as (scale, shift))."""
+    tensors = {}
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu()
+        if _swaps_halves(name, tensor.shape, dim):
+            tensor = _swap_halves(tensor)
+        their_names = _diffusers_names(name)
+        for their_name, part in zip(their_names, tensor.chunk(len(their_names))):
+            tensors[their_name] = part.contiguous()
+    return tensors
+
+# -----------------------------------------------------------------------------
+# The DRM repository's checkpoint (jjaxonx/DRM, drm/train.py's save_model_weights): one model.safetensors
+# holding its DRMRewardModel's state dict, `transformer.<diffusers SD3 keys>` (the whole transformer, the
+# skipped blocks included) and `reward_output.<its head>` (reward.ConvHead's names), no metadata.
+
+OFFICIAL_DROP_LAST = {24: 3, 38: 5}  # its drm/utils.py HEAD_LAYER_MISSING: 2BConvGN, 7BConvGN
+
+
+def is_official_drm(entries):
+    return any(k.startswith("reward_output.") for k in entries) and any(k.startswith("transformer.") for k in entries)
+
+
+def read_official_drm(path, entries, dtype=None, drop_last=None):
+    """-> (DRM, meta) of the DRM repository's file; drop_last from its table by depth unless given."""
+    from reward import DRM  # the plumbing serves the reward model, not the other way round
+    transformer = {k[len("transformer."):]: v for k, v in entries.items() if k.startswith("transformer.")}
+    plan, layout, unexpected = _plan_from_entries(transformer)
+    depth = dit_config_from_shapes({k: _shape(v) for k, v in plan.items()}, path).depth
+    drop_last = drop_last or OFFICIAL_DROP_LAST.get(depth)
+    if drop_last is None:
+        raise CheckpointError(f"{path}: a DRM repository file of a {depth}-block transformer; its table knows 24 "
+                              "(drop 3) and 38 (drop 5): say how many blocks it cut with drop_last")
+    dit = _dit_from_plan(plan, layout, unexpected, path, dtype, keep_blocks=depth - drop_last)
+    head = {k[len("reward_output."):]: v for k, v in entries.items() if k.startswith("reward_output.")}
+    name = {3: "2BConvGN", 5: "7BConvGN"}.get(drop_last, "2BConvGN")
+    drm = DRM(dit, drop_last, head=name)
+    check_keys({k: v.shape for k, v in drm.head.state_dict().items()}, {k: v.shape for k, v in head.items()}, path,
+               f"the DRM repository's head ({name}: convs 256, 512, 512, GroupNorm(32), MLP 512)")
+    drm.head.load_state_dict({k: read_tensor(v) for k, v in head.items()})
+    meta = {"kind": "drm", "layout": "official", "drop_last": drop_last, "head": name, "model": "sd3",
+            "text_config": None, "t5_tokens": 512, "dit_config": dataclasses.asdict(dit.config)}
+    return drm, meta
+
+
+def official_drm_tensors(drm, skipped_blocks):
+    """Our DRM -> the DRM repository's state dict (its DRMRewardModel loads it with strict=True): the backbone and
+    `skipped_blocks` ({'joint_blocks.<i>.<...>': tensor}, the base DiT's blocks the DRM cut) under `transformer.`,
+    the head under `reward_output.`."""
+    if drm.head_type not in ("2BConvGN", "7BConvGN"):
+        raise ValueError(f"the DRM repository's model has the 2BConvGN / 7BConvGN head; this DRM's is {drm.head_type}")
+    state = {**export_state_dict(drm.backbone), **skipped_blocks}
+    tensors = {"transformer." + k: v for k, v in diffusers_tensors(state, drm.backbone.config.dim).items()}
+    tensors.update({"reward_output." + k: v.detach().cpu().contiguous() for k, v in drm.head.state_dict().items()})
+    return tensors
 
 # -----------------------------------------------------------------------------
 # LoRA in diffusers' format: what StableDiffusion3Pipeline.load_lora_weights reads

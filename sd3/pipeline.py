@@ -14,6 +14,7 @@ or Stability's single file (DiT + VAE) as --ckpt_dir with such a folder, or Stab
 text_encoders/{clip_l,clip_g,t5xxl_fp16}.safetensors beside diffusers' tokenizer folders, as --text_dir.
 """
 import contextlib
+import copy
 import hashlib
 import json
 import os
@@ -48,12 +49,27 @@ class SD3Text(nn.Module):
         self.identity, self.device = identity, torch.device(device)  # the encoders' files; where results go
         self.memory, self.folder = {}, None  # prompt -> (context, pooled) on the CPU; or the disk cache's folder
 
+    @property
+    def t5_tokens(self):
+        return self.tokenizers[2].length
+
+    def with_t5_tokens(self, tokens):
+        """The same encoders, T5 padded to `tokens` (the DRM repository's: 512; the pipeline's: 256), with
+        embeddings of their own."""
+        if tokens == self.t5_tokens:
+            return self
+        t5_tokenizer = copy.copy(self.tokenizers[2])
+        t5_tokenizer.length = tokens
+        return SD3Text(self.clip_l, self.clip_g, self.t5, (*self.tokenizers[:2], t5_tokenizer), self.context_dim,
+                       f"{self.identity} T5 {tokens}", self.device).eval()
+
     @torch.no_grad()
     def run_encoders(self, prompts):
         device = self.clip_l.text_projection.weight.device
         ids = [tokenizer(prompts).to(device) for tokenizer in self.tokenizers]
         t5 = self.t5(ids[2]) if self.t5 is not None else None
-        return sd3_prompt_embedding(self.clip_l(ids[0]), self.clip_g(ids[1]), t5, self.context_dim)
+        return sd3_prompt_embedding(self.clip_l(ids[0]), self.clip_g(ids[1]), t5, self.context_dim,
+                                    self.t5_tokens)
 
     def file(self, prompt):
         return os.path.join(self.folder, hashlib.sha256(prompt.encode()).hexdigest()[:32] + ".safetensors")
@@ -66,6 +82,8 @@ class SD3Text(nn.Module):
             self.folder = os.path.join(cache_dir, f"prompts_{key}")
             os.makedirs(self.folder, exist_ok=True)
         missing = [p for p in dict.fromkeys(prompts) if not self.has(p)]
+        if missing:
+            self.to(self.device)  # back on the run's device for the moment it encodes
         for i in tqdm(range(0, len(missing), batch), desc="embedding prompts", disable=len(missing) <= batch):
             chunk = missing[i:i + batch]
             for prompt, context, pooled in zip(chunk, *(t.cpu() for t in self.run_encoders(chunk))):
@@ -124,6 +142,8 @@ class SD3Base:
             raise UserError(f"--resolution={cfg.resolution}: a multiple of {factor * self.dit.config.patch_size} up to "
                             f"{largest * factor} for this model (latents of side resolution / {factor})")
         self.resolution, self.meta = cfg.resolution, {"model": cfg.model, "ckpt_dir": cfg.ckpt_dir}
+        self.shift = scheduler_shift(cfg.ckpt_dir)
+        self.prepared = ([], "")  # the prompts prepare() embedded, and its cache folder
 
     def train_prompts(self, path):
         if not path:
@@ -133,10 +153,13 @@ class SD3Base:
     def heldout_prompts(self, path, train_prompts):
         return read_prompts(path, "--eval_prompts=") if path else train_prompts[:8]
 
-    def prepare(self, prompts, cache_dir=""):
+    def prepare(self, prompts, cache_dir="", text=None):
         """The lean recipe: the prompts' (and the empty prompt's) embeddings computed once (cached in cache_dir),
-        then the text encoders and the VAE leave the GPU; the VAE comes back only to decode or encode images."""
-        self.text.prepare([*prompts, ""], cache_dir)
+        then the text encoders and the VAE leave the GPU; the VAE comes back only to decode or encode images.
+        text: a DRM's text side (drm_text) to prepare in place of the pipeline's."""
+        (text or self.text).prepare([*prompts, ""], cache_dir)
+        if text is None:
+            self.prepared = ([*self.prepared[0], *prompts, ""], cache_dir)
         self.vae.to("cpu")
 
     def encode(self, prompts):
@@ -164,23 +187,35 @@ class SD3Base:
     def judge(self, images, prompts):
         return {}  # no simulated annotator for real images
 
-    def pair_tensors(self, pairs, cache_dir):
-        """The pairs' images as VAE latents (N, 16, h, w): each distinct image encoded once, however many pairs
-        it is in, and cached in cache_dir (a second run or --resume skips the VAE)."""
+    def pair_tensors(self, pairs, cache_dir, resize="crop"):
+        """The pairs' images as VAE posteriors: (winners, losers) of means (N, 16, h, w) and (their stds, the
+        same shapes): each distinct image encoded once, however many pairs it is in, and cached in cache_dir
+        (a second run or --resume skips the VAE)."""
         paths = sorted({pair[key] for pair in pairs for key in ("path1", "path2")})
-        latents = encode_images(self, paths, cache_dir)
+        means, stds = encode_images(self, paths, cache_dir, resize)
         row = {path: i for i, path in enumerate(paths)}
-        return tuple(latents[[row[pair[key]] for pair in pairs]] for key in ("path1", "path2"))
+        rows = [[row[pair[key]] for pair in pairs] for key in ("path1", "path2")]
+        return (means[rows[0]], means[rows[1]]), (stds[rows[0]], stds[rows[1]])
 
     def load_drm(self, path, device):
-        """-> (drm, the text side it reads prompts with: this pipeline's, meta)."""
+        """-> (drm, the text side it reads prompts with: this pipeline's encoders, T5 padded as the DRM was
+        trained (the DRM repository's: 512 tokens), meta)."""
         drm, meta, _ = read_drm(path, device, self.dit.config)
         if meta.get("text_config") is not None:
             raise CheckpointError(f"{path} is a DRM of the toy; an SD3 base needs a DRM trained with --model=...")
-        return drm, self.text, meta
+        return drm, self.drm_text(meta.get("t5_tokens", self.text.t5_tokens)), meta
+
+    def drm_text(self, t5_tokens):
+        """This pipeline's encoders with T5 padded to t5_tokens, the prompts prepared so far embedded."""
+        text = self.text.with_t5_tokens(t5_tokens)
+        if text is not self.text and self.prepared[0]:
+            text.prepare(*self.prepared)
+        return text
 
     def save_drm(self, path, drm, step, meta, dtype=None):
-        save_drm(path, drm, step, {**meta, **self.meta, "text_config": None}, dtype)
+        """Our layout; meta's t5_tokens, the T5 length its prompts were read with (default the pipeline's)."""
+        meta = {"t5_tokens": self.text.t5_tokens, **meta, **self.meta, "text_config": None}
+        save_drm(path, drm, step, meta, dtype)
 
     def save_policy(self, out_dir, state, config, lora_rank, step):
         """The policy: with LoRA its adapters alone in diffusers' LoRA format, out_dir/lora (--lora=... or
@@ -220,12 +255,31 @@ def load_text(cfg, dtype, device, context_dim):
 # Preference images -> latents, once
 
 
-def read_image(path, size):
-    """An image file -> (3, size, size) in [-1, 1]: the shorter side resized to size, the centre cropped."""
+def scheduler_shift(ckpt_dir):
+    """The shift of the pipeline's FlowMatchEulerDiscreteScheduler (scheduler/scheduler_config.json; SD3 and
+    SD3.5 ship 3.0, the value when the folder has none): the grid its DRM trains on (train_reward.py)."""
+    path = os.path.join(ckpt_dir, "scheduler", "scheduler_config.json") if os.path.isdir(ckpt_dir) else ""
+    if not os.path.exists(path):
+        return 3.0
+    try:
+        shift = json.loads(read_text(path, "the scheduler's config")).get("shift", 1.0)
+    except json.JSONDecodeError:
+        raise UserError(f"{path} is not JSON; the pipeline folder is damaged") from None
+    if not isinstance(shift, (int, float)) or not shift > 0:
+        raise UserError(f"{path}: shift {shift!r} is not a positive number")
+    return float(shift)
+
+
+def read_image(path, size, resize="crop"):
+    """An image file -> (3, size, size) in [-1, 1], bicubic: resize="stretch" to size x size whatever its aspect
+    (the DRM repository's dataset.py), "crop" the shorter side to size and the centre cropped."""
     try:
         image = Image.open(path).convert("RGB")
     except OSError as e:  # PIL's UnidentifiedImageError included
         raise UserError(f"{path}: not an image PIL can read ({e})") from None
+    if resize == "stretch":
+        pixels = torch.from_numpy(np.asarray(image.resize((size, size), Image.BICUBIC), dtype=np.float32))
+        return pixels.permute(2, 0, 1) / 127.5 - 1
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)), max(size, round(image.height * scale))), Image.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2
@@ -234,20 +288,23 @@ def read_image(path, size):
 
 
 @torch.no_grad()
-def encode_images(base, paths, cache_dir, batch_size=8):
-    """VAE latents (N, 16, h, w) of the image files, the posterior mean, cached in cache_dir under a hash of
-    the file list, the pipeline and the resolution."""
-    key = hashlib.sha256(json.dumps([base.resolution, base.meta.get("ckpt_dir"), paths]).encode()).hexdigest()[:16]
-    cache = os.path.join(cache_dir, f"latents_{key}.safetensors")
+def encode_images(base, paths, cache_dir, resize="crop", batch_size=8):
+    """VAE posteriors of the image files -> (means, stds) (N, 16, h, w) each, in SD3's latent scaling, cached in
+    cache_dir under a hash of the file list, the pipeline, the resolution and the resize."""
+    key = hashlib.sha256(json.dumps([base.resolution, base.meta.get("ckpt_dir"), paths, resize]).encode())
+    cache = os.path.join(cache_dir, f"latents_{key.hexdigest()[:16]}.safetensors")
     if os.path.exists(cache):
-        return load_file(cache)["latents"]
-    latents = []
+        stored = load_file(cache)
+        return stored["means"], stored["stds"]
+    means, stds = [], []
     with base.vae_on_device() as vae:
         parameter = next(vae.parameters())
         for i in tqdm(range(0, len(paths), batch_size), desc="VAE-encoding the images"):
-            images = torch.stack([read_image(p, base.resolution) for p in paths[i:i + batch_size]])
-            latents.append(vae.encode(images.to(parameter.device, parameter.dtype)).float().cpu())
-    latents = torch.cat(latents)
+            images = torch.stack([read_image(p, base.resolution, resize) for p in paths[i:i + batch_size]])
+            mean, std = vae.posterior(images.to(parameter.device, parameter.dtype))
+            means.append(mean.float().cpu())
+            stds.append(std.float().cpu())
+    means, stds = torch.cat(means), torch.cat(stds)
     os.makedirs(cache_dir, exist_ok=True)
-    atomic_write(cache, lambda tmp: save_file({"latents": latents}, tmp))
-    return latents
+    atomic_write(cache, lambda tmp: save_file({"means": means, "stds": stds}, tmp))
+    return means, stds

@@ -195,7 +195,7 @@ class T5Encoder(nn.Module):
 # SD3's prompt embedding
 
 
-def sd3_prompt_embedding(clip_l, clip_g, t5=None, t5_dim=4096):
+def sd3_prompt_embedding(clip_l, clip_g, t5=None, t5_dim=4096, t5_tokens=256):
     """(hidden, pooled) of CLIP-L and CLIP-G, T5's hidden states (or None: zeros) -> context, pooled.
 
     context: [CLIP-L | CLIP-G | zeros to t5_dim] over the 77 CLIP tokens, then T5's tokens: (B, 77 + L_t5, 4096);
@@ -203,8 +203,8 @@ def sd3_prompt_embedding(clip_l, clip_g, t5=None, t5_dim=4096):
     """
     clip = torch.cat([clip_l[0], clip_g[0]], dim=-1)
     clip = F.pad(clip, (0, t5_dim - clip.shape[-1]))
-    if t5 is None:  # SD3 without T5: zeros in its place
-        t5 = torch.zeros_like(clip)
+    if t5 is None:  # SD3 without T5: zeros in its place, t5_tokens of them (diffusers' max_sequence_length)
+        t5 = clip.new_zeros(clip.shape[0], t5_tokens, t5_dim)
     return torch.cat([clip, t5.to(clip.dtype)], dim=1), torch.cat([clip_l[1], clip_g[1]], dim=-1)
 
 # -----------------------------------------------------------------------------

@@ -162,14 +162,19 @@ class VAE(nn.Module):
         self.config = config or VAEConfig()
         self.encoder, self.decoder = Encoder(self.config), Decoder(self.config)
 
+    def posterior(self, images):
+        """images (B, 3, H, W) in [-1, 1] -> the posterior's (mean, std) in SD3's latent scaling: a draw is
+        mean + std z, as diffusers' latent_dist.sample() then (z - shift_factor) x scaling_factor."""
+        mean, log_var = self.encoder(images).chunk(2, dim=1)
+        std = torch.exp(0.5 * log_var.clamp(-30, 20))  # diffusers' DiagonalGaussianDistribution
+        return (mean - self.config.shift) * self.config.scale, std * self.config.scale
+
     def encode(self, images, sample=False, generator=None):
         """images (B, 3, H, W) in [-1, 1] -> latents; the posterior mean, or a draw from it with sample=True."""
-        mean, log_var = self.encoder(images).chunk(2, dim=1)
-        z = mean
-        if sample:
-            std = torch.exp(0.5 * log_var.clamp(-30, 20))
-            z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-        return (z - self.config.shift) * self.config.scale
+        mean, std = self.posterior(images)
+        if not sample:
+            return mean
+        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
 
     def decode(self, latents):
         return self.decoder(latents / self.config.scale + self.config.shift)

@@ -135,7 +135,7 @@ def test_token_head_scores_the_mean_hidden_token_and_survives_a_checkpoint(tmp_p
     assert meta["head"] == "token" and isinstance(again.head, type(drm.head))
     with torch.no_grad():
         assert torch.equal(again(x, sigma, context, pooled), drm(x, sigma, context, pooled))
-    with pytest.raises(ValueError, match="head='mlp': choose one of conv, token"):
+    with pytest.raises(ValueError, match="head=.mlp.: choose one of conv, 2BConvGN, 7BConvGN, token"):
         DRM.from_scratch(SMALL, head="mlp")
 
 

@@ -106,7 +106,7 @@ def run_script(*args):
     (["sample.py", "--drm_draws=0"], "--drm_draws=0: must be at least 1"),
     (["train_reward.py", "--eval_sigmas=0,1.5"], "--eval_sigmas=0,1.5, --drm_sigma=0.0: every sigma must lie in [0, 1]"),
     (["train_policy.py", "--rollout_batch=-1"], "--rollout_batch=-1: must be at least 0"),
-    (["train_reward.py", "--head=mlp"], "--head=mlp: choose one of conv, token"),
+    (["train_reward.py", "--head=mlp"], "--head=mlp: choose one of , conv, 2BConvGN, 7BConvGN, token"),
     (["train_reward.py", "--sigma_sampling=beta"], "--sigma_sampling=beta: choose one of logit_normal, uniform, zero"),
     (["train_policy.py", "--eval_prompts=no/such/prompts.txt"], "--eval_prompts=no/such/prompts.txt does not exist"),
     (["train_policy.py", "--credit=tree", "--split_steps=3,1"], "--split_steps=3,1: give increasing steps in [0, 9)"),

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from PIL import Image
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from common import UserError
@@ -106,7 +107,8 @@ def preference_folder(folder, seed=0):
             record = {"prompt": PROMPTS[i % len(PROMPTS)], "path1": paths[0], "path2": paths[1],
                       "model1": "sd3", "model2": "flux"}
             # HPDv3's records carry confidence, or the annotators' votes in choice_dist, or both
-            record |= ({"confidence": 0.8}, {"choice_dist": [3, 1]}, {"confidence": 0.75, "choice_dist": [3, 1]})[i % 3]
+            # (the DRM repository's recipe keeps training pairs of confidence >= 0.95: a third are dropped)
+            record |= ({"confidence": 0.97}, {"choice_dist": [19, 1]}, {"confidence": 0.75, "choice_dist": [3, 1]})[i % 3]
             pairs.append(record)
         (folder / f"{split}.json").write_text(json.dumps(pairs))
 
@@ -129,9 +131,11 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
     drm_dir = tmp_path / "drm"
     out = run("train_reward.py", *flags, f"--prefs={prefs}", f"--out_dir={drm_dir}", "--steps=3", "--batch_size=2",
               "--eval_every=3", "--eval_sigmas=0,0.5", "--drop_last=1", "--warmup=1")
-    assert "test label_accuracy by sigma" in out
+    assert "test label_accuracy by sigma" in out and "--min_confidence=0.95: 6 of 8 pairs kept" in out
     caches = (drm_dir / "cache").glob("latents_*.safetensors")  # each split's distinct images, encoded once
-    assert sorted(load_file(path)["latents"].shape[0] for path in caches) == [4 * 2, 8 * 2 - 1]
+    assert sorted(load_file(path)["means"].shape[0] for path in caches) == [4 * 2, 6 * 2 - 1]
+    drm_meta = json.loads(safe_open(drm_dir / "model.safetensors", "pt").metadata()["meta"])
+    assert drm_meta["t5_tokens"] == 512 and drm_meta["head"] == "conv"
     run("train_reward.py", *flags, f"--prefs={prefs}", f"--out_dir={drm_dir}", "--eval_only")
     accuracy = json.loads((drm_dir / "eval.json").read_text())["accuracy"]
     assert set(accuracy) == {"0", "0.25", "0.5", "0.75", "0.9"} and 0 <= accuracy["0"]["label_accuracy"] <= 1
@@ -140,12 +144,14 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
     prompts.write_text("\n".join(PROMPTS))
     policy_dir = tmp_path / "policy"
     out = run("train_policy.py", *flags, f"--prompts={prompts}", f"--drm={drm_dir / 'model.safetensors'}",
-              f"--out_dir={policy_dir}", "--lora_rank=2", "--updates=1", "--trajectories=2", "--k=2", "--steps=2",
+              f"--out_dir={policy_dir}", "--lora_rank=2", "--updates=1", "--trajectories=2", "--group_size=2", "--k=2", "--steps=2",
               "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2")
     assert "update    1 | diversity" in out and "| drm " in out
     assert (policy_dir / "samples_00001.png").exists()
-    # the lean recipe: each prompt (and the empty one) embedded once, in the run's cache
-    assert len(list((policy_dir / "cache").glob("prompts_*/*.safetensors"))) == len(PROMPTS) + 1
+    # the lean recipe: each prompt (and the empty one) embedded once, in the run's cache: for the policy (T5 padded to
+    # 256, the pipeline's) and for the DRM (512, as it was trained)
+    folders = sorted((policy_dir / "cache").glob("prompts_*"))
+    assert [len(list(folder.glob("*.safetensors"))) for folder in folders] == [len(PROMPTS) + 1] * 2
     # the policy as a LoRA in diffusers' format, the train state the adapters and their AdamW moments alone
     lora = load_file(policy_dir / "lora" / "pytorch_lora_weights.safetensors")
     assert lora and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in lora)
@@ -167,7 +173,7 @@ def test_a_lora_run_resumes_exactly_from_its_adapters(pipeline, tmp_path):
     drm = tmp_path / "drm"
     preference_folder(tmp_path / "prefs")
     run("train_reward.py", *flags, f"--prefs={tmp_path / 'prefs'}", f"--out_dir={drm}", "--steps=1", "--batch_size=2", "--eval_every=1", "--eval_sigmas=0", "--drop_last=1", "--warmup=1")
-    train = [*flags, f"--prompts={prompts}", f"--drm={drm / 'model.safetensors'}", "--lora_rank=2", "--trajectories=2",
+    train = [*flags, f"--prompts={prompts}", f"--drm={drm / 'model.safetensors'}", "--lora_rank=2", "--trajectories=2", "--group_size=2",
              "--k=2", "--steps=2", "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2", "--lr=1e-3"]
     run("train_policy.py", *train, f"--out_dir={tmp_path / 'whole'}", "--updates=2")
     run("train_policy.py", *train, f"--out_dir={tmp_path / 'parts'}", "--updates=1")
