@@ -243,6 +243,10 @@ def assert_vae_matches(ours, reference):
         expected_latents = (mean - 0.0609) * 1.5305
         latents = ours.encode(images)
         assert relative_error(latents, expected_latents) < 1e-4
+        # the posterior the DRM repository draws from (latent_dist.sample(), then shifted and scaled)
+        posterior_mean, posterior_std = ours.posterior(images)
+        assert relative_error(posterior_mean, expected_latents) < 1e-4
+        assert relative_error(posterior_std, reference.encode(images).latent_dist.std * 1.5305) < 1e-4
         expected_images = reference.decode(expected_latents / 1.5305 + 0.0609).sample
         assert relative_error(ours.decode(expected_latents), expected_images) < 1e-4
 
