@@ -15,8 +15,9 @@ noised to the same sigma (eq. 4):
 
     L = -log sigmoid(r(x_sigma^w) - r(x_sigma^l)).
 
-Beside it, from its nearest rival (DiNa-LRM, arXiv 2602.11146): a Thurstone loss whose comparison
-noise grows with sigma, and a noise ensemble that scores a state re-noised several times.
+The heads are the DRM repository's (jjaxonx/DRM, drm/model.py: 2BConvGN for SD3.5-medium's 24
+blocks, 7BConvGN for SD3.5-large's 38), the toy's a scaled-down copy; `read_drm` reads our files
+and that repository's model.safetensors. (Its nearest rival, DiNa-LRM: rivals/reward.py.)
 """
 import copy
 from dataclasses import asdict
@@ -25,8 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (CheckpointError, config_from_meta, load_module, read_checkpoint,
-                    read_safetensors_header, save_checkpoint)
+from checkpoints import CheckpointError, config_from_meta, load_module, read_checkpoint, read_safetensors_header, save_checkpoint
 from model import DiT, DiTConfig, build_dit
 
 # The conv heads by name: (widths of the stride-2 convs, GroupNorm groups, MLP hidden size, blocks cut).
@@ -138,53 +138,6 @@ def bradley_terry_loss(reward_win, reward_lose):
     return -F.logsigmoid(reward_win - reward_lose)
     # END SOLUTION
 
-def thurstone_loss(reward_win, reward_lose, sigma, scale=2.0, floor=0.05, eps=1e-6):
-    """DiNa-LRM's noise-aware Thurstone loss per pair (B,), as its diffusion_rm/train/engine.py
-    computes it: each score carries Gaussian comparison noise of variance scale sigma^2 + floor, so
-    a noisier pair is judged less surely, P(w beats l) = Phi((r_w - r_l) / sqrt(2 var + eps)); the
-    loss is their fidelity loss 1 - sqrt(P + eps) (their code leaves -log P commented out)."""
-    var = scale * sigma ** 2 + floor
-    z = (reward_win - reward_lose) / torch.sqrt(2 * var + eps)
-    return 1 - torch.sqrt(torch.distributions.Normal(0.0, 1.0).cdf(z) + eps)
-
-
-class NoiseEnsemble(nn.Module):
-    """A DRM's score averaged over `draws` re-noisings of each state: a state x at sigma below
-    at_sigma is carried to u = at_sigma by the flow's forward process, x_u = a x + b z with
-    a = (1 - u) / (1 - sigma), b = sqrt(u^2 - (a sigma)^2) (so (1 - sigma) x0 + sigma z becomes
-    (1 - u) x0 + u z'), and scored there; a state at or above at_sigma is scored as it is. The
-    DRM's own call signature, so it goes wherever the DRM scores (--drm_draws, --drm_sigma); the
-    samplers' counters count scorings, each `draws` DRM passes when a state is re-noised."""
-
-    def __init__(self, drm, draws=4, at_sigma=0.25, seed=0):
-        super().__init__()
-        self.drm, self.draws, self.at_sigma = drm, draws, at_sigma
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def forward(self, x, sigma, context, pooled):
-        below = sigma < self.at_sigma
-        u = torch.where(below, torch.full_like(sigma, self.at_sigma), sigma)
-        a = torch.where(below, (1 - u) / (1 - sigma), torch.ones_like(sigma))
-        b = torch.sqrt((u ** 2 - (a * sigma) ** 2).clamp(min=0))
-        shape = (-1,) + (1,) * (x.dim() - 1)
-        total = 0
-        for _ in range(self.draws if below.any() else 1):  # nothing to re-noise: one pass
-            z = torch.randn(x.shape, generator=self.generator).to(x)
-            total = total + self.drm(a.view(shape) * x + b.view(shape) * z, u, context, pooled)
-        return total / (self.draws if below.any() else 1)
-
-
-def drm_passes(drm, sigma):
-    """DRM passes a scoring of states at sigma (N,) takes: the ensemble's draws where it re-noises."""
-    if isinstance(drm, NoiseEnsemble) and bool((sigma < drm.at_sigma).any()):
-        return drm.draws
-    return 1
-
-
-def with_ensemble(drm, draws, at_sigma):
-    """The DRM, or (draws > 1 or at_sigma > 0) its NoiseEnsemble."""
-    return NoiseEnsemble(drm, draws, at_sigma) if draws > 1 or at_sigma > 0 else drm
-
 # -----------------------------------------------------------------------------
 # Checkpoints: the DRM, its settings, and what the base model keeps beside it (the toy: its text
 # encoder; base.py decides)
@@ -206,9 +159,12 @@ def read_drm(path, device="cpu", policy_config=None, drop_last=None):
     if "meta" not in metadata:
         from sd3.mmdit import is_official_drm, read_official_drm  # the SD3 plumbing, only for SD3
         if is_official_drm(entries):
-            drm, meta = read_official_drm(path, entries, torch.float32, drop_last)
-            check_shapes(path, drm.backbone.config, policy_config)
-            return drm.to(device).eval(), meta, {}
+            dit, head, meta = read_official_drm(path, entries, torch.float32, drop_last)
+            check_shapes(path, dit.config, policy_config)
+            drm = DRM(dit, meta["drop_last"], head=meta["head"])
+            tensors = {f"drm.head.{k}": v for k, v in head.items()}
+            tensors.update({f"drm.backbone.{k}": v for k, v in dit.state_dict().items()})
+            return load_module(drm, tensors, "drm", path).to(device).eval(), meta, {}
     tensors, meta = read_checkpoint(path, "drm", "train one with train_reward.py, or use "
                                     "data/drm.safetensors")
     config = config_from_meta(DiTConfig, meta.get("dit_config"), path)

@@ -1,4 +1,4 @@
-"""Sampling from the DiT: Euler on SD3's schedule with classifier-free guidance, DRM-guided search.
+"""Sampling from the DiT: Euler on SD3's grid with classifier-free guidance, the DRM's step-wise search.
 
     python sample.py --prompt="a thick 7 slanted right"          # writes samples.png
     python sample.py --prompt="a thick 7 slanted right" --search=stepwise --k=6   # the paper's
@@ -11,13 +11,12 @@
 Rectified flow integrates dx/dsigma = v from sigma = 1 (noise) to 0 (data); one Euler step is
 x_next = x + (sigma_next - sigma) v (SD3, Esser et al. 2024). Guidance: v = v_uncond + w (v_cond -
 v_uncond) (Ho & Salimans 2022). Step-wise sampling (DRM paper, sec. 4.3): replace each Euler
-step by grpo.py's SDE step, draw k successors from its one mean (one policy pass), score them all
+step by sde.py's SDE step, draw k successors from its one mean (one policy pass), score them all
 with the DRM at sigma_next (one batched pass) and keep the best `beam`. It needs no training; it
-trades compute for quality, so it is measured (bench/search.py) against its rivals at the same
-compute: best-of-N (N whole samples, the DRM picks one), particle search (FK steering: N SDE
-particles resampled by their DRM scores) and pruned best-of-N (N ODE trajectories, the DRM keeps
-the best part of them at an intermediate sigma). All are made of grpo.propose's steps.
+trades compute for quality, so it is measured (bench/search.py) against best-of-N (N whole
+samples, the DRM picks one) and the rival searches (rivals/search.py) at the same compute.
 """
+import dataclasses
 import json
 import os
 import time
@@ -28,28 +27,16 @@ from PIL import Image
 from tqdm import tqdm
 
 from base import ANNOTATED, ModelFlags, check_model_flags, load_base
-from common import (UserError, autocast, check_at_least, check_choice, check_numbers, frozen_dtype,
-                    parse_numbers, pick_device, print_config, run_main, save_grid)
-from grpo import passes, propose, score_candidates, take
+from common import UserError, autocast, check_at_least, check_choice, check_numbers, frozen_dtype, pick_device, print_config, run_main
+from checkpoints import save_grid
 from model import compile_regions, guided_velocity
-from reward import with_ensemble
+from rivals.reward import EnsembleFlags, check_ensemble, with_ensemble
+from rivals.scores import SCORES
+from rivals.search import SearchFlags, check_flags, prune, smc
+from sde import Sampler, favourite, passes, propose, score_noisy, sigma_schedule, take
 
 # -----------------------------------------------------------------------------
 # The schedule and the sampler: pure functions of tensors and a model callable
-
-
-def bend(sigma, shift):
-    """SD3's time shift s sigma / (1 + (s - 1) sigma): s > 1 spends more steps at high noise."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
-def sigma_schedule(steps, shift=1.0, dtype=torch.float32):
-    """SD3's sampling grid (steps + 1,), from 1 down to 0, as diffusers' FlowMatchEulerDiscrete-
-    Scheduler and Stability's sd3_impls.py make it: `steps` points evenly from 1 to bend(1/1000)
-    (the least noise SD3 trained at), bent again, then a final 0. The low end is bent twice and
-    the last step is short; that is SD3's grid (our samples are diffusers'). Made in float64."""
-    sigmas = bend(torch.linspace(1, bend(1 / 1000, shift), steps, dtype=torch.float64), shift)
-    return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
 
 
 @torch.no_grad()
@@ -89,14 +76,14 @@ def generate(dit, base, prompts, seed=0, steps=20, cfg_scale=4.0, shift=1.0, bat
 @torch.no_grad()
 def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, steps=20, k=1,
                     beam=1, noise_level=0.7, cfg_scale=1.0, shift=1.0, score_every=1, ode_last=0,
-                    score="noisy", generator=None):
+                    score=score_noisy, generator=None):
     """Beam search over SDE successors, scored by the DRM -> (x0 (N, C, H, W), counts). noise
     (N, C, H, W) starts each image; cond / uncond (the policy's) and drm_cond (the DRM's) are
     (context, pooled) of batch N. Each of an image's `beam` states proposes k successors around one
     mean (grpo.propose); at scored steps (every `score_every`-th, and the last) the DRM ranks the
     beam * k successors and the top `beam` survive; between them each state keeps one successor.
-    score: what the DRM sees of a successor (grpo.score_candidates): noisy (it at sigma_next, the
-    paper), x0 (its clean estimate), lookahead (its ODE completion; those passes counted). The last
+    score: what the DRM sees of a successor: sde.score_noisy (it at sigma_next, the paper), or a
+    rival rule (rivals/scores.py: its clean estimate, its ODE completion; passes counted). The last
     `ode_last` steps are Euler steps. beam = 1: the paper's greedy rule.
     counts: {"nfe": DiT forward passes, "drm_calls": DRM forward passes}.
     """
@@ -122,9 +109,8 @@ def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *
             x, beam_scores = successors, None
             continue
         reward = lambda x, sigma, owners: drm(x, sigma, *take(drm_cond, owners))  # noqa: E731
-        scores, spent = score_candidates(reward, step, sigmas, i, rows, score=score, policy=policy,
-                                         cond=take(cond, rows), uncond=take(uncond, rows),
-                                         cfg_scale=cfg_scale)
+        scores, spent = score(reward, step, i, rows, Sampler(policy, sigmas, take(cond, rows),
+                                                              take(uncond, rows), cfg_scale))
         scores = scores.flatten()
         counts["nfe"] += spent
         counts["drm_calls"] += len(successors)
@@ -136,20 +122,6 @@ def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *
     # the best of the beam: by its last scores, or (the last steps unscored) by the DRM at sigma 0
     last = None if beam_scores is None else beam_scores.flatten()
     return favourite(drm, x, drm_cond, beam, counts, last), counts
-
-
-def favourite(drm, x, drm_cond, n, counts, scores=None):
-    """Each image's DRM favourite among its n samples x (N * n, ...), an image's adjacent, scored at
-    sigma 0 unless scores (N * n,) are given -> (N, ...)."""
-    if n == 1:
-        return x
-    if scores is None:
-        owners = torch.arange(len(x) // n, device=x.device).repeat_interleave(n)
-        zeros = torch.zeros(len(x), device=x.device)
-        scores = drm(x, zeros, *take(drm_cond, owners)).float()
-        counts["drm_calls"] += len(x)
-    best = scores.view(-1, n).argmax(1)
-    return x.view(-1, n, *x.shape[1:])[torch.arange(len(best), device=x.device), best]
 
 
 @torch.no_grad()
@@ -164,93 +136,6 @@ def best_of_n(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, n=4,
     return favourite(drm, samples, drm_cond, n, counts), counts
 
 
-def resampling_steps(steps, every=1, start=1, end=6):
-    """FK steering's schedule (fkd_class.py): steps start, start + every, ... up to end, and the
-    last step. Its defaults for 100 steps (every 5, from 5 to 30) scaled to 20: every 1, 1 to 6."""
-    return sorted(set(range(start, min(end, steps - 1) + 1, every)) | {steps - 1})
-
-
-@torch.no_grad()
-def smc_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, particles=4, steps=20,
-               noise_level=0.7, cfg_scale=1.0, shift=1.0, potential="diff", lmbda=10.0,
-               score="x0", schedule=(1, 1, 6), adaptive=False, ess_threshold=0.5,
-               generator=None):
-    """Particle search (FK steering, Singhal et al. 2025, as its fkd_class.py runs it): `particles`
-    SDE trajectories an image (noise (N * particles, ...), an image's adjacent). At the steps of
-    resampling_steps(steps, *schedule) the DRM scores each particle, r: score="x0" the one-step
-    x0-prediction of its state before the step, at sigma 0 (FK's, with a clean-image reward);
-    "noisy" its state after the step at sigma_next. Potential "diff": weights
-    exp(lmbda (r - r_prev)), r_prev the particle's (or its ancestor's) r at the previous such step, 0 at first; "max":
-    exp(lmbda max(r, r_prev)), r_prev then the running max, and the last step's weights divided by
-    the product of the potentials a particle was resampled with. Weights are not carried between
-    steps. A scheduled step resamples multinomially (adaptive: only if the effective sample size
-    1 / sum(w_norm^2) is below ess_threshold x particles); the last step always asks the ESS test.
-    At the end, the DRM's favourite at sigma 0 -> (x0, counts with "resampled": image-steps)."""
-    N, P = len(noise) // particles, particles
-    owners = torch.arange(N, device=noise.device).repeat_interleave(P)
-    x, sigmas = noise.float(), sigma_schedule(steps, shift).to(noise.device)
-    previous = torch.zeros(N * P, device=x.device)       # FK's population_rs: reward_min_value 0
-    product = torch.ones(N * P, device=x.device)         # the potentials each particle was drawn by
-    counts = {"nfe": 0, "drm_calls": 0, "resampled": 0}
-    scheduled = resampling_steps(steps, *schedule)
-    for i in range(steps):
-        step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, owners),
-                       take(uncond, owners), cfg_scale=cfg_scale, noise_level=noise_level,
-                       generator=generator)
-        x = step.candidates[:, 0]
-        counts["nfe"] += len(x) * passes(uncond, cfg_scale)
-        if i not in scheduled:
-            continue
-        scored, sigma = (step.x0_hat, sigmas.new_zeros(1)) if score == "x0" else (x, sigmas[i + 1])
-        r = drm(scored, sigma.expand(len(x)), *take(drm_cond, owners)).float()
-        counts["drm_calls"] += len(x)
-        last = i == steps - 1
-        if potential == "diff":
-            potentials, w = r, torch.exp(lmbda * (r - previous))
-        else:
-            potentials = torch.maximum(r, previous)
-            w = torch.exp(lmbda * (r if last else potentials)) / (product if last else 1)
-        w = torch.nan_to_num(w.clamp(0, 1e10)).view(N, P)
-        normalised = w / w.sum(1, keepdim=True)
-        resample = torch.ones(N, dtype=torch.bool, device=x.device)
-        if adaptive or last:
-            resample = 1 / (normalised ** 2).sum(1) < ess_threshold * P             # (N,)
-        keep = torch.arange(P).expand(N, P)
-        picks = (torch.multinomial(normalised.cpu(), P, replacement=True, generator=generator)
-                 if resample.any() else keep)
-        parents = (torch.where(resample.cpu().unsqueeze(1), picks, keep)
-                   + torch.arange(N).unsqueeze(1) * P).flatten().to(x.device)
-        moved = resample.repeat_interleave(P)
-        product = torch.where(moved, product[parents] * w.flatten()[parents], product)
-        x, previous = x[parents], potentials[parents]
-        counts["resampled"] += int(resample.sum())
-    return favourite(drm, x, drm_cond, P, counts), counts
-
-
-@torch.no_grad()
-def prune_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, particles=4,
-                 steps=20, cfg_scale=1.0, shift=1.0, prune_at=(0.6,), keep=0.5):
-    """Pruned best-of-N (as TTSnap, arXiv 2511.22242, with the DRM as its noise-aware judge):
-    `particles` ODE trajectories an image (noise (N * particles, ...), an image's adjacent); at the
-    first state whose sigma is at or below each value of prune_at, the DRM scores the survivors
-    there and the best `keep` fraction of each image's (at least one) go on; the DRM's favourite
-    at the end -> (x0, counts)."""
-    N, alive = len(noise) // particles, particles
-    x, sigmas = noise.float(), sigma_schedule(steps, shift).to(noise.device)
-    counts, pending = {"nfe": 0, "drm_calls": 0}, sorted(prune_at, reverse=True)
-    owners = torch.arange(N, device=x.device).repeat_interleave(alive)
-    for i in range(steps):
-        if pending and sigmas[i] <= pending[0]:
-            pending.pop(0)
-            scores = drm(x, sigmas[i].expand(len(x)), *take(drm_cond, owners)).float()
-            counts["drm_calls"] += len(x)
-            top = scores.view(N, alive).topk(max(1, round(alive * keep)), dim=1).indices
-            x = x.view(N, alive, *x.shape[1:])[torch.arange(N).unsqueeze(1), top].flatten(0, 1)
-            alive, owners = top.shape[1], owners.view(N, alive)[:, :top.shape[1]].flatten()
-        x = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, owners), take(uncond, owners),
-                    cfg_scale=cfg_scale, noise_level=0.0).candidates[:, 0]
-        counts["nfe"] += len(x) * passes(uncond, cfg_scale)
-    return favourite(drm, x, drm_cond, alive, counts), counts
 
 # -----------------------------------------------------------------------------
 # Evaluation on held-out prompts: the base's annotator (the toy's), diversity
@@ -286,9 +171,9 @@ def evaluate(dit, base, prompts, per_prompt=20, seed=1234, batch_size=100, **sam
 
 
 @dataclass
-class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: the base model (base.py)
+class Config(ModelFlags, SearchFlags, EnsembleFlags):  # the base model (base.py), rivals' flags
     prompt: str = "a thick 7 slanted right"  # what to draw (the toy: data/world.py's words)
-    n: int = 16                        # images of the prompt
+    images: int = 16                   # images of the prompt
     steps: int = 20                    # Euler steps
     cfg_scale: float = 4.0             # classifier-free guidance weight
     shift: float = 1.0                 # SD3's schedule shift (3 at 1024 px; 1 suits 32x32 pixels)
@@ -296,68 +181,63 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: the b
     out: str = "samples.png"           # image grid (with --eval: a JSON of the scores beside it)
     eval: bool = False                 # score the held-out prompts with the simulated annotator
     per_prompt: int = 20               # with --eval: images per held-out prompt
-    search: str = "ode"                # ode | sde | stepwise | best_of | smc | prune (how it picks)
+    search: str = "ode"                # how the DRM picks: SEARCHES
     drm: str = "data/drm.safetensors"  # the reward model that ranks (every search but ode)
-    drm_draws: int = 1                 # its noise ensemble (reward.NoiseEnsemble): states below
-    drm_sigma: float = 0.0             # drm_sigma re-noised to it drm_draws times, scores averaged
     k: int = 4                         # stepwise: SDE successors per step
     beam: int = 1                      # stepwise: states kept per image (1: the paper's greedy)
     particles: int = 4                 # best_of, smc, prune: trajectories per image
-    noise_level: float = 0.7           # sde, stepwise, smc: SDE noise (grpo.py's a)
-    # what the DRM scores: noisy (a state at its sigma) | x0 (its clean estimate) | lookahead
-    # (stepwise: its ODE completion); "" = the method's own: stepwise noisy (the paper), smc x0 (FK)
+    noise_level: float = 0.7           # sde, stepwise, smc: SDE noise (sde.py's a)
+    # what the DRM scores (rivals/scores.py): noisy (the state where it is) | x0 (its clean
+    # estimate) | lookahead (its ODE completion); "" = the method's own: stepwise noisy, smc x0
     score: str = ""
     score_every: int = 1               # stepwise: rank every this many steps
     ode_last: int = 0                  # stepwise: plain Euler for the last this many steps
-    potential: str = "diff"            # smc: diff (the gain since the last scored step) | max
-    lmbda: float = 10.0                # smc: weights exp(lmbda x potential), FK steering's lambda
-    resample: str = "1:1:6"            # smc: every:from:to, resampled at those steps and the last
-                                       # (FK's every 5 from 5 to 30 of 100 steps, scaled to 20)
-    adaptive: bool = False             # smc: resample a scheduled step only below the ESS threshold
-    ess_threshold: float = 0.5         # smc: the effective sample size / particles resampled below
-    prune_at: str = "0.6"              # prune: the sigmas at which the DRM keeps the best
-    keep: float = 0.5                  # prune: the fraction kept at each
     compile: bool = False              # torch.compile the DiT's and DRM's blocks (model.py)
     device: str = "auto"
+    RENAMED = {"n": "images"}          # flags of earlier versions
 
 
-SEARCHES = ("ode", "sde", "stepwise", "best_of", "smc", "prune")
+def stepwise(cfg, policy, noise, cond, uncond, *, drm, drm_cond, generator, **sampling):
+    """The paper's search (ode, sde: the same loop without it)."""
+    searching = cfg.search == "stepwise"
+    return stepwise_sample(policy, noise, cond, uncond, drm, drm_cond, k=cfg.k if searching else 1,
+                           beam=cfg.beam if searching else 1,
+                           noise_level=0.0 if cfg.search == "ode" else cfg.noise_level,
+                           score_every=cfg.score_every, ode_last=cfg.ode_last,
+                           score=SCORES[cfg.score or "noisy"], generator=generator, **sampling)
+
+
+def best_of(cfg, policy, noise, cond, uncond, *, drm, drm_cond, generator, **sampling):
+    return best_of_n(policy, noise, cond, uncond, drm, drm_cond, n=cfg.particles, **sampling)
+
+
+# every search: name -> (run(cfg, policy, noise, cond, uncond, ...), whole trajectories an image)
+SEARCHES = {"ode": (stepwise, 1), "sde": (stepwise, 1), "stepwise": (stepwise, 1),
+            "best_of": (best_of, "particles"), "smc": (smc, "particles"),
+            "prune": (prune, "particles")}
 
 
 def width(cfg):
     """Initial noises an image: the particles of best_of, smc and prune; 1 otherwise."""
-    return cfg.particles if cfg.search in ("best_of", "smc", "prune") else 1
+    per_image = SEARCHES[cfg.search][1]
+    return getattr(cfg, per_image) if isinstance(per_image, str) else per_image
 
 
 def search(cfg, policy, noise, cond, uncond, drm, drm_cond, generator, **sampling):
     """cfg.search on noise (N * width(cfg), ...), an image's adjacent -> (x0 (N, ...), counts)."""
-    if cfg.search in ("ode", "sde", "stepwise"):
-        stepwise = cfg.search == "stepwise"
-        return stepwise_sample(policy, noise, cond, uncond, drm, drm_cond,
-                               k=cfg.k if stepwise else 1, beam=cfg.beam if stepwise else 1,
-                               noise_level=0.0 if cfg.search == "ode" else cfg.noise_level,
-                               score_every=cfg.score_every, ode_last=cfg.ode_last,
-                               score=cfg.score or "noisy", generator=generator, **sampling)
-    if cfg.search == "best_of":
-        return best_of_n(policy, noise, cond, uncond, drm, drm_cond, n=cfg.particles, **sampling)
-    if cfg.search == "smc":
-        return smc_sample(policy, noise, cond, uncond, drm, drm_cond, particles=cfg.particles,
-                          noise_level=cfg.noise_level, potential=cfg.potential, lmbda=cfg.lmbda,
-                          score=cfg.score or "x0", schedule=parse_numbers(cfg, "resample", sep=":"),
-                          adaptive=cfg.adaptive, ess_threshold=cfg.ess_threshold,
-                          generator=generator, **sampling)
-    return prune_sample(policy, noise, cond, uncond, drm, drm_cond, particles=cfg.particles,
-                        prune_at=parse_numbers(cfg, "prune_at", float), keep=cfg.keep, **sampling)
+    run, _ = SEARCHES[cfg.search]
+    return run(cfg, policy, noise, cond, uncond, drm=drm, drm_cond=drm_cond, generator=generator,
+               **sampling)
 
 
 def draw(cfg, base, device, **sampling):
-    """--prompt: cfg.n images of one prompt by cfg.search -> a grid."""
+    """--prompt: cfg.images images of one prompt by cfg.search -> a grid."""
     t0 = time.time()
-    prompts = [cfg.prompt] * cfg.n
+    prompts = [cfg.prompt] * cfg.images
     base.prepare(prompts)                # SD3: embedded once; the text encoders leave the GPU
     cond, uncond = base.encode(prompts)  # the toy: unknown words fail here, before any sampling
     seed = torch.Generator().manual_seed(cfg.seed)
-    noise = initial_noise(base.dit, cfg.n * width(cfg), seed, base.latent_size).to(device)
+    noise = initial_noise(base.dit, cfg.images * width(cfg), seed, base.latent_size).to(device)
     drm, drm_cond = None, None
     if cfg.search != "ode":
         drm, drm_text, _ = base.load_drm(cfg.drm, device)
@@ -368,10 +248,11 @@ def draw(cfg, base, device, **sampling):
     latents, counts = search(cfg, base.dit, noise, cond, uncond, drm, drm_cond,
                              torch.Generator().manual_seed(cfg.seed + 1), **sampling)
     images = base.to_images(latents).cpu()
-    save_grid(images, cfg.out, nrow=min(cfg.n, 8))
-    print(f"wrote {cfg.out}: {cfg.n} images of {cfg.prompt!r}, {cfg.search}, {cfg.steps} steps, "
-          f"per image {counts['nfe'] / cfg.n:.0f} DiT passes, {counts['drm_calls'] / cfg.n:.0f} "
-          f"DRM scorings, {(time.time() - t0) / cfg.n:.3f} s")
+    n = cfg.images
+    save_grid(images, cfg.out, nrow=min(n, 8))
+    print(f"wrote {cfg.out}: {n} images of {cfg.prompt!r}, {cfg.search}, {cfg.steps} steps, "
+          f"per image {counts['nfe'] / n:.0f} DiT passes, {counts['drm_calls'] / n:.0f} "
+          f"DRM passes, {(time.time() - t0) / n:.3f} s")
     return images
 
 
@@ -387,7 +268,7 @@ def evaluate_heldout(cfg, base, **sampling):
     grid = images.view(len(prompts), cfg.per_prompt, *images.shape[1:])[:, :shown]
     save_grid(grid.flatten(0, 1), cfg.out, nrow=shown)
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump({"config": vars(cfg), "checkpoint_step": base.meta.get("step"), **summary}, f,
+        json.dump({"config": dataclasses.asdict(cfg), "checkpoint_step": base.meta.get("step"), **summary}, f,
                   indent=1)
     return summary
 
@@ -395,23 +276,13 @@ def evaluate_heldout(cfg, base, **sampling):
 def main(cfg):
     check_numbers(cfg)
     check_model_flags(cfg)
-    check_choice(cfg, "search", SEARCHES)
-    check_choice(cfg, "potential", ("diff", "max"))
-    check_choice(cfg, "score", ("", "noisy", "x0", "lookahead") if cfg.search == "stepwise"
-                 else ("", "noisy", "x0"))
-    schedule = parse_numbers(cfg, "resample", sep=":")
-    if len(schedule) != 3 or schedule[0] < 1 or not 0 <= schedule[1] <= schedule[2]:
-        raise UserError(f"--resample={cfg.resample}: give every:from:to, every >= 1 and "
-                        "0 <= from <= to, e.g. 1:1:6")
-    check_at_least(cfg, 1, "steps", "n", "per_prompt", "k", "beam", "particles", "score_every",
-                   "drm_draws")
+    check_choice(cfg, "search", tuple(SEARCHES))
+    check_choice(cfg, "score", ("", *SCORES) if cfg.search == "stepwise" else ("", "noisy", "x0"))
+    check_at_least(cfg, 1, "steps", "images", "per_prompt", "k", "beam", "particles",
+                   "score_every")
     check_at_least(cfg, 0, "noise_level", "ode_last")
-    if not (0 < cfg.keep <= 1 and 0 < cfg.ess_threshold <= 1):
-        raise UserError(f"--keep={cfg.keep}, --ess_threshold={cfg.ess_threshold}: each in (0, 1]")
-    if not all(0 <= sigma <= 1 for sigma in parse_numbers(cfg, "prune_at", float)):
-        raise UserError(f"--prune_at={cfg.prune_at}: sigmas in [0, 1], e.g. 0.6 or 0.8,0.5")
-    if not 0 <= cfg.drm_sigma < 1:
-        raise UserError(f"--drm_sigma={cfg.drm_sigma}: a sigma in [0, 1)")
+    check_flags(cfg)
+    check_ensemble(cfg)
     if not cfg.shift > 0:
         raise UserError(f"--shift={cfg.shift}: SD3's schedule shift is positive "
                         "(1: none; SD3 at 1024 px: 3)")

@@ -21,10 +21,9 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from base import ToyBase, save_toy_base
-from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_finite, check_numbers,
-                    check_weights, print_config, resume_training_state, run_main, save_grid,
-                    save_training_state, setup_device, warmup_cosine)
+from data.toy import ToyBase, save_toy_base
+from common import UserError, any_rank, autocast, check_numbers, print_config, run_main, setup_device, warmup_cosine
+from checkpoints import GracefulStop, RunDir, check_finite, check_weights, resume_training_state, save_grid, save_training_state
 from data.world import HELDOUT_PROMPTS, TextConfig, TextEncoder, caption, load_world, parse_prompt, tokenize
 from model import PRESETS, build_dit, compile_regions, flow_matching_loss, logit_normal_sigma
 from sample import generate
@@ -34,7 +33,7 @@ from sample import generate
 class Config:
     out_dir: str = "out/base"          # checkpoints, sample grids, metrics.jsonl
     preset: str = "tiny"               # DiT size, a key of model.PRESETS
-    steps: int = 12000                 # optimizer steps
+    train_steps: int = 12000           # optimizer steps
     batch_size: int = 32
     lr: float = 1e-3                   # AdamW peak learning rate
     warmup: int = 500                  # linear warm-up steps, then cosine decay to lr / 10
@@ -48,11 +47,12 @@ class Config:
     eval_per_prompt: int = 8           # images per held-out prompt in each grid
     seed: int = 0
     export: str = ""                   # at the end, also write the EMA model here in float16 (how data/base.safetensors is made)
-    resume: bool = False               # continue from out_dir/train_state.pt (--lr, --steps, --eval_every may change)
+    resume: bool = False               # continue from out_dir/train_state.pt (--lr, --train_steps, --eval_every may change)
     overwrite: bool = False            # start afresh in an out_dir an earlier run used (its files are removed)
     compile: bool = False              # torch.compile each DiT block (fused elementwise ops; model.py)
     grad_checkpointing: bool = False   # recompute each block in the backward: less memory, ~1.3x the compute
     device: str = "auto"
+    RENAMED = {"steps": "train_steps"}  # flags of earlier versions
 
 
 def augment_caption(text, rng, cfg):
@@ -71,7 +71,7 @@ def update_ema(ema, net, decay):
         e.lerp_(p, 1 - decay)
 
 
-MAY_CHANGE = {"lr", "steps", "eval_every", "eval_per_prompt", "device", "compile", "grad_checkpointing", "export"}
+MAY_CHANGE = {"lr", "train_steps", "eval_every", "eval_per_prompt", "device", "compile", "grad_checkpointing", "export"}
 OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors")
 
 
@@ -79,7 +79,7 @@ def check(cfg):
     check_numbers(cfg)
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset={cfg.preset}: choose one of {list(PRESETS)}")
-    for name in ("steps", "batch_size", "eval_every", "eval_per_prompt"):
+    for name in ("train_steps", "batch_size", "eval_every", "eval_per_prompt"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
 
@@ -137,7 +137,7 @@ def main(cfg):
         sigma_bins = torch.linspace(0, 1, 6)  # loss by sigma quintile, as minRF logs it
         bin_loss, bin_count = torch.zeros(5), torch.zeros(5)
         net.train()
-        bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_base", disable=not ranks.main)
+        bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps, desc="train_base", disable=not ranks.main)
         for step in bar:
             # the global batch's images, captions, sigmas and noise (the same draws on every rank), then this rank's rows
             idx = torch.randint(len(images), (cfg.batch_size,))
@@ -146,7 +146,7 @@ def main(cfg):
             sigma = logit_normal_sigma(cfg.batch_size, device)
             noise = torch.randn_like(x0)
             for group in optimizer.param_groups:
-                group["lr"] = warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr)
+                group["lr"] = warmup_cosine(step, cfg.train_steps, cfg.warmup, cfg.lr)
             with autocast(device):
                 context, pooled = text(ids[mine])
                 losses, sigma = flow_matching_loss(dit, x0[mine], context, pooled, sigma[mine], noise[mine])
@@ -163,11 +163,11 @@ def main(cfg):
             bin_loss.index_add_(0, which, losses.detach().cpu())
             bin_count.index_add_(0, which, torch.ones_like(losses.cpu()))
             bar.set_postfix(loss=f"{loss.item():.4f}")
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
                 by_bin = (bin_loss / bin_count.clamp(min=1)).tolist()
                 record = {"step": step + 1, "loss": sum(bin_loss.tolist()) / max(1, bin_count.sum().item()),
                           "loss_by_sigma": [round(v, 4) for v in by_bin], "grad_norm": grad_norm.item(),
-                          "lr": warmup_cosine(step, cfg.steps, cfg.warmup, cfg.lr), "minutes": minutes()}
+                          "lr": warmup_cosine(step, cfg.train_steps, cfg.warmup, cfg.lr), "minutes": minutes()}
                 bin_loss.zero_(), bin_count.zero_()
                 save(step + 1)
                 if ranks.main:
@@ -184,7 +184,7 @@ def main(cfg):
                 print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
                 return None
         if cfg.export and ranks.main:
-            save_toy_base(cfg.export, ema["dit"], ema["text"], cfg.steps, dtype=torch.float16)
+            save_toy_base(cfg.export, ema["dit"], ema["text"], cfg.train_steps, dtype=torch.float16)
             print(f"exported the EMA model in float16 to {cfg.export}")
     return ema
 

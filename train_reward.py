@@ -36,22 +36,20 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from base import ModelFlags, check_model_flags, load_base
-from common import (GracefulStop, RunDir, UserError, any_rank, autocast, check_at_least,
-                    check_choice, check_finite, check_numbers, check_weights, given_flags,
-                    parse_numbers,
-                    atomic_write, print_config, resume_training_state, run_main,
-                    save_training_state, setup_device, warmup_cosine)
-from data.preferences import gold_scores, read_pairs
+from common import UserError, any_rank, autocast, check_at_least, check_choice, check_numbers, given_flags, parse_numbers, print_config, run_main, setup_device, warmup_cosine
+from checkpoints import GracefulStop, RunDir, atomic_write, check_finite, check_weights, resume_training_state, save_training_state
+from data.pairs import gold_scores, read_pairs
 from model import add_noise, compile_regions, logit_normal_sigma
-from reward import DRM, HEADS, bradley_terry_loss, default_head, thurstone_loss, with_ensemble
-from sample import sigma_schedule
+from reward import DRM, HEADS, default_head
+from rivals.reward import LOSSES, EnsembleFlags, check_ensemble, with_ensemble
+from sde import sigma_schedule
 
 CLOSE_GAP = 0.1  # gold gap under which a pair counts as close
 OFFICIAL_HEADS = ("2BConvGN", "7BConvGN")
 
 
 @dataclass
-class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where the DRM starts
+class Config(ModelFlags, EnsembleFlags):  # where the DRM starts (base.py); the rival's flags
     prefs: str = "out/prefs"           # train.jsonl and test.jsonl (or HPDv3's .json lists)
     # the defaults: "" = the base's (SD3: drm, the DRM repository's recipe, RECIPES; the toy: toy);
     # a flag given on the command line keeps its value
@@ -71,8 +69,9 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     sigma_shift: float = 0.0           # the grid's shift (0: the base's scheduler's, SD3.5 3, toy 1)
     pair_noise: str = "independent"    # independent (each image its own noise: the paper) | shared
                                        # (one noise for both images of a pair: DiNa-LRM's)
-    loss: str = "bt"                   # bt (Bradley-Terry, the paper) | thurstone (DiNa-LRM's)
-    steps: int = 2000
+    loss: str = "bt"                   # bt (Bradley-Terry, the paper) | thurstone (DiNa-LRM's:
+                                       # rivals/reward.py's LOSSES)
+    train_steps: int = 2000            # optimizer steps
     batch_size: int = 64               # pairs per step
     lr: float = 1e-4                   # backbone learning rate (AdamW)
     head_lr: float = 1e-3              # the new head learns faster
@@ -86,8 +85,6 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     t5_tokens: int = 256               # SD3: T5's padded length for the DRM's prompts
     eval_every: int = 1000
     eval_noise_draws: int = 2          # noise draws per test pair and sigma, averaged
-    drm_draws: int = 1                 # the evaluation's noise ensemble (reward.NoiseEnsemble):
-    drm_sigma: float = 0.0             # states below drm_sigma re-noised to it drm_draws times
     eval_sigmas: str = "0,0.25,0.5,0.75,0.9"  # the noise levels test accuracy is measured at
     # and the DRM repository's: its `time` t on the base's grid, sigma = bend(t / 1000), t = 0 clean
     # (scheduler.timesteps[-t]; SD3.5: t = 750 is sigma 0.9), e.g. 0,250,500,750,900
@@ -107,6 +104,7 @@ class Config(ModelFlags):              # --model, --base, --ckpt_dir, ...: where
     grad_checkpointing: bool = False   # re-run each block in the backward: less memory
     seed: int = 0
     device: str = "auto"
+    RENAMED = {"steps": "train_steps"}  # flags of earlier versions
 
 
 SIGMA_SAMPLING = ("grid", "grid_uniform", "logit_normal", "uniform", "zero")
@@ -116,7 +114,7 @@ RECIPES = {"toy": {}, "drm": dict(
     min_confidence=0.95, batch_size=16, lr=1e-5, head_lr=1e-5, weight_decay=1e-4, warmup=0,
     lr_schedule="constant", image_resize="stretch", vae_latents="sample", t5_tokens=512)}
 # the flags a resumed run may change; any other change would make it another experiment
-MAY_CHANGE = {"lr", "head_lr", "steps", "eval_every", "eval_batch", "device", "compile",
+MAY_CHANGE = {"lr", "head_lr", "train_steps", "eval_every", "eval_batch", "device", "compile",
               "grad_checkpointing", "export"}
 OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors")  # a run's files
 
@@ -175,18 +173,18 @@ def check(cfg):
     if not all(0 <= t < 1000 for t in times):
         raise UserError(f"--eval_times={cfg.eval_times}: indices in [0, 1000) of the 1000-step grid")
     check_choice(cfg, "sigma_sampling", SIGMA_SAMPLING)
-    check_choice(cfg, "loss", ("bt", "thurstone"))
+    check_choice(cfg, "loss", tuple(LOSSES))
+    check_ensemble(cfg)
     check_choice(cfg, "pair_noise", ("independent", "shared"))
     check_choice(cfg, "eval_set", ("prefs", "policy"))
     if cfg.eval_set == "policy" and not (cfg.eval_only and cfg.model == "toy"):
         raise UserError("--eval_set=policy scores the toy's own samples with its annotator: use "
                         "it with --eval_only on --model=toy")
-    check_at_least(cfg, 1, "steps", "batch_size", "eval_every", "eval_noise_draws", "eval_batch",
-                   "drm_draws")
+    check_at_least(cfg, 1, "train_steps", "batch_size", "eval_every", "eval_noise_draws", "eval_batch")
     sigmas = parse_numbers(cfg, "eval_sigmas", float)
-    if not sigmas or not all(0 <= s <= 1 for s in sigmas + [cfg.drm_sigma]):
-        raise UserError(f"--eval_sigmas={cfg.eval_sigmas}, --drm_sigma={cfg.drm_sigma}: every "
-                        "sigma must lie in [0, 1] (0 = clean, 1 = pure noise)")
+    if not sigmas or not all(0 <= s <= 1 for s in sigmas):
+        raise UserError(f"--eval_sigmas={cfg.eval_sigmas}: every sigma must lie in [0, 1] "
+                        "(0 = clean, 1 = pure noise)")
     if not 0 <= cfg.min_confidence <= 1:
         raise UserError(f"--min_confidence={cfg.min_confidence}: a probability in [0, 1] "
                         "(0 keeps every pair)")
@@ -344,10 +342,9 @@ def train_step(cfg, model, optimizer, train, mine, step, advice):
         rewards = model(torch.cat([x_win, x_lose]), torch.cat([sigma, sigma]),
                         *(torch.cat([t] * 2) for t in train.text(idx, device)))
     reward_win, reward_lose = rewards.chunk(2)
-    loss = (bradley_terry_loss(reward_win, reward_lose) if cfg.loss == "bt"
-            else thurstone_loss(reward_win, reward_lose, sigma)).mean()
+    loss = LOSSES[cfg.loss](reward_win, reward_lose, sigma).mean()
     for group in optimizer.param_groups:
-        group["lr"] = (warmup_cosine(step, cfg.steps, cfg.warmup, group["peak"])
+        group["lr"] = (warmup_cosine(step, cfg.train_steps, cfg.warmup, group["peak"])
                        if cfg.lr_schedule == "cosine" else group["peak"] * min(1, (step + 1) /
                                                                               (cfg.warmup + 1)))
     optimizer.zero_grad(set_to_none=True)
@@ -399,7 +396,7 @@ def export(cfg, base, drm, skipped):
         tensors = official_drm_tensors(drm, skipped)
         atomic_write(cfg.export, lambda tmp: save_file(tensors, tmp))
     else:
-        base.save_drm(cfg.export, drm, cfg.steps, drm_meta(cfg), dtype=torch.float16)
+        base.save_drm(cfg.export, drm, cfg.train_steps, drm_meta(cfg), dtype=torch.float16)
     print(f"exported the DRM ({cfg.export_layout} layout) to {cfg.export}")
 
 
@@ -463,12 +460,12 @@ def main(cfg):
         model = (DDP(drm, broadcast_buffers=False, find_unused_parameters=True) if ranks.world > 1
                  else drm)
         t0, running = time.time(), []
-        bar = tqdm(range(step, cfg.steps), initial=step, total=cfg.steps, desc="train_reward",
+        bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps, desc="train_reward",
                    disable=not ranks.main)
         for step in bar:
             running.append(train_step(cfg, model, optimizer, train, mine, step, run_dir.advice()))
             bar.set_postfix(loss=f"{running[-1][0]:.4f}")
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.steps:
+            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
                 evaluate_and_save(cfg, run_dir, base, drm, optimizer, test, eval_sigmas,
                                   step=step + 1, running=running, minutes=(time.time() - t0) / 60)
                 running = []

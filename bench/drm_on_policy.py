@@ -16,8 +16,9 @@ import math
 
 import torch
 
-from grpo import propose, score_candidates, take
-from sample import generate, sigma_schedule
+from rivals.scores import SCORES
+from sample import generate
+from sde import Sampler, propose, sigma_schedule, take
 
 
 def policy_pairs(base, prompts, per_prompt=8, seed=4321, steps=20, cfg_scale=4.0):
@@ -66,14 +67,15 @@ def candidate_ranking(base, drm, drm_text, prompts, *, k=8, steps=10, noise_leve
     for i in range(steps):
         step = propose(base.dit, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=cfg_scale,
                        noise_level=noise_level, k=k, generator=g)
-        completions = []  # each candidate's ODE completion (score_candidates' lookahead), judged below
-        score_candidates(lambda states, sigma, owners: completions.append(states) or sigma, step, sigmas, i, rows,
-                         score="lookahead", policy=base.dit, cond=cond, uncond=uncond, cfg_scale=cfg_scale)
+        sampler = Sampler(base.dit, sigmas, cond, uncond, cfg_scale)
+        completions = []  # each candidate's ODE completion (the lookahead rule's), judged below
+        SCORES["lookahead"](lambda states, sigma, owners: completions.append(states) or sigma, step, i, rows,
+                            sampler)
         completed, owners = completions[0], rows.repeat_interleave(k)
         truth = base.judge(base.to_images(base.finish(completed)), [prompts[o] for o in owners.tolist()])["gold"]
         truth = truth.float().view(len(prompts), k).cpu()
         for score in by_step:
-            scores, _ = score_candidates(reward, step, sigmas, i, rows, score=score)
+            scores, _ = SCORES[score](reward, step, i, rows, sampler)
             rho = spearman(scores.cpu(), truth)
             by_step[score].append((rho.mean().item(), rho.std().item() / math.sqrt(len(rho))))
         x = step.candidates[rows, torch.randint(k, (len(prompts),), generator=g).to(device)]

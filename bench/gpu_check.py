@@ -29,6 +29,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
+import train_ops
 import train_policy
 from base import load_base
 from bench.sd3_memory import Shapes, grpo_update, peak
@@ -40,7 +41,7 @@ from model import compile_regions, in_chunks
 @dataclass
 class Config(train_policy.Config):
     trajectories: int = 4
-    group_size: int = 2
+    per_prompt: int = 2
     k: int = 2
     steps: int = 4
     minibatches: int = 1
@@ -78,15 +79,15 @@ def main(cfg):
     prompts = base.train_prompts(cfg.prompts)
     base.prepare(prompts, f"{cfg.out_dir}/cache")
     eager_cfg = replace(cfg, compile=False)  # compiled below, after the eager checks
-    models = train_policy.build_models(eager_cfg, base, device, ranks)
-    policy, _, _, drm, drm_text, optimizer = models
-    rng = train_policy.streams(cfg.seed, 1)
+    models = train_ops.build_models(eager_cfg, base, device, ranks)
+    policy, drm, drm_text, optimizer = models.policy, models.drm, models.drm_text, models.optimizer
+    rng = train_ops.streams(cfg.seed, 1)
     generator = torch.Generator().manual_seed(cfg.seed)  # this check's own draws
     gpu = device.type == "cuda"
     results = []  # (check, measured, limit, passed)
 
     # 1. the rollout replayed: the importance ratio before any update
-    trajectories, _, scorer = train_policy.draw_rollout(cfg, base, policy, drm, drm_text, prompts, rng, ranks, step=1)
+    trajectories, _, scorer = train_policy.rollout(cfg, models, base, prompts, rng, ranks, step=1)
     T, B, k = trajectories.candidates.shape[:3]
     advantages = torch.randn(T, B, k, generator=generator).to(device)  # any advantages: every pair pulls
     trained_steps = [i for i in range(T) if trajectories.trained[i].any()]

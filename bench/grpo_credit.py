@@ -18,7 +18,6 @@ thread each, so wall times compare between modes. Writes OUT_DIR/<experiment>.md
 (needs matplotlib, which the rest does not).
 """
 import json
-import math
 import os
 import subprocess
 import sys
@@ -37,7 +36,7 @@ MODES = {
     "stepwise, x0 score": "--credit=stepwise --score=x0",
     "stepwise, lookahead score": "--credit=stepwise --score=lookahead --eval_every=5",
     "sparse": "--credit=sparse",
-    "sparse, Flow-GRPO's recipe": f"--credit=sparse --trajectories=48 --group_size=24 --group_std=global {KL} "
+    "sparse, Flow-GRPO's recipe": f"--credit=sparse --trajectories=48 --per_prompt=24 --group_std=global {KL} "
                                   "--eval_every=5",
     "cosine": "--credit=cosine",
     "tree": "--credit=tree --trajectories=64 --eval_every=5",

@@ -21,13 +21,14 @@ from dataclasses import dataclass
 
 import torch
 
-from base import ToyBase
+from data.toy import ToyBase
 from common import UserError, autocast, pick_device, print_config, run_main
 from data.world import TRAIN_PROMPTS
 from grpo import grpo_loss, sample_rollout, stepwise_advantages
 from model import PRESETS, add_lora, build_dit, compile_regions, in_chunks
 from reward import DRM
-from sample import initial_noise, sigma_schedule
+from sample import initial_noise
+from sde import sigma_schedule
 
 
 @dataclass

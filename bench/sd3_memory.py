@@ -28,10 +28,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
 from common import UserError, count_flops, print_config, run_main
-from grpo import grpo_loss, propose, sample_rollout
+from grpo import grpo_loss, sample_rollout
+from sde import propose
 from model import PRESETS, DiTConfig, add_lora, build_dit, guided_velocity, in_chunks
 from reward import DRM, bradley_terry_loss
-from sample import sigma_schedule
+from sde import sigma_schedule
 from sd3.text import CLIPConfig, CLIPTextEncoder, T5Config, T5Encoder, sd3_prompt_embedding
 from sd3.vae import VAE
 
@@ -306,8 +307,8 @@ def main(cfg):
 def memory_table(cfg):
     rows = [
         ("every SD3 run's start: 8 prompts embedded (DiT, VAE, CLIP-L, CLIP-G, T5-XXL loaded)", embedding_prompts()),
-        ("`sample.py --n=4`, 1024 px: a guided step, then the VAE decodes", sampling(sd35(1024, cfg), 4)),
-        ("`sample.py --search=stepwise --k=4 --n=4`, 1024 px", sampling(sd35(1024, cfg), 4, k=4)),
+        ("`sample.py --images=4`, 1024 px: a guided step, then the VAE decodes", sampling(sd35(1024, cfg), 4)),
+        ("`sample.py --search=stepwise --k=4 --images=4`, 1024 px", sampling(sd35(1024, cfg), 4, k=4)),
         ("`train_reward.py --batch_size=16 --grad_checkpointing`, 512 px", reward_training(sd35(512, cfg), 16, True)),
         ("`train_reward.py --batch_size=16`, 512 px", reward_training(sd35(512, cfg), 16, False)),
     ]

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 import sample
-from base import ToyBase
+from data.toy import ToyBase
 from bench.stats import SD35_MEDIUM_DRM_COST, clustered, verdict
 from common import (UserError, check_at_least, check_choice, check_numbers, count_flops, parse_numbers, pick_device,
                     print_config, run_main)
@@ -274,7 +274,7 @@ def main(cfg):
               + compare(rows, curves, clusters, sample_passes, SD35_MEDIUM_DRM_COST))
     print(judged)
     with open(cfg.out + ".json", "w") as f:
-        json.dump({"config": vars(cfg), "drm_cost": cost, "drm_seconds": seconds, "rows": rows,
+        json.dump({"config": dataclasses.asdict(cfg), "drm_cost": cost, "drm_seconds": seconds, "rows": rows,
                    "best_of": {n: curves[n].tolist() for n in curves}}, f, indent=1)
     with open(cfg.out + ".md", "w") as f:
         f.write(f"{head}\n\n{table}\n\n{curve_table}\n\n{judged}\n")

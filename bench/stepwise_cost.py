@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from base import ToyBase
+from data.toy import ToyBase
 from common import pick_device, print_config, run_main
 from data.world import HELDOUT_PROMPTS
 from sample import initial_noise, stepwise_sample

@@ -3,7 +3,7 @@
     python -m bench.sweep --grid="credit=stepwise,sparse" --seeds=0,1 \
         --args="--updates=10 --eval_every=5 --eval_per_prompt=4"              # train_policy.py, metric gold
     python -m bench.sweep --script=train_reward.py --grid="head=conv,token;drop_last=1,3" --seeds=0,1,2 \
-        --metric=test.0.5.gold_accuracy --args="--steps=300 --eval_every=100"
+        --metric=test.0.5.gold_accuracy --args="--train_steps=300 --eval_every=100"
 
 Every run is `python SCRIPT --out_dir=OUT/<setting>/seed<s> --seed=s --<flag>=<value> ... ARGS`, one after the
 other; the metric is read from the run's metrics.jsonl (nested keys joined by dots: train_reward's

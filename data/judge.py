@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import load_module, read_checkpoint, save_checkpoint
+from checkpoints import load_module, read_checkpoint, save_checkpoint
 from data.world import DATA_DIR, SLANT_EDGES, THICKNESS_EDGES, load_world, measure_attributes, parse_prompt
 
 JUDGE_PATH = os.path.join(DATA_DIR, "judge.safetensors")

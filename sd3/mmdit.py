@@ -15,8 +15,10 @@ import re
 import torch
 from safetensors.torch import load_file, save_file
 
-from common import CheckpointError, assign_from_files, atomic_write, check_keys, read_safetensors_header, read_tensor
+from checkpoints import CheckpointError, atomic_write, check_keys, read_safetensors_header, read_tensor
 from model import DiTConfig, build_dit, export_state_dict
+from sd3.streaming import assign_from_files
+
 
 # -----------------------------------------------------------------------------
 # Public SD3 / SD3.5 weights. Our module names are Stability's keys, so their
@@ -245,8 +247,8 @@ def is_official_drm(entries):
 
 
 def read_official_drm(path, entries, dtype=None, drop_last=None):
-    """-> (DRM, meta) of the DRM repository's file; drop_last from its table by depth unless given."""
-    from reward import DRM  # the plumbing serves the reward model, not the other way round
+    """The DRM repository's file -> (its DiT, cut after depth - drop_last blocks, its head's tensors {name: tensor},
+    meta); drop_last from its table by depth unless given (reward.read_drm builds the DRM)."""
     transformer = {k[len("transformer."):]: v for k, v in entries.items() if k.startswith("transformer.")}
     plan, layout, unexpected = _plan_from_entries(transformer)
     depth = dit_config_from_shapes({k: _shape(v) for k, v in plan.items()}, path).depth
@@ -255,15 +257,11 @@ def read_official_drm(path, entries, dtype=None, drop_last=None):
         raise CheckpointError(f"{path}: a DRM repository file of a {depth}-block transformer; its table knows 24 "
                               "(drop 3) and 38 (drop 5): say how many blocks it cut with drop_last")
     dit = _dit_from_plan(plan, layout, unexpected, path, dtype, keep_blocks=depth - drop_last)
-    head = {k[len("reward_output."):]: v for k, v in entries.items() if k.startswith("reward_output.")}
-    name = {3: "2BConvGN", 5: "7BConvGN"}.get(drop_last, "2BConvGN")
-    drm = DRM(dit, drop_last, head=name)
-    check_keys({k: v.shape for k, v in drm.head.state_dict().items()}, {k: v.shape for k, v in head.items()}, path,
-               f"the DRM repository's head ({name}: convs 256, 512, 512, GroupNorm(32), MLP 512)")
-    drm.head.load_state_dict({k: read_tensor(v) for k, v in head.items()})
-    meta = {"kind": "drm", "layout": "official", "drop_last": drop_last, "head": name, "model": "sd3",
-            "text_config": None, "t5_tokens": 512, "dit_config": dataclasses.asdict(dit.config)}
-    return drm, meta
+    head = {k[len("reward_output."):]: read_tensor(v) for k, v in entries.items() if k.startswith("reward_output.")}
+    meta = {"kind": "drm", "layout": "official", "drop_last": drop_last, "model": "sd3", "text_config": None,
+            "head": {3: "2BConvGN", 5: "7BConvGN"}.get(drop_last, "2BConvGN"), "t5_tokens": 512,
+            "dit_config": dataclasses.asdict(dit.config)}
+    return dit, head, meta
 
 
 def official_drm_tensors(drm, skipped_blocks):

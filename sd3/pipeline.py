@@ -26,7 +26,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from common import CheckpointError, UserError, atomic_write, frozen_dtype, read_text
+from checkpoints import CheckpointError, atomic_write
+from common import UserError, frozen_dtype, read_prompts, read_text
 from model import PRESETS, build_dit
 from reward import read_drm, save_drm
 from sd3.mmdit import fold_lora, load_sd3, save_lora, save_sd3
@@ -226,13 +227,6 @@ class SD3Base:
         dit = build_dit(config, device="meta")
         dit.load_state_dict(state, assign=True)
         save_sd3(dit, os.path.join(out_dir, "transformer"))
-
-
-def read_prompts(path, flag):
-    prompts = [line.strip() for line in read_text(path, flag).splitlines() if line.strip()]
-    if not prompts:
-        raise UserError(f"{flag}{path} holds no prompt; write one prompt per line")
-    return prompts
 
 
 def load_text(cfg, dtype, device, context_dim):

@@ -19,7 +19,7 @@ import unicodedata
 
 import torch
 
-from common import CheckpointError
+from checkpoints import CheckpointError
 
 
 def bytes_to_unicode():

@@ -20,7 +20,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import CheckpointError, assign_from_files, check_keys, read_safetensors_header
+from checkpoints import CheckpointError, check_keys, read_safetensors_header
+from sd3.streaming import assign_from_files
 
 # -----------------------------------------------------------------------------
 # The autoencoder

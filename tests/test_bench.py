@@ -82,7 +82,7 @@ def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
     assert checks["ratio, the rollout's own batches: max abs(ratio - 1)"].split(" | ")[1] == "0"
     memory = next(line for name, line in checks.items() if name.startswith("one update step's peak memory"))
     assert float(memory.split(" | ")[1]) < 0.01  # fake tensors allocate what real ones do
-    failed = run_gpu_check("--clip_range=1e-9", "--trajectories=2", "--group_size=2", "--steps=2")
+    failed = run_gpu_check("--clip_range=1e-9", "--trajectories=2", "--per_prompt=2", "--steps=2")
     assert failed.returncode == 1 and "**FAIL**" in failed.stdout and "check(s) failed" in failed.stdout
     assert "ratio, the rollout's own batches: max abs(ratio - 1) | 0 | 0 | pass" in failed.stdout
 

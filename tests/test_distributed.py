@@ -77,7 +77,7 @@ def test_ddp_reward_step_equals_one_process(tmp_path):
     ("tree", 2, ["--split_steps=0", "--sde_window=0:1"]),                   # a tree of 2 leaves a rank, a window
     ("sparse", 4, ["--loss_batch=3", "--minibatches=1"])])                  # pieces of 3 pairs: 2 ranks, uneven
 def test_ddp_policy_update_equals_one_process(tmp_path, credit, k, extra):
-    args = ["--updates=1", "--trajectories=4", f"--k={k}", f"--group_size={k}", f"--credit={credit}", "--steps=2", "--eval_every=1",
+    args = ["--updates=1", "--trajectories=4", f"--k={k}", f"--per_prompt={k}", f"--credit={credit}", "--steps=2", "--eval_every=1",
             "--eval_per_prompt=1", "--eval_steps=2", *extra]
     run("train_policy.py", *args, f"--out_dir={tmp_path / 'one'}")
     run("train_policy.py", *args, f"--out_dir={tmp_path / 'two'}", processes=2)
@@ -91,28 +91,31 @@ def test_ddp_policy_update_equals_one_process(tmp_path, credit, k, extra):
 
 
 def one_update(args):
-    """A real update's rollout and advantages (train_policy's own functions) -> (cfg, policy, rollout, advantages)."""
+    """A real update's rollout and advantages (train_policy's own functions) -> (cfg, models, rollout, advantages)."""
+    import train_ops
     import train_policy
     from base import load_base
     from common import Ranks, parse_flags
-    from grpo import credit_advantages
+    from rivals.credit import CREDIT, settings
     cfg = parse_flags(train_policy.Config(), args + ["--grad_clip=1e9"])  # no clipping: the raw gradient
     torch.manual_seed(cfg.seed)
     base = load_base(cfg, torch.device("cpu"))
-    policy, _, _, drm, drm_text, _ = train_policy.build_models(cfg, base, torch.device("cpu"), Ranks())
-    rollout, final_rewards, _ = train_policy.draw_rollout(cfg, base, policy, drm, drm_text, base.train_prompts(""),
-                                                         train_policy.streams(cfg.seed, 1), Ranks(), step=1)
-    advantages = credit_advantages(cfg.credit, rollout, final_rewards, cfg.group_size, rows=slice(0, cfg.trajectories))
-    return cfg, policy, rollout, advantages
+    models = train_ops.build_models(cfg, base, torch.device("cpu"), Ranks())
+    rollout, final_rewards, _ = train_policy.rollout(cfg, models, base, base.train_prompts(""),
+                                                     train_ops.streams(cfg.seed, 1), Ranks(), step=1)
+    advantages = CREDIT[cfg.credit].advantages(rollout, final_rewards, settings(cfg), slice(0, cfg.trajectories))
+    return cfg, models, rollout, advantages
 
 
 def gradient(cfg, policy, rollout, advantages, loss_batch=0):
     """The gradient train_policy.update leaves on the policy (one minibatch; SGD at lr 0 moves nothing)."""
+    import train_ops
     import train_policy
+    from common import Ranks
     params = [p for p in policy.parameters() if p.requires_grad]
-    train_policy.update(dataclasses.replace(cfg, loss_batch=loss_batch), policy, torch.optim.SGD(params, lr=0.0), None,
-                        rollout, advantages, slice(0, cfg.trajectories), torch.Generator().manual_seed(5), step=1,
-                        advice="")
+    models = train_ops.Models(policy, policy, None, None, None, torch.optim.SGD(params, lr=0.0))
+    train_policy.update(dataclasses.replace(cfg, loss_batch=loss_batch), models, rollout, advantages,
+                        train_ops.streams(5, 1), Ranks(), step=1, advice="")
     return torch.cat([p.grad.double().flatten() for p in params])
 
 
@@ -127,7 +130,7 @@ def rounding_over_std(policy, exact_policy, rollout):
     """float32's prediction of a gradient's relative rounding: the log-prob's gradient carries (x_next - mean) / std^2,
     so the mean's rounding (float32 against float64, measured here) over the step's std, the largest over the
     trained steps."""
-    from grpo import sde_mean_std
+    from sde import sde_mean_std
     from model import guided_velocity
     wide, worst = in_float64(rollout), 0.0
     for t in rollout.trained.any(1).nonzero().flatten().tolist():
@@ -157,8 +160,9 @@ def test_loss_pieces_add_up_to_the_whole_minibatch_to_float32s_rounding(trained)
     two layouts, by at most the sum of theirs: so 3x the prediction for one, 6x for two. The last step, trained alone
     (--train_last_step), rounds ~25x worse than the default's steps: its std is 7e-4, not 0.7."""
     extra = ["--sde_window=1:2", "--train_last_step"] if trained == "last step alone" else []
-    cfg, policy, rollout, advantages = one_update(["--trajectories=4", "--group_size=4", "--credit=sparse", "--steps=2",
+    cfg, models, rollout, advantages = one_update(["--trajectories=4", "--per_prompt=4", "--credit=sparse", "--steps=2",
                                                   "--minibatches=1", *extra])
+    policy = models.policy
     assert rollout.trained.any(1).tolist() == ([False, True] if extra else [True, False])
     exact_policy = copy.deepcopy(policy).double()
     exact = gradient(cfg, exact_policy, in_float64(rollout), advantages.double())
@@ -190,7 +194,7 @@ def test_fsdp_lora_update_equals_one_process(tmp_path):
 @pytest.mark.ex1_flow_matching
 def test_ddp_base_steps_equal_one_process(tmp_path):
     """train_base.py too: 3 steps on 2 processes end where one process ends (weights relative to their norm)."""
-    args = ["train_base.py", "--steps=3", "--batch_size=8", "--eval_every=3", "--eval_per_prompt=1", "--warmup=1"]
+    args = ["train_base.py", "--train_steps=3", "--batch_size=8", "--eval_every=3", "--eval_per_prompt=1", "--warmup=1"]
     run(*args, f"--out_dir={tmp_path / 'one'}")
     run(*args, f"--out_dir={tmp_path / 'two'}", processes=2)
     single, ddp = (torch.load(tmp_path / name / "train_state.pt", weights_only=False)["net"] for name in ("one", "two"))
@@ -202,7 +206,7 @@ def test_ddp_base_steps_equal_one_process(tmp_path):
 @pytest.mark.ex1_flow_matching
 def test_sigterm_then_resume_equals_one_uninterrupted_run(tmp_path):
     """A real SIGTERM to a training process mid-run: it saves and leaves; --resume ends where a straight run ends."""
-    args = ["train_base.py", "--steps=40", "--batch_size=4", "--eval_every=10", "--eval_per_prompt=1", "--warmup=2"]
+    args = ["train_base.py", "--train_steps=40", "--batch_size=4", "--eval_every=10", "--eval_per_prompt=1", "--warmup=2"]
     run(*args, f"--out_dir={tmp_path / 'straight'}")
     state = tmp_path / "stopped" / "train_state.pt"
     process = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path / 'stopped'}"], cwd=ROOT, env=ENV,

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 import train_reward
 from reward import read_drm

@@ -19,7 +19,8 @@ import sample
 import train_base
 import train_policy
 import train_reward
-from common import UserError, read_checkpoint, run_main
+from common import UserError, run_main
+from checkpoints import read_checkpoint
 from conftest import tiny_preferences
 
 TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
@@ -53,7 +54,7 @@ def test_a_diverged_update_is_never_saved_and_the_advice_works(case, tmp_path, c
         module = train_reward
         tiny = [f"--prefs={tmp_path / 'prefs'}", "--batch_size=8", "--eval_every=1", "--eval_noise_draws=1", "--warmup=1",
                 f"--out_dir={out}"]
-        run_main(module.main, module.Config, [*tiny, "--steps=1"])
+        run_main(module.main, module.Config, [*tiny, "--train_steps=1"])
     good = files(out)
     # the learning rate of 1e30 writes weights near 1e30: the evaluation after that update is NaN
     diverging = ["--lr=1e30", "--updates=3"] if case == "policy" else ["--lr=1e30", "--head_lr=1e30", "--steps=3"]
@@ -67,7 +68,7 @@ def test_a_diverged_update_is_never_saved_and_the_advice_works(case, tmp_path, c
     assert all(r["step"] <= 1 for r in rows)                                             # no NaN row was logged
     # as the message says: a lower --lr and --resume continue from the last good checkpoint
     capsys.readouterr()
-    run_main(module.main, module.Config, [*tiny, "--resume", "--updates=2" if case == "policy" else "--steps=2"])
+    run_main(module.main, module.Config, [*tiny, "--resume", "--updates=2" if case == "policy" else "--train_steps=2"])
     assert "resume: --lr" not in capsys.readouterr().out  # the default --lr is the run's: nothing changed
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 2
@@ -158,12 +159,12 @@ def test_reward_resume_refuses_another_init(tmp_path):
     tiny = [f"--prefs={tmp_path / 'prefs'}", "--batch_size=8", "--eval_every=1", "--eval_noise_draws=1", "--warmup=1",
             "--steps=1", f"--out_dir={tmp_path / 'run'}"]
     run_main(train_reward.main, train_reward.Config, tiny)
-    line = error_line(train_reward, *tiny, "--resume", "--init=scratch", "--steps=2")
+    line = error_line(train_reward, *tiny, "--resume", "--init=scratch", "--train_steps=2")
     assert "--init=scratch (the run has pretrained)" in line
 
 
 def test_a_saved_config_from_another_version_is_named(tmp_path):
-    from common import check_resumed_config
+    from checkpoints import check_resumed_config
     with pytest.raises(UserError, match="flags this version does not know \\(temperature\\)"):
         check_resumed_config({"temperature": 2.0}, train_policy.Config(), train_policy.MAY_CHANGE)
     check_resumed_config({}, train_policy.Config(), train_policy.MAY_CHANGE)  # a flag added since: at its default, fine
@@ -221,7 +222,7 @@ def test_bad_preference_images_are_named(case, tmp_path):
         says = "3.png is a folder, not an image"
     test = (tmp_path / "prefs" / "test.jsonl").read_text()
     (tmp_path / "prefs" / "test.jsonl").write_text(test.replace('"images/', '"images/').replace("0.png", "3.png", 1))
-    line = error_line(train_reward, f"--prefs={tmp_path / 'prefs'}", "--steps=1", f"--out_dir={tmp_path / 'run'}")
+    line = error_line(train_reward, f"--prefs={tmp_path / 'prefs'}", "--train_steps=1", f"--out_dir={tmp_path / 'run'}")
     assert says in line
 
 
@@ -230,7 +231,7 @@ def test_preference_images_of_the_wrong_size_for_the_model_are_named(tmp_path):
     tiny_preferences(tmp_path / "prefs")
     for i in range(8):
         Image.new("L", (28, 28)).save(tmp_path / "prefs" / "images" / f"{i}.png")
-    line = error_line(train_reward, f"--prefs={tmp_path / 'prefs'}", "--steps=1", f"--out_dir={tmp_path / 'run'}")
+    line = error_line(train_reward, f"--prefs={tmp_path / 'prefs'}", "--train_steps=1", f"--out_dir={tmp_path / 'run'}")
     assert "the preference images are 28x28 pixels, the model's 32x32" in line
 
 
@@ -259,7 +260,7 @@ def test_bad_files_are_named(case, says, tmp_path):
             text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
             data[8:8 + n] = text[:n] if len(text) <= n else pytest.fail("header grew")
             path.write_bytes(bytes(data))
-        line = error_line(sample, f"--base={path}", "--n=1", "--steps=1", f"--out={tmp_path / 'x.png'}")
+        line = error_line(sample, f"--base={path}", "--images=1", "--steps=1", f"--out={tmp_path / 'x.png'}")
     assert says in line and str(tmp_path) in line
 
 

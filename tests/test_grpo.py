@@ -5,10 +5,12 @@ import pytest
 import torch
 
 from conftest import random_prompts as prompts, random_small_dit as random_dit
-from grpo import (cosine_advantages, cosine_weights, credit_advantages, grpo_loss, sample_rollout, sample_tree, sde_step,
-                  stepwise_advantages, terminal_advantages)
+from rivals.credit import cosine_advantages, cosine_weights, sample_tree, terminal_advantages
+from grpo import grpo_loss, sample_rollout, stepwise_advantages
+from rivals.credit import CREDIT, Settings
+from sde import sde_step
 from model import guided_velocity
-from sample import sigma_schedule
+from sde import sigma_schedule
 
 
 @pytest.mark.ex3_sde_step
@@ -118,9 +120,10 @@ def test_a_default_rollout_samples_the_last_step_but_never_trains_it():
 
 @pytest.mark.ex3_sde_step
 def test_what_the_drm_scores_noisy_x0_and_lookahead():
-    """score_candidates against the quantities written out: noisy sees x_next at sigma_next, x0 sees x_next - sigma_next v
+    """The scoring rules against the quantities written out: noisy sees x_next at sigma_next, x0 sees x_next - sigma_next v
     at 0 (at noise level 0, the state's own x0_hat), lookahead sees a plain Euler loop from x_next to 0."""
-    from grpo import propose, score_candidates
+    from rivals.scores import SCORES
+    from sde import Sampler, propose
     policy, B, k, i = random_dit(), 2, 3, 1
     cond, uncond = prompts(B, 1), prompts(B, 2)
     sigmas, x = sigma_schedule(4), torch.randn(B, 1, 16, 16)
@@ -128,20 +131,19 @@ def test_what_the_drm_scores_noisy_x0_and_lookahead():
     reward = lambda x, sigma, rows: seen.append((x, sigma, rows)) or x.flatten(1).mean(1)  # noqa: E731
     step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0, noise_level=0.7, k=k,
                    generator=torch.Generator().manual_seed(0))
-    rows = torch.tensor([1, 0])
-    options = dict(policy=policy, cond=cond, uncond=uncond, cfg_scale=2.0)
-    scores, spent = score_candidates(reward, step, sigmas, i, rows, score="noisy", **options)
+    rows, sampler = torch.tensor([1, 0]), Sampler(policy, sigmas, cond, uncond, 2.0)
+    scores, spent = SCORES["noisy"](reward, step, i, rows, sampler)
     assert spent == 0 and torch.equal(seen[-1][0], step.candidates.flatten(0, 1))
     assert torch.equal(seen[-1][1], sigmas[i + 1].expand(B * k)) and seen[-1][2].tolist() == [1, 1, 1, 0, 0, 0]
     assert torch.equal(scores, step.candidates.flatten(2).mean(2))
     velocity = guided_velocity(policy, x, sigmas[i], cond, uncond, 2.0)
-    score_candidates(reward, step, sigmas, i, rows, score="x0", **options)
+    SCORES["x0"](reward, step, i, rows, sampler)
     assert torch.allclose(seen[-1][0], (step.candidates - sigmas[i + 1] * velocity.unsqueeze(1)).flatten(0, 1), atol=1e-6)
     assert (seen[-1][1] == 0).all()
     euler = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0, noise_level=0.0)
-    score_candidates(reward, euler, sigmas, i, rows, score="x0", **options)
+    SCORES["x0"](reward, euler, i, rows, sampler)
     assert torch.allclose(seen[-1][0], euler.x0_hat, atol=1e-5)
-    _, spent = score_candidates(reward, step, sigmas, i, rows, score="lookahead", **options)
+    _, spent = SCORES["lookahead"](reward, step, i, rows, sampler)
     completed = step.candidates.flatten(0, 1)
     context, empty = (tuple(t.repeat_interleave(k, 0) for t in pair) for pair in (cond, uncond))
     for j in (2, 3):
@@ -190,11 +192,11 @@ def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
     policy, B = random_dit(), 4
     rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), prompts(B), None, sigma_schedule(6), noise_level=0.7)
     final_rewards = torch.tensor([0.0, 1.0, 5.0, 2.0])
-    sparse = credit_advantages("sparse", rollout, final_rewards, 2)
+    sparse = CREDIT["sparse"].advantages(rollout, final_rewards, Settings(per_prompt=2))
     assert sparse.shape == (6, B, 1)
     assert torch.equal(sparse[0, :, 0], terminal_advantages(final_rewards, 2))  # the group-normalised terminal reward
     assert torch.equal(sparse[0], sparse[-1])
-    cosine = credit_advantages("cosine", rollout, final_rewards, 2, adv_clip=0.5)
+    cosine = CREDIT["cosine"].advantages(rollout, final_rewards, Settings(per_prompt=2, adv_clip=0.5))
     expected = cosine_advantages(cosine_weights(rollout.x0_hat, rollout.final), final_rewards, 2, 0.5)
     assert cosine.shape == (6, B, 1) and torch.equal(cosine[..., 0], expected)
     # under torchrun a rank holds some of the trajectories: it gathers every rank's weights, keeps its own rows
@@ -206,10 +208,8 @@ def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
         def gather(weights):
             assert torch.equal(weights, everyone[rows])
             return everyone
-        return credit_advantages("cosine", mine, final_rewards, 2, adv_clip=0.5, rows=rows, gather=gather)
+        return CREDIT["cosine"].advantages(mine, final_rewards, Settings(per_prompt=2, adv_clip=0.5), rows, gather)
     assert torch.equal(torch.cat([on_rank(slice(0, 2)), on_rank(slice(2, 4))], dim=1), cosine)
-    with pytest.raises(ValueError, match="credit"):
-        credit_advantages("dense", rollout, final_rewards, 2)
 
 
 @pytest.mark.ex1_flow_matching
@@ -219,7 +219,7 @@ def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
 def test_short_stepwise_training_raises_the_drm_score():
     """Step-wise GRPO on the shipped base model and DRM, a few updates with a large step: the DRM's mean score of
     ODE samples of fixed noise on the training prompts goes up."""
-    from base import ToyBase
+    from data.toy import ToyBase
     from data.world import TRAIN_PROMPTS
     from sample import sample_ode
     torch.manual_seed(0)
@@ -246,7 +246,7 @@ def test_short_stepwise_training_raises_the_drm_score():
     for _ in range(6):
         rollout = sample_rollout(policy.eval(), torch.randn(len(chosen), 1, 32, 32, generator=g), cond, None, sigmas,
                                  noise_level=0.7, k=4, reward=reward, generator=g)
-        advantages = credit_advantages("stepwise", rollout)
+        advantages = stepwise_advantages(rollout.rewards)
         pairs = torch.arange(4 * len(chosen))
         loss, _ = grpo_loss(policy.train(), rollout, advantages, pairs // len(chosen), pairs % len(chosen),
                             clip_range=0.2)

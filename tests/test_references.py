@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from sample import sample_ode, sigma_schedule
+from sample import sample_ode
+from sde import sigma_schedule
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -144,7 +145,7 @@ def trajectories_towards(final, T, seed):
 
 @pytest.mark.parametrize("T, window", [(10, 5), (20, 5), (12, 4), (10, 1)])
 def test_cosine_weights_are_cocas(T, window):
-    from grpo import cosine_weights
+    from rivals.credit import cosine_weights
     final = torch.randn(6, 2, 4, 4, generator=torch.Generator().manual_seed(T), dtype=torch.float64)
     x0_hat = trajectories_towards(final, T, seed=window)
     theirs = coca_weights(x0_hat, final, window).T                                   # (T, B)
@@ -154,7 +155,7 @@ def test_cosine_weights_are_cocas(T, window):
 
 
 def test_cosine_weights_where_cocas_code_has_no_answer():
-    from grpo import cosine_weights
+    from rivals.credit import cosine_weights
     final = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     # T = 7 with windows of 5: CoCA's view() fails; ours: windows of 5 and 2, each divided by its own size
     x0_hat = trajectories_towards(final, 7, seed=1)
@@ -177,7 +178,7 @@ def test_cosine_weights_where_cocas_code_has_no_answer():
 @pytest.mark.ex4_grpo
 @pytest.mark.parametrize("adv_clip", [5.0, 0.6])
 def test_cosine_advantages_follow_cocas_two_normalisations(adv_clip):
-    from grpo import cosine_advantages, cosine_weights
+    from rivals.credit import cosine_advantages, cosine_weights
     T, prompts, group = 10, 3, 4
     g = torch.Generator().manual_seed(2)
     final = torch.randn(prompts * group, 1, 4, 4, generator=g, dtype=torch.float64)
@@ -206,7 +207,8 @@ def flow_grpo_group_advantages(prompts, rewards):
 
 @pytest.mark.ex4_grpo
 def test_group_advantages_are_flow_grpos():
-    from grpo import stepwise_advantages, terminal_advantages
+    from grpo import stepwise_advantages
+    from rivals.credit import terminal_advantages
     g = torch.Generator().manual_seed(0)
     rewards = torch.randn(12, generator=g, dtype=torch.float64) * torch.tensor([0.01, 1.0, 7.0]).double().repeat_interleave(4)
     names = [f"p{i // 4}" for i in range(12)]

@@ -9,9 +9,10 @@ from PIL import Image
 
 import train_reward
 from common import UserError
-from data.preferences import read_pairs
+from data.pairs import read_pairs
 from model import DiTConfig, build_dit
-from reward import DRM, bradley_terry_loss, read_drm, save_drm, thurstone_loss
+from reward import DRM, bradley_terry_loss, read_drm, save_drm
+from rivals.reward import thurstone_loss
 
 SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=4, heads=2, context_dim=16,
                   pooled_dim=16, pos_embed_max_size=4, qk_norm=True)
@@ -151,7 +152,7 @@ def test_training_sigma_follows_the_chosen_density():
 def test_hpdv3_fields_and_the_confidence_threshold(tmp_path):
     """HPDv3's records may give choice_dist (votes for path1, path2) in place of confidence and name the two models;
     --min_confidence drops the training pairs below it, as the DRM repository's loader does, and no test pair."""
-    from base import ToyBase
+    from data.toy import ToyBase
     lines = [{**GOOD, "confidence": 0.97, "model1": "sd3", "model2": "flux"},
              {k: v for k, v in GOOD.items() if k != "confidence"} | {"choice_dist": [3, 1]},
              {k: v for k, v in GOOD.items() if k != "confidence"},

@@ -8,14 +8,19 @@ import math
 import pytest
 import torch
 
+import train_ops
 import train_policy
+from rivals.credit import CREDIT, Settings, window_at
 from common import run_main
 from conftest import random_prompts as prompts, random_small_dit as random_dit
-from grpo import (credit_advantages, gaussian_log_prob, grpo_loss, sample_rollout, sample_tree, sde_mean_std, take,
-                  tree_advantages)
+from grpo import grpo_loss, sample_rollout
+from sde import gaussian_log_prob, sde_mean_std, take
+from rivals.credit import sample_tree, tree_advantages
 from model import guided_velocity
-from reward import thurstone_loss, with_ensemble
-from sample import best_of_n, prune_sample, sample_ode, sigma_schedule, smc_sample, stepwise_sample
+from rivals.reward import thurstone_loss, with_ensemble
+from sample import best_of_n, sample_ode, stepwise_sample
+from rivals.search import prune_sample, smc_sample
+from sde import sigma_schedule
 from test_sample import Recorder
 
 TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
@@ -100,7 +105,7 @@ def test_credit_advantages_slice_a_ranks_trees():
     rewards = torch.randn(16)
     tree = type("Rollout", (), {"states": torch.zeros(6, 8)})()
     whole = tree_advantages(rewards, (0, 3), 2, T=6)
-    mine = credit_advantages("tree", tree, rewards, rows=slice(8, 16), tree=((0, 3), 2, "depth"))
+    mine = CREDIT["tree"].advantages(tree, rewards, Settings(split_steps=(0, 3), branch=2), slice(8, 16))
     assert torch.equal(mine, whole[:, 8:16])
 
 # -----------------------------------------------------------------------------
@@ -147,7 +152,7 @@ def test_a_window_trains_exactly_the_steps_inside_it(credit, window, splits, las
         return grpo_loss(policy, rollout, advantages, step_ids, rows, **settings)
     monkeypatch.setattr(train_policy, "grpo_loss", spy)
     a, b = map(int, window.split(":"))
-    args = ["--steps=4", "--trajectories=8", "--k=2", "--group_size=4", "--updates=1", "--eval_every=1",
+    args = ["--steps=4", "--trajectories=8", "--k=2", "--per_prompt=4", "--updates=1", "--eval_every=1",
             "--eval_per_prompt=1", "--eval_steps=2", f"--credit={credit}", f"--sde_window={window}",
             f"--split_steps={splits or '0'}", f"--train_last_step={last}", f"--out_dir={tmp_path}"]
     run_main(train_policy.main, train_policy.Config, args)
@@ -192,7 +197,7 @@ def test_smc_resamples_on_fk_steerings_interval():
     """fkd_class.py's rule: np.arange(resampling_t_start, resampling_t_end + 1, resample_frequency) and the last step;
     its launch scripts' settings, and ours scaled to 20 steps; on a hand-made run, the DRM scores those steps alone."""
     fk = lambda steps, every, start, end: sorted(set(range(start, end + 1, every)) | {steps - 1})  # noqa: E731
-    from sample import resampling_steps
+    from rivals.search import resampling_steps
     for settings in ((100, 5, 5, 30), (100, 20, 20, 80), (20, 1, 1, 6), (20, 4, 4, 16)):
         assert resampling_steps(*settings) == fk(*settings)
     assert resampling_steps(20) == [1, 2, 3, 4, 5, 6, 19]
@@ -310,12 +315,13 @@ def test_two_credit_modes_draw_the_same_prompts_and_initial_noise():
     prompts = base.train_prompts("")
     starts = {}
     for name, args in (("stepwise", ["--credit=stepwise", "--k=2"]), ("sparse", ["--credit=sparse"]),
-                       ("tree", ["--credit=tree", "--split_steps=0", "--trajectories=2", "--group_size=2"])):
-        cfg = policy_config(*args, "--steps=2", "--trajectories=8", "--group_size=4") if name != "tree" else \
+                       ("tree", ["--credit=tree", "--split_steps=0", "--trajectories=2", "--per_prompt=2"])):
+        cfg = policy_config(*args, "--steps=2", "--trajectories=8", "--per_prompt=4") if name != "tree" else \
             policy_config(*args, "--steps=2")
         for update in (1, 2):
-            rollout, _, _ = train_policy.draw_rollout(cfg, base, base.dit, drm, drm_text, prompts,
-                                                      train_policy.streams(0, update), Ranks(), step=update)
+            models = train_ops.Models(base.dit, base.dit, None, drm, drm_text, None)
+            rollout, _, _ = train_policy.rollout(cfg, models, base, prompts, train_ops.streams(0, update), Ranks(),
+                                                 step=update)
             starts[name, update] = rollout.states[0], rollout.cond[0]
     for update in (1, 2):
         (noise, context), (noise2, context2) = starts["stepwise", update], starts["sparse", update]
@@ -323,7 +329,7 @@ def test_two_credit_modes_draw_the_same_prompts_and_initial_noise():
         tree_noise, tree_context = starts["tree", update]                    # one prompt, 2 leaves from one root
         assert torch.equal(tree_noise[0], noise[0]) and torch.equal(tree_context[0], context[0])
     assert not torch.equal(starts["sparse", 1][0], starts["sparse", 2][0])
-    assert train_policy.streams(0, 3).sde.initial_seed() != train_policy.streams(1, 3).sde.initial_seed()
+    assert train_ops.streams(0, 3).sde.initial_seed() != train_ops.streams(1, 3).sde.initial_seed()
 
 
 def test_windows_are_flow_grpo_fasts_and_mixgrpos():
@@ -331,26 +337,26 @@ def test_windows_are_flow_grpo_fasts_and_mixgrpos():
     inclusive) and slide:2:3 (MixGRPO's grpo_states.py: the start moves one step every 3 updates, the window cut at
     steps - 2, back to 0 past it), on 10 steps."""
     cfg = policy_config("--sde_window=random:3")
-    windows = [train_policy.window_at(cfg, u, train_policy.streams(0, u).window) for u in range(1, 61)]
+    windows = [window_at(cfg, u, train_ops.streams(0, u).window) for u in range(1, 61)]
     assert {w[0] for w in windows} == {0, 1, 2} and all(b - a == 3 for a, b in windows)
-    assert windows[4] == train_policy.window_at(cfg, 5, train_policy.streams(0, 5).window)   # a stream per update
+    assert windows[4] == window_at(cfg, 5, train_ops.streams(0, 5).window)   # a stream per update
     cfg = policy_config("--sde_window=slide:2:3")
     expected = []
     for update in range(1, 31):
         start = (update - 1) // 3
         start = start % 8                                                   # MixGRPO's roll back, past step 7
         expected.append((start, min(start + 2, 8)))
-    assert [train_policy.window_at(cfg, u, None) for u in range(1, 31)] == expected
+    assert [window_at(cfg, u, None) for u in range(1, 31)] == expected
     assert expected[21] == (7, 8) and expected[24] == (0, 2)
-    assert train_policy.window_at(policy_config("--sde_window=2:6"), 7, None) == (2, 6)
-    assert train_policy.window_at(policy_config(), 7, None) is None
+    assert window_at(policy_config("--sde_window=2:6"), 7, None) == (2, 6)
+    assert window_at(policy_config(), 7, None) is None
 
 
 @pytest.mark.ex4_grpo
 def test_global_std_is_flow_grpos_stat_tracker():
     """Flow-GRPO's stat_tracking.py with global_std=True: (r - the prompt's mean) / (np.std(all rewards) + 1e-4)."""
     import numpy as np
-    from grpo import terminal_advantages
+    from rivals.credit import terminal_advantages
     rewards = torch.randn(12, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.1]).repeat_interleave(4)
     r = rewards.numpy()
     theirs = np.concatenate([(r[i:i + 4] - r[i:i + 4].mean()) / (np.std(r) + 1e-4) for i in range(0, 12, 4)])
@@ -385,15 +391,15 @@ def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
     real_step = train_policy.grpo_step
 
     def counted(cfg, base, models, *args, **kwargs):
-        hooks = [models[0].register_forward_hook(lambda m, i, o: rows.__setitem__("dit", rows["dit"] + len(i[0]))),
-                 models[3].register_forward_hook(lambda m, i, o: rows.__setitem__("drm", rows["drm"] + len(i[0])))]
+        hooks = [models.policy.register_forward_hook(lambda m, i, o: rows.__setitem__("dit", rows["dit"] + len(i[0]))),
+                 models.drm.register_forward_hook(lambda m, i, o: rows.__setitem__("drm", rows["drm"] + len(i[0])))]
         try:
             return real_step(cfg, base, models, *args, **kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
     monkeypatch.setattr(train_policy, "grpo_step", counted)
-    args = ["--steps=3", "--trajectories=4", "--k=2", "--group_size=2", "--updates=2", "--eval_every=2",
+    args = ["--steps=3", "--trajectories=4", "--k=2", "--per_prompt=2", "--updates=2", "--eval_every=2",
             "--eval_per_prompt=1", "--eval_steps=2", f"--score={score}", f"--out_dir={tmp_path}"]
     run_main(train_policy.main, train_policy.Config, args)
     record = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]

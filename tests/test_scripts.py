@@ -11,14 +11,14 @@ from safetensors.torch import load_file, save_file
 
 import train_base
 from conftest import tiny_preferences
-from base import load_toy_base
-from common import CheckpointError, read_checkpoint
+from data.toy import load_toy_base
+from checkpoints import CheckpointError, read_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_base_config(out_dir, **overrides):
-    settings = dict(out_dir=str(out_dir), steps=4, batch_size=4, eval_every=2, eval_per_prompt=1, warmup=2)
+    settings = dict(out_dir=str(out_dir), train_steps=4, batch_size=4, eval_every=2, eval_per_prompt=1, warmup=2)
     return train_base.Config(**{**settings, **overrides})
 
 
@@ -51,7 +51,7 @@ def test_train_base_stopped_and_resumed_equals_one_uninterrupted_run(tmp_path, m
 @pytest.mark.ex1_flow_matching
 def test_export_writes_a_loadable_float16_copy(tmp_path):
     export = tmp_path / "shipped.safetensors"
-    ema = train_base.main(tiny_base_config(tmp_path / "run", steps=2, export=str(export)))
+    ema = train_base.main(tiny_base_config(tmp_path / "run", train_steps=2, export=str(export)))
     tensors, meta = read_checkpoint(str(export))
     assert meta["kind"] == "base" and tensors["dit.x_embedder.proj.weight"].dtype == torch.float16
     dit, _, _ = load_toy_base(str(export))
@@ -90,7 +90,7 @@ def run_script(*args):
     (["train_base.py", "--preset=huge"], "--preset=huge: choose one of"),
     (["train_base.py", "--resume", "--out_dir=no/such/run"], "train_state.pt does not exist"),
     (["train_policy.py", "--credit=dense"], "--credit=dense: choose one of stepwise, sparse, cosine"),
-    (["train_policy.py", "--credit=sparse", "--trajectories=6", "--group_size=4"], "must be a multiple of --group_size=4"),
+    (["train_policy.py", "--credit=sparse", "--trajectories=6", "--per_prompt=4"], "must be a multiple of --per_prompt=4"),
     (["train_policy.py", "--drm=data/base.safetensors"], "is not a drm checkpoint"),
     (["train_policy.py", "--follow=worst"], "--follow=worst: choose one of random, best"),
     (["train_policy.py", "--k=1"], "--k=1: must be at least 2"),
@@ -112,6 +112,10 @@ def run_script(*args):
     (["train_policy.py", "--credit=tree", "--split_steps=3,1"], "--split_steps=3,1: give increasing steps in [0, 9)"),
     (["train_policy.py", "--credit=tree", "--split_steps=0", "--sde_window=2:5"], "give increasing steps in [2, 5)"),
     (["train_policy.py", "--credit=tree", "--trajectories=12"], "--trajectories=12 must be a multiple of --branch^splits=16"),
+    (["train_reward.py", "--steps=3"], "--steps is now --train_steps: --train_steps=3"),
+    (["train_base.py", "--steps=3"], "--steps is now --train_steps: --train_steps=3"),
+    (["sample.py", "--n=3"], "--n is now --images: --images=3"),
+    (["train_policy.py", "--group_size=2"], "--group_size is now --per_prompt: --per_prompt=2"),
     (["train_policy.py", "--sde_window=random:9"], "--sde_window=random:9: n in [1, 5] for --steps=10"),
     (["train_policy.py", "--sde_window=slide:2:0"], "--sde_window=slide:2:0: n in [1, 8] for --steps=10, every >= 1"),
     (["train_policy.py", "--sde_window=slide:two"], "--sde_window=slide:two: give random:n or slide:n:every"),
@@ -137,7 +141,7 @@ def test_bad_input_gives_one_clear_line(args, says, tmp_path):
 @pytest.mark.ex3_sde_step
 def test_sample_cli_writes_a_grid(tmp_path):
     out = tmp_path / "grid.png"
-    result = run_script("sample.py", "--prompt=a thick 7 slanted right", "--n=4", "--steps=4", f"--out={out}")
+    result = run_script("sample.py", "--prompt=a thick 7 slanted right", "--images=4", "--steps=4", f"--out={out}")
     assert result.returncode == 0, result.stderr
     from PIL import Image
     assert Image.open(out).size == (4 * 34 * 2, 34 * 2)
@@ -188,9 +192,9 @@ def test_evaluation_guidance_is_its_own_flag(tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    pytest.param(["train_reward.py", "--lr=1e30", "--head_lr=1e30", "--steps=3", "--batch_size=8", "--eval_every=5",
+    pytest.param(["train_reward.py", "--lr=1e30", "--head_lr=1e30", "--train_steps=3", "--batch_size=8", "--eval_every=5",
                   "--warmup=1", "--prefs=PREFS"], marks=pytest.mark.ex2_drm),
-    pytest.param(["train_base.py", "--lr=1e30", "--steps=6", "--batch_size=4", "--eval_every=3", "--eval_per_prompt=1",
+    pytest.param(["train_base.py", "--lr=1e30", "--train_steps=6", "--batch_size=4", "--eval_every=3", "--eval_per_prompt=1",
                   "--warmup=1"], marks=pytest.mark.ex1_flow_matching),
     pytest.param(["train_policy.py", "--lr=1e30", "--updates=3", "--trajectories=4", "--k=2", "--steps=2",
                   "--eval_per_prompt=2", "--eval_steps=2", "--eval_every=5"], marks=EVERY_TRAINING_EXERCISE),
@@ -209,7 +213,7 @@ def a_base_of_another_size(path):
     """A base checkpoint whose DiT makes 16x16 images (a 4x4 position grid), not the DRM's 32x32."""
     from data.world import TextConfig, TextEncoder
     from model import DiTConfig, build_dit
-    from base import save_toy_base
+    from data.toy import save_toy_base
     dit = build_dit(DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=2, heads=1, context_dim=64,
                               pooled_dim=64, pos_embed_max_size=4))
     save_toy_base(str(path), dit, TextEncoder(TextConfig()), step=0)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common import CheckpointError
+from checkpoints import CheckpointError
 from model import add_lora
 from sd3.mmdit import fold_lora, load_sd3, save_lora, save_sd3
 

@@ -121,7 +121,7 @@ def preference_folder(folder, seed=0):
 def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path):
     flags = ["--model=sd3", f"--ckpt_dir={pipeline}", "--resolution=32", "--device=cpu"]
     samples = tmp_path / "samples.png"
-    out = run("sample.py", *flags, "--prompt=a red fox in the snow", "--n=2", "--steps=2", "--cfg_scale=3", f"--out={samples}")
+    out = run("sample.py", *flags, "--prompt=a red fox in the snow", "--images=2", "--steps=2", "--cfg_scale=3", f"--out={samples}")
     assert "2 images" in out
     grid = Image.open(samples)
     assert grid.mode == "RGB" and grid.size == (2 * (32 + 2) * 2, (32 + 2) * 2)  # 32 px images, upscaled 2x
@@ -129,7 +129,7 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
     prefs = tmp_path / "prefs"
     preference_folder(prefs)
     drm_dir = tmp_path / "drm"
-    out = run("train_reward.py", *flags, f"--prefs={prefs}", f"--out_dir={drm_dir}", "--steps=3", "--batch_size=2",
+    out = run("train_reward.py", *flags, f"--prefs={prefs}", f"--out_dir={drm_dir}", "--train_steps=3", "--batch_size=2",
               "--eval_every=3", "--eval_sigmas=0,0.5", "--drop_last=1", "--warmup=1")
     assert "test label_accuracy by sigma" in out and "--min_confidence=0.95: 6 of 8 pairs kept" in out
     caches = (drm_dir / "cache").glob("latents_*.safetensors")  # each split's distinct images, encoded once
@@ -144,7 +144,7 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
     prompts.write_text("\n".join(PROMPTS))
     policy_dir = tmp_path / "policy"
     out = run("train_policy.py", *flags, f"--prompts={prompts}", f"--drm={drm_dir / 'model.safetensors'}",
-              f"--out_dir={policy_dir}", "--lora_rank=2", "--updates=1", "--trajectories=2", "--group_size=2", "--k=2", "--steps=2",
+              f"--out_dir={policy_dir}", "--lora_rank=2", "--updates=1", "--trajectories=2", "--per_prompt=2", "--k=2", "--steps=2",
               "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2")
     assert "update    1 | diversity" in out and "| drm " in out
     assert (policy_dir / "samples_00001.png").exists()
@@ -157,7 +157,7 @@ def test_the_three_scripts_run_on_a_diffusers_pipeline_folder(pipeline, tmp_path
     assert lora and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in lora)
     state = torch.load(policy_dir / "train_state.pt", weights_only=False)
     assert state["policy"] and all(".lora_" in k for k in state["policy"])
-    run("sample.py", *flags, f"--lora={policy_dir / 'lora'}", "--prompt=a bowl of ramen", "--n=1",
+    run("sample.py", *flags, f"--lora={policy_dir / 'lora'}", "--prompt=a bowl of ramen", "--images=1",
         "--steps=2", f"--drm={drm_dir / 'model.safetensors'}", "--search=stepwise", "--k=2", f"--out={tmp_path / 'stepwise.png'}")
 
 
@@ -172,8 +172,8 @@ def test_a_lora_run_resumes_exactly_from_its_adapters(pipeline, tmp_path):
     prompts.write_text("\n".join(PROMPTS))
     drm = tmp_path / "drm"
     preference_folder(tmp_path / "prefs")
-    run("train_reward.py", *flags, f"--prefs={tmp_path / 'prefs'}", f"--out_dir={drm}", "--steps=1", "--batch_size=2", "--eval_every=1", "--eval_sigmas=0", "--drop_last=1", "--warmup=1")
-    train = [*flags, f"--prompts={prompts}", f"--drm={drm / 'model.safetensors'}", "--lora_rank=2", "--trajectories=2", "--group_size=2",
+    run("train_reward.py", *flags, f"--prefs={tmp_path / 'prefs'}", f"--out_dir={drm}", "--train_steps=1", "--batch_size=2", "--eval_every=1", "--eval_sigmas=0", "--drop_last=1", "--warmup=1")
+    train = [*flags, f"--prompts={prompts}", f"--drm={drm / 'model.safetensors'}", "--lora_rank=2", "--trajectories=2", "--per_prompt=2",
              "--k=2", "--steps=2", "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2", "--lr=1e-3"]
     run("train_policy.py", *train, f"--out_dir={tmp_path / 'whole'}", "--updates=2")
     run("train_policy.py", *train, f"--out_dir={tmp_path / 'parts'}", "--updates=1")

@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from common import CheckpointError
+from checkpoints import CheckpointError
 from sd3.text import load_clip, load_t5, relative_position_bucket, sd3_prompt_embedding
 from sd3.tokenizers import CLIPTokenizer, T5Tokenizer, read_protobuf
 

@@ -1,0 +1,337 @@
+"""The rival credit rules of GRPO, each as its authors' code computes it, and the table of credit modes.
+
+    advantages = CREDIT["cosine"].advantages(rollout, final_rewards, settings)
+
+Every mode is one entry of CREDIT: how its rollout is drawn (grpo.sample_rollout, or a tree) and
+how its advantages (T, B, k) come from the rollout and the terminal DRM rewards.
+- `stepwise` (DRM, the paper: grpo.py): k candidates a step, normalised within the k.
+- `sparse` (Flow-GRPO, its scripts/train_sd3.py and stat_tracking.py): G whole trajectories a
+  prompt; the DRM scores the final images; each trajectory's reward normalised within its prompt's
+  group (the group's std, or with group_std="global" the update's: Flow-GRPO's SD3 configs) is the
+  advantage of every step, good and bad alike.
+- `cosine` (CoCA, arXiv 2505.19196, Lil-Shake/CoCA): as sparse, but the terminal advantage is
+  spread over the steps by how much each moved the clean-image estimate x0_hat towards the final.
+- `tree` (BranchGRPO, arXiv 2509.06040, Fredreic1849/BranchGRPO): a prompt's trajectories share
+  their prefix and branch into b children at chosen steps, the split's noise scaled; leaves get
+  the DRM's terminal reward, a node's value is the mean of its leaves', normalised with the other
+  nodes of its depth (ddof 1); a step from one split to the next carries its child's advantage.
+- windows (Flow-GRPO-Fast's random window, MixGRPO's sliding one, arXiv 2507.21802): only steps
+  a..b-1 stochastic and trained, any mode (`window_at`).
+"""
+from dataclasses import dataclass
+from typing import Callable, NamedTuple
+
+import torch
+
+from common import UserError, parse_numbers
+from grpo import Rollout, group_normalise, in_window, sample_rollout, stepwise_advantages, trained_steps
+from sde import Step, passes, propose, take
+
+
+@dataclass
+class CreditFlags:
+    """train_policy.py's flags of the rival credit rules (its Config inherits them)."""
+    group_std: str = "group"           # sparse: divide by the group's std | global (the update's:
+                                       # Flow-GRPO's SD3 configs)
+    split_steps: str = "0,1,3,4"       # tree: where it branches (BranchGRPO's 0,3,6,9 of 20 halved)
+    branch: int = 2                    # tree: children per split (branch^splits leaves a prompt)
+    tree_norm: str = "depth"           # tree: depth (BranchGRPO: a tree's nodes of a depth, ddof 1)
+                                       # | siblings (each split's children among themselves)
+    split_noise: float = 4.0           # tree: a split's noise x this (BranchGRPO's script; 1: none)
+    # where the sampler is stochastic and trained: "" every step | a:b steps a..b-1 | random:n
+    # (Flow-GRPO-Fast: n steps from a start drawn each update in [0, steps/2 - n]) | slide:n:u
+    # (MixGRPO: n steps from step (update - 1) // u on, cut at steps - 2, back to 0 past it)
+    sde_window: str = ""
+
+
+def per_prompt(cfg):
+    """Trajectories a prompt: a tree's leaves, or --per_prompt (every other mode)."""
+    if cfg.credit == "tree":
+        return cfg.branch ** len(parse_numbers(cfg, "split_steps"))
+    return cfg.per_prompt
+
+
+def settings(cfg):
+    """The rules' Settings from the flags, parsed once."""
+    return Settings(per_prompt(cfg), cfg.k, cfg.follow, cfg.adv_clip, cfg.group_std,
+                    tuple(parse_numbers(cfg, "split_steps")), cfg.branch, cfg.tree_norm,
+                    cfg.split_noise)
+
+
+def check_flags(cfg):
+    """The rival flags, before any work: the credit mode, the window, the tree's splits."""
+    if cfg.credit not in CREDIT:
+        raise UserError(f"--credit={cfg.credit}: choose one of {', '.join(CREDIT)}")
+    for name, choices in (("tree_norm", ("depth", "siblings")), ("group_std", ("group", "global"))):
+        if getattr(cfg, name) not in choices:
+            raise UserError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(choices)}")
+    if cfg.branch < 2:
+        raise UserError(f"--branch={cfg.branch}: must be at least 2")
+    if not cfg.split_noise > 0:
+        raise UserError(f"--split_noise={cfg.split_noise}: a positive factor (1: a split's noise "
+                        "as any step's; BranchGRPO's script: 4)")
+    kind, *window = parse_window(cfg)
+    trained = [i for i, t in enumerate(trained_steps(cfg.steps, window if kind == "fixed" else None,
+                                                     cfg.train_last_step)) if t]
+    if not trained:
+        raise UserError(f"--sde_window={cfg.sde_window} trains no step: the last of --steps="
+                        f"{cfg.steps} is not trained unless --train_last_step")
+    a, b = trained[0], trained[-1] + 1
+    splits = parse_numbers(cfg, "split_steps")
+    if cfg.credit == "tree" and kind in ("random", "slide"):
+        raise UserError(f"--credit=tree --sde_window={cfg.sde_window}: a tree splits at fixed "
+                        "steps; give it a fixed window a:b or none")
+    if cfg.credit == "tree" and not (splits and splits == sorted(set(splits))
+                                     and a <= splits[0] and splits[-1] < b):
+        raise UserError(f"--split_steps={cfg.split_steps}: give increasing steps in [{a}, {b}), "
+                        "the trained ones (--steps, --sde_window, --train_last_step)")
+    if cfg.trajectories % per_prompt(cfg):
+        group = "--per_prompt" if cfg.credit != "tree" else "--branch^splits"
+        raise UserError(f"--trajectories={cfg.trajectories} must be a multiple of "
+                        f"{group}={per_prompt(cfg)}")
+
+
+@dataclass
+class Settings:
+    """What the credit rules read, resolved once from train_policy.py's flags (settings(cfg))."""
+    per_prompt: int = 4       # trajectories a prompt (a tree: its leaves)
+    k: int = 4                # stepwise: candidates a step
+    follow: str = "random"    # stepwise: the candidate a trajectory goes on from, random | best
+    adv_clip: float = 5.0
+    group_std: str = "group"  # sparse: group | global
+    split_steps: tuple = (0, 1, 3, 4)  # tree
+    branch: int = 2           # tree
+    tree_norm: str = "depth"  # tree: depth | siblings
+    split_noise: float = 4.0  # tree
+
+
+class Mode(NamedTuple):
+    """A credit mode: its rollout(policy, noise, cond, uncond, sigmas, settings, reward, score,
+    **sampling) -> Rollout, its advantages(rollout, final_rewards, settings, rows, gather) ->
+    (T, B, k), and whether it needs the DRM's rewards of the final images (terminal)."""
+    rollout: Callable
+    advantages: Callable
+    terminal: bool
+
+# -----------------------------------------------------------------------------
+# Sparse (Flow-GRPO) and cosine (CoCA): one reward a trajectory
+
+
+def terminal_advantages(final_rewards, group_size, eps=1e-4, group_std="group"):
+    """final_rewards (B,) of B = prompts x group_size trajectories (a prompt's group adjacent) ->
+    (B,) less their group's mean, over the group's std (group_std="group") or the std of all B
+    (group_std="global": Flow-GRPO's SD3 configs, global_std=True), + eps."""
+    if group_size < 2 or final_rewards.shape[0] % group_size:
+        raise ValueError(f"{final_rewards.shape[0]} trajectories do not split into groups of "
+                         f"{group_size} >= 2")
+    groups = final_rewards.view(-1, group_size)
+    if group_std == "global":
+        return ((groups - groups.mean(1, keepdim=True)) / (final_rewards.std(correction=0) + eps)
+                ).flatten()
+    return group_normalise(groups, dim=1, eps=eps).flatten()
+
+
+def cosine_weights(x0_hat, final, window=5, eps=1e-6):
+    """CoCA's per-step credit weights (T, B), summing to 1 over each trajectory, as
+    Lil-Shake/CoCA's pipeline_with_logprob_coca.py computes them.
+
+    c_t = cos(x0_hat_t, final) for t < T, and c_T = cos(final, final) = 1: how much of the final
+    image the state of step t already predicts. Steps form windows of `window`; a window's gain is
+    the mean of its c_{t+1} minus the previous window's mean (c_0 for the first), not clamped (a
+    window that moved away is debited); a step's weight is its window's gain / (sum of the gains x
+    the window's size). Where CoCA's code has no answer: a last window shorter than `window`
+    divides by its own size; a sum of gains <= eps (CoCA divides by zero, or by a negative sum
+    that flips every sign) gives 1 / T each.
+    """
+    T, B = x0_hat.shape[:2]
+    estimates = torch.cat([x0_hat, final.unsqueeze(0)]).flatten(2)                 # (T + 1, B, D)
+    cos = torch.nn.functional.cosine_similarity(estimates, final.flatten(1)[None], dim=2)
+    windows = torch.arange(T, device=cos.device) // window                         # each step's
+    sizes = torch.bincount(windows).to(cos.dtype).unsqueeze(1)                     # (W, 1)
+    means = cos.new_zeros(len(sizes), B).index_add_(0, windows, cos[1:]) / sizes
+    gains = means - torch.cat([cos[:1], means[:-1]])                               # (W, B)
+    total = gains.sum(0, keepdim=True)
+    weights = (gains / (total * sizes))[windows]                                   # (T, B)
+    return torch.where(total > eps, weights, torch.full_like(weights, 1 / T))
+
+
+def cosine_advantages(weights, final_rewards, group_size, adv_clip, eps=1e-6):
+    """CoCA's advantages (T, B) from its weights (T, B) and the terminal rewards (B,), as its
+    scripts/train_coca.py: the terminal reward normalised per prompt and clipped to +-adv_clip,
+    times the reward-to-go (the weights summed from step t on), then normalised again per prompt
+    over its trajectories and steps. CoCA keeps its statistics across epochs; we, as every mode
+    here, within the update."""
+    T = weights.shape[0]
+    advantage = terminal_advantages(final_rewards, group_size, eps).clamp(-adv_clip, adv_clip)
+    shaped = weights.flip(0).cumsum(0).flip(0) * advantage                         # (T, B)
+    by_prompt = shaped.T.reshape(-1, group_size * T)        # a prompt's trajectories x steps: a row
+    return group_normalise(by_prompt, dim=1, eps=eps).view(-1, T).T
+
+# -----------------------------------------------------------------------------
+# Trees (BranchGRPO)
+
+
+@torch.no_grad()
+def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noise_level=0.7,
+                cfg_scale=1.0, split_noise=1.0, window=None, train_last=False, generator=None,
+                shard=(0, 1)):
+    """Tree rollouts: from each of R root noises (R, C, H, W) one trajectory that branches into
+    `branch` children, which all go on, at each step of split_steps -> a Rollout over its
+    L = R branch^m leaves (m splits; a root's leaves adjacent, each node's leaves contiguous),
+    every leaf's path in full: shared prefixes repeated, `trained` marking each edge once (on the
+    first leaf below it), from the first split on, at trained_steps. The policy runs once a
+    node. split_noise: the children of a split drawn with split_noise x the step's std, their
+    log-probs under the step's own std (BranchGRPO's split_noise_scale; its script: 4). shard as
+    sample_rollout's (every rank the same R)."""
+    T, leaves = len(sigmas) - 1, noise.shape[0] * branch ** len(split_steps)
+    sde, trained_at = in_window(T, window), trained_steps(T, window, train_last)
+    x = noise.to(torch.promote_types(noise.dtype, torch.float32))
+    rows = torch.arange(len(x), device=x.device)                    # each node's root: its prompt
+    states, steps, trained, nfe = [], [], [], 0
+    for i in range(T):
+        step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, rows), take(uncond, rows),
+                       cfg_scale=cfg_scale, noise_level=noise_level if sde[i] else 0.0,
+                       k=branch if i in split_steps else 1, generator=generator, shard=shard,
+                       noise_scale=split_noise if i in split_steps else 1.0)
+        nfe += len(x) * passes(uncond, cfg_scale)
+        per_node = leaves // len(x)                                 # leaves below each node
+        states.append(x.repeat_interleave(per_node, 0))
+        x, rows = step.candidates.flatten(0, 1), rows.repeat_interleave(step.candidates.shape[1])
+        below = leaves // len(x)                                    # leaves below each child
+        steps.append(Step(x.repeat_interleave(below, 0).unsqueeze(1),
+                          step.log_probs.flatten().repeat_interleave(below).unsqueeze(1),
+                          step.mean.repeat_interleave(per_node, 0),
+                          step.x0_hat.repeat_interleave(per_node, 0),
+                          step.velocity.repeat_interleave(per_node, 0)))
+        first_edge = torch.arange(leaves) % below == 0
+        trained.append(first_edge & trained_at[i] & (i >= min(split_steps)))
+    stack = lambda name: torch.stack([getattr(s, name) for s in steps])  # noqa: E731
+    return Rollout(torch.stack(states), stack("candidates"), stack("mean"), stack("log_probs"),
+                   torch.zeros(T, leaves, dtype=torch.long), stack("x0_hat"), x, None, sigmas,
+                   take(cond, rows), take(uncond, rows), noise_level, cfg_scale,
+                   torch.stack(trained), nfe)
+
+
+def tree_advantages(final_rewards, split_steps, branch, T, by="depth"):
+    """final_rewards (L,) of sample_tree's leaves -> advantages (T, L, 1). At level j (after the
+    j-th split) a node's value is the mean of its leaves' rewards. by="depth" (BranchGRPO, its
+    train_branchgrpo_flux.py): all of a root's level-j nodes normalised together, with torch's
+    unbiased std (ddof 1) and eps 1e-8, a level whose std is below 1e-6 getting 0; by="siblings":
+    the b children of each node among themselves (ddof 0, eps 1e-4, as group_normalise; with b = 2
+    every advantage is +-1). A step from split j up to split j + 1 carries its child's, level j's,
+    advantage; the steps before the first split, 0."""
+    m = len(split_steps)
+    leaves = final_rewards.view(-1, branch ** m)                    # (R, b^m): a root's leaves
+    advantages = final_rewards.new_zeros(T, *leaves.shape)
+    bounds = [*sorted(split_steps), T]
+    for j in range(1, m + 1):
+        values = leaves.view(len(leaves), branch ** j, -1).mean(2)  # (R, b^j): level j's nodes
+        if by == "siblings":
+            level = group_normalise(values.view(len(leaves), -1, branch), dim=-1)
+        else:
+            mean, std = values.mean(1, keepdim=True), values.std(1, keepdim=True)
+            level = torch.where(std < 1e-6, 0.0, (values - mean) / (std + 1e-8))
+        level = level.reshape(len(leaves), -1)
+        advantages[bounds[j - 1]:bounds[j]] = level.repeat_interleave(branch ** (m - j), 1)
+    return advantages.view(T, -1, 1)
+
+# -----------------------------------------------------------------------------
+# The credit modes
+
+
+def stepwise_rollout(policy, noise, cond, uncond, sigmas, settings, reward, score, **sampling):
+    """The paper's: k candidates around each trained step's mean, scored (grpo.sample_rollout)."""
+    return sample_rollout(policy, noise, cond, uncond, sigmas, k=settings.k, reward=reward,
+                          score=score, follow=settings.follow, **sampling)
+
+
+def chain_rollout(policy, noise, cond, uncond, sigmas, settings, reward, score, **sampling):
+    """One SDE trajectory a row of noise, scored at its end only."""
+    return sample_rollout(policy, noise, cond, uncond, sigmas, **sampling)
+
+
+def tree_rollout(policy, noise, cond, uncond, sigmas, settings, reward, score, picks=None,
+                 **sampling):
+    """A prompt's leaves grow from one root, its first noise (a prompt's per_prompt rows adjacent)."""
+    roots = slice(None, None, settings.per_prompt)
+    return sample_tree(policy, noise[roots], take(cond, roots), take(uncond, roots), sigmas,
+                       split_steps=settings.split_steps, branch=settings.branch,
+                       split_noise=settings.split_noise, **sampling)
+
+
+def stepwise(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
+    return stepwise_advantages(rollout.rewards)
+
+
+def sparse(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
+    advantages = terminal_advantages(final_rewards, settings.per_prompt, group_std=settings.group_std)
+    return advantages[rows].expand(rollout.states.shape[0], -1).unsqueeze(-1)
+
+
+def cosine(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
+    weights = gather(cosine_weights(rollout.x0_hat, rollout.final).T.contiguous()).T
+    advantages = cosine_advantages(weights, final_rewards, settings.per_prompt, settings.adv_clip)
+    return advantages[:, rows].unsqueeze(-1)
+
+
+def tree(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
+    T = rollout.states.shape[0]
+    advantages = tree_advantages(final_rewards, settings.split_steps, settings.branch, T,
+                                 settings.tree_norm)
+    return advantages[:, rows]
+
+
+# every credit mode: its rollout, its advantages, whether it needs the final images' DRM rewards
+CREDIT = {
+    "stepwise": Mode(stepwise_rollout, stepwise, terminal=False),
+    "sparse": Mode(chain_rollout, sparse, terminal=True),
+    "cosine": Mode(chain_rollout, cosine, terminal=True),
+    "tree": Mode(tree_rollout, tree, terminal=True),
+}
+
+# -----------------------------------------------------------------------------
+# Windows: only some steps stochastic and trained (Flow-GRPO-Fast, MixGRPO)
+
+
+def parse_window(cfg):
+    """--sde_window -> ("all",), ("fixed", a, b), ("random", n) or ("slide", n, every), checked."""
+    kind, _, rest = cfg.sde_window.partition(":") if ":" in cfg.sde_window else ("", "", "")
+    T, text = cfg.steps, cfg.sde_window
+    if not text:
+        return ("all",)
+    if kind in ("random", "slide"):
+        numbers = rest.split(":")
+        if not all(n.isdigit() for n in numbers) or len(numbers) != (1 if kind == "random" else 2):
+            raise UserError(f"--sde_window={text}: give random:n or slide:n:every, e.g. random:3 "
+                            "(Flow-GRPO-Fast) or slide:2:12 (MixGRPO)")
+        n, *every = map(int, numbers)
+        top = T // 2 if kind == "random" else T - 2  # Flow-GRPO-Fast's range (0, num_steps // 2)
+        if not 1 <= n <= top or every == [0]:
+            raise UserError(f"--sde_window={text}: n in [1, {top}] for --steps={T}, every >= 1")
+        return (kind, n, *every)
+    bounds = parse_numbers(cfg, "sde_window", sep=":")
+    if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1] <= T:
+        raise UserError(f"--sde_window={text}: give a:b, 0 <= a < b <= --steps={T}, or random:n, "
+                        "slide:n:every")
+    return ("fixed", *bounds)
+
+
+def window_at(cfg, update, generator):
+    """The SDE window (a, b) of an update, or None (every step). random: Flow-GRPO-Fast's window of
+    n steps, its start uniform in [0, steps // 2 - n], one draw an update for all its trajectories
+    (its code: one a GPU batch); slide: MixGRPO's, which moves one step every `every` updates
+    through [0, steps - 2) (it never trains the last two steps) and rolls back to 0 past the end
+    (MixGRPO idles one interval with an empty window first; we roll back at once)."""
+    kind, *numbers = parse_window(cfg)
+    if kind == "all":
+        return None
+    if kind == "fixed":
+        return tuple(numbers)
+    if kind == "random":
+        n = numbers[0]
+        start = int(torch.randint(cfg.steps // 2 - n + 1, (1,), generator=generator))
+        return start, start + n
+    n, every = numbers
+    start = (update - 1) // every % (cfg.steps - 2)
+    return start, min(start + n, cfg.steps - 2)
+

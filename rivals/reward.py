@@ -1,0 +1,87 @@
+"""The DRM's nearest rival, DiNa-LRM (arXiv 2602.11146, HKUST-C4G/diffusion-rm), beside the paper's DRM: its
+noise-aware Thurstone loss, and a noise ensemble that scores a state re-noised several times; the table of
+reward losses.
+
+    loss = LOSSES["thurstone"](reward_win, reward_lose, sigma)       # train_reward.py --loss=thurstone
+    drm = with_ensemble(drm, draws=4, at_sigma=0.25)                 # --drm_draws, --drm_sigma
+
+DiNa-LRM's own recipe noises both images of a pair with one noise and draws sigma uniformly
+(train_reward.py --pair_noise=shared --sigma_sampling=uniform); its "ensemble" is another design
+(one noise reused at sigmas 0.2, 0.5, 0.7, the tokens of all three fed to its head at once), not built.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from common import UserError
+from reward import bradley_terry_loss
+
+
+@dataclass
+class EnsembleFlags:
+    """The noise ensemble's flags, wherever the DRM scores (the scripts' Configs inherit them)."""
+    drm_draws: int = 1                 # the DRM's noise ensemble (NoiseEnsemble): states below
+    drm_sigma: float = 0.0             # drm_sigma re-noised to it drm_draws times, scores averaged
+
+
+def check_ensemble(cfg):
+    if cfg.drm_draws < 1:
+        raise UserError(f"--drm_draws={cfg.drm_draws}: must be at least 1")
+    if not 0 <= cfg.drm_sigma < 1:
+        raise UserError(f"--drm_sigma={cfg.drm_sigma}: a sigma in [0, 1)")
+
+
+def thurstone_loss(reward_win, reward_lose, sigma, scale=2.0, floor=0.05, eps=1e-6):
+    """DiNa-LRM's noise-aware Thurstone loss per pair (B,), as its diffusion_rm/train/engine.py
+    computes it: each score carries Gaussian comparison noise of variance scale sigma^2 + floor, so
+    a noisier pair is judged less surely, P(w beats l) = Phi((r_w - r_l) / sqrt(2 var + eps)); the
+    loss is their fidelity loss 1 - sqrt(P + eps) (their code leaves -log P commented out)."""
+    var = scale * sigma ** 2 + floor
+    z = (reward_win - reward_lose) / torch.sqrt(2 * var + eps)
+    return 1 - torch.sqrt(torch.distributions.Normal(0.0, 1.0).cdf(z) + eps)
+
+
+
+# every reward loss train_reward.py --loss can name
+LOSSES = {"bt": lambda reward_win, reward_lose, sigma: bradley_terry_loss(reward_win, reward_lose),
+          "thurstone": thurstone_loss}
+
+
+class NoiseEnsemble(nn.Module):
+    """A DRM's score averaged over `draws` re-noisings of each state: a state x at sigma below
+    at_sigma is carried to u = at_sigma by the flow's forward process, x_u = a x + b z with
+    a = (1 - u) / (1 - sigma), b = sqrt(u^2 - (a sigma)^2) (so (1 - sigma) x0 + sigma z becomes
+    (1 - u) x0 + u z'), and scored there; a state at or above at_sigma is scored as it is. The
+    DRM's own call signature, so it goes wherever the DRM scores (--drm_draws, --drm_sigma); the
+    samplers' counters count scorings, each `draws` DRM passes when a state is re-noised."""
+
+    def __init__(self, drm, draws=4, at_sigma=0.25, seed=0):
+        super().__init__()
+        self.drm, self.draws, self.at_sigma = drm, draws, at_sigma
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def forward(self, x, sigma, context, pooled):
+        below = sigma < self.at_sigma
+        u = torch.where(below, torch.full_like(sigma, self.at_sigma), sigma)
+        a = torch.where(below, (1 - u) / (1 - sigma), torch.ones_like(sigma))
+        b = torch.sqrt((u ** 2 - (a * sigma) ** 2).clamp(min=0))
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        total = 0
+        for _ in range(self.draws if below.any() else 1):  # nothing to re-noise: one pass
+            z = torch.randn(x.shape, generator=self.generator).to(x)
+            total = total + self.drm(a.view(shape) * x + b.view(shape) * z, u, context, pooled)
+        return total / (self.draws if below.any() else 1)
+
+
+def drm_passes(drm, sigma):
+    """DRM passes a scoring of states at sigma (N,) takes: the ensemble's draws where it re-noises."""
+    if isinstance(drm, NoiseEnsemble) and bool((sigma < drm.at_sigma).any()):
+        return drm.draws
+    return 1
+
+
+def with_ensemble(drm, draws, at_sigma):
+    """The DRM, or (draws > 1 or at_sigma > 0) its NoiseEnsemble."""
+    return NoiseEnsemble(drm, draws, at_sigma) if draws > 1 or at_sigma > 0 else drm
+

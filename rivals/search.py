@@ -1,0 +1,157 @@
+"""The rival searches of step-wise sampling, each as its authors' code runs it, and their flags.
+
+    x0, counts = smc_sample(policy, noise, cond, uncond, drm, drm_cond, particles=4)   # FK steering
+    x0, counts = prune_sample(policy, noise, cond, uncond, drm, drm_cond, particles=8, keep=0.25)
+
+- particle search (FK steering, Singhal et al. 2025, zacharyhorvitz/Fk-Diffusion-Steering's
+  fkd_class.py): N SDE particles an image, the x0-prediction scored by the DRM at sigma 0 on an
+  interval of steps, resampled by exp(lambda x the potential);
+- pruned best-of-N (as TTSnap, arXiv 2511.22242, with the DRM as its noise-aware judge): N ODE
+  trajectories, the DRM keeps the best of them at an intermediate sigma.
+Both are made of sde.propose's steps and end with the DRM's favourite (sde.favourite), as the
+paper's step-wise search and best-of-N (sample.py) do; sample.SEARCHES lists them all.
+"""
+from dataclasses import dataclass
+
+import torch
+
+from common import UserError, parse_numbers
+from sde import favourite, passes, propose, sigma_schedule, take
+
+
+@dataclass
+class SearchFlags:
+    """sample.py's flags of the rival searches (its Config inherits them)."""
+    potential: str = "diff"            # smc: diff (the gain since the last scored step) | max
+    lmbda: float = 10.0                # smc: weights exp(lmbda x potential), FK steering's lambda
+    resample: str = "1:1:6"            # smc: every:from:to, resampled at those steps and the last
+                                       # (FK's every 5 from 5 to 30 of 100 steps, scaled to 20)
+    adaptive: bool = False             # smc: resample a scheduled step only below the ESS threshold
+    ess_threshold: float = 0.5         # smc: the effective sample size / particles resampled below
+    prune_at: str = "0.6"              # prune: the sigmas at which the DRM keeps the best
+    keep: float = 0.5                  # prune: the fraction kept at each
+
+
+def check_flags(cfg):
+    """The rival searches' flags, before any work."""
+    if cfg.potential not in ("diff", "max"):
+        raise UserError(f"--potential={cfg.potential}: choose one of diff, max")
+    if not (0 < cfg.keep <= 1 and 0 < cfg.ess_threshold <= 1):
+        raise UserError(f"--keep={cfg.keep}, --ess_threshold={cfg.ess_threshold}: each in (0, 1]")
+    if not all(0 <= sigma <= 1 for sigma in parse_numbers(cfg, "prune_at", float)):
+        raise UserError(f"--prune_at={cfg.prune_at}: sigmas in [0, 1], e.g. 0.6 or 0.8,0.5")
+    schedule = parse_numbers(cfg, "resample", sep=":")
+    if len(schedule) != 3 or schedule[0] < 1 or not 0 <= schedule[1] <= schedule[2]:
+        raise UserError(f"--resample={cfg.resample}: give every:from:to, every >= 1 and "
+                        "0 <= from <= to, e.g. 1:1:6")
+
+# -----------------------------------------------------------------------------
+# Particle search (FK steering)
+
+
+def resampling_steps(steps, every=1, start=1, end=6):
+    """FK steering's schedule (fkd_class.py): steps start, start + every, ... up to end, and the
+    last step. Its defaults for 100 steps (every 5, from 5 to 30) scaled to 20: every 1, 1 to 6."""
+    return sorted(set(range(start, min(end, steps - 1) + 1, every)) | {steps - 1})
+
+
+@torch.no_grad()
+def smc_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, particles=4, steps=20,
+               noise_level=0.7, cfg_scale=1.0, shift=1.0, potential="diff", lmbda=10.0,
+               score="x0", schedule=(1, 1, 6), adaptive=False, ess_threshold=0.5,
+               generator=None):
+    """Particle search (FK steering, Singhal et al. 2025, as its fkd_class.py runs it): `particles`
+    SDE trajectories an image (noise (N * particles, ...), an image's adjacent). At the steps of
+    resampling_steps(steps, *schedule) the DRM scores each particle, r: score="x0" the one-step
+    x0-prediction of its state before the step, at sigma 0 (FK's, with a clean-image reward);
+    "noisy" its state after the step at sigma_next. Potential "diff": weights
+    exp(lmbda (r - r_prev)), r_prev the particle's (or its ancestor's) r at the previous such step, 0 at first; "max":
+    exp(lmbda max(r, r_prev)), r_prev then the running max, and the last step's weights divided by
+    the product of the potentials a particle was resampled with. Weights are not carried between
+    steps. A scheduled step resamples multinomially (adaptive: only if the effective sample size
+    1 / sum(w_norm^2) is below ess_threshold x particles); the last step always asks the ESS test.
+    At the end, the DRM's favourite at sigma 0 -> (x0, counts with "resampled": image-steps)."""
+    N, P = len(noise) // particles, particles
+    owners = torch.arange(N, device=noise.device).repeat_interleave(P)
+    x, sigmas = noise.float(), sigma_schedule(steps, shift).to(noise.device)
+    previous = torch.zeros(N * P, device=x.device)       # FK's population_rs: reward_min_value 0
+    product = torch.ones(N * P, device=x.device)         # the potentials each particle was drawn by
+    counts = {"nfe": 0, "drm_calls": 0, "resampled": 0}
+    scheduled = resampling_steps(steps, *schedule)
+    for i in range(steps):
+        step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, owners),
+                       take(uncond, owners), cfg_scale=cfg_scale, noise_level=noise_level,
+                       generator=generator)
+        x = step.candidates[:, 0]
+        counts["nfe"] += len(x) * passes(uncond, cfg_scale)
+        if i not in scheduled:
+            continue
+        scored, sigma = (step.x0_hat, sigmas.new_zeros(1)) if score == "x0" else (x, sigmas[i + 1])
+        r = drm(scored, sigma.expand(len(x)), *take(drm_cond, owners)).float()
+        counts["drm_calls"] += len(x)
+        last = i == steps - 1
+        if potential == "diff":
+            potentials, w = r, torch.exp(lmbda * (r - previous))
+        else:
+            potentials = torch.maximum(r, previous)
+            w = torch.exp(lmbda * (r if last else potentials)) / (product if last else 1)
+        w = torch.nan_to_num(w.clamp(0, 1e10)).view(N, P)
+        normalised = w / w.sum(1, keepdim=True)
+        resample = torch.ones(N, dtype=torch.bool, device=x.device)
+        if adaptive or last:
+            resample = 1 / (normalised ** 2).sum(1) < ess_threshold * P             # (N,)
+        keep = torch.arange(P).expand(N, P)
+        picks = (torch.multinomial(normalised.cpu(), P, replacement=True, generator=generator)
+                 if resample.any() else keep)
+        parents = (torch.where(resample.cpu().unsqueeze(1), picks, keep)
+                   + torch.arange(N).unsqueeze(1) * P).flatten().to(x.device)
+        moved = resample.repeat_interleave(P)
+        product = torch.where(moved, product[parents] * w.flatten()[parents], product)
+        x, previous = x[parents], potentials[parents]
+        counts["resampled"] += int(resample.sum())
+    return favourite(drm, x, drm_cond, P, counts), counts
+
+# -----------------------------------------------------------------------------
+# Pruned best-of-N
+
+
+@torch.no_grad()
+def prune_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, particles=4,
+                 steps=20, cfg_scale=1.0, shift=1.0, prune_at=(0.6,), keep=0.5):
+    """Pruned best-of-N (as TTSnap, arXiv 2511.22242, with the DRM as its noise-aware judge):
+    `particles` ODE trajectories an image (noise (N * particles, ...), an image's adjacent); at the
+    first state whose sigma is at or below each value of prune_at, the DRM scores the survivors
+    there and the best `keep` fraction of each image's (at least one) go on; the DRM's favourite
+    at the end -> (x0, counts)."""
+    N, alive = len(noise) // particles, particles
+    x, sigmas = noise.float(), sigma_schedule(steps, shift).to(noise.device)
+    counts, pending = {"nfe": 0, "drm_calls": 0}, sorted(prune_at, reverse=True)
+    owners = torch.arange(N, device=x.device).repeat_interleave(alive)
+    for i in range(steps):
+        if pending and sigmas[i] <= pending[0]:
+            pending.pop(0)
+            scores = drm(x, sigmas[i].expand(len(x)), *take(drm_cond, owners)).float()
+            counts["drm_calls"] += len(x)
+            top = scores.view(N, alive).topk(max(1, round(alive * keep)), dim=1).indices
+            x = x.view(N, alive, *x.shape[1:])[torch.arange(N).unsqueeze(1), top].flatten(0, 1)
+            alive, owners = top.shape[1], owners.view(N, alive)[:, :top.shape[1]].flatten()
+        x = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, owners), take(uncond, owners),
+                    cfg_scale=cfg_scale, noise_level=0.0).candidates[:, 0]
+        counts["nfe"] += len(x) * passes(uncond, cfg_scale)
+    return favourite(drm, x, drm_cond, alive, counts), counts
+
+# -----------------------------------------------------------------------------
+# As sample.py's --search=smc and --search=prune run them
+
+
+def smc(cfg, policy, noise, cond, uncond, *, drm, drm_cond, generator, **sampling):
+    return smc_sample(policy, noise, cond, uncond, drm, drm_cond, particles=cfg.particles,
+                      noise_level=cfg.noise_level, potential=cfg.potential, lmbda=cfg.lmbda,
+                      score=cfg.score or "x0", schedule=parse_numbers(cfg, "resample", sep=":"),
+                      adaptive=cfg.adaptive, ess_threshold=cfg.ess_threshold,
+                      generator=generator, **sampling)
+
+
+def prune(cfg, policy, noise, cond, uncond, *, drm, drm_cond, generator, **sampling):
+    return prune_sample(policy, noise, cond, uncond, drm, drm_cond, particles=cfg.particles,
+                        prune_at=parse_numbers(cfg, "prune_at", float), keep=cfg.keep, **sampling)
