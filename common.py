@@ -1,7 +1,8 @@
-"""What every script shares: `--key=value` flags, one-line errors, the device choice, torchrun, FLOPs.
+"""What every script shares: `--key=value` flags, one-line errors, the device choice, torchrun,
+FLOPs.
 
-Kept apart so that the scripts parse flags and report errors one way (their files: checkpoints.py). It
-imports nothing of the project: every other file may import it (tests/test_teaching.py checks).
+Kept apart so that the scripts parse flags and report errors one way (their files: checkpoints.py).
+It imports nothing of the project: every other file may import it (tests/test_teaching.py checks).
 """
 import contextlib
 import dataclasses
@@ -17,8 +18,8 @@ from torch.utils import flop_counter
 
 
 class UserError(Exception):
-    """Something the user can put right (a flag, a file, a setting, a full disk, a diverged run): run_main prints
-    it as one line. Every other exception is a bug, and keeps its traceback."""
+    """Something the user can put right (a flag, a file, a setting, a full disk, a diverged run):
+    run_main prints it as one line. Every other exception is a bug, and keeps its traceback."""
 
 
 class FlagError(UserError):
@@ -26,7 +27,8 @@ class FlagError(UserError):
 
 
 def parse_flags(config, argv):
-    """Override fields of a dataclass instance from ['--key=value', ...]; type-checked, unknown keys rejected."""
+    """Override fields of a dataclass instance from ['--key=value', ...]; type-checked, unknown keys
+    rejected."""
     fields = {f.name: f for f in dataclasses.fields(config)}
     for arg in argv:
         if not arg.startswith("--"):
@@ -36,24 +38,27 @@ def parse_flags(config, argv):
         if key in renamed:
             raise FlagError(f"--{key} is now --{renamed[key]}: --{renamed[key]}={value or '...'}")
         if key not in fields:
-            raise FlagError(f"unknown flag --{key}; known flags: {', '.join('--' + k for k in fields)}")
+            raise FlagError(f"unknown flag --{key}; known flags: "
+                            f"{', '.join('--' + k for k in fields)}")
         current = getattr(config, key)
         if not eq:  # a bare --flag switches a boolean on
             if not isinstance(current, bool):
                 raise FlagError(f"flag --{key} needs a value: --{key}=...")
             value = "true"
         setattr(config, key, _convert(key, value, current))
-    config._given_flags = frozenset(arg[2:].partition("=")[0] for arg in argv)  # (given_flags reads it)
+    # (given_flags reads it)
+    config._given_flags = frozenset(arg[2:].partition("=")[0] for arg in argv)
     return config
 
 
 def given_flags(config):
-    """The flags given on the command line (parse_flags), or, for a config built in code, those whose value
-    differs from the default."""
+    """The flags given on the command line (parse_flags), or, for a config built in code, those
+    whose value differs from the default."""
     if hasattr(config, "_given_flags"):
         return config._given_flags
     default = type(config)()
-    return frozenset(f.name for f in dataclasses.fields(config) if getattr(config, f.name) != getattr(default, f.name))
+    return frozenset(f.name for f in dataclasses.fields(config)
+                     if getattr(config, f.name) != getattr(default, f.name))
 
 
 def _convert(key, value, current):
@@ -72,7 +77,8 @@ def _convert(key, value, current):
 
 
 def run_main(main, config_class, argv=None):
-    """Entry point of a script: parse flags, run main(cfg), turn a UserError into one line (exit status 1)."""
+    """Entry point of a script: parse flags, run main(cfg), turn a UserError into one line (exit
+    status 1)."""
     try:
         cfg = parse_flags(config_class(), sys.argv[1:] if argv is None else argv)
         return main(cfg)
@@ -86,7 +92,8 @@ def run_main(main, config_class, argv=None):
 
 
 def check_numbers(cfg):
-    """No float flag takes NaN or infinity: refuse them before any work (they would write black images or NaN)."""
+    """No float flag takes NaN or infinity: refuse them before any work (they would write black
+    images or NaN)."""
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -118,8 +125,8 @@ def parse_numbers(cfg, name, kind=int, sep=","):
 
 
 def read_prompts(path, flag, default=None, check=None):
-    """A prompt file's non-empty lines (check(prompts) may refuse them: the toy's vocabulary), or the default
-    when no file is given."""
+    """A prompt file's non-empty lines (check(prompts) may refuse them: the toy's vocabulary), or
+    the default when no file is given."""
     if not path and default is not None:
         return default
     prompts = [line.strip() for line in read_text(path, flag).splitlines() if line.strip()]
@@ -131,7 +138,8 @@ def read_prompts(path, flag, default=None, check=None):
 
 
 def read_text(path, what):
-    """A UTF-8 text file's contents; a clear error naming the file when it is missing or not UTF-8."""
+    """A UTF-8 text file's contents; a clear error naming the file when it is missing or not
+    UTF-8."""
     name = f"{what}{path}" if what.endswith("=") else f"{what} {path}"
     if not os.path.isfile(path):
         raise UserError(f"{name} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
@@ -139,10 +147,12 @@ def read_text(path, what):
         with open(path, encoding="utf-8") as f:
             return f.read()
     except UnicodeDecodeError as e:
-        raise UserError(f"{name} is not UTF-8 text (byte {e.start}: {e.reason}); save it as UTF-8") from None
+        raise UserError(f"{name} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "
+                        "UTF-8") from None
 
 def is_main_process():
-    """Rank 0 under torchrun (its RANK variable, set before any process group exists), or a lone process."""
+    """Rank 0 under torchrun (its RANK variable, set before any process group exists), or a lone
+    process."""
     return int(os.environ.get("RANK", "0")) == 0
 
 
@@ -155,7 +165,8 @@ def print_config(cfg):
 
 
 def warmup_cosine(step, steps, warmup, peak):
-    """Learning rate: linear warm-up over `warmup` steps, then cosine decay from peak to peak / 10."""
+    """Learning rate: linear warm-up over `warmup` steps, then cosine decay from peak to peak /
+    10."""
     if step < warmup:
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
@@ -187,12 +198,14 @@ class Ranks:
     def shard(self, n, what="batch"):
         """The slice of a global batch of n rows that this rank computes."""
         if n % self.world:
-            raise UserError(f"{what} of {n} does not split over {self.world} processes: use a multiple of {self.world}")
+            raise UserError(f"{what} of {n} does not split over {self.world} processes: use a "
+                            f"multiple of {self.world}")
         per = n // self.world
         return slice(self.rank * per, (self.rank + 1) * per)
 
     def gather(self, tensor):
-        """Every rank's rows, concatenated in rank order: the global batch (for group statistics)."""
+        """Every rank's rows, concatenated in rank order: the global batch (for group
+        statistics)."""
         if self.world == 1:
             return tensor
         parts = [torch.empty_like(tensor) for _ in range(self.world)]
@@ -201,10 +214,12 @@ class Ranks:
 
 
 def setup_device(requested="auto"):
-    """-> (device, Ranks): one process as before, or under torchrun a process group (NCCL on GPUs, gloo on CPUs)."""
+    """-> (device, Ranks): one process as before, or under torchrun a process group (NCCL on GPUs,
+    gloo on CPUs)."""
     if "RANK" not in os.environ:
         return pick_device(requested), Ranks()
-    rank, world, local_rank = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ["LOCAL_RANK"])
     cuda = requested in ("auto", "cuda") and torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
@@ -216,7 +231,8 @@ def setup_device(requested="auto"):
 
 
 def any_rank(flag):
-    """True on every rank if true on any (under torchrun), so that all ranks leave the loop at the same step."""
+    """True on every rank if true on any (under torchrun), so that all ranks leave the loop at the
+    same step."""
     if not torch.distributed.is_initialized():
         return bool(flag)
     on_gpu = torch.distributed.get_backend() == "nccl"
@@ -237,9 +253,12 @@ def pick_device(requested="auto"):
     try:
         device = torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device={requested}: not a device name; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
-        raise UserError(f"--device={requested}: this machine has {torch.cuda.device_count()} CUDA GPU(s) for torch "
+        raise UserError(f"--device={requested}: not a device name; use auto, cpu, cuda or "
+                        "cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available()
+                                      and (device.index or 0) < torch.cuda.device_count()):
+        raise UserError(f"--device={requested}: this machine has {torch.cuda.device_count()} CUDA "
+                        f"GPU(s) for torch "
                         f"{torch.__version__}; use --device=cpu (or auto)")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device={requested}: nanoDRM runs on cpu or cuda")
@@ -250,14 +269,16 @@ def pick_device(requested="auto"):
 
 
 def frozen_dtype(device):
-    """The dtype of frozen weights (a base model, the DRM while it scores): bf16 on a GPU, float32 elsewhere
-    (bf16 matmuls are ~30x slower on a CPU)."""
+    """The dtype of frozen weights (a base model, the DRM while it scores): bf16 on a GPU, float32
+    elsewhere (bf16 matmuls are ~30x slower on a CPU)."""
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
 def autocast(device):
-    """The forward passes' precision: bf16 autocast on a GPU (half the activation memory, tensor cores), float32 elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    """The forward passes' precision: bf16 autocast on a GPU (half the activation memory, tensor
+    cores), float32 elsewhere."""
+    return (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda"
+            else contextlib.nullcontext())
 
 # -----------------------------------------------------------------------------
 # FLOPs: the compute of a pass, counted rather than timed (a count is the same on any machine)
@@ -271,14 +292,17 @@ def _cpu_attention_backward(grad_out, query, key, value, *args, out_shape=None, 
     return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
 
 
-# FlopCounterMode knows CUDA's attention kernels but not the CPU's flash kernel (which fake tensors on the CPU
-# dispatch to as well): count it by the same formulas, or a pass's attention FLOPs go missing
-CPU_ATTENTION = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
-                 torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
+# FlopCounterMode knows CUDA's attention kernels but not the CPU's flash kernel (which fake tensors
+# on the CPU dispatch to as well): count it by the same formulas, or a pass's attention FLOPs go
+# missing
+CPU_ATTENTION = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward}
 
 
 def count_flops(run):
-    """The FLOPs that run() performs, counted by torch's FlopCounterMode (matmuls, convolutions, attention)."""
+    """The FLOPs that run() performs, counted by torch's FlopCounterMode (matmuls, convolutions,
+    attention)."""
     counter = flop_counter.FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION)
     with counter:
         run()

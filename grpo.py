@@ -55,15 +55,15 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_
                    reward=None, score=score_noisy, follow="random", window=None,
                    train_last=False, generator=None, picks=None, shard=(0, 1)):
     """SDE trajectories from noise (B, C, H, W) along sigmas (T + 1,) -> Rollout. k > 1: at
-    each trained step, k candidates share the step's one policy mean; the DRM scores them
-    (score: sde.score_noisy, the paper's, or a rival rule; reward(x (N, ...), sigma (N,),
-    rows (N,)), rows: each state's trajectory, for its prompt) and the trajectory goes on from a
-    random candidate (the paper's) or the best (follow="best"). window=(a, b): steps a..b-1 as above and trained; the others Euler steps,
-    k = 1, untrained. train_last=False: the last step is an SDE step with one candidate, unscored
-    and untrained (trained_steps). generator: the SDE noise; picks: the random candidate picks
-    (default: generator). shard=(rank, world): these B are rows rank*B..(rank+1)*B of world*B
-    (torchrun); the random draws are made for all world*B and sliced, so the ranks together
-    sample what one process would.
+    each trained step, k candidates share the step's one policy mean; the DRM scores them (score:
+    sde.score_noisy, the paper's, or a rival rule; reward(x (N, ...), sigma (N,), rows (N,)), rows:
+    each state's trajectory, for its prompt) and the trajectory goes on from a random candidate (the
+    paper's) or the best (follow="best"). window=(a, b): steps a..b-1 as above and trained; the
+    others Euler steps, k = 1, untrained. train_last=False: the last step is an SDE step with one
+    candidate, unscored and untrained (trained_steps). generator: the SDE noise; picks: the random
+    candidate picks (default: generator). shard=(rank, world): these B are rows rank*B..(rank+1)*B
+    of world*B (torchrun); the random draws are made for all world*B and sliced, so the ranks
+    together sample what one process would.
     """
     if follow not in ("random", "best"):
         raise ValueError(f"follow={follow!r}: choose random or best")

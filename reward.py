@@ -26,12 +26,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, config_from_meta, load_module, read_checkpoint, read_safetensors_header, save_checkpoint
+from checkpoints import (CheckpointError, config_from_meta, load_module, read_checkpoint,
+                         read_safetensors_header, save_checkpoint)
 from model import DiT, DiTConfig, build_dit
 
-# The conv heads by name: (widths of the stride-2 convs, GroupNorm groups, MLP hidden size, blocks cut).
-# 2BConvGN and 7BConvGN are the DRM repository's (drm/model.py's ConvScalarHeadGroupNorm, drm/utils.py's
-# HEAD_LAYER_MISSING) for SD3.5-medium's 24 blocks and SD3.5-large's 38; conv is the toy's, scaled down.
+# The conv heads by name: (widths of the stride-2 convs, GroupNorm groups, MLP hidden size, blocks
+# cut). 2BConvGN and 7BConvGN are the DRM repository's (drm/model.py's ConvScalarHeadGroupNorm,
+# drm/utils.py's HEAD_LAYER_MISSING) for SD3.5-medium's 24 blocks and SD3.5-large's 38; conv is the
+# toy's, scaled down.
 CONV_HEADS = {"conv": ((32, 64, 128), 8, 64, 3),
               "2BConvGN": ((256, 512, 512), 32, 512, 3),
               "7BConvGN": ((256, 512, 512), 32, 512, 5)}
@@ -53,7 +55,8 @@ class ConvHead(nn.Module):
         c = in_channels
         for i, width in enumerate(widths):
             self.add_module(f"down{i + 1}", nn.Sequential(
-                nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(groups, width), nn.ReLU()))
+                nn.Conv2d(c, width, 3, stride=2, padding=1), nn.GroupNorm(groups, width),
+                nn.ReLU()))
             c = width
         self.depth = len(widths)
         self.gap = nn.AdaptiveAvgPool2d(1)
@@ -78,7 +81,8 @@ class TokenHead(nn.Module):
 
 
 def default_head(depth):
-    """The head a DiT of `depth` blocks gets: the DRM repository's for SD3.5's 24 and 38, else the toy's."""
+    """The head a DiT of `depth` blocks gets: the DRM repository's for SD3.5's 24 and 38, else the
+    toy's."""
     return {24: "2BConvGN", 38: "7BConvGN"}.get(depth, "conv")
 
 
@@ -99,8 +103,9 @@ class DRM(nn.Module):
 
     @classmethod
     def from_dit(cls, dit, drop_last=None, head_dropout=0.1, head=None):
-        """Copy the DiT (its weights are not shared) and cut its last drop_last blocks (None: the head's
-        own, 3 for conv and 2BConvGN, 5 for 7BConvGN; head None: default_head of its depth)."""
+        """Copy the DiT (its weights are not shared) and cut its last drop_last blocks (None: the
+        head's own, 3 for conv and 2BConvGN, 5 for 7BConvGN; head None: default_head of its
+        depth)."""
         depth = dit.config.depth
         head = head or default_head(depth)
         drop_last = drop_last or (CONV_HEADS[head][3] if head in CONV_HEADS else 3)

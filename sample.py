@@ -1,4 +1,5 @@
-"""Sampling from the DiT: Euler on SD3's grid with classifier-free guidance, the DRM's step-wise search.
+"""Sampling from the DiT: Euler on SD3's grid with classifier-free guidance, the DRM's step-wise
+search.
 
     python sample.py --prompt="a thick 7 slanted right"          # writes samples.png
     python sample.py --prompt="a thick 7 slanted right" --search=stepwise --k=6   # the paper's
@@ -27,7 +28,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from base import ANNOTATED, ModelFlags, check_model_flags, load_base
-from common import UserError, autocast, check_at_least, check_choice, check_numbers, frozen_dtype, pick_device, print_config, run_main
+from common import (UserError, autocast, check_at_least, check_choice, check_numbers, frozen_dtype,
+                    pick_device, print_config, run_main)
 from checkpoints import save_grid
 from model import compile_regions, guided_velocity
 from rivals.reward import EnsembleFlags, check_ensemble, with_ensemble
@@ -268,8 +270,8 @@ def evaluate_heldout(cfg, base, **sampling):
     grid = images.view(len(prompts), cfg.per_prompt, *images.shape[1:])[:, :shown]
     save_grid(grid.flatten(0, 1), cfg.out, nrow=shown)
     with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "checkpoint_step": base.meta.get("step"), **summary}, f,
-                  indent=1)
+        json.dump({"config": dataclasses.asdict(cfg), "checkpoint_step": base.meta.get("step"),
+                   **summary}, f, indent=1)
     return summary
 
 

@@ -1,4 +1,5 @@
-"""SD3's sampling grid and Flow-GRPO's ODE-to-SDE step: the primitives every sampler and rollout is made of.
+"""SD3's sampling grid and Flow-GRPO's ODE-to-SDE step: the primitives every sampler and rollout is
+made of.
 
     sigmas = sigma_schedule(20)                                  # 1 -> 0, SD3's grid
     step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=4.0,

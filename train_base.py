@@ -1,7 +1,7 @@
 """Pretrain the tiny DiT and its text encoder on the toy world with rectified flow.
 
     python train_base.py --export=data/base.safetensors   # 52 minutes on 2 CPU cores
-    torchrun --nproc_per_node=8 train_base.py --batch_size=256   # DDP: each process 32 images a step
+    torchrun --nproc_per_node=8 train_base.py --batch_size=256 # DDP: each process 32 images a step
 
 Loss: E ||v_theta(x_sigma, sigma, c) - (noise - x0)||^2 with sigma logit-normal
 (SD3, Esser et al. 2024, eq. 2-3 and sec. 3.1). Captions are dropped to the
@@ -22,9 +22,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data.toy import ToyBase, save_toy_base
-from common import UserError, any_rank, autocast, check_numbers, print_config, run_main, setup_device, warmup_cosine
-from checkpoints import GracefulStop, RunDir, check_finite, check_weights, resume_training_state, save_grid, save_training_state
-from data.world import HELDOUT_PROMPTS, TextConfig, TextEncoder, caption, load_world, parse_prompt, tokenize
+from common import (UserError, any_rank, autocast, check_numbers, print_config, run_main,
+                    setup_device, warmup_cosine)
+from checkpoints import (GracefulStop, RunDir, check_finite, check_weights, resume_training_state,
+                         save_grid, save_training_state)
+from data.world import (HELDOUT_PROMPTS, TextConfig, TextEncoder, caption, load_world, parse_prompt,
+                        tokenize)
 from model import PRESETS, build_dit, compile_regions, flow_matching_loss, logit_normal_sigma
 from sample import generate
 
@@ -46,11 +49,16 @@ class Config:
     eval_cfg: float = 4.0              # guidance scale of the sample grids
     eval_per_prompt: int = 8           # images per held-out prompt in each grid
     seed: int = 0
-    export: str = ""                   # at the end, also write the EMA model here in float16 (how data/base.safetensors is made)
-    resume: bool = False               # continue from out_dir/train_state.pt (--lr, --train_steps, --eval_every may change)
-    overwrite: bool = False            # start afresh in an out_dir an earlier run used (its files are removed)
-    compile: bool = False              # torch.compile each DiT block (fused elementwise ops; model.py)
-    grad_checkpointing: bool = False   # recompute each block in the backward: less memory, ~1.3x the compute
+    # at the end, also write the EMA model here in float16 (how data/base.safetensors is made)
+    export: str = ""
+    # continue from out_dir/train_state.pt (--lr, --train_steps, --eval_every may change)
+    resume: bool = False
+    # start afresh in an out_dir an earlier run used (its files are removed)
+    overwrite: bool = False
+    # torch.compile each DiT block (fused elementwise ops; model.py)
+    compile: bool = False
+    # recompute each block in the backward: less memory, ~1.3x the compute
+    grad_checkpointing: bool = False
     device: str = "auto"
     RENAMED = {"steps": "train_steps"}  # flags of earlier versions
 
@@ -71,7 +79,8 @@ def update_ema(ema, net, decay):
         e.lerp_(p, 1 - decay)
 
 
-MAY_CHANGE = {"lr", "train_steps", "eval_every", "eval_per_prompt", "device", "compile", "grad_checkpointing", "export"}
+MAY_CHANGE = {"lr", "train_steps", "eval_every", "eval_per_prompt", "device", "compile",
+              "grad_checkpointing", "export"}
 OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors")
 
 
@@ -98,7 +107,8 @@ def main(cfg):
         captions = [c for c, keep in zip(world["captions"], world["train"]) if keep]
         print(f"training on {len(images)} digits; held-out prompts: {HELDOUT_PROMPTS}")
 
-        net = nn.ModuleDict({"dit": build_dit(cfg.preset), "text": TextEncoder(TextConfig())}).to(device)
+        net = nn.ModuleDict({"dit": build_dit(cfg.preset),
+                             "text": TextEncoder(TextConfig())}).to(device)
         ema = copy.deepcopy(net).requires_grad_(False)
         net["dit"].grad_checkpointing = cfg.grad_checkpointing
         if cfg.compile:
@@ -108,15 +118,17 @@ def main(cfg):
               f"text encoder: {sum(p.numel() for p in net['text'].parameters()) / 1e6:.2f}M")
 
         step, minutes_before = 0, 0.0
-        if cfg.resume:  # the learning rate follows --lr (warmup_cosine below), so a resume may change it
-            state = resume_training_state(run_dir.file("train_state.pt"), device, net=net, ema=ema, optimizer=optimizer,
-                                          config=cfg, may_change=MAY_CHANGE)
+        if cfg.resume:
+            # the learning rate follows --lr (warmup_cosine below), so a resume may change it
+            state = resume_training_state(run_dir.file("train_state.pt"), device, net=net, ema=ema,
+                                          optimizer=optimizer, config=cfg, may_change=MAY_CHANGE)
             step, minutes_before = state["step"], state["minutes"]
             rng.setstate(state["python_rng"])
             run_dir.last_saved = step
             run_dir.trim_metrics(step)
 
-        # under torchrun, DDP averages the gradients over the ranks (the weights start equal: same seed)
+        # under torchrun, DDP averages the gradients over the ranks (the weights start equal: same
+        # seed)
         dit, text = ((DDP(net["dit"], broadcast_buffers=False), DDP(net["text"])) if ranks.world > 1
                      else (net["dit"], net["text"]))
         t0 = time.time()
@@ -129,27 +141,32 @@ def main(cfg):
             if ranks.main:
                 save_toy_base(run_dir.file("model.safetensors"), ema["dit"], ema["text"], step)
                 save_training_state(run_dir.file("train_state.pt"), {
-                    "net": net.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-                    "minutes": minutes(), "torch_rng": torch.get_rng_state(), "python_rng": rng.getstate(),
-                    "config": asdict(cfg)})
+                    "net": net.state_dict(), "ema": ema.state_dict(),
+                    "optimizer": optimizer.state_dict(), "step": step,
+                    "minutes": minutes(), "torch_rng": torch.get_rng_state(),
+                    "python_rng": rng.getstate(), "config": asdict(cfg)})
             run_dir.last_saved = step
 
         sigma_bins = torch.linspace(0, 1, 6)  # loss by sigma quintile, as minRF logs it
         bin_loss, bin_count = torch.zeros(5), torch.zeros(5)
         net.train()
-        bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps, desc="train_base", disable=not ranks.main)
+        bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps,
+                   desc="train_base", disable=not ranks.main)
         for step in bar:
-            # the global batch's images, captions, sigmas and noise (the same draws on every rank), then this rank's rows
+            # the global batch's images, captions, sigmas and noise (the same draws on every rank),
+            # then this rank's rows
             idx = torch.randint(len(images), (cfg.batch_size,))
             x0 = images[idx].to(device)
-            ids = tokenize([augment_caption(captions[i], rng, cfg) for i in idx.tolist()]).to(device)
+            ids = tokenize([augment_caption(captions[i], rng, cfg)
+                            for i in idx.tolist()]).to(device)
             sigma = logit_normal_sigma(cfg.batch_size, device)
             noise = torch.randn_like(x0)
             for group in optimizer.param_groups:
                 group["lr"] = warmup_cosine(step, cfg.train_steps, cfg.warmup, cfg.lr)
             with autocast(device):
                 context, pooled = text(ids[mine])
-                losses, sigma = flow_matching_loss(dit, x0[mine], context, pooled, sigma[mine], noise[mine])
+                losses, sigma = flow_matching_loss(dit, x0[mine], context, pooled, sigma[mine],
+                                                   noise[mine])
             loss = losses.mean()
             optimizer.zero_grad(set_to_none=True)
             check_finite(loss, step + 1, "loss", run_dir.advice())
@@ -165,18 +182,24 @@ def main(cfg):
             bar.set_postfix(loss=f"{loss.item():.4f}")
             if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
                 by_bin = (bin_loss / bin_count.clamp(min=1)).tolist()
-                record = {"step": step + 1, "loss": sum(bin_loss.tolist()) / max(1, bin_count.sum().item()),
-                          "loss_by_sigma": [round(v, 4) for v in by_bin], "grad_norm": grad_norm.item(),
-                          "lr": warmup_cosine(step, cfg.train_steps, cfg.warmup, cfg.lr), "minutes": minutes()}
+                record = {"step": step + 1,
+                          "loss": sum(bin_loss.tolist()) / max(1, bin_count.sum().item()),
+                          "loss_by_sigma": [round(v, 4) for v in by_bin],
+                          "grad_norm": grad_norm.item(),
+                          "lr": warmup_cosine(step, cfg.train_steps, cfg.warmup, cfg.lr),
+                          "minutes": minutes()}
                 bin_loss.zero_(), bin_count.zero_()
                 save(step + 1)
                 if ranks.main:
                     prompts = [p for p in HELDOUT_PROMPTS for _ in range(cfg.eval_per_prompt)]
-                    grid = generate(ema["dit"], ToyBase(ema["dit"], ema["text"]), prompts, seed=0, cfg_scale=cfg.eval_cfg)
-                    save_grid(grid, run_dir.file(f"samples_{step + 1:06d}.png"), nrow=cfg.eval_per_prompt)
+                    grid = generate(ema["dit"], ToyBase(ema["dit"], ema["text"]), prompts, seed=0,
+                                    cfg_scale=cfg.eval_cfg)
+                    save_grid(grid, run_dir.file(f"samples_{step + 1:06d}.png"),
+                              nrow=cfg.eval_per_prompt)
                     with open(run_dir.file("metrics.jsonl"), "a") as log:
                         log.write(json.dumps(record) + "\n")
-                    tqdm.write(f"step {step + 1:6d} | loss {record['loss']:.4f} | by sigma {record['loss_by_sigma']} "
+                    tqdm.write(f"step {step + 1:6d} | loss {record['loss']:.4f} | by sigma "
+                               f"{record['loss_by_sigma']} "
                                f"| {record['minutes']:.1f} min")
             if any_rank(stop):
                 if run_dir.last_saved != step + 1:

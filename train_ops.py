@@ -1,6 +1,6 @@
 """The operations of train_policy.py's GRPO loop, kept out of the method's way: the models and their
-devices (DDP, FSDP, LoRA, compile), an update's random streams, counting what the DRM costs, the pieces
-a minibatch is cut into, evaluation, checkpoints and resume.
+devices (DDP, FSDP, LoRA, compile), an update's random streams, counting what the DRM costs, the
+pieces a minibatch is cut into, evaluation, checkpoints and resume.
 
 train_policy.py reads as the algorithm (rollout, advantages, update) and calls each of these once.
 """
@@ -34,8 +34,9 @@ WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 @dataclass
 class Models:
-    """What an update uses: the policy (its weights), the module the loss calls (the policy, or DDP around it
-    under torchrun), the frozen reference (the KL's, or None), the frozen DRM and its text side, AdamW."""
+    """What an update uses: the policy (its weights), the module the loss calls (the policy, or DDP
+    around it under torchrun), the frozen reference (the KL's, or None), the frozen DRM and its text
+    side, AdamW."""
     policy: torch.nn.Module
     loss_policy: torch.nn.Module
     reference: torch.nn.Module | None
@@ -52,8 +53,8 @@ def shard(policy):
 
 
 def build_models(cfg, base, device, ranks):
-    """The policy (float32 weights when fully fine-tuned; LoRA when asked), its frozen copy for the KL, the frozen
-    DRM, DDP or FSDP under torchrun, AdamW -> Models."""
+    """The policy (float32 weights when fully fine-tuned; LoRA when asked), its frozen copy for the
+    KL, the frozen DRM, DDP or FSDP under torchrun, AdamW -> Models."""
     policy = base.dit if cfg.lora_rank else base.dit.float()
     drm, drm_text, _ = base.load_drm(cfg.drm, device)
     drm.requires_grad_(False).to(frozen_dtype(device))  # bf16 on a GPU
@@ -70,7 +71,8 @@ def build_models(cfg, base, device, ranks):
             shard(module)
     params = [p for p in policy.parameters() if p.requires_grad]
     # under torchrun, DDP (or FSDP) averages the gradients over the ranks (the weights start equal)
-    loss_policy = DDP(policy, broadcast_buffers=False) if ranks.world > 1 and not cfg.fsdp else policy
+    loss_policy = DDP(policy,
+                      broadcast_buffers=False) if ranks.world > 1 and not cfg.fsdp else policy
     kind = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full fine-tune"
     print(f"policy: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters ({kind}); "
           f"credit {cfg.credit}")
@@ -83,29 +85,33 @@ def build_models(cfg, base, device, ranks):
 
 
 def streams(seed, update):
-    """An update's random numbers, a generator each, seeded by (seed, update, name): prompts, sde (the SDE's
-    noise), picks (stepwise's candidate picks), order (the minibatches' order), window (random windows),
-    noise(p) (prompt p's initial noises). So every mode and method run with one seed draws the same prompts and
-    initial noise at each update, whatever else it draws (common random numbers: runs compare pairwise), and a
-    resumed run needs no saved streams."""
+    """An update's random numbers, a generator each, seeded by (seed, update, name): prompts, sde
+    (the SDE's noise), picks (stepwise's candidate picks), order (the minibatches' order), window
+    (random windows), noise(p) (prompt p's initial noises). So every mode and method run with one
+    seed draws the same prompts and initial noise at each update, whatever else it draws (common
+    random numbers: runs compare pairwise), and a resumed run needs no saved streams."""
     def stream(name):
         digest = hashlib.sha256(f"{seed}/{update}/{name}".encode()).digest()
         return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little"))
     names = ("prompts", "sde", "picks", "order", "window")
-    return SimpleNamespace(**{name: stream(name) for name in names}, noise=lambda p: stream(f"noise/{p}"))
+    return SimpleNamespace(**{name: stream(name) for name in names},
+                           noise=lambda p: stream(f"noise/{p}"))
 
 
 def draw_prompts(train_prompts, n_prompts, per_prompt, rng, policy, latent_size):
-    """An update's prompts, each per_prompt times (adjacent), and their initial noises: prompt p's from its own
-    stream, so its trajectories start alike in every mode -> (prompts, noise (n_prompts * per_prompt, ...))."""
+    """An update's prompts, each per_prompt times (adjacent), and their initial noises: prompt p's
+    from its own stream, so its trajectories start alike in every mode -> (prompts, noise (n_prompts
+    * per_prompt, ...))."""
     picks = torch.randint(len(train_prompts), (n_prompts,), generator=rng.prompts).tolist()
     prompts = [train_prompts[i] for i in picks for _ in range(per_prompt)]
-    noise = torch.cat([initial_noise(policy, per_prompt, rng.noise(p), latent_size) for p in range(n_prompts)])
+    noise = torch.cat([initial_noise(policy, per_prompt, rng.noise(p), latent_size)
+                       for p in range(n_prompts)])
     return prompts, noise
 
 
 class Scorer:
-    """The DRM on one batch of prompts, `batch` rows a pass; `calls`: the DRM passes on all ranks."""
+    """The DRM on one batch of prompts, `batch` rows a pass; `calls`: the DRM passes on all
+    ranks."""
 
     def __init__(self, drm, drm_text, prompts, batch, world=1):
         self.drm, self.batch, self.world, self.calls = drm, batch, world, 0
@@ -119,8 +125,8 @@ class Scorer:
 
 
 def drm_pass_cost(base, policy, drm, drm_text, prompt):
-    """A DRM pass's cost in DiT passes: its FLOPs over an unguided DiT pass's, on one state of `prompt`
-    (counted, so the same on any machine: the run's DiT-pass equivalents per DRM pass)."""
+    """A DRM pass's cost in DiT passes: its FLOPs over an unguided DiT pass's, on one state of
+    `prompt` (counted, so the same on any machine: the run's DiT-pass equivalents per DRM pass)."""
     device = next(policy.parameters()).device
     x = initial_noise(policy, 1, torch.Generator().manual_seed(0), base.latent_size).to(device)
     sigma = torch.full((1,), 0.5, device=device)
@@ -135,12 +141,14 @@ def drm_pass_cost(base, policy, drm, drm_text, prompt):
 
 
 def pieces(pairs, trajectories, mine, world, loss_batch):
-    """One minibatch's (step, trajectory) pairs (flat indices step * trajectories + row, of every rank's rows) ->
-    this rank's pieces [(step_ids, rows, weight)], rows local to the rank, `loss_batch` pairs a piece (0: all).
+    """One minibatch's (step, trajectory) pairs (flat indices step * trajectories + row, of every
+    rank's rows) -> this rank's pieces [(step_ids, rows, weight)], rows local to the rank,
+    `loss_batch` pairs a piece (0: all).
 
-    DDP averages the ranks' gradients; a piece's mean loss times weight = n x world / (minibatch size) makes that
-    average the minibatch's mean, and the pieces' gradients add up. Every rank runs as many pieces as the busiest
-    one: DDP needs every rank in each backward, so a rank out of pairs runs one pair at weight 0."""
+    DDP averages the ranks' gradients; a piece's mean loss times weight = n x world / (minibatch
+    size) makes that average the minibatch's mean, and the pieces' gradients add up. Every rank runs
+    as many pieces as the busiest one: DDP needs every rank in each backward, so a rank out of pairs
+    runs one pair at weight 0."""
     step_ids, rows = pairs // trajectories, pairs % trajectories
     owners = torch.bincount(rows // (trajectories // world), minlength=world)
     here = (rows >= mine.start) & (rows < mine.stop)
@@ -183,8 +191,8 @@ def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
 
 
 def save_run(cfg, run_dir, base, models, *, step, counters):
-    """The policy and the train state (with LoRA: the adapters and their optimizer state alone; the frozen
-    weights are the base's); every rank takes part (FSDP gathers)."""
+    """The policy and the train state (with LoRA: the adapters and their optimizer state alone; the
+    frozen weights are the base's); every rank takes part (FSDP gathers)."""
     policy_state, optimizer_state = get_state_dict(models.policy, models.optimizer, options=WHOLE)
     if run_dir.main:
         base.save_policy(cfg.out_dir, policy_state, models.policy.config, cfg.lora_rank, step)
@@ -195,13 +203,14 @@ def save_run(cfg, run_dir, base, models, *, step, counters):
     run_dir.last_saved = step
 
 
-def evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, *, step, counters, train_stats=None,
-                      save=True, stop=False):
-    """Evaluate; refuse to save or log a diverged policy (NaN metrics, non-finite weights); save; log one line.
-    A stop asked for during the evaluation before any update leaves nothing."""
+def evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, *, step, counters,
+                      train_stats=None, save=True, stop=False):
+    """Evaluate; refuse to save or log a diverged policy (NaN metrics, non-finite weights); save;
+    log one line. A stop asked for during the evaluation before any update leaves nothing."""
     summary, images = {}, None
     if ranks.main or cfg.fsdp:
-        summary, images = evaluate_policy(cfg, models.policy, base, models.drm, models.drm_text, heldout)
+        summary, images = evaluate_policy(cfg, models.policy, base, models.drm, models.drm_text,
+                                          heldout)
     if step == 0 and any_rank(stop):
         return
     check_finite(summary, step, "held-out evaluation", run_dir.advice())
@@ -212,16 +221,18 @@ def evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, *, step, count
         shown = min(cfg.eval_per_prompt, 8)
         grid = images.view(len(heldout), cfg.eval_per_prompt, *images.shape[1:])[:, :shown]
         save_grid(grid.flatten(0, 1), run_dir.file(f"samples_{step:05d}.png"), nrow=shown)
-        record = {"step": step, "credit": cfg.credit, "seed": cfg.seed, **counters, **summary, **(train_stats or {})}
+        record = {"step": step, "credit": cfg.credit, "seed": cfg.seed, **counters, **summary,
+                  **(train_stats or {})}
         with open(run_dir.file("metrics.jsonl"), "a") as log:
             log.write(json.dumps(record) + "\n")
         tqdm.write(f"update {step:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in summary.items())
-                   + f" | DiT-pass equivalents {counters['dit_equivalents']:.0f} | {counters['time_s']:.0f} s")
+                   + f" | DiT-pass equivalents {counters['dit_equivalents']:.0f} | "
+                   f"{counters['time_s']:.0f} s")
 
 
 def resume_run(cfg, run_dir, state, models):
-    """The saved policy and optimizer back in place (the random streams are the update's: streams) ->
-    (update, counters)."""
+    """The saved policy and optimizer back in place (the random streams are the update's: streams)
+    -> (update, counters)."""
     check_state_fits(run_dir.file("train_state.pt"), "policy", models.policy, state["policy"],
                      trained_only=cfg.lora_rank > 0)
     options = dataclasses.replace(WHOLE, strict=not cfg.lora_rank)  # LoRA: the adapters alone
@@ -236,7 +247,8 @@ def resume_run(cfg, run_dir, state, models):
 
 
 def finish_stopped(cfg, run_dir, base, models, *, step, counters, advice):
-    """A stop asked for (Ctrl-C, SIGTERM): save the last update if it is not saved yet, and say how to go on."""
+    """A stop asked for (Ctrl-C, SIGTERM): save the last update if it is not saved yet, and say how
+    to go on."""
     if step and run_dir.last_saved != step:
         check_weights(models.policy, step, advice)
         save_run(cfg, run_dir, base, models, step=step, counters=counters)

@@ -28,8 +28,10 @@ from tqdm import tqdm
 
 import train_ops
 from base import ModelFlags, check_model_flags, load_base
-from checkpoints import GracefulStop, RunDir, check_finite, check_resumed_config, load_training_state
-from common import UserError, any_rank, autocast, check_at_least, check_choice, check_numbers, setup_device
+from checkpoints import (GracefulStop, RunDir, check_finite, check_resumed_config,
+                         load_training_state)
+from common import (UserError, any_rank, autocast, check_at_least, check_choice, check_numbers,
+                    setup_device)
 from common import print_config, run_main
 from grpo import grpo_loss
 from model import in_chunks
@@ -136,8 +138,9 @@ def rollout(cfg, models, base, train_prompts, rng, ranks, *, step):
     with autocast(device):
         trajectories = mode.rollout(
             velocity, noise, cond, uncond, sigmas, run, scorer, SCORES[cfg.score],
-            noise_level=cfg.noise_level, cfg_scale=cfg.cfg_scale, window=window_at(cfg, step, rng.window),
-            train_last=cfg.train_last_step, generator=rng.sde, picks=rng.picks, shard=ranks.shard_id)
+            noise_level=cfg.noise_level, cfg_scale=cfg.cfg_scale,
+            window=window_at(cfg, step, rng.window), train_last=cfg.train_last_step,
+            generator=rng.sde, picks=rng.picks, shard=ranks.shard_id)
         final_rewards = None
         if mode.terminal:  # gathered from every rank: each prompt's group is normalised whole
             rows = torch.arange(len(noise), device=device)
@@ -225,7 +228,8 @@ def main(cfg):
             train_ops.evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, step=0,
                                         counters=counters, save=False, stop=stop)
         spent = lambda: cfg.max_nfe and counters["dit_equivalents"] >= cfg.max_nfe  # noqa: E731
-        bar = tqdm(initial=step, total=cfg.updates, desc=f"grpo {cfg.credit}", disable=not ranks.main)
+        bar = tqdm(initial=step, total=cfg.updates, desc=f"grpo {cfg.credit}",
+                   disable=not ranks.main)
         while step < cfg.updates and not spent() and not any_rank(stop):
             t0 = time.time()
             train_stats, nfe, drm_calls = grpo_step(cfg, base, models, train_prompts, ranks,

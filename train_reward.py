@@ -14,11 +14,12 @@ learns to rank noisy states at every noise level:
     L = -log sigmoid(r(x_sigma^w, sigma) - r(x_sigma^l, sigma)),  x_sigma = (1 - sigma) x0 + sigma z
 
 The sigma is the DRM repository's (drm/train.py): u ~ sigmoid(N(0, 1)) indexes the base's 1000-step
-scheduler grid, sigma = bend(1 - floor(1000 u) / 1000) with the base's shift (SD3.5: 3, so the median
-training sigma is 0.75; the toy: 1). On SD3 every setting defaults to that repository's recipe
-(--recipe=drm: its head, AdamW lr 1e-5 without warm-up (its "constant" schedule ignores the warm-up
-flag), weight decay 1e-4, batch 16, pairs of confidence >= 0.95, images stretched to square,
-VAE latents drawn from the posterior, T5 padded to 512 tokens); on the toy, to the toy's (--recipe=toy).
+scheduler grid, sigma = bend(1 - floor(1000 u) / 1000) with the base's shift (SD3.5: 3, so the
+median training sigma is 0.75; the toy: 1). On SD3 every setting defaults to that repository's
+recipe (--recipe=drm: its head, AdamW lr 1e-5 without warm-up (its "constant" schedule ignores the
+warm-up flag), weight decay 1e-4, batch 16, pairs of confidence >= 0.95, images stretched to square,
+VAE latents drawn from the posterior, T5 padded to 512 tokens); on the toy, to the toy's
+(--recipe=toy).
 
 The text encoder is the base model's, frozen: prompts are encoded once. Evaluation noises the
 test pairs at fixed sigmas with fixed noise and reports pairwise accuracy against the labels and,
@@ -36,8 +37,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from base import ModelFlags, check_model_flags, load_base
-from common import UserError, any_rank, autocast, check_at_least, check_choice, check_numbers, given_flags, parse_numbers, print_config, run_main, setup_device, warmup_cosine
-from checkpoints import GracefulStop, RunDir, atomic_write, check_finite, check_weights, resume_training_state, save_training_state
+from common import (UserError, any_rank, autocast, check_at_least, check_choice, check_numbers,
+                    given_flags, parse_numbers, print_config, run_main, setup_device, warmup_cosine)
+from checkpoints import (GracefulStop, RunDir, atomic_write, check_finite, check_weights,
+                         resume_training_state, save_training_state)
 from data.pairs import gold_scores, read_pairs
 from model import add_noise, compile_regions, logit_normal_sigma
 from reward import DRM, HEADS, default_head
@@ -66,7 +69,8 @@ class Config(ModelFlags, EnsembleFlags):  # where the DRM starts (base.py); the 
     # grid (the DRM repository's: logit-normal u indexing the shifted 1000-step grid) | grid_uniform
     # (its --uniform) | logit_normal (sigma itself, unshifted) | uniform | zero (clean images)
     sigma_sampling: str = "grid"
-    sigma_shift: float = 0.0           # the grid's shift (0: the base's scheduler's, SD3.5 3, toy 1)
+    # the grid's shift (0: the base's scheduler's, SD3.5 3, toy 1)
+    sigma_shift: float = 0.0
     pair_noise: str = "independent"    # independent (each image its own noise: the paper) | shared
                                        # (one noise for both images of a pair: DiNa-LRM's)
     loss: str = "bt"                   # bt (Bradley-Terry, the paper) | thurstone (DiNa-LRM's:
@@ -95,8 +99,10 @@ class Config(ModelFlags, EnsembleFlags):  # where the DRM starts (base.py); the 
     # samples, and the DRM's ranking of SDE candidates by step; bench/drm_on_policy.py)
     eval_set: str = "prefs"
     drm: str = ""                      # with --eval_only: the DRM checkpoint to evaluate
-    export: str = ""                   # at the end, the DRM here (ours: float16, data/drm.safetensors)
-    export_layout: str = "ours"        # ours | official (the DRM repository's model.safetensors, which
+    # at the end, the DRM here (ours: float16, data/drm.safetensors)
+    export: str = ""
+    # ours | official (the DRM repository's model.safetensors, which
+    export_layout: str = "ours"
                                        # its DRMRewardModel loads strictly; float32)
     resume: bool = False               # continue out_dir's run (MAY_CHANGE below may change)
     overwrite: bool = False            # start afresh in a used out_dir (its run's files removed)
@@ -108,8 +114,8 @@ class Config(ModelFlags, EnsembleFlags):  # where the DRM starts (base.py); the 
 
 
 SIGMA_SAMPLING = ("grid", "grid_uniform", "logit_normal", "uniform", "zero")
-# the DRM repository's recipe (drm/train.py, dataset.py, scripts/train_sd35_medium.sh): the values that
-# differ from the toy's defaults
+# the DRM repository's recipe (drm/train.py, dataset.py, scripts/train_sd35_medium.sh): the values
+# that differ from the toy's defaults
 RECIPES = {"toy": {}, "drm": dict(
     min_confidence=0.95, batch_size=16, lr=1e-5, head_lr=1e-5, weight_decay=1e-4, warmup=0,
     lr_schedule="constant", image_resize="stretch", vae_latents="sample", t5_tokens=512)}
@@ -120,7 +126,8 @@ OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors")  # a run's fi
 
 
 def with_recipe(cfg):
-    """cfg with --recipe's values in place of the toy's defaults it left ("": drm on SD3, toy on the toy)."""
+    """cfg with --recipe's values in place of the toy's defaults it left ("": drm on SD3, toy on the
+    toy)."""
     check_choice(cfg, "recipe", ("", *RECIPES))
     recipe = cfg.recipe or ("toy" if cfg.model == "toy" else "drm")
     given = given_flags(cfg)
@@ -129,8 +136,8 @@ def with_recipe(cfg):
 
 
 def grid_sigma(u, shift, n=1000):
-    """The DRM repository's timestep sampler: u in [0, 1) indexes the scheduler's n-step training grid
-    (diffusers' FlowMatchEulerDiscreteScheduler before set_timesteps: timesteps[i] = n - i), so
+    """The DRM repository's timestep sampler: u in [0, 1) indexes the scheduler's n-step training
+    grid (diffusers' FlowMatchEulerDiscreteScheduler before set_timesteps: timesteps[i] = n - i), so
     sigma = bend(s), s = (n - floor(n u)) / n, bend(s) = shift s / (1 + (shift - 1) s)."""
     s = (n - (u * n).long()).double() / n
     return (shift * s / (1 + (shift - 1) * s)).float()
@@ -148,7 +155,8 @@ def training_sigma(kind, n, device, shift=1.0):
 
 
 def evaluation_sigmas(cfg, shift):
-    """[(label, sigma)]: --eval_sigmas, then --eval_times on the base's grid (the DRM repository's)."""
+    """[(label, sigma)]: --eval_sigmas, then --eval_times on the base's grid (the DRM
+    repository's)."""
     sigmas = [(f"{s:g}", s) for s in parse_numbers(cfg, "eval_sigmas", float)]
     for t in parse_numbers(cfg, "eval_times"):
         sigma = 0.0 if t == 0 else grid_sigma(torch.tensor([1 - t / 1000]), shift).item()
@@ -171,7 +179,8 @@ def check(cfg):
         raise UserError(f"--sigma_shift={cfg.sigma_shift}: a shift > 0, or 0 for the base's own")
     times = parse_numbers(cfg, "eval_times")
     if not all(0 <= t < 1000 for t in times):
-        raise UserError(f"--eval_times={cfg.eval_times}: indices in [0, 1000) of the 1000-step grid")
+        raise UserError(f"--eval_times={cfg.eval_times}: indices in [0, 1000) of the 1000-step "
+                        "grid")
     check_choice(cfg, "sigma_sampling", SIGMA_SAMPLING)
     check_choice(cfg, "loss", tuple(LOSSES))
     check_ensemble(cfg)
@@ -180,7 +189,8 @@ def check(cfg):
     if cfg.eval_set == "policy" and not (cfg.eval_only and cfg.model == "toy"):
         raise UserError("--eval_set=policy scores the toy's own samples with its annotator: use "
                         "it with --eval_only on --model=toy")
-    check_at_least(cfg, 1, "train_steps", "batch_size", "eval_every", "eval_noise_draws", "eval_batch")
+    check_at_least(cfg, 1, "train_steps", "batch_size", "eval_every", "eval_noise_draws",
+                   "eval_batch")
     sigmas = parse_numbers(cfg, "eval_sigmas", float)
     if not sigmas or not all(0 <= s <= 1 for s in sigmas):
         raise UserError(f"--eval_sigmas={cfg.eval_sigmas}: every sigma must lie in [0, 1] "
@@ -203,7 +213,8 @@ class Pairs:
     context: torch.Tensor       # (P, L, context_dim), P distinct prompts
     pooled: torch.Tensor        # (P, pooled_dim)
     gold: torch.Tensor | None   # (N, 2) or None
-    stds: tuple | None = None   # SD3, --vae_latents=sample: the posteriors' stds (winners', losers')
+    # SD3, --vae_latents=sample: the posteriors' stds (winners', losers')
+    stds: tuple | None = None
 
     def images(self, rows, generator=None):
         """The (winners, losers) of `rows`: the posterior means, or a draw from each posterior."""
@@ -390,7 +401,8 @@ def save_run(cfg, run_dir, base, drm, optimizer, step):
 
 
 def export(cfg, base, drm, skipped):
-    """--export: ours (float16, with what the base keeps beside it) or the DRM repository's layout."""
+    """--export: ours (float16, with what the base keeps beside it) or the DRM repository's
+    layout."""
     if cfg.export_layout == "official":
         from sd3.mmdit import official_drm_tensors
         tensors = official_drm_tensors(drm, skipped)
@@ -432,7 +444,8 @@ def main(cfg):
         layers = (cfg.drop_last or None, cfg.head_dropout, head)
         drm = (DRM.from_dit(base.dit, *layers) if cfg.init == "pretrained"
                else DRM.from_scratch(base.dit.config, *layers)).to(device).float().train()
-        kept = len(drm.backbone.joint_blocks)  # the base's blocks the DRM cut, for an official export
+        # the base's blocks the DRM cut, for an official export
+        kept = len(drm.backbone.joint_blocks)
         skipped = ({k: v.cpu() for k, v in base.dit.state_dict().items()
                     if k.startswith("joint_blocks.") and int(k.split(".")[1]) >= kept}
                    if cfg.export_layout == "official" else {})
@@ -460,8 +473,8 @@ def main(cfg):
         model = (DDP(drm, broadcast_buffers=False, find_unused_parameters=True) if ranks.world > 1
                  else drm)
         t0, running = time.time(), []
-        bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps, desc="train_reward",
-                   disable=not ranks.main)
+        bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps,
+                   desc="train_reward", disable=not ranks.main)
         for step in bar:
             running.append(train_step(cfg, model, optimizer, train, mine, step, run_dir.advice()))
             bar.set_postfix(loss=f"{running[-1][0]:.4f}")

@@ -1,6 +1,7 @@
-"""Write a student copy of the repository: the exercises' solutions replaced by NotImplementedError and a hint.
+"""Write a student copy of the repository: the exercises' solutions replaced by NotImplementedError
+and a hint.
 
-    python assignments/make_student_copy.py --out=../nanodrm-student                     # every exercise blanked
+    python assignments/make_student_copy.py --out=../nanodrm-student # every exercise blanked
     python assignments/make_student_copy.py --out=../hw3 --exercises=ex3_sde_step,ex4_grpo
 
 The reference solutions live in the real code between two marker lines,
@@ -9,9 +10,10 @@ The reference solutions live in the real code between two marker lines,
     ...
     # END SOLUTION
 
-and each region becomes `raise NotImplementedError("ex3_sde_step: the hint ...")` at the same indentation.
-Every test that needs an exercise's code carries its pytest mark, so the students grade themselves with
-`python -m pytest -q tests -k ex3_sde_step`, and the rest of the suite keeps passing around the blanks.
+and each region becomes `raise NotImplementedError("ex3_sde_step: the hint ...")` at the same
+indentation. Every test that needs an exercise's code carries its pytest mark, so the students grade
+themselves with `python -m pytest -q tests -k ex3_sde_step`, and the rest of the suite keeps passing
+around the blanks.
 """
 import argparse
 import os
@@ -27,16 +29,19 @@ SKIP = {".git", "out", "__pycache__", ".pytest_cache", ".ruff_cache"}
 
 
 def blank(text, exercises, path="<text>"):
-    """The text with the solution regions of `exercises` replaced -> (new text, names of the regions blanked)."""
+    """The text with the solution regions of `exercises` replaced -> (new text, names of the regions
+    blanked)."""
     lines, out, blanked, inside = text.splitlines(keepends=True), [], [], None
     for number, line in enumerate(lines, 1):
         begin = BEGIN.match(line)
         if begin:
             if inside:
-                raise ValueError(f"{path}:{number}: a BEGIN SOLUTION inside the region that starts at line {inside[0]}")
+                raise ValueError(f"{path}:{number}: a BEGIN SOLUTION inside the region that starts "
+                                 f"at line {inside[0]}")
             indent, name, hint = begin.groups()
             if name not in EXERCISES:
-                raise ValueError(f"{path}:{number}: unknown exercise {name!r}; known: {', '.join(EXERCISES)}")
+                raise ValueError(f"{path}:{number}: unknown exercise {name!r}; known: "
+                                 f"{', '.join(EXERCISES)}")
             inside = (number, name in exercises)
             if inside[1]:
                 blanked.append(name)
@@ -57,7 +62,8 @@ def blank(text, exercises, path="<text>"):
 
 
 def make_student_copy(out, exercises=EXERCISES, root=ROOT):
-    """Copy root to out (no .git, outputs or caches) with the exercises blanked -> {exercise: regions blanked}."""
+    """Copy root to out (no .git, outputs or caches) with the exercises blanked -> {exercise:
+    regions blanked}."""
     if os.path.exists(out):
         raise FileExistsError(f"--out={out} exists; pick a new folder (nothing is overwritten)")
     shutil.copytree(root, out, ignore=lambda folder, names: [n for n in names if n in SKIP])
@@ -77,18 +83,21 @@ def make_student_copy(out, exercises=EXERCISES, root=ROOT):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", required=True, help="a new folder for the student copy")
-    parser.add_argument("--exercises", default=",".join(EXERCISES), help="comma-separated; default: all")
+    parser.add_argument("--exercises", default=",".join(EXERCISES),
+                        help="comma-separated; default: all")
     args = parser.parse_args(argv)
     exercises = [e for e in args.exercises.split(",") if e]
     unknown = [e for e in exercises if e not in EXERCISES]
     if unknown:
-        sys.exit(f"error: --exercises: unknown {', '.join(unknown)}; choose from {', '.join(EXERCISES)}")
+        sys.exit(f"error: --exercises: unknown {', '.join(unknown)}; choose from "
+                 f"{', '.join(EXERCISES)}")
     try:
         counts = make_student_copy(args.out, exercises)
     except (FileExistsError, ValueError) as e:
         sys.exit(f"error: {e}")
     for exercise, n in counts.items():
-        print(f"{exercise}: {n} region(s) blanked; grade with: python -m pytest -q tests -k {exercise}")
+        print(f"{exercise}: {n} region(s) blanked; grade with: python -m pytest -q tests -k "
+              f"{exercise}")
     print(f"wrote the student copy to {args.out}")
 
 

@@ -1,16 +1,15 @@
 """Our DiT against diffusers' SD3Transformer2DModel, and against the machine's own matmul ceiling.
 
-    python -m bench.dit_speed                                    # CPU, float32: the toy and a mid size
-    python -m bench.dit_speed --sizes=sd3.5-medium --device=cuda  # GPU, bf16 autocast, random weights
+    python -m bench.dit_speed # CPU, float32: the toy and a mid size
+    python -m bench.dit_speed --sizes=sd3.5-medium --device=cuda # GPU, bf16 autocast, random
+    weights
 
-For each size one diffusers model with random weights is saved and loaded into
-ours with `load_sd3`, so both run the same weights (their outputs are checked
-to agree first). Then four variants are timed, forward without grad and a
-training step (forward, backward, AdamW step): diffusers as users run it,
-diffusers with each of its blocks compiled, ours eager, ours with
-`model.compile_regions` (what --compile does). The variants take turns round after round and each keeps
-its median, so a slow spell of this noisy machine hits all of them alike;
-read the ratios, not the seconds.
+For each size one diffusers model with random weights is saved and loaded into ours with `load_sd3`,
+so both run the same weights (their outputs are checked to agree first). Then four variants are
+timed, forward without grad and a training step (forward, backward, AdamW step): diffusers as users
+run it, diffusers with each of its blocks compiled, ours eager, ours with `model.compile_regions`
+(what --compile does). The variants take turns round after round and each keeps its median, so a
+slow spell of this noisy machine hits all of them alike; read the ratios, not the seconds.
 
 The ceiling is a large square torch.mm. Our training step's FLOP/s counts the
 forward's matmul and attention FLOPs analytically (elementwise ops are free in
@@ -31,17 +30,22 @@ from sd3.mmdit import load_sd3
 
 # name -> (DiT config, batch, latent side, text tokens)
 SIZES = {
-    "tiny": (PRESETS["tiny"], 64, 32, 8),              # the CPU toy: 64 image + 8 text tokens a sample
-    "mid": (DiTConfig(in_channels=16, out_channels=16, patch_size=2, dim=512, depth=8, heads=8, context_dim=1024,
-                      pooled_dim=512, pos_embed_max_size=32, qk_norm=True), 4, 32, 77),   # 256 + 77 tokens
-    "sd3.5-medium": (PRESETS["sd3.5-medium"], 2, 128, 333),  # 1024 px: 4096 image tokens; 77 CLIP + 256 T5 tokens
+    # the CPU toy: 64 image + 8 text tokens a sample
+    "tiny": (PRESETS["tiny"], 64, 32, 8),
+    "mid": (DiTConfig(in_channels=16, out_channels=16, patch_size=2, dim=512, depth=8, heads=8,
+                      context_dim=1024,
+                      # 256 + 77 tokens
+                      pooled_dim=512, pos_embed_max_size=32, qk_norm=True), 4, 32, 77),
+    # 1024 px: 4096 image tokens; 77 CLIP + 256 T5 tokens
+    "sd3.5-medium": (PRESETS["sd3.5-medium"], 2, 128, 333),
 }
 
 
 @dataclass
 class Config:
     sizes: str = "tiny,mid"        # comma-separated keys of SIZES
-    rounds: int = 7                # timed rounds (each variant once a round) after one untimed round
+    # timed rounds (each variant once a round) after one untimed round
+    rounds: int = 7
     ceiling_n: int = 4096          # side of the square matmul that measures the ceiling
     device: str = "auto"
 
@@ -52,8 +56,9 @@ def diffusers_model(config):
         sample_size=config.pos_embed_max_size * config.patch_size, patch_size=config.patch_size,
         in_channels=config.in_channels, out_channels=config.out_channels, num_layers=config.depth,
         attention_head_dim=config.dim // config.heads, num_attention_heads=config.heads,
-        joint_attention_dim=config.context_dim, caption_projection_dim=config.dim, pooled_projection_dim=config.pooled_dim,
-        pos_embed_max_size=config.pos_embed_max_size, qk_norm="rms_norm" if config.qk_norm else None,
+        joint_attention_dim=config.context_dim, caption_projection_dim=config.dim,
+        pooled_projection_dim=config.pooled_dim, pos_embed_max_size=config.pos_embed_max_size,
+        qk_norm="rms_norm" if config.qk_norm else None,
         dual_attention_layers=config.dual_attention_layers)
     with torch.no_grad():  # small random weights everywhere (no zero gates), so every op matters
         for p in model.parameters():
@@ -62,17 +67,25 @@ def diffusers_model(config):
 
 
 def forward_flops(config, batch, image_tokens, text_tokens):
-    """Matmul + attention FLOPs of one forward (2 per multiply-add), embedders and adaLN included."""
+    """Matmul + attention FLOPs of one forward (2 per multiply-add), embedders and adaLN
+    included."""
     D, L, hidden = config.dim, image_tokens + text_tokens, int(config.mlp_ratio * config.dim)
-    per_token = 2 * (4 * D * D + 2 * hidden * D)                     # qkv, proj and the MLP of one stream
-    flops = 2 * (256 * D + D * D) + 2 * (config.pooled_dim * D + D * D)  # timestep and pooled-text embedders
+    # qkv, proj and the MLP of one stream
+    per_token = 2 * (4 * D * D + 2 * hidden * D)
+    # timestep and pooled-text embedders
+    flops = 2 * (256 * D + D * D) + 2 * (config.pooled_dim * D + D * D)
     flops += text_tokens * 2 * config.context_dim * D
-    flops += image_tokens * 2 * D * config.patch_size ** 2 * (config.in_channels + config.out_channels)  # patches in, out
+    # patches in, out
+    flops += (image_tokens * 2 * D * config.patch_size ** 2
+              * (config.in_channels + config.out_channels))
     for i in range(config.depth):
         last, dual = i == config.depth - 1, i in config.dual_attention_layers
-        flops += image_tokens * per_token + text_tokens * (2 * 3 * D * D if last else per_token)  # last: context qkv only
-        flops += 2 * 2 * L * L * D                                       # q k^T and attention @ v, joint
-        if dual:                                                         # SD3.5's second, image-only attention
+        # last: context qkv only
+        flops += image_tokens * per_token + text_tokens * (2 * 3 * D * D if last else per_token)
+        # q k^T and attention @ v, joint
+        flops += 2 * 2 * L * L * D
+        if dual:
+            # SD3.5's second, image-only attention
             flops += image_tokens * 2 * 4 * D * D + 2 * 2 * image_tokens ** 2 * D
         flops += 2 * D * D * ((9 if dual else 6) + (2 if last else 6))  # adaLN, once per sample
     return batch * (flops + 2 * D * 2 * D)                               # + the final layer's adaLN
@@ -99,7 +112,8 @@ def synchronize(device):
 
 
 def interleaved_medians(fns, rounds, device):
-    """Run each fn once untimed, then `rounds` rounds of each fn in turn -> {name: median seconds}."""
+    """Run each fn once untimed, then `rounds` rounds of each fn in turn -> {name: median
+    seconds}."""
     times = {name: [] for name in fns}
     for r in range(rounds + 1):
         for name, fn in fns.items():
@@ -126,8 +140,8 @@ def bench_size(name, cfg, device):
     pooled = torch.randn(batch, config.pooled_dim, device=device)
 
     def call_theirs(model):
-        return lambda: model(hidden_states=x, encoder_hidden_states=context, pooled_projections=pooled,
-                             timestep=sigma * 1000).sample
+        return lambda: model(hidden_states=x, encoder_hidden_states=context,
+                             pooled_projections=pooled, timestep=sigma * 1000).sample
 
     def call_ours(model):
         return lambda: model(x, sigma, context, pooled)
@@ -169,16 +183,19 @@ def bench_size(name, cfg, device):
     for task, make in (("forward", forward), ("train step", train_step)):
         fns = {label: make(*variant) for label, variant in variants.items()}
         cold = {}
-        for label, fn in fns.items():  # the first call compiles, for the compiled variants: its cost, shown apart
+        for label, fn in fns.items():
+            # the first call compiles, for the compiled variants: its cost, shown apart
             synchronize(device)
             t0 = time.perf_counter()
             fn()
             synchronize(device)
             cold[label] = time.perf_counter() - t0
         medians = interleaved_medians(fns, cfg.rounds, device)
-        flops = forward_flops(config, batch, (side // config.patch_size) ** 2, text_tokens) * (1 if task == "forward" else 3)
+        flops = forward_flops(config, batch, (side // config.patch_size) ** 2,
+                              text_tokens) * (1 if task == "forward" else 3)
         for label, seconds in medians.items():
-            rows.append(dict(size=name, task=task, variant=label, ms=seconds * 1e3, speedup=medians["diffusers"] / seconds,
+            rows.append(dict(size=name, task=task, variant=label, ms=seconds * 1e3,
+                             speedup=medians["diffusers"] / seconds,
                              tflops=flops / seconds / 1e12, first_call_s=cold[label]))
     return rows
 
@@ -192,13 +209,15 @@ def main(cfg):
             raise ValueError(f"--sizes={cfg.sizes}: {name!r} is not one of {', '.join(SIZES)}")
     ceiling = matmul_ceiling(cfg.ceiling_n, device)
     dtype = "bf16" if device.type == "cuda" else "float32"
-    print(f"ceiling: {cfg.ceiling_n}x{cfg.ceiling_n} {dtype} torch.mm at {ceiling / 1e12:.3f} TFLOP/s; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"ceiling: {cfg.ceiling_n}x{cfg.ceiling_n} {dtype} torch.mm at {ceiling / 1e12:.3f} "
+          f"TFLOP/s; " f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = [row for name in sizes for row in bench_size(name, cfg, device)]
-    print("\n| size | task | variant | ms | throughput vs diffusers | TFLOP/s | of the mm ceiling | first call s |")
+    print("\n| size | task | variant | ms | throughput vs diffusers | TFLOP/s | of the mm ceiling "
+          "| first call s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']} | {r['task']} | {r['variant']} | {r['ms']:.1f} | {r['speedup']:.2f}x | {r['tflops']:.3f} | "
+        print(f"| {r['size']} | {r['task']} | {r['variant']} | {r['ms']:.1f} | {r['speedup']:.2f}x "
+              f"| {r['tflops']:.3f} | "
               f"{r['tflops'] * 1e12 / ceiling:.0%} | {r['first_call_s']:.1f} |")
     return rows
 

@@ -1,21 +1,23 @@
-"""The paper's credit-assignment experiment and its rivals, each as its authors' code runs it, at one budget of
-DiT-pass equivalents, with common random numbers and paired statistics.
+"""The paper's credit-assignment experiment and its rivals, each as its authors' code runs it, at
+one budget of DiT-pass equivalents, with common random numbers and paired statistics.
 
-    python -m bench.grpo_credit                          # the credit table: every mode x 5 seeds (about 2 h)
-    python -m bench.grpo_credit --experiment=collapse    # step-wise with windows 0:5, 5:10, none, KL or not
+    python -m bench.grpo_credit # the credit table: every mode x 5 seeds (about 2 h)
+    python -m bench.grpo_credit --experiment=collapse # step-wise with windows 0:5, 5:10, none, KL
+    or not
     python -m bench.grpo_credit --modes=tree,sparse --seeds=0   # some of them
     python -m bench.grpo_credit --plot_only              # redraw from out/credit/*/metrics.jsonl
 
-Every run gets the same budget (--max_nfe): DiT passes (rollouts, look-aheads, training forwards) plus DRM passes
-times a DRM pass's FLOPs over a DiT pass's (train_policy.py counts it: 0.535 on the toy). A run that stops early
-is resumed (--resume); a finished one is skipped. With one seed every mode draws the same prompts and initial
-noise at each update (train_policy.streams), so modes compare pairwise: the table gives each mode's final held-out
-gold as mean +- s.e. over seeds, and its difference from the reference mode per seed (paired), mean +- s.e.;
-"beats" or "loses" only at 2 s.e. or more, else "tie". It also gives the DiT-pass equivalents at which the
-mode's mean curve first reaches the target (sparse's final gold), and its budget at SD3.5-medium's DRM cost
-(0.90 DiT passes a DRM pass: bench/sd3_memory.py's 2.19 against 2.44 TFLOPs). Runs go `jobs` at a time, one CPU
-thread each, so wall times compare between modes. Writes OUT_DIR/<experiment>.md and OUT_DIR/<experiment>.png
-(needs matplotlib, which the rest does not).
+Every run gets the same budget (--max_nfe): DiT passes (rollouts, look-aheads, training forwards)
+plus DRM passes times a DRM pass's FLOPs over a DiT pass's (train_policy.py counts it: 0.535 on the
+toy). A run that stops early is resumed (--resume); a finished one is skipped. With one seed every
+mode draws the same prompts and initial noise at each update (train_policy.streams), so modes
+compare pairwise: the table gives each mode's final held-out gold as mean +- s.e. over seeds, and
+its difference from the reference mode per seed (paired), mean +- s.e.; "beats" or "loses" only at 2
+s.e. or more, else "tie". It also gives the DiT-pass equivalents at which the mode's mean curve
+first reaches the target (sparse's final gold), and its budget at SD3.5-medium's DRM cost (0.90 DiT
+passes a DRM pass: bench/sd3_memory.py's 2.19 against 2.44 TFLOPs). Runs go `jobs` at a time, one
+CPU thread each, so wall times compare between modes. Writes OUT_DIR/<experiment>.md and
+OUT_DIR/<experiment>.png (needs matplotlib, which the rest does not).
 """
 import json
 import os
@@ -26,32 +28,34 @@ from dataclasses import dataclass
 from bench.stats import SD35_MEDIUM_DRM_COST, mean_se, verdict
 from common import UserError, check_at_least, check_choice, parse_numbers, print_config, run_main
 
-KL = "--kl_weight=0.0044"            # Flow-GRPO's beta 0.04 x |dt| = 0.111 (grpo.grpo_loss: its KL is ours x |dt|)
+# Flow-GRPO's beta 0.04 x |dt| = 0.111 (grpo.grpo_loss: its KL is ours x |dt|)
+KL = "--kl_weight=0.0044"
 
-# name in the tables -> train_policy.py flags; every mode 4 prompts an update (16 trajectories of 4, a tree 64 leaves
-# of 16, Flow-GRPO's recipe 48 of 24: its first 2), the same first prompts and noises for a seed
+# name in the tables -> train_policy.py flags; every mode 4 prompts an update (16 trajectories of 4,
+# a tree 64 leaves of 16, Flow-GRPO's recipe 48 of 24: its first 2), the same first prompts and
+# noises for a seed
 MODES = {
     "stepwise": "--credit=stepwise",
     "stepwise, last step trained": "--credit=stepwise --train_last_step",
     "stepwise, x0 score": "--credit=stepwise --score=x0",
     "stepwise, lookahead score": "--credit=stepwise --score=lookahead --eval_every=5",
     "sparse": "--credit=sparse",
-    "sparse, Flow-GRPO's recipe": f"--credit=sparse --trajectories=48 --per_prompt=24 --group_std=global {KL} "
-                                  "--eval_every=5",
-    "cosine": "--credit=cosine",
-    "tree": "--credit=tree --trajectories=64 --eval_every=5",
-    "sparse, random window (Flow-GRPO-Fast)": "--credit=sparse --sde_window=random:3",
-    "sparse, sliding window (MixGRPO)": "--credit=sparse --sde_window=slide:2:12",
-    "stepwise, window 0:5": "--credit=stepwise --sde_window=0:5",
-    "stepwise, window 5:10": "--credit=stepwise --sde_window=5:10",
-    "stepwise, KL": f"--credit=stepwise {KL}",
-    "stepwise, window 0:5, KL": f"--credit=stepwise --sde_window=0:5 {KL}",
-    "stepwise, window 5:10, KL": f"--credit=stepwise --sde_window=5:10 {KL}",
-}
+    "sparse, Flow-GRPO's recipe": f"--credit=sparse --trajectories=48 --per_prompt=24 "
+        f"--group_std=global {KL} " "--eval_every=5", "cosine": "--credit=cosine",
+        "tree": "--credit=tree --trajectories=64 --eval_every=5",
+        "sparse, random window (Flow-GRPO-Fast)": "--credit=sparse --sde_window=random:3",
+        "sparse, sliding window (MixGRPO)": "--credit=sparse --sde_window=slide:2:12",
+        "stepwise, window 0:5": "--credit=stepwise --sde_window=0:5",
+        "stepwise, window 5:10": "--credit=stepwise --sde_window=5:10",
+        "stepwise, KL": f"--credit=stepwise {KL}",
+        "stepwise, window 0:5, KL": f"--credit=stepwise --sde_window=0:5 {KL}",
+        "stepwise, window 5:10, KL": f"--credit=stepwise --sde_window=5:10 {KL}",}
 # experiment -> (its modes, the reference each is compared with, default seeds)
 EXPERIMENTS = {
-    "credit": (["stepwise", "stepwise, last step trained", "stepwise, x0 score", "stepwise, lookahead score",
-                "sparse", "sparse, Flow-GRPO's recipe", "cosine", "tree", "sparse, random window (Flow-GRPO-Fast)",
+    "credit": (["stepwise", "stepwise, last step trained", "stepwise, x0 score",
+                "stepwise, lookahead score",
+                "sparse", "sparse, Flow-GRPO's recipe", "cosine", "tree",
+                "sparse, random window (Flow-GRPO-Fast)",
                 "sparse, sliding window (MixGRPO)"], "sparse", "0,1,2,3,4"),
     "collapse": (["stepwise", "stepwise, window 0:5", "stepwise, window 5:10", "stepwise, KL",
                   "stepwise, window 0:5, KL", "stepwise, window 5:10, KL"], "stepwise", "0,1,2"),
@@ -62,17 +66,20 @@ EXPERIMENTS = {
 class Config:
     out_dir: str = "out/credit"
     experiment: str = "credit"         # credit | collapse (EXPERIMENTS)
-    modes: str = ""                    # comma-separated folder names (stepwise,tree,...); "" = the experiment's
+    # comma-separated folder names (stepwise,tree,...); "" = the experiment's
+    modes: str = ""
     seeds: str = ""                    # "" = the experiment's (credit: 0-4, collapse: 0-2)
     max_nfe: int = 38400               # DiT-pass equivalents a run
-    eval_every: int = 10               # updates between held-out evaluations (a mode's flags may say otherwise)
+    # updates between held-out evaluations (a mode's flags may say otherwise)
+    eval_every: int = 10
     jobs: int = 2                      # runs at a time, one thread each
     extra: str = ""                    # more train_policy.py flags for every run, space-separated
     plot_only: bool = False
 
 
 def folder(name):
-    """A mode's run folder name: 'sparse, random window (Flow-GRPO-Fast)' -> sparse_random_window_Flow-GRPO-Fast."""
+    """A mode's run folder name: 'sparse, random window (Flow-GRPO-Fast)' ->
+    sparse_random_window_Flow-GRPO-Fast."""
     for old, new in ((", ", "_"), (" ", "_"), (":", "-"), ("(", ""), (")", ""), ("'", "")):
         name = name.replace(old, new)
     return name
@@ -85,7 +92,8 @@ def chosen(cfg):
         by_folder = {folder(name): name for name in MODES}
         unknown = [m for m in cfg.modes.split(",") if m not in by_folder]
         if unknown:
-            raise UserError(f"--modes={cfg.modes}: unknown {unknown}; choose from {', '.join(by_folder)}")
+            raise UserError(f"--modes={cfg.modes}: unknown {unknown}; choose from "
+                            f"{', '.join(by_folder)}")
         modes = [by_folder[m] for m in cfg.modes.split(",")]
     seeds = parse_numbers(cfg, "seeds") if cfg.seeds else [int(s) for s in seeds.split(",")]
     if not seeds:
@@ -116,10 +124,12 @@ def run_all(cfg, modes, seeds):
             path = run_dir(cfg, mode, seed)
             if finished(cfg, path):
                 continue
-            again = "--resume" if os.path.exists(os.path.join(path, "train_state.pt")) else "--overwrite"
-            command = [sys.executable, "train_policy.py", f"--eval_every={cfg.eval_every}", *MODES[mode].split(),
-                       f"--seed={seed}", f"--out_dir={path}", f"--max_nfe={cfg.max_nfe}", "--updates=100000",
-                       again, *cfg.extra.split()]
+            again = "--resume" if os.path.exists(os.path.join(path,
+                                                              "train_state.pt")) else "--overwrite"
+            command = [sys.executable, "train_policy.py", f"--eval_every={cfg.eval_every}",
+                       *MODES[mode].split(),
+                       f"--seed={seed}", f"--out_dir={path}", f"--max_nfe={cfg.max_nfe}",
+                       "--updates=100000", again, *cfg.extra.split()]
             print(" ".join(command), flush=True)
             os.makedirs(path, exist_ok=True)
             log = open(os.path.join(path, "log.txt"), "a")
@@ -143,7 +153,8 @@ def load_runs(cfg, modes, seeds):
 
 
 def gold_at(run, budget):
-    """A run's held-out gold at `budget` DiT-pass equivalents, linear between its evaluations (None past its end)."""
+    """A run's held-out gold at `budget` DiT-pass equivalents, linear between its evaluations (None
+    past its end)."""
     points = [(r["dit_equivalents"], r["gold"]) for r in run]
     for (x0, g0), (x1, g1) in zip(points, points[1:]):
         if x0 <= budget <= x1:
@@ -152,7 +163,8 @@ def gold_at(run, budget):
 
 
 def reaching(runs, mode, seeds, target, budget):
-    """The least DiT-pass equivalents at which the mode's mean gold over seeds (interpolated) reaches target."""
+    """The least DiT-pass equivalents at which the mode's mean gold over seeds (interpolated)
+    reaches target."""
     grid = [budget * i / 200 for i in range(201)]
     for x in grid:
         values = [gold_at(runs[mode, s], x) for s in seeds]
@@ -162,16 +174,18 @@ def reaching(runs, mode, seeds, target, budget):
 
 
 def summarise(cfg, runs, modes, reference, seeds):
-    """The table: final gold (mean +- s.e.), the paired difference from the reference, the verdict, the budget to the
-    target, the counts behind the equivalents, and reward hacking."""
+    """The table: final gold (mean +- s.e.), the paired difference from the reference, the verdict,
+    the budget to the target, the counts behind the equivalents, and reward hacking."""
     finals = {m: [runs[m, s][-1]["gold"] for s in seeds] for m in modes}
     target = mean_se(finals[reference])[0] if reference in modes else None
-    lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); budget {cfg.max_nfe:,} DiT-pass equivalents a run; "
-             f"differences paired by seed (the same prompts and initial noise), s.e. over seeds; target: "
+    lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); budget {cfg.max_nfe:,} DiT-pass "
+             f"equivalents a run; differences paired by seed (the same prompts and initial noise), "
+             f"s.e. over seeds; target: "
              + (f"{reference}'s final gold, {target:.4f}" if target is not None else "none"), "",
-             f"| mode | gold start | gold end (mean ± s.e.) | minus {reference} (paired) | verdict | DRM start -> end | "
-             "updates | DiT passes | DRM passes | DiT-pass equivalents (at SD3.5-medium's DRM cost) | "
-             "equivalents to target | DRM up while gold down |", "|---" * 12 + "|"]
+             f"| mode | gold start | gold end (mean ± s.e.) | minus {reference} (paired) | "
+             f"verdict | DRM start -> end | " "updates | DiT passes | DRM passes | DiT-pass "
+             "equivalents (at SD3.5-medium's DRM cost) | " "equivalents to target | DRM up "
+             "while gold down |", "|---" * 12 + "|"]
     for mode in modes:
         end, end_se = mean_se(finals[mode])
         if reference in modes and mode != reference:
@@ -187,8 +201,9 @@ def summarise(cfg, runs, modes, reference, seeds):
                   and runs[mode, s][-1]["gold"] < runs[mode, s][0]["gold"]]
         start = mean_se([runs[mode, s][0]["gold"] for s in seeds])[0]
         drm = [mean_se([runs[mode, s][i]["drm"] for s in seeds])[0] for i in (0, -1)]
-        lines.append(f"| {mode} | {start:.4f} | {end:.4f} ± {end_se:.4f} | {paired} | {judged} | {drm[0]:.3f} -> "
-                     f"{drm[1]:.3f} | {average('step'):.0f} | {average('nfe'):,.0f} | {average('drm_calls'):,.0f} | "
+        lines.append(f"| {mode} | {start:.4f} | {end:.4f} ± {end_se:.4f} | {paired} | {judged} | "
+                     f"{drm[0]:.3f} -> {drm[1]:.3f} | {average('step'):.0f} | "
+                     f"{average('nfe'):,.0f} | {average('drm_calls'):,.0f} | "
                      f"{average('dit_equivalents'):,.0f} ({sd35:,.0f}) | "
                      f"{f'{hit:,.0f}' if hit is not None else 'not reached'} | "
                      f"{'seeds ' + str(hacked) if hacked else 'no'} |")
@@ -212,11 +227,14 @@ def plot(runs, modes, seeds, path, title):
         mean, se = [m for m, _ in stats], [e for _, e in stats]
         style = "--" if "window" in mode else ":" if "score" in mode or "last" in mode else "-"
         axes[0].plot(grid, mean, label=mode, linestyle=style)
-        axes[0].fill_between(grid, [m - e for m, e in zip(mean, se)], [m + e for m, e in zip(mean, se)], alpha=0.12)
-        time = [sum(runs[mode, s][i]["time_s"] for s in seeds) / len(seeds) for i in range(len(runs[mode, seeds[0]]))]
+        axes[0].fill_between(grid, [m - e for m, e in zip(mean, se)],
+                             [m + e for m, e in zip(mean, se)], alpha=0.12)
+        time = [sum(runs[mode, s][i]["time_s"] for s in seeds) / len(seeds)
+                for i in range(len(runs[mode, seeds[0]]))]
         gold = [sum(runs[mode, s][i]["gold"] for s in seeds) / len(seeds) for i in range(len(time))]
         axes[1].plot(time, gold, label=mode, linestyle=style)
-    for ax, label in zip(axes, ("DiT-pass equivalents (DiT passes + DRM passes x their FLOPs share)",
+    for ax, label in zip(axes,
+                         ("DiT-pass equivalents (DiT passes + DRM passes x their FLOPs share)",
                                 "wall time, s (1 CPU thread)")):
         ax.set_xlabel(label)
         ax.set_ylabel("held-out gold")

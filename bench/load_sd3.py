@@ -1,14 +1,14 @@
 """Peak memory and time of load_sd3 on an SD3.5-medium-sized checkpoint (random weights, bf16).
 
-    python -m bench.load_sd3                      # writes ~10 GB to --dir, loads it in both layouts, deletes it
+    python -m bench.load_sd3 # writes ~10 GB to --dir, loads it in both layouts, deletes it
 
 Each load runs in a fresh process, so its peak memory is the loader's alone, interpreter and torch
 included. The loader reads the header, builds the model on the meta device and reads one tensor at a
 time, so the peak should stay near one copy of the weights: the target is under 1.3x the file size.
 Two readers of the tensors are compared: common.read_tensor (safetensors' safe_open: the file
-memory-mapped copy-on-write, get_tensor) and the reader it replaced (each tensor's bytes read into fresh
-memory). Besides ru_maxrss (which counts mapped
-file pages, reclaimable cache), a thread samples RssAnon, the process's own memory, every 5 ms.
+memory-mapped copy-on-write, get_tensor) and the reader it replaced (each tensor's bytes read into
+fresh memory). Besides ru_maxrss (which counts mapped file pages, reclaimable cache), a thread
+samples RssAnon, the process's own memory, every 5 ms.
 """
 import json
 import os
@@ -34,14 +34,16 @@ class Config:
     preset: str = "sd3.5-medium"
     dir: str = "/tmp/nanodrm_bench_load"   # where the checkpoints are written (and deleted)
     keep: bool = False                     # keep the files afterwards
-    readers: str = "safe_open,read into memory"  # common.read_tensor (safe_open), or the reader it replaced
+    # common.read_tensor (safe_open), or the reader it replaced
+    readers: str = "safe_open,read into memory"
 
 
 def write_random_checkpoints(cfg):
     """A random bf16 DiT saved in Stability's single-file layout and in diffusers' folder layout."""
     torch.manual_seed(0)
     dit = build_dit(cfg.preset, device="meta")
-    state = {k: torch.randn(v.shape, dtype=torch.bfloat16) * 0.02 for k, v in dit.state_dict().items()}
+    state = {k: torch.randn(v.shape, dtype=torch.bfloat16) * 0.02 for k,
+             v in dit.state_dict().items()}
     stability = os.path.join(cfg.dir, "sd3_stability.safetensors")
     save_file({STABILITY_PREFIX + k: v for k, v in state.items()}, stability)
     dit.load_state_dict(state, assign=True)
@@ -59,11 +61,13 @@ def rss_anon():
 
 
 def use_read_into_memory():
-    """common.read_tensor as it was before it used safe_open: each tensor's bytes read into fresh memory."""
+    """common.read_tensor as it was before it used safe_open: each tensor's bytes read into fresh
+    memory."""
     def read_tensor(entry):
         with open(entry.path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            start, end = (8 + n + offset for offset in json.loads(f.read(n))[entry.name]["data_offsets"])
+            start, end = (8 + n + offset
+                          for offset in json.loads(f.read(n))[entry.name]["data_offsets"])
             f.seek(start)
             data = bytearray(f.read(end - start))
         return torch.frombuffer(data, dtype=DTYPES[entry.dtype]).reshape(entry.shape)
@@ -87,7 +91,8 @@ def measure_in_this_process(path, reader):
     thread.join()
     maxrss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     params = sum(p.numel() for p in dit.state_dict().values())
-    print(f"{seconds:.2f} {maxrss} {max(peak[0], rss_anon())} {params} {next(dit.parameters()).dtype}")
+    print(f"{seconds:.2f} {maxrss} {max(peak[0], rss_anon())} {params} "
+          f"{next(dit.parameters()).dtype}")
 
 
 def main(cfg):
@@ -97,21 +102,26 @@ def main(cfg):
     rows = []
     try:
         for layout, path in paths.items():
-            weights = path if path.endswith(".safetensors") else os.path.join(path, "diffusion_pytorch_model.safetensors")
+            weights = path if path.endswith(".safetensors") else os.path.join(path,
+                "diffusion_pytorch_model.safetensors")
             size = os.path.getsize(weights)
             for reader in cfg.readers.split(","):
-                out = subprocess.run([sys.executable, "-m", "bench.load_sd3", "--measure", path, reader],
+                out = subprocess.run([sys.executable, "-m", "bench.load_sd3", "--measure", path,
+                                      reader],
                                      capture_output=True, text=True, check=True)
                 seconds, maxrss, anon, params, dtype = out.stdout.split()
-                rows.append((layout, reader, size, float(seconds), int(maxrss), int(anon), int(params), dtype))
+                rows.append((layout, reader, size, float(seconds), int(maxrss), int(anon),
+                             int(params), dtype))
     finally:
         if not cfg.keep:
             shutil.rmtree(cfg.dir)
     print(f"\nload_sd3, {cfg.preset}, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print("| layout | reader | parameters | file GB | load s | peak RSS GB (maxrss) | peak RssAnon GB | RssAnon / file |")
+    print("| layout | reader | parameters | file GB | load s | peak RSS GB (maxrss) | peak RssAnon "
+          "GB | RssAnon / file |")
     print("|---|---|---|---|---|---|---|---|")
     for layout, reader, size, seconds, maxrss, anon, params, dtype in rows:
-        print(f"| {layout} | {reader} | {params / 1e9:.3f}B {dtype} | {size / 1e9:.2f} | {seconds:.1f} | "
+        print(f"| {layout} | {reader} | {params / 1e9:.3f}B {dtype} | {size / 1e9:.2f} | "
+              f"{seconds:.1f} | "
               f"{maxrss / 1e9:.2f} | {anon / 1e9:.2f} | {anon / size:.2f}x |")
 
 

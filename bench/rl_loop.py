@@ -1,8 +1,8 @@
 """Where a Step-GRPO update spends its time and memory.
 
-    python -m bench.rl_loop                          # the CPU toy at train_policy.py's defaults, eager and --compile
+    python -m bench.rl_loop # the CPU toy at train_policy.py's defaults, eager and --compile
     python -m bench.rl_loop --size=sd3.5-medium --device=cuda --lora_rank=16 --grad_checkpointing \
-        --trajectories=4 --k=4 --latent=64           # random SD3.5-medium weights, 512 px, bf16 autocast
+        --trajectories=4 --k=4 --latent=64 # random SD3.5-medium weights, 512 px, bf16 autocast
 
 One update as train_policy.py runs it: SDE rollouts with k DRM-scored
 candidates per step, step-wise advantages, then `minibatches` optimizer steps
@@ -33,7 +33,8 @@ from sde import sigma_schedule
 
 @dataclass
 class Config:
-    size: str = "toy"                    # toy: the shipped base model and DRM; else a preset of model.PRESETS, random weights
+    # toy: the shipped base model and DRM; else a preset of model.PRESETS, random weights
+    size: str = "toy"
     latent: int = 64                     # with a preset: latent side (64 = 512 px for SD3)
     text_tokens: int = 333               # with a preset: prompt tokens (77 CLIP + 256 T5)
     trajectories: int = 16
@@ -81,8 +82,10 @@ def build(cfg, device):
         return base.dit, drm, cond, uncond, drm_text.encode(prompts)
     if cfg.size not in PRESETS:
         raise UserError(f"--size={cfg.size}: toy or one of {', '.join(PRESETS)}")
-    config = dataclasses.replace(PRESETS[cfg.size], pos_embed_max_size=cfg.latent // PRESETS[cfg.size].patch_size)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32   # frozen weights in bf16 on a GPU
+    config = dataclasses.replace(PRESETS[cfg.size],
+                                 pos_embed_max_size=cfg.latent // PRESETS[cfg.size].patch_size)
+    # frozen weights in bf16 on a GPU
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     policy = build_dit(config, device=device).to(dtype)
     drm = DRM.from_dit(policy, drop_last=3).to(device, dtype).requires_grad_(False)
     g = torch.Generator().manual_seed(0)
@@ -95,7 +98,9 @@ def build(cfg, device):
 def one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, device):
     """One rollout + update -> {part: seconds}, saved bytes of the first minibatch."""
     timed_policy = Timer(lambda *a: in_chunks(policy, cfg.rollout_batch, *a), device)
-    timed_drm = Timer(lambda x, s, rows: in_chunks(drm, cfg.drm_batch, x, s, drm_cond[0][rows], drm_cond[1][rows]), device)
+    timed_drm = Timer(lambda x, s,
+                      rows: in_chunks(drm, cfg.drm_batch, x, s, drm_cond[0][rows],
+                                      drm_cond[1][rows]), device)
     g = torch.Generator().manual_seed(0)
     noise = initial_noise(policy, cfg.trajectories, g).to(device)
     sigmas = sigma_schedule(cfg.steps).to(device)
@@ -103,10 +108,11 @@ def one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, devi
     t0 = time.perf_counter()
     policy.eval()
     with autocast(device):
-        rollout = sample_rollout(timed_policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=cfg.cfg_scale,
-                                 k=cfg.k, reward=timed_drm, generator=g)
+        rollout = sample_rollout(timed_policy, noise, cond, uncond, sigmas, noise_level=0.7,
+                                 cfg_scale=cfg.cfg_scale, k=cfg.k, reward=timed_drm, generator=g)
     sync(device)
-    times = {"rollout": time.perf_counter() - t0, "rollout: policy": timed_policy.seconds, "rollout: DRM": timed_drm.seconds}
+    times = {"rollout": time.perf_counter() - t0, "rollout: policy": timed_policy.seconds,
+             "rollout: DRM": timed_drm.seconds}
     times["rollout: the rest"] = times["rollout"] - timed_policy.seconds - timed_drm.seconds
     advantages = stepwise_advantages(rollout.rewards)
     policy.train()
@@ -126,7 +132,8 @@ def one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, devi
         sync(device)
         t0 = time.perf_counter()
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast(device):
-            loss, _ = grpo_loss(policy, rollout, advantages, chunk // cfg.trajectories, chunk % cfg.trajectories)
+            loss, _ = grpo_loss(policy, rollout, advantages, chunk // cfg.trajectories,
+                                chunk % cfg.trajectories)
         sync(device)
         t1 = time.perf_counter()
         loss.backward()
@@ -161,30 +168,39 @@ def main(cfg):
         params = [p for p in policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=1e-7)
         print(f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, "
-              f"{sum(p.numel() for p in params) / 1e6:.2f}M trained; {cfg.trajectories} trajectories x {cfg.steps} "
-              f"steps x k={cfg.k}, {cfg.minibatches} minibatches; torch {torch.__version__}, "
-              f"{torch.get_num_threads()} threads; compile {variant}")
+              f"{sum(p.numel() for p in params) / 1e6:.2f}M trained; {cfg.trajectories} "
+                  f"trajectories x {cfg.steps} " f"steps x k={cfg.k}, {cfg.minibatches} "
+                      f"minibatches; torch {torch.__version__}, " f"{torch.get_num_threads()} "
+                          f"threads; compile {variant}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()
         one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, device)
         first = time.perf_counter() - t0
-        runs = [one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, device) for _ in range(cfg.repeats)]
+        runs = [one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, device)
+                for _ in range(cfg.repeats)]
         times = {part: statistics.median(r[0][part] for r in runs) for part in runs[0][0]}
         times["first update (compiles)"] = first
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+        peak = (torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda"
+                else float("nan"))
         results[variant] = (times, runs[0][1] / 2 ** 30, peak)
     variants = list(results)
-    print("\n| part | " + " | ".join(f"compile {v}: s" for v in variants) + " | share of the step (compile off) |")
+    print("\n| part | " + " | ".join(f"compile {v}: s"
+                                     for v in variants) + " | share of the step (compile off) |")
     print("|---|" + "---|" * (len(variants) + 1))
     base = results[variants[0]][0]
     for part in base:
-        share = "" if part.startswith("first") else f"{base[part] / (base['rollout'] + base['update']):.0%}"
-        print(f"| {part} | " + " | ".join(f"{results[v][0][part]:.3f}" for v in variants) + f" | {share} |")
-    print("| rollout images/s | " + " | ".join(f"{cfg.trajectories / results[v][0]['rollout']:.1f}" for v in variants) + " | |")
-    print("| saved for backward, one minibatch, GiB | " + " | ".join(f"{results[v][1]:.3f}" for v in variants) + " | |")
+        share = ("" if part.startswith("first")
+                 else f"{base[part] / (base['rollout'] + base['update']):.0%}")
+        print(f"| {part} | " + " | ".join(f"{results[v][0][part]:.3f}"
+                                          for v in variants) + f" | {share} |")
+    print("| rollout images/s | " + " | ".join(f"{cfg.trajectories / results[v][0]['rollout']:.1f}"
+                                               for v in variants) + " | |")
+    print("| saved for backward, one minibatch, GiB | " + " | ".join(f"{results[v][1]:.3f}"
+                                                                     for v in variants) + " | |")
     if device.type == "cuda":
-        print("| peak GPU memory, GiB | " + " | ".join(f"{results[v][2]:.1f}" for v in variants) + " | |")
+        print("| peak GPU memory, GiB | " + " | ".join(f"{results[v][2]:.1f}"
+                                                       for v in variants) + " | |")
     return results
 
 

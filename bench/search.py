@@ -1,26 +1,31 @@
-"""Every DRM-guided search against best-of-N at equal compute, on the CPU toy, compared image by image.
+"""Every DRM-guided search against best-of-N at equal compute, on the CPU toy, compared image by
+image.
 
-    python -m bench.search                                  # every method (about 50 minutes on 2 cores)
+    python -m bench.search # every method (about 50 minutes on 2 cores)
     python -m bench.search --methods=ode,sde,stepwise       # some of them (best-of-N always)
-    python -m bench.search --prompt_set=train --methods=smc --lmbdas=1,10,100 --out=out/search_train  # tune SMC
+    python -m bench.search --prompt_set=train --methods=smc --lmbdas=1,10,100 --out=out/search_train
+    # tune SMC
 
-Ten prompts (the held-out ones, or with --prompt_set=train ten training prompts) x per_prompt seeds. Every method
-starts from the same pool of initial noises (image i's j-th particle is pool[i, j]; single-trajectory methods start
-from pool[i, 0]) and the same SDE generator, so methods compare image by image. Methods (sample.py --search=...): the
-ODE; the plain SDE (no search); step-wise greedy and beam search (the paper: k SDE successors a step, the DRM ranks
-them), scoring the successor's noisy state (the paper), its clean estimate (x0) or its ODE completion (lookahead,
-DenseGRPO's step reward, every 5th step); particle search (FK steering as its code runs it: the x0-prediction scored,
-resampled on its interval; lambda --lmbdas, tuned on --prompt_set=train), and our earlier variant (the noisy state
-scored and resampled at every step below the ESS threshold); pruned best-of-N (N ODE trajectories, the DRM keeps a
-quarter at sigma 0.6).
+Ten prompts (the held-out ones, or with --prompt_set=train ten training prompts) x per_prompt seeds.
+Every method starts from the same pool of initial noises (image i's j-th particle is pool[i, j];
+single-trajectory methods start from pool[i, 0]) and the same SDE generator, so methods compare
+image by image. Methods (sample.py --search=...): the ODE; the plain SDE (no search); step-wise
+greedy and beam search (the paper: k SDE successors a step, the DRM ranks them), scoring the
+successor's noisy state (the paper), its clean estimate (x0) or its ODE completion (lookahead,
+DenseGRPO's step reward, every 5th step); particle search (FK steering as its code runs it: the
+x0-prediction scored, resampled on its interval; lambda --lmbdas, tuned on --prompt_set=train), and
+our earlier variant (the noisy state scored and resampled at every step below the ESS threshold);
+pruned best-of-N (N ODE trajectories, the DRM keeps a quarter at sigma 0.6).
 
-Best-of-N is one curve, N = 1..16, from one pool of 16 ODE samples an image: with the 16 ranked by the DRM at sigma 0,
-the chance that the i-th lowest is the favourite of a random N of them is C(i - 1, N - 1) / C(16, N), so the curve is
-the unbiased mean over all N-subsets (`best_of_n_curve`), image by image. Compute per image is counted in DiT-pass
-equivalents: DiT passes plus DRM passes x a DRM pass's FLOPs over a DiT pass's (counted here: 0.535 on the toy), and
-shown at SD3.5-medium's ratio (0.90) too. Each method's verdict: its gold minus best-of-N's at the same equivalents
-(interpolated in N), per image, mean +- s.e. clustered by prompt (images of one prompt are not independent); "beats" or
-"loses" at 2 s.e. or more, else "tie". Writes OUT.json, OUT.md and OUT.png (needs matplotlib).
+Best-of-N is one curve, N = 1..16, from one pool of 16 ODE samples an image: with the 16 ranked by
+the DRM at sigma 0, the chance that the i-th lowest is the favourite of a random N of them is C(i -
+1, N - 1) / C(16, N), so the curve is the unbiased mean over all N-subsets (`best_of_n_curve`),
+image by image. Compute per image is counted in DiT-pass equivalents: DiT passes plus DRM passes x a
+DRM pass's FLOPs over a DiT pass's (counted here: 0.535 on the toy), and shown at SD3.5-medium's
+ratio (0.90) too. Each method's verdict: its gold minus best-of-N's at the same equivalents
+(interpolated in N), per image, mean +- s.e. clustered by prompt (images of one prompt are not
+independent); "beats" or "loses" at 2 s.e. or more, else "tie". Writes OUT.json, OUT.md and OUT.png
+(needs matplotlib).
 """
 import dataclasses
 import json
@@ -34,8 +39,8 @@ import torch
 import sample
 from data.toy import ToyBase
 from bench.stats import SD35_MEDIUM_DRM_COST, clustered, verdict
-from common import (UserError, check_at_least, check_choice, check_numbers, count_flops, parse_numbers, pick_device,
-                    print_config, run_main)
+from common import (UserError, check_at_least, check_choice, check_numbers, count_flops,
+                    parse_numbers, pick_device, print_config, run_main)
 from model import compile_regions
 from sample import diversity, initial_noise, search, stepwise_sample
 
@@ -47,20 +52,28 @@ def settings(cfg):
     """(method, label, sample.Config overrides) for every point of the sweep."""
     points = [("ode", "ODE", {"search": "ode"}), ("sde", "SDE", {"search": "sde"})]
     points += [("stepwise", f"step-wise k={k}", {"search": "stepwise", "k": k}) for k in (2, 4, 8)]
-    points += [("x0", f"step-wise k={k}, x0 score", {"search": "stepwise", "k": k, "score": "x0"}) for k in (2, 4, 8)]
+    points += [("x0", f"step-wise k={k}, x0 score", {"search": "stepwise", "k": k, "score": "x0"})
+               for k in (2, 4, 8)]
     points += [("lookahead", f"step-wise k={k}, lookahead every 5th step",
-                {"search": "stepwise", "k": k, "score": "lookahead", "score_every": 5}) for k in (2, 4)]
-    points += [("beam", f"beam 2, k={k}", {"search": "stepwise", "k": k, "beam": 2}) for k in (2, 4)]
-    points += [("smc", f"SMC N={n}, lambda {lmbda:g}", {"search": "smc", "particles": n, "lmbda": lmbda})
+                {"search": "stepwise", "k": k, "score": "lookahead", "score_every": 5})
+                for k in (2, 4)]
+    points += [("beam", f"beam 2, k={k}", {"search": "stepwise", "k": k, "beam": 2})
+               for k in (2, 4)]
+    points += [("smc", f"SMC N={n}, lambda {lmbda:g}",
+                {"search": "smc", "particles": n, "lmbda": lmbda})
                for lmbda in parse_numbers(cfg, "lmbdas", float) for n in (2, 4, 8)]
-    points += [("smc_noisy", "SMC N=4, noisy, every step, ESS", {"search": "smc", "particles": 4, "score": "noisy",
-                                                                  "resample": "1:0:19", "adaptive": True})]
+    points += [("smc_noisy", "SMC N=4, noisy, every step, ESS",
+                {"search": "smc", "particles": 4, "score": "noisy",
+                                                                  "resample": "1:0:19",
+                                                                  "adaptive": True})]
     points += [("prune", f"prune N={n} to {n // 4 or 1} at 0.6",
-                {"search": "prune", "particles": n, "keep": 0.25, "prune_at": "0.6"}) for n in (4, 8, 16)]
+                {"search": "prune", "particles": n, "keep": 0.25, "prune_at": "0.6"})
+                for n in (4, 8, 16)]
     chosen = cfg.methods.split(",") if cfg.methods else METHODS
     unknown = [m for m in chosen if m not in METHODS]
     if unknown:
-        raise UserError(f"--methods={cfg.methods}: unknown {unknown}; choose from {', '.join(METHODS)}")
+        raise UserError(f"--methods={cfg.methods}: unknown {unknown}; choose from "
+                        f"{', '.join(METHODS)}")
     return [p for p in points if p[0] in chosen]
 
 
@@ -68,9 +81,11 @@ def settings(cfg):
 class Config:
     base: str = "data/base.safetensors"
     drm: str = "data/drm.safetensors"
-    methods: str = ""                  # comma-separated, of METHODS ("" = all); best-of-N is always measured
+    # comma-separated, of METHODS ("" = all); best-of-N is always measured
+    methods: str = ""
     lmbdas: str = "10"                 # SMC's lambda(s): weights exp(lambda x the DRM's gain)
-    prompt_set: str = "heldout"        # heldout (the ten held-out prompts) | train (ten training prompts, to tune)
+    # heldout (the ten held-out prompts) | train (ten training prompts, to tune)
+    prompt_set: str = "heldout"
     per_prompt: int = 20               # seeds per prompt
     steps: int = 20
     cfg_scale: float = 4.0
@@ -83,7 +98,8 @@ class Config:
 
 
 def drm_cost(dit, drm, x, cond, drm_cond):
-    """-> (a DRM pass's FLOPs over an unguided DiT pass's, the same in seconds, median of 3), on one state."""
+    """-> (a DRM pass's FLOPs over an unguided DiT pass's, the same in seconds, median of 3), on one
+    state."""
     sigma = torch.full((len(x),), 0.5, device=x.device)
     with torch.no_grad():
         flops = count_flops(lambda: drm(x[:1], sigma[:1], *(t[:1] for t in drm_cond)))
@@ -100,23 +116,26 @@ def drm_cost(dit, drm, x, cond, drm_cond):
 
 
 def best_of_n_curve(scores, gold, n):
-    """The expected gold of the DRM's favourite among n of M samples drawn without replacement, per image, from all M:
-    scores, gold (I, M) -> (I,). Ranked by score, the i-th lowest (i = 1..M) is the favourite of C(i - 1, n - 1) of
-    the C(M, n) subsets (those of it and n - 1 lower ones), so the mean over subsets weights it by that share."""
+    """The expected gold of the DRM's favourite among n of M samples drawn without replacement, per
+    image, from all M: scores, gold (I, M) -> (I,). Ranked by score, the i-th lowest (i = 1..M) is
+    the favourite of C(i - 1, n - 1) of the C(M, n) subsets (those of it and n - 1 lower ones), so
+    the mean over subsets weights it by that share."""
     M = scores.shape[1]
     ranked = gold.gather(1, scores.argsort(1)).double()
-    weights = torch.tensor([math.comb(i, n - 1) / math.comb(M, n) for i in range(M)], dtype=torch.float64)
+    weights = torch.tensor([math.comb(i, n - 1) / math.comb(M, n) for i in range(M)],
+                           dtype=torch.float64)
     return ranked @ weights
 
 
 def best_of_cost(n, sample_passes, cost):
-    """DiT-pass equivalents an image of best-of-n: n ODE samples of sample_passes DiT passes each (as the sampler
-    counted them), and n DRM scorings to pick one (none for n = 1)."""
+    """DiT-pass equivalents an image of best-of-n: n ODE samples of sample_passes DiT passes each
+    (as the sampler counted them), and n DRM scorings to pick one (none for n = 1)."""
     return n * sample_passes + (n * cost if n > 1 else 0.0)
 
 
 def best_of_at(curves, budget, sample_passes, cost):
-    """Best-of-N's gold per image at `budget` equivalents: linear in N between the two N that bracket it, or None."""
+    """Best-of-N's gold per image at `budget` equivalents: linear in N between the two N that
+    bracket it, or None."""
     for n in range(1, POOL):
         low, high = best_of_cost(n, sample_passes, cost), best_of_cost(n + 1, sample_passes, cost)
         if low <= budget <= high:
@@ -129,7 +148,8 @@ def measure(cfg, point, base, drm, drm_text, pool, prompts, show=True):
     """One point of the sweep -> its row (printed as a table line when show)."""
     method, label, overrides = point
     options = dataclasses.replace(sample.Config(), noise_level=cfg.noise_level, **overrides)
-    noise = pool[:, :sample.width(options)].flatten(0, 1)                # an image's particles adjacent
+    # an image's particles adjacent
+    noise = pool[:, :sample.width(options)].flatten(0, 1)
     cond, uncond = base.encode(prompts)
     drm_cond = drm_text.encode(prompts)
     t0 = time.time()
@@ -140,14 +160,18 @@ def measure(cfg, point, base, drm, drm_text, pool, prompts, show=True):
     images = images.clamp(-1, 1)
     scores = base.judge(images, prompts)
     with torch.no_grad():
-        drm_score = drm(images, torch.zeros(len(images), device=images.device), *drm_cond).mean().item()
+        drm_score = drm(images, torch.zeros(len(images), device=images.device),
+                        *drm_cond).mean().item()
     gold, n = scores["gold"], len(prompts)
-    curve = method + (f", lambda {options.lmbda:g}" if method == "smc" else "")   # one line of the figure
+    # one line of the figure
+    curve = method + (f", lambda {options.lmbda:g}" if method == "smc" else "")
     row = {"method": method, "curve": curve, "label": label, "gold": gold.mean().item(),
-           "gold_se": gold.std().item() / math.sqrt(n), "digit_correct": scores["digit_correct"].mean().item(),
+           "gold_se": gold.std().item() / math.sqrt(n),
+           "digit_correct": scores["digit_correct"].mean().item(),
            "attribute_match": scores["attribute_match"].mean().item(), "drm": drm_score,
            "diversity": diversity(images.cpu(), cfg.per_prompt), "dit_passes": counts["nfe"] / n,
-           "drm_passes": counts["drm_calls"] / n, "ms": 1000 * seconds / n, "gold_per_image": gold.tolist()}
+           "drm_passes": counts["drm_calls"] / n, "ms": 1000 * seconds / n,
+           "gold_per_image": gold.tolist()}
     if show:
         print(f"| {label} | {row['gold']:.4f} ± {row['gold_se']:.4f} | {row['dit_passes']:.0f} | "
               f"{row['drm_passes']:.0f} | {row['ms']:.1f} |", flush=True)
@@ -155,37 +179,41 @@ def measure(cfg, point, base, drm, drm_text, pool, prompts, show=True):
 
 
 def pool_of_samples(cfg, base, drm, drm_text, pool, prompts):
-    """POOL ODE samples an image from pool[:, :POOL] -> (their DRM scores at sigma 0, their gold, each (I, POOL); DiT
-    passes a sample)."""
+    """POOL ODE samples an image from pool[:, :POOL] -> (their DRM scores at sigma 0, their gold,
+    each (I, POOL); DiT passes a sample)."""
     I = len(prompts)
     repeated = [p for p in prompts for _ in range(POOL)]
     cond, uncond = base.encode(repeated)
-    x, counts = stepwise_sample(base.dit, pool[:, :POOL].flatten(0, 1), cond, uncond, steps=cfg.steps,
-                                cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+    x, counts = stepwise_sample(base.dit, pool[:, :POOL].flatten(0, 1), cond, uncond,
+                                steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
     x = x.clamp(-1, 1)
     with torch.no_grad():
-        scores = drm(x, torch.zeros(len(x), device=x.device), *drm_text.encode(repeated)).float().cpu()
+        scores = drm(x, torch.zeros(len(x), device=x.device),
+                     *drm_text.encode(repeated)).float().cpu()
     gold = base.judge(x, repeated)["gold"].float().cpu()
     return scores.view(I, POOL), gold.view(I, POOL), counts["nfe"] / len(x)
 
 
 def compare(rows, curves, clusters, sample_passes, at_cost):
-    """Each method against best-of-N at the same equivalents (`at_cost`: the DRM cost the equivalents are weighed
-    at): per-image differences, clustered s.e., verdicts -> markdown."""
-    lines = [f"| method | DiT-pass equivalents / image | gold | best-of-N there (N) | difference ± clustered s.e. | "
-             "paired s.e. (images) | verdict |", "|---|---|---|---|---|---|---|"]
+    """Each method against best-of-N at the same equivalents (`at_cost`: the DRM cost the
+    equivalents are weighed at): per-image differences, clustered s.e., verdicts -> markdown."""
+    lines = [f"| method | DiT-pass equivalents / image | gold | best-of-N there (N) | "
+             f"difference ± clustered s.e. | " "paired s.e. (images) | verdict |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         budget = r["dit_passes"] + at_cost * r["drm_passes"]
         reference = best_of_at(curves, budget, sample_passes, at_cost)
         if reference is None:
-            lines.append(f"| {r['label']} | {budget:.0f} | {r['gold']:.4f} | outside best-of-1..{POOL} | | | |")
+            lines.append(f"| {r['label']} | {budget:.0f} | {r['gold']:.4f} | outside "
+                         f"best-of-1..{POOL} | | | |")
             continue
         diff = torch.tensor(r["gold_per_image"], dtype=torch.float64) - reference
         mean, se = clustered(diff, clusters)
         paired = diff.std().item() / math.sqrt(len(diff))
         n = next(n for n in range(1, POOL) if best_of_cost(n + 1, sample_passes, at_cost) >= budget)
-        lines.append(f"| {r['label']} | {budget:.0f} | {r['gold']:.4f} | {reference.mean().item():.4f} "
-                     f"({n}-{n + 1}) | {mean:+.4f} ± {se:.4f} | {paired:.4f} | {verdict(mean, se)} |")
+        lines.append(f"| {r['label']} | {budget:.0f} | {r['gold']:.4f} | "
+                     f"{reference.mean().item():.4f} " f"({n}-{n + 1}) | {mean:+.4f} ± {se:.4f} | "
+                         f"{paired:.4f} | {verdict(mean, se)} |")
     return "\n".join(lines)
 
 
@@ -201,11 +229,12 @@ def plot(rows, curves, sample_passes, cost, path):
     ns = range(1, POOL + 1)
     means = [curves[n].mean().item() for n in ns]
     ses = [curves[n].std().item() / math.sqrt(len(curves[n])) for n in ns]
-    ax.errorbar([best_of_cost(n, sample_passes, cost) for n in ns], means, yerr=ses, marker=".", capsize=2, color="black",
-                label=f"best-of-N, N = 1..{POOL} (one pool)")
+    ax.errorbar([best_of_cost(n, sample_passes, cost) for n in ns], means, yerr=ses, marker=".",
+                capsize=2, color="black", label=f"best-of-N, N = 1..{POOL} (one pool)")
     for curve in dict.fromkeys(r["curve"] for r in rows):
         points = sorted((r for r in rows if r["curve"] == curve), key=lambda r: r["dit_passes"])
-        ax.errorbar([r["dit_passes"] + cost * r["drm_passes"] for r in points], [r["gold"] for r in points],
+        ax.errorbar([r["dit_passes"] + cost * r["drm_passes"] for r in points],
+                    [r["gold"] for r in points],
                     yerr=[r["gold_se"] for r in points], marker="o", capsize=3, label=curve)
     ax.set_xscale("log")
     ax.set_xlabel("DiT-pass equivalents per image")
@@ -235,47 +264,61 @@ def main(cfg):
     if cfg.compile:
         compile_regions(base.dit)
         compile_regions(drm.backbone)
-    train = base.train_prompts("")                                        # 8 a digit: one of each, varied
+    # 8 a digit: one of each, varied
+    train = base.train_prompts("")
     prompt_list = (base.heldout_prompts("", []) if cfg.prompt_set == "heldout"
                    else [train[8 * d + d % 8] for d in range(10)])
     prompts = [p for p in prompt_list for _ in range(cfg.per_prompt)]
     clusters = torch.arange(len(prompt_list)).repeat_interleave(cfg.per_prompt)
-    most = max([POOL] + [sample.width(dataclasses.replace(sample.Config(), **p[2])) for p in points])
+    most = max([POOL] + [sample.width(dataclasses.replace(sample.Config(), **p[2]))
+                         for p in points])
     pool = initial_noise(base.dit, len(prompts) * most, torch.Generator().manual_seed(cfg.seed))
-    pool = pool.view(len(prompts), most, *pool.shape[1:]).to(device)    # image i's j-th particle: pool[i, j]
-    cost, seconds = drm_cost(base.dit, drm, pool[:, 0], base.encode(prompts)[0], drm_text.encode(prompts))
-    one = slice(cfg.per_prompt)                                           # the first prompt's images
+    # image i's j-th particle: pool[i, j]
+    pool = pool.view(len(prompts), most, *pool.shape[1:]).to(device)
+    cost, seconds = drm_cost(base.dit, drm, pool[:, 0], base.encode(prompts)[0],
+                             drm_text.encode(prompts))
+    # the first prompt's images
+    one = slice(cfg.per_prompt)
     measure(cfg, points[0], base, drm, drm_text, pool[one], prompts[one], show=False)   # warm-up
     scores, gold, sample_passes = pool_of_samples(cfg, base, drm, drm_text, pool, prompts)
     curves = {n: best_of_n_curve(scores, gold, n) for n in range(1, POOL + 1)}
-    head = (f"{cfg.prompt_set} prompts, {len(prompt_list)} x {cfg.per_prompt} images, {cfg.steps} steps, cfg "
-            f"{cfg.cfg_scale}, SDE noise {cfg.noise_level}; a DRM pass costs {cost:.3f} DiT passes in FLOPs "
-            f"({seconds:.2f} in time here), {SD35_MEDIUM_DRM_COST:.2f} at SD3.5-medium")
+    head = (f"{cfg.prompt_set} prompts, {len(prompt_list)} x {cfg.per_prompt} images, {cfg.steps} "
+            f"steps, cfg "
+            f"{cfg.cfg_scale}, SDE noise {cfg.noise_level}; a DRM pass costs {cost:.3f} DiT passes "
+                f"in FLOPs " f"({seconds:.2f} in time here), {SD35_MEDIUM_DRM_COST:.2f} at "
+                    f"SD3.5-medium")
     print(head)
     header = ("| method | gold ± s.e. | DiT passes / image | DRM passes / image | ms / image |\n"
               "|---|---|---|---|---|")
     print(header)
     rows = [measure(cfg, point, base, drm, drm_text, pool, prompts) for point in points]
-    bon = "\n".join(f"| best-of-{n} | {curves[n].mean().item():.4f} ± {curves[n].std().item() / math.sqrt(len(gold)):.4f}"
-                    f" | {sample_passes * n:.0f} | {n if n > 1 else 0} | {best_of_cost(n, sample_passes, cost):.0f} |"
-                    for n in range(1, POOL + 1))
+    bon = "\n".join(f"| best-of-{n} | {curves[n].mean().item():.4f} ± "
+                    f"{curves[n].std().item() / math.sqrt(len(gold)):.4f}" f" | "
+                        f"{sample_passes * n:.0f} | {n if n > 1 else 0} | "
+                            f"{best_of_cost(n, sample_passes, cost):.0f} |"
+                            for n in range(1, POOL + 1))
     table = "\n".join([
-        "| method | gold ± s.e. | digit | attributes | DRM | diversity | DiT passes / image | DRM passes / image | "
+        "| method | gold ± s.e. | digit | attributes | DRM | diversity | DiT passes / image | DRM "
+            "passes / image | "
         "DiT-pass equivalents (SD3.5-medium) | ms / image |", "|---" * 10 + "|"]
         + [f"| {r['label']} | {r['gold']:.4f} ± {r['gold_se']:.4f} | {r['digit_correct']:.1%} | "
-           f"{r['attribute_match']:.1%} | {r['drm']:.3f} | {r['diversity']:.4f} | {r['dit_passes']:.0f} | "
+           f"{r['attribute_match']:.1%} | {r['drm']:.3f} | {r['diversity']:.4f} | "
+           f"{r['dit_passes']:.0f} | "
            f"{r['drm_passes']:.0f} | {r['dit_passes'] + cost * r['drm_passes']:.0f} "
-           f"({r['dit_passes'] + SD35_MEDIUM_DRM_COST * r['drm_passes']:.0f}) | {r['ms']:.1f} |" for r in rows])
-    curve_table = ("| best-of-N (one pool of 16) | gold ± s.e. | DiT passes / image | DRM passes / image | "
+           f"({r['dit_passes'] + SD35_MEDIUM_DRM_COST * r['drm_passes']:.0f}) | {r['ms']:.1f} |"
+           for r in rows])
+    curve_table = ("| best-of-N (one pool of 16) | gold ± s.e. | DiT passes / image | "
+                   "DRM passes / image | "
                    "DiT-pass equivalents |\n|---|---|---|---|---|\n" + bon)
-    judged = (f"Against best-of-N at equal DiT-pass equivalents (a DRM pass = {cost:.3f} DiT passes):\n\n"
+    judged = (f"Against best-of-N at equal DiT-pass equivalents (a DRM pass = {cost:.3f} DiT "
+              f"passes):\n\n"
               + compare(rows, curves, clusters, sample_passes, cost)
               + f"\n\nThe same at SD3.5-medium's DRM cost ({SD35_MEDIUM_DRM_COST:.2f}):\n\n"
               + compare(rows, curves, clusters, sample_passes, SD35_MEDIUM_DRM_COST))
     print(judged)
     with open(cfg.out + ".json", "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "drm_cost": cost, "drm_seconds": seconds, "rows": rows,
-                   "best_of": {n: curves[n].tolist() for n in curves}}, f, indent=1)
+        json.dump({"config": dataclasses.asdict(cfg), "drm_cost": cost, "drm_seconds": seconds,
+                   "rows": rows, "best_of": {n: curves[n].tolist() for n in curves}}, f, indent=1)
     with open(cfg.out + ".md", "w") as f:
         f.write(f"{head}\n\n{table}\n\n{curve_table}\n\n{judged}\n")
     figure = plot(rows, curves, sample_passes, cost, cfg.out + ".png")

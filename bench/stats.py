@@ -1,10 +1,11 @@
-"""The statistics the comparisons share: a mean with its standard error, clustered standard errors for paired
-per-image differences, and the one rule for a verdict (2 standard errors)."""
+"""The statistics the comparisons share: a mean with its standard error, clustered standard errors
+for paired per-image differences, and the one rule for a verdict (2 standard errors)."""
 import math
 
 import torch
 
-SD35_MEDIUM_DRM_COST = 2.19 / 2.44   # a DRM pass over a DiT pass at SD3.5-medium, 512 px (bench/sd3_memory.py)
+# a DRM pass over a DiT pass at SD3.5-medium, 512 px (bench/sd3_memory.py)
+SD35_MEDIUM_DRM_COST = 2.19 / 2.44
 
 
 def mean_se(values):
@@ -17,11 +18,13 @@ def mean_se(values):
 
 
 def clustered(differences, clusters):
-    """-> (mean, s.e.) of per-image differences (I,), the s.e. clustered by `clusters` (I,): images of one prompt are
-    not independent. CR1: G / (G - 1) x the sum over the G clusters of their summed deviations squared, over I^2."""
+    """-> (mean, s.e.) of per-image differences (I,), the s.e. clustered by `clusters` (I,): images
+    of one prompt are not independent. CR1: G / (G - 1) x the sum over the G clusters of their
+    summed deviations squared, over I^2."""
     d = differences.double()
     mean = d.mean()
-    sums = torch.zeros(int(clusters.max()) + 1, dtype=torch.float64).index_add_(0, clusters, d - mean)
+    sums = torch.zeros(int(clusters.max()) + 1, dtype=torch.float64).index_add_(0, clusters,
+                                                                                d - mean)
     G = len(torch.unique(clusters))
     return mean.item(), math.sqrt(G / (G - 1) * (sums ** 2).sum().item()) / len(d)
 

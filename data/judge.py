@@ -1,6 +1,6 @@
 """The simulated annotator: a gold score per image and noisy Bradley-Terry preference labels.
 
-    python -m data.judge          # trains the digit classifier, writes data/judge.safetensors (~3 min)
+    python -m data.judge # trains the digit classifier, writes data/judge.safetensors (~3 min)
 
 Policies and the DRM never see the gold score, only pair labels drawn from it;
 evaluation reads it on held-out prompts and seeds.
@@ -28,7 +28,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import load_module, read_checkpoint, save_checkpoint
-from data.world import DATA_DIR, SLANT_EDGES, THICKNESS_EDGES, load_world, measure_attributes, parse_prompt
+from data.world import (DATA_DIR, SLANT_EDGES, THICKNESS_EDGES, load_world, measure_attributes,
+                        parse_prompt)
 
 JUDGE_PATH = os.path.join(DATA_DIR, "judge.safetensors")
 ATTRIBUTE_SCALE = {"thickness": 0.4, "slant": 0.25}
@@ -36,22 +37,25 @@ WEIGHTS = {"blur": 2.0, "specks": 0.05, "off_centre": 0.2}
 
 
 class DigitClassifier(nn.Module):
-    """Two conv stages (3x3 convs, ReLU, max-pool) and an MLP: (B, 1, 32, 32) in [-1, 1] -> (B, 10) logits."""
+    """Two conv stages (3x3 convs, ReLU, max-pool) and an MLP: (B, 1, 32, 32) in [-1, 1] -> (B, 10)
+    logits."""
 
     def __init__(self):
         super().__init__()
         def stage(c_in, c_out):
-            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
-                    nn.ReLU(), nn.MaxPool2d(2)]
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), nn.ReLU(),
+                    nn.Conv2d(c_out, c_out, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
         self.net = nn.Sequential(*stage(1, 32), *stage(32, 64), nn.Flatten(),
-                                 nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Dropout(0.3), nn.Linear(128, 10))
+                                 nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Dropout(0.3),
+                                 nn.Linear(128, 10))
 
     def forward(self, x):
         return self.net(x)
 
 
 def random_shift(x, max_shift=2):
-    """Translate each image by up to max_shift pixels (background -1), so the classifier tolerates off-centre samples."""
+    """Translate each image by up to max_shift pixels (background -1), so the classifier tolerates
+    off-centre samples."""
     padded = F.pad(x, [max_shift] * 4, value=-1.0)
     out = torch.empty_like(x)
     for i, (dy, dx) in enumerate(torch.randint(0, 2 * max_shift + 1, (len(x), 2)).tolist()):
@@ -60,7 +64,8 @@ def random_shift(x, max_shift=2):
 
 
 def train_classifier(epochs=8, batch_size=64, lr=1e-3, seed=0):
-    """Train on the real training digits (everything but the test split); -> (classifier, test accuracy)."""
+    """Train on the real training digits (everything but the test split); -> (classifier, test
+    accuracy)."""
     torch.manual_seed(seed)
     world = load_world()
     train_x, train_y = world["images"][~world["test"]], world["labels"][~world["test"]]
@@ -75,7 +80,8 @@ def train_classifier(epochs=8, batch_size=64, lr=1e-3, seed=0):
             loss.backward()
             optimizer.step()
         accuracy = test_accuracy(model, test_x, test_y)
-        print(f"epoch {epoch + 1}: loss {loss.item():.4f}, accuracy on {len(test_y)} real test digits {accuracy:.2%}")
+        print(f"epoch {epoch + 1}: loss {loss.item():.4f}, accuracy on {len(test_y)} real test "
+              f"digits {accuracy:.2%}")
     return model.eval(), accuracy
 
 
@@ -94,17 +100,19 @@ def load_classifier(path=JUDGE_PATH):
 
 
 def largest_blob_mask(ink):
-    """ink (B, H, W) bool -> mask of the largest 8-connected component, by label propagation with max-pool."""
+    """ink (B, H, W) bool -> mask of the largest 8-connected component, by label propagation with
+    max-pool."""
     B, H, W = ink.shape
-    labels = torch.where(ink, torch.arange(1, H * W + 1, dtype=torch.float32).view(1, H, W).expand(B, H, W),
-                         torch.zeros(()))
+    numbers = torch.arange(1, H * W + 1, dtype=torch.float32).view(1, H, W).expand(B, H, W)
+    labels = torch.where(ink, numbers, torch.zeros(()))
     for _ in range(H * W):
         grown = F.max_pool2d(labels.unsqueeze(1), 3, stride=1, padding=1).squeeze(1) * ink
         if torch.equal(grown, labels):
             break
         labels = grown
     flat = labels.view(B, -1).long()
-    sizes = torch.zeros(B, H * W + 1).scatter_add_(1, flat, torch.ones_like(flat, dtype=torch.float32))
+    sizes = torch.zeros(B, H * W + 1).scatter_add_(1, flat,
+                                                   torch.ones_like(flat, dtype=torch.float32))
     sizes[:, 0] = 0  # background
     return labels == sizes.argmax(1).view(B, 1, 1)
 
@@ -143,7 +151,8 @@ class Judge:
 
     @torch.no_grad()
     def score(self, images, prompts):
-        """-> dict of (B,) tensors: gold and its parts, plus digit_correct and attribute_match (0/1 each)."""
+        """-> dict of (B,) tensors: gold and its parts, plus digit_correct and attribute_match (0/1
+        each)."""
         images = images.float().cpu()
         parsed = [parse_prompt(p) for p in prompts]
         digits = torch.tensor([d for d, _, _ in parsed])
@@ -153,8 +162,9 @@ class Judge:
         attributes = torch.zeros(len(images))
         matched, named = torch.zeros(len(images)), torch.zeros(len(images))
         for i, (_, t_cls, s_cls) in enumerate(parsed):
-            for cls, value, edges, scale in ((t_cls, thickness[i], THICKNESS_EDGES, ATTRIBUTE_SCALE["thickness"]),
-                                             (s_cls, slant[i], SLANT_EDGES, ATTRIBUTE_SCALE["slant"])):
+            measured = ((t_cls, thickness[i], THICKNESS_EDGES, ATTRIBUTE_SCALE["thickness"]),
+                        (s_cls, slant[i], SLANT_EDGES, ATTRIBUTE_SCALE["slant"]))
+            for cls, value, edges, scale in measured:
                 if cls is not None:
                     distance = interval_distance(value, edges, cls)
                     attributes[i] -= distance / scale
@@ -162,8 +172,8 @@ class Judge:
                     named[i] += 1
         terms = perceptual_terms(images)
         perceptual = -sum(WEIGHTS[k] * terms[k] for k in WEIGHTS)
-        return {"gold": fidelity + attributes + perceptual, "fidelity": fidelity, "attributes": attributes,
-                "perceptual": perceptual, **terms,
+        return {"gold": fidelity + attributes + perceptual, "fidelity": fidelity,
+                "attributes": attributes, "perceptual": perceptual, **terms,
                 "digit_correct": (log_probs.argmax(1) == digits).float(),
                 "attribute_match": matched / named.clamp(min=1)}
 
@@ -179,13 +189,18 @@ class Judge:
 def main():
     torch.set_num_threads(1)
     classifier, accuracy = train_classifier()
-    save_checkpoint(JUDGE_PATH, {"classifier": classifier}, {"kind": "judge", "test_accuracy": accuracy})
+    save_checkpoint(JUDGE_PATH, {"classifier": classifier},
+                    {"kind": "judge", "test_accuracy": accuracy})
     world = load_world()
-    test_x, test_captions = world["images"][world["test"]], [c for c, t in zip(world["captions"], world["test"]) if t]
+    test_x, test_captions = world["images"][world["test"]], [c for c,
+        t in zip(world["captions"], world["test"]) if t]
     scores = Judge(classifier).score(test_x, test_captions)
-    print(f"wrote {JUDGE_PATH}: test accuracy {accuracy:.2%}; on real test digits with their own captions: "
-          f"mean gold {scores['gold'].mean():.3f}, attribute match {scores['attribute_match'].mean():.2%}, "
-          + ", ".join(f"{k} {scores[k].mean():.3f}" for k in ("fidelity", "attributes", "blur", "specks", "off_centre")))
+    print(f"wrote {JUDGE_PATH}: test accuracy {accuracy:.2%}; on real test digits with their own "
+          f"captions: "
+          f"mean gold {scores['gold'].mean():.3f}, attribute match "
+          f"{scores['attribute_match'].mean():.2%}, "
+          + ", ".join(f"{k} {scores[k].mean():.3f}"
+                      for k in ("fidelity", "attributes", "blur", "specks", "off_centre")))
 
 
 if __name__ == "__main__":

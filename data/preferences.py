@@ -1,4 +1,5 @@
-"""Preference pairs for the DRM: samples of the shipped base model, labelled by the simulated annotator.
+"""Preference pairs for the DRM: samples of the shipped base model, labelled by the simulated
+annotator.
 
     python -m data.preferences                # writes out/prefs/ (9 minutes on 2 CPU cores)
 
@@ -43,7 +44,8 @@ class Config:
     out_dir: str = "out/prefs"
     base: str = "data/base.safetensors"   # the toy base model whose samples are paired
     cfg_scales: str = "1,1.5,2,3,4,6"     # guidance scales of the image pool
-    step_counts: str = "1,2,4,8,20"       # Euler step counts of the image pool (1-2 steps give blurred digits)
+    # Euler step counts of the image pool (1-2 steps give blurred digits)
+    step_counts: str = "1,2,4,8,20"
     seeds_per_setting: int = 6            # images per (prompt, guidance, steps)
     pairs_per_prompt: int = 400
     test_prompts: int = 16                # prompts held out for the test pairs
@@ -57,7 +59,8 @@ class Config:
 
 def gold_scores(pairs):
     """(N, 2) gold scores of path1 and path2 when every pair has them (the toy's), else None."""
-    return torch.tensor([p["gold"] for p in pairs]) if all(p["gold"] is not None for p in pairs) else None
+    return torch.tensor([p["gold"] for p in pairs]) if all(p["gold"] is not None
+                                                           for p in pairs) else None
 
 # -----------------------------------------------------------------------------
 # Making the data set
@@ -71,7 +74,8 @@ def main(cfg):
     prompts = list(TRAIN_PROMPTS)
     rng = random.Random(cfg.seed)
     rng.shuffle(prompts)
-    split = {"test": sorted(prompts[:cfg.test_prompts]), "train": sorted(prompts[cfg.test_prompts:])}
+    split = {"test": sorted(prompts[:cfg.test_prompts]),
+             "train": sorted(prompts[cfg.test_prompts:])}
 
     os.makedirs(os.path.join(cfg.out_dir, "images"), exist_ok=True)
     pool = {}  # prompt -> list of (relative path, gold)
@@ -79,16 +83,19 @@ def main(cfg):
     for scale_number, scale in enumerate(cfg_scales):
         for steps in step_counts:
             batch = [p for p in prompts for _ in range(cfg.seeds_per_setting)]
-            images = generate(base.dit, base, batch, seed=cfg.seed * 1000 + scale_number * 100 + steps,
-                              steps=steps, cfg_scale=scale)
+            images = generate(base.dit, base, batch,
+                              seed=cfg.seed * 1000 + scale_number * 100 + steps, steps=steps,
+                              cfg_scale=scale)
             pixels = ((images + 1) * 127.5).round().clamp(0, 255).byte()
-            gold = judge.gold(pixels.float() / 127.5 - 1, batch)  # scored as stored, after 8-bit rounding
+            # scored as stored, after 8-bit rounding
+            gold = judge.gold(pixels.float() / 127.5 - 1, batch)
             for prompt, image, g in zip(batch, pixels, gold.tolist()):
                 relative = f"images/{index:05d}.png"
                 Image.fromarray(image[0].numpy()).save(os.path.join(cfg.out_dir, relative))
                 pool.setdefault(prompt, []).append((relative, g))
                 index += 1
-            print(f"guidance {scale}, {steps} steps: {len(batch)} images, mean gold {gold.mean():.3f}")
+            print(f"guidance {scale}, {steps} steps: {len(batch)} images, mean gold "
+                  f"{gold.mean():.3f}")
 
     generator = torch.Generator().manual_seed(cfg.seed)
     for name, names_prompts in split.items():
@@ -96,9 +103,12 @@ def main(cfg):
         for prompt in names_prompts:
             for _ in range(cfg.pairs_per_prompt):
                 (path_a, gold_a), (path_b, gold_b) = rng.sample(pool[prompt], 2)
-                a_wins, p_a = judge.label_pairs(torch.tensor([gold_a]), torch.tensor([gold_b]), generator)
+                a_wins, p_a = judge.label_pairs(torch.tensor([gold_a]), torch.tensor([gold_b]),
+                                                generator)
                 a_wins, p_a = bool(a_wins), float(p_a)
-                winner, loser = ((path_a, gold_a), (path_b, gold_b)) if a_wins else ((path_b, gold_b), (path_a, gold_a))
+                winner, loser = ((path_a, gold_a),
+                                 (path_b, gold_b)) if a_wins else ((path_b, gold_b),
+                                                                   (path_a, gold_a))
                 agree += winner[1] >= loser[1]
                 lines.append(json.dumps({"prompt": prompt, "path1": winner[0], "path2": loser[0],
                                          "confidence": round(p_a if a_wins else 1 - p_a, 4),

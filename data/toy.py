@@ -1,14 +1,16 @@
-"""The CPU toy as a base model (base.py's interface): the tiny DiT and text encoder of --base, 32x32 pixels,
-the simulated annotator, and its checkpoint (the DiT and the text encoder in one file)."""
+"""The CPU toy as a base model (base.py's interface): the tiny DiT and text encoder of --base, 32x32
+pixels, the simulated annotator, and its checkpoint (the DiT and the text encoder in one file)."""
 import dataclasses
 import os
 
 import torch
 
-from checkpoints import CheckpointError, config_from_meta, load_module, read_checkpoint, save_checkpoint
+from checkpoints import (CheckpointError, config_from_meta, load_module, read_checkpoint,
+                         save_checkpoint)
 from common import UserError, read_prompts
 from data.judge import Judge
-from data.world import HELDOUT_PROMPTS, TRAIN_PROMPTS, TextConfig, TextEncoder, read_images, tokenize
+from data.world import (HELDOUT_PROMPTS, TRAIN_PROMPTS, TextConfig, TextEncoder, read_images,
+                        tokenize)
 from model import DiT, DiTConfig, add_lora, export_state_dict
 from reward import read_drm, save_drm
 
@@ -21,16 +23,19 @@ def save_toy_base(path, dit, text_encoder, step, dtype=None):
 
 def load_toy_base(path, device="cpu"):
     """-> (dit, text_encoder, meta) in eval mode, from a file written by save_toy_base."""
-    tensors, meta = read_checkpoint(path, "base", "train one with train_base.py or use data/base.safetensors")
-    dit = load_module(DiT(config_from_meta(DiTConfig, meta.get("dit_config"), path)), tensors, "dit", path)
-    text_encoder = load_module(TextEncoder(config_from_meta(TextConfig, meta.get("text_config"), path)),
+    tensors, meta = read_checkpoint(path, "base",
+                                    "train one with train_base.py or use data/base.safetensors")
+    dit = load_module(DiT(config_from_meta(DiTConfig, meta.get("dit_config"), path)), tensors,
+                      "dit", path)
+    text_encoder = load_module(TextEncoder(config_from_meta(TextConfig, meta.get("text_config"),
+                                                            path)),
                                tensors, "text", path)
     return dit.to(device).eval(), text_encoder.to(device).eval(), meta
 
 
 class ToyText:
-    """The toy text encoder behind the text interface: prompts -> (context, pooled), through data/world.py's
-    word-level tokenizer (an unknown word is an error naming it)."""
+    """The toy text encoder behind the text interface: prompts -> (context, pooled), through
+    data/world.py's word-level tokenizer (an unknown word is an error naming it)."""
 
     def __init__(self, encoder):
         self.encoder = encoder
@@ -41,7 +46,8 @@ class ToyText:
 
 
 class ToyBase:
-    """The CPU toy: the tiny DiT and text encoder of --base, 32x32 pixels, the simulated annotator."""
+    """The CPU toy: the tiny DiT and text encoder of --base, 32x32 pixels, the simulated
+    annotator."""
 
     def __init__(self, dit, text_encoder, meta=None):
         self.dit, self.text, self.meta = dit, ToyText(text_encoder), meta or {}
@@ -69,17 +75,20 @@ class ToyBase:
         return x.clamp(-1, 1)
 
     def judge(self, images, prompts):
-        """The annotator's scores of each image (N,): gold, digit accuracy, attribute match, fidelity, perceptual."""
+        """The annotator's scores of each image (N,): gold, digit accuracy, attribute match,
+        fidelity, perceptual."""
         self.annotator = self.annotator or Judge()
         scores = self.annotator.score(images.cpu(), prompts)
-        return {k: scores[k] for k in ("gold", "digit_correct", "attribute_match", "fidelity", "perceptual")}
+        return {k: scores[k]
+                for k in ("gold", "digit_correct", "attribute_match", "fidelity", "perceptual")}
 
     def pair_tensors(self, pairs, cache_dir, resize="crop"):
-        """The pairs' images -> ((winners, losers) (N, 1, H, W) in [-1, 1], each of the DiT's size, None):
-        pixels, no posterior to draw from."""
+        """The pairs' images -> ((winners, losers) (N, 1, H, W) in [-1, 1], each of the DiT's size,
+        None): pixels, no posterior to draw from."""
         images = read_images([p[key] for p in pairs for key in ("path1", "path2")])
         if images.shape[-1] != self.latent_size or images.shape[-2] != self.latent_size:
-            raise UserError(f"the preference images are {images.shape[-2]}x{images.shape[-1]} pixels, the model's "
+            raise UserError(f"the preference images are {images.shape[-2]}x{images.shape[-1]} "
+                            f"pixels, the model's "
                             f"{self.latent_size}x{self.latent_size}")
         return (images[0::2], images[1::2]), None
 
@@ -87,9 +96,11 @@ class ToyBase:
         """-> (drm, the text encoder it reads prompts with, meta): a toy DRM carries its own."""
         drm, meta, tensors = read_drm(path, device, self.dit.config)
         if meta.get("text_config") is None:
-            raise CheckpointError(f"{path} is a DRM of {meta.get('model')} (SD3): the toy cannot use it; "
+            raise CheckpointError(f"{path} is a DRM of {meta.get('model')} (SD3): the toy cannot "
+                                  f"use it; "
                                   "pass --model and --ckpt_dir of its pipeline")
-        encoder = load_module(TextEncoder(config_from_meta(TextConfig, meta["text_config"], path)), tensors, "text", path)
+        encoder = load_module(TextEncoder(config_from_meta(TextConfig, meta["text_config"], path)),
+                              tensors, "text", path)
         return drm, ToyText(encoder.to(device).eval()), meta
 
     def save_drm(self, path, drm, step, meta, dtype=None):
@@ -105,13 +116,15 @@ class ToyBase:
         return self.text
 
     def save_policy(self, out_dir, state, config, lora_rank, step):
-        """The policy (LoRA folded in) as a toy base checkpoint, out_dir/model.safetensors (a --base)."""
-        save_toy_base(os.path.join(out_dir, "model.safetensors"), plain_dit(state, config, lora_rank),
-                      self.text.encoder, step)
+        """The policy (LoRA folded in) as a toy base checkpoint, out_dir/model.safetensors (a
+        --base)."""
+        save_toy_base(os.path.join(out_dir, "model.safetensors"),
+                      plain_dit(state, config, lora_rank), self.text.encoder, step)
 
 
 def plain_dit(state, config, lora_rank=0):
-    """A DiT from a policy's state dict, its LoRA (if any) folded into the weights: what a saved policy holds."""
+    """A DiT from a policy's state dict, its LoRA (if any) folded into the weights: what a saved
+    policy holds."""
     with torch.device("meta"):
         policy, plain = DiT(config), DiT(config)
         if lora_rank:
@@ -122,6 +135,7 @@ def plain_dit(state, config, lora_rank=0):
 
 
 def encode_with_empty(text, prompts):
-    """(cond, uncond) for guidance: text.encode(prompts) and the empty prompt's at the same batch size."""
+    """(cond, uncond) for guidance: text.encode(prompts) and the empty prompt's at the same batch
+    size."""
     return text.encode(prompts), text.encode([""] * len(prompts))
 

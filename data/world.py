@@ -54,14 +54,16 @@ def caption(digit, thickness=None, slant=None):
 
 
 HELDOUT_PROMPTS = [caption(d, *HELDOUT_COMBOS[d]) for d in range(10)]
-# the other 80 full captions: what the DRM's preference pairs and the policy's rollouts are drawn from
-TRAIN_PROMPTS = [p for p in (caption(d, t, s) for d in range(10) for t in range(len(THICKNESS)) for s in range(len(SLANT)))
-                 if p not in HELDOUT_PROMPTS]
+# the other 80 full captions: what the DRM's preference pairs and the policy's rollouts are drawn
+# from
+TRAIN_PROMPTS = [p for p in (caption(d, t, s) for d in range(10) for t in range(len(THICKNESS))
+                             for s in range(len(SLANT))) if p not in HELDOUT_PROMPTS]
 
 # ----------------------------------------------------------------------------
 # Tokenizer: one id per word, id 0 pads, id 1 starts every prompt (its hidden
 # state becomes the pooled embedding, like CLIP's end token).
-VOCAB = ["<pad>", "<start>", "a"] + [str(d) for d in range(10)] + ["thin", "regular", "thick", "slanted", "left", "upright", "right"]
+VOCAB = ["<pad>", "<start>", "a"] + [str(d) for d in range(10)] + ["thin", "regular", "thick",
+    "slanted", "left", "upright", "right"]
 WORD_TO_ID = {w: i for i, w in enumerate(VOCAB)}
 MAX_TOKENS = 8
 
@@ -73,7 +75,8 @@ def tokenize(prompts):
         words = prompt.lower().split()
         unknown = [w for w in words if w not in WORD_TO_ID]
         if unknown:
-            raise UserError(f"prompt {prompt!r}: unknown word(s) {unknown}; the vocabulary is {VOCAB[2:]}")
+            raise UserError(f"prompt {prompt!r}: unknown word(s) {unknown}; the vocabulary is "
+                            f"{VOCAB[2:]}")
         if len(words) + 1 > MAX_TOKENS:
             raise UserError(f"prompt {prompt!r} is longer than {MAX_TOKENS - 1} words")
         ids[row, : len(words) + 1] = torch.tensor([1] + [WORD_TO_ID[w] for w in words])
@@ -116,8 +119,9 @@ class TextEncoder(nn.Module):
         self.config = cfg = config
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.context_dim)
         self.position_embedding = nn.Parameter(torch.randn(cfg.max_tokens, cfg.context_dim) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.context_dim, cfg.heads, 4 * cfg.context_dim, dropout=0.0,
-                                           activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(cfg.context_dim, cfg.heads, 4 * cfg.context_dim,
+                                           dropout=0.0, activation="gelu", batch_first=True,
+                                           norm_first=True)
         self.layers = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
         self.final_norm = nn.LayerNorm(cfg.context_dim)
         self.pooled_proj = nn.Linear(cfg.context_dim, cfg.pooled_dim)
@@ -135,7 +139,8 @@ def load_digits():
     """-> images (5000, 1, 32, 32) float32 in [-1, 1], labels (5000,) int64."""
     path = os.path.join(DATA_DIR, "mnist.npz")
     if not os.path.exists(path):
-        raise UserError(f"{path} is missing; rebuild it with data/build_mnist.py (see data/README.md)")
+        raise UserError(f"{path} is missing; rebuild it with data/build_mnist.py (see "
+                        f"data/README.md)")
     with np.load(path) as f:
         images = torch.from_numpy(f["images"]).float() / 127.5 - 1  # (N, 28, 28)
         labels = torch.from_numpy(f["labels"]).long()
@@ -144,8 +149,8 @@ def load_digits():
 
 
 def read_images(paths):
-    """Grey image files -> (N, 1, H, W) in [-1, 1], each file read once; a file that is not an image, or of
-    another size than most, is named."""
+    """Grey image files -> (N, 1, H, W) in [-1, 1], each file read once; a file that is not an
+    image, or of another size than most, is named."""
     cache = {}
     for path in paths:
         if path not in cache:
@@ -160,7 +165,8 @@ def read_images(paths):
     for path, image in cache.items():
         if image.shape != shape:
             raise UserError(f"image {path} is {image.shape[1]}x{image.shape[2]} pixels, the others "
-                            f"{shape[1]}x{shape[2]}: every image of a preference set has the model's size")
+                            f"{shape[1]}x{shape[2]}: every image of a preference set has the "
+                            f"model's size")
     return torch.stack([cache[path] for path in paths])
 
 
@@ -169,7 +175,8 @@ def measure_attributes(images):
     img = (images[:, 0].float() + 1) / 2                          # (B, H, W) in [0, 1]
     ink = (img > 0.5).float()
     area = ink.sum((1, 2))
-    perimeter = (ink[:, 1:] != ink[:, :-1]).sum((1, 2)) + (ink[:, :, 1:] != ink[:, :, :-1]).sum((1, 2))
+    perimeter = ((ink[:, 1:] != ink[:, :-1]).sum((1, 2))
+                 + (ink[:, :, 1:] != ink[:, :, :-1]).sum((1, 2)))
     thickness = 2 * area / perimeter.clamp(min=1)
     H, W = img.shape[1:]
     y_up = -torch.arange(H, dtype=img.dtype).view(1, H, 1)
@@ -193,7 +200,8 @@ def attribute_classes(images):
 
 def split(labels, thickness_class, slant_class, test_fraction=0.1, seed=0):
     """-> (train, test) boolean masks. test: a random fraction of the images. train: the rest,
-    less every image whose caption is a held-out combination (so no model trains on those prompts)."""
+    less every image whose caption is a held-out combination (so no model trains on those
+    prompts)."""
     heldout = torch.tensor([(int(t), int(s)) == HELDOUT_COMBOS[int(d)]
                             for d, t, s in zip(labels, thickness_class, slant_class)])
     g = torch.Generator().manual_seed(seed)
@@ -202,10 +210,12 @@ def split(labels, thickness_class, slant_class, test_fraction=0.1, seed=0):
 
 
 def load_world():
-    """The whole toy dataset: dict of images, labels, attribute classes, captions, train and test masks."""
+    """The whole toy dataset: dict of images, labels, attribute classes, captions, train and test
+    masks."""
     images, labels = load_digits()
     thickness_class, slant_class = attribute_classes(images)
-    captions = [caption(int(d), int(t), int(s)) for d, t, s in zip(labels, thickness_class, slant_class)]
+    captions = [caption(int(d), int(t), int(s)) for d, t,
+                s in zip(labels, thickness_class, slant_class)]
     train, test = split(labels, thickness_class, slant_class)
     return dict(images=images, labels=labels, thickness=thickness_class, slant=slant_class,
                 captions=captions, train=train, test=test)

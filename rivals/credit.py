@@ -1,4 +1,5 @@
-"""The rival credit rules of GRPO, each as its authors' code computes it, and the table of credit modes.
+"""The rival credit rules of GRPO, each as its authors' code computes it, and the table of credit
+modes.
 
     advantages = CREDIT["cosine"].advantages(rollout, final_rewards, settings)
 
@@ -24,7 +25,8 @@ from typing import Callable, NamedTuple
 import torch
 
 from common import UserError, parse_numbers
-from grpo import Rollout, group_normalise, in_window, sample_rollout, stepwise_advantages, trained_steps
+from grpo import (Rollout, group_normalise, in_window, sample_rollout, stepwise_advantages,
+                  trained_steps)
 from sde import Step, passes, propose, take
 
 
@@ -252,7 +254,8 @@ def chain_rollout(policy, noise, cond, uncond, sigmas, settings, reward, score, 
 
 def tree_rollout(policy, noise, cond, uncond, sigmas, settings, reward, score, picks=None,
                  **sampling):
-    """A prompt's leaves grow from one root, its first noise (a prompt's per_prompt rows adjacent)."""
+    """A prompt's leaves grow from one root, its first noise (a prompt's per_prompt rows
+    adjacent)."""
     roots = slice(None, None, settings.per_prompt)
     return sample_tree(policy, noise[roots], take(cond, roots), take(uncond, roots), sigmas,
                        split_steps=settings.split_steps, branch=settings.branch,
@@ -264,7 +267,8 @@ def stepwise(rollout, final_rewards, settings, rows=slice(None), gather=lambda t
 
 
 def sparse(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
-    advantages = terminal_advantages(final_rewards, settings.per_prompt, group_std=settings.group_std)
+    advantages = terminal_advantages(final_rewards, settings.per_prompt,
+                                     group_std=settings.group_std)
     return advantages[rows].expand(rollout.states.shape[0], -1).unsqueeze(-1)
 
 

@@ -1,13 +1,14 @@
-"""The DRM's nearest rival, DiNa-LRM (arXiv 2602.11146, HKUST-C4G/diffusion-rm), beside the paper's DRM: its
-noise-aware Thurstone loss, and a noise ensemble that scores a state re-noised several times; the table of
-reward losses.
+"""The DRM's nearest rival, DiNa-LRM (arXiv 2602.11146, HKUST-C4G/diffusion-rm), beside the paper's
+DRM: its noise-aware Thurstone loss, and a noise ensemble that scores a state re-noised several
+times; the table of reward losses.
 
-    loss = LOSSES["thurstone"](reward_win, reward_lose, sigma)       # train_reward.py --loss=thurstone
+    loss = LOSSES["thurstone"](reward_win, reward_lose, sigma) # train_reward.py --loss=thurstone
     drm = with_ensemble(drm, draws=4, at_sigma=0.25)                 # --drm_draws, --drm_sigma
 
 DiNa-LRM's own recipe noises both images of a pair with one noise and draws sigma uniformly
 (train_reward.py --pair_noise=shared --sigma_sampling=uniform); its "ensemble" is another design
-(one noise reused at sigmas 0.2, 0.5, 0.7, the tokens of all three fed to its head at once), not built.
+(one noise reused at sigmas 0.2, 0.5, 0.7, the tokens of all three fed to its head at once), not
+built.
 """
 from dataclasses import dataclass
 
@@ -75,7 +76,8 @@ class NoiseEnsemble(nn.Module):
 
 
 def drm_passes(drm, sigma):
-    """DRM passes a scoring of states at sigma (N,) takes: the ensemble's draws where it re-noises."""
+    """DRM passes a scoring of states at sigma (N,) takes: the ensemble's draws where it
+    re-noises."""
     if isinstance(drm, NoiseEnsemble) and bool((sigma < drm.at_sigma).any()):
         return drm.draws
     return 1

@@ -64,13 +64,14 @@ def smc_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, par
     SDE trajectories an image (noise (N * particles, ...), an image's adjacent). At the steps of
     resampling_steps(steps, *schedule) the DRM scores each particle, r: score="x0" the one-step
     x0-prediction of its state before the step, at sigma 0 (FK's, with a clean-image reward);
-    "noisy" its state after the step at sigma_next. Potential "diff": weights
-    exp(lmbda (r - r_prev)), r_prev the particle's (or its ancestor's) r at the previous such step, 0 at first; "max":
-    exp(lmbda max(r, r_prev)), r_prev then the running max, and the last step's weights divided by
-    the product of the potentials a particle was resampled with. Weights are not carried between
-    steps. A scheduled step resamples multinomially (adaptive: only if the effective sample size
-    1 / sum(w_norm^2) is below ess_threshold x particles); the last step always asks the ESS test.
-    At the end, the DRM's favourite at sigma 0 -> (x0, counts with "resampled": image-steps)."""
+    "noisy" its state after the step at sigma_next. Potential "diff": weights exp(lmbda (r -
+    r_prev)), r_prev the particle's (or its ancestor's) r at the previous such step, 0 at first;
+    "max": exp(lmbda max(r, r_prev)), r_prev then the running max, and the last step's weights
+    divided by the product of the potentials a particle was resampled with. Weights are not carried
+    between steps. A scheduled step resamples multinomially (adaptive: only if the effective sample
+    size 1 / sum(w_norm^2) is below ess_threshold x particles); the last step always asks the ESS
+    test. At the end, the DRM's favourite at sigma 0 -> (x0, counts with "resampled":
+    image-steps)."""
     N, P = len(noise) // particles, particles
     owners = torch.arange(N, device=noise.device).repeat_interleave(P)
     x, sigmas = noise.float(), sigma_schedule(steps, shift).to(noise.device)

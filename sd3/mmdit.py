@@ -1,8 +1,11 @@
-"""Public SD3 plumbing outside the reading path: the MMDiT's key maps, Stability's and diffusers' layouts.
+"""Public SD3 plumbing outside the reading path: the MMDiT's key maps, Stability's and diffusers'
+layouts.
 
     from sd3.mmdit import load_sd3, save_sd3
-    dit = load_sd3("sd3.5_medium.safetensors")      # or a diffusers pipeline / transformer folder -> model.DiT
-    save_sd3(dit, "out/transformer")                 # diffusers layout (LoRA folded in); layout="stability": one file
+    dit = load_sd3("sd3.5_medium.safetensors") # or a diffusers pipeline / transformer folder ->
+    model.DiT
+    save_sd3(dit, "out/transformer") # diffusers layout (LoRA folded in); layout="stability": one
+    file
 
 The config is read from the tensor shapes, so there is nothing to set.
 """
@@ -15,7 +18,8 @@ import re
 import torch
 from safetensors.torch import load_file, save_file
 
-from checkpoints import CheckpointError, atomic_write, check_keys, read_safetensors_header, read_tensor
+from checkpoints import (CheckpointError, atomic_write, check_keys, read_safetensors_header,
+                         read_tensor)
 from model import DiTConfig, build_dit, export_state_dict
 from sd3.streaming import assign_from_files
 
@@ -38,19 +42,22 @@ DIFFUSERS_NAMES = [  # (our name, diffusers name(s)); {i} is a block index; .wei
     ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
     ("context_embedder", "context_embedder"),
     ("joint_blocks.{i}.x_block.adaLN_modulation.1", "transformer_blocks.{i}.norm1.linear"),
-    ("joint_blocks.{i}.x_block.attn.qkv", ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
+    ("joint_blocks.{i}.x_block.attn.qkv",
+     ("transformer_blocks.{i}.attn.to_q", "transformer_blocks.{i}.attn.to_k",
                                            "transformer_blocks.{i}.attn.to_v")),
     ("joint_blocks.{i}.x_block.attn.ln_q", "transformer_blocks.{i}.attn.norm_q"),
     ("joint_blocks.{i}.x_block.attn.ln_k", "transformer_blocks.{i}.attn.norm_k"),
     ("joint_blocks.{i}.x_block.attn.proj", "transformer_blocks.{i}.attn.to_out.0"),
-    ("joint_blocks.{i}.x_block.attn2.qkv", ("transformer_blocks.{i}.attn2.to_q", "transformer_blocks.{i}.attn2.to_k",
+    ("joint_blocks.{i}.x_block.attn2.qkv",
+     ("transformer_blocks.{i}.attn2.to_q", "transformer_blocks.{i}.attn2.to_k",
                                             "transformer_blocks.{i}.attn2.to_v")),
     ("joint_blocks.{i}.x_block.attn2.ln_q", "transformer_blocks.{i}.attn2.norm_q"),
     ("joint_blocks.{i}.x_block.attn2.ln_k", "transformer_blocks.{i}.attn2.norm_k"),
     ("joint_blocks.{i}.x_block.attn2.proj", "transformer_blocks.{i}.attn2.to_out.0"),
     ("joint_blocks.{i}.x_block.mlp.fc1", "transformer_blocks.{i}.ff.net.0.proj"),
     ("joint_blocks.{i}.x_block.mlp.fc2", "transformer_blocks.{i}.ff.net.2"),
-    ("joint_blocks.{i}.context_block.adaLN_modulation.1", "transformer_blocks.{i}.norm1_context.linear"),
+    ("joint_blocks.{i}.context_block.adaLN_modulation.1",
+     "transformer_blocks.{i}.norm1_context.linear"),
     ("joint_blocks.{i}.context_block.attn.qkv", ("transformer_blocks.{i}.attn.add_q_proj",
                                                  "transformer_blocks.{i}.attn.add_k_proj",
                                                  "transformer_blocks.{i}.attn.add_v_proj")),
@@ -72,12 +79,14 @@ def _diffusers_names(ours):
         if ours == stem or ours.startswith(stem + ".") and ours.count(".") == stem.count(".") + 1:
             suffix = ours[len(stem):]
             bases = their_base if isinstance(their_base, tuple) else (their_base,)
-            return tuple(b.replace("{i}", block.group(1)) + suffix if block else b + suffix for b in bases)
+            return tuple(b.replace("{i}", block.group(1)) + suffix if block else b + suffix
+                         for b in bases)
     raise KeyError(ours)  # only reached for a tensor our own DiT does not have
 
 
 def _swaps_halves(name, shape, dim):
-    """The two-chunk modulations, stored (shift, scale) by Stability and (scale, shift) by diffusers."""
+    """The two-chunk modulations, stored (shift, scale) by Stability and (scale, shift) by
+    diffusers."""
     return "adaLN_modulation" in name and shape[0] == 2 * dim
 
 
@@ -87,7 +96,8 @@ def _swap_halves(tensor):
 
 
 def _find_weight_files(path):
-    """A .safetensors file, a sharded index, a diffusers transformer folder or a pipeline folder -> files."""
+    """A .safetensors file, a sharded index, a diffusers transformer folder or a pipeline folder ->
+    files."""
     if os.path.isdir(path):
         if os.path.isdir(os.path.join(path, "transformer")):
             path = os.path.join(path, "transformer")
@@ -98,8 +108,10 @@ def _find_weight_files(path):
         elif os.path.exists(single):
             return [single]
         else:
-            raise CheckpointError(f"{path} holds no diffusion_pytorch_model.safetensors(.index.json); point at "
-                                    "a .safetensors file, a diffusers transformer/ folder or a pipeline folder")
+            raise CheckpointError(f"{path} holds no "
+                                  f"diffusion_pytorch_model.safetensors(.index.json); point at "
+                                    "a .safetensors file, a diffusers transformer/ folder or a "
+                                    "pipeline folder")
     if path.endswith(".json"):
         with open(path) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -125,32 +137,43 @@ def _plan_from_entries(entries):
         plan, unexpected = {}, []
         for name in entries:
             block = re.match(r"transformer_blocks\.(\d+)\.", name)
-            base, _, suffix = name.rpartition(".") if name != "pos_embed.pos_embed" else (name, "", "")
-            template = base.replace(f"transformer_blocks.{block.group(1)}.", "transformer_blocks.{i}.") if block else base
+            base, _, suffix = name.rpartition(".") if name != "pos_embed.pos_embed" else (name, "",
+                                                                                          "")
+            template = base.replace(f"transformer_blocks.{block.group(1)}.",
+                                    "transformer_blocks.{i}.") if block else base
             if template not in by_their_name:
                 unexpected.append(name)
                 continue
-            ours = by_their_name[template].replace("{i}", block.group(1) if block else "") + ("." + suffix if suffix else "")
+            ours = by_their_name[template].replace("{i}",
+                                                   block.group(1) if block
+                                                   else "") + ("." + suffix if suffix else "")
             plan.setdefault(ours, {})[name] = entries[name]
         # order the parts of a split qkv as to_q, to_k, to_v
-        plan = {ours: [parts[n] for n in _diffusers_names(ours) if n in parts] for ours, parts in plan.items()}
+        plan = {ours: [parts[n] for n in _diffusers_names(ours) if n in parts] for ours,
+                parts in plan.items()}
         return plan, "diffusers", unexpected
-    if any(k.startswith(STABILITY_PREFIX) for k in entries):  # single file: ignore the VAE and text encoders
-        entries = {k[len(STABILITY_PREFIX):]: v for k, v in entries.items() if k.startswith(STABILITY_PREFIX)}
+    if any(k.startswith(STABILITY_PREFIX) for k in entries):
+        # single file: ignore the VAE and text encoders
+        entries = {k[len(STABILITY_PREFIX):]: v for k,
+                   v in entries.items() if k.startswith(STABILITY_PREFIX)}
     return {k: [v] for k, v in entries.items()}, "stability", []
 
 
 def _shape(parts):
-    return (sum(p.shape[0] for p in parts), *parts[0].shape[1:]) if parts[0].shape else parts[0].shape
+    return (sum(p.shape[0] for p in parts),
+            *parts[0].shape[1:]) if parts[0].shape else parts[0].shape
 
 
 def dit_config_from_shapes(shapes, path="checkpoint"):
-    """Infer a DiTConfig from {our tensor name: shape}. Head dim is read from the qk norm, else 64 (every SD3)."""
-    needed = ["x_embedder.proj.weight", "pos_embed", "context_embedder.weight", "y_embedder.mlp.0.weight",
+    """Infer a DiTConfig from {our tensor name: shape}. Head dim is read from the qk norm, else 64
+    (every SD3)."""
+    needed = ["x_embedder.proj.weight", "pos_embed", "context_embedder.weight",
+              "y_embedder.mlp.0.weight",
               "final_layer.linear.weight", "joint_blocks.0.x_block.mlp.fc1.weight"]
     if any(k not in shapes for k in needed):
         raise CheckpointError(f"{path} is not an SD3 transformer: it lacks "
-                              f"{[k for k in needed if k not in shapes]} (found {len(shapes)} tensors)")
+                              f"{[k for k in needed if k not in shapes]} (found {len(shapes)} "
+                              f"tensors)")
     dim, in_channels, patch, _ = shapes["x_embedder.proj.weight"]
     depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("joint_blocks."))
     ln_q = shapes.get("joint_blocks.0.x_block.attn.ln_q.weight")
@@ -158,15 +181,18 @@ def dit_config_from_shapes(shapes, path="checkpoint"):
     return DiTConfig(
         in_channels=in_channels, out_channels=shapes["final_layer.linear.weight"][0] // patch ** 2,
         patch_size=patch, dim=dim, depth=depth, heads=dim // head_dim,
-        context_dim=shapes["context_embedder.weight"][1], pooled_dim=shapes["y_embedder.mlp.0.weight"][1],
+        context_dim=shapes["context_embedder.weight"][1],
+        pooled_dim=shapes["y_embedder.mlp.0.weight"][1],
         pos_embed_max_size=math.isqrt(shapes["pos_embed"][1]), qk_norm=ln_q is not None,
-        dual_attention_layers=tuple(i for i in range(depth) if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes),
+        dual_attention_layers=tuple(i for i in range(depth)
+                                    if f"joint_blocks.{i}.x_block.attn2.qkv.weight" in shapes),
         mlp_ratio=shapes["joint_blocks.0.x_block.mlp.fc1.weight"][0] / dim)
 
 
 def load_sd3(path, dtype=None, device=None):
     """An SD3 / SD3.5 transformer from Stability's layout (single file, with or without the
-    `model.diffusion_model.` prefix) or diffusers' (file, folder, sharded folder) -> DiT in eval mode.
+    `model.diffusion_model.` prefix) or diffusers' (file, folder, sharded folder) -> DiT in eval
+    mode.
 
     The config comes from the header's shapes. The model is built on the meta device and each
     tensor is read, converted, cast to `dtype` (default: as stored) and assigned one at a time,
@@ -176,18 +202,21 @@ def load_sd3(path, dtype=None, device=None):
 
 
 def _dit_from_plan(plan, layout, unexpected, path, dtype=None, device=None, keep_blocks=None):
-    """A DiT from a checked plan; keep_blocks: only the first so many joint blocks built and read (a DRM's)."""
+    """A DiT from a checked plan; keep_blocks: only the first so many joint blocks built and read (a
+    DRM's)."""
     shapes = {k: _shape(v) for k, v in plan.items()}
     config = dit_config_from_shapes(shapes, path)
     dit = build_dit(config, device="meta")
     check_keys({k: v.shape for k, v in dit.state_dict().items()}, shapes, path,
-               f"an SD3 transformer ({layout} layout) with the config its shapes give, {config}", unexpected)
+               f"an SD3 transformer ({layout} layout) with the config its shapes give, {config}",
+               unexpected)
     if keep_blocks is not None:
         dit.joint_blocks = dit.joint_blocks[:keep_blocks]
         plan = {k: v for k, v in plan.items() if k in dit.state_dict()}
 
     def convert(name, tensor):
-        return _swap_halves(tensor) if layout == "diffusers" and _swaps_halves(name, tensor.shape, config.dim) else tensor
+        return _swap_halves(tensor) if layout == "diffusers" and _swaps_halves(name, tensor.shape,
+            config.dim) else tensor
     return assign_from_files(dit, plan, convert, dtype, device)
 
 
@@ -205,25 +234,29 @@ def save_sd3(dit, path, layout="diffusers"):
     if layout != "diffusers":
         raise ValueError(f"save_sd3: layout={layout!r}; choose 'diffusers' or 'stability'")
     if config.mlp_ratio != 4.0:
-        raise ValueError(f"diffusers' SD3Transformer2DModel has mlp_ratio 4, this model {config.mlp_ratio}")
+        raise ValueError(f"diffusers' SD3Transformer2DModel has mlp_ratio 4, this model "
+                         f"{config.mlp_ratio}")
     tensors = diffusers_tensors(state, config.dim)
     diffusers_config = {
         "_class_name": "SD3Transformer2DModel", "sample_size": 128, "patch_size": config.patch_size,
-        "in_channels": config.in_channels, "out_channels": config.out_channels, "num_layers": config.depth,
+        "in_channels": config.in_channels, "out_channels": config.out_channels,
+        "num_layers": config.depth,
         "attention_head_dim": config.dim // config.heads, "num_attention_heads": config.heads,
         "joint_attention_dim": config.context_dim, "caption_projection_dim": config.dim,
         "pooled_projection_dim": config.pooled_dim, "pos_embed_max_size": config.pos_embed_max_size,
-        "dual_attention_layers": list(config.dual_attention_layers), "qk_norm": "rms_norm" if config.qk_norm else None}
+        "dual_attention_layers": list(config.dual_attention_layers),
+        "qk_norm": "rms_norm" if config.qk_norm else None}
     os.makedirs(path, exist_ok=True)
-    atomic_write(os.path.join(path, "diffusion_pytorch_model.safetensors"), lambda tmp: save_file(tensors, tmp))
+    atomic_write(os.path.join(path, "diffusion_pytorch_model.safetensors"),
+                 lambda tmp: save_file(tensors, tmp))
     def write_config(tmp):
         with open(tmp, "w") as f:
             json.dump(diffusers_config, f, indent=2)
     atomic_write(os.path.join(path, "config.json"), write_config)
 
 def diffusers_tensors(state, dim):
-    """Our state dict (one DiT's, or part of it) -> the same tensors under diffusers' names (qkv split in
-    three, the two-chunk modulations as (scale, shift))."""
+    """Our state dict (one DiT's, or part of it) -> the same tensors under diffusers' names (qkv
+    split in three, the two-chunk modulations as (scale, shift))."""
     tensors = {}
     for name, tensor in state.items():
         tensor = tensor.detach().cpu()
@@ -235,44 +268,54 @@ def diffusers_tensors(state, dim):
     return tensors
 
 # -----------------------------------------------------------------------------
-# The DRM repository's checkpoint (jjaxonx/DRM, drm/train.py's save_model_weights): one model.safetensors
-# holding its DRMRewardModel's state dict, `transformer.<diffusers SD3 keys>` (the whole transformer, the
-# skipped blocks included) and `reward_output.<its head>` (reward.ConvHead's names), no metadata.
+# The DRM repository's checkpoint (jjaxonx/DRM, drm/train.py's save_model_weights): one
+# model.safetensors holding its DRMRewardModel's state dict, `transformer.<diffusers SD3 keys>` (the
+# whole transformer, the skipped blocks included) and `reward_output.<its head>` (reward.ConvHead's
+# names), no metadata.
 
 OFFICIAL_DROP_LAST = {24: 3, 38: 5}  # its drm/utils.py HEAD_LAYER_MISSING: 2BConvGN, 7BConvGN
 
 
 def is_official_drm(entries):
-    return any(k.startswith("reward_output.") for k in entries) and any(k.startswith("transformer.") for k in entries)
+    return any(k.startswith("reward_output.")
+               for k in entries) and any(k.startswith("transformer.") for k in entries)
 
 
 def read_official_drm(path, entries, dtype=None, drop_last=None):
-    """The DRM repository's file -> (its DiT, cut after depth - drop_last blocks, its head's tensors {name: tensor},
-    meta); drop_last from its table by depth unless given (reward.read_drm builds the DRM)."""
-    transformer = {k[len("transformer."):]: v for k, v in entries.items() if k.startswith("transformer.")}
+    """The DRM repository's file -> (its DiT, cut after depth - drop_last blocks, its head's tensors
+    {name: tensor}, meta); drop_last from its table by depth unless given (reward.read_drm builds
+    the DRM)."""
+    transformer = {k[len("transformer."):]: v for k,
+                   v in entries.items() if k.startswith("transformer.")}
     plan, layout, unexpected = _plan_from_entries(transformer)
     depth = dit_config_from_shapes({k: _shape(v) for k, v in plan.items()}, path).depth
     drop_last = drop_last or OFFICIAL_DROP_LAST.get(depth)
     if drop_last is None:
-        raise CheckpointError(f"{path}: a DRM repository file of a {depth}-block transformer; its table knows 24 "
+        raise CheckpointError(f"{path}: a DRM repository file of a {depth}-block transformer; its "
+                              f"table knows 24 "
                               "(drop 3) and 38 (drop 5): say how many blocks it cut with drop_last")
     dit = _dit_from_plan(plan, layout, unexpected, path, dtype, keep_blocks=depth - drop_last)
-    head = {k[len("reward_output."):]: read_tensor(v) for k, v in entries.items() if k.startswith("reward_output.")}
-    meta = {"kind": "drm", "layout": "official", "drop_last": drop_last, "model": "sd3", "text_config": None,
+    head = {k[len("reward_output."):]: read_tensor(v) for k,
+            v in entries.items() if k.startswith("reward_output.")}
+    meta = {"kind": "drm", "layout": "official", "drop_last": drop_last, "model": "sd3",
+            "text_config": None,
             "head": {3: "2BConvGN", 5: "7BConvGN"}.get(drop_last, "2BConvGN"), "t5_tokens": 512,
             "dit_config": dataclasses.asdict(dit.config)}
     return dit, head, meta
 
 
 def official_drm_tensors(drm, skipped_blocks):
-    """Our DRM -> the DRM repository's state dict (its DRMRewardModel loads it with strict=True): the backbone and
-    `skipped_blocks` ({'joint_blocks.<i>.<...>': tensor}, the base DiT's blocks the DRM cut) under `transformer.`,
-    the head under `reward_output.`."""
+    """Our DRM -> the DRM repository's state dict (its DRMRewardModel loads it with strict=True):
+    the backbone and `skipped_blocks` ({'joint_blocks.<i>.<...>': tensor}, the base DiT's blocks the
+    DRM cut) under `transformer.`, the head under `reward_output.`."""
     if drm.head_type not in ("2BConvGN", "7BConvGN"):
-        raise ValueError(f"the DRM repository's model has the 2BConvGN / 7BConvGN head; this DRM's is {drm.head_type}")
+        raise ValueError(f"the DRM repository's model has the 2BConvGN / 7BConvGN head; this DRM's "
+                         f"is {drm.head_type}")
     state = {**export_state_dict(drm.backbone), **skipped_blocks}
-    tensors = {"transformer." + k: v for k, v in diffusers_tensors(state, drm.backbone.config.dim).items()}
-    tensors.update({"reward_output." + k: v.detach().cpu().contiguous() for k, v in drm.head.state_dict().items()})
+    tensors = {"transformer." + k: v for k,
+               v in diffusers_tensors(state, drm.backbone.config.dim).items()}
+    tensors.update({"reward_output." + k: v.detach().cpu().contiguous() for k,
+                    v in drm.head.state_dict().items()})
     return tensors
 
 # -----------------------------------------------------------------------------
@@ -291,9 +334,11 @@ def save_lora(state, path, scaling=1.0):
     for key in sorted(k for k in state if k.endswith(".lora_A")):
         linear = key[:-len(".lora_A")]
         their_names = _diffusers_names(linear + ".weight")
-        for their_name, b in zip(their_names, (state[linear + ".lora_B"] * scaling).chunk(len(their_names))):
+        for their_name, b in zip(their_names,
+                                 (state[linear + ".lora_B"] * scaling).chunk(len(their_names))):
             stem = "transformer." + their_name[:-len(".weight")]
-            tensors[stem + ".lora_A.weight"] = state[key].detach().float().cpu().clone()  # one copy each
+            # one copy each
+            tensors[stem + ".lora_A.weight"] = state[key].detach().float().cpu().clone()
             tensors[stem + ".lora_B.weight"] = b.detach().float().cpu().contiguous()
     if not tensors:
         raise ValueError("save_lora: the state holds no LoRA adapter")
@@ -302,26 +347,34 @@ def save_lora(state, path, scaling=1.0):
 
 
 def fold_lora(dit, path):
-    """Add a diffusers-format LoRA (a folder with pytorch_lora_weights.safetensors, or the file) to the
-    DiT's weights, in place: each target's B A (q, k and v concatenated for a fused qkv). -> dit."""
+    """Add a diffusers-format LoRA (a folder with pytorch_lora_weights.safetensors, or the file) to
+    the DiT's weights, in place: each target's B A (q, k and v concatenated for a fused qkv). ->
+    dit."""
     file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
-        raise CheckpointError(f"--lora={path}: no {LORA_FILE} there (train_policy.py --lora_rank writes "
+        raise CheckpointError(f"--lora={path}: no {LORA_FILE} there (train_policy.py --lora_rank "
+                              f"writes "
                               "out_dir/lora)")
-    tensors = {k[len("transformer."):]: v for k, v in load_file(file).items() if k.startswith("transformer.")}
+    tensors = {k[len("transformer."):]: v for k,
+               v in load_file(file).items() if k.startswith("transformer.")}
     params = dict(dit.named_parameters())
     with torch.no_grad():
         for name in params:
-            stems = [n[:-len(".weight")] for n in _diffusers_names(name)] if name.endswith(".weight") else []
+            stems = [n[:-len(".weight")]
+                     for n in _diffusers_names(name)] if name.endswith(".weight") else []
             if stems and all(s + ".lora_A.weight" in tensors for s in stems):
-                delta = torch.cat([tensors[s + ".lora_B.weight"] @ tensors[s + ".lora_A.weight"] for s in stems])
+                delta = torch.cat([tensors[s + ".lora_B.weight"] @ tensors[s + ".lora_A.weight"]
+                                   for s in stems])
                 if delta.shape != params[name].shape:
-                    raise CheckpointError(f"--lora={path}: its update of {name} is {tuple(delta.shape)}, the "
-                                          f"DiT's weight {tuple(params[name].shape)}: a LoRA of another model")
+                    raise CheckpointError(f"--lora={path}: its update of {name} is "
+                                          f"{tuple(delta.shape)}, the "
+                                          f"DiT's weight {tuple(params[name].shape)}: a LoRA of "
+                                          f"another model")
                 params[name] += delta.to(params[name])
                 for s in stems:
                     del tensors[s + ".lora_A.weight"], tensors[s + ".lora_B.weight"]
     if tensors:
-        raise CheckpointError(f"--lora={path}: {len(tensors)} tensors match no layer of this DiT, e.g. "
+        raise CheckpointError(f"--lora={path}: {len(tensors)} tensors match no layer of this DiT, "
+                              f"e.g. "
                               f"{sorted(tensors)[:3]}: a LoRA of another model")
     return dit

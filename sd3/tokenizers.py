@@ -1,8 +1,10 @@
 """Public SD3 plumbing outside the reading path: SD3's tokenizers in plain Python.
 
     from sd3.tokenizers import CLIPTokenizer, T5Tokenizer
-    clip = CLIPTokenizer.from_folder("stable-diffusion-3.5-medium/tokenizer")   # vocab.json, merges.txt
-    t5 = T5Tokenizer.from_file("stable-diffusion-3.5-medium/tokenizer_3")        # spiece.model or tokenizer.json
+    clip = CLIPTokenizer.from_folder("stable-diffusion-3.5-medium/tokenizer") # vocab.json,
+    merges.txt
+    t5 = T5Tokenizer.from_file("stable-diffusion-3.5-medium/tokenizer_3") # spiece.model or
+    tokenizer.json
     ids = clip(["a red fox in the snow"])                                        # (B, 77) int64
 
 CLIP's byte-level BPE (open_clip's SimpleTokenizer and its text cleaning, minus
@@ -23,28 +25,35 @@ from checkpoints import CheckpointError
 
 
 def bytes_to_unicode():
-    """GPT-2's reversible map of the 256 byte values to printable characters (BPE then never sees a space or control)."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    """GPT-2's reversible map of the 256 byte values to printable characters (BPE then never sees a
+    space or control)."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
     unseen = (b for b in range(256) if b not in printable)
     return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(unseen)}}
 
 
 def char_class(c):
-    return "space" if c.isspace() else {"L": "letter", "N": "number"}.get(unicodedata.category(c)[0], "other")
+    return "space" if c.isspace() else {"L": "letter",
+                                        "N": "number"}.get(unicodedata.category(c)[0], "other")
 
 
-# What ftfy.fix_text does to ordinary text before CLIP sees it (open_clip's cleaning): curly quotes become
-# straight ones and Latin ligatures are spelled out; full-width forms are folded below by NFKC.
-CLIP_FIXES = str.maketrans({"‘": "'", "’": "'", "‚": "'", "‛": "'", "“": '"', "”": '"', "„": '"', "‟": '"',
-                            "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt", "ﬆ": "st"})
+# What ftfy.fix_text does to ordinary text before CLIP sees it (open_clip's cleaning): curly quotes
+# become straight ones and Latin ligatures are spelled out; full-width forms are folded below by
+# NFKC.
+CLIP_FIXES = str.maketrans({"‘": "'", "’": "'", "‚": "'", "‛": "'", "“": '"', "”": '"', "„": '"',
+                            "‟": '"',
+                            "ﬀ": "ff", "ﬁ": "fi", "ﬂ": "fl", "ﬃ": "ffi", "ﬄ": "ffl", "ﬅ": "ſt",
+                            "ﬆ": "st"})
 
 
 def clean_clip_text(text):
-    """open_clip's cleaning: ftfy's fixes for ordinary text, HTML entities undone (twice), whitespace
-    collapsed, lower case. ftfy's repair of mis-decoded text (mojibake) is not reproduced."""
+    """open_clip's cleaning: ftfy's fixes for ordinary text, HTML entities undone (twice),
+    whitespace collapsed, lower case. ftfy's repair of mis-decoded text (mojibake) is not
+    reproduced."""
     text = unicodedata.normalize("NFC", text).translate(CLIP_FIXES)
-    text = "".join(unicodedata.normalize("NFKC", c) if 0xFF01 <= ord(c) <= 0xFF5E or c == "\u3000" else c
-                   for c in text)
+    text = "".join(unicodedata.normalize("NFKC", c) if 0xFF01 <= ord(c) <= 0xFF5E or c == "\u3000"
+                   else c for c in text)
     text = html.unescape(html.unescape(text)).strip()
     return " ".join(text.split()).lower()
 
@@ -53,9 +62,10 @@ CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
 
 def clip_words(text):
-    r"""CLIP's pre-tokenizer, the regex 's|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+ written out: the
-    same matches, first alternative first, without the `regex` package. A special token's text inside a prompt
-    ("<|endoftext|>") is read as plain characters, as open_clip does (transformers' tokenizer would map it)."""
+    r"""CLIP's pre-tokenizer, the regex 's|'t|'re|'ve|'m|'ll|'d|\p{L}+|\p{N}|[^\s\p{L}\p{N}]+
+    written out: the same matches, first alternative first, without the `regex` package. A special
+    token's text inside a prompt ("<|endoftext|>") is read as plain characters, as open_clip does
+    (transformers' tokenizer would map it)."""
     words, i = [], 0
     while i < len(text):
         fixed = next((w for w in CONTRACTIONS if text.startswith(w, i)), None)
@@ -77,10 +87,12 @@ def clip_words(text):
 
 
 class CLIPTokenizer:
-    """Byte-level BPE (Radford et al. 2019, 2021) from a `tokenizer/` folder's vocab.json and merges.txt.
+    """Byte-level BPE (Radford et al. 2019, 2021) from a `tokenizer/` folder's vocab.json and
+    merges.txt.
 
-    __call__(prompts) -> ids (B, 77): start token, at most 75 tokens, end token, then `pad` (SD3's CLIP-L pads
-    with the end token, CLIP-G with "!", id 0: read from the folder's special_tokens_map.json).
+    __call__(prompts) -> ids (B, 77): start token, at most 75 tokens, end token, then `pad` (SD3's
+    CLIP-L pads with the end token, CLIP-G with "!", id 0: read from the folder's
+    special_tokens_map.json).
     """
 
     def __init__(self, vocab, merges, pad="<|endoftext|>", length=77):
@@ -88,21 +100,25 @@ class CLIPTokenizer:
         self.ranks = {tuple(merge): rank for rank, merge in enumerate(merges)}
         missing = [t for t in ("<|startoftext|>", "<|endoftext|>", pad) if t not in vocab]
         if missing:
-            raise CheckpointError(f"the CLIP vocabulary lacks {missing}: not a CLIP tokenizer's vocab.json")
+            raise CheckpointError(f"the CLIP vocabulary lacks {missing}: not a CLIP tokenizer's "
+                                  f"vocab.json")
         self.bos, self.eos, self.pad = vocab["<|startoftext|>"], vocab["<|endoftext|>"], vocab[pad]
         self.byte_chars = bytes_to_unicode()
         self.cache = {}
 
     @classmethod
     def from_folder(cls, path, length=77):
-        files = {name: os.path.join(path, name) for name in ("vocab.json", "merges.txt", "special_tokens_map.json")}
+        files = {name: os.path.join(path, name)
+                 for name in ("vocab.json", "merges.txt", "special_tokens_map.json")}
         for name in ("vocab.json", "merges.txt"):
             if not os.path.exists(files[name]):
-                raise CheckpointError(f"{path} has no {name}: point at a CLIP tokenizer folder (tokenizer/, tokenizer_2/)")
+                raise CheckpointError(f"{path} has no {name}: point at a CLIP tokenizer folder "
+                                      f"(tokenizer/, tokenizer_2/)")
         with open(files["vocab.json"], encoding="utf-8") as f:
             vocab = json.load(f)
         with open(files["merges.txt"], encoding="utf-8") as f:
-            merges = [line.split() for line in f if line.strip() and not line.startswith("#version")]
+            merges = [line.split() for line in f if line.strip()
+                      and not line.startswith("#version")]
         pad = "<|endoftext|>"
         if os.path.exists(files["special_tokens_map.json"]):
             with open(files["special_tokens_map.json"], encoding="utf-8") as f:
@@ -111,7 +127,8 @@ class CLIPTokenizer:
         return cls(vocab, merges, pad, length)
 
     def bpe(self, word):
-        """Merge the word's adjacent symbols by rank, lowest first, until no pair is a merge; the last symbol ends in </w>."""
+        """Merge the word's adjacent symbols by rank, lowest first, until no pair is a merge; the
+        last symbol ends in </w>."""
         if word not in self.cache:
             symbols = [*word[:-1], word[-1] + "</w>"]
             while len(symbols) > 1:
@@ -141,7 +158,8 @@ class CLIPTokenizer:
 
 
 def read_protobuf(data):
-    """A protobuf message's fields -> [(field number, value)]: ints for varints, bytes for length-delimited."""
+    """A protobuf message's fields -> [(field number, value)]: ints for varints, bytes for
+    length-delimited."""
     fields, i = [], 0
 
     def varint():
@@ -173,9 +191,10 @@ def read_protobuf(data):
 
 
 class CharsMap:
-    """sentencepiece's compiled normalisation rules (nmt_nfkc for T5: NFKC plus mapping tabs, newlines and
-    zero-width characters to spaces, ...): a darts-clone double-array trie over UTF-8 bytes whose leaves point
-    into a blob of replacement strings. At each position the longest matching rule is applied."""
+    """sentencepiece's compiled normalisation rules (nmt_nfkc for T5: NFKC plus mapping tabs,
+    newlines and zero-width characters to spaces, ...): a darts-clone double-array trie over UTF-8
+    bytes whose leaves point into a blob of replacement strings. At each position the longest
+    matching rule is applied."""
 
     def __init__(self, blob):
         size = struct.unpack("<I", blob[:4])[0]
@@ -187,17 +206,20 @@ class CharsMap:
         return (unit >> 10) << ((unit & (1 << 9)) >> 6)
 
     def longest_rule(self, data, start):
-        """-> (bytes matched, replacement) of the longest rule matching data[start:]; (0, b"") if none."""
+        """-> (bytes matched, replacement) of the longest rule matching data[start:]; (0, b"") if
+        none."""
         node, found = self.offset(self.units[0]), (0, b"")
         for i in range(start, len(data)):
             node ^= data[i]
             unit = self.units[node]
-            if unit & ((1 << 31) | 0xFF) != data[i]:  # the unit's label is not this byte: no longer prefix
+            if unit & ((1 << 31) | 0xFF) != data[i]:
+                # the unit's label is not this byte: no longer prefix
                 break
             node ^= self.offset(unit)
             if unit >> 8 & 1:  # a rule ends here
                 value = self.units[node] & ((1 << 31) - 1)
-                found = (i + 1 - start, self.replacements[value:self.replacements.index(b"\0", value)])
+                found = (i + 1 - start,
+                         self.replacements[value:self.replacements.index(b"\0", value)])
         return found
 
     def __call__(self, text):
@@ -205,7 +227,8 @@ class CharsMap:
         while i < len(data):
             length, replacement = self.longest_rule(data, i)
             if not length:  # no rule: the character stays (its UTF-8 length from the lead byte)
-                length, replacement = 1 + (data[i] >= 0xC0) + (data[i] >= 0xE0) + (data[i] >= 0xF0), None
+                lead = data[i]
+                length, replacement = 1 + (lead >= 0xC0) + (lead >= 0xE0) + (lead >= 0xF0), None
             out.append(data[i:i + length] if replacement is None else replacement)
             i += length
         return b"".join(out).decode("utf-8")
@@ -214,17 +237,20 @@ class CharsMap:
 class T5Tokenizer:
     """Unigram SentencePiece (Kudo 2018) from `spiece.model` or `tokenizer.json`.
 
-    Normalisation as sentencepiece: the model's compiled rules (CharsMap), runs of spaces to one, no space at
-    either end, a space in front, spaces written "▁". Then the segmentation of highest total log-probability
-    (Viterbi over the pieces); characters no piece covers become the unknown token, a run of them one.
-    __call__(prompts) -> ids (B, length): the pieces, the end token </s>, `pad` (0) to `length` (SD3: 256).
+    Normalisation as sentencepiece: the model's compiled rules (CharsMap), runs of spaces to one, no
+    space at either end, a space in front, spaces written "▁". Then the segmentation of highest
+    total log-probability (Viterbi over the pieces); characters no piece covers become the unknown
+    token, a run of them one. __call__(prompts) -> ids (B, length): the pieces, the end token </s>,
+    `pad` (0) to `length` (SD3: 256).
     """
 
     def __init__(self, pieces, unk_id, eos_id, pad_id=0, charsmap=None, length=256):
         self.unk_id, self.eos_id, self.pad_id, self.length = unk_id, eos_id, pad_id, length
         self.charsmap = CharsMap(charsmap) if charsmap else str
-        self.scores = {piece: (i, score) for i, (piece, score) in enumerate(pieces) if piece is not None}
-        self.unk_score = min(score for _, score in self.scores.values()) - 10.0  # sentencepiece's kUnkPenalty
+        self.scores = {piece: (i, score) for i,
+                       (piece, score) in enumerate(pieces) if piece is not None}
+        # sentencepiece's kUnkPenalty
+        self.unk_score = min(score for _, score in self.scores.values()) - 10.0
         self.longest = max(len(p) for p in self.scores)
 
     @classmethod
@@ -234,9 +260,11 @@ class T5Tokenizer:
             for name in ("spiece.model", "tokenizer.json"):
                 if os.path.exists(os.path.join(path, name)):
                     return cls.from_file(os.path.join(path, name), length)
-            raise CheckpointError(f"{path} has no spiece.model or tokenizer.json: point at a T5 tokenizer (tokenizer_3/)")
+            raise CheckpointError(f"{path} has no spiece.model or tokenizer.json: point at a T5 "
+                                  f"tokenizer (tokenizer_3/)")
         if not os.path.exists(path):
-            raise CheckpointError(f"{path} does not exist: point at a T5 tokenizer (tokenizer_3/ or its spiece.model)")
+            raise CheckpointError(f"{path} does not exist: point at a T5 tokenizer (tokenizer_3/ "
+                                  f"or its spiece.model)")
         try:
             if path.endswith(".json"):
                 with open(path, encoding="utf-8") as f:
@@ -248,20 +276,27 @@ class T5Tokenizer:
                 normalizers = normalizers.get("normalizers", [normalizers])
                 charsmap = next((base64.b64decode(n["precompiled_charsmap"]) for n in normalizers
                                  if n.get("type") == "Precompiled"), None)
-                return cls(pieces, spec["model"]["unk_id"], ids["</s>"], ids.get("<pad>", 0), charsmap, length)
+                return cls(pieces, spec["model"]["unk_id"], ids["</s>"], ids.get("<pad>", 0),
+                           charsmap, length)
             with open(path, "rb") as f:
                 model = read_protobuf(f.read())
             pieces, names, unk_id = [], {}, None
             for i, (_, message) in enumerate(m for m in model if m[0] == 1):  # field 1: the pieces
                 piece = dict(read_protobuf(message))
-                text, kind = piece[1].decode("utf-8"), piece.get(3, 1)   # 1 normal, 2 unknown, 3 control
+                # 1 normal, 2 unknown, 3 control
+                text, kind = piece[1].decode("utf-8"), piece.get(3, 1)
                 unk_id = i if kind == 2 else unk_id
                 names[text] = i
-                pieces.append((text if kind not in (2, 3) else None, struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0))
-            normalizer = dict(read_protobuf(next((m for f, m in model if f == 3), b"")))  # field 3; its field 2: the rules
-            return cls(pieces, unk_id, names["</s>"], names.get("<pad>", 0), normalizer.get(2), length)
-        except (ValueError, KeyError, IndexError, TypeError, struct.error) as e:  # JSON, UTF-8 and protobuf errors included
-            raise CheckpointError(f"{path} is not a T5 tokenizer: {type(e).__name__}: {e}"[:300]) from None
+                score = struct.unpack("<f", piece[2])[0] if 2 in piece else 0.0
+                pieces.append((text if kind not in (2, 3) else None, score))
+            # field 3; its field 2: the rules
+            normalizer = dict(read_protobuf(next((m for f, m in model if f == 3), b"")))
+            return cls(pieces, unk_id, names["</s>"], names.get("<pad>", 0), normalizer.get(2),
+                       length)
+        # JSON, UTF-8 and protobuf errors included
+        except (ValueError, KeyError, IndexError, TypeError, struct.error) as e:
+            message = f"{path} is not a T5 tokenizer: {type(e).__name__}: {e}"
+            raise CheckpointError(message[:300]) from None
 
     def segment(self, text):
         """Viterbi: best[i] = the highest total score of any segmentation of text[:i]."""
@@ -286,7 +321,8 @@ class T5Tokenizer:
         ids, end = [], len(text)
         while end > 0:
             _, start, piece = best[end]
-            if not (piece == self.unk_id and ids and ids[-1] == self.unk_id):  # a run of unknowns is one token
+            if not (piece == self.unk_id and ids and ids[-1] == self.unk_id):
+                # a run of unknowns is one token
                 ids.append(piece)
             end = start
         return ids[::-1]

@@ -2,7 +2,8 @@
 
     from sd3.vae import load_vae
     vae = load_vae("sd3.5_medium.safetensors")      # Stability single file (first_stage_model.*)
-    vae = load_vae("stable-diffusion-3.5-medium")   # diffusers pipeline folder (vae/) or a vae/ folder
+    vae = load_vae("stable-diffusion-3.5-medium") # diffusers pipeline folder (vae/) or a vae/
+    folder
     latents = vae.encode(images)                     # (B, 3, H, W) in [-1, 1] -> (B, 16, H/8, W/8)
     images = vae.decode(latents)
 
@@ -30,7 +31,8 @@ from sd3.streaming import assign_from_files
 @dataclass
 class VAEConfig:
     image_channels: int = 3
-    channels: tuple = (128, 256, 512, 512)  # per resolution level; the image shrinks 2x between levels
+    # per resolution level; the image shrinks 2x between levels
+    channels: tuple = (128, 256, 512, 512)
     layers_per_block: int = 2
     latent_channels: int = 16
     shift: float = 0.0609                   # SD3's latent normalisation
@@ -38,7 +40,8 @@ class VAEConfig:
 
 
 def group_norm(channels):
-    return nn.GroupNorm(32, channels, eps=1e-6)  # 32 groups in every SD / SD3 VAE (not stored in the weights)
+    # 32 groups in every SD / SD3 VAE (not stored in the weights)
+    return nn.GroupNorm(32, channels, eps=1e-6)
 
 
 class ResnetBlock(nn.Module):
@@ -65,7 +68,8 @@ class AttnBlock(nn.Module):
     def forward(self, x):
         B, C, H, W = x.shape
         h = self.norm(x)
-        q, k, v = (proj(h).flatten(2).transpose(1, 2).unsqueeze(1) for proj in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        q, k, v = (proj(h).flatten(2).transpose(1, 2).unsqueeze(1)
+                   for proj in (self.q, self.k, self.v))  # (B, 1, HW, C)
         h = F.scaled_dot_product_attention(q, k, v).squeeze(1).transpose(1, 2).reshape(B, C, H, W)
         return x + self.proj_out(h)
 
@@ -102,7 +106,8 @@ class Level(nn.Module):
 
     def __init__(self, c_in, c_out, n_blocks, resample=None):
         super().__init__()
-        self.block = nn.ModuleList([ResnetBlock(c_in if j == 0 else c_out, c_out) for j in range(n_blocks)])
+        self.block = nn.ModuleList([ResnetBlock(c_in if j == 0 else c_out, c_out)
+                                    for j in range(n_blocks)])
         if resample is not None:
             setattr(self, resample.__name__.lower(), resample(c_out))
 
@@ -136,7 +141,8 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """(B, latent_channels, h, w) -> (B, 3, h * 2^(levels-1), ...). up[i] mirrors down[i]; run from the innermost."""
+    """(B, latent_channels, h, w) -> (B, 3, h * 2^(levels-1), ...). up[i] mirrors down[i]; run from
+    the innermost."""
 
     def __init__(self, cfg):
         super().__init__()
@@ -156,7 +162,8 @@ class Decoder(nn.Module):
 
 
 class VAE(nn.Module):
-    """SD3's autoencoder: encode(images) -> normalised latents, decode(latents) -> images, both in SD3's scaling."""
+    """SD3's autoencoder: encode(images) -> normalised latents, decode(latents) -> images, both in
+    SD3's scaling."""
 
     def __init__(self, config=None):
         super().__init__()
@@ -164,18 +171,21 @@ class VAE(nn.Module):
         self.encoder, self.decoder = Encoder(self.config), Decoder(self.config)
 
     def posterior(self, images):
-        """images (B, 3, H, W) in [-1, 1] -> the posterior's (mean, std) in SD3's latent scaling: a draw is
-        mean + std z, as diffusers' latent_dist.sample() then (z - shift_factor) x scaling_factor."""
+        """images (B, 3, H, W) in [-1, 1] -> the posterior's (mean, std) in SD3's latent scaling: a
+        draw is mean + std z, as diffusers' latent_dist.sample() then (z - shift_factor) x
+        scaling_factor."""
         mean, log_var = self.encoder(images).chunk(2, dim=1)
         std = torch.exp(0.5 * log_var.clamp(-30, 20))  # diffusers' DiagonalGaussianDistribution
         return (mean - self.config.shift) * self.config.scale, std * self.config.scale
 
     def encode(self, images, sample=False, generator=None):
-        """images (B, 3, H, W) in [-1, 1] -> latents; the posterior mean, or a draw from it with sample=True."""
+        """images (B, 3, H, W) in [-1, 1] -> latents; the posterior mean, or a draw from it with
+        sample=True."""
         mean, std = self.posterior(images)
         if not sample:
             return mean
-        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + std * torch.randn(mean.shape, generator=generator, device=mean.device,
+                                        dtype=mean.dtype)
 
     def decode(self, latents):
         return self.decoder(latents / self.config.scale + self.config.shift)
@@ -188,16 +198,20 @@ STABILITY_VAE_PREFIX = "first_stage_model."
 
 
 def diffusers_name(ours, levels):
-    """Our (Stability) VAE key -> diffusers' AutoencoderKL key. diffusers counts decoder levels from the inside."""
+    """Our (Stability) VAE key -> diffusers' AutoencoderKL key. diffusers counts decoder levels from
+    the inside."""
     rules = [
-        (r"^(encoder|decoder)\.mid\.block_(\d)", lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}"),
+        (r"^(encoder|decoder)\.mid\.block_(\d)",
+         lambda m: f"{m[1]}.mid_block.resnets.{int(m[2]) - 1}"),
         (r"^(encoder|decoder)\.mid\.attn_1\.norm\.", r"\1.mid_block.attentions.0.group_norm."),
         (r"^(encoder|decoder)\.mid\.attn_1\.(q|k|v)\.", r"\1.mid_block.attentions.0.to_\2."),
         (r"^(encoder|decoder)\.mid\.attn_1\.proj_out\.", r"\1.mid_block.attentions.0.to_out.0."),
         (r"^encoder\.down\.(\d+)\.block\.", r"encoder.down_blocks.\1.resnets."),
         (r"^encoder\.down\.(\d+)\.downsample\.", r"encoder.down_blocks.\1.downsamplers.0."),
-        (r"^decoder\.up\.(\d+)\.block\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets."),
-        (r"^decoder\.up\.(\d+)\.upsample\.", lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0."),
+        (r"^decoder\.up\.(\d+)\.block\.",
+         lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.resnets."),
+        (r"^decoder\.up\.(\d+)\.upsample\.",
+         lambda m: f"decoder.up_blocks.{levels - 1 - int(m[1])}.upsamplers.0."),
         (r"\.nin_shortcut\.", ".conv_shortcut."),
         (r"^(encoder|decoder)\.norm_out\.", r"\1.conv_norm_out."),
     ]
@@ -219,10 +233,12 @@ def _count(names, pattern):
 
 def vae_config_from_shapes(shapes, path="checkpoint"):
     if "encoder.conv_in.weight" not in shapes:
-        raise CheckpointError(f"{path} holds no SD3 VAE: no encoder.conv_in.weight among its {len(shapes)} tensors")
+        raise CheckpointError(f"{path} holds no SD3 VAE: no encoder.conv_in.weight among its "
+                              f"{len(shapes)} tensors")
     levels = _count(shapes, r"encoder\.down\.(\d+)\.")
     return VAEConfig(image_channels=shapes["encoder.conv_in.weight"][1],
-                     channels=tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0] for i in range(levels)),
+                     channels=tuple(shapes[f"encoder.down.{i}.block.0.conv1.weight"][0]
+                                    for i in range(levels)),
                      layers_per_block=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
                      latent_channels=shapes["encoder.conv_out.weight"][0] // 2)
 
@@ -231,15 +247,18 @@ def load_vae(path, dtype=None, device=None):
     """The SD3 VAE from a Stability single file (`first_stage_model.*`), a bare Stability VAE file,
     or diffusers' AutoencoderKL (file, vae/ folder, pipeline folder) -> VAE in eval mode."""
     entries = _vae_files(path)
-    if any(k.startswith(STABILITY_VAE_PREFIX) for k in entries):  # ignore the transformer and text encoders
-        entries = {k[len(STABILITY_VAE_PREFIX):]: v for k, v in entries.items() if k.startswith(STABILITY_VAE_PREFIX)}
+    if any(k.startswith(STABILITY_VAE_PREFIX) for k in entries):
+        # ignore the transformer and text encoders
+        entries = {k[len(STABILITY_VAE_PREFIX):]: v for k,
+                   v in entries.items() if k.startswith(STABILITY_VAE_PREFIX)}
     layout = "diffusers" if any(".down_blocks." in k for k in entries) else "stability"
     unexpected = []
     if layout == "diffusers":
         # diffusers keeps the mid-block attention as linears: (C, C) here is (C, C, 1, 1) ours
         levels = _count(entries, r"encoder\.down_blocks\.(\d+)\.")
         layers = _count(entries, r"encoder\.down_blocks\.0\.resnets\.(\d+)\.")
-        with torch.device("meta"):  # names only: widths that all differ, so every shortcut conv is named
+        with torch.device("meta"):
+            # names only: widths that all differ, so every shortcut conv is named
             names_of_any_width = VAE(VAEConfig(channels=tuple(32 * (i + 1) for i in range(levels)),
                                                layers_per_block=layers)).state_dict()
         ours_by_theirs = {diffusers_name(k, levels): k for k in names_of_any_width}
@@ -255,6 +274,7 @@ def load_vae(path, dtype=None, device=None):
     with torch.device("meta"):
         vae = VAE(config)
     check_keys({k: v.shape for k, v in vae.state_dict().items()}, shapes, path,
-               f"the SD3 VAE ({layout} layout) with the config its shapes give, {config}", unexpected)
+               f"the SD3 VAE ({layout} layout) with the config its shapes give, {config}",
+               unexpected)
     return assign_from_files(vae, {k: [e] for k, e in entries.items()},
                              lambda name, t: t.view(shapes[name]), dtype, device)

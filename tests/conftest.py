@@ -9,22 +9,25 @@ from PIL import Image
 from assignments.make_student_copy import EXERCISES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-os.chdir(ROOT)  # the scripts' default paths (data/base.safetensors, ...) are relative to the repository
+# the scripts' default paths (data/base.safetensors, ...) are relative to the repository
+os.chdir(ROOT)
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def pytest_configure(config):
-    """A test marked with an exercise needs that exercise's code: `pytest -k ex3_sde_step` grades it (assignments/)."""
+    """A test marked with an exercise needs that exercise's code: `pytest -k ex3_sde_step` grades it
+    (assignments/)."""
     for name in EXERCISES:
         config.addinivalue_line("markers", f"{name}: needs the code of assignments/{name}.md")
 
 
 def random_small_dit(seed=0):
-    """A 2-block DiT on 16x16 one-channel inputs with random (not zero-initialised) weights, in eval mode."""
+    """A 2-block DiT on 16x16 one-channel inputs with random (not zero-initialised) weights, in eval
+    mode."""
     from model import DiTConfig, build_dit
     torch.manual_seed(seed)
-    dit = build_dit(DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=2, heads=2, context_dim=16,
-                              pooled_dim=16, pos_embed_max_size=4, qk_norm=True))
+    dit = build_dit(DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=2, heads=2,
+                              context_dim=16, pooled_dim=16, pos_embed_max_size=4, qk_norm=True))
     with torch.no_grad():  # non-zero adaLN and output layers, so the velocity depends on everything
         for p in dit.parameters():
             p.normal_(0, 0.05)
@@ -38,23 +41,27 @@ def random_prompts(batch, seed=1):
 
 
 def tiny_preferences(folder):
-    """A preference folder of 8 random 32x32 images: 24 train and 8 test pairs, each with a gold field."""
+    """A preference folder of 8 random 32x32 images: 24 train and 8 test pairs, each with a gold
+    field."""
     from data.world import TRAIN_PROMPTS
     rng = np.random.default_rng(0)
     os.makedirs(folder / "images")
     for i in range(8):
-        Image.fromarray(rng.integers(0, 256, (32, 32), dtype=np.uint8)).save(folder / "images" / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (32, 32),
+                                     dtype=np.uint8)).save(folder / "images" / f"{i}.png")
     for split, n in (("train", 24), ("test", 8)):
         with open(folder / f"{split}.jsonl", "w") as f:
             for j in range(n):
                 a, b = rng.choice(8, 2, replace=False)
-                f.write(json.dumps({"prompt": TRAIN_PROMPTS[j % len(TRAIN_PROMPTS)], "path1": f"images/{a}.png",
+                f.write(json.dumps({"prompt": TRAIN_PROMPTS[j % len(TRAIN_PROMPTS)],
+                                    "path1": f"images/{a}.png",
                                     "path2": f"images/{b}.png", "gold": [0.1, -0.1]}) + "\n")
 
 
 @pytest.fixture
 def compiled():
-    """Fresh dynamo caches and counters for a test that compiles (model.compile_regions), and again after it."""
+    """Fresh dynamo caches and counters for a test that compiles (model.compile_regions), and again
+    after it."""
     import model
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()

@@ -1,5 +1,5 @@
-"""The benchmarks' analytic FLOP count against PyTorch's own FLOP counter; the memory simulation against
-arithmetic; the first-GPU check on the CPU toy."""
+"""The benchmarks' analytic FLOP count against PyTorch's own FLOP counter; the memory simulation
+against arithmetic; the first-GPU check on the CPU toy."""
 import json
 import math
 import os
@@ -21,37 +21,44 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.mark.parametrize("dual", [(), (0, 1)])
 def test_forward_flops_match_pytorchs_counter(dual):
-    config = DiTConfig(in_channels=4, out_channels=4, patch_size=2, dim=128, depth=3, heads=2, context_dim=32,
-                       pooled_dim=24, pos_embed_max_size=8, qk_norm=True, dual_attention_layers=dual)
+    config = DiTConfig(in_channels=4, out_channels=4, patch_size=2, dim=128, depth=3, heads=2,
+                       context_dim=32, pooled_dim=24, pos_embed_max_size=8, qk_norm=True,
+                       dual_attention_layers=dual)
     dit, batch, text_tokens = build_dit(config, device="meta"), 3, 5
     x = torch.randn(batch, 4, 16, 16, device="meta")
     with FlopCounterMode(display=False) as counter:
         dit(x, torch.rand(batch, device="meta"), torch.randn(batch, text_tokens, 32, device="meta"),
             torch.randn(batch, 24, device="meta"))
-    assert forward_flops(config, batch, 64, text_tokens) == pytest.approx(counter.get_total_flops(), rel=1e-6)
+    assert forward_flops(config, batch, 64, text_tokens) == pytest.approx(counter.get_total_flops(),
+                                                                          rel=1e-6)
 
 
 def test_simulated_flops_count_the_cpu_attention_kernel():
-    """bench/sd3_memory.py counts FLOPs under fake tensors on the CPU device, where bf16 attention dispatches to
-    the CPU's flash kernel, which PyTorch's counter does not know: its count must still be the analytic one."""
-    config = DiTConfig(in_channels=4, out_channels=4, patch_size=2, dim=128, depth=3, heads=2, context_dim=32,
-                       pooled_dim=24, pos_embed_max_size=8, qk_norm=True, dual_attention_layers=(0,))
+    """bench/sd3_memory.py counts FLOPs under fake tensors on the CPU device, where bf16 attention
+    dispatches to the CPU's flash kernel, which PyTorch's counter does not know: its count must
+    still be the analytic one."""
+    config = DiTConfig(in_channels=4, out_channels=4, patch_size=2, dim=128, depth=3, heads=2,
+                       context_dim=32, pooled_dim=24, pos_embed_max_size=8, qk_norm=True,
+                       dual_attention_layers=(0,))
     batch, text_tokens = 3, 5
 
     def build():
-        return (frozen(lambda: build_dit(config)), torch.randn(batch, 4, 16, 16, dtype=torch.bfloat16),
+        return (frozen(lambda: build_dit(config)),
+                torch.randn(batch, 4, 16, 16, dtype=torch.bfloat16),
                 torch.rand(batch), torch.randn(batch, text_tokens, 32, dtype=torch.bfloat16),
                 torch.randn(batch, 24, dtype=torch.bfloat16))
 
     def run(dit, x, t, context, pooled):
         with torch.no_grad():
             dit(x, t, context, pooled)
-    assert flops(build, run)[0] == pytest.approx(forward_flops(config, batch, 64, text_tokens), rel=1e-6)
+    assert flops(build, run)[0] == pytest.approx(forward_flops(config, batch, 64, text_tokens),
+                                                 rel=1e-6)
 
 
 def test_simulated_parameter_bytes_are_the_parameter_count():
-    """bench/sd3_memory.py's fake-tensor tracker against arithmetic: SD3.5-medium's LoRA policy holds 2 bytes a
-    frozen bf16 weight and 4 an adapter's float32 one, counted on the meta device."""
+    """bench/sd3_memory.py's fake-tensor tracker against arithmetic: SD3.5-medium's LoRA policy
+    holds 2 bytes a frozen bf16 weight and 4 an adapter's float32 one, counted on the meta
+    device."""
     shapes = sd35(512, Config())
     meta = build_dit(shapes.dit, device="meta")
     add_lora(meta, rank=16, alpha=16.0)
@@ -65,25 +72,30 @@ def test_simulated_parameter_bytes_are_the_parameter_count():
 
 
 def run_gpu_check(*flags):
-    return subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device=cpu", *flags], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device=cpu", *flags],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.ex3_sde_step
 @pytest.mark.ex4_grpo
 def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
-    """Every check passes on the toy, the memory simulation within a hair of the real tensors' tracker; a limit
-    no run can meet (a clip range of 1e-9: bf16 rounding alone exceeds it) fails its line and exits 1."""
+    """Every check passes on the toy, the memory simulation within a hair of the real tensors'
+    tracker; a limit no run can meet (a clip range of 1e-9: bf16 rounding alone exceeds it) fails
+    its line and exits 1."""
     result = run_gpu_check()
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ") and line.endswith(" |")]
-    checks = {line.split(" | ")[0][2:]: line for line in table if line.endswith(("| pass |", "| **FAIL** |"))}
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")
+             and line.endswith(" |")]
+    checks = {line.split(" | ")[0][2:]: line for line in table
+              if line.endswith(("| pass |", "| **FAIL** |"))}
     assert len(checks) == 6 and all(line.endswith("| pass |") for line in checks.values())
     assert checks["ratio, the rollout's own batches: max abs(ratio - 1)"].split(" | ")[1] == "0"
-    memory = next(line for name, line in checks.items() if name.startswith("one update step's peak memory"))
+    memory = next(line for name,
+                  line in checks.items() if name.startswith("one update step's peak memory"))
     assert float(memory.split(" | ")[1]) < 0.01  # fake tensors allocate what real ones do
     failed = run_gpu_check("--clip_range=1e-9", "--trajectories=2", "--per_prompt=2", "--steps=2")
-    assert failed.returncode == 1 and "**FAIL**" in failed.stdout and "check(s) failed" in failed.stdout
+    assert (failed.returncode == 1 and "**FAIL**" in failed.stdout
+            and "check(s) failed" in failed.stdout)
     assert "ratio, the rollout's own batches: max abs(ratio - 1) | 0 | 0 | pass" in failed.stdout
 
 
@@ -91,31 +103,37 @@ def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
 @pytest.mark.ex3_sde_step
 @pytest.mark.ex5_beam_search
 def test_the_search_bench_counts_every_method_at_its_budget(tmp_path):
-    """bench/search.py end to end at toy size: each method's DiT and DRM passes per image as its algorithm
-    implies (4 steps, guidance: 2 DiT passes a step a trajectory), the verdicts and the files written."""
-    rows = run_main(search.main, search.Config, ["--methods=ode,sde,stepwise,lookahead,smc", "--lmbdas=1,10",
-                                                 "--per_prompt=2", "--steps=4", f"--out={tmp_path / 'search'}",
-                                                 "--device=cpu"])
+    """bench/search.py end to end at toy size: each method's DiT and DRM passes per image as its
+    algorithm implies (4 steps, guidance: 2 DiT passes a step a trajectory), the verdicts and the
+    files written."""
+    rows = run_main(search.main, search.Config,
+                    ["--methods=ode,sde,stepwise,lookahead,smc", "--lmbdas=1,10", "--per_prompt=2",
+                     "--steps=4", f"--out={tmp_path / 'search'}", "--device=cpu"])
     by = {r["label"]: (r["dit_passes"], r["drm_passes"]) for r in rows}
     assert by["ODE"] == by["SDE"] == (8, 0)
-    assert by["step-wise k=4"] == (8, 4 * 4)                  # one policy mean a step, k successors scored
-    # lookahead every 5th step of 4: the last step alone is scored, its successors' completions take no step
+    # one policy mean a step, k successors scored
+    assert by["step-wise k=4"] == (8, 4 * 4)
+    # lookahead every 5th step of 4: the last step alone is scored, its successors' completions take
+    # no step
     assert by["step-wise k=2, lookahead every 5th step"] == (8, 2)
-    # FK's schedule on 4 steps: steps 1, 2 and the last, N particles scored there, then the favourite at sigma 0
+    # FK's schedule on 4 steps: steps 1, 2 and the last, N particles scored there, then the
+    # favourite at sigma 0
     assert by["SMC N=4, lambda 10"] == (4 * 8, 4 * 3 + 4)
     assert all(r["ms"] > 0 and r["gold_se"] > 0 for r in rows)
-    assert list(dict.fromkeys(r["curve"] for r in rows)) == ["ode", "sde", "stepwise", "lookahead", "smc, lambda 1",
-                                                             "smc, lambda 10"]
+    assert list(dict.fromkeys(r["curve"] for r in rows)) == ["ode", "sde", "stepwise", "lookahead",
+                                                             "smc, lambda 1", "smc, lambda 10"]
     report = (tmp_path / "search.md").read_text()
-    assert report.count("| method | DiT-pass equivalents / image | gold | best-of-N there (N) |") == 2   # 2 DRM costs
+    # 2 DRM costs
+    assert report.count("| method | DiT-pass equivalents / image | gold | "
+                        "best-of-N there (N) |") == 2
     assert "| best-of-16 |" in report and "| step-wise k=8 |" in report
     saved = json.loads((tmp_path / "search.json").read_text())
     assert saved["rows"][0]["label"] == "ODE" and len(saved["best_of"]["16"]) == 20
 
 
 def test_the_best_of_n_curve_is_the_mean_over_every_subset():
-    """search.best_of_n_curve against brute force: for each N, every N-subset of an image's M samples, the gold of the
-    DRM's favourite among them, averaged."""
+    """search.best_of_n_curve against brute force: for each N, every N-subset of an image's M
+    samples, the gold of the DRM's favourite among them, averaged."""
     import itertools
     g = torch.Generator().manual_seed(0)
     scores, gold = torch.randn(3, 7, generator=g), torch.randn(3, 7, generator=g)
@@ -125,12 +143,14 @@ def test_the_best_of_n_curve_is_the_mean_over_every_subset():
                               for i in range(3)]).flatten()
         assert torch.allclose(search.best_of_n_curve(scores, gold, n).float(), brute, atol=1e-6)
     assert torch.allclose(search.best_of_n_curve(scores, gold, 1).float(), gold.mean(1))
-    assert torch.equal(search.best_of_n_curve(scores, gold, 7).float(), gold.gather(1, scores.argmax(1, True)).flatten())
+    assert torch.equal(search.best_of_n_curve(scores, gold, 7).float(),
+                       gold.gather(1, scores.argmax(1, True)).flatten())
 
 
 def test_clustered_standard_errors_by_hand():
-    """bench.stats.clustered: CR1 written out for 3 clusters; with one image a cluster it is the paired s.e. times
-    sqrt(G / (G - 1)) x sqrt((G - 1) / G) = the usual s.e. (sample std over sqrt(n))."""
+    """bench.stats.clustered: CR1 written out for 3 clusters; with one image a cluster it is the
+    paired s.e. times sqrt(G / (G - 1)) x sqrt((G - 1) / G) = the usual s.e. (sample std over
+    sqrt(n))."""
     from bench.stats import clustered, verdict
     d = torch.tensor([1.0, 2.0, 3.0, 5.0, 8.0, 2.0], dtype=torch.float64)
     clusters = torch.tensor([0, 0, 1, 1, 2, 2])
@@ -138,5 +158,6 @@ def test_clustered_standard_errors_by_hand():
     sums = [(d[0] + d[1] - 2 * mean), (d[2] + d[3] - 2 * mean), (d[4] + d[5] - 2 * mean)]
     expected = math.sqrt(3 / 2 * sum(s.item() ** 2 for s in sums)) / 6
     assert clustered(d, clusters) == pytest.approx((mean, expected), rel=1e-12)
-    assert clustered(d, torch.arange(6))[1] == pytest.approx(d.std().item() / math.sqrt(6), rel=1e-12)
+    assert clustered(d, torch.arange(6))[1] == pytest.approx(d.std().item() / math.sqrt(6),
+                                                             rel=1e-12)
     assert [verdict(0.3, 0.1), verdict(0.19, 0.1), verdict(-0.2, 0.1)] == ["beats", "tie", "loses"]

@@ -1,13 +1,15 @@
-"""Many processes and hard stops: torchrun with 2 gloo processes against one process, SIGTERM and resume.
+"""Many processes and hard stops: torchrun with 2 gloo processes against one process, SIGTERM and
+resume.
 
 The reference for a DDP run is the single-process run of the same global batch: every rank draws the
-global batch's random numbers and keeps its rows, so the two differ by float rounding only. The tolerance follows
-from that rounding: a layout's gradient is off the exact one by the mean's rounding over the step's std (tested
-below against float64: ~2e-6 at the trained steps of a 2-step run), and Adam's first step moves each weight by
-lr g / (|g| + eps), so such a change reaches the update only through the weights whose gradient lies within it of
-zero, which flip. Measured: 1e-5 to 2e-4 of the update's norm in every setting below; the tolerance is 1e-3. The
-last step, were it trained (--train_last_step), rounds 25x worse (std 7e-4): 2.9% of the update; a rank sampling
-the wrong rows gives ~100%.
+global batch's random numbers and keeps its rows, so the two differ by float rounding only. The
+tolerance follows from that rounding: a layout's gradient is off the exact one by the mean's
+rounding over the step's std (tested below against float64: ~2e-6 at the trained steps of a 2-step
+run), and Adam's first step moves each weight by lr g / (|g| + eps), so such a change reaches the
+update only through the weights whose gradient lies within it of zero, which flip. Measured: 1e-5 to
+2e-4 of the update's norm in every setting below; the tolerance is 1e-3. The last step, were it
+trained (--train_last_step), rounds 25x worse (std 7e-4): 2.9% of the update; a rank sampling the
+wrong rows gives ~100%.
 """
 import copy
 import dataclasses
@@ -29,9 +31,10 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run(*args, processes=1):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}"]
-                if processes > 1 else [sys.executable])
-    result = subprocess.run(launcher + list(args), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={processes}"] if processes > 1 else [sys.executable])
+    result = subprocess.run(launcher + list(args), cwd=ROOT, env=ENV, capture_output=True,
+                            text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -41,12 +44,14 @@ def flat(tensors, keys):
 
 
 def assert_same_training(single, ddp, start, tolerance=1e-3):
-    """single, ddp: {name: tensor} after training; start: {name: tensor} before (the names compared)."""
+    """single, ddp: {name: tensor} after training; start: {name: tensor} before (the names
+    compared)."""
     keys = sorted(start)
     single, ddp, start = flat(single, keys), flat(ddp, keys), flat(start, keys)
     moved = (single - start).norm()
     assert moved > 0
-    assert (single - ddp).norm() < tolerance * moved  # the two runs took the same step, up to rounding
+    # the two runs took the same step, up to rounding
+    assert (single - ddp).norm() < tolerance * moved
 
 
 
@@ -54,12 +59,14 @@ def assert_same_training(single, ddp, start, tolerance=1e-3):
 @pytest.mark.ex2_drm
 def test_ddp_reward_step_equals_one_process(tmp_path):
     tiny_preferences(tmp_path / "prefs")
-    args = [f"--prefs={tmp_path / 'prefs'}", "--steps=2", "--batch_size=8", "--eval_every=2", "--eval_noise_draws=1",
-            "--head_dropout=0", "--warmup=1"]  # no dropout: its masks would depend on how the batch is split
+    # no dropout: its masks would depend on how the batch is split
+    args = [f"--prefs={tmp_path / 'prefs'}", "--steps=2", "--batch_size=8", "--eval_every=2",
+            "--eval_noise_draws=1", "--head_dropout=0", "--warmup=1"]
     run("train_reward.py", *args, f"--out_dir={tmp_path / 'one'}")
     result = run("train_reward.py", *args, f"--out_dir={tmp_path / 'two'}", processes=2)
     assert "distributed: 2 processes (gloo)" in result.stdout
-    single, ddp = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    single, ddp = (load_file(tmp_path / "one" / "model.safetensors"),
+                   load_file(tmp_path / "two" / "model.safetensors"))
     base = load_file("data/base.safetensors")
     start = {k: base["dit." + k[len("drm.backbone."):]] for k in single
              if k.startswith("drm.backbone.") and "dit." + k[len("drm.backbone."):] in base}
@@ -73,63 +80,77 @@ def test_ddp_reward_step_equals_one_process(tmp_path):
 @pytest.mark.ex4_grpo
 @pytest.mark.parametrize("credit, k, extra", [
     ("stepwise", 2, []),
-    ("sparse", 4, []),                                                      # one group of 4 split over 2 ranks
-    ("tree", 2, ["--split_steps=0", "--sde_window=0:1"]),                   # a tree of 2 leaves a rank, a window
-    ("sparse", 4, ["--loss_batch=3", "--minibatches=1"])])                  # pieces of 3 pairs: 2 ranks, uneven
+    # one group of 4 split over 2 ranks
+    ("sparse", 4, []),
+    # a tree of 2 leaves a rank, a window
+    ("tree", 2, ["--split_steps=0", "--sde_window=0:1"]),
+    # pieces of 3 pairs: 2 ranks, uneven
+    ("sparse", 4, ["--loss_batch=3", "--minibatches=1"])])
 def test_ddp_policy_update_equals_one_process(tmp_path, credit, k, extra):
-    args = ["--updates=1", "--trajectories=4", f"--k={k}", f"--per_prompt={k}", f"--credit={credit}", "--steps=2", "--eval_every=1",
+    args = ["--updates=1", "--trajectories=4", f"--k={k}", f"--per_prompt={k}",
+            f"--credit={credit}", "--steps=2", "--eval_every=1",
             "--eval_per_prompt=1", "--eval_steps=2", *extra]
     run("train_policy.py", *args, f"--out_dir={tmp_path / 'one'}")
     run("train_policy.py", *args, f"--out_dir={tmp_path / 'two'}", processes=2)
-    single, ddp = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    single, ddp = (load_file(tmp_path / "one" / "model.safetensors"),
+                   load_file(tmp_path / "two" / "model.safetensors"))
     base = load_file("data/base.safetensors")
     assert_same_training(single, ddp, {k: v for k, v in base.items() if k.startswith("dit.")})
     records = [json.loads(line) for line in open(tmp_path / "two" / "metrics.jsonl")]
     assert [r["step"] for r in records] == [0, 1]
-    assert records[-1]["gold"] == pytest.approx(json.loads(open(tmp_path / "one" / "metrics.jsonl").readlines()[-1])["gold"],
-                                                abs=1e-4)
+    assert records[-1]["gold"] == pytest.approx(
+        json.loads(open(tmp_path / "one" / "metrics.jsonl").readlines()[-1])["gold"], abs=1e-4)
 
 
 def one_update(args):
-    """A real update's rollout and advantages (train_policy's own functions) -> (cfg, models, rollout, advantages)."""
+    """A real update's rollout and advantages (train_policy's own functions) -> (cfg, models,
+    rollout, advantages)."""
     import train_ops
     import train_policy
     from base import load_base
     from common import Ranks, parse_flags
     from rivals.credit import CREDIT, settings
-    cfg = parse_flags(train_policy.Config(), args + ["--grad_clip=1e9"])  # no clipping: the raw gradient
+    # no clipping: the raw gradient
+    cfg = parse_flags(train_policy.Config(), args + ["--grad_clip=1e9"])
     torch.manual_seed(cfg.seed)
     base = load_base(cfg, torch.device("cpu"))
     models = train_ops.build_models(cfg, base, torch.device("cpu"), Ranks())
     rollout, final_rewards, _ = train_policy.rollout(cfg, models, base, base.train_prompts(""),
-                                                     train_ops.streams(cfg.seed, 1), Ranks(), step=1)
-    advantages = CREDIT[cfg.credit].advantages(rollout, final_rewards, settings(cfg), slice(0, cfg.trajectories))
+                                                     train_ops.streams(cfg.seed, 1), Ranks(),
+                                                     step=1)
+    advantages = CREDIT[cfg.credit].advantages(rollout, final_rewards, settings(cfg),
+                                               slice(0, cfg.trajectories))
     return cfg, models, rollout, advantages
 
 
 def gradient(cfg, policy, rollout, advantages, loss_batch=0):
-    """The gradient train_policy.update leaves on the policy (one minibatch; SGD at lr 0 moves nothing)."""
+    """The gradient train_policy.update leaves on the policy (one minibatch; SGD at lr 0 moves
+    nothing)."""
     import train_ops
     import train_policy
     from common import Ranks
     params = [p for p in policy.parameters() if p.requires_grad]
     models = train_ops.Models(policy, policy, None, None, None, torch.optim.SGD(params, lr=0.0))
-    train_policy.update(dataclasses.replace(cfg, loss_batch=loss_batch), models, rollout, advantages,
-                        train_ops.streams(5, 1), Ranks(), step=1, advice="")
+    train_policy.update(dataclasses.replace(cfg, loss_batch=loss_batch), models, rollout,
+                        advantages, train_ops.streams(5, 1), Ranks(), step=1, advice="")
     return torch.cat([p.grad.double().flatten() for p in params])
 
 
 def in_float64(rollout):
-    """The rollout's float tensors in float64 (its states and candidates exactly, their values unchanged)."""
-    widen = lambda v: v.double() if torch.is_tensor(v) and v.is_floating_point() else v  # noqa: E731
-    return dataclasses.replace(rollout, **{f.name: (tuple(map(widen, v)) if isinstance(v, tuple) else widen(v))
-                                           for f in dataclasses.fields(rollout) for v in [getattr(rollout, f.name)]})
+    """The rollout's float tensors in float64 (its states and candidates exactly, their values
+    unchanged)."""
+    def widen(v):
+        return v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+    return dataclasses.replace(rollout, **{f.name: (tuple(map(widen, v)) if isinstance(v, tuple)
+                                                    else widen(v))
+                                           for f in dataclasses.fields(rollout)
+                                           for v in [getattr(rollout, f.name)]})
 
 
 def rounding_over_std(policy, exact_policy, rollout):
-    """float32's prediction of a gradient's relative rounding: the log-prob's gradient carries (x_next - mean) / std^2,
-    so the mean's rounding (float32 against float64, measured here) over the step's std, the largest over the
-    trained steps."""
+    """float32's prediction of a gradient's relative rounding: the log-prob's gradient carries
+    (x_next - mean) / std^2, so the mean's rounding (float32 against float64, measured here) over
+    the step's std, the largest over the trained steps."""
     from sde import sde_mean_std
     from model import guided_velocity
     wide, worst = in_float64(rollout), 0.0
@@ -138,7 +159,8 @@ def rounding_over_std(policy, exact_policy, rollout):
         for net, r in ((policy, rollout), (exact_policy, wide)):
             with torch.no_grad():
                 v = guided_velocity(net, r.states[t], r.sigmas[t], r.cond, r.uncond, r.cfg_scale)
-                mean, std = sde_mean_std(r.states[t], v, r.sigmas[t], r.sigmas[t + 1], r.noise_level)
+                mean, std = sde_mean_std(r.states[t], v, r.sigmas[t], r.sigmas[t + 1],
+                                         r.noise_level)
             means.append(mean.double())
         worst = max(worst, ((means[0] - means[1]).pow(2).mean().sqrt() / std.flatten()[0]).item())
     return worst
@@ -154,24 +176,30 @@ def relative(a, b):
 @pytest.mark.ex4_grpo
 @pytest.mark.parametrize("trained", ["default", "last step alone"])
 def test_loss_pieces_add_up_to_the_whole_minibatch_to_float32s_rounding(trained):
-    """--loss_batch runs a minibatch's pairs a few at a time, their gradients summed: the same gradient, up to the
-    rounding float32 predicts. A layout's gradient is off the exact (float64) one by about the mean's rounding over the
-    step's std (measured: 1.0-1.5x that here, 2.3e-6 at the trained steps of 2, 5.8e-5 at the last step alone);
-    two layouts, by at most the sum of theirs: so 3x the prediction for one, 6x for two. The last step, trained alone
+    """--loss_batch runs a minibatch's pairs a few at a time, their gradients summed: the same
+    gradient, up to the rounding float32 predicts. A layout's gradient is off the exact (float64)
+    one by about the mean's rounding over the step's std (measured: 1.0-1.5x that here, 2.3e-6 at
+    the trained steps of 2, 5.8e-5 at the last step alone); two layouts, by at most the sum of
+    theirs: so 3x the prediction for one, 6x for two. The last step, trained alone
     (--train_last_step), rounds ~25x worse than the default's steps: its std is 7e-4, not 0.7."""
     extra = ["--sde_window=1:2", "--train_last_step"] if trained == "last step alone" else []
-    cfg, models, rollout, advantages = one_update(["--trajectories=4", "--per_prompt=4", "--credit=sparse", "--steps=2",
-                                                  "--minibatches=1", *extra])
+    cfg, models, rollout, advantages = one_update(["--trajectories=4", "--per_prompt=4",
+                                                   "--credit=sparse", "--steps=2",
+                                                   "--minibatches=1", *extra])
     policy = models.policy
     assert rollout.trained.any(1).tolist() == ([False, True] if extra else [True, False])
     exact_policy = copy.deepcopy(policy).double()
     exact = gradient(cfg, exact_policy, in_float64(rollout), advantages.double())
-    whole, pieces = gradient(cfg, policy, rollout, advantages), gradient(cfg, policy, rollout, advantages, loss_batch=3)
+    whole, pieces = gradient(cfg, policy, rollout, advantages), gradient(cfg, policy, rollout,
+                                                                         advantages, loss_batch=3)
     predicted = rounding_over_std(policy, exact_policy, rollout)
-    assert (5e-6 if extra else 5e-8) < predicted < (3e-4 if extra else 1e-5)    # what the std says: u |x| / std
-    assert predicted / 3 < relative(whole, exact) < 3 * predicted              # float32 rounds as predicted
+    # what the std says: u |x| / std
+    assert (5e-6 if extra else 5e-8) < predicted < (3e-4 if extra else 1e-5)
+    # float32 rounds as predicted
+    assert predicted / 3 < relative(whole, exact) < 3 * predicted
     assert relative(pieces, exact) < 3 * predicted
-    assert relative(pieces, whole) < 6 * predicted                              # measured 1.1e-6; 2.2e-5 at the last
+    # measured 1.1e-6; 2.2e-5 at the last
+    assert relative(pieces, whole) < 6 * predicted
 
 
 @pytest.mark.ex1_flow_matching
@@ -179,39 +207,51 @@ def test_loss_pieces_add_up_to_the_whole_minibatch_to_float32s_rounding(trained)
 @pytest.mark.ex3_sde_step
 @pytest.mark.ex4_grpo
 def test_fsdp_lora_update_equals_one_process(tmp_path):
-    """--fsdp shards the policy over the ranks; a LoRA update, folded into the exported weights, as one process's."""
-    args = ["--updates=1", "--trajectories=4", "--k=2", "--steps=2", "--eval_every=1", "--eval_per_prompt=1",
-            "--eval_steps=2", "--lora_rank=4"]
+    """--fsdp shards the policy over the ranks; a LoRA update, folded into the exported weights, as
+    one process's."""
+    args = ["--updates=1", "--trajectories=4", "--k=2", "--steps=2", "--eval_every=1",
+            "--eval_per_prompt=1", "--eval_steps=2", "--lora_rank=4"]
     run("train_policy.py", *args, f"--out_dir={tmp_path / 'one'}")
     run("train_policy.py", *args, "--fsdp", f"--out_dir={tmp_path / 'two'}", processes=2)
-    single, sharded = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    single, sharded = (load_file(tmp_path / "one" / "model.safetensors"),
+                       load_file(tmp_path / "two" / "model.safetensors"))
     base = load_file("data/base.safetensors")
-    assert_same_training(single, sharded, {k: v for k, v in base.items() if ".attn.qkv." in k or ".attn.proj." in k})
-    state = torch.load(tmp_path / "two" / "train_state.pt", weights_only=False)  # whole tensors, resumable anywhere
+    assert_same_training(single, sharded,
+                         {k: v for k, v in base.items() if ".attn.qkv." in k or ".attn.proj." in k})
+    # whole tensors, resumable anywhere
+    state = torch.load(tmp_path / "two" / "train_state.pt", weights_only=False)
     assert state["policy"]["joint_blocks.0.x_block.attn.qkv.lora_A"].shape == (4, 128)
 
 
 @pytest.mark.ex1_flow_matching
 def test_ddp_base_steps_equal_one_process(tmp_path):
-    """train_base.py too: 3 steps on 2 processes end where one process ends (weights relative to their norm)."""
-    args = ["train_base.py", "--train_steps=3", "--batch_size=8", "--eval_every=3", "--eval_per_prompt=1", "--warmup=1"]
+    """train_base.py too: 3 steps on 2 processes end where one process ends (weights relative to
+    their norm)."""
+    args = ["train_base.py", "--train_steps=3", "--batch_size=8", "--eval_every=3",
+            "--eval_per_prompt=1", "--warmup=1"]
     run(*args, f"--out_dir={tmp_path / 'one'}")
     run(*args, f"--out_dir={tmp_path / 'two'}", processes=2)
-    single, ddp = (torch.load(tmp_path / name / "train_state.pt", weights_only=False)["net"] for name in ("one", "two"))
+    single, ddp = (torch.load(tmp_path / name / "train_state.pt", weights_only=False)["net"]
+                   for name in ("one", "two"))
     keys = sorted(single)
     single, ddp = flat(single, keys), flat(ddp, keys)
-    assert (single - ddp).norm() < 1e-6 * single.norm()  # measured 6e-9; rank 1 taking rank 0's rows: 3e-3
+    # measured 6e-9; rank 1 taking rank 0's rows: 3e-3
+    assert (single - ddp).norm() < 1e-6 * single.norm()
 
 
 @pytest.mark.ex1_flow_matching
 def test_sigterm_then_resume_equals_one_uninterrupted_run(tmp_path):
-    """A real SIGTERM to a training process mid-run: it saves and leaves; --resume ends where a straight run ends."""
-    args = ["train_base.py", "--train_steps=40", "--batch_size=4", "--eval_every=10", "--eval_per_prompt=1", "--warmup=2"]
+    """A real SIGTERM to a training process mid-run: it saves and leaves; --resume ends where a
+    straight run ends."""
+    args = ["train_base.py", "--train_steps=40", "--batch_size=4", "--eval_every=10",
+            "--eval_per_prompt=1", "--warmup=2"]
     run(*args, f"--out_dir={tmp_path / 'straight'}")
     state = tmp_path / "stopped" / "train_state.pt"
-    process = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path / 'stopped'}"], cwd=ROOT, env=ENV,
+    process = subprocess.Popen([sys.executable, *args, f"--out_dir={tmp_path / 'stopped'}"],
+                               cwd=ROOT, env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not state.exists() and process.poll() is None:  # the first checkpoint (step 10) is written
+    while not state.exists() and process.poll() is None:
+        # the first checkpoint (step 10) is written
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)

@@ -1,7 +1,9 @@
-"""Faults a user meets: each ends in one line (or a clean stop), loses no finished work and mislabels no run.
+"""Faults a user meets: each ends in one line (or a clean stop), loses no finished work and
+mislabels no run.
 
-Most run a script's main in this process through run_main, as the command line does: an expected fault ends in
-SystemExit with one 'error: ...' line; anything else would escape as its own exception, with its traceback.
+Most run a script's main in this process through run_main, as the command line does: an expected
+fault ends in SystemExit with one 'error: ...' line; anything else would escape as its own
+exception, with its traceback.
 """
 import errno
 import json
@@ -23,120 +25,155 @@ from common import UserError, run_main
 from checkpoints import read_checkpoint
 from conftest import tiny_preferences
 
-TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
+TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step,
+            pytest.mark.ex4_grpo]
 TINY_POLICY = ["--trajectories=4", "--k=2", "--steps=2", "--eval_per_prompt=1", "--eval_steps=2"]
 
 
 def error_line(module, *args):
-    """run_main(module.main) on these flags -> the one line it ends with (a failure if it ends any other way)."""
+    """run_main(module.main) on these flags -> the one line it ends with (a failure if it ends any
+    other way)."""
     with pytest.raises(SystemExit) as stopped:
         run_main(module.main, module.Config, list(args))
     message = stopped.value.code
-    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    assert isinstance(message,
+                      str) and message.startswith("error: ") and "\n" not in message, message
     return message
 
 
 def files(folder):
-    return {name: (folder / name).read_bytes() for name in os.listdir(folder) if (folder / name).is_file()}
+    return {name: (folder / name).read_bytes() for name in os.listdir(folder)
+            if (folder / name).is_file()}
 
 # -----------------------------------------------------------------------------
 # 1. A diverged run saves nothing; its last good checkpoint stays; the advice works as written
 
 
-@pytest.mark.parametrize("case", [pytest.param("policy", marks=TRAINING), pytest.param("reward", marks=pytest.mark.ex2_drm)])
+@pytest.mark.parametrize("case",
+                         [pytest.param("policy", marks=TRAINING),
+                          pytest.param("reward", marks=pytest.mark.ex2_drm)])
 def test_a_diverged_update_is_never_saved_and_the_advice_works(case, tmp_path, capsys):
     out = tmp_path / "run"
     if case == "policy":
-        module, tiny = train_policy, [*TINY_POLICY, "--eval_every=1", "--minibatches=1", f"--out_dir={out}"]
-        run_main(module.main, module.Config, [*tiny, "--updates=1"])                       # a good first checkpoint
+        module, tiny = train_policy, [*TINY_POLICY, "--eval_every=1", "--minibatches=1",
+                                      f"--out_dir={out}"]
+        # a good first checkpoint
+        run_main(module.main, module.Config, [*tiny, "--updates=1"])
     else:
         tiny_preferences(tmp_path / "prefs")
         module = train_reward
-        tiny = [f"--prefs={tmp_path / 'prefs'}", "--batch_size=8", "--eval_every=1", "--eval_noise_draws=1", "--warmup=1",
-                f"--out_dir={out}"]
+        tiny = [f"--prefs={tmp_path / 'prefs'}", "--batch_size=8", "--eval_every=1",
+                "--eval_noise_draws=1", "--warmup=1", f"--out_dir={out}"]
         run_main(module.main, module.Config, [*tiny, "--train_steps=1"])
     good = files(out)
     # the learning rate of 1e30 writes weights near 1e30: the evaluation after that update is NaN
-    diverging = ["--lr=1e30", "--updates=3"] if case == "policy" else ["--lr=1e30", "--head_lr=1e30", "--steps=3"]
+    diverging = ["--lr=1e30", "--updates=3"] if case == "policy" else ["--lr=1e30",
+        "--head_lr=1e30", "--steps=3"]
     line = error_line(module, *tiny, "--resume", *diverging)
     assert "not finite" in line or "gave {" in line, line
     assert "the last good checkpoint (step 1)" in line and "--resume" in line, line
     after = files(out)
     for name in ("model.safetensors", "train_state.pt"):
-        assert after[name] == good[name], name                                           # the good one, untouched
+        # the good one, untouched
+        assert after[name] == good[name], name
     rows = [json.loads(row) for row in (out / "metrics.jsonl").read_text().splitlines()]
-    assert all(r["step"] <= 1 for r in rows)                                             # no NaN row was logged
+    # no NaN row was logged
+    assert all(r["step"] <= 1 for r in rows)
     # as the message says: a lower --lr and --resume continue from the last good checkpoint
     capsys.readouterr()
-    run_main(module.main, module.Config, [*tiny, "--resume", "--updates=2" if case == "policy" else "--train_steps=2"])
-    assert "resume: --lr" not in capsys.readouterr().out  # the default --lr is the run's: nothing changed
+    run_main(module.main, module.Config,
+             [*tiny, "--resume", "--updates=2" if case == "policy" else "--train_steps=2"])
+    # the default --lr is the run's: nothing changed
+    assert "resume: --lr" not in capsys.readouterr().out
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 2
 
 
-@pytest.mark.parametrize("args", [pytest.param(["train_policy.py", *TINY_POLICY, "--lr=1e30", "--minibatches=1", "--updates=3",
-                                                "--eval_every=5"], marks=TRAINING)])
+@pytest.mark.parametrize("args", [pytest.param(["train_policy.py", *TINY_POLICY, "--lr=1e30",
+                                                "--minibatches=1", "--updates=3", "--eval_every=5"],
+                                               marks=TRAINING)])
 def test_a_diverged_first_run_says_nothing_was_saved(args, tmp_path):
-    result = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path}"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, *args, f"--out_dir={tmp_path}"], capture_output=True,
+                            text=True)
     last_line = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 1 and "Traceback" not in result.stderr
-    assert "no checkpoint was saved; start again with a lower --lr" in last_line and "--overwrite" in last_line
-    assert not (tmp_path / "model.safetensors").exists() and not (tmp_path / "train_state.pt").exists()
+    assert ("no checkpoint was saved; start again with a lower --lr" in last_line
+            and "--overwrite" in last_line)
+    assert (not (tmp_path / "model.safetensors").exists()
+            and not (tmp_path / "train_state.pt").exists())
 
 # -----------------------------------------------------------------------------
 # 2. One run per out_dir
 
 
-@pytest.mark.parametrize("module", [train_policy, train_reward, train_base], ids=["policy", "reward", "base"])
+@pytest.mark.parametrize("module", [train_policy, train_reward, train_base],
+                         ids=["policy", "reward", "base"])
 def test_a_second_live_run_and_a_fresh_run_into_a_used_folder_are_refused(module, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (out / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename, "started": "earlier"}))
+        (out / ".lock").write_text(json.dumps({"pid": sleeper.pid, "host": os.uname().nodename,
+                                               "started": "earlier"}))
         line = error_line(module, f"--out_dir={out}")
         assert f"is in use by another run (pid {sleeper.pid}" in line
     finally:
         sleeper.kill()
         sleeper.wait()
     (out / "train_state.pt").write_bytes(b"a finished run")
-    line = error_line(module, f"--out_dir={out}")  # the lock's process is gone: the lock is stale, the folder is used
-    assert "holds an earlier run (train_state.pt): continue it with --resume, start afresh there with --overwrite" in line
-    assert (out / "train_state.pt").read_bytes() == b"a finished run" and not (out / ".lock").exists()
+    # the lock's process is gone: the lock is stale, the folder is used
+    line = error_line(module, f"--out_dir={out}")
+    assert ("holds an earlier run (train_state.pt): continue it with --resume, "
+            "start afresh there with --overwrite" in line)
+    assert ((out / "train_state.pt").read_bytes() == b"a finished run"
+            and not (out / ".lock").exists())
 
 
-@pytest.mark.parametrize("module", [train_policy, train_reward, train_base], ids=["policy", "reward", "base"])
+@pytest.mark.parametrize("module", [train_policy, train_reward, train_base],
+                         ids=["policy", "reward", "base"])
 def test_resume_into_an_empty_place_makes_no_folder(module, tmp_path):
     out = tmp_path / "never" / "run"
-    assert "train_state.pt does not exist (no run has saved there)" in error_line(module, f"--out_dir={out}", "--resume")
+    assert "train_state.pt does not exist (no run has saved there)" in error_line(module,
+        f"--out_dir={out}", "--resume")
     assert not (tmp_path / "never").exists()
 
 
-@pytest.mark.parametrize("tiny", [pytest.param([*TINY_POLICY, "--updates=1", "--eval_every=1"], marks=TRAINING)])
+@pytest.mark.parametrize("tiny",
+                         [pytest.param([*TINY_POLICY, "--updates=1", "--eval_every=1"],
+                                       marks=TRAINING)])
 def test_overwrite_starts_afresh_and_leftovers_are_cleaned(tiny, tmp_path):
     out = tmp_path / "run"
     run_main(train_policy.main, train_policy.Config, [*tiny, f"--out_dir={out}"])
     first = files(out)
-    (out / "model.safetensors.tmp-killed").write_bytes(b"half a checkpoint")             # a write killed mid-way
+    # a write killed mid-way
+    (out / "model.safetensors.tmp-killed").write_bytes(b"half a checkpoint")
     (out / "samples_00099.png").write_bytes(b"an old grid")
     run_main(train_policy.main, train_policy.Config, [*tiny, f"--out_dir={out}", "--overwrite"])
     again = files(out)
     assert not [name for name in again if ".tmp-" in name] and "samples_00099.png" not in again
-    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]  # not [0, 1, 0, 1]
-    assert again["model.safetensors"] == first["model.safetensors"]                     # the same run, done again
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [0,
+        1]  # not [0, 1, 0, 1]
+    # the same run, done again
+    assert again["model.safetensors"] == first["model.safetensors"]
 
 # -----------------------------------------------------------------------------
 # 3. A resume continues the experiment it was
 
 
-@pytest.mark.parametrize("tiny", [pytest.param([*TINY_POLICY, "--updates=1", "--eval_every=1"], marks=TRAINING)])
-def test_resume_refuses_a_changed_experiment_and_applies_a_new_learning_rate(tiny, tmp_path, capsys):
+@pytest.mark.parametrize("tiny",
+                         [pytest.param([*TINY_POLICY, "--updates=1", "--eval_every=1"],
+                                       marks=TRAINING)])
+def test_resume_refuses_a_changed_experiment_and_applies_a_new_learning_rate(tiny, tmp_path,
+                                                                             capsys):
     out = tmp_path / "run"
     run_main(train_policy.main, train_policy.Config, [*tiny, f"--out_dir={out}"])
-    line = error_line(train_policy, *tiny, f"--out_dir={out}", "--resume", "--credit=sparse", "--k=4", "--updates=2")
+    line = error_line(train_policy, *tiny, f"--out_dir={out}", "--resume", "--credit=sparse",
+                      "--k=4", "--updates=2")
     assert "--credit=sparse (the run has stepwise)" in line and "--k=4 (the run has 2)" in line
-    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [0, 1]
-    # a new learning rate applies: the resumed update differs from one at the saved rate, and it is logged
+    assert [json.loads(r)["step"] for r in (out / "metrics.jsonl").read_text().splitlines()] == [0,
+                                                                                                 1]
+    # a new learning rate applies: the resumed update differs from one at the saved rate, and it is
+    # logged
     results = {}
     for lr in ("3e-05", "0.0003"):
         run = tmp_path / f"lr{lr}"
@@ -144,20 +181,22 @@ def test_resume_refuses_a_changed_experiment_and_applies_a_new_learning_rate(tin
         for name in ("train_state.pt", "metrics.jsonl"):
             (run / name).write_bytes((out / name).read_bytes())
         capsys.readouterr()
-        run_main(train_policy.main, train_policy.Config, [*tiny, f"--out_dir={run}", "--resume", "--updates=2", f"--lr={lr}"])
+        run_main(train_policy.main, train_policy.Config,
+                 [*tiny, f"--out_dir={run}", "--resume", "--updates=2", f"--lr={lr}"])
         printed = capsys.readouterr().out
         assert ("resume: --lr 3e-05 -> 0.0003" in printed) == (lr == "0.0003")
         results[lr] = torch.load(run / "train_state.pt", weights_only=False)
         assert results[lr]["optimizer"]["param_groups"][0]["lr"] == float(lr)
-    moved = [(results["3e-05"]["policy"][k] - results["0.0003"]["policy"][k]).abs().max() for k in results["3e-05"]["policy"]]
+    moved = [(results["3e-05"]["policy"][k] - results["0.0003"]["policy"][k]).abs().max()
+             for k in results["3e-05"]["policy"]]
     assert max(moved) > 0
 
 
 @pytest.mark.ex2_drm
 def test_reward_resume_refuses_another_init(tmp_path):
     tiny_preferences(tmp_path / "prefs")
-    tiny = [f"--prefs={tmp_path / 'prefs'}", "--batch_size=8", "--eval_every=1", "--eval_noise_draws=1", "--warmup=1",
-            "--steps=1", f"--out_dir={tmp_path / 'run'}"]
+    tiny = [f"--prefs={tmp_path / 'prefs'}", "--batch_size=8", "--eval_every=1",
+            "--eval_noise_draws=1", "--warmup=1", "--steps=1", f"--out_dir={tmp_path / 'run'}"]
     run_main(train_reward.main, train_reward.Config, tiny)
     line = error_line(train_reward, *tiny, "--resume", "--init=scratch", "--train_steps=2")
     assert "--init=scratch (the run has pretrained)" in line
@@ -167,7 +206,8 @@ def test_a_saved_config_from_another_version_is_named(tmp_path):
     from checkpoints import check_resumed_config
     with pytest.raises(UserError, match="flags this version does not know \\(temperature\\)"):
         check_resumed_config({"temperature": 2.0}, train_policy.Config(), train_policy.MAY_CHANGE)
-    check_resumed_config({}, train_policy.Config(), train_policy.MAY_CHANGE)  # a flag added since: at its default, fine
+    # a flag added since: at its default, fine
+    check_resumed_config({}, train_policy.Config(), train_policy.MAY_CHANGE)
     with pytest.raises(UserError, match="--uncond_grad=False \\(the run has True\\)"):
         check_resumed_config({}, train_policy.Config(uncond_grad=False), train_policy.MAY_CHANGE)
 
@@ -221,8 +261,10 @@ def test_bad_preference_images_are_named(case, tmp_path):
         image.mkdir()
         says = "3.png is a folder, not an image"
     test = (tmp_path / "prefs" / "test.jsonl").read_text()
-    (tmp_path / "prefs" / "test.jsonl").write_text(test.replace('"images/', '"images/').replace("0.png", "3.png", 1))
-    line = error_line(train_reward, f"--prefs={tmp_path / 'prefs'}", "--train_steps=1", f"--out_dir={tmp_path / 'run'}")
+    (tmp_path / "prefs" / "test.jsonl").write_text(test.replace('"images/', '"images/')
+                                                   .replace("0.png", "3.png", 1))
+    line = error_line(train_reward, f"--prefs={tmp_path / 'prefs'}", "--train_steps=1",
+                      f"--out_dir={tmp_path / 'run'}")
     assert says in line
 
 
@@ -231,7 +273,8 @@ def test_preference_images_of_the_wrong_size_for_the_model_are_named(tmp_path):
     tiny_preferences(tmp_path / "prefs")
     for i in range(8):
         Image.new("L", (28, 28)).save(tmp_path / "prefs" / "images" / f"{i}.png")
-    line = error_line(train_reward, f"--prefs={tmp_path / 'prefs'}", "--train_steps=1", f"--out_dir={tmp_path / 'run'}")
+    line = error_line(train_reward, f"--prefs={tmp_path / 'prefs'}", "--train_steps=1",
+                      f"--out_dir={tmp_path / 'run'}")
     assert "the preference images are 28x28 pixels, the model's 32x32" in line
 
 
@@ -246,12 +289,14 @@ def test_bad_files_are_named(case, says, tmp_path):
     path = tmp_path / "base.safetensors"
     if case == "prompts not UTF-8":
         (tmp_path / "prompts.txt").write_bytes("a thick 7 slanted right\n".encode("utf-16"))
-        line = error_line(train_policy, f"--prompts={tmp_path / 'prompts.txt'}", f"--out_dir={tmp_path / 'run'}")
+        line = error_line(train_policy, f"--prompts={tmp_path / 'prompts.txt'}",
+                          f"--out_dir={tmp_path / 'run'}")
         assert f"--prompts={tmp_path / 'prompts.txt'} is not UTF-8" in line
     else:
         if case == "unknown config field":
             meta["dit_config"]["rope"] = True
-        save_file(tensors, path, metadata={"meta": "{not json" if case == "meta not JSON" else json.dumps(meta)})
+        save_file(tensors, path,
+                  metadata={"meta": "{not json" if case == "meta not JSON" else json.dumps(meta)})
         if case == "damaged header":
             data = bytearray(path.read_bytes())
             n = int.from_bytes(data[:8], "little")
@@ -260,11 +305,14 @@ def test_bad_files_are_named(case, says, tmp_path):
             text = json.dumps(header, separators=(",", ":")).encode().ljust(n)
             data[8:8 + n] = text[:n] if len(text) <= n else pytest.fail("header grew")
             path.write_bytes(bytes(data))
-        line = error_line(sample, f"--base={path}", "--images=1", "--steps=1", f"--out={tmp_path / 'x.png'}")
+        line = error_line(sample, f"--base={path}", "--images=1", "--steps=1",
+                          f"--out={tmp_path / 'x.png'}")
     assert says in line and str(tmp_path) in line
 
 
-@pytest.mark.parametrize("tiny", [pytest.param([*TINY_POLICY, "--updates=2", "--eval_every=1"], marks=TRAINING)])
+@pytest.mark.parametrize("tiny",
+                         [pytest.param([*TINY_POLICY, "--updates=2", "--eval_every=1"],
+                                       marks=TRAINING)])
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
     import common
     out = tmp_path / "run"
@@ -273,7 +321,8 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny, tmp_path, 
 
     def save_until_the_disk_fills(obj, path, *args, **kwargs):
         saves.append(path)
-        if len(saves) == 2:  # the second train state: half of it reaches the disk, then the disk is full
+        if len(saves) == 2:
+            # the second train state: half of it reaches the disk, then the disk is full
             with open(path, "wb") as f:
                 f.write(b"half")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -285,7 +334,9 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny, tmp_path, 
     assert state["step"] == 1 and not [name for name in os.listdir(out) if ".tmp-" in name]
 
 
-@pytest.mark.parametrize("tiny", [pytest.param([*TINY_POLICY, "--updates=2", "--eval_every=1"], marks=TRAINING)])
+@pytest.mark.parametrize("tiny",
+                         [pytest.param([*TINY_POLICY, "--updates=2", "--eval_every=1"],
+                                       marks=TRAINING)])
 def test_a_stop_during_the_first_evaluation_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
     real = train_policy.evaluate_policy
 
@@ -293,7 +344,8 @@ def test_a_stop_during_the_first_evaluation_leaves_nothing(tiny, tmp_path, monke
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the held-out samples are drawn
         return real(*args, **kwargs)
     monkeypatch.setattr(train_policy, "evaluate_policy", evaluate_then_interrupt)
-    assert run_main(train_policy.main, train_policy.Config, [*tiny, f"--out_dir={tmp_path / 'run'}"]) is None
+    assert run_main(train_policy.main, train_policy.Config,
+                    [*tiny, f"--out_dir={tmp_path / 'run'}"]) is None
     assert "stopped: nothing saved" in capsys.readouterr().out
     assert os.listdir(tmp_path / "run") == []
 
@@ -301,10 +353,13 @@ def test_a_stop_during_the_first_evaluation_leaves_nothing(tiny, tmp_path, monke
 @pytest.mark.ex1_flow_matching
 @pytest.mark.ex2_drm
 def test_sigterm_during_the_first_evaluation_is_a_clean_stop(tmp_path):
-    """A real SIGTERM from outside while the first evaluation runs (320 samples of 10 steps: a few seconds)."""
+    """A real SIGTERM from outside while the first evaluation runs (320 samples of 10 steps: a few
+    seconds)."""
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "train_policy.py", *TINY_POLICY, "--eval_per_prompt=32", "--eval_steps=10",
-                                f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    process = subprocess.Popen([sys.executable, "train_policy.py", *TINY_POLICY,
+                                "--eval_per_prompt=32", "--eval_steps=10",
+                                f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
     for line in process.stdout:  # the models are loaded; the first evaluation begins
         if line.startswith("policy:"):
@@ -342,9 +397,11 @@ def test_a_bug_keeps_its_traceback():
 def test_resume_after_a_kill_logs_each_update_once(tiny, tmp_path):
     out = tmp_path / "run"
     run_main(train_policy.main, train_policy.Config, [*tiny, "--updates=1", f"--out_dir={out}"])
-    # a run killed after logging update 2 and before saving it: its row is there, its checkpoint is not
+    # a run killed after logging update 2 and before saving it: its row is there, its checkpoint is
+    # not
     with open(out / "metrics.jsonl", "a") as log:
         log.write(json.dumps({"step": 2, "gold": -1.0}) + "\n")
-    run_main(train_policy.main, train_policy.Config, [*tiny, "--updates=2", "--resume", f"--out_dir={out}"])
+    run_main(train_policy.main, train_policy.Config,
+             [*tiny, "--updates=2", "--resume", f"--out_dir={out}"])
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["gold"] != -1.0

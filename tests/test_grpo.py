@@ -1,4 +1,5 @@
-"""GRPO: the SDE step against an independent Gaussian, replayed ratios, credit weights, and that training raises the reward."""
+"""GRPO: the SDE step against an independent Gaussian, replayed ratios, credit weights, and that
+training raises the reward."""
 from types import SimpleNamespace
 
 import pytest
@@ -20,8 +21,8 @@ def test_sde_step_matches_an_independent_gaussian(sigma, sigma_next):
     x, velocity, noise = (torch.randn(3, 1, 8, 8, generator=g) for _ in range(3))
     a = 0.7
     x_next, log_prob, mean, std = sde_step(x, velocity, sigma, sigma_next, a, noise)
-    # Flow-GRPO's form of the same step, written out separately; at sigma = 1 the schedule's next sigma
-    # stands in the denominator of sigma_t
+    # Flow-GRPO's form of the same step, written out separately; at sigma = 1 the schedule's next
+    # sigma stands in the denominator of sigma_t
     dt = sigma_next - sigma
     sigma_t = a * (sigma / (1 - (sigma_next if sigma == 1 else sigma))) ** 0.5
     expected_mean = (x * (1 + sigma_t ** 2 / (2 * sigma) * dt)
@@ -54,13 +55,16 @@ def test_sde_step_is_float32_for_a_bf16_model():
 @pytest.mark.ex4_grpo
 @pytest.mark.parametrize("k, cfg_scale", [(1, 1.0), (3, 2.0)])
 def test_replayed_rollout_has_ratio_one(k, cfg_scale):
-    """With the policy unchanged, log-probs recomputed from the stored states equal the rollout's."""
+    """With the policy unchanged, log-probs recomputed from the stored states equal the
+    rollout's."""
     policy, B = random_dit(), 4
     cond, uncond = prompts(B, 1), prompts(B, 2)
     sigmas = sigma_schedule(5)
     reward = lambda x, sigma, rows: -x.flatten(1).sum(1)  # noqa: E731
-    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, uncond, sigmas, noise_level=0.7, cfg_scale=cfg_scale, k=k,
-                             reward=reward if k > 1 else None, generator=torch.Generator().manual_seed(0))
+    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, uncond, sigmas,
+                             noise_level=0.7, cfg_scale=cfg_scale, k=k,
+                             reward=reward if k > 1 else None,
+                             generator=torch.Generator().manual_seed(0))
     advantages = torch.randn(5, B, k)
     for step in range(5):  # the rollout's own batches: the same arithmetic, so exactly 1
         _, stats = grpo_loss(policy, rollout, advantages, torch.full((B,), step), torch.arange(B))
@@ -74,81 +78,96 @@ def test_replayed_rollout_has_ratio_one(k, cfg_scale):
 def test_candidates_share_the_stored_mean_and_the_trajectory_goes_on_from_the_chosen_one():
     policy, B, k = random_dit(), 3, 4
     cond = prompts(B)
-    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, None, sigma_schedule(4), noise_level=0.7, k=k,
-                             reward=lambda x, sigma, rows: x.mean((1, 2, 3)), follow="best")
+    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, None, sigma_schedule(4),
+                             noise_level=0.7, k=k, reward=lambda x, sigma, rows: x.mean((1, 2, 3)),
+                             follow="best")
     for t in range(4):
         candidates = rollout.candidates[t]                                   # (B, k, ...)
         chosen = candidates[torch.arange(B), rollout.chosen[t]]
         nxt = rollout.states[t + 1] if t < 3 else rollout.final
         assert torch.equal(chosen, nxt)
         assert torch.equal(rollout.chosen[t], rollout.rewards[t].argmax(1))
-        # the k candidates were drawn around the one stored mean: their log-probs under it are the stored ones
+        # the k candidates were drawn around the one stored mean: their log-probs under it are the
+        # stored ones
         sigma, sigma_next = rollout.sigmas[t].item(), rollout.sigmas[t + 1].item()
-        std = 0.7 * (sigma / (1 - (sigma_next if sigma == 1 else sigma))) ** 0.5 * (sigma - sigma_next) ** 0.5
+        std = 0.7 * (sigma / (1 - (sigma_next if sigma == 1
+                                   else sigma))) ** 0.5 * (sigma - sigma_next) ** 0.5
         normal = torch.distributions.Normal(rollout.means[t].unsqueeze(1), std)
-        assert torch.allclose(normal.log_prob(rollout.candidates[t]).flatten(2).mean(2), rollout.log_probs[t], atol=1e-4)
+        assert torch.allclose(normal.log_prob(rollout.candidates[t]).flatten(2).mean(2),
+                              rollout.log_probs[t], atol=1e-4)
 
 
 @pytest.mark.ex3_sde_step
 def test_a_default_rollout_samples_the_last_step_but_never_trains_it():
-    """The last step (sigma_{T-1} -> 0) stays an SDE step, but with one candidate, unscored and untrained, in
-    stepwise and tree rollouts alike; train_last=True trains it as any other."""
+    """The last step (sigma_{T-1} -> 0) stays an SDE step, but with one candidate, unscored and
+    untrained, in stepwise and tree rollouts alike; train_last=True trains it as any other."""
     import train_policy
     policy, B, T, k = random_dit(), 3, 4, 3
     cond, uncond = prompts(B, 1), prompts(B, 2)
     noise, sigmas = torch.randn(B, 1, 16, 16), sigma_schedule(T)
     scored = []
-    reward = lambda x, sigma, rows: scored.append(sigma[0].item()) or x.mean((1, 2, 3))  # noqa: E731
-    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0, k=k, reward=reward,
-                             generator=torch.Generator().manual_seed(0))
+
+    def reward(x, sigma, rows):
+        return scored.append(sigma[0].item()) or x.mean((1, 2, 3))
+    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0,
+                             k=k, reward=reward, generator=torch.Generator().manual_seed(0))
     assert rollout.trained.tolist() == [[t < T - 1] * B for t in range(T)]
-    assert scored == sigmas[1:T].tolist()                                # the DRM at steps 0 .. T-2 only
+    # the DRM at steps 0 .. T-2 only
+    assert scored == sigmas[1:T].tolist()
     assert (rollout.rewards[T - 1] == 0).all() and rollout.nfe == B * T * 2
     last = rollout.states[T - 1]
     euler = last - sigmas[T - 1] * guided_velocity(policy, last, sigmas[T - 1], cond, uncond, 2.0)
     assert not torch.equal(rollout.final, euler)                          # still sampled with noise
     assert torch.equal(rollout.candidates[T - 1, :, 0], rollout.final)
     scored.clear()
-    every = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0, k=k, reward=reward,
-                           train_last=True, generator=torch.Generator().manual_seed(0))
+    every = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0, k=k,
+                           reward=reward, train_last=True,
+                           generator=torch.Generator().manual_seed(0))
     assert every.trained.all() and scored == sigmas[1:].tolist()
-    tree = sample_tree(policy, noise, cond, uncond, sigmas, split_steps=(0,), branch=2, noise_level=0.7,
-                       generator=torch.Generator().manual_seed(0))
+    tree = sample_tree(policy, noise, cond, uncond, sigmas, split_steps=(0,), branch=2,
+                       noise_level=0.7, generator=torch.Generator().manual_seed(0))
     assert tree.trained[:T - 1].any(1).all() and not tree.trained[T - 1].any()
     assert train_policy.Config().train_last_step is False
 
 
 @pytest.mark.ex3_sde_step
 def test_what_the_drm_scores_noisy_x0_and_lookahead():
-    """The scoring rules against the quantities written out: noisy sees x_next at sigma_next, x0 sees x_next - sigma_next v
-    at 0 (at noise level 0, the state's own x0_hat), lookahead sees a plain Euler loop from x_next to 0."""
+    """The scoring rules against the quantities written out: noisy sees x_next at sigma_next, x0
+    sees x_next - sigma_next v at 0 (at noise level 0, the state's own x0_hat), lookahead sees a
+    plain Euler loop from x_next to 0."""
     from rivals.scores import SCORES
     from sde import Sampler, propose
     policy, B, k, i = random_dit(), 2, 3, 1
     cond, uncond = prompts(B, 1), prompts(B, 2)
     sigmas, x = sigma_schedule(4), torch.randn(B, 1, 16, 16)
     seen = []
-    reward = lambda x, sigma, rows: seen.append((x, sigma, rows)) or x.flatten(1).mean(1)  # noqa: E731
-    step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0, noise_level=0.7, k=k,
-                   generator=torch.Generator().manual_seed(0))
+
+    def reward(x, sigma, rows):
+        return seen.append((x, sigma, rows)) or x.flatten(1).mean(1)
+    step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0,
+                   noise_level=0.7, k=k, generator=torch.Generator().manual_seed(0))
     rows, sampler = torch.tensor([1, 0]), Sampler(policy, sigmas, cond, uncond, 2.0)
     scores, spent = SCORES["noisy"](reward, step, i, rows, sampler)
     assert spent == 0 and torch.equal(seen[-1][0], step.candidates.flatten(0, 1))
-    assert torch.equal(seen[-1][1], sigmas[i + 1].expand(B * k)) and seen[-1][2].tolist() == [1, 1, 1, 0, 0, 0]
+    assert torch.equal(seen[-1][1], sigmas[i + 1].expand(B * k)) and seen[-1][2].tolist() == [1, 1,
+        1, 0, 0, 0]
     assert torch.equal(scores, step.candidates.flatten(2).mean(2))
     velocity = guided_velocity(policy, x, sigmas[i], cond, uncond, 2.0)
     SCORES["x0"](reward, step, i, rows, sampler)
-    assert torch.allclose(seen[-1][0], (step.candidates - sigmas[i + 1] * velocity.unsqueeze(1)).flatten(0, 1), atol=1e-6)
+    assert torch.allclose(seen[-1][0],
+                          (step.candidates - sigmas[i + 1] * velocity.unsqueeze(1)).flatten(0, 1),
+                          atol=1e-6)
     assert (seen[-1][1] == 0).all()
-    euler = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0, noise_level=0.0)
+    euler = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0,
+                    noise_level=0.0)
     SCORES["x0"](reward, euler, i, rows, sampler)
     assert torch.allclose(seen[-1][0], euler.x0_hat, atol=1e-5)
     _, spent = SCORES["lookahead"](reward, step, i, rows, sampler)
     completed = step.candidates.flatten(0, 1)
     context, empty = (tuple(t.repeat_interleave(k, 0) for t in pair) for pair in (cond, uncond))
     for j in (2, 3):
-        completed = completed + (sigmas[j + 1] - sigmas[j]) * guided_velocity(policy, completed, sigmas[j], context,
-                                                                              empty, 2.0)
+        completed = completed + (sigmas[j + 1] - sigmas[j]) * guided_velocity(policy, completed,
+            sigmas[j], context, empty, 2.0)
     assert torch.allclose(seen[-1][0], completed, atol=1e-5) and (seen[-1][1] == 0).all()
     assert spent == B * k * 2 * 2                                         # 2 steps to go, guided
 
@@ -158,7 +177,8 @@ def test_stepwise_advantages_have_zero_mean_within_each_group():
     rewards = torch.randn(6, 5, 4) * 3 + torch.arange(5).view(1, 5, 1)
     advantages = stepwise_advantages(rewards)
     assert torch.allclose(advantages.mean(-1), torch.zeros(6, 5), atol=1e-5)
-    assert torch.allclose(advantages.std(-1, correction=0), torch.ones(6, 5), atol=1e-3)  # numpy's std, ddof 0
+    # numpy's std, ddof 0
+    assert torch.allclose(advantages.std(-1, correction=0), torch.ones(6, 5), atol=1e-3)
     assert torch.equal(advantages.argsort(-1), rewards.argsort(-1))
 
 
@@ -166,7 +186,8 @@ def test_stepwise_advantages_have_zero_mean_within_each_group():
 def test_terminal_advantages_normalise_per_prompt_group():
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])
     advantages = terminal_advantages(rewards, group_size=3)
-    assert torch.allclose(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]) * 1.5 ** 0.5, atol=1e-3)  # std sqrt(2/3)
+    # std sqrt(2/3)
+    assert torch.allclose(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]) * 1.5 ** 0.5, atol=1e-3)
     assert torch.allclose(advantages.view(2, 3).sum(1), torch.zeros(2), atol=1e-5)
     with pytest.raises(ValueError):
         terminal_advantages(rewards, group_size=4)
@@ -183,32 +204,41 @@ def test_cosine_weights_sum_to_one_and_follow_progress():
     assert torch.allclose(weights.sum(0), torch.ones(3), atol=1e-6)
     assert (weights >= 0).all()
     assert weights[:5].sum() < 1e-6 * 3  # no credit to steps that did not move towards the end
-    assert torch.allclose(weights[5:], torch.full((5, 3), 0.2), atol=1e-6)  # a window shares its credit
+    # a window shares its credit
+    assert torch.allclose(weights[5:], torch.full((5, 3), 0.2), atol=1e-6)
 
 
 @pytest.mark.ex3_sde_step
 @pytest.mark.ex4_grpo
 def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
     policy, B = random_dit(), 4
-    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), prompts(B), None, sigma_schedule(6), noise_level=0.7)
+    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), prompts(B), None, sigma_schedule(6),
+                             noise_level=0.7)
     final_rewards = torch.tensor([0.0, 1.0, 5.0, 2.0])
     sparse = CREDIT["sparse"].advantages(rollout, final_rewards, Settings(per_prompt=2))
     assert sparse.shape == (6, B, 1)
-    assert torch.equal(sparse[0, :, 0], terminal_advantages(final_rewards, 2))  # the group-normalised terminal reward
+    # the group-normalised terminal reward
+    assert torch.equal(sparse[0, :, 0], terminal_advantages(final_rewards, 2))
     assert torch.equal(sparse[0], sparse[-1])
-    cosine = CREDIT["cosine"].advantages(rollout, final_rewards, Settings(per_prompt=2, adv_clip=0.5))
-    expected = cosine_advantages(cosine_weights(rollout.x0_hat, rollout.final), final_rewards, 2, 0.5)
+    cosine = CREDIT["cosine"].advantages(rollout, final_rewards,
+                                         Settings(per_prompt=2, adv_clip=0.5))
+    expected = cosine_advantages(cosine_weights(rollout.x0_hat, rollout.final), final_rewards, 2,
+                                 0.5)
     assert cosine.shape == (6, B, 1) and torch.equal(cosine[..., 0], expected)
-    # under torchrun a rank holds some of the trajectories: it gathers every rank's weights, keeps its own rows
-    everyone = cosine_weights(rollout.x0_hat, rollout.final).T                   # (B, T): what a gather returns
+    # under torchrun a rank holds some of the trajectories: it gathers every rank's weights, keeps
+    # its own rows
+    # (B, T): what a gather returns
+    everyone = cosine_weights(rollout.x0_hat, rollout.final).T
 
     def on_rank(rows):
-        mine = SimpleNamespace(states=rollout.states[:, rows], x0_hat=rollout.x0_hat[:, rows], final=rollout.final[rows])
+        mine = SimpleNamespace(states=rollout.states[:, rows], x0_hat=rollout.x0_hat[:, rows],
+                               final=rollout.final[rows])
 
         def gather(weights):
             assert torch.equal(weights, everyone[rows])
             return everyone
-        return CREDIT["cosine"].advantages(mine, final_rewards, Settings(per_prompt=2, adv_clip=0.5), rows, gather)
+        return CREDIT["cosine"].advantages(mine, final_rewards,
+                                           Settings(per_prompt=2, adv_clip=0.5), rows, gather)
     assert torch.equal(torch.cat([on_rank(slice(0, 2)), on_rank(slice(2, 4))], dim=1), cosine)
 
 
@@ -217,8 +247,8 @@ def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
 @pytest.mark.ex3_sde_step
 @pytest.mark.ex4_grpo
 def test_short_stepwise_training_raises_the_drm_score():
-    """Step-wise GRPO on the shipped base model and DRM, a few updates with a large step: the DRM's mean score of
-    ODE samples of fixed noise on the training prompts goes up."""
+    """Step-wise GRPO on the shipped base model and DRM, a few updates with a large step: the DRM's
+    mean score of ODE samples of fixed noise on the training prompts goes up."""
     from data.toy import ToyBase
     from data.world import TRAIN_PROMPTS
     from sample import sample_ode
@@ -244,12 +274,13 @@ def test_short_stepwise_training_raises_the_drm_score():
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(2)
     for _ in range(6):
-        rollout = sample_rollout(policy.eval(), torch.randn(len(chosen), 1, 32, 32, generator=g), cond, None, sigmas,
-                                 noise_level=0.7, k=4, reward=reward, generator=g)
+        rollout = sample_rollout(policy.eval(), torch.randn(len(chosen), 1, 32, 32, generator=g),
+                                 cond, None, sigmas, noise_level=0.7, k=4, reward=reward,
+                                 generator=g)
         advantages = stepwise_advantages(rollout.rewards)
         pairs = torch.arange(4 * len(chosen))
-        loss, _ = grpo_loss(policy.train(), rollout, advantages, pairs // len(chosen), pairs % len(chosen),
-                            clip_range=0.2)
+        loss, _ = grpo_loss(policy.train(), rollout, advantages, pairs // len(chosen),
+                            pairs % len(chosen), clip_range=0.2)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -259,8 +290,8 @@ def test_short_stepwise_training_raises_the_drm_score():
 @pytest.mark.ex3_sde_step
 @pytest.mark.ex4_grpo
 def test_compiled_rollout_and_loss_agree_with_eager_and_compile_once(compiled):
-    """Rollout (SDE step and log-prob compiled with the DiT's blocks) and loss gradients match eager;
-    a second update of the same shapes compiles nothing new."""
+    """Rollout (SDE step and log-prob compiled with the DiT's blocks) and loss gradients match
+    eager; a second update of the same shapes compiles nothing new."""
     import copy
     from model import compile_regions
     eager_policy, B, k = random_dit(), 3, 2
@@ -270,9 +301,10 @@ def test_compiled_rollout_and_loss_agree_with_eager_and_compile_once(compiled):
 
     def update(policy):
         policy.zero_grad()
-        rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16, generator=torch.Generator().manual_seed(0)), cond,
-                                 uncond, sigma_schedule(3), noise_level=0.7, cfg_scale=2.0, k=k, reward=reward,
-                                 generator=torch.Generator().manual_seed(1))
+        rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16,
+                                                     generator=torch.Generator().manual_seed(0)),
+                                 cond, uncond, sigma_schedule(3), noise_level=0.7, cfg_scale=2.0,
+                                 k=k, reward=reward, generator=torch.Generator().manual_seed(1))
         advantages = stepwise_advantages(rollout.rewards)
         steps, rows = torch.arange(3).repeat_interleave(B), torch.arange(B).repeat(3)
         loss, _ = grpo_loss(policy, rollout, advantages, steps, rows)
@@ -287,9 +319,9 @@ def test_compiled_rollout_and_loss_agree_with_eager_and_compile_once(compiled):
     eager_rollout, eager_grads = update(eager_policy)
     assert torch.allclose(rollout.final, eager_rollout.final, atol=1e-5)
     assert torch.allclose(rollout.log_probs, eager_rollout.log_probs, atol=1e-5)
-    # per tensor, relative to its norm: SD3's grid ends with a step from sigma 0.001 to 0 whose std is ~1e-3, so
-    # float32 rounding in x_next - mean reaches single gradient entries amplified (measured: 3e-4 of the norm;
-    # Inductor's transposed-input bug was 3-25%)
+    # per tensor, relative to its norm: SD3's grid ends with a step from sigma 0.001 to 0 whose std
+    # is ~1e-3, so float32 rounding in x_next - mean reaches single gradient entries amplified
+    # (measured: 3e-4 of the norm; Inductor's transposed-input bug was 3-25%)
     for grad, eager_grad in zip(grads, eager_grads):
         assert (grad - eager_grad).norm() <= 2e-3 * eager_grad.norm() + 1e-9
 
@@ -306,12 +338,16 @@ def test_micro_batched_rollout_equals_the_full_batch():
         calls.append(x.shape[0])
         return -x.flatten(1).sum(1) * sigma
     chunked_policy = lambda *args: in_chunks(policy, 3, *args)  # noqa: E731
-    chunked_reward = lambda x, sigma, rows: in_chunks(lambda a, b: reward(a, b, rows), 4, x, sigma)  # noqa: E731
-    runs = [sample_rollout(p, torch.randn(B, 1, 16, 16, generator=torch.Generator().manual_seed(0)), cond, uncond,
-                           sigma_schedule(3), noise_level=0.7, cfg_scale=2.0, k=3, reward=r,
-                           generator=torch.Generator().manual_seed(1))
+
+    def chunked_reward(x, sigma, rows):
+        return in_chunks(lambda a, b: reward(a, b, rows), 4, x, sigma)
+    runs = [sample_rollout(p, torch.randn(B, 1, 16, 16, generator=torch.Generator().manual_seed(0)),
+                           cond, uncond, sigma_schedule(3), noise_level=0.7, cfg_scale=2.0, k=3,
+                           reward=r, generator=torch.Generator().manual_seed(1))
             for p, r in ((policy, reward), (chunked_policy, chunked_reward))]
-    # the first two steps scored (the last is not trained), really chunked: 15 candidates, 4 at a time
+    # the first two steps scored (the last is not trained), really chunked: 15 candidates, 4 at a
+    # time
     assert calls[:2] == [15] * 2 and calls[2:6] == [4, 4, 4, 3] and len(calls) == 10
     for name in ("final", "log_probs", "rewards", "chosen"):
-        assert torch.allclose(getattr(runs[0], name).float(), getattr(runs[1], name).float(), atol=1e-5), name
+        assert torch.allclose(getattr(runs[0], name).float(), getattr(runs[1], name).float(),
+                              atol=1e-5), name

@@ -1,4 +1,5 @@
-"""model.py against independent references: hand-computed formulas, public parameter counts, eager code."""
+"""model.py against independent references: hand-computed formulas, public parameter counts, eager
+code."""
 import math
 
 import pytest
@@ -6,11 +7,12 @@ import torch
 import torch.nn.functional as F
 
 from data.world import TextConfig, TextEncoder
-from model import (DiTConfig, add_lora, build_dit, compile_regions, export_state_dict, flow_matching_loss,
-                   timestep_embedding)
+from model import (DiTConfig, add_lora, build_dit, compile_regions, export_state_dict,
+                   flow_matching_loss, timestep_embedding)
 from sample import sample_ode
 
-SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=3, heads=2, context_dim=16,
+SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=3, heads=2,
+                  context_dim=16,
                   pooled_dim=16, pos_embed_max_size=8, qk_norm=True, dual_attention_layers=(0,))
 
 
@@ -58,7 +60,8 @@ def test_flow_matching_target_on_hand_made_tensors():
     # x_sigma = 0.75 x0 + 0.25 noise; target noise - x0 = [-1, 3, -1.5, 1] -> mean square 13.25 / 4
     assert torch.allclose(seen["x"], torch.tensor([[[[0.75, -0.25], [0.125, 0.25]]]]))
     assert losses.item() == pytest.approx((1 + 9 + 2.25 + 1) / 4)
-    oracle = flow_matching_loss(lambda x, s, c, p: noise - x0, x0, None, None, sigma=sigma, noise=noise)[0]
+    oracle = flow_matching_loss(lambda x, s, c, p: noise - x0, x0, None, None, sigma=sigma,
+                                noise=noise)[0]
     assert oracle.item() == 0
 
 
@@ -109,18 +112,21 @@ def test_timestep_embedding_is_cos_then_sin():
 
 
 def test_joint_attention_matches_a_naive_two_stream_reference():
-    """One joint block, recomputed by hand with explicit softmax attention over [context; image] tokens."""
+    """One joint block, recomputed by hand with explicit softmax attention over [context; image]
+    tokens."""
     dit = randomized(build_dit(SMALL))
     block = dit.joint_blocks[1]  # a plain block: no dual attention, context not pre-only
     g = torch.Generator().manual_seed(1)
-    context, x, c = torch.randn(2, 5, 64, generator=g), torch.randn(2, 7, 64, generator=g), torch.randn(2, 64, generator=g)
+    context, x, c = torch.randn(2, 5, 64, generator=g), torch.randn(2, 7, 64,
+        generator=g), torch.randn(2, 64, generator=g)
 
     def stream(sb, h):
         shift1, scale1, gate1, shift2, scale2, gate2 = sb.adaLN_modulation(c).chunk(6, dim=1)
         normed = F.layer_norm(h, (64,), eps=1e-6) * (1 + scale1[:, None]) + shift1[:, None]
         q, k, v = (normed @ sb.attn.qkv.weight.T + sb.attn.qkv.bias).view(2, -1, 3, 2, 32).unbind(2)
         rms = lambda t, w: t / torch.sqrt((t ** 2).mean(-1, keepdim=True) + 1e-6) * w  # noqa: E731
-        return rms(q, sb.attn.ln_q.weight), rms(k, sb.attn.ln_k.weight), v, (shift2, scale2, gate1, gate2)
+        return rms(q, sb.attn.ln_q.weight), rms(k, sb.attn.ln_k.weight), v, (shift2, scale2, gate1,
+                                                                             gate2)
 
     qc, kc, vc, mod_c = stream(block.context_block, context)
     qx, kx, vx, mod_x = stream(block.x_block, x)
@@ -150,12 +156,14 @@ def test_block_structure_pre_only_and_dual_attention():
 
 
 def test_context_tokens_are_an_unordered_set():
-    """No position embedding on the text stream: permuting context tokens must not change the velocity."""
+    """No position embedding on the text stream: permuting context tokens must not change the
+    velocity."""
     dit = randomized(build_dit(SMALL)).eval()
     x, sigma, context, pooled = small_inputs()
     perm = torch.randperm(context.shape[1])
     with torch.no_grad():
-        assert torch.allclose(dit(x, sigma, context, pooled), dit(x, sigma, context[:, perm], pooled), atol=1e-5)
+        assert torch.allclose(dit(x, sigma, context, pooled),
+                              dit(x, sigma, context[:, perm], pooled), atol=1e-5)
 
 
 def test_early_exit_returns_the_hidden_tokens_the_full_forward_uses():
@@ -172,7 +180,8 @@ def test_pos_embed_is_the_centre_crop_of_the_stored_grid():
     dit = build_dit(DiTConfig(**{**SMALL.__dict__, "pos_embed_max_size": 6, "patch_size": 8}))
     grid = torch.arange(36 * 64, dtype=torch.float32).view(1, 36, 64)
     dit.pos_embed.copy_(grid)
-    crop = dit.cropped_pos_embed(2, 4)                                 # rows 2-3, columns 1-4 of the 6x6 grid
+    # rows 2-3, columns 1-4 of the 6x6 grid
+    crop = dit.cropped_pos_embed(2, 4)
     rows = [r * 6 + c for r in (2, 3) for c in (1, 2, 3, 4)]
     assert torch.equal(crop[0], grid[0, rows])
 
@@ -185,19 +194,22 @@ def velocity_and_grads(dit, inputs):
 
 
 def test_compiled_dit_agrees_with_eager_in_forward_and_gradients(compiled):
-    """Every region (plain block, dual-attention block, pre-only last block, final layer) compiled vs eager."""
+    """Every region (plain block, dual-attention block, pre-only last block, final layer) compiled
+    vs eager."""
     dit, inputs = randomized(build_dit(SMALL)), small_inputs()
     eager_velocity, eager_grads = velocity_and_grads(dit, inputs)
     velocity, grads = velocity_and_grads(compile_regions(dit), inputs)
     assert torch.allclose(velocity, eager_velocity, rtol=1e-4, atol=1e-5)
     for name, grad in grads.items():
         assert torch.allclose(grad, eager_grads[name], rtol=1e-3, atol=1e-5), name
-    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # the compiled path really ran
+    # the compiled path really ran
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
 
 
 @pytest.mark.ex1_flow_matching
 def test_compiled_training_loop_compiles_once(compiled):
-    """After the first step, further steps of the same shapes add no graphs and trigger no recompiles."""
+    """After the first step, further steps of the same shapes add no graphs and trigger no
+    recompiles."""
     dit = compile_regions(build_dit(SMALL))
     optimizer = torch.optim.AdamW(dit.parameters(), lr=1e-3)
     x0, _, context, pooled = small_inputs(batch=4)
@@ -224,9 +236,11 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     velocity, grads = velocity_and_grads(dit, inputs)
     dit.grad_checkpointing = True
     recomputed = []
-    hooks = [block.register_forward_pre_hook(lambda *_: recomputed.append(1)) for block in dit.joint_blocks]
+    hooks = [block.register_forward_pre_hook(lambda *_: recomputed.append(1))
+             for block in dit.joint_blocks]
     velocity_ckpt, grads_ckpt = velocity_and_grads(dit, inputs)
-    assert len(recomputed) == 2 * SMALL.depth  # each block ran again in the backward: checkpointing is on
+    # each block ran again in the backward: checkpointing is on
+    assert len(recomputed) == 2 * SMALL.depth
     assert torch.equal(velocity, velocity_ckpt)
     for name, grad in grads.items():
         assert torch.allclose(grad, grads_ckpt[name], rtol=1e-5, atol=1e-7), name
@@ -241,7 +255,8 @@ def test_lora_starts_as_identity_and_trains_only_lora_weights():
         before = dit(x, sigma, context, pooled)
     base = {k: v.clone() for k, v in dit.state_dict().items()}
     loras = add_lora(dit, rank=4, alpha=4.0)
-    assert len(loras) == 3 * 2 * 2 - 1 + 2   # qkv + proj per stream and block, none on the pre-only stream's proj, attn2 in block 0
+    # qkv + proj per stream and block, none on the pre-only stream's proj, attn2 in block 0
+    assert len(loras) == 3 * 2 * 2 - 1 + 2
     trainable = {n for n, p in dit.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     with torch.no_grad():
@@ -254,11 +269,13 @@ def test_lora_starts_as_identity_and_trains_only_lora_weights():
     with torch.no_grad():
         trained = dit(x, sigma, context, pooled)
         assert not torch.allclose(trained, before, atol=1e-4)
-        plain = build_dit(SMALL).eval()  # the LoRA folded into the weights of a plain DiT: the same model
+        # the LoRA folded into the weights of a plain DiT: the same model
+        plain = build_dit(SMALL).eval()
         plain.load_state_dict(export_state_dict(dit))
         assert torch.allclose(plain(x, sigma, context, pooled), trained, atol=1e-5)
         assert torch.equal(dit.state_dict()["joint_blocks.0.x_block.attn.qkv.weight"],
-                           base["joint_blocks.0.x_block.attn.qkv.weight"])  # the LoRA'd model untouched
+                           # the LoRA'd model untouched
+                           base["joint_blocks.0.x_block.attn.qkv.weight"])
 
 
 def test_text_encoder_ignores_padding():
@@ -278,6 +295,8 @@ def test_unpatchify_reads_tokens_in_sd3_patch_order():
     dit = build_dit(SMALL)
     B, C, H, W, p = 2, 1, 16, 12, SMALL.patch_size
     image = torch.randn(B, C, H, W)
-    tokens = torch.stack([torch.stack([image[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p].permute(1, 2, 0).flatten()
-                                       for i in range(H // p) for j in range(W // p)]) for b in range(B)])
+    tokens = torch.stack([torch.stack([image[b, :, i * p:(i + 1) * p,
+                                             j * p:(j + 1) * p].permute(1, 2, 0).flatten()
+                                       for i in range(H // p) for j in range(W // p)])
+                                       for b in range(B)])
     assert torch.equal(dit.unpatchify(tokens, H, W), image)

@@ -1,4 +1,5 @@
-"""The DRM: its loss, its relation to the DiT it is cut from, that it learns, and its input checks."""
+"""The DRM: its loss, its relation to the DiT it is cut from, that it learns, and its input
+checks."""
 import json
 import math
 import os
@@ -14,8 +15,8 @@ from model import DiTConfig, build_dit
 from reward import DRM, bradley_terry_loss, read_drm, save_drm
 from rivals.reward import thurstone_loss
 
-SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=4, heads=2, context_dim=16,
-                  pooled_dim=16, pos_embed_max_size=4, qk_norm=True)
+SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=4, heads=2,
+                  context_dim=16, pooled_dim=16, pos_embed_max_size=4, qk_norm=True)
 
 
 def inputs(batch=4, seed=0):
@@ -27,7 +28,8 @@ def inputs(batch=4, seed=0):
 @pytest.mark.ex2_drm
 def test_bradley_terry_loss_by_hand():
     win, lose = torch.tensor([2.0, -1.0, 0.0, 5.0]), torch.tensor([1.0, 1.0, 0.0, -3.0])
-    expected = torch.tensor([math.log(1 + math.exp(-(w - l))) for w, l in zip(win.tolist(), lose.tolist())])
+    expected = torch.tensor([math.log(1 + math.exp(-(w - l))) for w,
+                             l in zip(win.tolist(), lose.tolist())])
     assert torch.allclose(bradley_terry_loss(win, lose), expected, atol=1e-6)
 
 
@@ -42,7 +44,8 @@ def test_drm_reproduces_the_dits_hidden_tokens():
         ours, c_ours = drm.hidden_tokens(x, sigma, context, pooled)
         theirs, c_theirs = dit.features(x, sigma, context, pooled, num_blocks=SMALL.depth - 1)
     assert torch.equal(ours, theirs) and torch.equal(c_ours, c_theirs)
-    assert drm.backbone.x_embedder.proj.weight.data_ptr() != dit.x_embedder.proj.weight.data_ptr()  # a copy
+    # a copy
+    assert drm.backbone.x_embedder.proj.weight.data_ptr() != dit.x_embedder.proj.weight.data_ptr()
 
 
 @pytest.mark.ex2_drm
@@ -60,7 +63,8 @@ def test_gradients_reach_backbone_and_head():
 @pytest.mark.ex2_drm
 @pytest.mark.parametrize("loss_name", ["bt", "thurstone"])
 def test_drm_learns_a_separable_pair_set(loss_name):
-    """Winners are bright squares, losers dark ones: a few steps reach 100% at low noise, with either loss."""
+    """Winners are bright squares, losers dark ones: a few steps reach 100% at low noise, with
+    either loss."""
     torch.manual_seed(0)
     drm = DRM.from_scratch(SMALL, drop_last=2).train()
     n = 32
@@ -71,18 +75,19 @@ def test_drm_learns_a_separable_pair_set(loss_name):
     optimizer = torch.optim.AdamW(drm.parameters(), lr=1e-3)
     for _ in range(40):
         sigma = torch.rand(n) * 0.5
-        rewards = drm(torch.cat([winners, losers]), torch.cat([sigma, sigma]), torch.cat([context] * 2),
-                      torch.cat([pooled] * 2))
+        rewards = drm(torch.cat([winners, losers]), torch.cat([sigma, sigma]),
+                      torch.cat([context] * 2), torch.cat([pooled] * 2))
         win, lose = rewards.chunk(2)
-        loss = (bradley_terry_loss(win, lose) if loss_name == "bt" else thurstone_loss(win, lose, sigma)).mean()
+        loss = (bradley_terry_loss(win, lose) if loss_name == "bt"
+                else thurstone_loss(win, lose, sigma)).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     drm.eval()
     with torch.no_grad():
         sigma = torch.full((n,), 0.25)
-        win, lose = drm(torch.cat([winners, losers]), torch.cat([sigma, sigma]), torch.cat([context] * 2),
-                        torch.cat([pooled] * 2)).chunk(2)
+        win, lose = drm(torch.cat([winners, losers]), torch.cat([sigma, sigma]),
+                        torch.cat([context] * 2), torch.cat([pooled] * 2)).chunk(2)
     assert (win > lose).all()
 
 
@@ -122,13 +127,15 @@ def test_bad_flag_values_are_refused_before_work():
 
 @pytest.mark.ex2_drm
 def test_token_head_scores_the_mean_hidden_token_and_survives_a_checkpoint(tmp_path):
-    """The head ablation: LayerNorm and MLP on the mean of the last kept block's image tokens, no final layer."""
+    """The head ablation: LayerNorm and MLP on the mean of the last kept block's image tokens, no
+    final layer."""
     drm = DRM.from_scratch(SMALL, drop_last=1, head="token").eval()
     x, sigma, context, pooled = inputs()
     with torch.no_grad():
         tokens, _ = drm.hidden_tokens(x, sigma, context, pooled)
         mean = tokens.mean(1)
-        normed = (mean - mean.mean(1, keepdim=True)) / torch.sqrt(mean.var(1, unbiased=False, keepdim=True) + 1e-5)
+        normed = (mean - mean.mean(1, keepdim=True)) / torch.sqrt(mean.var(1, unbiased=False,
+                                                                           keepdim=True) + 1e-5)
         expected = drm.head.mlp(normed * drm.head.norm.weight + drm.head.norm.bias).squeeze(1)
         assert torch.allclose(drm(x, sigma, context, pooled), expected, atol=1e-5)
     save_drm(str(tmp_path / "drm.safetensors"), drm, step=1, meta={})
@@ -136,7 +143,8 @@ def test_token_head_scores_the_mean_hidden_token_and_survives_a_checkpoint(tmp_p
     assert meta["head"] == "token" and isinstance(again.head, type(drm.head))
     with torch.no_grad():
         assert torch.equal(again(x, sigma, context, pooled), drm(x, sigma, context, pooled))
-    with pytest.raises(ValueError, match="head=.mlp.: choose one of conv, 2BConvGN, 7BConvGN, token"):
+    with pytest.raises(ValueError,
+                       match="head=.mlp.: choose one of conv, 2BConvGN, 7BConvGN, token"):
         DRM.from_scratch(SMALL, head="mlp")
 
 
@@ -145,13 +153,16 @@ def test_training_sigma_follows_the_chosen_density():
     logit = torch.logit(train_reward.training_sigma("logit_normal", 20000, "cpu"))
     assert abs(logit.mean()) < 0.03 and abs(logit.std() - 1) < 0.03      # sigmoid of N(0, 1), SD3's
     uniform = train_reward.training_sigma("uniform", 20000, "cpu")
-    assert 0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.01 and abs(uniform.var() - 1 / 12) < 0.003
+    assert (0 <= uniform.min() and uniform.max() < 1 and abs(uniform.mean() - 0.5) < 0.01
+            and abs(uniform.var() - 1 / 12) < 0.003)
     assert torch.equal(train_reward.training_sigma("zero", 5, "cpu"), torch.zeros(5))
 
 
 def test_hpdv3_fields_and_the_confidence_threshold(tmp_path):
-    """HPDv3's records may give choice_dist (votes for path1, path2) in place of confidence and name the two models;
-    --min_confidence drops the training pairs below it, as the DRM repository's loader does, and no test pair."""
+    """HPDv3's records may give choice_dist (votes for path1, path2) in place of confidence and name
+    the two models;
+    --min_confidence drops the training pairs below it, as the DRM repository's loader does, and no
+    test pair."""
     from data.toy import ToyBase
     lines = [{**GOOD, "confidence": 0.97, "model1": "sd3", "model2": "flux"},
              {k: v for k, v in GOOD.items() if k != "confidence"} | {"choice_dist": [3, 1]},
@@ -161,17 +172,21 @@ def test_hpdv3_fields_and_the_confidence_threshold(tmp_path):
     pairs = read_pairs(path)
     assert [p["confidence"] for p in pairs] == [0.97, 0.75, 1.0, 0.96]
     assert (pairs[0]["model1"], pairs[0]["model2"], pairs[1]["model1"]) == ("sd3", "flux", None)
-    (tmp_path / "test.jsonl").write_text("".join(json.dumps({**line, "gold": [0.1, 0.0]}) + "\n" for line in lines))
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps({**line, "gold": [0.1, 0.0]}) + "\n"
+                                                 for line in lines))
     base = ToyBase.load("data/base.safetensors", "cpu")
     cfg = train_reward.Config(prefs=str(tmp_path), min_confidence=0.965)
-    assert len(train_reward.load_split(cfg, "train", base, base.text, "cpu").winners) == 2  # 0.97 and 1.0 (none given)
+    # 0.97 and 1.0 (none given)
+    assert len(train_reward.load_split(cfg, "train", base, base.text, "cpu").winners) == 2
     assert len(train_reward.load_split(cfg, "test", base, base.text, "cpu").winners) == 4
     write_prefs(tmp_path, [lines[0], lines[3]])
     with pytest.raises(UserError, match="--min_confidence=0.99 leaves none of the 2 pairs"):
-        train_reward.load_split(train_reward.Config(prefs=str(tmp_path), min_confidence=0.99), "train", base, base.text,
-                                "cpu")
-    for bad, says in (([3], "choice_dist \\[3\\] is not two vote counts"), ([0, 0], "is not two vote counts")):
-        write_prefs(tmp_path, [{k: v for k, v in GOOD.items() if k != "confidence"} | {"choice_dist": bad}])
+        train_reward.load_split(train_reward.Config(prefs=str(tmp_path), min_confidence=0.99),
+                                "train", base, base.text, "cpu")
+    for bad, says in (([3], "choice_dist \\[3\\] is not two vote counts"),
+                      ([0, 0], "is not two vote counts")):
+        write_prefs(tmp_path,
+                    [{k: v for k, v in GOOD.items() if k != "confidence"} | {"choice_dist": bad}])
         with pytest.raises(UserError, match=says):
             read_pairs(path)
     write_prefs(tmp_path, [{**GOOD, "model1": 7}])

@@ -1,7 +1,7 @@
 """The rivals of issue 19 on the one SDE-candidate core: tree rollouts and SDE windows (training),
-particle search and pruned best-of-N (sampling), the Thurstone loss and the noise ensemble (the DRM).
-Each against an independent reference: numbers by hand, a reference's formula written out from its
-code, a plain Euler loop, or a property that must hold."""
+particle search and pruned best-of-N (sampling), the Thurstone loss and the noise ensemble (the
+DRM). Each against an independent reference: numbers by hand, a reference's formula written out from
+its code, a plain Euler loop, or a property that must hold."""
 import json
 import math
 
@@ -23,7 +23,8 @@ from rivals.search import prune_sample, smc_sample
 from sde import sigma_schedule
 from test_sample import Recorder
 
-TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
+TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step,
+            pytest.mark.ex4_grpo]
 
 # -----------------------------------------------------------------------------
 # A. Tree rollouts
@@ -31,15 +32,16 @@ TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_
 
 @pytest.mark.ex4_grpo
 def test_tree_advantages_by_hand():
-    """One root, splits at steps 1 and 3 of 5, two children each: leaves (a, b) under the first child,
-    (c, d) under the second, rewards 1, 3, 2, 6."""
+    """One root, splits at steps 1 and 3 of 5, two children each: leaves (a, b) under the first
+    child, (c, d) under the second, rewards 1, 3, 2, 6."""
     rewards = torch.tensor([1.0, 3.0, 2.0, 6.0], dtype=torch.float64)
     eps = 1e-4
     # level 1: the children's values are their leaves' means, 2 and 4: mean 3, population std 1
     first = 1 / (1 + eps)
     # level 2: siblings (1, 3): std 1; siblings (2, 6): std 2
     second = [-1 / (1 + eps), 1 / (1 + eps), -2 / (2 + eps), 2 / (2 + eps)]
-    expected = torch.tensor([[0.0] * 4,                                   # before the first split: one node
+    # before the first split: one node
+    expected = torch.tensor([[0.0] * 4,
                              [-first, -first, first, first], [-first, -first, first, first],
                              second, second], dtype=torch.float64)
     advantages = tree_advantages(rewards, (1, 3), 2, T=5, by="siblings")
@@ -49,9 +51,9 @@ def test_tree_advantages_by_hand():
 
 @pytest.mark.ex4_grpo
 def test_tree_advantages_by_depth_are_branchgrpos():
-    """BranchGRPO's compute_hierarchical_advantages_by_depth (fastvideo/train_branchgrpo_flux.py), written
-    out: all of a tree's nodes at one depth together, torch's std (ddof 1), zero when std < 1e-6, else
-    (r - mean) / (std + 1e-8); the default."""
+    """BranchGRPO's compute_hierarchical_advantages_by_depth (fastvideo/train_branchgrpo_flux.py),
+    written out: all of a tree's nodes at one depth together, torch's std (ddof 1), zero when std <
+    1e-6, else (r - mean) / (std + 1e-8); the default."""
     torch.manual_seed(0)
     rewards = torch.randn(2 * 8, dtype=torch.float64)                  # 2 roots, 3 splits of 2
     ours = tree_advantages(rewards, (0, 2, 4), 2, T=6).squeeze(-1)
@@ -60,13 +62,16 @@ def test_tree_advantages_by_depth_are_branchgrpos():
         for depth, step in zip((1, 2, 3), (0, 2, 4)):
             nodes = leaves.view(2 ** depth, -1).mean(1)
             std = nodes.std()
-            branchgrpo = torch.zeros_like(nodes) if std < 1e-6 else (nodes - nodes.mean()) / (std + 1e-8)
+            branchgrpo = (torch.zeros_like(nodes) if std < 1e-6
+                          else (nodes - nodes.mean()) / (std + 1e-8))
             n = len(nodes)
             mine = ours[step, root * 8:(root + 1) * 8].view(n, -1)
             assert torch.equal(mine, mine[:, :1].expand_as(mine))          # one value per node
             assert torch.allclose(mine[:, 0], branchgrpo, rtol=1e-12, atol=0)
-    same = torch.zeros(8, dtype=torch.float64)                           # equal leaves: 0, not 0 / 0
-    assert torch.equal(tree_advantages(same, (0, 2, 4), 2, T=6), torch.zeros(6, 8, 1, dtype=torch.float64))
+    # equal leaves: 0, not 0 / 0
+    same = torch.zeros(8, dtype=torch.float64)
+    assert torch.equal(tree_advantages(same, (0, 2, 4), 2, T=6),
+                       torch.zeros(6, 8, 1, dtype=torch.float64))
 
 
 @pytest.mark.ex3_sde_step
@@ -77,27 +82,33 @@ def test_tree_rollout_shares_prefixes_trains_each_edge_once_and_replays(cfg_scal
     cond, uncond = prompts(roots, 1), prompts(roots, 2)
     noise = torch.randn(roots, 1, 16, 16)
     tree = sample_tree(policy, noise, cond, uncond, sigma_schedule(T), split_steps=(1, 3), branch=2,
-                       noise_level=0.7, cfg_scale=cfg_scale, generator=torch.Generator().manual_seed(0))
+                       noise_level=0.7, cfg_scale=cfg_scale,
+                       generator=torch.Generator().manual_seed(0))
     L = roots * 4
     assert tree.states.shape[:2] == (T, L) and tree.candidates.shape[:3] == (T, L, 1)
     assert torch.equal(tree.states[0], noise.repeat_interleave(4, 0))
-    nodes, children = [1, 1, 2, 2, 4], [1, 2, 2, 4, 4]                  # a root's states, and edges, a step
+    # a root's states, and edges, a step
+    nodes, children = [1, 1, 2, 2, 4], [1, 2, 2, 4, 4]
     for t in range(T):
-        distinct = [torch.unique(tree.states[t, r * 4:(r + 1) * 4].flatten(1), dim=0) for r in range(roots)]
+        distinct = [torch.unique(tree.states[t, r * 4:(r + 1) * 4].flatten(1), dim=0)
+                    for r in range(roots)]
         assert [len(d) for d in distinct] == [nodes[t]] * roots
         nxt = tree.states[t + 1] if t < T - 1 else tree.final
         assert torch.equal(tree.candidates[t, :, 0], nxt)
-    # every edge from the first split on is trained once: a root has 2 + 2 + 4 children at steps 1..3; the last
-    # step's 4 are sampled, not trained
-    assert tree.trained[0].sum() == tree.trained[T - 1].sum() == 0 and tree.trained.sum() == roots * 8
+    # every edge from the first split on is trained once: a root has 2 + 2 + 4 children at steps
+    # 1..3; the last step's 4 are sampled, not trained
+    assert (tree.trained[0].sum() == tree.trained[T - 1].sum() == 0
+            and tree.trained.sum() == roots * 8)
     for t in range(1, T - 1):
         edges = tree.candidates[t, tree.trained[t], 0].flatten(1)
         assert len(torch.unique(edges, dim=0)) == len(edges) == roots * children[t]
     assert tree.nfe == roots * sum(nodes) * (2 if cfg_scale != 1 else 1)
     step_ids, rows = tree.trained.nonzero(as_tuple=True)
     _, stats = grpo_loss(policy, tree, torch.randn(T, L, 1), step_ids, rows)
-    assert stats["ratio_max_deviation"].item() < 1e-5                    # the stored log-probs replay
-    assert torch.equal(tree.cond[0], cond[0].repeat_interleave(4, 0))    # each leaf keeps its root's prompt
+    # the stored log-probs replay
+    assert stats["ratio_max_deviation"].item() < 1e-5
+    # each leaf keeps its root's prompt
+    assert torch.equal(tree.cond[0], cond[0].repeat_interleave(4, 0))
 
 
 @pytest.mark.ex4_grpo
@@ -105,7 +116,8 @@ def test_credit_advantages_slice_a_ranks_trees():
     rewards = torch.randn(16)
     tree = type("Rollout", (), {"states": torch.zeros(6, 8)})()
     whole = tree_advantages(rewards, (0, 3), 2, T=6)
-    mine = CREDIT["tree"].advantages(tree, rewards, Settings(split_steps=(0, 3), branch=2), slice(8, 16))
+    mine = CREDIT["tree"].advantages(tree, rewards, Settings(split_steps=(0, 3), branch=2),
+                                     slice(8, 16))
     assert torch.equal(mine, whole[:, 8:16])
 
 # -----------------------------------------------------------------------------
@@ -115,7 +127,8 @@ def test_credit_advantages_slice_a_ranks_trees():
 def euler(policy, x, sigmas, steps, cond, uncond, cfg_scale):
     """A plain Euler loop over the given step indices: the reference path outside a window."""
     for i in steps:
-        x = x + (sigmas[i + 1] - sigmas[i]) * guided_velocity(policy, x, sigmas[i], cond, uncond, cfg_scale)
+        x = x + (sigmas[i + 1] - sigmas[i]) * guided_velocity(policy, x, sigmas[i], cond, uncond,
+                                                              cfg_scale)
     return x
 
 
@@ -125,26 +138,35 @@ def test_a_window_is_the_ode_path_outside_it_and_scores_only_inside():
     cond, uncond = prompts(B, 1), prompts(B, 2)
     noise, sigmas = torch.randn(B, 1, 16, 16), sigma_schedule(T)
     scored = []
-    reward = lambda x, sigma, rows: scored.append(sigma[0].item()) or x.mean((1, 2, 3))  # noqa: E731
-    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0, k=k,
-                             reward=reward, window=(2, 4), generator=torch.Generator().manual_seed(0))
+
+    def reward(x, sigma, rows):
+        return scored.append(sigma[0].item()) or x.mean((1, 2, 3))
+    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0,
+                             k=k, reward=reward, window=(2, 4),
+                             generator=torch.Generator().manual_seed(0))
     assert torch.equal(rollout.states[2], euler(policy, noise, sigmas, range(2), cond, uncond, 2.0))
-    assert torch.equal(rollout.final, euler(policy, rollout.states[4], sigmas, range(4, 6), cond, uncond, 2.0))
-    assert not torch.equal(rollout.states[3], euler(policy, rollout.states[2], sigmas, [2], cond, uncond, 2.0))
-    assert scored == [sigmas[3].item(), sigmas[4].item()]                 # the DRM only inside the window
+    assert torch.equal(rollout.final,
+                       euler(policy, rollout.states[4], sigmas, range(4, 6), cond, uncond, 2.0))
+    assert not torch.equal(rollout.states[3],
+                           euler(policy, rollout.states[2], sigmas, [2], cond, uncond, 2.0))
+    # the DRM only inside the window
+    assert scored == [sigmas[3].item(), sigmas[4].item()]
     assert rollout.trained.tolist() == [[t in (2, 3)] * B for t in range(T)]
     assert (rollout.rewards[[0, 1, 4, 5]] == 0).all() and rollout.nfe == B * T * 2
 
 
 @pytest.mark.parametrize("credit, window, splits, last", [
     pytest.param("stepwise", "1:3", "", False, marks=TRAINING),
-    pytest.param("sparse", "2:4", "", False, marks=TRAINING),              # the last step (3) left out
-    pytest.param("sparse", "2:4", "", True, marks=TRAINING),               # --train_last_step: steps 2 and 3
+    # the last step (3) left out
+    pytest.param("sparse", "2:4", "", False, marks=TRAINING),
+    # --train_last_step: steps 2 and 3
+    pytest.param("sparse", "2:4", "", True, marks=TRAINING),
     pytest.param("cosine", "0:2", "", False, marks=TRAINING),
     pytest.param("tree", "1:4", "1,2", False, marks=TRAINING)])
-def test_a_window_trains_exactly_the_steps_inside_it(credit, window, splits, last, tmp_path, monkeypatch):
-    """The real training loop, its loss spied on: every pair it trains lies in the window (less the last
-    step unless --train_last_step), each once."""
+def test_a_window_trains_exactly_the_steps_inside_it(credit, window, splits, last, tmp_path,
+                                                     monkeypatch):
+    """The real training loop, its loss spied on: every pair it trains lies in the window (less the
+    last step unless --train_last_step), each once."""
     seen = []
 
     def spy(policy, rollout, advantages, step_ids, rows, **settings):
@@ -152,15 +174,18 @@ def test_a_window_trains_exactly_the_steps_inside_it(credit, window, splits, las
         return grpo_loss(policy, rollout, advantages, step_ids, rows, **settings)
     monkeypatch.setattr(train_policy, "grpo_loss", spy)
     a, b = map(int, window.split(":"))
-    args = ["--steps=4", "--trajectories=8", "--k=2", "--per_prompt=4", "--updates=1", "--eval_every=1",
-            "--eval_per_prompt=1", "--eval_steps=2", f"--credit={credit}", f"--sde_window={window}",
-            f"--split_steps={splits or '0'}", f"--train_last_step={last}", f"--out_dir={tmp_path}"]
+    args = ["--steps=4", "--trajectories=8", "--k=2", "--per_prompt=4", "--updates=1",
+            "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2", f"--credit={credit}",
+            f"--sde_window={window}", f"--split_steps={splits or '0'}", f"--train_last_step={last}",
+            f"--out_dir={tmp_path}"]
     run_main(train_policy.main, train_policy.Config, args)
     steps = [t for t in range(a, b) if t < 3 or last]
     assert len(seen) == len(set(seen)) and {t for t, _ in seen} <= set(steps)
     if credit != "tree":
         assert sorted(seen) == [(t, r) for t in steps for r in range(8)]
-    else:  # 2 roots, splits at 1 and 2: children at steps 1, 2 = 2 + 4 a root (step 3, the last, untrained)
+    else:
+        # 2 roots, splits at 1 and 2: children at steps 1, 2 = 2 + 4 a root (step 3, the last,
+        # untrained)
         assert len(seen) == 2 * 6
 
 # -----------------------------------------------------------------------------
@@ -177,26 +202,34 @@ def mean_pixel(x, sigma, context, pooled):
 
 @pytest.mark.ex3_sde_step
 @pytest.mark.parametrize("potential", ["diff", "max"])
-def test_smc_with_a_constant_potential_and_the_ess_test_never_resamples_and_is_plain_sde_sampling(potential):
+def test_smc_with_a_constant_potential_and_the_ess_test_never_resamples_and_is_plain_sde_sampling(
+        potential):
     N, P, steps = 2, 3, 4
     policy, cond, uncond = random_dit(), prompts(N, 1), prompts(N, 2)
     noise = torch.randn(N * P, 1, 16, 16)
-    ours, counts = smc_sample(policy, noise, cond, uncond, constant, cond, particles=P, steps=steps, cfg_scale=2.0,
-                              potential=potential, adaptive=True, generator=torch.Generator().manual_seed(0))
+    ours, counts = smc_sample(policy, noise, cond, uncond, constant, cond, particles=P, steps=steps,
+                              cfg_scale=2.0, potential=potential, adaptive=True,
+                              generator=torch.Generator().manual_seed(0))
     owners = torch.arange(N).repeat_interleave(P)
-    plain, _ = stepwise_sample(policy, noise, take(cond, owners), take(uncond, owners), steps=steps, k=1, noise_level=0.7,
+    plain, _ = stepwise_sample(policy, noise, take(cond, owners), take(uncond, owners), steps=steps,
+                               k=1, noise_level=0.7,
                                cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
     assert counts["resampled"] == 0
-    assert torch.equal(ours, plain.view(N, P, 1, 16, 16)[:, 0])          # equal weights: the first particle
-    _, counts = smc_sample(policy, noise, cond, uncond, constant, cond, particles=P, steps=steps, cfg_scale=2.0,
-                           potential=potential, generator=torch.Generator().manual_seed(0))
-    assert counts["resampled"] == N * 2   # FK's schedule resamples steps 1 and 2 regardless; the last asks the ESS
+    # equal weights: the first particle
+    assert torch.equal(ours, plain.view(N, P, 1, 16, 16)[:, 0])
+    _, counts = smc_sample(policy, noise, cond, uncond, constant, cond, particles=P, steps=steps,
+                           cfg_scale=2.0, potential=potential,
+                           generator=torch.Generator().manual_seed(0))
+    # FK's schedule resamples steps 1 and 2 regardless; the last asks the ESS
+    assert counts["resampled"] == N * 2
 
 
 def test_smc_resamples_on_fk_steerings_interval():
-    """fkd_class.py's rule: np.arange(resampling_t_start, resampling_t_end + 1, resample_frequency) and the last step;
-    its launch scripts' settings, and ours scaled to 20 steps; on a hand-made run, the DRM scores those steps alone."""
-    fk = lambda steps, every, start, end: sorted(set(range(start, end + 1, every)) | {steps - 1})  # noqa: E731
+    """fkd_class.py's rule: np.arange(resampling_t_start, resampling_t_end + 1, resample_frequency)
+    and the last step; its launch scripts' settings, and ours scaled to 20 steps; on a hand-made
+    run, the DRM scores those steps alone."""
+    def fk(steps, every, start, end):
+        return sorted(set(range(start, end + 1, every)) | {steps - 1})
     from rivals.search import resampling_steps
     for settings in ((100, 5, 5, 30), (100, 20, 20, 80), (20, 1, 1, 6), (20, 4, 4, 16)):
         assert resampling_steps(*settings) == fk(*settings)
@@ -207,9 +240,11 @@ def test_smc_resamples_on_fk_steerings_interval():
     def drm(x, sigma, context, pooled):
         seen.append(sigma[0].item())
         return x.flatten(1).mean(1)
-    smc_sample(random_dit(), torch.randn(N * P, 1, 16, 16), cond, None, drm, cond, particles=P, steps=steps,
-               score="noisy", schedule=(2, 1, 5), generator=torch.Generator().manual_seed(0))
-    assert seen == [sigmas[i + 1].item() for i in (1, 3, 5, 7)] + [0.0]   # then the final favourite at sigma 0
+    smc_sample(random_dit(), torch.randn(N * P, 1, 16, 16), cond, None, drm, cond, particles=P,
+               steps=steps, score="noisy", schedule=(2, 1, 5),
+               generator=torch.Generator().manual_seed(0))
+    # then the final favourite at sigma 0
+    assert seen == [sigmas[i + 1].item() for i in (1, 3, 5, 7)] + [0.0]
 
 
 @pytest.mark.ex3_sde_step
@@ -219,12 +254,15 @@ def test_smc_with_one_dominant_particle_keeps_only_its_copies(potential):
     drm = Recorder(mean_pixel)
     cond = prompts(N)
     noise = torch.randn(N * P, 1, 16, 16)
-    noise[::P] += 10                                                      # particle 0 of each image: far ahead
-    smc_sample(random_dit(), noise, cond, None, drm, cond, particles=P, steps=3, potential=potential,
-               generator=torch.Generator().manual_seed(0))
+    # particle 0 of each image: far ahead
+    noise[::P] += 10
+    smc_sample(random_dit(), noise, cond, None, drm, cond, particles=P, steps=3,
+               potential=potential, generator=torch.Generator().manual_seed(0))
     first, second = drm.inputs[0].flatten(1).mean(1), drm.inputs[1].flatten(1).mean(1)
-    assert (first > 5).sum() == N                                         # before: one leader an image
-    assert (second > 5).all()                                             # after resampling: its copies only
+    # before: one leader an image
+    assert (first > 5).sum() == N
+    # after resampling: its copies only
+    assert (second > 5).all()
 
 
 @pytest.mark.ex3_sde_step
@@ -232,20 +270,24 @@ def test_pruning_keeps_the_trajectory_the_drm_prefers():
     N, P, steps = 2, 4, 6
     policy, cond, uncond = random_dit(), prompts(N, 1), prompts(N, 2)
     noise = torch.randn(N * P, 1, 16, 16)
-    noise[2::P] += 3                                                       # the DRM will prefer particle 2
-    ours, counts = prune_sample(policy, noise, cond, uncond, mean_pixel, cond, particles=P, steps=steps,
-                                cfg_scale=2.0, prune_at=(0.7,), keep=0.25)
+    # the DRM will prefer particle 2
+    noise[2::P] += 3
+    ours, counts = prune_sample(policy, noise, cond, uncond, mean_pixel, cond, particles=P,
+                                steps=steps, cfg_scale=2.0, prune_at=(0.7,), keep=0.25)
     owners = torch.arange(N).repeat_interleave(P)
-    ode = sample_ode(policy, noise, take(cond, owners), take(uncond, owners), steps=steps, cfg_scale=2.0)
+    ode = sample_ode(policy, noise, take(cond, owners), take(uncond, owners), steps=steps,
+                     cfg_scale=2.0)
     assert torch.allclose(ours, ode.view(N, P, 1, 16, 16)[:, 2], atol=1e-5)
-    assert counts["drm_calls"] == N * P                                   # one survivor: no final pick
+    # one survivor: no final pick
+    assert counts["drm_calls"] == N * P
 
 
 @pytest.mark.ex3_sde_step
 @pytest.mark.parametrize("method, settings", [
-    ("smc", dict(particles=3, schedule=(2, 0, 3))), ("smc", dict(particles=2, potential="max", score="noisy")),
-    ("prune", dict(particles=4, prune_at=(0.8, 0.4), keep=0.5)), ("prune", dict(particles=3, prune_at=(0.5,), keep=0.7)),
-    ("best_of", dict(n=3))])
+    ("smc", dict(particles=3, schedule=(2, 0, 3))),
+    ("smc", dict(particles=2, potential="max", score="noisy")),
+    ("prune", dict(particles=4, prune_at=(0.8, 0.4), keep=0.5)),
+    ("prune", dict(particles=3, prune_at=(0.5,), keep=0.7)), ("best_of", dict(n=3))])
 def test_search_counters_match_the_calls_made(method, settings):
     N, steps = 2, 5
     policy, drm = Recorder(random_dit()), Recorder(mean_pixel)
@@ -253,8 +295,8 @@ def test_search_counters_match_the_calls_made(method, settings):
     width = settings.get("particles", settings.get("n"))
     sampler = {"smc": smc_sample, "prune": prune_sample, "best_of": best_of_n}[method]
     extra = dict(generator=torch.Generator().manual_seed(0)) if method == "smc" else {}
-    final, counts = sampler(policy, torch.randn(N * width, 1, 16, 16), cond, uncond, drm, cond, steps=steps,
-                            cfg_scale=2.0, **settings, **extra)
+    final, counts = sampler(policy, torch.randn(N * width, 1, 16, 16), cond, uncond, drm, cond,
+                            steps=steps, cfg_scale=2.0, **settings, **extra)
     assert final.shape == (N, 1, 16, 16)
     assert counts["nfe"] == policy.passes and counts["drm_calls"] == drm.passes
 
@@ -263,10 +305,12 @@ def test_search_counters_match_the_calls_made(method, settings):
 
 
 def test_thurstone_loss_is_dina_lrms():
-    """diffusion_rm/train/engine.py's compute_loss, model_type "thurstone", written out per pair with
-    math.erf: var = 2 sigma^2 + 0.05, p = Phi((s_c - s_r) / sqrt(var + var + 1e-6)), loss 1 - sqrt(p + 1e-6)."""
+    """diffusion_rm/train/engine.py's compute_loss, model_type "thurstone", written out per pair
+    with math.erf: var = 2 sigma^2 + 0.05, p = Phi((s_c - s_r) / sqrt(var + var + 1e-6)), loss 1 -
+    sqrt(p + 1e-6)."""
     torch.manual_seed(0)
-    win, lose, sigma = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64), torch.rand(16, dtype=torch.float64)
+    win, lose, sigma = torch.randn(16, dtype=torch.float64), torch.randn(16,
+        dtype=torch.float64), torch.rand(16, dtype=torch.float64)
     ours = thurstone_loss(win, lose, sigma)
     for i in range(16):
         var = 2.0 * sigma[i].item() ** 2 + 0.05
@@ -275,7 +319,8 @@ def test_thurstone_loss_is_dina_lrms():
         assert ours[i].item() == pytest.approx(1 - math.sqrt(p + 1e-6), abs=1e-12)
     margin = torch.tensor([0.5, 0.5])
     low, high = thurstone_loss(margin, torch.zeros(2), torch.tensor([0.1, 0.9]))
-    assert high > low                                     # the same margin is less sure at higher noise
+    # the same margin is less sure at higher noise
+    assert high > low
 
 
 def test_noise_ensemble_carries_states_forward_by_the_flow_and_averages():
@@ -306,36 +351,41 @@ def policy_config(*args):
 @pytest.mark.ex2_drm
 @pytest.mark.ex3_sde_step
 def test_two_credit_modes_draw_the_same_prompts_and_initial_noise():
-    """Common random numbers: with one seed, stepwise and sparse credit start each update from the same prompts and
-    noises, a tree grows its prompt's leaves from the same first noise; the next update draws anew."""
+    """Common random numbers: with one seed, stepwise and sparse credit start each update from the
+    same prompts and noises, a tree grows its prompt's leaves from the same first noise; the next
+    update draws anew."""
     from base import load_base
     from common import Ranks
     base = load_base(policy_config(), torch.device("cpu"))
     drm, drm_text, _ = base.load_drm("data/drm.safetensors", "cpu")
     prompts = base.train_prompts("")
     starts = {}
-    for name, args in (("stepwise", ["--credit=stepwise", "--k=2"]), ("sparse", ["--credit=sparse"]),
-                       ("tree", ["--credit=tree", "--split_steps=0", "--trajectories=2", "--per_prompt=2"])):
-        cfg = policy_config(*args, "--steps=2", "--trajectories=8", "--per_prompt=4") if name != "tree" else \
+    for name, args in (("stepwise", ["--credit=stepwise", "--k=2"]),
+                       ("sparse", ["--credit=sparse"]),
+                       ("tree", ["--credit=tree", "--split_steps=0", "--trajectories=2",
+                                 "--per_prompt=2"])):
+        cfg = policy_config(*args, "--steps=2", "--trajectories=8",
+                            "--per_prompt=4") if name != "tree" else \
             policy_config(*args, "--steps=2")
         for update in (1, 2):
             models = train_ops.Models(base.dit, base.dit, None, drm, drm_text, None)
-            rollout, _, _ = train_policy.rollout(cfg, models, base, prompts, train_ops.streams(0, update), Ranks(),
-                                                 step=update)
+            rollout, _, _ = train_policy.rollout(cfg, models, base, prompts,
+                                                 train_ops.streams(0, update), Ranks(), step=update)
             starts[name, update] = rollout.states[0], rollout.cond[0]
     for update in (1, 2):
         (noise, context), (noise2, context2) = starts["stepwise", update], starts["sparse", update]
         assert torch.equal(noise, noise2) and torch.equal(context, context2)
-        tree_noise, tree_context = starts["tree", update]                    # one prompt, 2 leaves from one root
+        # one prompt, 2 leaves from one root
+        tree_noise, tree_context = starts["tree", update]
         assert torch.equal(tree_noise[0], noise[0]) and torch.equal(tree_context[0], context[0])
     assert not torch.equal(starts["sparse", 1][0], starts["sparse", 2][0])
     assert train_ops.streams(0, 3).sde.initial_seed() != train_ops.streams(1, 3).sde.initial_seed()
 
 
 def test_windows_are_flow_grpo_fasts_and_mixgrpos():
-    """random:3 (Flow-GRPO-Fast's sd3_pipeline_with_logprob_fast.py: start = randint(0, num_steps // 2 - size),
-    inclusive) and slide:2:3 (MixGRPO's grpo_states.py: the start moves one step every 3 updates, the window cut at
-    steps - 2, back to 0 past it), on 10 steps."""
+    """random:3 (Flow-GRPO-Fast's sd3_pipeline_with_logprob_fast.py: start = randint(0, num_steps //
+    2 - size), inclusive) and slide:2:3 (MixGRPO's grpo_states.py: the start moves one step every 3
+    updates, the window cut at steps - 2, back to 0 past it), on 10 steps."""
     cfg = policy_config("--sde_window=random:3")
     windows = [window_at(cfg, u, train_ops.streams(0, u).window) for u in range(1, 61)]
     assert {w[0] for w in windows} == {0, 1, 2} and all(b - a == 3 for a, b in windows)
@@ -344,7 +394,8 @@ def test_windows_are_flow_grpo_fasts_and_mixgrpos():
     expected = []
     for update in range(1, 31):
         start = (update - 1) // 3
-        start = start % 8                                                   # MixGRPO's roll back, past step 7
+        # MixGRPO's roll back, past step 7
+        start = start % 8
         expected.append((start, min(start + 2, 8)))
     assert [window_at(cfg, u, None) for u in range(1, 31)] == expected
     assert expected[21] == (7, 8) and expected[24] == (0, 2)
@@ -354,30 +405,38 @@ def test_windows_are_flow_grpo_fasts_and_mixgrpos():
 
 @pytest.mark.ex4_grpo
 def test_global_std_is_flow_grpos_stat_tracker():
-    """Flow-GRPO's stat_tracking.py with global_std=True: (r - the prompt's mean) / (np.std(all rewards) + 1e-4)."""
+    """Flow-GRPO's stat_tracking.py with global_std=True: (r - the prompt's mean) / (np.std(all
+    rewards) + 1e-4)."""
     import numpy as np
     from rivals.credit import terminal_advantages
-    rewards = torch.randn(12, dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.1]).repeat_interleave(4)
+    rewards = torch.randn(12,
+                          dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.1]).repeat_interleave(4)
     r = rewards.numpy()
-    theirs = np.concatenate([(r[i:i + 4] - r[i:i + 4].mean()) / (np.std(r) + 1e-4) for i in range(0, 12, 4)])
-    assert np.allclose(terminal_advantages(rewards, 4, group_std="global").numpy(), theirs, rtol=1e-12)
+    theirs = np.concatenate([(r[i:i + 4] - r[i:i + 4].mean()) / (np.std(r) + 1e-4)
+                             for i in range(0, 12, 4)])
+    assert np.allclose(terminal_advantages(rewards, 4, group_std="global").numpy(), theirs,
+                       rtol=1e-12)
     assert not np.allclose(terminal_advantages(rewards, 4).numpy(), theirs)
 
 
 @pytest.mark.ex3_sde_step
 def test_a_split_draws_scaled_noise_and_keeps_the_steps_log_prob():
-    """BranchGRPO's split: noise x split_noise_scale around the step's mean, the log-prob under the unscaled std (its
-    code, sampling and loss alike), so a replay still has ratio 1."""
+    """BranchGRPO's split: noise x split_noise_scale around the step's mean, the log-prob under the
+    unscaled std (its code, sampling and loss alike), so a replay still has ratio 1."""
     policy, noise = random_dit(), torch.randn(1, 1, 16, 16)
     cond, sigmas = prompts(1, 1), sigma_schedule(3)
-    trees = [sample_tree(policy, noise, cond, None, sigmas, split_steps=(1,), branch=2, split_noise=scale,
-                         generator=torch.Generator().manual_seed(0)) for scale in (1.0, 4.0)]
+    trees = [sample_tree(policy, noise, cond, None, sigmas, split_steps=(1,), branch=2,
+                         split_noise=scale, generator=torch.Generator().manual_seed(0))
+             for scale in (1.0, 4.0)]
     (plain, scaled) = ((t.candidates[1, :, 0] - t.means[1]) for t in trees)
     assert torch.allclose(scaled, 4 * plain, atol=1e-5)
-    assert torch.equal(trees[0].candidates[0], trees[1].candidates[0])  # the step before the split unscaled
+    # the step before the split unscaled
+    assert torch.equal(trees[0].candidates[0], trees[1].candidates[0])
     _, std = sde_mean_std(trees[1].states[1], torch.zeros_like(noise), sigmas[1], sigmas[2], 0.7)
-    assert torch.allclose(trees[1].log_probs[1, :, 0], gaussian_log_prob(trees[1].candidates[1, :, 0],
-                                                                         trees[1].means[1], std), atol=1e-5)
+    assert torch.allclose(trees[1].log_probs[1, :, 0],
+                          gaussian_log_prob(trees[1].candidates[1, :, 0],
+                                                                         trees[1].means[1], std),
+                                                                         atol=1e-5)
     step_ids, rows = trees[1].trained.nonzero(as_tuple=True)
     _, stats = grpo_loss(policy, trees[1], torch.randn(3, 2, 1), step_ids, rows)
     assert stats["ratio_max_deviation"].item() < 1e-5
@@ -385,28 +444,37 @@ def test_a_split_draws_scaled_noise_and_keeps_the_steps_log_prob():
 
 @pytest.mark.parametrize("score", ["noisy", "x0", "lookahead"])
 def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
-    """The real loop: the DiT passes and DRM passes an update reports are the rows the policy and the DRM were called
-    on (a guided pass: two rows), lookahead's ODE completions included; the DiT-pass equivalents their weighted sum."""
+    """The real loop: the DiT passes and DRM passes an update reports are the rows the policy and
+    the DRM were called on (a guided pass: two rows), lookahead's ODE completions included; the
+    DiT-pass equivalents their weighted sum."""
     rows = {"dit": 0, "drm": 0}
     real_step = train_policy.grpo_step
 
     def counted(cfg, base, models, *args, **kwargs):
-        hooks = [models.policy.register_forward_hook(lambda m, i, o: rows.__setitem__("dit", rows["dit"] + len(i[0]))),
-                 models.drm.register_forward_hook(lambda m, i, o: rows.__setitem__("drm", rows["drm"] + len(i[0])))]
+        hooks = [models.policy.register_forward_hook(
+                     lambda m, i, o: rows.__setitem__("dit", rows["dit"] + len(i[0]))),
+                 models.drm.register_forward_hook(
+                     lambda m, i, o: rows.__setitem__("drm", rows["drm"] + len(i[0])))]
         try:
             return real_step(cfg, base, models, *args, **kwargs)
         finally:
             for hook in hooks:
                 hook.remove()
     monkeypatch.setattr(train_policy, "grpo_step", counted)
-    args = ["--steps=3", "--trajectories=4", "--k=2", "--per_prompt=2", "--updates=2", "--eval_every=2",
-            "--eval_per_prompt=1", "--eval_steps=2", f"--score={score}", f"--out_dir={tmp_path}"]
+    args = ["--steps=3", "--trajectories=4", "--k=2", "--per_prompt=2", "--updates=2",
+            "--eval_every=2", "--eval_per_prompt=1", "--eval_steps=2", f"--score={score}",
+            f"--out_dir={tmp_path}"]
     run_main(train_policy.main, train_policy.Config, args)
     record = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")][-1]
     assert record["nfe"] == rows["dit"] and record["drm_calls"] == rows["drm"]
-    # lookahead: 2 updates x 4 trajectories x k = 2 x guidance 2 x (2 + 1) steps to go from steps 0 and 1
+    # lookahead: 2 updates x 4 trajectories x k = 2 x guidance 2 x (2 + 1) steps to go from steps 0
+    # and 1
     lookahead = 2 * 4 * 2 * 2 * (2 + 1) if score == "lookahead" else 0
-    assert rows["dit"] == 2 * (4 * 3 * 2 + 4 * 2 * 2) + lookahead          # rollout, loss, (lookahead) x 2 updates
-    assert rows["drm"] == 2 * 4 * 2 * 2                                     # 4 trajectories x 2 trained steps x k
-    assert record["dit_equivalents"] == pytest.approx(record["nfe"] + record["drm_cost"] * record["drm_calls"])
-    assert 0.4 < record["drm_cost"] < 0.7                                   # 3 of the 6 blocks and a small head
+    # rollout, loss, (lookahead) x 2 updates
+    assert rows["dit"] == 2 * (4 * 3 * 2 + 4 * 2 * 2) + lookahead
+    # 4 trajectories x 2 trained steps x k
+    assert rows["drm"] == 2 * 4 * 2 * 2
+    assert record["dit_equivalents"] == pytest.approx(record["nfe"]
+                                                      + record["drm_cost"] * record["drm_calls"])
+    # 3 of the 6 blocks and a small head
+    assert 0.4 < record["drm_cost"] < 0.7

@@ -1,4 +1,5 @@
-"""Step-wise sampling and best-of-N: the ODE special case, the DRM's choice at every step, and honest counters."""
+"""Step-wise sampling and best-of-N: the ODE special case, the DRM's choice at every step, and
+honest counters."""
 import pytest
 import torch
 
@@ -32,8 +33,8 @@ def test_one_candidate_without_noise_is_the_ode_sampler():
     policy, noise = random_small_dit(), torch.randn(3, 1, 16, 16)
     cond, uncond = random_prompts(3, 1), random_prompts(3, 2)
     ode = sample_ode(policy, noise, cond, uncond, steps=6, cfg_scale=3.0, shift=2.0)
-    ours, counts = stepwise_sample(policy, noise, cond, uncond, steps=6, k=1, beam=1, noise_level=0.0,
-                                   cfg_scale=3.0, shift=2.0)
+    ours, counts = stepwise_sample(policy, noise, cond, uncond, steps=6, k=1, beam=1,
+                                   noise_level=0.0, cfg_scale=3.0, shift=2.0)
     assert torch.equal(ours, ode)
     assert counts == {"nfe": 3 * 6 * 2, "drm_calls": 0}
 
@@ -44,15 +45,16 @@ def test_greedy_keeps_the_successor_the_drm_likes_best():
     N, k, steps = 3, 4, 5
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
     cond = random_prompts(N)
-    final, counts = stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, drm=drm, drm_cond=cond, steps=steps, k=k,
-                                    generator=torch.Generator().manual_seed(0))
+    final, counts = stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, drm=drm, drm_cond=cond,
+                                    steps=steps, k=k, generator=torch.Generator().manual_seed(0))
     assert len(drm.inputs) == steps
     kept = policy.inputs[1:] + [final]  # the state each step handed on
     for successors, state in zip(drm.inputs, kept):
         successors = successors.view(N, k, -1)
         lowest = successors.sum(2).argmin(1)
         assert torch.equal(state.flatten(1), successors[torch.arange(N), lowest])
-    assert counts == {"nfe": policy.passes, "drm_calls": drm.passes} == {"nfe": N * steps, "drm_calls": N * steps * k}
+    assert counts == {"nfe": policy.passes, "drm_calls": drm.passes} == {"nfe": N * steps,
+                                                                         "drm_calls": N * steps * k}
 
 
 @pytest.mark.ex3_sde_step
@@ -61,11 +63,12 @@ def test_beam_keeps_the_top_beam_of_all_successors():
     N, k, beam = 2, 3, 2
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
     cond = random_prompts(N)
-    stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, drm=drm, drm_cond=cond, steps=3, k=k, beam=beam,
-                    generator=torch.Generator().manual_seed(0))
+    stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, drm=drm, drm_cond=cond, steps=3, k=k,
+                    beam=beam, generator=torch.Generator().manual_seed(0))
     for successors, state in zip(drm.inputs[:-1], policy.inputs[1:]):
         sums = successors.view(N, beam * k, -1).sum(2)
-        top = sums.sort(1).values[:, :beam]                                   # the beam lowest pixel sums per image
+        # the beam lowest pixel sums per image
+        top = sums.sort(1).values[:, :beam]
         assert torch.allclose(state.view(N, beam, -1).sum(2).sort(1).values, top, atol=1e-4)
 
 
@@ -77,8 +80,9 @@ def test_counters_match_the_calls_made(k, beam, score_every, ode_last, cfg_scale
     N, steps = 2, 6
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
     cond, uncond = random_prompts(N, 1), random_prompts(N, 2)
-    final, counts = stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, uncond, drm, cond, steps=steps, k=k,
-                                    beam=beam, cfg_scale=cfg_scale, score_every=score_every, ode_last=ode_last)
+    final, counts = stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, uncond, drm, cond,
+                                    steps=steps, k=k, beam=beam, cfg_scale=cfg_scale,
+                                    score_every=score_every, ode_last=ode_last)
     assert final.shape == (N, 1, 16, 16)
     assert counts == {"nfe": policy.passes, "drm_calls": drm.passes}
     assert counts["nfe"] == N * beam * steps * (2 if cfg_scale != 1 else 1)
@@ -91,10 +95,13 @@ def test_best_of_n_picks_the_drms_favourite_of_n_whole_samples():
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
     cond, noise = random_prompts(N), torch.randn(N * n, 1, 16, 16)
     picked, counts = best_of_n(policy, noise, cond, drm=drm, drm_cond=cond, n=n, steps=4)
-    everything = sample_ode(policy.fn, noise, tuple(t.repeat_interleave(n, 0) for t in cond), steps=4)
+    everything = sample_ode(policy.fn, noise, tuple(t.repeat_interleave(n, 0) for t in cond),
+                            steps=4)
     best = everything.view(N, n, -1).sum(2).argmin(1)
-    assert torch.allclose(picked, everything.view(N, n, 1, 16, 16)[torch.arange(N), best], atol=1e-6)
-    assert counts == {"nfe": policy.passes, "drm_calls": drm.passes} == {"nfe": N * n * 4, "drm_calls": N * n}
+    assert torch.allclose(picked, everything.view(N, n, 1, 16, 16)[torch.arange(N), best],
+                          atol=1e-6)
+    assert counts == {"nfe": policy.passes, "drm_calls": drm.passes} == {"nfe": N * n * 4,
+                                                                         "drm_calls": N * n}
 
 
 def test_bad_search_settings_are_refused():

@@ -18,7 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_base_config(out_dir, **overrides):
-    settings = dict(out_dir=str(out_dir), train_steps=4, batch_size=4, eval_every=2, eval_per_prompt=1, warmup=2)
+    settings = dict(out_dir=str(out_dir), train_steps=4, batch_size=4, eval_every=2,
+                    eval_per_prompt=1, warmup=2)
     return train_base.Config(**{**settings, **overrides})
 
 
@@ -45,7 +46,8 @@ def test_train_base_stopped_and_resumed_equals_one_uninterrupted_run(tmp_path, m
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)  # bitwise, on CPU
     assert (tmp_path / "straight" / "samples_000004.png").exists()
-    assert not [f for f in os.listdir(tmp_path / "stopped") if ".tmp-" in f]  # no half-written files
+    # no half-written files
+    assert not [f for f in os.listdir(tmp_path / "stopped") if ".tmp-" in f]
 
 
 @pytest.mark.ex1_flow_matching
@@ -70,16 +72,20 @@ def test_checkpoint_with_a_missing_key_names_it(tmp_path):
     truncated = tmp_path / "truncated.safetensors"
     whole = open("data/base.safetensors", "rb").read()
     truncated.write_bytes(whole[:len(whole) // 2])
-    with pytest.raises(CheckpointError, match="truncated.safetensors is not a readable safetensors file .*incomplete metadata"):
+    with pytest.raises(CheckpointError,
+                       match="truncated.safetensors is not a readable safetensors file "
+                           ".*incomplete metadata"):
         load_toy_base(str(truncated))
     not_safetensors = tmp_path / "notes.safetensors"
     not_safetensors.write_text("these are not weights")
-    with pytest.raises(CheckpointError, match="notes.safetensors is not a readable safetensors file"):
+    with pytest.raises(CheckpointError,
+                       match="notes.safetensors is not a readable safetensors file"):
         load_toy_base(str(not_safetensors))
 
 
 def run_script(*args):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.mark.parametrize("args, says", [
@@ -89,48 +95,68 @@ def run_script(*args):
     (["sample.py", "--steps=many"], "--steps=many: expected a int"),
     (["train_base.py", "--preset=huge"], "--preset=huge: choose one of"),
     (["train_base.py", "--resume", "--out_dir=no/such/run"], "train_state.pt does not exist"),
-    (["train_policy.py", "--credit=dense"], "--credit=dense: choose one of stepwise, sparse, cosine"),
-    (["train_policy.py", "--credit=sparse", "--trajectories=6", "--per_prompt=4"], "must be a multiple of --per_prompt=4"),
+    (["train_policy.py", "--credit=dense"],
+     "--credit=dense: choose one of stepwise, sparse, cosine"),
+    (["train_policy.py", "--credit=sparse", "--trajectories=6", "--per_prompt=4"], "must be a "
+     "multiple of --per_prompt=4"),
     (["train_policy.py", "--drm=data/base.safetensors"], "is not a drm checkpoint"),
     (["train_policy.py", "--follow=worst"], "--follow=worst: choose one of random, best"),
     (["train_policy.py", "--k=1"], "--k=1: must be at least 2"),
-    (["train_policy.py", "--noise_level=-0.5"], "--noise_level=-0.5: GRPO needs a stochastic sampler"),
+    (["train_policy.py", "--noise_level=-0.5"],
+     "--noise_level=-0.5: GRPO needs a stochastic sampler"),
     (["sample.py", "--noise_level=-1", "--k=2"], "--noise_level=-1.0: must be at least 0"),
-    (["sample.py", "--search=beam"], "--search=beam: choose one of ode, sde, stepwise, best_of, smc, prune"),
+    (["sample.py", "--search=beam"],
+     "--search=beam: choose one of ode, sde, stepwise, best_of, smc, prune"),
     (["sample.py", "--search=smc", "--potential=sum"], "--potential=sum: choose one of diff, max"),
-    (["sample.py", "--search=prune", "--keep=0"], "--keep=0.0, --ess_threshold=0.5: each in (0, 1]"),
+    (["sample.py", "--search=prune", "--keep=0"],
+     "--keep=0.0, --ess_threshold=0.5: each in (0, 1]"),
     (["sample.py", "--search=prune", "--prune_at=half"], "--prune_at=half: expected float values"),
     (["sample.py", "--eval", "--search=smc"], "--eval scores the ODE sampler"),
     (["train_reward.py", "--loss=hinge"], "--loss=hinge: choose one of bt, thurstone"),
     (["train_policy.py", "--drm_sigma=1"], "--drm_sigma=1.0: a sigma in [0, 1)"),
     (["sample.py", "--drm_draws=0"], "--drm_draws=0: must be at least 1"),
-    (["train_reward.py", "--eval_sigmas=0,1.5"], "--eval_sigmas=0,1.5, --drm_sigma=0.0: every sigma must lie in [0, 1]"),
+    (["train_reward.py", "--eval_sigmas=0,1.5"],
+     "--eval_sigmas=0,1.5, --drm_sigma=0.0: every sigma must lie in [0, 1]"),
     (["train_policy.py", "--rollout_batch=-1"], "--rollout_batch=-1: must be at least 0"),
-    (["train_reward.py", "--head=mlp"], "--head=mlp: choose one of , conv, 2BConvGN, 7BConvGN, token"),
-    (["train_reward.py", "--sigma_sampling=beta"], "--sigma_sampling=beta: choose one of grid, grid_uniform, logit_normal, uniform, zero"),
-    (["train_policy.py", "--eval_prompts=no/such/prompts.txt"], "--eval_prompts=no/such/prompts.txt does not exist"),
-    (["train_policy.py", "--credit=tree", "--split_steps=3,1"], "--split_steps=3,1: give increasing steps in [0, 9)"),
-    (["train_policy.py", "--credit=tree", "--split_steps=0", "--sde_window=2:5"], "give increasing steps in [2, 5)"),
-    (["train_policy.py", "--credit=tree", "--trajectories=12"], "--trajectories=12 must be a multiple of --branch^splits=16"),
+    (["train_reward.py", "--head=mlp"],
+     "--head=mlp: choose one of , conv, 2BConvGN, 7BConvGN, token"),
+    (["train_reward.py", "--sigma_sampling=beta"],
+     "--sigma_sampling=beta: choose one of grid, grid_uniform, logit_normal, uniform, zero"),
+    (["train_policy.py", "--eval_prompts=no/such/prompts.txt"],
+     "--eval_prompts=no/such/prompts.txt does not exist"),
+    (["train_policy.py", "--credit=tree", "--split_steps=3,1"],
+     "--split_steps=3,1: give increasing steps in [0, 9)"),
+    (["train_policy.py", "--credit=tree", "--split_steps=0", "--sde_window=2:5"],
+     "give increasing steps in [2, 5)"),
+    (["train_policy.py", "--credit=tree", "--trajectories=12"],
+     "--trajectories=12 must be a multiple of --branch^splits=16"),
     (["train_reward.py", "--steps=3"], "--steps is now --train_steps: --train_steps=3"),
     (["train_base.py", "--steps=3"], "--steps is now --train_steps: --train_steps=3"),
     (["sample.py", "--n=3"], "--n is now --images: --images=3"),
     (["train_policy.py", "--group_size=2"], "--group_size is now --per_prompt: --per_prompt=2"),
-    (["train_policy.py", "--sde_window=random:9"], "--sde_window=random:9: n in [1, 5] for --steps=10"),
-    (["train_policy.py", "--sde_window=slide:2:0"], "--sde_window=slide:2:0: n in [1, 8] for --steps=10, every >= 1"),
-    (["train_policy.py", "--sde_window=slide:two"], "--sde_window=slide:two: give random:n or slide:n:every"),
+    (["train_policy.py", "--sde_window=random:9"],
+     "--sde_window=random:9: n in [1, 5] for --steps=10"),
+    (["train_policy.py", "--sde_window=slide:2:0"],
+     "--sde_window=slide:2:0: n in [1, 8] for --steps=10, every >= 1"),
+    (["train_policy.py", "--sde_window=slide:two"],
+     "--sde_window=slide:two: give random:n or slide:n:every"),
     (["train_policy.py", "--credit=tree", "--sde_window=random:2"], "a tree splits at fixed steps"),
-    (["train_policy.py", "--sde_window=9:10"], "--sde_window=9:10 trains no step: the last of --steps=10 is not trained"),
+    (["train_policy.py", "--sde_window=9:10"],
+     "--sde_window=9:10 trains no step: the last of --steps=10 is not trained"),
     (["train_policy.py", "--score=best"], "--score=best: choose one of noisy, x0, lookahead"),
     (["train_policy.py", "--group_std=batch"], "--group_std=batch: choose one of group, global"),
     (["train_policy.py", "--split_noise=0"], "--split_noise=0.0: a positive factor"),
-    (["train_policy.py", "--sde_window=5:2"], "--sde_window=5:2: give a:b, 0 <= a < b <= --steps=10"),
-    (["train_policy.py", "--sde_window=two:five"], "--sde_window=two:five: expected int values separated by ':'"),
-    (["train_policy.py", "--tree_norm=global"], "--tree_norm=global: choose one of siblings, depth"),
+    (["train_policy.py", "--sde_window=5:2"],
+     "--sde_window=5:2: give a:b, 0 <= a < b <= --steps=10"),
+    (["train_policy.py", "--sde_window=two:five"],
+     "--sde_window=two:five: expected int values separated by ':'"),
+    (["train_policy.py", "--tree_norm=global"],
+     "--tree_norm=global: choose one of siblings, depth"),
 ])
 def test_bad_input_gives_one_clear_line(args, says, tmp_path):
     if args[0].startswith("train_") and not any(a.startswith("--out_dir") for a in args):
-        args = [*args, f"--out_dir={tmp_path / 'run'}"]  # not the default folder, which a README run may hold
+        # not the default folder, which a README run may hold
+        args = [*args, f"--out_dir={tmp_path / 'run'}"]
     result = run_script(*args)
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
@@ -141,7 +167,8 @@ def test_bad_input_gives_one_clear_line(args, says, tmp_path):
 @pytest.mark.ex3_sde_step
 def test_sample_cli_writes_a_grid(tmp_path):
     out = tmp_path / "grid.png"
-    result = run_script("sample.py", "--prompt=a thick 7 slanted right", "--images=4", "--steps=4", f"--out={out}")
+    result = run_script("sample.py", "--prompt=a thick 7 slanted right", "--images=4", "--steps=4",
+                        f"--out={out}")
     assert result.returncode == 0, result.stderr
     from PIL import Image
     assert Image.open(out).size == (4 * 34 * 2, 34 * 2)
@@ -156,22 +183,29 @@ def test_train_policy_resumed_equals_one_uninterrupted_run(tmp_path):
     tiny = dict(trajectories=4, k=2, steps=2, eval_every=1, eval_per_prompt=2, eval_steps=2)
     train_policy.main(train_policy.Config(out_dir=str(tmp_path / "straight"), updates=2, **tiny))
     train_policy.main(train_policy.Config(out_dir=str(tmp_path / "halves"), updates=1, **tiny))
-    train_policy.main(train_policy.Config(out_dir=str(tmp_path / "halves"), updates=2, resume=True, **tiny))
+    train_policy.main(train_policy.Config(out_dir=str(tmp_path / "halves"), updates=2, resume=True,
+                                          **tiny))
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "halves" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     base = load_file("data/base.safetensors")
-    assert not torch.equal(straight["dit.final_layer.linear.weight"], base["dit.final_layer.linear.weight"].float())
+    assert not torch.equal(straight["dit.final_layer.linear.weight"],
+                           base["dit.final_layer.linear.weight"].float())
     lines = [json.loads(line) for line in open(tmp_path / "halves" / "metrics.jsonl")]
     assert [line["step"] for line in lines] == [0, 1, 2]
-    assert {"gold", "drm", "nfe", "drm_calls", "dit_equivalents", "time_s", "diversity"} <= lines[-1].keys()
-    # per update: the rollout's 4 x 2 steps and the loss's 4 x 1 trained step (the last is not), x 2 (guidance)
+    assert {"gold", "drm", "nfe", "drm_calls", "dit_equivalents", "time_s",
+            "diversity"} <= lines[-1].keys()
+    # per update: the rollout's 4 x 2 steps and the loss's 4 x 1 trained step (the last is not), x 2
+    # (guidance)
     assert lines[-1]["nfe"] == 2 * (4 * 2 * 2 + 4 * 1 * 2)
-    assert lines[-1]["drm_calls"] == 2 * 4 * 1 * 2          # per update: 4 trajectories x 1 trained step x k = 2
-    assert lines[-1]["dit_equivalents"] == pytest.approx(lines[-1]["nfe"] + lines[-1]["drm_cost"] * lines[-1]["drm_calls"])
+    # per update: 4 trajectories x 1 trained step x k = 2
+    assert lines[-1]["drm_calls"] == 2 * 4 * 1 * 2
+    assert lines[-1]["dit_equivalents"] == pytest.approx(
+        lines[-1]["nfe"] + lines[-1]["drm_cost"] * lines[-1]["drm_calls"])
 
 
-EVERY_TRAINING_EXERCISE = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
+EVERY_TRAINING_EXERCISE = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm,
+                           pytest.mark.ex3_sde_step, pytest.mark.ex4_grpo]
 
 
 @pytest.mark.ex1_flow_matching
@@ -179,9 +213,11 @@ EVERY_TRAINING_EXERCISE = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, p
 @pytest.mark.ex3_sde_step
 @pytest.mark.ex4_grpo
 def test_evaluation_guidance_is_its_own_flag(tmp_path):
-    """The held-out samples follow --eval_cfg_scale alone: the rollouts' --cfg_scale does not move them."""
+    """The held-out samples follow --eval_cfg_scale alone: the rollouts' --cfg_scale does not move
+    them."""
     import train_policy
-    tiny = dict(updates=1, trajectories=4, k=2, steps=2, eval_every=1, eval_per_prompt=2, eval_steps=2)
+    tiny = dict(updates=1, trajectories=4, k=2, steps=2, eval_every=1, eval_per_prompt=2,
+                eval_steps=2)
     first = {}
     for name, cfg_scale, eval_cfg_scale in (("a", 4.0, 4.0), ("b", 1.0, 4.0), ("c", 4.0, 1.0)):
         train_policy.main(train_policy.Config(out_dir=str(tmp_path / name), cfg_scale=cfg_scale,
@@ -192,12 +228,15 @@ def test_evaluation_guidance_is_its_own_flag(tmp_path):
 
 
 @pytest.mark.parametrize("args", [
-    pytest.param(["train_reward.py", "--lr=1e30", "--head_lr=1e30", "--train_steps=3", "--batch_size=8", "--eval_every=5",
-                  "--warmup=1", "--prefs=PREFS"], marks=pytest.mark.ex2_drm),
-    pytest.param(["train_base.py", "--lr=1e30", "--train_steps=6", "--batch_size=4", "--eval_every=3", "--eval_per_prompt=1",
-                  "--warmup=1"], marks=pytest.mark.ex1_flow_matching),
-    pytest.param(["train_policy.py", "--lr=1e30", "--updates=3", "--trajectories=4", "--k=2", "--steps=2",
-                  "--eval_per_prompt=2", "--eval_steps=2", "--eval_every=5"], marks=EVERY_TRAINING_EXERCISE),
+    pytest.param(["train_reward.py", "--lr=1e30", "--head_lr=1e30", "--train_steps=3",
+                  "--batch_size=8", "--eval_every=5", "--warmup=1", "--prefs=PREFS"],
+                 marks=pytest.mark.ex2_drm),
+    pytest.param(["train_base.py", "--lr=1e30", "--train_steps=6", "--batch_size=4",
+                  "--eval_every=3", "--eval_per_prompt=1", "--warmup=1"],
+                 marks=pytest.mark.ex1_flow_matching),
+    pytest.param(["train_policy.py", "--lr=1e30", "--updates=3", "--trajectories=4", "--k=2",
+                  "--steps=2", "--eval_per_prompt=2", "--eval_steps=2", "--eval_every=5"],
+                  marks=EVERY_TRAINING_EXERCISE),
 ])
 def test_a_non_finite_loss_stops_the_run_and_saves_nothing_bad(args, tmp_path):
     tiny_preferences(tmp_path / "prefs")
@@ -214,8 +253,8 @@ def a_base_of_another_size(path):
     from data.world import TextConfig, TextEncoder
     from model import DiTConfig, build_dit
     from data.toy import save_toy_base
-    dit = build_dit(DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=2, heads=1, context_dim=64,
-                              pooled_dim=64, pos_embed_max_size=4))
+    dit = build_dit(DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=2, heads=1,
+                              context_dim=64, pooled_dim=64, pos_embed_max_size=4))
     save_toy_base(str(path), dit, TextEncoder(TextConfig()), step=0)
 
 
@@ -223,14 +262,16 @@ def a_base_of_another_size(path):
     ("empty prompt file", "holds no prompt; write one prompt per line"),
     ("truncated checkpoint", "truncated.safetensors is not a readable safetensors file"),
     ("base of another size", "scores images of shape (1, 32, 32), the policy makes (1, 16, 16)"),
-    pytest.param("damaged train state", "train_state.pt cannot be read", marks=EVERY_TRAINING_EXERCISE),  # a run first
-    pytest.param("train state of other settings", "--resume would change what the experiment is: --lora_rank=4 (the run "
+    pytest.param("damaged train state", "train_state.pt cannot be read",
+                 marks=EVERY_TRAINING_EXERCISE),  # a run first
+    pytest.param("train state of other settings",
+                 "--resume would change what the experiment is: --lora_rank=4 (the run "
                  "has 0)", marks=EVERY_TRAINING_EXERCISE),
 ])
 def test_bad_files_end_in_one_line_and_leave_nothing_half_written(case, says, tmp_path):
     out = tmp_path / "run"
-    tiny = ["--trajectories=4", "--k=2", "--steps=2", "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2",
-            "--updates=2", f"--out_dir={out}"]
+    tiny = ["--trajectories=4", "--k=2", "--steps=2", "--eval_every=1", "--eval_per_prompt=1",
+            "--eval_steps=2", "--updates=2", f"--out_dir={out}"]
     if case == "empty prompt file":
         (tmp_path / "prompts.txt").write_text("\n  \n")
         args = [f"--prompts={tmp_path / 'prompts.txt'}"]

@@ -17,14 +17,16 @@ from sd3.mmdit import fold_lora, load_sd3, save_lora, save_sd3
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SD3Transformer2DModel  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
+from diffusers.loaders.single_file_utils import (  # noqa: E402
+    convert_sd3_transformer_checkpoint_to_diffusers)
 
 # head dim 64 as every public model; depth, width and position grid shrunk
 TINY_LIKE = {
     "sd3-medium": dict(num_layers=3, num_attention_heads=2, qk_norm=None, dual_attention_layers=()),
-    "sd3.5-medium": dict(num_layers=3, num_attention_heads=2, qk_norm="rms_norm", dual_attention_layers=(0, 1)),
-    "sd3.5-large": dict(num_layers=4, num_attention_heads=3, qk_norm="rms_norm", dual_attention_layers=()),
-}
+    "sd3.5-medium": dict(num_layers=3, num_attention_heads=2, qk_norm="rms_norm",
+                         dual_attention_layers=(0, 1)),
+    "sd3.5-large": dict(num_layers=4, num_attention_heads=3, qk_norm="rms_norm",
+                        dual_attention_layers=()),}
 
 
 def tiny_diffusers_model(kind, seed=0):
@@ -32,9 +34,10 @@ def tiny_diffusers_model(kind, seed=0):
     cfg = TINY_LIKE[kind]
     model = SD3Transformer2DModel(
         sample_size=16, patch_size=2, in_channels=4, out_channels=4, attention_head_dim=64,
-        joint_attention_dim=48, caption_projection_dim=64 * cfg["num_attention_heads"], pooled_projection_dim=24,
-        pos_embed_max_size=12, **cfg)
-    with torch.no_grad():  # every tensor random and distinct: zero-initialised gates would hide a wrong mapping
+        joint_attention_dim=48, caption_projection_dim=64 * cfg["num_attention_heads"],
+        pooled_projection_dim=24, pos_embed_max_size=12, **cfg)
+    with torch.no_grad():
+        # every tensor random and distinct: zero-initialised gates would hide a wrong mapping
         for p in model.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
     return model.eval()
@@ -101,7 +104,8 @@ def test_stability_layout_agrees_with_diffusers_converter(kind, tmp_path):
     # and we read it back, prefixed or not
     assert_matches(load_sd3(str(single_file)), reference)
     bare = tmp_path / "bare.safetensors"
-    save_file({k[len("model.diffusion_model."):]: v for k, v in tensors.items() if k.startswith("model.")}, bare)
+    save_file({k[len("model.diffusion_model."):]: v for k,
+               v in tensors.items() if k.startswith("model.")}, bare)
     assert_matches(load_sd3(str(bare)), reference)
 
 
@@ -138,40 +142,45 @@ def test_lora_is_merged_on_export(tmp_path):
     assert relative_error(diffusers_output(exported, x, sigma, context, pooled), expected) < 1e-4
 
 
-@pytest.mark.parametrize("kind", ["sd3-medium", "sd3.5-medium"])                  # with dual attention's attn2
+# with dual attention's attn2
+@pytest.mark.parametrize("kind", ["sd3-medium", "sd3.5-medium"])
 def test_diffusers_pipeline_loads_our_lora_and_equals_our_model(kind, tmp_path):
-    """save_lora writes diffusers' LoRA format: StableDiffusion3Pipeline.load_lora_weights (peft) reads it, and
-    the pipeline's transformer with it equals ours with the adapters (a fused qkv adapter split into q, k, v
-    sharing A); fold_lora reads it back into a plain DiT, equal again."""
+    """save_lora writes diffusers' LoRA format: StableDiffusion3Pipeline.load_lora_weights (peft)
+    reads it, and the pipeline's transformer with it equals ours with the adapters (a fused qkv
+    adapter split into q, k, v sharing A); fold_lora reads it back into a plain DiT, equal again."""
     pytest.importorskip("peft")
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     folder = _save_diffusers(tiny_diffusers_model(kind), tmp_path)
     dit = load_sd3(folder)
     torch.manual_seed(0)
-    for lora in add_lora(dit, rank=3, alpha=6.0):                       # scaling 2, folded into B on export
+    for lora in add_lora(dit, rank=3, alpha=6.0):
+        # scaling 2, folded into B on export
         with torch.no_grad():
             lora.lora_B.normal_(std=0.05)
     x, sigma, context, pooled = inputs(16, 16)
     with torch.no_grad():
         expected = dit(x, sigma, context, pooled)
     save_lora(dit.state_dict(), str(tmp_path / "lora"), scaling=2.0)
-    parts = dict.fromkeys(["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "text_encoder_3",
-                           "tokenizer_3"])
-    pipe = StableDiffusion3Pipeline(transformer=SD3Transformer2DModel.from_pretrained(folder).eval(),
-                                    scheduler=FlowMatchEulerDiscreteScheduler(), **parts)
+    parts = dict.fromkeys(["vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2",
+                           "text_encoder_3", "tokenizer_3"])
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel.from_pretrained(folder).eval(),
+        scheduler=FlowMatchEulerDiscreteScheduler(), **parts)
     pipe.load_lora_weights(str(tmp_path / "lora"))
-    assert relative_error(diffusers_output(pipe.transformer, x, sigma, context, pooled), expected) < 1e-4
+    assert relative_error(diffusers_output(pipe.transformer, x, sigma, context, pooled),
+                          expected) < 1e-4
     folded = fold_lora(load_sd3(folder), str(tmp_path / "lora"))
     with torch.no_grad():
         assert relative_error(folded(x, sigma, context, pooled), expected) < 1e-5
     with pytest.raises(CheckpointError, match="a LoRA of another model"):
-        fold_lora(load_sd3(_save_diffusers(tiny_diffusers_model("sd3.5-large"), tmp_path / "other")),
+        fold_lora(load_sd3(_save_diffusers(tiny_diffusers_model("sd3.5-large"),
+                                           tmp_path / "other")),
                   str(tmp_path / "lora"))
 
 
 def test_an_sd35_medium_lora_is_under_one_percent_of_the_policy():
-    """The LoRA train_policy.py writes (rank 16, float32) against the bf16 transformer it adapts, counted on the
-    meta device: 8.9M numbers against 2,243M, 0.80% of the bytes."""
+    """The LoRA train_policy.py writes (rank 16, float32) against the bf16 transformer it adapts,
+    counted on the meta device: 8.9M numbers against 2,243M, 0.80% of the bytes."""
     from model import build_dit
     dit = build_dit("sd3.5-medium", device="meta")
     policy_bytes = 2 * sum(p.numel() for p in dit.parameters())
@@ -181,7 +190,8 @@ def test_an_sd35_medium_lora_is_under_one_percent_of_the_policy():
 
 
 def test_dtype_cast_while_loading(tmp_path):
-    dit = load_sd3(_save_diffusers(tiny_diffusers_model("sd3-medium"), tmp_path), dtype=torch.bfloat16)
+    dit = load_sd3(_save_diffusers(tiny_diffusers_model("sd3-medium"), tmp_path),
+                   dtype=torch.bfloat16)
     assert {p.dtype for p in dit.state_dict().values()} == {torch.bfloat16}
     assert not any(p.is_meta for p in dit.state_dict().values())
 
@@ -197,11 +207,16 @@ def test_broken_checkpoints_name_the_file_and_the_keys(tmp_path):
         save_file(changed, path)
         return str(path)
 
-    missing = write("missing.safetensors", {k: v for k, v in tensors.items() if "attn.to_out.0" not in k})
-    with pytest.raises(CheckpointError, match=r"missing.safetensors .*missing 6 \(joint_blocks.0.x_block.attn.proj.bias"):
+    missing = write("missing.safetensors",
+                    {k: v for k, v in tensors.items() if "attn.to_out.0" not in k})
+    with pytest.raises(CheckpointError,
+                       match=r"missing.safetensors .*missing 6 "
+                           r"\(joint_blocks.0.x_block.attn.proj.bias"):
         load_sd3(missing)
-    extra = write("extra.safetensors", {**tensors, "transformer_blocks.0.attn.mystery.weight": torch.zeros(2)})
-    with pytest.raises(CheckpointError, match=r"unexpected 1 \(transformer_blocks.0.attn.mystery.weight\)"):
+    extra = write("extra.safetensors",
+                  {**tensors, "transformer_blocks.0.attn.mystery.weight": torch.zeros(2)})
+    with pytest.raises(CheckpointError,
+                       match=r"unexpected 1 \(transformer_blocks.0.attn.mystery.weight\)"):
         load_sd3(extra)
     reshaped = dict(tensors)
     reshaped["proj_out.bias"] = torch.zeros(7)
@@ -209,11 +224,14 @@ def test_broken_checkpoints_name_the_file_and_the_keys(tmp_path):
         load_sd3(write("reshaped.safetensors", reshaped))
     truncated = tmp_path / "truncated.safetensors"
     truncated.write_bytes(open(weights, "rb").read()[:-100])
-    with pytest.raises(CheckpointError, match="truncated.safetensors is not a readable safetensors file .*incomplete metadata"):
+    with pytest.raises(CheckpointError,
+                       match="truncated.safetensors is not a readable safetensors file "
+                           ".*incomplete metadata"):
         load_sd3(str(truncated))
     text = tmp_path / "config.safetensors"
     text.write_text(json.dumps({"not": "weights"}))
-    with pytest.raises(CheckpointError, match="config.safetensors is not a readable safetensors file"):
+    with pytest.raises(CheckpointError,
+                       match="config.safetensors is not a readable safetensors file"):
         load_sd3(str(text))
     with pytest.raises(CheckpointError, match="no/such/dir"):
         load_sd3("no/such/dir")
@@ -227,8 +245,9 @@ def tiny_diffusers_vae(seed=0):
     torch.manual_seed(seed)
     vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
                         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64),
-                        layers_per_block=2, latent_channels=16, norm_num_groups=32, use_quant_conv=False,
-                        use_post_quant_conv=False, scaling_factor=1.5305, shift_factor=0.0609)
+                        layers_per_block=2, latent_channels=16, norm_num_groups=32,
+                        use_quant_conv=False, use_post_quant_conv=False, scaling_factor=1.5305,
+                        shift_factor=0.0609)
     with torch.no_grad():
         for p in vae.parameters():
             p.copy_(torch.randn_like(p) * 0.1)
@@ -243,10 +262,12 @@ def assert_vae_matches(ours, reference):
         expected_latents = (mean - 0.0609) * 1.5305
         latents = ours.encode(images)
         assert relative_error(latents, expected_latents) < 1e-4
-        # the posterior the DRM repository draws from (latent_dist.sample(), then shifted and scaled)
+        # the posterior the DRM repository draws from (latent_dist.sample(), then shifted and
+        # scaled)
         posterior_mean, posterior_std = ours.posterior(images)
         assert relative_error(posterior_mean, expected_latents) < 1e-4
-        assert relative_error(posterior_std, reference.encode(images).latent_dist.std * 1.5305) < 1e-4
+        assert relative_error(posterior_std,
+                              reference.encode(images).latent_dist.std * 1.5305) < 1e-4
         expected_images = reference.decode(expected_latents / 1.5305 + 0.0609).sample
         assert relative_error(ours.decode(expected_latents), expected_images) < 1e-4
 
@@ -277,5 +298,6 @@ def test_vae_from_another_model_is_refused(tmp_path):
     tensors = {k: v.contiguous() for k, v in reference.state_dict().items()}
     tensors["quant_conv.weight"] = torch.zeros(32, 32, 1, 1)  # an SD1-style VAE has quant convs
     save_file(tensors, tmp_path / "sd1_vae.safetensors")
-    with pytest.raises(CheckpointError, match=r"sd1_vae.safetensors .*unexpected 1 \(quant_conv.weight\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"sd1_vae.safetensors .*unexpected 1 \(quant_conv.weight\)"):
         load_vae(str(tmp_path / "sd1_vae.safetensors"))

@@ -1,5 +1,5 @@
-"""SD3's text encoders against Hugging Face transformers' own, on tiny random models in both layouts; the
-tokenizers against open_clip's and sentencepiece."""
+"""SD3's text encoders against Hugging Face transformers' own, on tiny random models in both
+layouts; the tokenizers against open_clip's and sentencepiece."""
 import base64
 import gzip
 import io
@@ -22,7 +22,8 @@ def randomize(model, seed=0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # norms and biases too, so a wrong mapping of any tensor shows
         for name, p in model.named_parameters():
-            scale = 1.0 if "norm" in name and name.endswith("weight") else 0.0  # norm gains around 1
+            # norm gains around 1
+            scale = 1.0 if "norm" in name and name.endswith("weight") else 0.0
             p.copy_(scale + torch.randn(p.shape, generator=g) * 0.2)
     return model.eval()
 
@@ -32,7 +33,8 @@ def relative_error(a, b):
 
 
 def clip_ids(eos, seed=1):
-    """Start token, 5-20 random words, end token, then end tokens as padding (CLIP-L's padding in SD3)."""
+    """Start token, 5-20 random words, end token, then end tokens as padding (CLIP-L's padding in
+    SD3)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.full((3, 77), eos)
     for row, n in enumerate((5, 12, 20)):
@@ -44,19 +46,24 @@ def clip_ids(eos, seed=1):
 @pytest.mark.parametrize("layout, activation, heads", [
     ("diffusers folder", "quick_gelu", 4),          # CLIP-L's activation, read from config.json
     ("diffusers folder", "gelu", 4),                # bigG's
-    ("single file with prefix", "gelu", 1),         # no config.json: width 64 -> 1 head of 64, not CLIP-L -> gelu
+    # no config.json: width 64 -> 1 head of 64, not CLIP-L -> gelu
+    ("single file with prefix", "gelu", 1),
 ])
 def test_clip_matches_transformers(layout, activation, heads, tmp_path):
-    config = transformers.CLIPTextConfig(vocab_size=99, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                         num_attention_heads=heads, max_position_embeddings=77, projection_dim=48,
-                                         hidden_act=activation, bos_token_id=97, eos_token_id=98, pad_token_id=98)
+    config = transformers.CLIPTextConfig(vocab_size=99, hidden_size=64, intermediate_size=96,
+                                         num_hidden_layers=3,
+                                         num_attention_heads=heads, max_position_embeddings=77,
+                                         projection_dim=48,
+                                         hidden_act=activation, bos_token_id=97, eos_token_id=98,
+                                         pad_token_id=98)
     torch.manual_seed(0)
     reference = randomize(transformers.CLIPTextModelWithProjection(config))
     if layout == "diffusers folder":
         reference.save_pretrained(tmp_path / "text_encoder")
         path = tmp_path / "text_encoder"
     else:  # how SD3's all-in-one file nests the encoders
-        state = {"text_encoders.clip_l.transformer." + k: v.contiguous() for k, v in reference.state_dict().items()}
+        state = {"text_encoders.clip_l.transformer." + k: v.contiguous() for k,
+                 v in reference.state_dict().items()}
         save_file(state, tmp_path / "all_in_one.safetensors")
         path = tmp_path / "all_in_one.safetensors"
     ours = load_clip(str(path))
@@ -70,8 +77,9 @@ def test_clip_matches_transformers(layout, activation, heads, tmp_path):
 
 @pytest.mark.parametrize("layout", ["diffusers folder", "single file with prefix"])
 def test_t5_encoder_matches_transformers(layout, tmp_path):
-    config = transformers.T5Config(vocab_size=99, d_model=64, d_kv=16, d_ff=96, num_layers=3, num_heads=4,
-                                   relative_attention_num_buckets=32, relative_attention_max_distance=128,
+    config = transformers.T5Config(vocab_size=99, d_model=64, d_kv=16, d_ff=96, num_layers=3,
+                                   num_heads=4, relative_attention_num_buckets=32,
+                                   relative_attention_max_distance=128,
                                    feed_forward_proj="gated-gelu")
     torch.manual_seed(0)
     reference = randomize(transformers.T5EncoderModel(config))
@@ -79,12 +87,13 @@ def test_t5_encoder_matches_transformers(layout, tmp_path):
         reference.save_pretrained(tmp_path / "text_encoder_3")
         path = tmp_path / "text_encoder_3"
     else:
-        state = {"text_encoders.t5xxl.transformer." + k: v.contiguous() for k, v in reference.state_dict().items()
-                 if "embed_tokens" not in k}
+        state = {"text_encoders.t5xxl.transformer." + k: v.contiguous() for k,
+                 v in reference.state_dict().items() if "embed_tokens" not in k}
         save_file(state, tmp_path / "t5.safetensors")
         path = tmp_path / "t5.safetensors"
     ours = load_t5(str(path))
-    ids = torch.randint(1, 99, (2, 200), generator=torch.Generator().manual_seed(1))  # offsets past max_distance
+    # offsets past max_distance
+    ids = torch.randint(1, 99, (2, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(ids).last_hidden_state
         assert relative_error(ours(ids), expected) < 1e-4
@@ -93,7 +102,8 @@ def test_t5_encoder_matches_transformers(layout, tmp_path):
 def test_relative_position_buckets_match_transformers():
     offsets = torch.arange(-300, 301)
     from transformers.models.t5.modeling_t5 import T5Attention
-    expected = T5Attention._relative_position_bucket(offsets, bidirectional=True, num_buckets=32, max_distance=128)
+    expected = T5Attention._relative_position_bucket(offsets, bidirectional=True, num_buckets=32,
+                                                     max_distance=128)
     assert torch.equal(relative_position_bucket(offsets, 32, 128), expected)
 
 
@@ -115,11 +125,13 @@ def test_prompt_embedding_layout():
 
 
 def open_clip_tokenizer_module():
-    """open_clip's tokenizer.py alone: importing the package pulls torchvision, which the tests do not need."""
+    """open_clip's tokenizer.py alone: importing the package pulls torchvision, which the tests do
+    not need."""
     import importlib.util
     spec = importlib.util.find_spec("open_clip")
     if spec is None:
-        pytest.fail("open_clip is missing: pip install --no-deps open_clip_torch (see requirements-dev.txt)")
+        pytest.fail("open_clip is missing: pip install --no-deps open_clip_torch (see "
+                    "requirements-dev.txt)")
     path = os.path.join(spec.submodule_search_locations[0], "tokenizer.py")
     module_spec = importlib.util.spec_from_file_location("open_clip_tokenizer", path)
     module = importlib.util.module_from_spec(module_spec)
@@ -128,21 +140,24 @@ def open_clip_tokenizer_module():
 
 
 def varied_strings(words, n, seed=0):
-    """n strings of 0-40 words (every tenth up to 90: past the length limit) joined by assorted whitespace."""
+    """n strings of 0-40 words (every tenth up to 90: past the length limit) joined by assorted
+    whitespace."""
     rng = random.Random(seed)
     strings = ["".join(rng.choice(words) + rng.choice([" ", "  ", "\t", "\n", "", " "])
                        for _ in range(rng.randint(0, 90 if i % 10 == 0 else 40))) for i in range(n)]
     return strings + ["", "   ", "A", "ALL CAPS", "x" * 300]
 
 
-CLIP_WORDS = ("a photo of an astronaut riding horse on mars, 4k HDR!! don't it's we'll they've I'm you'd DSLR "
-              "35mm f/1.8 café naïve Ünïcödé 東京 タワー 🐱🚀 “quoted” ‘single’ &amp; &lt;b&gt; ﬁne ＡＢＣ１２３ "
-              "<|endoftext|> ... --- ### (x) [y] {z} 1,000,000 3.14159 e=mc² ½ über-cool self-driving O'Neil").split(" ")
+CLIP_WORDS = ("a photo of an astronaut riding horse on mars, 4k HDR!! don't it's we'll they've I'm "
+              "you'd DSLR " "35mm f/1.8 café naïve Ünïcödé 東京 タワー "
+              "🐱🚀 “quoted” ‘single’ &amp; " "&lt;b&gt; ﬁne ＡＢＣ１２３ "
+              "<|endoftext|> ... --- ### (x) [y] {z} 1,000,000 3.14159 "
+              "e=mc² ½ über-cool self-driving O'Neil").split(" ")
 
 
 def test_clip_tokenizer_matches_open_clip(tmp_path):
-    """Our BPE, reading vocab.json + merges.txt as SD3's tokenizer folders hold them, written from open_clip's
-    own vocabulary file; CLIP-G's padding ("!", id 0) is open_clip's."""
+    """Our BPE, reading vocab.json + merges.txt as SD3's tokenizer folders hold them, written from
+    open_clip's own vocabulary file; CLIP-G's padding ("!", id 0) is open_clip's."""
     module, vocab_file = open_clip_tokenizer_module()
     reference = module.SimpleTokenizer()
     merges = gzip.open(vocab_file).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
@@ -151,8 +166,10 @@ def test_clip_tokenizer_matches_open_clip(tmp_path):
     vocab += ["<|startoftext|>", "<|endoftext|>"]
     folder = tmp_path / "tokenizer_2"
     folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(vocab)}), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
+    (folder / "vocab.json").write_text(json.dumps({s: i for i, s in enumerate(vocab)}),
+                                       encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n",
+                                       encoding="utf-8")
     (folder / "special_tokens_map.json").write_text(json.dumps({"pad_token": "!"}))
     ours = CLIPTokenizer.from_folder(str(folder))
     strings = varied_strings(CLIP_WORDS, 400)
@@ -160,36 +177,48 @@ def test_clip_tokenizer_matches_open_clip(tmp_path):
     assert not mismatched, f"{len(mismatched)} of {len(strings)} differ, e.g. {mismatched[0]!r}"
     assert ours(["a photo"]).shape == (1, 77)
     (folder / "special_tokens_map.json").unlink()  # CLIP-L's folder: pad with the end token
-    assert CLIPTokenizer.from_folder(str(folder))(["a photo"])[0, -1].item() == vocab.index("<|endoftext|>")
+    assert (CLIPTokenizer.from_folder(str(folder))(["a photo"])[0, -1].item()
+            == vocab.index("<|endoftext|>"))
 
 
-T5_WORDS = ("the DRM scores noisy latents ÆØÅ 漢字 ﬁne ＡＢＣ１２３ café 🐱 x tab\tnew\nline 3.14 don't <unk> </s> ▁ "
-            "under_score a\u00a0b c\u3000d e\rf g\u200bh Ⅻ ①").split(" ")
+T5_WORDS = ("the DRM scores noisy latents ÆØÅ 漢字 ﬁne ＡＢＣ１２３ café 🐱 "
+            "x tab\tnew\nline 3.14 don't "
+            "<unk> </s> ▁ " "under_score a\u00a0b c\u3000d e\rf g\u200bh Ⅻ ①").split(" ")
 
 
 def test_t5_tokenizer_matches_sentencepiece(tmp_path):
-    """A unigram model trained here on this repository's README (T5's special ids: pad 0, </s> 1, unk 2), read
-    from its spiece.model and from a tokenizer.json holding the same pieces and normalisation rules."""
+    """A unigram model trained here on this repository's README (T5's special ids: pad 0, </s> 1,
+    unk 2), read from its spiece.model and from a tokenizer.json holding the same pieces and
+    normalisation rules."""
     spm = pytest.importorskip("sentencepiece")
-    lines = [line for line in open(os.path.join(os.path.dirname(__file__), "..", "README.md")) if line.strip()]
+    lines = [line for line in open(os.path.join(os.path.dirname(__file__), "..", "README.md"))
+             if line.strip()]
     model = io.BytesIO()
-    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model, vocab_size=400,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2)
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=model,
+                                   vocab_size=400,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+                                   minloglevel=2)
     (tmp_path / "spiece.model").write_bytes(model.getvalue())
     reference = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    normalizer = dict(read_protobuf(dict(read_protobuf(model.getvalue()))[3]))   # the model's field 3, its rules
+    # the model's field 3, its rules
+    normalizer = dict(read_protobuf(dict(read_protobuf(model.getvalue()))[3]))
     (tmp_path / "tokenizer.json").write_text(json.dumps({
-        "added_tokens": [{"id": i, "content": p, "special": True} for i, p in enumerate(["<pad>", "</s>", "<unk>"])],
+        "added_tokens": [{"id": i, "content": p, "special": True}
+                         for i, p in enumerate(["<pad>", "</s>", "<unk>"])],
         "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "Precompiled", "precompiled_charsmap": base64.b64encode(normalizer[2]).decode()}]},
-        "model": {"type": "Unigram", "unk_id": 2, "vocab": [[reference.id_to_piece(i), reference.get_score(i)]
-                                                            for i in range(reference.get_piece_size())]}}))
+            {"type": "Precompiled",
+             "precompiled_charsmap": base64.b64encode(normalizer[2]).decode()}]},
+        "model": {"type": "Unigram", "unk_id": 2,
+                  "vocab": [[reference.id_to_piece(i), reference.get_score(i)]
+                            for i in range(reference.get_piece_size())]}}))
     length = 64
     for path in ("spiece.model", "tokenizer.json"):
         ours = T5Tokenizer.from_file(str(tmp_path / path), length=length)
         for text in varied_strings(T5_WORDS, 300):
-            expected = reference.encode(text)[:length - 1] + [1]                 # truncated, then </s>
-            assert ours([text])[0].tolist() == expected + [0] * (length - len(expected)), (path, text)
+            # truncated, then </s>
+            expected = reference.encode(text)[:length - 1] + [1]
+            assert ours([text])[0].tolist() == expected + [0] * (length - len(expected)), (path,
+                                                                                           text)
 
 
 def test_broken_tokenizer_files_are_named(tmp_path):

@@ -1,5 +1,5 @@
-"""The teaching promises: the reading path's size, short functions, no dead code, no import cycle, the student copy,
-the sweep."""
+"""The teaching promises: the reading path's size, short functions, no dead code, no import cycle,
+the student copy, the sweep."""
 import ast
 import os
 import re
@@ -13,7 +13,8 @@ from assignments.make_student_copy import EXERCISES, blank, make_student_copy
 from bench.sweep import flatten, parse_grid
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-READING_PATH = ("model.py", "reward.py", "grpo.py", "sample.py", "train_reward.py", "train_policy.py")
+READING_PATH = ("model.py", "reward.py", "grpo.py", "sample.py", "train_reward.py",
+                "train_policy.py")
 BUDGET = 2000
 
 
@@ -24,47 +25,59 @@ def lines_of_code(path):
 
 
 def test_reading_path_fits_its_budget_and_the_readme_table_is_near():
-    """The budget holds; the README's table is within 10% (and 15 lines) of each file's count, so a small
-    edit does not break it but a stale table does."""
+    """The budget holds; the README's table is within 10% (and 15 lines) of each file's count, so a
+    small edit does not break it but a stale table does."""
     counts = {name: lines_of_code(os.path.join(ROOT, name)) for name in READING_PATH}
-    assert sum(counts.values()) <= BUDGET, f"the reading path has {sum(counts.values())} lines of code, budget {BUDGET}"
+    assert sum(counts.values()) <= BUDGET, (f"the reading path has {sum(counts.values())} lines "
+                                            f"of code, budget {BUDGET}")
     readme = open(os.path.join(ROOT, "README.md")).read()
     section = readme[readme.index("## Read the code"):]
     section = section[:section.index("\n## ", 1)]
     rows = dict(re.findall(r"^\| \d\. `(\w+\.py)` \| (\d+) \|", section, re.M))
     assert list(rows) == list(READING_PATH), "the README's reading order"
     for name, count in counts.items():
-        assert abs(int(rows[name]) - count) <= max(15, count // 10), f"update the README's 'Read the code' row of {name}"
+        assert abs(int(rows[name]) - count) <= max(15, count // 10), ("update the README's 'Read "
+                                                                      f"the code' row of {name}")
     total = re.search(r"^\| \| \*\*(\d+)\*\* \|", section, re.M)
-    assert total and abs(int(total.group(1)) - sum(counts.values())) <= max(15, sum(counts.values()) // 10)
+    assert total and abs(int(total.group(1)) - sum(counts.values())) <= max(15,
+        sum(counts.values()) // 10)
 
 
 def test_reading_path_has_no_unused_code_and_short_lines():
-    ruff = shutil.which("ruff") or pytest.fail("ruff is missing: pip install -r requirements-dev.txt")
-    rules = "F401,F811,F841,F842,ARG,ERA001,E501"  # unused imports, names, arguments; commented-out code; long lines
-    result = subprocess.run([ruff, "check", "--no-cache", "--line-length", "100", "--select", rules, *READING_PATH],
+    ruff = shutil.which("ruff") or pytest.fail("ruff is missing: pip install -r "
+                                               "requirements-dev.txt")
+    # unused imports, names, arguments; commented-out code; long lines
+    rules = "F401,F811,F841,F842,ARG,ERA001,E501"
+    result = subprocess.run([ruff, "check", "--no-cache", "--line-length", "100", "--select", rules,
+                             *READING_PATH],
                             cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
 
 
 def test_reading_path_functions_are_short():
-    """No function of the reading path is longer than 60 lines, but the two training scripts' main (80)."""
+    """No function of the reading path is longer than 60 lines, but the two training scripts' main
+    (80)."""
     for name in READING_PATH:
         for node in ast.walk(ast.parse(open(os.path.join(ROOT, name)).read())):
             if isinstance(node, ast.FunctionDef):
-                limit = 80 if (name, node.name) in {("train_reward.py", "main"), ("train_policy.py", "main")} else 60
-                assert node.end_lineno - node.lineno + 1 <= limit, f"{name}: {node.name} is longer than {limit} lines"
+                limit = 80 if (name, node.name) in {("train_reward.py", "main"),
+                                                    ("train_policy.py", "main")} else 60
+                assert node.end_lineno - node.lineno + 1 <= limit, (f"{name}: {node.name} is "
+                                                                    f"longer than {limit} lines")
 
 
 def project_imports():
-    """{module: [(imported project module, inside a function?)]} for every .py file of the project, read with ast."""
+    """{module: [(imported project module, inside a function?)]} for every .py file of the project,
+    read with ast."""
     files = [os.path.relpath(os.path.join(folder, f), ROOT) for folder, dirs, names in os.walk(ROOT)
-             for f in names if f.endswith(".py") and not {".git", "out", "tests"} & set(folder[len(ROOT):].split(os.sep))]
+             for f in names if f.endswith(".py")
+             and not {".git", "out", "tests"} & set(folder[len(ROOT):].split(os.sep))]
     modules = {path[:-3].replace(os.sep, "."): path for path in files}
     edges = {}
     for module, path in modules.items():
         tree = ast.parse(open(os.path.join(ROOT, path)).read())
-        functions = [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+        functions = [node for node in ast.walk(tree)
+                     if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
         inside = {id(n) for f in functions for n in ast.walk(f)}
         found = []
         for node in ast.walk(tree):
@@ -80,9 +93,11 @@ def project_imports():
 
 def test_the_project_imports_have_no_cycle_and_common_is_a_leaf():
     edges = project_imports()
-    assert edges["common"] == [], f"common.py imports {edges['common']}: it must import no project module"
+    assert edges["common"] == [], (f"common.py imports {edges['common']}: it must import no "
+                                   "project module")
     lazy = {(module, target) for module, found in edges.items() for target, inner in found if inner}
-    # the one deliberate lazy import: the SD3 plumbing, which the toy never needs (base.load_base says why)
+    # the one deliberate lazy import: the SD3 plumbing, which the toy never needs (base.load_base
+    # says why)
     assert lazy == {("base", "sd3.pipeline")}, f"project imports inside functions: {sorted(lazy)}"
     graph = {module: {target for target, _ in found} for module, found in edges.items()}
     state = {}
@@ -90,14 +105,16 @@ def test_the_project_imports_have_no_cycle_and_common_is_a_leaf():
     def visit(module, path):
         state[module] = "open"
         for target in sorted(graph[module]):
-            assert state.get(target) != "open", f"an import cycle: {' -> '.join(path + [module, target])}"
+            assert state.get(target) != "open", ("an import cycle: "
+                                                 f"{' -> '.join(path + [module, target])}")
             if target not in state:
                 visit(target, path + [module])
         state[module] = "done"
     for module in sorted(graph):
         if module not in state:
             visit(module, [])
-    assert {"model", "grpo", "sample", "base", "sd3.pipeline", "data.world"} <= set(graph)  # the walk saw the project
+    # the walk saw the project
+    assert {"model", "grpo", "sample", "base", "sd3.pipeline", "data.world"} <= set(graph)
 
 
 # -----------------------------------------------------------------------------
@@ -105,12 +122,15 @@ def test_the_project_imports_have_no_cycle_and_common_is_a_leaf():
 
 
 def test_blank_replaces_only_the_chosen_regions_and_keeps_indentation():
-    text = ("def f(x):\n    # BEGIN SOLUTION ex3_sde_step: mind sigma = 1\n    y = x + 1\n    return y\n"
-            "    # END SOLUTION\n\ndef g():\n    # BEGIN SOLUTION ex4_grpo: clip it\n    return 2\n    # END SOLUTION\n")
+    text = ("def f(x):\n    # BEGIN SOLUTION ex3_sde_step: mind sigma = 1\n    y = x + 1\n    "
+            "return y\n" "    # END SOLUTION\n\ndef g():\n    # BEGIN SOLUTION ex4_grpo: clip it\n "
+                "   return 2\n    # END SOLUTION\n")
     student, blanked = blank(text, ["ex3_sde_step"])
     assert blanked == ["ex3_sde_step"]
-    assert student == ("def f(x):\n    raise NotImplementedError('ex3_sde_step: mind sigma = 1')\n\n"
-                       "def g():\n    # BEGIN SOLUTION ex4_grpo: clip it\n    return 2\n    # END SOLUTION\n")
+    assert student == ("def f(x):\n    raise NotImplementedError('ex3_sde_step: mind sigma = "
+                       "1')\n\n"
+                       "def g():\n    # BEGIN SOLUTION ex4_grpo: clip it\n    return 2\n    # END "
+                           "SOLUTION\n")
     namespace = {}
     exec(student, namespace)
     with pytest.raises(NotImplementedError, match="mind sigma"):
@@ -123,8 +143,9 @@ def test_blank_replaces_only_the_chosen_regions_and_keeps_indentation():
     ("# BEGIN SOLUTION ex1_flow_matching: a\nx = 1\n", "never closed"),
     ("x = 1\n# END SOLUTION\n", "without a BEGIN"),
     ("# BEGIN SOLUTION ex9_nothing: a\n# END SOLUTION\n", "unknown exercise"),
-    ("# BEGIN SOLUTION ex2_drm: a\n# BEGIN SOLUTION ex2_drm: b\n# END SOLUTION\n", "inside the region"),
-], ids=["unclosed", "end without begin", "unknown exercise", "nested"])  # ids without exercise names: -k grades by them
+    ("# BEGIN SOLUTION ex2_drm: a\n# BEGIN SOLUTION ex2_drm: b\n# END SOLUTION\n", "inside the "
+     # ids without exercise names: -k grades by them
+     "region"),], ids=["unclosed", "end without begin", "unknown exercise", "nested"])
 def test_malformed_markers_name_the_line(text, problem):
     with pytest.raises(ValueError, match=problem):
         blank(text, EXERCISES, "f.py")
@@ -133,8 +154,8 @@ def test_malformed_markers_name_the_line(text, problem):
 def test_every_exercise_has_regions_a_page_and_graded_tests():
     code = "".join(open(os.path.join(ROOT, name)).read() for name in READING_PATH)
     pages = os.listdir(os.path.join(ROOT, "assignments"))
-    tests = "".join(open(os.path.join(ROOT, "tests", name)).read() for name in os.listdir(os.path.join(ROOT, "tests"))
-                    if name.endswith(".py"))
+    tests = "".join(open(os.path.join(ROOT, "tests", name)).read()
+                    for name in os.listdir(os.path.join(ROOT, "tests")) if name.endswith(".py"))
     for exercise in EXERCISES:
         assert f"# BEGIN SOLUTION {exercise}:" in code
         assert any(page.startswith(exercise) and page.endswith(".md") for page in pages), exercise
@@ -142,20 +163,24 @@ def test_every_exercise_has_regions_a_page_and_graded_tests():
 
 
 def failing_tests(folder):
-    """Run the suite in folder (all but this file) -> the node ids that failed or errored (read from JUnit XML:
-    parametrised ids may hold spaces, which pytest's one-line summary does not delimit)."""
+    """Run the suite in folder (all but this file) -> the node ids that failed or errored (read from
+    JUnit XML: parametrised ids may hold spaces, which pytest's one-line summary does not
+    delimit)."""
     import xml.etree.ElementTree as ET
     report = os.path.join(folder, "report.xml")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={report}",
-                             "tests", "--deselect", "tests/test_teaching.py"], cwd=folder, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                             f"--junitxml={report}", "tests", "--deselect",
+                             "tests/test_teaching.py"], cwd=folder,
+                             capture_output=True, text=True)
     assert os.path.exists(report), result.stdout[-3000:] + result.stderr[-3000:]
     return {case.get("classname").replace(".", "/") + ".py::" + case.get("name")
-            for case in ET.parse(report).iter("testcase") if case.find("failure") is not None or case.find("error") is not None}
+            for case in ET.parse(report).iter("testcase") if case.find("failure") is not None
+            or case.find("error") is not None}
 
 
 def test_reference_copy_is_this_repository(tmp_path):
-    """With no exercise blanked the writer copies the code unchanged: the reference copy is this repository,
-    whose full suite (the graded tests included) is what CI runs."""
+    """With no exercise blanked the writer copies the code unchanged: the reference copy is this
+    repository, whose full suite (the graded tests included) is what CI runs."""
     out = tmp_path / "reference"
     assert make_student_copy(str(out), exercises=()) == {}
     for name in os.listdir(ROOT):
@@ -164,14 +189,16 @@ def test_reference_copy_is_this_repository(tmp_path):
 
 
 def test_student_copy_fails_exactly_the_graded_tests(tmp_path):
-    """Blank every exercise: the failures are exactly the tests `-k exN_...` selects, and every other test passes."""
+    """Blank every exercise: the failures are exactly the tests `-k exN_...` selects, and every
+    other test passes."""
     out = str(tmp_path / "student")
     counts = make_student_copy(out)
     assert all(n >= 1 for n in counts.values()), counts
     student_code = "".join(open(os.path.join(out, name)).read() for name in READING_PATH)
     assert "BEGIN SOLUTION" not in student_code and "stepwise_advantages" in student_code
-    graded = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                             "-k", " or ".join(EXERCISES), "tests", "--deselect", "tests/test_teaching.py"],
+    graded = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p",
+                             "no:cacheprovider", "-k", " or ".join(EXERCISES), "tests",
+                             "--deselect", "tests/test_teaching.py"],
                             cwd=ROOT, capture_output=True, text=True).stdout
     graded = {line.strip() for line in graded.splitlines() if "::" in line}
     failed = failing_tests(out)
@@ -197,8 +224,8 @@ def test_sweep_tables_the_mean_and_spread_over_seeds(tmp_path):
     script = tmp_path / "fake_train.py"
     script.write_text(FAKE_SCRIPT)
     out = tmp_path / "sweep"
-    command = [sys.executable, os.path.join(ROOT, "bench", "sweep.py"), f"--script={script}", "--grid=width=1,3",
-               "--seeds=0,1", "--metric=test.0.5.acc", f"--out_dir={out}"]
+    command = [sys.executable, os.path.join(ROOT, "bench", "sweep.py"), f"--script={script}",
+               "--grid=width=1,3", "--seeds=0,1", "--metric=test.0.5.acc", f"--out_dir={out}"]
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     # final values: width + seed -> width=1: 1, 2 (mean 1.5, sample std 0.7071); width=3: 3, 4
@@ -209,15 +236,18 @@ def test_sweep_tables_the_mean_and_spread_over_seeds(tmp_path):
     # a second call runs nothing again (every run left its `done`) and gives the same table
     again = subprocess.run(command, capture_output=True, text=True)
     assert "$ " not in again.stdout and (out / "results.md").read_text() == table
-    bad = subprocess.run(command[:-2] + ["--metric=nope", f"--out_dir={out}"], capture_output=True, text=True)
+    bad = subprocess.run(command[:-2] + ["--metric=nope", f"--out_dir={out}"], capture_output=True,
+                         text=True)
     assert bad.returncode != 0 and bad.stderr.startswith("error:") and "test.0.5.acc" in bad.stderr
 
 
 def test_sweep_parses_grids_and_flattens_metrics():
-    assert parse_grid("credit=stepwise,sparse;k=2,4") == [("credit", ["stepwise", "sparse"]), ("k", ["2", "4"])]
+    assert parse_grid("credit=stepwise,sparse;k=2,4") == [("credit", ["stepwise", "sparse"]),
+                                                          ("k", ["2", "4"])]
     with pytest.raises(ValueError, match="flag=value1"):
         parse_grid("credit")
-    assert flatten({"gold": 1, "test": {"0.5": {"gold_accuracy": 0.7}}}) == {"gold": 1, "test.0.5.gold_accuracy": 0.7}
+    assert flatten({"gold": 1, "test": {"0.5": {"gold_accuracy": 0.7}}}) == {"gold": 1,
+        "test.0.5.gold_accuracy": 0.7}
 
 
 @pytest.mark.parametrize("script, args, says", [
@@ -228,7 +258,9 @@ def test_sweep_parses_grids_and_flattens_metrics():
 ], ids=["no metrics", "run fails", "bad seeds", "bad grid"])
 def test_sweep_bad_input_gives_one_clear_line(script, args, says, tmp_path):
     (tmp_path / "fake.py").write_text(script)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sweep.py"), f"--script={tmp_path / 'fake.py'}",
-                             *args, f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True)
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "sweep.py"),
+                             f"--script={tmp_path / 'fake.py'}", *args,
+                             f"--out_dir={tmp_path / 'out'}"], capture_output=True, text=True)
     assert result.returncode != 0 and "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith("error:") and says in result.stderr, result.stderr
+    assert (result.stderr.strip().splitlines()[-1].startswith("error:")
+            and says in result.stderr), result.stderr

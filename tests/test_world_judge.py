@@ -1,4 +1,5 @@
-"""The toy world and the simulated annotator, each checked against a reference computed another way."""
+"""The toy world and the simulated annotator, each checked against a reference computed another
+way."""
 import math
 from collections import deque
 
@@ -12,7 +13,8 @@ from data.world import (HELDOUT_PROMPTS, SLANT, THICKNESS, caption, load_world, 
 
 
 def bar(width, length, shear=0.0, size=32):
-    """A white bar on black, `width` px wide and `length` px tall, its x shifted by `shear` px per px of height."""
+    """A white bar on black, `width` px wide and `length` px tall, its x shifted by `shear` px per
+    px of height."""
     img = -torch.ones(1, 1, size, size)
     top = (size - length) // 2
     for row in range(top, top + length):
@@ -123,7 +125,9 @@ def test_gold_prefers_the_right_digit_and_clean_strokes(judge):
     world = load_world()
     images, captions = world["images"][:64], world["captions"][:64]
     right = judge.gold(images, captions)
-    wrong = judge.gold(images, [c.replace(str(d), str((d + 1) % 10)) for c, d in zip(captions, world["labels"][:64].tolist())])
+    wrong = judge.gold(images,
+                       [c.replace(str(d), str((d + 1) % 10)) for c,
+                        d in zip(captions, world["labels"][:64].tolist())])
     assert (right > wrong).float().mean() > 0.95
     # grey mush: the same digits at half contrast lose the blur term, nothing else changes much
     blurred = judge.score(images * 0.5, captions)
@@ -131,11 +135,13 @@ def test_gold_prefers_the_right_digit_and_clean_strokes(judge):
     # a speck far from the digit costs points
     specked = images.clone()
     specked[:, :, 1, 1] = 1.0
-    assert (judge.score(specked, captions)["specks"] >= judge.score(images, captions)["specks"] + 1).all()
+    assert (judge.score(specked, captions)["specks"] >= judge.score(images,
+                                                                    captions)["specks"] + 1).all()
 
 
 def test_bradley_terry_preference_rate_is_sigmoid_of_the_gap():
-    judge = Judge(classifier=torch.nn.Identity(), temperature=0.5)  # the labeller needs no classifier
+    # the labeller needs no classifier
+    judge = Judge(classifier=torch.nn.Identity(), temperature=0.5)
     g = torch.Generator().manual_seed(0)
     n = 40000
     for gap in (-2.0, -0.5, 0.0, 0.3, 1.5):
