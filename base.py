@@ -3,46 +3,70 @@ interface.
 
     base = load_base(cfg, device) # cfg: the ModelFlags below (--model, --base, --ckpt_dir, ...)
 
-The method's files (sample.py, train_reward.py, train_policy.py) ask a base for these, and never ask
-which world they are in:
-
-| | the toy: `ToyBase` (below) | SD3: `SD3Base` (sd3/pipeline.py) |
-|---|---|---|
-| `dit`, `latent_size` | the tiny DiT of --base; 32 (pixels) | the pipeline's transformer;
-resolution / 8 |
-| `train_prompts(path)` | a file, or data/world.py's 80 captions | a file (required) |
-| `heldout_prompts(path, train)` | a file, or the 10 held-out captions | a file, or the first 8
-training prompts |
-| `prepare(prompts, cache_dir, text)` | nothing | each prompt embedded once (a disk cache; a DRM's
-text side if given), then the encoders and VAE leave the GPU |
-| `drm_text(t5_tokens)` | the one encoder | the encoders, T5 padded to t5_tokens (the DRM
-repository's: 512) |
-| `encode(prompts)` | the toy text encoder (word ids) | the embeddings looked up (CLIP-L, CLIP-G and
-T5, SD3's) |
-| `finish(x)`, `to_images(x)` | pixels clamped to [-1, 1]; the same | latents as they are; the VAE's
-decoding |
-| `judge(images, prompts)` | the simulated annotator's scores of each image (gold, ...) | {} (no
-annotator) |
-| `pair_tensors(pairs, cache, resize)` | the PNGs, checked against the DiT's size | VAE posteriors,
-each image encoded once, cached |
-| `shift` | 1 | its scheduler's (SD3, SD3.5: 3) |
-| `load_drm(path)`, `save_drm(...)` | the DRM file carries the toy text encoder | the pipeline's
-encoders, not stored again |
-| `save_policy(out_dir, state, ...)` | out_dir/model.safetensors, LoRA folded (a --base) |
-out_dir/lora (diffusers' LoRA format), or out_dir/transformer |
-
-`encode` returns (cond, uncond): the prompts' (context, pooled) and the empty prompt's at the same
-batch size, for classifier-free guidance (SD3 looks the empty prompt up once and expands it; the toy
-encodes it per row, which keeps its published figures bitwise: its encoder's rounding depends on the
-batch).
+The method's files (sample.py, train_reward.py, train_policy.py) ask a base for the members of
+`Base` below, and never ask which world they are in: the toy (`data.toy.ToyBase`, 32x32 pixels, a
+simulated annotator) or SD3 (`sd3.pipeline.SD3Base`, latents of a public pipeline, no annotator).
 """
 import dataclasses
+from typing import Protocol
 
 from common import UserError
 
 # "sd3": any SD3-family DiT, config from its weights
 SD3_MODELS = ("sd3", "sd3-medium", "sd3.5-medium", "sd3.5-large")
 ANNOTATED = ("toy",)  # the worlds with a simulated annotator (sample.py --eval needs one)
+
+
+class Base(Protocol):
+    """What a base model gives the scripts; each member says what the toy and SD3 do."""
+    dit: object          # the DiT (toy: the tiny one of --base; SD3: the pipeline's transformer)
+    latent_size: int     # the side of its latent grid (toy: 32 pixels; SD3: resolution / 8)
+    shift: float         # the sampling grid's shift (toy: 1; SD3: its scheduler's, SD3.5: 3)
+
+    def train_prompts(self, path):
+        """A prompt file's lines (toy: data/world.py's 80 captions when path is ""; SD3: a file is
+        required)."""
+
+    def heldout_prompts(self, path, train_prompts):
+        """The evaluation prompts (toy: the 10 held-out captions; SD3: a file, or the first 8 of
+        train_prompts)."""
+
+    def prepare(self, prompts, cache_dir="", text=None):
+        """SD3: embed each prompt once (a disk cache; a DRM's text side if given), then move the
+        encoders and the VAE off the GPU. The toy: nothing."""
+
+    def drm_text(self, t5_tokens):
+        """The DRM's text side (toy: the one encoder; SD3: the encoders, T5 padded to t5_tokens,
+        the DRM repository's 512)."""
+
+    def encode(self, prompts):
+        """-> (cond, uncond): the prompts' (context, pooled) and the empty prompt's at the same
+        batch size, for guidance. SD3 looks embeddings up and expands the empty prompt's; the toy
+        encodes the empty prompt per row, which keeps its published figures bitwise (its encoder's
+        rounding depends on the batch)."""
+
+    def finish(self, x):
+        """A sample at sigma 0 as the DRM sees it (toy: pixels clamped to [-1, 1]; SD3: as is)."""
+
+    def to_images(self, x):
+        """Samples -> images in [-1, 1] (toy: the pixels; SD3: the VAE's decoding)."""
+
+    def judge(self, images, prompts):
+        """The annotator's scores of each image, {"gold": ..., ...} (SD3: {}, no annotator)."""
+
+    def pair_tensors(self, pairs, cache_dir, resize="crop"):
+        """Preference images as the DRM's inputs (toy: the PNGs, checked against the DiT's size;
+        SD3: VAE posteriors, each image encoded once and cached)."""
+
+    def load_drm(self, path, device):
+        """A DRM file (toy: it carries the toy text encoder; SD3: the pipeline's encoders)."""
+
+    def save_drm(self, path, drm, step, meta, dtype=None):
+        """Write a DRM file read back by load_drm."""
+
+    def save_policy(self, out_dir, state, config, lora_rank, step):
+        """A trained policy (toy: out_dir/model.safetensors, LoRA folded, a --base; SD3:
+        out_dir/lora in diffusers' LoRA format, or out_dir/transformer)."""
 
 
 @dataclasses.dataclass
@@ -67,18 +91,16 @@ class ModelFlags:
     lora: str = ""
 
 
-
 def check_model_flags(cfg):
     """The ModelFlags' values, before anything is loaded."""
     if cfg.model != "toy" and cfg.model not in SD3_MODELS:
         raise UserError(f"--model={cfg.model}: choose toy or one of {', '.join(SD3_MODELS)}")
     if cfg.model != "toy" and not cfg.ckpt_dir:
         raise UserError(f"--model={cfg.model} needs --ckpt_dir: a diffusers pipeline folder or a "
-                        f"Stability .safetensors")
+                        "Stability .safetensors")
     if cfg.model == "toy" and cfg.lora:
         raise UserError("--lora is for SD3 models; a toy policy trained with LoRA is saved whole: "
                         "pass it as --base")
-
 
 
 def load_base(cfg, device):

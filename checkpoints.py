@@ -1,6 +1,5 @@
-"""Checkpoints and run folders: safetensors files with their config and step, written atomically; a
-run's
---out_dir held by one run; resume checks; graceful stops; non-finite guards; image grids.
+"""Checkpoints and run folders: safetensors files with their config and step, written atomically;
+a run's --out_dir held by one run; resume checks; graceful stops; non-finite guards; image grids.
 
 A checkpoint is written to a temporary file and renamed, so an interrupt never leaves half a file; a
 run never saves a diverged model (non-finite values stop it first), its folder belongs to one run,
@@ -48,8 +47,9 @@ def check_finite(value, step, what, advice):
                                  f"were not saved; {advice}")
     elif any_rank(not torch.isfinite(value).all()):
         raise NonFiniteError(f"the {what} is "
-            f"{value.item() if value.numel() == 1 else 'not finite'} at step {step} "
-                             f"(on this or another rank): nothing from it was saved; {advice}")
+                             f"{value.item() if value.numel() == 1 else 'not finite'} at step "
+                             f"{step} (on this or another rank): nothing from it was saved; "
+                             f"{advice}")
 
 
 def check_weights(module, step, advice):
@@ -60,8 +60,8 @@ def check_weights(module, step, advice):
            if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
     if any_rank(bad):
         raise NonFiniteError(f"weights are not finite after step {step} "
-                             f"({', '.join(bad[:3]) or 'on another rank'}): "
-                             f"they were not saved; {advice}")
+                             f"({', '.join(bad[:3]) or 'on another rank'}): they were not saved; "
+                             f"{advice}")
 
 
 class RunDir:
@@ -90,13 +90,13 @@ class RunDir:
             raise UserError(f"--out_dir={self.path} is a file; give a folder")
         if self.resume and not os.path.isdir(self.path):  # refused before any folder is made
             raise UserError(f"--resume: {os.path.join(self.path, 'train_state.pt')} does not exist "
-                            f"(no run has saved there)")
+                            "(no run has saved there)")
         try:
             os.makedirs(self.path, exist_ok=True)
             self._take_lock()
         except OSError as e:
             raise UserError(f"--out_dir={self.path} cannot be written ({e.strerror or e}); choose "
-                            f"another folder") from None
+                            "another folder") from None
         try:
             self._check_fresh()
             for name in os.listdir(self.path):
@@ -125,9 +125,8 @@ class RunDir:
                     os.remove(lock)  # its process is gone (killed): a stale lock
                     continue
                 raise UserError(f"--out_dir={self.path} is in use by another run (pid "
-                                f"{other.get('pid')} on "
-                                f"{other.get('host')}, started {other.get('started')}); wait for "
-                                f"it, or choose another "
+                                f"{other.get('pid')} on {other.get('host')}, started "
+                                f"{other.get('started')}); wait for it, or choose another "
                                 f"--out_dir (if that run is gone, delete {lock})") from None
             with os.fdopen(fd, "w") as f:
                 f.write(mine)
@@ -140,8 +139,8 @@ class RunDir:
             return
         if not self.overwrite:
             raise UserError(f"--out_dir={self.path} holds an earlier run ({', '.join(used)}): "
-                            f"continue it with --resume, "
-                            "start afresh there with --overwrite, or choose another --out_dir")
+                            "continue it with --resume, start afresh there with --overwrite, or "
+                            "choose another --out_dir")
         for name in os.listdir(self.path):
             if name in self.outputs or name.startswith("samples_"):
                 path = os.path.join(self.path, name)
@@ -164,8 +163,7 @@ class RunDir:
         """What a user does after a divergence: back to the last good checkpoint, or afresh."""
         if self.last_saved is not None:
             return (f"the last good checkpoint (step {self.last_saved}) is in {self.path}: "
-                    f"continue from it with a lower "
-                    "--lr (or --grad_clip) and --resume")
+                    "continue from it with a lower --lr (or --grad_clip) and --resume")
         return ("no checkpoint was saved; start again with a lower --lr (or --grad_clip) and "
                 "--overwrite")
 
@@ -204,10 +202,9 @@ def check_resumed_config(saved, cfg, may_change):
     fields = {f.name: f for f in dataclasses.fields(cfg)}
     unknown = sorted(set(saved) - set(fields))
     if unknown:
-        raise CheckpointError(f"--resume: the saved run has flags this version does not know "
-                              f"({', '.join(unknown)}): "
-                              "it was written by another version of nanoDRM; resume it with that "
-                              "version")
+        raise CheckpointError("--resume: the saved run has flags this version does not know "
+                              f"({', '.join(unknown)}): it was written by another version of "
+                              "nanoDRM; resume it with that version")
     defaults = type(cfg)()
     changed, refused = {}, []
     for name in fields:
@@ -220,9 +217,8 @@ def check_resumed_config(saved, cfg, may_change):
             refused.append(f"--{name}={now} (the run has {before})")
     if refused:
         raise UserError(f"--resume would change what the experiment is: {'; '.join(refused)}. "
-                        f"Resume with the saved "
-                        f"flags, or start a new run in another --out_dir (may change on resume: "
-                        f"{', '.join('--' + n for n in sorted(may_change))})")
+                        "Resume with the saved flags, or start a new run in another --out_dir (may "
+                        f"change on resume: {', '.join('--' + n for n in sorted(may_change))})")
     for name, (before, now) in changed.items():
         if is_main_process():
             print(f"resume: --{name} {before} -> {now}")
@@ -320,8 +316,7 @@ def read_safetensors_header(path):
             return entries, f.metadata() or {}
     except SafetensorError as e:
         raise CheckpointError(f"{path} is not a readable safetensors file ({e}); the file is "
-                              f"damaged, truncated "
-                              "or of another format") from None
+                              "damaged, truncated or of another format") from None
 
 
 def read_tensor(entry):
@@ -341,7 +336,7 @@ def read_checkpoint(path, kind=None, how_to_make=""):
         meta = json.loads(metadata.get("meta", "{}"))
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: its metadata 'meta' (the config and step) is not JSON; the "
-                              f"file is damaged") from None
+                              "file is damaged") from None
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{path} is not a {kind} checkpoint (kind={meta.get('kind')!r}); "
                               f"{how_to_make}")
@@ -354,13 +349,12 @@ def config_from_meta(config_class, values, path):
     fields = {f.name: f for f in dataclasses.fields(config_class)}
     if not isinstance(values, dict):
         raise CheckpointError(f"{path}: its saved {config_class.__name__} is {values!r}, not a "
-                              f"dict of settings")
+                              "dict of settings")
     unknown = sorted(set(values) - set(fields))
     if unknown:
         raise CheckpointError(f"{path}: its {config_class.__name__} has fields this version does "
-                              f"not know "
-                              f"({', '.join(unknown)}): it was written by another version of "
-                              f"nanoDRM")
+                              f"not know ({', '.join(unknown)}): it was written by another version "
+                              "of nanoDRM")
     tuples = {name for name,
               f in fields.items() if f.default_factory is tuple or isinstance(f.default, tuple)}
     return config_class(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
@@ -376,8 +370,8 @@ def check_keys(expected, found, path, what, also_unexpected=()):
     if missing or unexpected or misshapen:
         def few(keys):
             return f"{len(keys)} ({', '.join(keys[:3])}{', ...' if len(keys) > 3 else ''})"
-        raise CheckpointError(f"{path} does not fit {what}: missing {few(missing)}, "
-                              f"unexpected {few(unexpected)}, wrong shape {few(misshapen)}")
+        raise CheckpointError(f"{path} does not fit {what}: missing {few(missing)}, unexpected "
+                              f"{few(unexpected)}, wrong shape {few(misshapen)}")
 
 
 def load_module(module, tensors, prefix, path):
@@ -399,11 +393,11 @@ def load_training_state(path, device):
     except Exception as e:  # truncated, overwritten, not a torch file: whatever torch.load trips on
         reason = (str(e).splitlines() or [""])[0][:200]
         raise CheckpointError(f"--resume: {path} cannot be read ({type(e).__name__}: {reason}); "
-                              f"the file is damaged: "
-                              "resume from a copy of it or start afresh with --overwrite") from None
+                              "the file is damaged: resume from a copy of it or start afresh with "
+                              "--overwrite") from None
     if not isinstance(state, dict) or not {"step", "config"} <= set(state):
         raise CheckpointError(f"--resume: {path} is not a train state of nanoDRM (no step and "
-                              f"config in it)")
+                              "config in it)")
     return state
 
 
@@ -417,8 +411,7 @@ def check_state_fits(path, name, module, saved, trained_only=False):
         expected = {k: v for k, v in expected.items() if k in trainable}
     check_keys(expected, {k: v.shape for k, v in saved.items()},
                path, f"this run's {name}; resume with the flags it was written with (saved in it "
-               f"under 'config') "
-               "or use a new --out_dir")
+                     "under 'config') or use a new --out_dir")
 
 
 def resume_training_state(path, device, config, may_change, **stateful):

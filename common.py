@@ -8,6 +8,7 @@ import contextlib
 import dataclasses
 import math
 import os
+import re
 import sys
 
 import torch
@@ -91,26 +92,44 @@ def run_main(main, config_class, argv=None):
             torch.distributed.destroy_process_group()
 
 
-def check_numbers(cfg):
-    """No float flag takes NaN or infinity: refuse them before any work (they would write black
-    images or NaN)."""
+def flag(default, within=None, *, choices=None, zero=None):
+    """A Config field and what it may hold: `within` an interval such as "[0, 1)", "(0, inf)" or
+    "[1, inf)" (a bracket includes its end, a parenthesis excludes it), or `choices` (values, or a
+    dict whose keys are they); `zero`: what 0 means, where 0 is allowed and special. check_flags
+    refuses anything else, and any float that is not finite."""
+    return dataclasses.field(default=default,
+                             metadata={"within": within, "choices": choices, "zero": zero})
+
+
+INTERVAL = re.compile(r"^([\[(])\s*(-inf|\S+?)\s*,\s*(inf|\S+?)\s*([\])])$")
+
+
+def in_interval(value, within):
+    """Whether value lies in the interval string `within` (flag's syntax)."""
+    match = INTERVAL.match(within)
+    if not match:
+        raise ValueError(f"{within!r} is not an interval such as [0, 1) or (0, inf)")
+    left, low, high, right = match.groups()
+    low, high = float(low), float(high)
+    above = value >= low if left == "[" else value > low
+    below = value <= high if right == "]" else value < high
+    return above and below
+
+
+def check_flags(cfg):
+    """Every field of cfg against what its flag() declares (and every float finite), before any
+    work: one line naming the first flag that is not, what it must be, and what 0 means where it
+    may."""
     for field in dataclasses.fields(cfg):
-        value = getattr(cfg, field.name)
+        value, meta = getattr(cfg, field.name), field.metadata
         if isinstance(value, float) and not math.isfinite(value):
             raise FlagError(f"--{field.name}={value}: must be a finite number")
-
-
-def check_at_least(cfg, minimum, *names):
-    """Each named flag of cfg is at least minimum; else one line naming it."""
-    for name in names:
-        if getattr(cfg, name) < minimum:
-            raise FlagError(f"--{name}={getattr(cfg, name)}: must be at least {minimum}")
-
-
-def check_choice(cfg, name, choices):
-    """The flag's value is one of choices; else one line listing them."""
-    if getattr(cfg, name) not in choices:
-        raise FlagError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(choices)}")
+        if meta.get("choices") is not None and value not in meta["choices"]:
+            raise FlagError(f"--{field.name}={value}: choose one of "
+                            f"{', '.join(str(c) for c in meta['choices'])}")
+        if meta.get("within") and not in_interval(value, meta["within"]):
+            zero = f" (0: {meta['zero']})" if meta.get("zero") else ""
+            raise FlagError(f"--{field.name}={value}: must be in {meta['within']}{zero}")
 
 
 def parse_numbers(cfg, name, kind=int, sep=","):
@@ -258,8 +277,7 @@ def pick_device(requested="auto"):
     if device.type == "cuda" and not (torch.cuda.is_available()
                                       and (device.index or 0) < torch.cuda.device_count()):
         raise UserError(f"--device={requested}: this machine has {torch.cuda.device_count()} CUDA "
-                        f"GPU(s) for torch "
-                        f"{torch.__version__}; use --device=cpu (or auto)")
+                        f"GPU(s) for torch {torch.__version__}; use --device=cpu (or auto)")
     if device.type not in ("cpu", "cuda"):
         raise UserError(f"--device={requested}: nanoDRM runs on cpu or cuda")
     precision = ("bf16 autocast, weights and optimizer in float32" if device.type == "cuda"

@@ -125,6 +125,7 @@ def group_normalise(rewards, dim, eps=1e-4):
     # BEGIN SOLUTION ex4_grpo: subtract the group mean, divide by its population std (ddof 0) + eps
     mean, std = rewards.mean(dim, keepdim=True), rewards.std(dim, keepdim=True, correction=0)
     return (rewards - mean) / (std + eps)
+    # END SOLUTION
 
 
 def stepwise_advantages(step_rewards):
@@ -151,7 +152,8 @@ def grpo_loss(policy, rollout, advantages, step_ids, rows, *, clip_range=1e-3, a
     sigma, sigma_next = rollout.sigmas[step_ids], rollout.sigmas[step_ids + 1]
     cond = tuple(t[rows] for t in rollout.cond)
     uncond = tuple(t[rows] for t in rollout.uncond) if rollout.uncond is not None else None
-    velocity = guided_velocity(policy, states, sigma, cond, uncond, rollout.cfg_scale, uncond_grad)
+    velocity = guided_velocity(policy, states, sigma, cond, uncond, rollout.cfg_scale,
+                               uncond_grad=uncond_grad)
     mean, std = sde_mean_std(states, velocity, sigma, sigma_next, rollout.noise_level)
     log_prob = candidate_log_probs(rollout.candidates[step_ids, rows], mean, std)  # (N, k)
     # BEGIN SOLUTION ex4_grpo: ratio to the rollout's log-probs; advantages clamped; PPO's clip

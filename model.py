@@ -1,10 +1,10 @@
-"""The DiT: an SD3-style MMDiT, rectified-flow training and LoRA.
+"""The DiT: an SD3-style MMDiT and rectified-flow training.
 
 Read bottom-up, as nanoGPT: elementwise ops, embedders, attention, the joint block, the final
-layer, the DiT and its compiled regions, the presets, then the flow-matching loss and LoRA. (The
-toy's text encoder is in data/world.py; SD3's are in sd3/text.py.)
+layer, the DiT and its compiled regions, the presets, then the flow-matching loss. (LoRA is
+lora.py; the toy's text encoder is data/world.py; SD3's are sd3/text.py.)
 
-Conventions (SD3's, so public weights drop in; see ../shared/DESIGN.md):
+Conventions (SD3's, so public weights drop in):
 - sigma in [0, 1], 1 = pure noise. x_sigma = (1 - sigma) x0 + sigma noise, and the network
   predicts the velocity v = noise - x0 (rectified flow, Esser et al. 2024, eq. 2-3). The
   timestep input is 1000 * sigma, taken inside forward.
@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
-
 
 # -----------------------------------------------------------------------------
 # Elementwise ops (fused by compile_regions, below the DiT, when the scripts run with --compile)
@@ -389,7 +388,7 @@ def add_noise(x0, sigma, noise):
     return (1 - s) * x0 + s * noise
 
 
-def guided_velocity(model, x, sigma, cond, uncond, cfg_scale, uncond_grad=True):
+def guided_velocity(model, x, sigma, cond, uncond, cfg_scale, *, uncond_grad=True):
     """Classifier-free guidance with the conditional and unconditional passes in one batch.
     cond, uncond: (context, pooled) pairs. cfg_scale = 1 (or uncond None) skips the unconditional
     pass. uncond_grad=False stops the gradient through the unconditional branch (as Flow-GRPO)."""
@@ -427,55 +426,3 @@ def flow_matching_loss(model, x0, context, pooled, sigma=None, noise=None):
     velocity = model(x_sigma, sigma, context, pooled)
     return (velocity.float() - (noise - x0).float()).pow(2).flatten(1).mean(1), sigma
     # END SOLUTION
-
-# -----------------------------------------------------------------------------
-# LoRA (Hu et al. 2021): W x + (alpha / r) B A x, B zero at start
-
-
-class LoRALinear(nn.Module):
-    """A frozen linear layer plus a trainable low-rank update; keeps the base keys weight, bias."""
-
-    def __init__(self, linear, rank, alpha):
-        super().__init__()
-        self.weight, self.bias = linear.weight, linear.bias
-        self.weight.requires_grad_(False)
-        if self.bias is not None:
-            self.bias.requires_grad_(False)
-        device = self.weight.device
-        self.lora_A = nn.Parameter(torch.empty(rank, linear.in_features, device=device))
-        self.lora_B = nn.Parameter(torch.zeros(linear.out_features, rank, device=device))  # B A = 0
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.scaling = alpha / rank
-
-    def forward(self, x):
-        update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
-        return F.linear(x, self.weight, self.bias) + update
-
-
-LORA_TARGETS = ("attn.qkv", "attn.proj", "attn2.qkv", "attn2.proj")
-
-
-def add_lora(model, rank=8, alpha=8.0, targets=LORA_TARGETS):
-    """Freeze every parameter of `model`, then wrap the linears whose names end with a target
-    -> the LoRA modules (export_state_dict folds them into the weights)."""
-    model.requires_grad_(False)
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.endswith(tuple(targets)):
-            parent_name, _, child = name.rpartition(".")
-            lora = LoRALinear(module, rank, alpha)
-            setattr(model.get_submodule(parent_name), child, lora)
-            wrapped.append(lora)
-    if not wrapped:
-        raise ValueError(f"add_lora: no nn.Linear matches the targets {targets}")
-    return wrapped
-
-
-def export_state_dict(dit):
-    """Our-named tensors of a DiT with any LoRA folded in (the module itself is left as it is)."""
-    state = {k: v for k, v in dit.state_dict().items() if ".lora_" not in k}
-    for name, module in dit.named_modules():
-        if isinstance(module, LoRALinear):
-            delta = (module.lora_B @ module.lora_A) * module.scaling
-            state[name + ".weight"] = state[name + ".weight"] + delta.to(module.weight.dtype)
-    return state

@@ -171,7 +171,7 @@ def read_drm(path, device="cpu", policy_config=None, drop_last=None):
             tensors.update({f"drm.backbone.{k}": v for k, v in dit.state_dict().items()})
             return load_module(drm, tensors, "drm", path).to(device).eval(), meta, {}
     tensors, meta = read_checkpoint(path, "drm", "train one with train_reward.py, or use "
-                                    "data/drm.safetensors")
+                                                 "data/drm.safetensors")
     config = config_from_meta(DiTConfig, meta.get("dit_config"), path)
     check_shapes(path, config, policy_config)
     with torch.device("meta"):

@@ -7,7 +7,7 @@ search.
     python sample.py --eval                                       # the annotator's held-out scores
     python -m bench.search                                        # every search at equal compute
     python sample.py --model=sd3.5-medium --ckpt_dir=stable-diffusion-3.5-medium \
-        --prompt="a red fox in snow" --steps=28 --cfg_scale=4.5 --shift=3 --n=4   # public weights
+        --prompt="a red fox in snow" --steps=28 --cfg_scale=4.5 --shift=3 --images=4  # public weights
 
 Rectified flow integrates dx/dsigma = v from sigma = 1 (noise) to 0 (data); one Euler step is
 x_next = x + (sigma_next - sigma) v (SD3, Esser et al. 2024). Guidance: v = v_uncond + w (v_cond -
@@ -17,62 +17,27 @@ with the DRM at sigma_next (one batched pass) and keep the best `beam`. It needs
 trades compute for quality, so it is measured (bench/search.py) against best-of-N (N whole
 samples, the DRM picks one) and the rival searches (rivals/search.py) at the same compute.
 """
-import dataclasses
-import json
 import os
 import time
 from dataclasses import dataclass
 
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from base import ANNOTATED, ModelFlags, check_model_flags, load_base
-from common import (UserError, autocast, check_at_least, check_choice, check_numbers, frozen_dtype,
-                    pick_device, print_config, run_main)
 from checkpoints import save_grid
-from model import compile_regions, guided_velocity
-from rivals.reward import EnsembleFlags, check_ensemble, with_ensemble
+from common import (UserError, autocast, check_flags, flag, frozen_dtype, pick_device, print_config,
+                    run_main)
+from evaluation import evaluate_heldout
+from model import compile_regions
+from rivals.reward import EnsembleFlags, with_ensemble
 from rivals.scores import SCORES
-from rivals.search import SearchFlags, check_flags, prune, smc
-from sde import Sampler, favourite, passes, propose, score_noisy, sigma_schedule, take
+from rivals.search import SearchFlags, check_search, prune, smc
+from sde import (Sampler, favourite, initial_noise, passes, propose, score_noisy, sigma_schedule,
+                 take)
 
 # -----------------------------------------------------------------------------
-# The schedule and the sampler: pure functions of tensors and a model callable
-
-
-@torch.no_grad()
-def sample_ode(model, noise, cond, uncond=None, steps=20, cfg_scale=1.0, shift=1.0, progress=False):
-    """Euler from sigma 1 to 0: noise (B, C, H, W), cond, uncond (context, pooled) -> x0."""
-    sigmas = sigma_schedule(steps, shift, noise.dtype).to(noise.device)
-    x = noise
-    for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
-        # BEGIN SOLUTION ex1_flow_matching: the guided velocity at sigmas[i], then one Euler step
-        velocity = guided_velocity(model, x, sigmas[i], cond, uncond, cfg_scale)
-        x = x + (sigmas[i + 1] - sigmas[i]) * velocity
-        # END SOLUTION
-    return x
-
-
-def initial_noise(dit, n, generator, size=None):
-    """n draws of N(0, I) on the CPU, of side `size` (default: the DiT's full position grid)."""
-    size = size or dit.config.pos_embed_max_size * dit.config.patch_size
-    return torch.randn(n, dit.config.in_channels, size, size, generator=generator)
-
-
-def generate(dit, base, prompts, seed=0, steps=20, cfg_scale=4.0, shift=1.0, batch_size=100):
-    """ODE samples (N, C, H, W) on the CPU for the prompts, noise fixed by seed, base.finish-ed."""
-    device = next(dit.parameters()).device
-    noise = initial_noise(dit, len(prompts), torch.Generator().manual_seed(seed), base.latent_size)
-    out = []
-    for i in range(0, len(prompts), batch_size):
-        cond, uncond = base.encode(prompts[i:i + batch_size])
-        x = noise[i:i + batch_size].to(device)
-        out.append(base.finish(sample_ode(dit, x, cond, uncond, steps, cfg_scale, shift)))
-    return torch.cat(out).cpu()
-
-# -----------------------------------------------------------------------------
-# Search with the DRM: step-wise (the paper) and best-of-N, on grpo.py's one step primitive
+# Search with the DRM: step-wise (the paper) and best-of-N, on sde.py's one step primitive
 
 
 @torch.no_grad()
@@ -82,7 +47,7 @@ def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *
     """Beam search over SDE successors, scored by the DRM -> (x0 (N, C, H, W), counts). noise
     (N, C, H, W) starts each image; cond / uncond (the policy's) and drm_cond (the DRM's) are
     (context, pooled) of batch N. Each of an image's `beam` states proposes k successors around one
-    mean (grpo.propose); at scored steps (every `score_every`-th, and the last) the DRM ranks the
+    mean (sde.propose); at scored steps (every `score_every`-th, and the last) the DRM ranks the
     beam * k successors and the top `beam` survive; between them each state keeps one successor.
     score: what the DRM sees of a successor: sde.score_noisy (it at sigma_next, the paper), or a
     rival rule (rivals/scores.py: its clean estimate, its ODE completion; passes counted). The last
@@ -138,65 +103,8 @@ def best_of_n(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, n=4,
     return favourite(drm, samples, drm_cond, n, counts), counts
 
 
-
-# -----------------------------------------------------------------------------
-# Evaluation on held-out prompts: the base's annotator (the toy's), diversity
-
-
-@torch.no_grad()
-def diversity(images, per_prompt):
-    """Mean pairwise L2 distance (per pixel, RMS) between the samples of one prompt, averaged."""
-    if per_prompt < 2:
-        return 0.0
-    groups = images.flatten(1).view(-1, per_prompt, images[0].numel())
-    distances = torch.cdist(groups, groups) / images[0].numel() ** 0.5
-    return (distances.sum((1, 2)) / (per_prompt * (per_prompt - 1))).mean().item()
-
-
-def evaluate(dit, base, prompts, per_prompt=20, seed=1234, batch_size=100, **sampling):
-    """per_prompt ODE samples of each prompt with fixed seeds -> (summary: the annotator's means
-    where the base has one, and diversity; the samples; their images; the prompts repeated)."""
-    repeated = [p for p in prompts for _ in range(per_prompt)]
-    samples = generate(dit, base, repeated, seed=seed, batch_size=batch_size, **sampling)
-    device = next(dit.parameters()).device
-    images = torch.cat([base.to_images(s.to(device)).cpu() for s in samples.split(batch_size)])
-    scores = base.judge(images, repeated)
-    summary = {key: value.float().mean().item() for key, value in scores.items()}
-    if "gold" in scores:
-        by_prompt = scores["gold"].view(len(prompts), per_prompt).mean(1)
-        summary["gold_std_over_prompts"] = by_prompt.std().item()
-    summary["diversity"] = diversity(images, per_prompt)
-    return summary, samples, images, repeated
-
 # -----------------------------------------------------------------------------
 # Command line
-
-
-@dataclass
-class Config(ModelFlags, SearchFlags, EnsembleFlags):  # the base model (base.py), rivals' flags
-    prompt: str = "a thick 7 slanted right"  # what to draw (the toy: data/world.py's words)
-    images: int = 16                   # images of the prompt
-    steps: int = 20                    # Euler steps
-    cfg_scale: float = 4.0             # classifier-free guidance weight
-    shift: float = 1.0                 # SD3's schedule shift (3 at 1024 px; 1 suits 32x32 pixels)
-    seed: int = 0
-    out: str = "samples.png"           # image grid (with --eval: a JSON of the scores beside it)
-    eval: bool = False                 # score the held-out prompts with the simulated annotator
-    per_prompt: int = 20               # with --eval: images per held-out prompt
-    search: str = "ode"                # how the DRM picks: SEARCHES
-    drm: str = "data/drm.safetensors"  # the reward model that ranks (every search but ode)
-    k: int = 4                         # stepwise: SDE successors per step
-    beam: int = 1                      # stepwise: states kept per image (1: the paper's greedy)
-    particles: int = 4                 # best_of, smc, prune: trajectories per image
-    noise_level: float = 0.7           # sde, stepwise, smc: SDE noise (sde.py's a)
-    # what the DRM scores (rivals/scores.py): noisy (the state where it is) | x0 (its clean
-    # estimate) | lookahead (its ODE completion); "" = the method's own: stepwise noisy, smc x0
-    score: str = ""
-    score_every: int = 1               # stepwise: rank every this many steps
-    ode_last: int = 0                  # stepwise: plain Euler for the last this many steps
-    compile: bool = False              # torch.compile the DiT's and DRM's blocks (model.py)
-    device: str = "auto"
-    RENAMED = {"n": "images"}          # flags of earlier versions
 
 
 def stepwise(cfg, policy, noise, cond, uncond, *, drm, drm_cond, generator, **sampling):
@@ -210,13 +118,43 @@ def stepwise(cfg, policy, noise, cond, uncond, *, drm, drm_cond, generator, **sa
 
 
 def best_of(cfg, policy, noise, cond, uncond, *, drm, drm_cond, generator, **sampling):
-    return best_of_n(policy, noise, cond, uncond, drm, drm_cond, n=cfg.particles, **sampling)
+    """Best-of-N of ODE samples (the generator is unused: nothing is drawn after the noise)."""
+    return best_of_n(policy, noise, cond, uncond, drm, drm_cond, n=cfg.particles,
+                     generator=generator, **sampling)
 
 
 # every search: name -> (run(cfg, policy, noise, cond, uncond, ...), whole trajectories an image)
 SEARCHES = {"ode": (stepwise, 1), "sde": (stepwise, 1), "stepwise": (stepwise, 1),
             "best_of": (best_of, "particles"), "smc": (smc, "particles"),
             "prune": (prune, "particles")}
+
+
+@dataclass
+class Config(ModelFlags, SearchFlags, EnsembleFlags):  # the base model (base.py), rivals' flags
+    prompt: str = "a thick 7 slanted right"  # what to draw (the toy: data/world.py's words)
+    images: int = flag(16, "[1, inf)")  # images of the prompt
+    steps: int = flag(20, "[1, inf)")  # Euler steps
+    cfg_scale: float = flag(4.0, "[0, inf)")  # classifier-free guidance weight
+    # SD3's schedule shift (3 at 1024 px; 1 suits 32x32 pixels)
+    shift: float = flag(1.0, "(0, inf)")
+    seed: int = 0
+    out: str = "samples.png"           # image grid (with --eval: a JSON of the scores beside it)
+    eval: bool = False                 # score the held-out prompts with the simulated annotator
+    per_prompt: int = flag(20, "[1, inf)")  # with --eval: images per held-out prompt
+    search: str = flag("ode", choices=SEARCHES)  # how the DRM picks
+    drm: str = "data/drm.safetensors"  # the reward model that ranks (every search but ode)
+    k: int = flag(4, "[1, inf)")       # stepwise: SDE successors per step
+    beam: int = flag(1, "[1, inf)")    # stepwise: states kept per image (1: the paper's greedy)
+    particles: int = flag(4, "[1, inf)")  # best_of, smc, prune: trajectories per image
+    noise_level: float = flag(0.7, "[0, inf)")  # sde, stepwise, smc: SDE noise (sde.py's a)
+    # what the DRM scores (rivals/scores.py): noisy (the state where it is) | x0 (its clean
+    # estimate) | lookahead (its ODE completion); "" = the method's own: stepwise noisy, smc x0
+    score: str = flag("", choices=("", *SCORES))
+    score_every: int = flag(1, "[1, inf)")  # stepwise: rank every this many steps
+    ode_last: int = flag(0, "[0, inf)")  # stepwise: plain Euler for the last this many steps
+    compile: bool = False              # torch.compile the DiT's and DRM's blocks (model.py)
+    device: str = "auto"
+    RENAMED = {"n": "images"}          # flags of earlier versions
 
 
 def width(cfg):
@@ -252,50 +190,27 @@ def draw(cfg, base, device, **sampling):
     images = base.to_images(latents).cpu()
     n = cfg.images
     save_grid(images, cfg.out, nrow=min(n, 8))
-    print(f"wrote {cfg.out}: {n} images of {cfg.prompt!r}, {cfg.search}, {cfg.steps} steps, "
-          f"per image {counts['nfe'] / n:.0f} DiT passes, {counts['drm_calls'] / n:.0f} "
-          f"DRM passes, {(time.time() - t0) / n:.3f} s")
+    print(f"wrote {cfg.out}: {n} images of {cfg.prompt!r}, {cfg.search}, {cfg.steps} steps, per "
+          f"image {counts['nfe'] / n:.0f} DiT passes, {counts['drm_calls'] / n:.0f} DRM passes, "
+          f"{(time.time() - t0) / n:.3f} s")
     return images
 
 
-def evaluate_heldout(cfg, base, **sampling):
-    """--eval: ODE samples of the held-out prompts, scored by the annotator: printed, grid, JSON."""
-    prompts = base.heldout_prompts("", [])
-    summary, _, images, _ = evaluate(base.dit, base, prompts, cfg.per_prompt, cfg.seed, **sampling)
-    print(f"held-out prompts ({len(prompts)} x {cfg.per_prompt} images, {cfg.steps} steps, "
-          f"cfg {cfg.cfg_scale}):")
-    for key, value in summary.items():
-        print(f"  {key:24s} {value:.4f}")
-    shown = min(cfg.per_prompt, 8)  # a row of the first images of each prompt
-    grid = images.view(len(prompts), cfg.per_prompt, *images.shape[1:])[:, :shown]
-    save_grid(grid.flatten(0, 1), cfg.out, nrow=shown)
-    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "checkpoint_step": base.meta.get("step"),
-                   **summary}, f, indent=1)
-    return summary
-
-
 def main(cfg):
-    check_numbers(cfg)
-    check_model_flags(cfg)
-    check_choice(cfg, "search", tuple(SEARCHES))
-    check_choice(cfg, "score", ("", *SCORES) if cfg.search == "stepwise" else ("", "noisy", "x0"))
-    check_at_least(cfg, 1, "steps", "images", "per_prompt", "k", "beam", "particles",
-                   "score_every")
-    check_at_least(cfg, 0, "noise_level", "ode_last")
     check_flags(cfg)
-    check_ensemble(cfg)
-    if not cfg.shift > 0:
-        raise UserError(f"--shift={cfg.shift}: SD3's schedule shift is positive "
-                        "(1: none; SD3 at 1024 px: 3)")
+    check_search(cfg)
+    check_model_flags(cfg)
+    if cfg.score == "lookahead" and cfg.search != "stepwise":
+        raise UserError("--score=lookahead: a step-wise search's (--search=stepwise), not "
+                        f"--search={cfg.search}'s")
     extension = os.path.splitext(cfg.out)[1].lower()
     if os.path.isdir(cfg.out) or extension not in Image.registered_extensions():
         raise UserError(f"--out={cfg.out}: give an image file name, e.g. samples.png")
     if cfg.eval and cfg.search != "ode":
-        raise UserError("--eval scores the ODE sampler; the searches against each other: "
-                        "python -m bench.search")
+        raise UserError("--eval scores the ODE sampler; the searches against each other: python -m "
+                        "bench.search")
     if cfg.eval and cfg.model not in ANNOTATED:
-        raise UserError(f"--eval scores with the toy's simulated annotator; with "
+        raise UserError("--eval scores with the toy's simulated annotator; with "
                         f"--model={cfg.model} draw with --prompt")
     print_config(cfg)
     device = pick_device(cfg.device)

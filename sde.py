@@ -8,6 +8,9 @@ made of.
 
 1. The grid (SD3, Esser et al. 2024): `steps` sigmas evenly from 1 to bend(1/1000), bent by the
    shift, then a final 0 (diffusers' FlowMatchEulerDiscreteScheduler, Stability's sd3_impls.py).
+   Rectified flow integrates dx/dsigma = v from sigma = 1 (noise) to 0 (data); one Euler step is
+   x_next = x + (sigma_next - sigma) v, guided: v = v_uncond + w (v_cond - v_uncond) (Ho &
+   Salimans 2022): `sample_ode`.
 2. The ODE-to-SDE step (Flow-GRPO, Liu et al. 2025). The Euler step of the flow ODE,
    x_next = x + dt v, is deterministic, so it has no log-probability to push on. Flow-GRPO
    replaces it by an SDE with the same marginals; one step is Gaussian:
@@ -29,11 +32,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from model import guided_velocity
 
 # -----------------------------------------------------------------------------
-# 1. SD3's sampling grid
+# 1. SD3's sampling grid, and the Euler ODE sampler on it
 
 
 def bend(sigma, shift):
@@ -48,6 +52,26 @@ def sigma_schedule(steps, shift=1.0, dtype=torch.float32):
     the last step is short; that is SD3's grid (our samples are diffusers'). Made in float64."""
     sigmas = bend(torch.linspace(1, bend(1 / 1000, shift), steps, dtype=torch.float64), shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+@torch.no_grad()
+def sample_ode(model, noise, cond, uncond=None, *, steps=20, cfg_scale=1.0, shift=1.0,
+               progress=False):
+    """Euler from sigma 1 to 0: noise (B, C, H, W), cond, uncond (context, pooled) -> x0."""
+    sigmas = sigma_schedule(steps, shift, noise.dtype).to(noise.device)
+    x = noise
+    for i in tqdm(range(steps), disable=not progress, desc="sampling", leave=False):
+        # BEGIN SOLUTION ex1_flow_matching: the guided velocity at sigmas[i], then one Euler step
+        velocity = guided_velocity(model, x, sigmas[i], cond, uncond, cfg_scale)
+        x = x + (sigmas[i + 1] - sigmas[i]) * velocity
+        # END SOLUTION
+    return x
+
+
+def initial_noise(dit, n, generator, size=None):
+    """n draws of N(0, I) on the CPU, of side `size` (default: the DiT's full position grid)."""
+    size = size or dit.config.pos_embed_max_size * dit.config.patch_size
+    return torch.randn(n, dit.config.in_channels, size, size, generator=generator)
+
 
 # -----------------------------------------------------------------------------
 # 2. The SDE step and its log-probability (float32 inside, float64 for float64 inputs)
@@ -69,6 +93,7 @@ def sde_mean_std(x, velocity, sigma, sigma_next, noise_level):
     g = noise_level * torch.sqrt(sigma / (1 - torch.where(sigma == 1, sigma_next, sigma)))
     mean = x + dt * (velocity + g ** 2 / (2 * sigma) * (x + (1 - sigma) * velocity))
     return mean, g * torch.sqrt(-dt)
+    # END SOLUTION
 
 
 def gaussian_log_prob(sample, mean, std):
@@ -78,6 +103,7 @@ def gaussian_log_prob(sample, mean, std):
     log_density = (-(sample.detach().to(mean.dtype) - mean) ** 2 / (2 * std ** 2)
                    - torch.log(std) - 0.5 * math.log(2 * math.pi))
     return log_density.flatten(1).mean(1)
+    # END SOLUTION
 
 
 def candidate_log_probs(candidates, mean, std):

@@ -21,33 +21,33 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data.toy import ToyBase, save_toy_base
-from common import (UserError, any_rank, autocast, check_numbers, print_config, run_main,
-                    setup_device, warmup_cosine)
 from checkpoints import (GracefulStop, RunDir, check_finite, check_weights, resume_training_state,
                          save_grid, save_training_state)
+from common import (UserError, any_rank, autocast, check_flags, flag, print_config, run_main,
+                    setup_device, warmup_cosine)
+from data.toy import ToyBase, save_toy_base
 from data.world import (HELDOUT_PROMPTS, TextConfig, TextEncoder, caption, load_world, parse_prompt,
                         tokenize)
+from evaluation import generate
 from model import PRESETS, build_dit, compile_regions, flow_matching_loss, logit_normal_sigma
-from sample import generate
 
 
 @dataclass
 class Config:
     out_dir: str = "out/base"          # checkpoints, sample grids, metrics.jsonl
     preset: str = "tiny"               # DiT size, a key of model.PRESETS
-    train_steps: int = 12000           # optimizer steps
-    batch_size: int = 32
-    lr: float = 1e-3                   # AdamW peak learning rate
-    warmup: int = 500                  # linear warm-up steps, then cosine decay to lr / 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999           # the shipped weights are this moving average
-    p_uncond: float = 0.1              # caption -> "" (for classifier-free guidance)
-    p_drop_attribute: float = 0.2      # each attribute word dropped from the caption
-    eval_every: int = 1000             # steps between sample grids and checkpoints
-    eval_cfg: float = 4.0              # guidance scale of the sample grids
-    eval_per_prompt: int = 8           # images per held-out prompt in each grid
+    train_steps: int = flag(12000, "[1, inf)")  # optimizer steps
+    batch_size: int = flag(32, "[1, inf)")
+    lr: float = flag(1e-3, "(0, inf)")  # AdamW peak learning rate
+    warmup: int = flag(500, "[0, inf)")  # linear warm-up steps, then cosine decay to lr / 10
+    weight_decay: float = flag(0.0, "[0, inf)")
+    grad_clip: float = flag(1.0, "(0, inf)")
+    ema_decay: float = flag(0.999, "[0, 1)")  # the shipped weights are this moving average
+    p_uncond: float = flag(0.1, "[0, 1]")  # caption -> "" (for classifier-free guidance)
+    p_drop_attribute: float = flag(0.2, "[0, 1]")  # each attribute word dropped from the caption
+    eval_every: int = flag(1000, "[1, inf)")  # steps between sample grids and checkpoints
+    eval_cfg: float = flag(4.0, "[0, inf)")  # guidance scale of the sample grids
+    eval_per_prompt: int = flag(8, "[1, inf)")  # images per held-out prompt in each grid
     seed: int = 0
     # at the end, also write the EMA model here in float16 (how data/base.safetensors is made)
     export: str = ""
@@ -85,7 +85,7 @@ OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors")
 
 
 def check(cfg):
-    check_numbers(cfg)
+    check_flags(cfg)
     if cfg.preset not in PRESETS:
         raise UserError(f"--preset={cfg.preset}: choose one of {list(PRESETS)}")
     for name in ("train_steps", "batch_size", "eval_every", "eval_per_prompt"):
@@ -114,8 +114,8 @@ def main(cfg):
         if cfg.compile:
             compile_regions(net["dit"])
         optimizer = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        print(f"DiT parameters: {sum(p.numel() for p in net['dit'].parameters()) / 1e6:.2f}M, "
-              f"text encoder: {sum(p.numel() for p in net['text'].parameters()) / 1e6:.2f}M")
+        print(f"DiT parameters: {sum(p.numel() for p in net['dit'].parameters()) / 1e6:.2f}M, text "
+              f"encoder: {sum(p.numel() for p in net['text'].parameters()) / 1e6:.2f}M")
 
         step, minutes_before = 0, 0.0
         if cfg.resume:
@@ -199,8 +199,7 @@ def main(cfg):
                     with open(run_dir.file("metrics.jsonl"), "a") as log:
                         log.write(json.dumps(record) + "\n")
                     tqdm.write(f"step {step + 1:6d} | loss {record['loss']:.4f} | by sigma "
-                               f"{record['loss_by_sigma']} "
-                               f"| {record['minutes']:.1f} min")
+                               f"{record['loss_by_sigma']} | {record['minutes']:.1f} min")
             if any_rank(stop):
                 if run_dir.last_saved != step + 1:
                     save(step + 1)

@@ -17,12 +17,14 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import check_state_fits, save_training_state
+from checkpoints import (check_finite, check_state_fits, check_weights, save_grid,
+                         save_training_state)
 from common import any_rank, autocast, count_flops, frozen_dtype
-from checkpoints import check_finite, check_weights, save_grid
-from model import add_lora, compile_regions, in_chunks
+from evaluation import evaluate
+from lora import add_lora
+from model import compile_regions, in_chunks
 from rivals.reward import drm_passes, with_ensemble
-from sample import evaluate, initial_noise
+from sde import initial_noise
 
 # checkpoints hold whole tensors on the CPU (gathered from the ranks' shards under --fsdp), so any
 # number of processes, or one, can resume them
@@ -227,7 +229,7 @@ def evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, *, step, count
             log.write(json.dumps(record) + "\n")
         tqdm.write(f"update {step:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in summary.items())
                    + f" | DiT-pass equivalents {counters['dit_equivalents']:.0f} | "
-                   f"{counters['time_s']:.0f} s")
+                     f"{counters['time_s']:.0f} s")
 
 
 def resume_run(cfg, run_dir, state, models):

@@ -30,13 +30,12 @@ import train_ops
 from base import ModelFlags, check_model_flags, load_base
 from checkpoints import (GracefulStop, RunDir, check_finite, check_resumed_config,
                          load_training_state)
-from common import (UserError, any_rank, autocast, check_at_least, check_choice, check_numbers,
+from common import (UserError, any_rank, autocast, check_flags, flag, print_config, run_main,
                     setup_device)
-from common import print_config, run_main
 from grpo import grpo_loss
 from model import in_chunks
-from rivals.credit import CREDIT, CreditFlags, check_flags, settings, window_at
-from rivals.reward import EnsembleFlags, check_ensemble
+from rivals.credit import CREDIT, CreditFlags, check_credit, settings, window_at
+from rivals.reward import EnsembleFlags
 from rivals.scores import SCORES
 from sde import sigma_schedule
 
@@ -47,47 +46,55 @@ class Config(ModelFlags, CreditFlags, EnsembleFlags):  # the base model (base.py
     prompts: str = ""                  # training prompts, one a line (the toy's default: its 80)
     eval_prompts: str = ""             # held-out prompts (the toy: its 10; SD3: 8 of --prompts)
     out_dir: str = "out/policy"
-    credit: str = "stepwise"           # stepwise (the paper) | a rival's: rivals/credit.py's CREDIT
-    score: str = "noisy"               # stepwise: what the DRM scores: noisy (x_next, the paper) |
-                                       # a rival's (rivals/scores.py: x0, lookahead)
-    updates: int = 60
-    max_nfe: int = 0                   # also stop after this many DiT-pass equivalents (0: none)
-    trajectories: int = 16             # rollouts per update
-    per_prompt: int = 4                # of them a prompt's (sparse, cosine: its group)
-    k: int = 4                         # stepwise: candidates per step, around one policy mean
-    follow: str = "random"             # stepwise: go on from a random candidate (the paper) | best
+    # stepwise (the paper) | a rival's: rivals/credit.py's CREDIT
+    credit: str = flag("stepwise", choices=CREDIT)
+    # stepwise: what the DRM scores: noisy (x_next, the paper) | a rival's (rivals/scores.py)
+    score: str = flag("noisy", choices=SCORES)
+    updates: int = flag(60, "[1, inf)")
+    # also stop after this many DiT-pass equivalents
+    max_nfe: int = flag(0, "[0, inf)", zero="no limit")
+    trajectories: int = flag(16, "[1, inf)")  # rollouts per update
+    per_prompt: int = flag(4, "[2, inf)")  # of them a prompt's (sparse, cosine: its group)
+    k: int = flag(4, "[2, inf)")       # stepwise: candidates per step, around one policy mean
+    # stepwise: go on from a random candidate (the paper) | the best
+    follow: str = flag("random", choices=("random", "best"))
     # train the last step too (sigma 0.001 -> 0: its std is ~1e4 float32 roundings of the state, its
     # gradient mostly rounding); false: sampled, never in the loss, as Flow-GRPO
     train_last_step: bool = False
-    steps: int = 10                    # SDE steps per rollout
-    noise_level: float = 0.7           # Flow-GRPO's a: g = a sqrt(sigma / (1 - sigma)) (sde.py)
-    cfg_scale: float = 4.0             # guidance in rollouts and loss (1: none, half the passes)
-    eval_cfg_scale: float = 4.0        # guidance of the held-out evaluation samples
-    shift: float = 1.0                 # SD3's schedule shift
-    lr: float = 3e-5
-    weight_decay: float = 0.0
-    lora_rank: int = 0                 # 0: full fine-tune; r > 0: LoRA of rank r on attention
-    clip_range: float = 1e-3           # PPO's clip (per-pixel mean log-probs: ratios stay near 1)
-    adv_clip: float = 5.0
+    steps: int = flag(10, "[1, inf)")  # SDE steps per rollout
+    # Flow-GRPO's a: g = a sqrt(sigma / (1 - sigma)) (sde.py); GRPO needs a stochastic sampler
+    noise_level: float = flag(0.7, "(0, inf)")
+    # guidance in rollouts and loss (1: none, half the passes)
+    cfg_scale: float = flag(4.0, "[0, inf)")
+    eval_cfg_scale: float = flag(4.0, "[0, inf)")  # guidance of the held-out evaluation samples
+    shift: float = flag(1.0, "(0, inf)")  # SD3's schedule shift (1: none; SD3 at 1024 px: 3)
+    lr: float = flag(3e-5, "(0, inf)")
+    weight_decay: float = flag(0.0, "[0, inf)")
+    lora_rank: int = flag(0, "[0, inf)", zero="a full fine-tune")  # r > 0: LoRA on attention
+    # PPO's clip (per-pixel mean log-probs: ratios stay near 1)
+    clip_range: float = flag(1e-3, "(0, inf)")
+    adv_clip: float = flag(5.0, "(0, inf)")
     # weight of the exact Gaussian KL to the frozen base policy. Flow-GRPO's KL is ours x |dt|,
     # so its beta is kl_weight = beta |dt| here (10 steps: |dt| = 0.111)
-    kl_weight: float = 0.0
+    kl_weight: float = flag(0.0, "[0, inf)", zero="no KL")
     # the loss's gradient through guidance's unconditional branch too (the exact gradient);
     # false: detached, as Flow-GRPO's loss
     uncond_grad: bool = True
-    minibatches: int = 2               # optimizer steps per update
-    loss_batch: int = 0                # pairs per backward pass (0: a minibatch's; less memory)
-    grad_clip: float = 1.0
-    eval_every: int = 20
-    eval_per_prompt: int = 8           # ODE samples per held-out prompt at each evaluation
-    eval_steps: int = 20
+    minibatches: int = flag(2, "[1, inf)")  # optimizer steps per update
+    # pairs per backward pass (less memory)
+    loss_batch: int = flag(0, "[0, inf)", zero="a minibatch's")
+    grad_clip: float = flag(1.0, "(0, inf)")
+    eval_every: int = flag(20, "[1, inf)")
+    eval_per_prompt: int = flag(8, "[1, inf)")  # ODE samples per held-out prompt an evaluation
+    eval_steps: int = flag(20, "[1, inf)")
     seed: int = 0
     resume: bool = False               # continue out_dir's run (MAY_CHANGE below may change)
     overwrite: bool = False            # start afresh in a used out_dir (its run's files removed)
     compile: bool = False              # torch.compile the DiT's and DRM's blocks (model.py)
     grad_checkpointing: bool = False   # re-run each policy block in the backward: less memory
-    rollout_batch: int = 0             # rows per rollout policy pass (0: all; less memory)
-    drm_batch: int = 0                 # rows per DRM pass (0: all; less memory)
+    # rows per rollout policy pass, per DRM pass (less memory)
+    rollout_batch: int = flag(0, "[0, inf)", zero="all at once")
+    drm_batch: int = flag(0, "[0, inf)", zero="all at once")
     fsdp: bool = False                 # under torchrun: shard weights, grads and optimizer state
     device: str = "auto"
     RENAMED = {"group_size": "per_prompt"}  # flags of earlier versions
@@ -98,24 +105,6 @@ MAY_CHANGE = {"lr", "updates", "max_nfe", "eval_every", "device", "compile", "gr
               "rollout_batch", "drm_batch", "loss_batch", "fsdp"}
 # a run's files
 OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors", "transformer", "lora")
-
-
-def check(cfg):
-    check_numbers(cfg)
-    check_choice(cfg, "follow", ("random", "best"))
-    check_choice(cfg, "score", tuple(SCORES))
-    check_at_least(cfg, 2, "k", "per_prompt")  # GRPO compares at least 2 samples a group
-    check_at_least(cfg, 1, "updates", "trajectories", "steps", "minibatches", "eval_every",
-                   "eval_per_prompt", "eval_steps")
-    check_at_least(cfg, 0, "rollout_batch", "drm_batch", "loss_batch")  # 0: all at once
-    check_flags(cfg)
-    check_ensemble(cfg)
-    if not 0 < cfg.noise_level:
-        raise UserError(f"--noise_level={cfg.noise_level}: GRPO needs a stochastic sampler, "
-                        "use > 0 (0.7 is Flow-GRPO's)")
-    if not cfg.shift > 0:
-        raise UserError(f"--shift={cfg.shift}: SD3's schedule shift is positive "
-                        "(1: none; SD3 at 1024 px: 3)")
 
 # -----------------------------------------------------------------------------
 # One update: the rollout, its advantages, the AdamW steps
@@ -196,9 +185,15 @@ def grpo_step(cfg, base, models, train_prompts, ranks, *, step, advice):
 # The loop
 
 
+def check(cfg):
+    """Every flag's value, before any work (bench/gpu_check.py checks its own the same way)."""
+    check_flags(cfg)
+    check_credit(cfg)
+    check_model_flags(cfg)
+
+
 def main(cfg):
     check(cfg)
-    check_model_flags(cfg)
     with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, OUTPUTS) as run_dir, GracefulStop() as stop:
         print_config(cfg)
         state = load_training_state(run_dir.file("train_state.pt"), "cpu") if cfg.resume else None
@@ -207,7 +202,7 @@ def main(cfg):
         device, ranks = setup_device(cfg.device)
         mine = ranks.shard(cfg.trajectories, "--trajectories")  # this rank's trajectories
         if (mine.stop - mine.start) % settings(cfg).per_prompt and cfg.credit == "tree":
-            raise UserError(f"--credit=tree: each process grows whole trees; make --trajectories a "
+            raise UserError("--credit=tree: each process grows whole trees; make --trajectories a "
                             f"multiple of {settings(cfg).per_prompt} x {ranks.world} processes")
         if cfg.fsdp and ranks.world == 1:
             raise UserError("--fsdp shards the policy over torchrun's processes: launch with "

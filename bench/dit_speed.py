@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import autocast, pick_device, print_config, run_main
+from common import autocast, check_flags, flag, pick_device, print_config, run_main
 from model import PRESETS, DiTConfig, compile_regions
 from sd3.mmdit import load_sd3
 
@@ -45,8 +45,8 @@ SIZES = {
 class Config:
     sizes: str = "tiny,mid"        # comma-separated keys of SIZES
     # timed rounds (each variant once a round) after one untimed round
-    rounds: int = 7
-    ceiling_n: int = 4096          # side of the square matmul that measures the ceiling
+    rounds: int = flag(7, "[1, inf)")
+    ceiling_n: int = flag(4096, "[1, inf)")  # side of the square matmul that measures the ceiling
     device: str = "auto"
 
 
@@ -201,6 +201,7 @@ def bench_size(name, cfg, device):
 
 
 def main(cfg):
+    check_flags(cfg)
     print_config(cfg)
     device = pick_device(cfg.device)
     sizes = cfg.sizes.split(",")
@@ -210,15 +211,15 @@ def main(cfg):
     ceiling = matmul_ceiling(cfg.ceiling_n, device)
     dtype = "bf16" if device.type == "cuda" else "float32"
     print(f"ceiling: {cfg.ceiling_n}x{cfg.ceiling_n} {dtype} torch.mm at {ceiling / 1e12:.3f} "
-          f"TFLOP/s; " f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"TFLOP/s; torch {torch.__version__}, {torch.get_num_threads()} threads")
     rows = [row for name in sizes for row in bench_size(name, cfg, device)]
     print("\n| size | task | variant | ms | throughput vs diffusers | TFLOP/s | of the mm ceiling "
           "| first call s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['size']} | {r['task']} | {r['variant']} | {r['ms']:.1f} | {r['speedup']:.2f}x "
-              f"| {r['tflops']:.3f} | "
-              f"{r['tflops'] * 1e12 / ceiling:.0%} | {r['first_call_s']:.1f} |")
+              f"| {r['tflops']:.3f} | {r['tflops'] * 1e12 / ceiling:.0%} | {r['first_call_s']:.1f} "
+              "|")
     return rows
 
 

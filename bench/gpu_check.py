@@ -184,25 +184,25 @@ def main(cfg):
     simulated, measured = peak(*step)["Total"], peak(*step, device=device, fake=False)["Total"]
     gap = abs(measured - simulated) / simulated
     results.append((f"one update step's peak memory: measured {measured:.3f} GiB, simulated "
-                    f"{simulated:.3f} GiB; " "relative difference", gap, 0.15, gap < 0.15))
+                    f"{simulated:.3f} GiB; relative difference", gap, 0.15, gap < 0.15))
 
-    print(f"\n{torch.cuda.get_device_name(device) if gpu else 'CPU'}, torch {torch.__version__}\n"
-          "| check | measured | limit | |\n|---|---|---|---|")
+    print(f"\n{torch.cuda.get_device_name(device) if gpu else 'CPU'}, torch {torch.__version__}\n| "
+          "check | measured | limit | |\n|---|---|---|---|")
     for name, value, limit, passed in results:
         print(f"| {name} | {value:.3g} | {limit:.3g} | {'pass' if passed else '**FAIL**'} |")
     print("\nbf16 against float32 step by step (information: the table's line is the training "
-          "loss's)\n" "| step | sigma | max abs(ratio_bf16 - ratio_float32) | gradient cosine | "
-              "|\n|---|---|---|---|---|")
+          "loss's)\n| step | sigma | max abs(ratio_bf16 - ratio_float32) | gradient cosine | "
+          "|\n|---|---|---|---|---|")
     for i, sigma, gap, cosine in by_step:
         note = "bf16 rounding reaches PPO's clip" if gap >= cfg.clip_range else ""
         print(f"| {i} | {sigma:.4f} | {gap:.2g} | {cosine:.3f} | {note} |")
     if whole_update is not None:
         print(f"\nthe second whole update (rollout + all minibatches) peaked at {whole_update:.2f} "
-              f"GiB on this GPU")
+              "GiB on this GPU")
     failed = [name for name, *_, passed in results if not passed]
     if failed:
         print(f"\n{len(failed)} check(s) failed: see the table in bench/gpu_check.py for what each "
-              f"means")
+              "means")
         sys.exit(1)
     print("\nall checks passed")
 

@@ -10,7 +10,7 @@ one budget of DiT-pass equivalents, with common random numbers and paired statis
 Every run gets the same budget (--max_nfe): DiT passes (rollouts, look-aheads, training forwards)
 plus DRM passes times a DRM pass's FLOPs over a DiT pass's (train_policy.py counts it: 0.535 on the
 toy). A run that stops early is resumed (--resume); a finished one is skipped. With one seed every
-mode draws the same prompts and initial noise at each update (train_policy.streams), so modes
+mode draws the same prompts and initial noise at each update (train_ops.streams), so modes
 compare pairwise: the table gives each mode's final held-out gold as mean +- s.e. over seeds, and
 its difference from the reference mode per seed (paired), mean +- s.e.; "beats" or "loses" only at 2
 s.e. or more, else "tie". It also gives the DiT-pass equivalents at which the mode's mean curve
@@ -26,7 +26,7 @@ import sys
 from dataclasses import dataclass
 
 from bench.stats import SD35_MEDIUM_DRM_COST, mean_se, verdict
-from common import UserError, check_at_least, check_choice, parse_numbers, print_config, run_main
+from common import UserError, check_flags, flag, parse_numbers, print_config, run_main
 
 # Flow-GRPO's beta 0.04 x |dt| = 0.111 (grpo.grpo_loss: its KL is ours x |dt|)
 KL = "--kl_weight=0.0044"
@@ -40,8 +40,9 @@ MODES = {
     "stepwise, x0 score": "--credit=stepwise --score=x0",
     "stepwise, lookahead score": "--credit=stepwise --score=lookahead --eval_every=5",
     "sparse": "--credit=sparse",
-    "sparse, Flow-GRPO's recipe": f"--credit=sparse --trajectories=48 --per_prompt=24 "
-        f"--group_std=global {KL} " "--eval_every=5", "cosine": "--credit=cosine",
+    "sparse, Flow-GRPO's recipe": "--credit=sparse --trajectories=48 --per_prompt=24 "
+                                  f"--group_std=global {KL} "
+                                  "--eval_every=5", "cosine": "--credit=cosine",
         "tree": "--credit=tree --trajectories=64 --eval_every=5",
         "sparse, random window (Flow-GRPO-Fast)": "--credit=sparse --sde_window=random:3",
         "sparse, sliding window (MixGRPO)": "--credit=sparse --sde_window=slide:2:12",
@@ -65,14 +66,14 @@ EXPERIMENTS = {
 @dataclass
 class Config:
     out_dir: str = "out/credit"
-    experiment: str = "credit"         # credit | collapse (EXPERIMENTS)
+    experiment: str = flag("credit", choices=EXPERIMENTS)  # credit | collapse (EXPERIMENTS)
     # comma-separated folder names (stepwise,tree,...); "" = the experiment's
     modes: str = ""
     seeds: str = ""                    # "" = the experiment's (credit: 0-4, collapse: 0-2)
-    max_nfe: int = 38400               # DiT-pass equivalents a run
+    max_nfe: int = flag(38400, "[1, inf)")  # DiT-pass equivalents a run
     # updates between held-out evaluations (a mode's flags may say otherwise)
-    eval_every: int = 10
-    jobs: int = 2                      # runs at a time, one thread each
+    eval_every: int = flag(10, "[1, inf)")
+    jobs: int = flag(2, "[1, inf)")  # runs at a time, one thread each
     extra: str = ""                    # more train_policy.py flags for every run, space-separated
     plot_only: bool = False
 
@@ -179,13 +180,13 @@ def summarise(cfg, runs, modes, reference, seeds):
     finals = {m: [runs[m, s][-1]["gold"] for s in seeds] for m in modes}
     target = mean_se(finals[reference])[0] if reference in modes else None
     lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); budget {cfg.max_nfe:,} DiT-pass "
-             f"equivalents a run; differences paired by seed (the same prompts and initial noise), "
-             f"s.e. over seeds; target: "
+             "equivalents a run; differences paired by seed (the same prompts and initial noise), "
+             "s.e. over seeds; target: "
              + (f"{reference}'s final gold, {target:.4f}" if target is not None else "none"), "",
-             f"| mode | gold start | gold end (mean ± s.e.) | minus {reference} (paired) | "
-             f"verdict | DRM start -> end | " "updates | DiT passes | DRM passes | DiT-pass "
-             "equivalents (at SD3.5-medium's DRM cost) | " "equivalents to target | DRM up "
-             "while gold down |", "|---" * 12 + "|"]
+             f"| mode | gold start | gold end (mean ± s.e.) | minus {reference} (paired) | verdict "
+             "| DRM start -> end | updates | DiT passes | DRM passes | DiT-pass equivalents (at "
+             "SD3.5-medium's DRM cost) | equivalents to target | DRM up while gold down "
+             "|", "|---" * 12 + "|"]
     for mode in modes:
         end, end_se = mean_se(finals[mode])
         if reference in modes and mode != reference:
@@ -247,8 +248,7 @@ def plot(runs, modes, seeds, path, title):
 
 
 def main(cfg):
-    check_choice(cfg, "experiment", tuple(EXPERIMENTS))
-    check_at_least(cfg, 1, "max_nfe", "eval_every", "jobs")
+    check_flags(cfg)
     modes, reference, seeds = chosen(cfg)
     print_config(cfg)
     if not cfg.plot_only:

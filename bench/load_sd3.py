@@ -5,7 +5,7 @@
 Each load runs in a fresh process, so its peak memory is the loader's alone, interpreter and torch
 included. The loader reads the header, builds the model on the meta device and reads one tensor at a
 time, so the peak should stay near one copy of the weights: the target is under 1.3x the file size.
-Two readers of the tensors are compared: common.read_tensor (safetensors' safe_open: the file
+Two readers of the tensors are compared: checkpoints.read_tensor (safetensors' safe_open: the file
 memory-mapped copy-on-write, get_tensor) and the reader it replaced (each tensor's bytes read into
 fresh memory). Besides ru_maxrss (which counts mapped file pages, reclaimable cache), a thread
 samples RssAnon, the process's own memory, every 5 ms.
@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import save_file
 
-import common
+import sd3.streaming
 from common import parse_flags
 from model import build_dit
 from sd3.mmdit import STABILITY_PREFIX, load_sd3, save_sd3
@@ -34,7 +34,7 @@ class Config:
     preset: str = "sd3.5-medium"
     dir: str = "/tmp/nanodrm_bench_load"   # where the checkpoints are written (and deleted)
     keep: bool = False                     # keep the files afterwards
-    # common.read_tensor (safe_open), or the reader it replaced
+    # checkpoints.read_tensor (safe_open), or the reader it replaced
     readers: str = "safe_open,read into memory"
 
 
@@ -61,8 +61,8 @@ def rss_anon():
 
 
 def use_read_into_memory():
-    """common.read_tensor as it was before it used safe_open: each tensor's bytes read into fresh
-    memory."""
+    """checkpoints.read_tensor as it was before it used safe_open: each tensor's bytes read into
+    fresh memory."""
     def read_tensor(entry):
         with open(entry.path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
@@ -71,7 +71,7 @@ def use_read_into_memory():
             f.seek(start)
             data = bytearray(f.read(end - start))
         return torch.frombuffer(data, dtype=DTYPES[entry.dtype]).reshape(entry.shape)
-    common.read_tensor = read_tensor
+    sd3.streaming.read_tensor = read_tensor  # what the loader calls, one tensor at a time
 
 
 def measure_in_this_process(path, reader):
@@ -121,8 +121,7 @@ def main(cfg):
     print("|---|---|---|---|---|---|---|---|")
     for layout, reader, size, seconds, maxrss, anon, params, dtype in rows:
         print(f"| {layout} | {reader} | {params / 1e9:.3f}B {dtype} | {size / 1e9:.2f} | "
-              f"{seconds:.1f} | "
-              f"{maxrss / 1e9:.2f} | {anon / 1e9:.2f} | {anon / size:.2f}x |")
+              f"{seconds:.1f} | {maxrss / 1e9:.2f} | {anon / 1e9:.2f} | {anon / size:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -21,33 +21,33 @@ from dataclasses import dataclass
 
 import torch
 
+from common import UserError, autocast, check_flags, flag, pick_device, print_config, run_main
 from data.toy import ToyBase
-from common import UserError, autocast, pick_device, print_config, run_main
 from data.world import TRAIN_PROMPTS
 from grpo import grpo_loss, sample_rollout, stepwise_advantages
-from model import PRESETS, add_lora, build_dit, compile_regions, in_chunks
+from lora import add_lora
+from model import PRESETS, build_dit, compile_regions, in_chunks
 from reward import DRM
-from sample import initial_noise
-from sde import sigma_schedule
+from sde import initial_noise, sigma_schedule
 
 
 @dataclass
 class Config:
     # toy: the shipped base model and DRM; else a preset of model.PRESETS, random weights
     size: str = "toy"
-    latent: int = 64                     # with a preset: latent side (64 = 512 px for SD3)
-    text_tokens: int = 333               # with a preset: prompt tokens (77 CLIP + 256 T5)
-    trajectories: int = 16
-    k: int = 4
-    steps: int = 10
-    cfg_scale: float = 4.0
-    minibatches: int = 2
-    lora_rank: int = 0                   # 0: full fine-tune
+    latent: int = flag(64, "[2, inf)")  # with a preset: latent side (64 = 512 px for SD3)
+    text_tokens: int = flag(333, "[1, inf)")  # with a preset: prompt tokens (77 CLIP + 256 T5)
+    trajectories: int = flag(16, "[1, inf)")
+    k: int = flag(4, "[2, inf)")
+    steps: int = flag(10, "[1, inf)")
+    cfg_scale: float = flag(4.0, "[0, inf)")
+    minibatches: int = flag(2, "[1, inf)")
+    lora_rank: int = flag(0, "[0, inf)")  # 0: full fine-tune
     grad_checkpointing: bool = False
-    rollout_batch: int = 0
-    drm_batch: int = 0
+    rollout_batch: int = flag(0, "[0, inf)")
+    drm_batch: int = flag(0, "[0, inf)")
     compile: str = "off,on"              # variants to run
-    repeats: int = 3
+    repeats: int = flag(3, "[1, inf)")
     device: str = "auto"
 
 
@@ -152,6 +152,7 @@ def one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, devi
 
 
 def main(cfg):
+    check_flags(cfg)
     print_config(cfg)
     device = pick_device(cfg.device)
     results = {}
@@ -169,9 +170,8 @@ def main(cfg):
         optimizer = torch.optim.AdamW(params, lr=1e-7)
         print(f"policy {sum(p.numel() for p in policy.parameters()) / 1e6:.1f}M parameters, "
               f"{sum(p.numel() for p in params) / 1e6:.2f}M trained; {cfg.trajectories} "
-                  f"trajectories x {cfg.steps} " f"steps x k={cfg.k}, {cfg.minibatches} "
-                      f"minibatches; torch {torch.__version__}, " f"{torch.get_num_threads()} "
-                          f"threads; compile {variant}")
+              f"trajectories x {cfg.steps} steps x k={cfg.k}, {cfg.minibatches} minibatches; torch "
+              f"{torch.__version__}, {torch.get_num_threads()} threads; compile {variant}")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.perf_counter()

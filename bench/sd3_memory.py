@@ -28,14 +28,14 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
-from common import UserError, count_flops, print_config, run_main
+from common import UserError, check_flags, count_flops, flag, print_config, run_main
 from grpo import grpo_loss, sample_rollout
-from sde import propose
-from model import PRESETS, DiTConfig, add_lora, build_dit, guided_velocity, in_chunks
+from lora import add_lora
+from model import PRESETS, DiTConfig, build_dit, guided_velocity, in_chunks
 from reward import DRM, bradley_terry_loss
-from sde import sigma_schedule
 from sd3.text import CLIPConfig, CLIPTextEncoder, T5Config, T5Encoder, sd3_prompt_embedding
 from sd3.vae import VAE
+from sde import propose, sigma_schedule
 
 GIB = 2 ** 30
 PRESET = PRESETS["sd3.5-medium"]
@@ -49,18 +49,18 @@ CATEGORIES = ("Parameter", "Buffer", "Gradient", "Optstate", "Activation", "Temp
 @dataclass
 class Config:
     # step-wise candidates a step (train_policy.py's and sample.py's --k)
-    k: int = 4
-    steps: int = 10                    # SDE steps a rollout (train_policy.py's --steps)
-    trajectories: int = 8              # rollouts an update (the README's SD3 command)
-    rollout_batch: int = 8             # rollout rows a pass (--rollout_batch)
-    drm_batch: int = 8                 # DRM candidates a pass (--drm_batch)
-    loss_batch: int = 1                # pairs a backward (--loss_batch)
-    lora_rank: int = 16
-    drm_drop_last: int = 3             # the DRM: 21 of SD3.5-medium's 24 blocks
-    h100_tflops: float = 989.0         # H100 SXM, dense bf16
+    k: int = flag(4, "[1, inf)")
+    steps: int = flag(10, "[1, inf)")  # SDE steps a rollout (train_policy.py's --steps)
+    trajectories: int = flag(8, "[1, inf)")  # rollouts an update (the README's SD3 command)
+    rollout_batch: int = flag(8, "[1, inf)")  # rollout rows a pass (--rollout_batch)
+    drm_batch: int = flag(8, "[1, inf)")  # DRM candidates a pass (--drm_batch)
+    loss_batch: int = flag(1, "[1, inf)")  # pairs a backward (--loss_batch)
+    lora_rank: int = flag(16, "[0, inf)")
+    drm_drop_last: int = flag(3, "[1, 23]")  # the DRM: 21 of SD3.5-medium's 24 blocks
+    h100_tflops: float = flag(989.0, "(0, inf)")  # H100 SXM, dense bf16
     # the share of it an update is assumed to reach, for the time estimate
-    utilisation: float = 0.4
     # which tables to print (memory: 16 minutes on 2 cores, flops: 14 s)
+    utilisation: float = flag(0.4, "(0, 1]")
     tables: str = "memory,flops"
 
 
@@ -315,6 +315,7 @@ def update_flops(cfg, shapes, lora_rank):
 
 
 def main(cfg):
+    check_flags(cfg)
     tables = set(cfg.tables.split(","))
     if not tables or tables - {"memory", "flops"}:
         raise UserError(f"--tables={cfg.tables}: a comma-separated list of memory, flops")
@@ -340,30 +341,27 @@ def memory_table(cfg):
     for pixels in (512, 1024):
         for rank in (cfg.lora_rank, 0):
             for checkpointing in (True, False):
-                name = (f"`train_policy.py "
-                        f"{'--lora_rank=' + str(rank) if rank else '(full fine-tune)'}"
-                        f"{' --grad_checkpointing' if checkpointing else ''}`, {pixels} px")
+                flags = ((f"--lora_rank={rank}" if rank else "(full fine-tune)")
+                         + (" --grad_checkpointing" if checkpointing else ""))
+                name = f"`train_policy.py {flags}`, {pixels} px"
                 rows.append((name, grpo_update(cfg, sd35(pixels, cfg), rank, checkpointing)))
-    print(f"\nSD3.5-medium, simulated (FakeTensorMode + MemTracker), GiB at the peak; Step-GRPO: "
+    print("\nSD3.5-medium, simulated (FakeTensorMode + MemTracker), GiB at the peak; Step-GRPO: "
           f"k={cfg.k}, --rollout_batch={cfg.rollout_batch} --drm_batch={cfg.drm_batch} "
           f"--loss_batch={cfg.loss_batch}")
     print("| what | " + " | ".join(c.lower() for c in CATEGORIES) + " | total |\n|---" * 1
           + "|---" * (len(CATEGORIES) + 1) + "|")
     for name, (build, run) in rows:
         result = peak(build, run)
-        print(f"| {name} | " + " | ".join(f"{result.get(c, 0):.1f}" for c in CATEGORIES) + f" | "
-              f"**{result['Total']:.1f}** |", flush=True)
+        cells = " | ".join(f"{result.get(c, 0):.1f}" for c in CATEGORIES)
+        print(f"| {name} | {cells} | **{result['Total']:.1f}** |", flush=True)
 
 
 def flops_table(cfg):
     print(f"\nOne Step-GRPO update ({cfg.steps} steps x {cfg.trajectories} trajectories, "
-          f"k={cfg.k}, every pair trained "
-          f"once), FLOPs counted (FlopCounterMode), time at {cfg.utilisation:.0%} of an H100's "
-              f"{cfg.h100_tflops:.0f} "
-          "dense bf16 TFLOP/s:")
-    print("| px | fine-tune | rollout row | DRM candidate | loss pair | update TFLOPs | "
-          "H100 seconds (estimate) |\n"
-          "|---|---|---|---|---|---|---|")
+          f"k={cfg.k}, every pair trained once), FLOPs counted (FlopCounterMode), time at "
+          f"{cfg.utilisation:.0%} of an H100's {cfg.h100_tflops:.0f} dense bf16 TFLOP/s:")
+    print("| px | fine-tune | rollout row | DRM candidate | loss pair | update TFLOPs | H100 "
+          "seconds (estimate) |\n|---|---|---|---|---|---|---|")
     for pixels in (512, 1024):
         for rank in (cfg.lora_rank, 0):
             total, parts = update_flops(cfg, sd35(pixels, cfg), rank)

@@ -37,12 +37,14 @@ from dataclasses import dataclass
 import torch
 
 import sample
-from data.toy import ToyBase
 from bench.stats import SD35_MEDIUM_DRM_COST, clustered, verdict
-from common import (UserError, check_at_least, check_choice, check_numbers, count_flops,
-                    parse_numbers, pick_device, print_config, run_main)
+from common import (UserError, check_flags, count_flops, flag, parse_numbers, pick_device,
+                    print_config, run_main)
+from data.toy import ToyBase
+from evaluation import diversity
 from model import compile_regions
-from sample import diversity, initial_noise, search, stepwise_sample
+from sample import search, stepwise_sample
+from sde import initial_noise
 
 METHODS = ("ode", "sde", "stepwise", "x0", "lookahead", "beam", "smc", "smc_noisy", "prune")
 POOL = 16  # ODE samples an image behind the best-of-N curve
@@ -85,12 +87,12 @@ class Config:
     methods: str = ""
     lmbdas: str = "10"                 # SMC's lambda(s): weights exp(lambda x the DRM's gain)
     # heldout (the ten held-out prompts) | train (ten training prompts, to tune)
-    prompt_set: str = "heldout"
-    per_prompt: int = 20               # seeds per prompt
-    steps: int = 20
-    cfg_scale: float = 4.0
-    shift: float = 1.0
-    noise_level: float = 0.7           # SDE noise of step-wise successors and particles
+    prompt_set: str = flag("heldout", choices=("heldout", "train"))
+    per_prompt: int = flag(20, "[2, inf)")  # seeds per prompt
+    steps: int = flag(20, "[1, inf)")
+    cfg_scale: float = flag(4.0, "[0, inf)")
+    shift: float = flag(1.0, "(0, inf)")
+    noise_level: float = flag(0.7, "(0, inf)")  # SDE noise of step-wise successors and particles
     seed: int = 0
     out: str = "out/search"            # writes OUT.json, OUT.md, OUT.png
     compile: bool = False
@@ -197,8 +199,8 @@ def pool_of_samples(cfg, base, drm, drm_text, pool, prompts):
 def compare(rows, curves, clusters, sample_passes, at_cost):
     """Each method against best-of-N at the same equivalents (`at_cost`: the DRM cost the
     equivalents are weighed at): per-image differences, clustered s.e., verdicts -> markdown."""
-    lines = [f"| method | DiT-pass equivalents / image | gold | best-of-N there (N) | "
-             f"difference ± clustered s.e. | " "paired s.e. (images) | verdict |",
+    lines = ["| method | DiT-pass equivalents / image | gold | best-of-N there (N) | difference ± "
+             "clustered s.e. | paired s.e. (images) | verdict |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         budget = r["dit_passes"] + at_cost * r["drm_passes"]
@@ -212,8 +214,8 @@ def compare(rows, curves, clusters, sample_passes, at_cost):
         paired = diff.std().item() / math.sqrt(len(diff))
         n = next(n for n in range(1, POOL) if best_of_cost(n + 1, sample_passes, at_cost) >= budget)
         lines.append(f"| {r['label']} | {budget:.0f} | {r['gold']:.4f} | "
-                     f"{reference.mean().item():.4f} " f"({n}-{n + 1}) | {mean:+.4f} ± {se:.4f} | "
-                         f"{paired:.4f} | {verdict(mean, se)} |")
+                     f"{reference.mean().item():.4f} ({n}-{n + 1}) | {mean:+.4f} ± {se:.4f} | "
+                     f"{paired:.4f} | {verdict(mean, se)} |")
     return "\n".join(lines)
 
 
@@ -247,9 +249,7 @@ def plot(rows, curves, sample_passes, cost, path):
 
 
 def main(cfg):
-    check_numbers(cfg)
-    check_at_least(cfg, 1, "per_prompt", "steps")
-    check_choice(cfg, "prompt_set", ("heldout", "train"))
+    check_flags(cfg)
     points = settings(cfg)
     try:  # the outputs' place is writable, before any work
         os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
@@ -283,35 +283,32 @@ def main(cfg):
     scores, gold, sample_passes = pool_of_samples(cfg, base, drm, drm_text, pool, prompts)
     curves = {n: best_of_n_curve(scores, gold, n) for n in range(1, POOL + 1)}
     head = (f"{cfg.prompt_set} prompts, {len(prompt_list)} x {cfg.per_prompt} images, {cfg.steps} "
-            f"steps, cfg "
-            f"{cfg.cfg_scale}, SDE noise {cfg.noise_level}; a DRM pass costs {cost:.3f} DiT passes "
-                f"in FLOPs " f"({seconds:.2f} in time here), {SD35_MEDIUM_DRM_COST:.2f} at "
-                    f"SD3.5-medium")
+            f"steps, cfg {cfg.cfg_scale}, SDE noise {cfg.noise_level}; a DRM pass costs {cost:.3f} "
+            f"DiT passes in FLOPs ({seconds:.2f} in time here), {SD35_MEDIUM_DRM_COST:.2f} at "
+            "SD3.5-medium")
     print(head)
-    header = ("| method | gold ± s.e. | DiT passes / image | DRM passes / image | ms / image |\n"
-              "|---|---|---|---|---|")
+    header = ("| method | gold ± s.e. | DiT passes / image | DRM passes / image | ms / image "
+              "|\n|---|---|---|---|---|")
     print(header)
     rows = [measure(cfg, point, base, drm, drm_text, pool, prompts) for point in points]
     bon = "\n".join(f"| best-of-{n} | {curves[n].mean().item():.4f} ± "
-                    f"{curves[n].std().item() / math.sqrt(len(gold)):.4f}" f" | "
-                        f"{sample_passes * n:.0f} | {n if n > 1 else 0} | "
-                            f"{best_of_cost(n, sample_passes, cost):.0f} |"
+                    f"{curves[n].std().item() / math.sqrt(len(gold)):.4f} | "
+                    f"{sample_passes * n:.0f} | {n if n > 1 else 0} | "
+                    f"{best_of_cost(n, sample_passes, cost):.0f} |"
                             for n in range(1, POOL + 1))
     table = "\n".join([
         "| method | gold ± s.e. | digit | attributes | DRM | diversity | DiT passes / image | DRM "
-            "passes / image | "
-        "DiT-pass equivalents (SD3.5-medium) | ms / image |", "|---" * 10 + "|"]
+        "passes / image | DiT-pass equivalents (SD3.5-medium) | ms / image |", "|---" * 10 + "|"]
         + [f"| {r['label']} | {r['gold']:.4f} ± {r['gold_se']:.4f} | {r['digit_correct']:.1%} | "
            f"{r['attribute_match']:.1%} | {r['drm']:.3f} | {r['diversity']:.4f} | "
-           f"{r['dit_passes']:.0f} | "
-           f"{r['drm_passes']:.0f} | {r['dit_passes'] + cost * r['drm_passes']:.0f} "
+           f"{r['dit_passes']:.0f} | {r['drm_passes']:.0f} | "
+           f"{r['dit_passes'] + cost * r['drm_passes']:.0f} "
            f"({r['dit_passes'] + SD35_MEDIUM_DRM_COST * r['drm_passes']:.0f}) | {r['ms']:.1f} |"
            for r in rows])
-    curve_table = ("| best-of-N (one pool of 16) | gold ± s.e. | DiT passes / image | "
-                   "DRM passes / image | "
-                   "DiT-pass equivalents |\n|---|---|---|---|---|\n" + bon)
+    curve_table = ("| best-of-N (one pool of 16) | gold ± s.e. | DiT passes / image | DRM passes / "
+                   "image | DiT-pass equivalents |\n|---|---|---|---|---|\n" + bon)
     judged = (f"Against best-of-N at equal DiT-pass equivalents (a DRM pass = {cost:.3f} DiT "
-              f"passes):\n\n"
+              "passes):\n\n"
               + compare(rows, curves, clusters, sample_passes, cost)
               + f"\n\nThe same at SD3.5-medium's DRM cost ({SD35_MEDIUM_DRM_COST:.2f}):\n\n"
               + compare(rows, curves, clusters, sample_passes, SD35_MEDIUM_DRM_COST))

@@ -15,25 +15,27 @@ from dataclasses import dataclass
 
 import torch
 
+from common import check_flags, flag, pick_device, print_config, run_main
 from data.toy import ToyBase
-from common import pick_device, print_config, run_main
 from data.world import HELDOUT_PROMPTS
-from sample import initial_noise, stepwise_sample
+from sample import stepwise_sample
+from sde import initial_noise
 
 
 @dataclass
 class Config:
     base: str = "data/base.safetensors"
     drm: str = "data/drm.safetensors"
-    images: int = 32
-    steps: int = 20
-    cfg_scale: float = 4.0
-    max_k: int = 8
-    repeats: int = 3
+    images: int = flag(32, "[1, inf)")
+    steps: int = flag(20, "[1, inf)")
+    cfg_scale: float = flag(4.0, "[0, inf)")
+    max_k: int = flag(8, "[1, inf)")
+    repeats: int = flag(3, "[1, inf)")
     device: str = "auto"
 
 
 def main(cfg):
+    check_flags(cfg)
     print_config(cfg)
     device = pick_device(cfg.device)
     base = ToyBase.load(cfg.base, device)
@@ -59,7 +61,7 @@ def main(cfg):
 
     seconds_per_image(2)  # warm-up
     print(f"step-wise sampling, {cfg.images} images, {cfg.steps} steps, guidance {cfg.cfg_scale}, "
-          f"{device}, " f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+          f"{device}, torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| k | DiT passes / image | DRM passes / image | ms / image | time vs k=1 |")
     print("|---|---|---|---|---|")
     base = None

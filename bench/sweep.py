@@ -59,13 +59,13 @@ def read_curve(run_dir, metric):
     path = os.path.join(run_dir, "metrics.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} does not exist: the script must log its metrics there "
-                                f"(its --out_dir)")
+                                "(its --out_dir)")
     with open(path) as f:
         records = [flatten(json.loads(line)) for line in f if line.strip()]
     if not records or metric not in records[-1]:
         known = ", ".join(sorted(records[-1])) if records else "none"
         raise KeyError(f"{run_dir}/metrics.jsonl has no {metric!r}; its keys: {known} (choose one "
-                       f"with --metric)")
+                       "with --metric)")
     return [(r.get("step", i), r[metric]) for i, r in enumerate(records) if metric in r]
 
 
@@ -157,7 +157,7 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     if not os.path.exists(os.path.join(ROOT, args.script)):
         sys.exit(f"error: --script={args.script} is not a file in {ROOT}; e.g. train_policy.py or "
-                 f"train_reward.py")
+                 "train_reward.py")
     names = [name for name, _ in grid]
     curves = {}
     try:
@@ -177,7 +177,7 @@ def main(argv=None):
                     args.metric, seeds)
     print(results)
     with open(os.path.join(args.out_dir, "results.md"), "w") as f:
-        f.write(f"`python -m bench.sweep "
+        f.write("`python -m bench.sweep "
                 f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n{results}\n")
     plot(curves, args.metric, os.path.join(args.out_dir, "results.png"))
     print(f"wrote {args.out_dir}/results.md and results.png")

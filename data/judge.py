@@ -196,8 +196,7 @@ def main():
         t in zip(world["captions"], world["test"]) if t]
     scores = Judge(classifier).score(test_x, test_captions)
     print(f"wrote {JUDGE_PATH}: test accuracy {accuracy:.2%}; on real test digits with their own "
-          f"captions: "
-          f"mean gold {scores['gold'].mean():.3f}, attribute match "
+          f"captions: mean gold {scores['gold'].mean():.3f}, attribute match "
           f"{scores['attribute_match'].mean():.2%}, "
           + ", ".join(f"{k} {scores[k].mean():.3f}"
                       for k in ("fidelity", "attributes", "blur", "specks", "off_centre")))

@@ -1,12 +1,18 @@
-"""Preference pairs, read and checked: the JSONL records data/preferences.py writes, and HPDv3's
-JSON lists (prompt, path1 the preferred image, path2, and confidence or choice_dist, model1, model2,
-gold)."""
+"""Preference pairs: read and checked (the JSONL records data/preferences.py writes, and HPDv3's
+JSON lists: prompt, path1 the preferred image, path2, and confidence or choice_dist, model1, model2,
+gold), as the tensors a DRM trains on (Pairs, load_split), and the DRM's pairwise accuracy on them
+by sigma (evaluate).
+"""
 import json
 import os
+from dataclasses import dataclass
 
 import torch
 
 from common import UserError, read_text
+from model import add_noise
+
+CLOSE_GAP = 0.1  # gold gap under which a pair counts as close
 
 
 def read_records(path):
@@ -40,7 +46,7 @@ def choice_share(choice_dist, where):
             or not all(isinstance(n, (int, float)) and n >= 0 for n in choice_dist)
             or sum(choice_dist) <= 0):
         raise UserError(f"{where}: choice_dist {choice_dist!r} is not two vote counts [path1, "
-                        f"path2]")
+                        "path2]")
     return choice_dist[0] / sum(choice_dist)
 
 
@@ -51,7 +57,7 @@ def read_pairs(path):
     Validated pair by pair."""
     if not os.path.exists(path):
         raise UserError(f"preference file {path} does not exist; make one with python -m "
-                        f"data.preferences")
+                        "data.preferences")
     folder = os.path.dirname(os.path.abspath(path))
     pairs = []
     for where, record in read_records(path):
@@ -78,7 +84,7 @@ def read_pairs(path):
                       "model1": record.get("model1"), "model2": record.get("model2")})
     if not pairs:
         raise UserError(f"{path} holds no pairs: an empty split cannot train or evaluate a reward "
-                        f"model")
+                        "model")
     return pairs
 
 
@@ -87,3 +93,94 @@ def gold_scores(pairs):
     return torch.tensor([p["gold"] for p in pairs]) if all(p["gold"] is not None
                                                            for p in pairs) else None
 
+# -----------------------------------------------------------------------------
+# As tensors, and the DRM's accuracy
+
+
+@dataclass
+class Pairs:
+    """A split's preference pairs as tensors: path1 (the labelled winner) and path2 of each, its
+    prompt, and (the toy) the two gold scores, which only evaluation reads. Embeddings are kept
+    once per distinct prompt, and on the CPU (a batch's go to the device)."""
+    winners: torch.Tensor       # (N, C, H, W)
+    losers: torch.Tensor        # (N, C, H, W)
+    prompt: torch.Tensor        # (N,): each pair's row of context and pooled
+    context: torch.Tensor       # (P, L, context_dim), P distinct prompts
+    pooled: torch.Tensor        # (P, pooled_dim)
+    gold: torch.Tensor | None   # (N, 2) or None
+    # SD3, --vae_latents=sample: the posteriors' stds (winners', losers')
+    stds: tuple | None = None
+
+    def images(self, rows, generator=None):
+        """The (winners, losers) of `rows`: the posterior means, or a draw from each posterior."""
+        chosen = [self.winners[rows], self.losers[rows]]
+        if self.stds is not None:
+            chosen = [mean + std[rows] * torch.randn(mean.shape, generator=generator).to(mean)
+                      for mean, std in zip(chosen, self.stds)]
+        return chosen
+
+    def text(self, rows, device):
+        """(context, pooled) of the pairs `rows` (a tensor or a slice) on `device`."""
+        index = self.prompt[rows]
+        return self.context[index].to(device), self.pooled[index].to(device)
+
+
+def load_split(cfg, split, base, text, device):
+    """A split's Pairs as the base model takes them (the toy: its images; SD3: their VAE latents,
+    cached in out_dir/cache); training pairs below --min_confidence are dropped."""
+    path = os.path.join(cfg.prefs, split + ".jsonl")
+    if not os.path.exists(path) and os.path.exists(path[:-1]):  # HPDv3's train.json / test.json
+        path = path[:-1]
+    pairs = read_pairs(path)
+    if split == "train" and cfg.min_confidence > 0:
+        kept = [pair for pair in pairs if pair["confidence"] >= cfg.min_confidence]
+        print(f"--min_confidence={cfg.min_confidence}: {len(kept)} of {len(pairs)} pairs kept")
+        if not kept:
+            raise UserError(f"--min_confidence={cfg.min_confidence} leaves none of the "
+                            f"{len(pairs)} pairs of {path}")
+        pairs = kept
+    (winners, losers), stds = base.pair_tensors(pairs, os.path.join(cfg.out_dir, "cache"),
+                                                cfg.image_resize)
+    if cfg.vae_latents == "mode":
+        stds = None
+    distinct = sorted({pair["prompt"] for pair in pairs})  # each prompt encoded once
+    base.prepare(distinct, os.path.join(cfg.out_dir, "cache"), text)  # SD3: embedded once, cached
+    row = {prompt: i for i, prompt in enumerate(distinct)}
+    context, pooled = text.encode(distinct)
+    rows = torch.tensor([row[pair["prompt"]] for pair in pairs])
+    return Pairs(winners.to(device), losers.to(device), rows, context.cpu(), pooled.cpu(),
+                 gold_scores(pairs), stds and tuple(t.to(device) for t in stds))
+
+
+@torch.no_grad()
+def evaluate(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
+    """Pairwise accuracy on the test pairs at each (label, sigma) of `sigmas`, against the labels
+    and (the toy) gold -> {label: figures}. A non-finite score makes the accuracies NaN: the run
+    stops, nothing saved."""
+    drm.eval()
+    device, n = pairs.winners.device, len(pairs.winners)
+    g = torch.Generator().manual_seed(seed)
+    results = {}
+    for label, sigma_value in sigmas:
+        margin = torch.zeros(n)
+        for _ in range(noise_draws):
+            for i in range(0, n, batch):
+                w, l = pairs.images(slice(i, i + batch), g)
+                sigma = torch.full((len(w),), sigma_value, device=device)
+                x = torch.cat([add_noise(w, sigma, torch.randn(w.shape, generator=g).to(device)),
+                               add_noise(l, sigma, torch.randn(l.shape, generator=g).to(device))])
+                text = (torch.cat([t] * 2) for t in pairs.text(slice(i, i + batch), device))
+                rewards = drm(x, torch.cat([sigma, sigma]), *text).float().cpu()
+                margin[i:i + len(w)] += (rewards[:len(w)] - rewards[len(w):]) / noise_draws
+        first = margin > 0
+        nan = 0.0 if torch.isfinite(margin).all() else float("nan")
+        result = results[label] = {"label_accuracy": first.float().mean().item() + nan}
+        if pairs.gold is not None:
+            gold = pairs.gold
+            not_tied, close = gold[:, 0] != gold[:, 1], (gold[:, 0] - gold[:, 1]).abs() < CLOSE_GAP
+            right = (first == (gold[:, 0] > gold[:, 1])) & not_tied  # agrees with gold's order
+            result["gold_accuracy"] = (right.sum() / not_tied.sum()).item() + nan
+            result["gold_accuracy_close_pairs"] = ((right & close).sum().item() + nan
+                                                   ) / max(1, (close & not_tied).sum().item())
+    drm.train()
+    return results

@@ -31,12 +31,12 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from data.toy import ToyBase
-from common import run_main
 from checkpoints import save_grid
+from common import check_flags, flag, run_main
 from data.judge import Judge
+from data.toy import ToyBase
 from data.world import TRAIN_PROMPTS, read_images
-from sample import generate
+from evaluation import generate
 
 
 @dataclass
@@ -46,10 +46,11 @@ class Config:
     cfg_scales: str = "1,1.5,2,3,4,6"     # guidance scales of the image pool
     # Euler step counts of the image pool (1-2 steps give blurred digits)
     step_counts: str = "1,2,4,8,20"
-    seeds_per_setting: int = 6            # images per (prompt, guidance, steps)
-    pairs_per_prompt: int = 400
-    test_prompts: int = 16                # prompts held out for the test pairs
-    temperature: float = 0.15             # Bradley-Terry temperature of the annotator's labels
+    seeds_per_setting: int = flag(6, "[1, inf)")  # images per (prompt, guidance, steps)
+    pairs_per_prompt: int = flag(400, "[1, inf)")
+    test_prompts: int = flag(16, "[1, 79]")  # prompts held out for the test pairs
+    # Bradley-Terry temperature of the annotator's labels
+    temperature: float = flag(0.15, "(0, inf)")
     seed: int = 0
 
 
@@ -67,6 +68,7 @@ def gold_scores(pairs):
 
 
 def main(cfg):
+    check_flags(cfg)
     base = ToyBase.load(cfg.base, "cpu")
     judge = Judge(temperature=cfg.temperature)
     cfg_scales = [float(v) for v in cfg.cfg_scales.split(",")]
@@ -115,8 +117,8 @@ def main(cfg):
                                          "gold": [round(winner[1], 4), round(loser[1], 4)]}))
         with open(os.path.join(cfg.out_dir, f"{name}.jsonl"), "w") as f:
             f.write("\n".join(lines) + "\n")
-        print(f"{name}: {len(lines)} pairs over {len(names_prompts)} prompts; "
-              f"labels agree with the gold ordering on {agree / len(lines):.1%}")
+        print(f"{name}: {len(lines)} pairs over {len(names_prompts)} prompts; labels agree with "
+              f"the gold ordering on {agree / len(lines):.1%}")
     first = [path for path, _ in pool[split["test"][0]][:16]]
     save_grid(read_images([os.path.join(cfg.out_dir, p) for p in first]),
               os.path.join(cfg.out_dir, "example_pool.png"), nrow=8)

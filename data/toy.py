@@ -11,7 +11,8 @@ from common import UserError, read_prompts
 from data.judge import Judge
 from data.world import (HELDOUT_PROMPTS, TRAIN_PROMPTS, TextConfig, TextEncoder, read_images,
                         tokenize)
-from model import DiT, DiTConfig, add_lora, export_state_dict
+from lora import add_lora, export_state_dict
+from model import DiT, DiTConfig
 from reward import read_drm, save_drm
 
 
@@ -88,8 +89,7 @@ class ToyBase:
         images = read_images([p[key] for p in pairs for key in ("path1", "path2")])
         if images.shape[-1] != self.latent_size or images.shape[-2] != self.latent_size:
             raise UserError(f"the preference images are {images.shape[-2]}x{images.shape[-1]} "
-                            f"pixels, the model's "
-                            f"{self.latent_size}x{self.latent_size}")
+                            f"pixels, the model's {self.latent_size}x{self.latent_size}")
         return (images[0::2], images[1::2]), None
 
     def load_drm(self, path, device):
@@ -97,8 +97,7 @@ class ToyBase:
         drm, meta, tensors = read_drm(path, device, self.dit.config)
         if meta.get("text_config") is None:
             raise CheckpointError(f"{path} is a DRM of {meta.get('model')} (SD3): the toy cannot "
-                                  f"use it; "
-                                  "pass --model and --ckpt_dir of its pipeline")
+                                  "use it; pass --model and --ckpt_dir of its pipeline")
         encoder = load_module(TextEncoder(config_from_meta(TextConfig, meta["text_config"], path)),
                               tensors, "text", path)
         return drm, ToyText(encoder.to(device).eval()), meta

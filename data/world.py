@@ -140,7 +140,7 @@ def load_digits():
     path = os.path.join(DATA_DIR, "mnist.npz")
     if not os.path.exists(path):
         raise UserError(f"{path} is missing; rebuild it with data/build_mnist.py (see "
-                        f"data/README.md)")
+                        "data/README.md)")
     with np.load(path) as f:
         images = torch.from_numpy(f["images"]).float() / 127.5 - 1  # (N, 28, 28)
         labels = torch.from_numpy(f["labels"]).long()
@@ -166,7 +166,7 @@ def read_images(paths):
         if image.shape != shape:
             raise UserError(f"image {path} is {image.shape[1]}x{image.shape[2]} pixels, the others "
                             f"{shape[1]}x{shape[2]}: every image of a preference set has the "
-                            f"model's size")
+                            "model's size")
     return torch.stack([cache[path] for path in paths])
 
 

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common import UserError, parse_numbers
+from common import UserError, flag, parse_numbers
 from grpo import (Rollout, group_normalise, in_window, sample_rollout, stepwise_advantages,
                   trained_steps)
 from sde import Step, passes, propose, take
@@ -33,13 +33,14 @@ from sde import Step, passes, propose, take
 @dataclass
 class CreditFlags:
     """train_policy.py's flags of the rival credit rules (its Config inherits them)."""
-    group_std: str = "group"           # sparse: divide by the group's std | global (the update's:
-                                       # Flow-GRPO's SD3 configs)
+    # sparse: divide by the group's std | global (the update's: Flow-GRPO's SD3 configs)
+    group_std: str = flag("group", choices=("group", "global"))
     split_steps: str = "0,1,3,4"       # tree: where it branches (BranchGRPO's 0,3,6,9 of 20 halved)
-    branch: int = 2                    # tree: children per split (branch^splits leaves a prompt)
-    tree_norm: str = "depth"           # tree: depth (BranchGRPO: a tree's nodes of a depth, ddof 1)
-                                       # | siblings (each split's children among themselves)
-    split_noise: float = 4.0           # tree: a split's noise x this (BranchGRPO's script; 1: none)
+    branch: int = flag(2, "[2, inf)")  # tree: children per split (branch^splits leaves a prompt)
+    # tree: depth (BranchGRPO: a tree's nodes of a depth, ddof 1) | siblings (a split's children)
+    tree_norm: str = flag("depth", choices=("depth", "siblings"))
+    # tree: a split's noise x this (BranchGRPO's script; 1: as any step's)
+    split_noise: float = flag(4.0, "(0, inf)")
     # where the sampler is stochastic and trained: "" every step | a:b steps a..b-1 | random:n
     # (Flow-GRPO-Fast: n steps from a start drawn each update in [0, steps/2 - n]) | slide:n:u
     # (MixGRPO: n steps from step (update - 1) // u on, cut at steps - 2, back to 0 past it)
@@ -60,24 +61,14 @@ def settings(cfg):
                     cfg.split_noise)
 
 
-def check_flags(cfg):
-    """The rival flags, before any work: the credit mode, the window, the tree's splits."""
-    if cfg.credit not in CREDIT:
-        raise UserError(f"--credit={cfg.credit}: choose one of {', '.join(CREDIT)}")
-    for name, choices in (("tree_norm", ("depth", "siblings")), ("group_std", ("group", "global"))):
-        if getattr(cfg, name) not in choices:
-            raise UserError(f"--{name}={getattr(cfg, name)}: choose one of {', '.join(choices)}")
-    if cfg.branch < 2:
-        raise UserError(f"--branch={cfg.branch}: must be at least 2")
-    if not cfg.split_noise > 0:
-        raise UserError(f"--split_noise={cfg.split_noise}: a positive factor (1: a split's noise "
-                        "as any step's; BranchGRPO's script: 4)")
+def check_credit(cfg):
+    """The flags that go together, before any work: the window, the tree's splits, the groups."""
     kind, *window = parse_window(cfg)
     trained = [i for i, t in enumerate(trained_steps(cfg.steps, window if kind == "fixed" else None,
                                                      cfg.train_last_step)) if t]
     if not trained:
-        raise UserError(f"--sde_window={cfg.sde_window} trains no step: the last of --steps="
-                        f"{cfg.steps} is not trained unless --train_last_step")
+        raise UserError(f"--sde_window={cfg.sde_window} trains no step: the last of "
+                        f"--steps={cfg.steps} is not trained unless --train_last_step")
     a, b = trained[0], trained[-1] + 1
     splits = parse_numbers(cfg, "split_steps")
     if cfg.credit == "tree" and kind in ("random", "slide"):

@@ -15,22 +15,17 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from common import UserError
+from common import flag
 from reward import bradley_terry_loss
 
 
 @dataclass
 class EnsembleFlags:
     """The noise ensemble's flags, wherever the DRM scores (the scripts' Configs inherit them)."""
-    drm_draws: int = 1                 # the DRM's noise ensemble (NoiseEnsemble): states below
-    drm_sigma: float = 0.0             # drm_sigma re-noised to it drm_draws times, scores averaged
-
-
-def check_ensemble(cfg):
-    if cfg.drm_draws < 1:
-        raise UserError(f"--drm_draws={cfg.drm_draws}: must be at least 1")
-    if not 0 <= cfg.drm_sigma < 1:
-        raise UserError(f"--drm_sigma={cfg.drm_sigma}: a sigma in [0, 1)")
+    # the DRM's noise ensemble (NoiseEnsemble): states below drm_sigma re-noised to it drm_draws
+    # times, the scores averaged
+    drm_draws: int = flag(1, "[1, inf)")
+    drm_sigma: float = flag(0.0, "[0, 1)", zero="no re-noising")
 
 
 def thurstone_loss(reward_win, reward_lose, sigma, scale=2.0, floor=0.05, eps=1e-6):
@@ -41,7 +36,6 @@ def thurstone_loss(reward_win, reward_lose, sigma, scale=2.0, floor=0.05, eps=1e
     var = scale * sigma ** 2 + floor
     z = (reward_win - reward_lose) / torch.sqrt(2 * var + eps)
     return 1 - torch.sqrt(torch.distributions.Normal(0.0, 1.0).cdf(z) + eps)
-
 
 
 # every reward loss train_reward.py --loss can name

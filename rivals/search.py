@@ -15,35 +15,33 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError, parse_numbers
+from common import UserError, flag, parse_numbers
 from sde import favourite, passes, propose, sigma_schedule, take
 
 
 @dataclass
 class SearchFlags:
     """sample.py's flags of the rival searches (its Config inherits them)."""
-    potential: str = "diff"            # smc: diff (the gain since the last scored step) | max
-    lmbda: float = 10.0                # smc: weights exp(lmbda x potential), FK steering's lambda
+    # smc: diff (the gain since the last scored step) | max
+    potential: str = flag("diff", choices=("diff", "max"))
+    lmbda: float = flag(10.0, "[0, inf)")  # smc: weights exp(lmbda x potential), FK's lambda
     resample: str = "1:1:6"            # smc: every:from:to, resampled at those steps and the last
                                        # (FK's every 5 from 5 to 30 of 100 steps, scaled to 20)
     adaptive: bool = False             # smc: resample a scheduled step only below the ESS threshold
-    ess_threshold: float = 0.5         # smc: the effective sample size / particles resampled below
+    # smc: the effective sample size / particles resampled below
+    ess_threshold: float = flag(0.5, "(0, 1]")
     prune_at: str = "0.6"              # prune: the sigmas at which the DRM keeps the best
-    keep: float = 0.5                  # prune: the fraction kept at each
+    keep: float = flag(0.5, "(0, 1]")  # prune: the fraction kept at each
 
 
-def check_flags(cfg):
-    """The rival searches' flags, before any work."""
-    if cfg.potential not in ("diff", "max"):
-        raise UserError(f"--potential={cfg.potential}: choose one of diff, max")
-    if not (0 < cfg.keep <= 1 and 0 < cfg.ess_threshold <= 1):
-        raise UserError(f"--keep={cfg.keep}, --ess_threshold={cfg.ess_threshold}: each in (0, 1]")
+def check_search(cfg):
+    """The rival searches' lists of numbers, before any work."""
     if not all(0 <= sigma <= 1 for sigma in parse_numbers(cfg, "prune_at", float)):
         raise UserError(f"--prune_at={cfg.prune_at}: sigmas in [0, 1], e.g. 0.6 or 0.8,0.5")
     schedule = parse_numbers(cfg, "resample", sep=":")
     if len(schedule) != 3 or schedule[0] < 1 or not 0 <= schedule[1] <= schedule[2]:
-        raise UserError(f"--resample={cfg.resample}: give every:from:to, every >= 1 and "
-                        "0 <= from <= to, e.g. 1:1:6")
+        raise UserError(f"--resample={cfg.resample}: give every:from:to, every >= 1 and 0 <= from "
+                        "<= to, e.g. 1:1:6")
 
 # -----------------------------------------------------------------------------
 # Particle search (FK steering)

@@ -20,9 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from checkpoints import (CheckpointError, atomic_write, check_keys, read_safetensors_header,
                          read_tensor)
-from model import DiTConfig, build_dit, export_state_dict
+from lora import export_state_dict
+from model import DiTConfig, build_dit
 from sd3.streaming import assign_from_files
-
 
 # -----------------------------------------------------------------------------
 # Public SD3 / SD3.5 weights. Our module names are Stability's keys, so their
@@ -109,9 +109,9 @@ def _find_weight_files(path):
             return [single]
         else:
             raise CheckpointError(f"{path} holds no "
-                                  f"diffusion_pytorch_model.safetensors(.index.json); point at "
-                                    "a .safetensors file, a diffusers transformer/ folder or a "
-                                    "pipeline folder")
+                                  "diffusion_pytorch_model.safetensors(.index.json); point at a "
+                                  ".safetensors file, a diffusers transformer/ folder or a "
+                                  "pipeline folder")
     if path.endswith(".json"):
         with open(path) as f:
             shards = sorted(set(json.load(f)["weight_map"].values()))
@@ -173,7 +173,7 @@ def dit_config_from_shapes(shapes, path="checkpoint"):
     if any(k not in shapes for k in needed):
         raise CheckpointError(f"{path} is not an SD3 transformer: it lacks "
                               f"{[k for k in needed if k not in shapes]} (found {len(shapes)} "
-                              f"tensors)")
+                              "tensors)")
     dim, in_channels, patch, _ = shapes["x_embedder.proj.weight"]
     depth = 1 + max(int(k.split(".")[1]) for k in shapes if k.startswith("joint_blocks."))
     ln_q = shapes.get("joint_blocks.0.x_block.attn.ln_q.weight")
@@ -234,7 +234,7 @@ def save_sd3(dit, path, layout="diffusers"):
     if layout != "diffusers":
         raise ValueError(f"save_sd3: layout={layout!r}; choose 'diffusers' or 'stability'")
     if config.mlp_ratio != 4.0:
-        raise ValueError(f"diffusers' SD3Transformer2DModel has mlp_ratio 4, this model "
+        raise ValueError("diffusers' SD3Transformer2DModel has mlp_ratio 4, this model "
                          f"{config.mlp_ratio}")
     tensors = diffusers_tensors(state, config.dim)
     diffusers_config = {
@@ -292,8 +292,8 @@ def read_official_drm(path, entries, dtype=None, drop_last=None):
     drop_last = drop_last or OFFICIAL_DROP_LAST.get(depth)
     if drop_last is None:
         raise CheckpointError(f"{path}: a DRM repository file of a {depth}-block transformer; its "
-                              f"table knows 24 "
-                              "(drop 3) and 38 (drop 5): say how many blocks it cut with drop_last")
+                              "table knows 24 (drop 3) and 38 (drop 5): say how many blocks it cut "
+                              "with drop_last")
     dit = _dit_from_plan(plan, layout, unexpected, path, dtype, keep_blocks=depth - drop_last)
     head = {k[len("reward_output."):]: read_tensor(v) for k,
             v in entries.items() if k.startswith("reward_output.")}
@@ -309,7 +309,7 @@ def official_drm_tensors(drm, skipped_blocks):
     the backbone and `skipped_blocks` ({'joint_blocks.<i>.<...>': tensor}, the base DiT's blocks the
     DRM cut) under `transformer.`, the head under `reward_output.`."""
     if drm.head_type not in ("2BConvGN", "7BConvGN"):
-        raise ValueError(f"the DRM repository's model has the 2BConvGN / 7BConvGN head; this DRM's "
+        raise ValueError("the DRM repository's model has the 2BConvGN / 7BConvGN head; this DRM's "
                          f"is {drm.head_type}")
     state = {**export_state_dict(drm.backbone), **skipped_blocks}
     tensors = {"transformer." + k: v for k,
@@ -353,8 +353,7 @@ def fold_lora(dit, path):
     file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise CheckpointError(f"--lora={path}: no {LORA_FILE} there (train_policy.py --lora_rank "
-                              f"writes "
-                              "out_dir/lora)")
+                              "writes out_dir/lora)")
     tensors = {k[len("transformer."):]: v for k,
                v in load_file(file).items() if k.startswith("transformer.")}
     params = dict(dit.named_parameters())
@@ -367,14 +366,12 @@ def fold_lora(dit, path):
                                    for s in stems])
                 if delta.shape != params[name].shape:
                     raise CheckpointError(f"--lora={path}: its update of {name} is "
-                                          f"{tuple(delta.shape)}, the "
-                                          f"DiT's weight {tuple(params[name].shape)}: a LoRA of "
-                                          f"another model")
+                                          f"{tuple(delta.shape)}, the DiT's weight "
+                                          f"{tuple(params[name].shape)}: a LoRA of another model")
                 params[name] += delta.to(params[name])
                 for s in stems:
                     del tensors[s + ".lora_A.weight"], tensors[s + ".lora_B.weight"]
     if tensors:
         raise CheckpointError(f"--lora={path}: {len(tensors)} tensors match no layer of this DiT, "
-                              f"e.g. "
-                              f"{sorted(tensors)[:3]}: a LoRA of another model")
+                              f"e.g. {sorted(tensors)[:3]}: a LoRA of another model")
     return dit

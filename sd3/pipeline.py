@@ -41,6 +41,7 @@ from sd3.text import load_clip, load_t5, sd3_prompt_embedding
 from sd3.tokenizers import CLIPTokenizer, T5Tokenizer
 from sd3.vae import load_vae
 
+
 class SD3Text(nn.Module):
     """SD3's prompt encoding: three tokenizers and encoders -> (context (B, 77 + 256, 4096), pooled
     (B, 2048)).
@@ -133,8 +134,7 @@ def find_part(folders, names, what):
         if os.path.exists(path):
             return path
     raise UserError(f"no {what}: looked for {', '.join(tried)}; give a diffusers pipeline folder "
-                    f"as "
-                            "--ckpt_dir (or --text_dir for the text encoders and tokenizers)")
+                    "as --ckpt_dir (or --text_dir for the text encoders and tokenizers)")
 
 
 class SD3Base:
@@ -163,9 +163,8 @@ class SD3Base:
         largest = self.dit.config.pos_embed_max_size * patch
         if cfg.resolution % (factor * patch) or not 0 < self.latent_size <= largest:
             raise UserError(f"--resolution={cfg.resolution}: a multiple of "
-                            f"{factor * self.dit.config.patch_size} up to "
-                            f"{largest * factor} for this model (latents of side resolution / "
-                            f"{factor})")
+                            f"{factor * self.dit.config.patch_size} up to {largest * factor} for "
+                            f"this model (latents of side resolution / {factor})")
         self.resolution, self.meta = cfg.resolution, {"model": cfg.model, "ckpt_dir": cfg.ckpt_dir}
         self.shift = scheduler_shift(cfg.ckpt_dir)
         self.prepared = ([], "")  # the prompts prepare() embedded, and its cache folder
@@ -234,7 +233,7 @@ class SD3Base:
         drm, meta, _ = read_drm(path, device, self.dit.config)
         if meta.get("text_config") is not None:
             raise CheckpointError(f"{path} is a DRM of the toy; an SD3 base needs a DRM trained "
-                                  f"with --model=...")
+                                  "with --model=...")
         return drm, self.drm_text(meta.get("t5_tokens", self.text.t5_tokens)), meta
 
     def drm_text(self, t5_tokens):

@@ -35,8 +35,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checkpoints import CheckpointError, check_keys, read_safetensors_header
-from sd3.streaming import assign_from_files
 from model import RMSNorm, attention, gelu_tanh
+from sd3.streaming import assign_from_files
 
 # -----------------------------------------------------------------------------
 # CLIP's text transformer (Radford et al. 2021): pre-LayerNorm, causal self-attention
@@ -242,7 +242,7 @@ def _files_and_config(path, weights_name):
                        if f.endswith(".safetensors"))
         if not files:
             raise CheckpointError(f"{path} holds no .safetensors file; point at a {weights_name} "
-                                  f"folder or file")
+                                  "folder or file")
         config_path = os.path.join(path, "config.json")
         config = json.load(open(config_path)) if os.path.exists(config_path) else {}
         return files, config
@@ -284,7 +284,7 @@ def load_clip(path, dtype=None, device=None):
     needed = ("text_model.embeddings.token_embedding.weight", "text_projection.weight")
     if any(name not in shapes for name in needed):
         raise CheckpointError(f"{path} is not a CLIP text encoder with a projection ({len(shapes)} "
-                              f"of its tensors have CLIP names)")
+                              "of its tensors have CLIP names)")
     vocab, dim = shapes["text_model.embeddings.token_embedding.weight"]
     cfg = CLIPConfig(
         vocab_size=vocab, dim=dim,
@@ -310,7 +310,7 @@ def load_t5(path, dtype=None, device=None):
     bias_key = "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
     if bias_key not in shapes or "shared.weight" not in shapes:
         raise CheckpointError(f"{path} is not a T5 encoder ({len(shapes)} of its tensors have T5 "
-                              f"encoder names)")
+                              "encoder names)")
     num_buckets, heads = shapes[bias_key]
     inner, dim = shapes["encoder.block.0.layer.0.SelfAttention.q.weight"]
     cfg = T5Config(vocab_size=shapes["shared.weight"][0], dim=dim, heads=heads,

@@ -101,7 +101,7 @@ class CLIPTokenizer:
         missing = [t for t in ("<|startoftext|>", "<|endoftext|>", pad) if t not in vocab]
         if missing:
             raise CheckpointError(f"the CLIP vocabulary lacks {missing}: not a CLIP tokenizer's "
-                                  f"vocab.json")
+                                  "vocab.json")
         self.bos, self.eos, self.pad = vocab["<|startoftext|>"], vocab["<|endoftext|>"], vocab[pad]
         self.byte_chars = bytes_to_unicode()
         self.cache = {}
@@ -113,7 +113,7 @@ class CLIPTokenizer:
         for name in ("vocab.json", "merges.txt"):
             if not os.path.exists(files[name]):
                 raise CheckpointError(f"{path} has no {name}: point at a CLIP tokenizer folder "
-                                      f"(tokenizer/, tokenizer_2/)")
+                                      "(tokenizer/, tokenizer_2/)")
         with open(files["vocab.json"], encoding="utf-8") as f:
             vocab = json.load(f)
         with open(files["merges.txt"], encoding="utf-8") as f:
@@ -261,10 +261,10 @@ class T5Tokenizer:
                 if os.path.exists(os.path.join(path, name)):
                     return cls.from_file(os.path.join(path, name), length)
             raise CheckpointError(f"{path} has no spiece.model or tokenizer.json: point at a T5 "
-                                  f"tokenizer (tokenizer_3/)")
+                                  "tokenizer (tokenizer_3/)")
         if not os.path.exists(path):
             raise CheckpointError(f"{path} does not exist: point at a T5 tokenizer (tokenizer_3/ "
-                                  f"or its spiece.model)")
+                                  "or its spiece.model)")
         try:
             if path.endswith(".json"):
                 with open(path, encoding="utf-8") as f:

@@ -22,9 +22,8 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import tiny_preferences
+from safetensors.torch import load_file
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -54,13 +53,11 @@ def assert_same_training(single, ddp, start, tolerance=1e-3):
     assert (single - ddp).norm() < tolerance * moved
 
 
-
-
 @pytest.mark.ex2_drm
 def test_ddp_reward_step_equals_one_process(tmp_path):
     tiny_preferences(tmp_path / "prefs")
     # no dropout: its masks would depend on how the batch is split
-    args = [f"--prefs={tmp_path / 'prefs'}", "--steps=2", "--batch_size=8", "--eval_every=2",
+    args = [f"--prefs={tmp_path / 'prefs'}", "--train_steps=2", "--batch_size=8", "--eval_every=2",
             "--eval_noise_draws=1", "--head_dropout=0", "--warmup=1"]
     run("train_reward.py", *args, f"--out_dir={tmp_path / 'one'}")
     result = run("train_reward.py", *args, f"--out_dir={tmp_path / 'two'}", processes=2)
@@ -151,8 +148,8 @@ def rounding_over_std(policy, exact_policy, rollout):
     """float32's prediction of a gradient's relative rounding: the log-prob's gradient carries
     (x_next - mean) / std^2, so the mean's rounding (float32 against float64, measured here) over
     the step's std, the largest over the trained steps."""
-    from sde import sde_mean_std
     from model import guided_velocity
+    from sde import sde_mean_std
     wide, worst = in_float64(rollout), 0.0
     for t in rollout.trained.any(1).nonzero().flatten().tolist():
         means = []

@@ -15,15 +15,17 @@ import time
 
 import pytest
 import torch
+from conftest import tiny_preferences
 from safetensors.torch import save_file
 
 import sample
 import train_base
+import train_ops
 import train_policy
 import train_reward
-from common import UserError, run_main
+import checkpoints
 from checkpoints import read_checkpoint
-from conftest import tiny_preferences
+from common import UserError, run_main
 
 TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step,
             pytest.mark.ex4_grpo]
@@ -68,7 +70,7 @@ def test_a_diverged_update_is_never_saved_and_the_advice_works(case, tmp_path, c
     good = files(out)
     # the learning rate of 1e30 writes weights near 1e30: the evaluation after that update is NaN
     diverging = ["--lr=1e30", "--updates=3"] if case == "policy" else ["--lr=1e30",
-        "--head_lr=1e30", "--steps=3"]
+        "--head_lr=1e30", "--train_steps=3"]
     line = error_line(module, *tiny, "--resume", *diverging)
     assert "not finite" in line or "gave {" in line, line
     assert "the last good checkpoint (step 1)" in line and "--resume" in line, line
@@ -123,8 +125,8 @@ def test_a_second_live_run_and_a_fresh_run_into_a_used_folder_are_refused(module
     (out / "train_state.pt").write_bytes(b"a finished run")
     # the lock's process is gone: the lock is stale, the folder is used
     line = error_line(module, f"--out_dir={out}")
-    assert ("holds an earlier run (train_state.pt): continue it with --resume, "
-            "start afresh there with --overwrite" in line)
+    assert ("holds an earlier run (train_state.pt): continue it with --resume, start afresh there "
+            "with --overwrite" in line)
     assert ((out / "train_state.pt").read_bytes() == b"a finished run"
             and not (out / ".lock").exists())
 
@@ -196,7 +198,7 @@ def test_resume_refuses_a_changed_experiment_and_applies_a_new_learning_rate(tin
 def test_reward_resume_refuses_another_init(tmp_path):
     tiny_preferences(tmp_path / "prefs")
     tiny = [f"--prefs={tmp_path / 'prefs'}", "--batch_size=8", "--eval_every=1",
-            "--eval_noise_draws=1", "--warmup=1", "--steps=1", f"--out_dir={tmp_path / 'run'}"]
+            "--eval_noise_draws=1", "--warmup=1", "--train_steps=1", f"--out_dir={tmp_path / 'run'}"]
     run_main(train_reward.main, train_reward.Config, tiny)
     line = error_line(train_reward, *tiny, "--resume", "--init=scratch", "--train_steps=2")
     assert "--init=scratch (the run has pretrained)" in line
@@ -314,7 +316,6 @@ def test_bad_files_are_named(case, says, tmp_path):
                          [pytest.param([*TINY_POLICY, "--updates=2", "--eval_every=1"],
                                        marks=TRAINING)])
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny, tmp_path, monkeypatch):
-    import common
     out = tmp_path / "run"
     real_save = torch.save
     saves = []
@@ -327,7 +328,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny, tmp_path, 
                 f.write(b"half")
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real_save(obj, path, *args, **kwargs)
-    monkeypatch.setattr(common.torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(checkpoints.torch, "save", save_until_the_disk_fills)
     line = error_line(train_policy, *tiny, f"--out_dir={out}")
     assert "train_state.pt (No space left on device); the previous file is intact" in line
     state = torch.load(out / "train_state.pt", weights_only=False)
@@ -338,12 +339,12 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tiny, tmp_path, 
                          [pytest.param([*TINY_POLICY, "--updates=2", "--eval_every=1"],
                                        marks=TRAINING)])
 def test_a_stop_during_the_first_evaluation_leaves_nothing(tiny, tmp_path, monkeypatch, capsys):
-    real = train_policy.evaluate_policy
+    real = train_ops.evaluate_policy
 
     def evaluate_then_interrupt(*args, **kwargs):
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C while the held-out samples are drawn
         return real(*args, **kwargs)
-    monkeypatch.setattr(train_policy, "evaluate_policy", evaluate_then_interrupt)
+    monkeypatch.setattr(train_ops, "evaluate_policy", evaluate_then_interrupt)
     assert run_main(train_policy.main, train_policy.Config,
                     [*tiny, f"--out_dir={tmp_path / 'run'}"]) is None
     assert "stopped: nothing saved" in capsys.readouterr().out

@@ -4,14 +4,14 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import random_prompts as prompts
+from conftest import random_small_dit as random_dit
 
-from conftest import random_prompts as prompts, random_small_dit as random_dit
-from rivals.credit import cosine_advantages, cosine_weights, sample_tree, terminal_advantages
 from grpo import grpo_loss, sample_rollout, stepwise_advantages
-from rivals.credit import CREDIT, Settings
-from sde import sde_step
 from model import guided_velocity
-from sde import sigma_schedule
+from rivals.credit import (CREDIT, Settings, cosine_advantages, cosine_weights, sample_tree,
+                           terminal_advantages)
+from sde import sde_step, sigma_schedule
 
 
 @pytest.mark.ex3_sde_step
@@ -251,7 +251,7 @@ def test_short_stepwise_training_raises_the_drm_score():
     mean score of ODE samples of fixed noise on the training prompts goes up."""
     from data.toy import ToyBase
     from data.world import TRAIN_PROMPTS
-    from sample import sample_ode
+    from sde import sample_ode
     torch.manual_seed(0)
     base = ToyBase.load("data/base.safetensors", "cpu")
     policy = base.dit
@@ -293,6 +293,7 @@ def test_compiled_rollout_and_loss_agree_with_eager_and_compile_once(compiled):
     """Rollout (SDE step and log-prob compiled with the DiT's blocks) and loss gradients match
     eager; a second update of the same shapes compiles nothing new."""
     import copy
+
     from model import compile_regions
     eager_policy, B, k = random_dit(), 3, 2
     policy = compile_regions(copy.deepcopy(eager_policy))

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from data.world import TextConfig, TextEncoder
-from model import (DiTConfig, add_lora, build_dit, compile_regions, export_state_dict,
-                   flow_matching_loss, timestep_embedding)
-from sample import sample_ode
+from lora import add_lora, export_state_dict
+from model import DiTConfig, build_dit, compile_regions, flow_matching_loss, timestep_embedding
+from sde import sample_ode
 
 SMALL = DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=3, heads=2,
                   context_dim=16,

@@ -1,10 +1,9 @@
 """Where nanoDRM says it matches a peer, it matches the peer's own code.
 
 - SD3's sampler: diffusers' StableDiffusion3Pipeline itself (a test extra), on a tiny random
-transformer.
+  transformer.
 - CoCA's cosine credit: the formula of Lil-Shake/CoCA's pipeline_with_logprob_coca.py and
-scripts/train_coca.py,
-  written out here in numpy as their code computes it.
+  scripts/train_coca.py, written out here in numpy as their code computes it.
 - Flow-GRPO's loss: scripts/train_sd3.py's compute_log_prob and its PPO / KL lines and
   flow_grpo/stat_tracking.py's group statistics, written out here as their code computes them.
 """
@@ -14,8 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from sample import sample_ode
-from sde import sigma_schedule
+from sde import sample_ode, sigma_schedule
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -48,6 +46,7 @@ def test_sample_ode_gives_the_sd3_pipelines_latents(steps):
     from the same noise, in float64, on a tiny random SD3.5-like transformer loaded into our DiT
     from diffusers' own folder."""
     import tempfile
+
     from sd3.mmdit import load_sd3
     torch.manual_seed(0)
     transformer = diffusers.SD3Transformer2DModel(
@@ -297,7 +296,9 @@ def test_loss_with_uncond_grad_off_is_flow_grpos(j):
     """One of Flow-GRPO's per-timestep losses: value and every gradient, with kl_weight = beta
     |dt|."""
     import copy
+
     from conftest import random_prompts, random_small_dit
+
     from grpo import grpo_loss, sample_rollout
     # float64: exact to 1e-6 even at
     policy, B, steps, guidance, beta = random_small_dit().double(), 4, 5, 4.5, 0.04

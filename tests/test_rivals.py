@@ -1,4 +1,4 @@
-"""The rivals of issue 19 on the one SDE-candidate core: tree rollouts and SDE windows (training),
+"""The rivals on the one SDE-candidate core: tree rollouts and SDE windows (training),
 particle search and pruned best-of-N (sampling), the Thurstone loss and the noise ensemble (the
 DRM). Each against an independent reference: numbers by hand, a reference's formula written out from
 its code, a plain Euler loop, or a property that must hold."""
@@ -7,21 +7,20 @@ import math
 
 import pytest
 import torch
+from conftest import random_prompts as prompts
+from conftest import random_small_dit as random_dit
+from test_sample import Recorder
 
 import train_ops
 import train_policy
-from rivals.credit import CREDIT, Settings, window_at
 from common import run_main
-from conftest import random_prompts as prompts, random_small_dit as random_dit
 from grpo import grpo_loss, sample_rollout
-from sde import gaussian_log_prob, sde_mean_std, take
-from rivals.credit import sample_tree, tree_advantages
 from model import guided_velocity
+from rivals.credit import CREDIT, Settings, sample_tree, tree_advantages, window_at
 from rivals.reward import thurstone_loss, with_ensemble
-from sample import best_of_n, sample_ode, stepwise_sample
 from rivals.search import prune_sample, smc_sample
-from sde import sigma_schedule
-from test_sample import Recorder
+from sample import best_of_n, stepwise_sample
+from sde import gaussian_log_prob, sample_ode, sde_mean_std, sigma_schedule, take
 
 TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step,
             pytest.mark.ex4_grpo]
@@ -408,6 +407,7 @@ def test_global_std_is_flow_grpos_stat_tracker():
     """Flow-GRPO's stat_tracking.py with global_std=True: (r - the prompt's mean) / (np.std(all
     rewards) + 1e-4)."""
     import numpy as np
+
     from rivals.credit import terminal_advantages
     rewards = torch.randn(12,
                           dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.1]).repeat_interleave(4)

@@ -2,9 +2,10 @@
 honest counters."""
 import pytest
 import torch
-
 from conftest import random_prompts, random_small_dit
-from sample import best_of_n, sample_ode, stepwise_sample
+
+from sample import best_of_n, stepwise_sample
+from sde import sample_ode
 
 
 class Recorder(torch.nn.Module):

@@ -7,12 +7,12 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_preferences
 from safetensors.torch import load_file, save_file
 
 import train_base
-from conftest import tiny_preferences
-from data.toy import load_toy_base
 from checkpoints import CheckpointError, read_checkpoint
+from data.toy import load_toy_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -74,7 +74,7 @@ def test_checkpoint_with_a_missing_key_names_it(tmp_path):
     truncated.write_bytes(whole[:len(whole) // 2])
     with pytest.raises(CheckpointError,
                        match="truncated.safetensors is not a readable safetensors file "
-                           ".*incomplete metadata"):
+                             ".*incomplete metadata"):
         load_toy_base(str(truncated))
     not_safetensors = tmp_path / "notes.safetensors"
     not_safetensors.write_text("these are not weights")
@@ -98,7 +98,8 @@ def run_script(*args):
     (["train_policy.py", "--credit=dense"],
      "--credit=dense: choose one of stepwise, sparse, cosine"),
     (["train_policy.py", "--credit=sparse", "--trajectories=6", "--per_prompt=4"], "must be a "
-     "multiple of --per_prompt=4"),
+                                                                                   "multiple of "
+                                                                                   "--per_prompt=4"),
     (["train_policy.py", "--drm=data/base.safetensors"], "is not a drm checkpoint"),
     (["train_policy.py", "--follow=worst"], "--follow=worst: choose one of random, best"),
     (["train_policy.py", "--k=1"], "--k=1: must be at least 2"),
@@ -250,9 +251,9 @@ def test_a_non_finite_loss_stops_the_run_and_saves_nothing_bad(args, tmp_path):
 
 def a_base_of_another_size(path):
     """A base checkpoint whose DiT makes 16x16 images (a 4x4 position grid), not the DRM's 32x32."""
+    from data.toy import save_toy_base
     from data.world import TextConfig, TextEncoder
     from model import DiTConfig, build_dit
-    from data.toy import save_toy_base
     dit = build_dit(DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=64, depth=2, heads=1,
                               context_dim=64, pooled_dim=64, pos_embed_max_size=4))
     save_toy_base(str(path), dit, TextEncoder(TextConfig()), step=0)
@@ -265,8 +266,8 @@ def a_base_of_another_size(path):
     pytest.param("damaged train state", "train_state.pt cannot be read",
                  marks=EVERY_TRAINING_EXERCISE),  # a run first
     pytest.param("train state of other settings",
-                 "--resume would change what the experiment is: --lora_rank=4 (the run "
-                 "has 0)", marks=EVERY_TRAINING_EXERCISE),
+                 "--resume would change what the experiment is: --lora_rank=4 (the run has "
+                 "0)", marks=EVERY_TRAINING_EXERCISE),
 ])
 def test_bad_files_end_in_one_line_and_leave_nothing_half_written(case, says, tmp_path):
     out = tmp_path / "run"

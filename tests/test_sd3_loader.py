@@ -12,13 +12,12 @@ import torch
 from safetensors.torch import save_file
 
 from checkpoints import CheckpointError
-from model import add_lora
+from lora import add_lora
 from sd3.mmdit import fold_lora, load_sd3, save_lora, save_sd3
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SD3Transformer2DModel  # noqa: E402
-from diffusers.loaders.single_file_utils import (  # noqa: E402
-    convert_sd3_transformer_checkpoint_to_diffusers)
+from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
 
 # head dim 64 as every public model; depth, width and position grid shrunk
 TINY_LIKE = {
@@ -226,7 +225,7 @@ def test_broken_checkpoints_name_the_file_and_the_keys(tmp_path):
     truncated.write_bytes(open(weights, "rb").read()[:-100])
     with pytest.raises(CheckpointError,
                        match="truncated.safetensors is not a readable safetensors file "
-                           ".*incomplete metadata"):
+                             ".*incomplete metadata"):
         load_sd3(str(truncated))
     text = tmp_path / "config.safetensors"
     text.write_text(json.dumps({"not": "weights"}))
@@ -274,6 +273,7 @@ def assert_vae_matches(ours, reference):
 
 def test_vae_loads_diffusers_and_stability_layouts(tmp_path):
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
     from sd3.vae import load_vae
     reference = tiny_diffusers_vae()
     reference.save_pretrained(tmp_path / "pipeline" / "vae")

@@ -217,7 +217,7 @@ def test_a_lora_run_resumes_exactly_from_its_adapters(pipeline, tmp_path):
     (["--model=sd4"], "--model=sd4: choose toy or one of"),
     (["--model=sd3.5-medium", "--ckpt_dir={pipeline}"], "not sd3.5-medium's"),
     (["--model=sd3", "--ckpt_dir={pipeline}", "--resolution=50"], "--resolution=50: a multiple of "
-     "4 up to 64"),
+                                                                  "4 up to 64"),
      (["--model=sd3", "--ckpt_dir={pipeline}/transformer"], "transformer holds no SD3 VAE"),
      (["--model=sd3", "--ckpt_dir={pipeline}", "--eval"],
       "--eval scores with the toy's simulated annotator"),])

@@ -149,10 +149,10 @@ def varied_strings(words, n, seed=0):
 
 
 CLIP_WORDS = ("a photo of an astronaut riding horse on mars, 4k HDR!! don't it's we'll they've I'm "
-              "you'd DSLR " "35mm f/1.8 café naïve Ünïcödé 東京 タワー "
-              "🐱🚀 “quoted” ‘single’ &amp; " "&lt;b&gt; ﬁne ＡＢＣ１２３ "
-              "<|endoftext|> ... --- ### (x) [y] {z} 1,000,000 3.14159 "
-              "e=mc² ½ über-cool self-driving O'Neil").split(" ")
+              "you'd DSLR 35mm f/1.8 café naïve Ünïcödé 東京 タワー 🐱🚀 “quoted” ‘single’ "
+              "&amp; &lt;b&gt; ﬁne ＡＢＣ１２３ <|endoftext|> ... --- ### (x) [y] {z} 1,000,000 "
+              "3.14159 e=mc² "
+              "½ über-cool self-driving O'Neil").split(" ")
 
 
 def test_clip_tokenizer_matches_open_clip(tmp_path):
@@ -181,9 +181,9 @@ def test_clip_tokenizer_matches_open_clip(tmp_path):
             == vocab.index("<|endoftext|>"))
 
 
-T5_WORDS = ("the DRM scores noisy latents ÆØÅ 漢字 ﬁne ＡＢＣ１２３ café 🐱 "
-            "x tab\tnew\nline 3.14 don't "
-            "<unk> </s> ▁ " "under_score a\u00a0b c\u3000d e\rf g\u200bh Ⅻ ①").split(" ")
+T5_WORDS = ("the DRM scores noisy latents ÆØÅ 漢字 ﬁne ＡＢＣ１２３ café 🐱 x tab\tnew\nline 3.14 "
+            "don't "
+            "<unk> </s> ▁ under_score a\u00a0b c\u3000d e\rf g\u200bh Ⅻ ①").split(" ")
 
 
 def test_t5_tokenizer_matches_sentencepiece(tmp_path):

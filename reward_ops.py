@@ -1,0 +1,165 @@
+"""The operations of train_reward.py, kept out of the method's way: the recipes' defaults, the flags
+that go together, the learning-rate schedule, printed tables, checkpoints, logs and exports.
+
+train_reward.py reads as the method (pairs, noised to one sigma, the Bradley-Terry step, accuracy by
+sigma) and calls each of these once.
+"""
+import dataclasses
+import json
+import os
+from dataclasses import asdict
+
+import torch
+from safetensors.torch import save_file
+from tqdm import tqdm
+
+from checkpoints import atomic_write, check_finite, check_weights, save_training_state
+from common import UserError, given_flags, parse_numbers, warmup_cosine
+from data.pairs import CLOSE_GAP, Pairs, evaluate, load_split
+from evaluation import candidate_ranking, policy_pairs, print_ranking
+from rivals.reward import with_ensemble
+
+OFFICIAL_HEADS = ("2BConvGN", "7BConvGN")  # the DRM repository's (reward.CONV_HEADS)
+# the DRM repository's recipe (drm/train.py, dataset.py, scripts/train_sd35_medium.sh): the values
+# that differ from the toy's defaults. Its lr schedule is diffusers' get_scheduler("constant"),
+# which takes no warm-up (its --lr_warmup_steps 500 is passed but unused): none here either.
+RECIPES = {"toy": {}, "drm": dict(
+    min_confidence=0.95, batch_size=16, lr=1e-5, head_lr=1e-5, weight_decay=1e-4, warmup=0,
+    lr_schedule="constant", image_resize="stretch", vae_latents="sample", t5_tokens=512)}
+
+
+def with_recipe(cfg):
+    """cfg with --recipe's values in place of the defaults the command line left ("": drm on SD3,
+    toy on the toy)."""
+    recipe = cfg.recipe or ("toy" if cfg.model == "toy" else "drm")
+    given = given_flags(cfg)
+    return dataclasses.replace(cfg, recipe=recipe,
+                               **{k: v for k, v in RECIPES[recipe].items() if k not in given})
+
+
+def check_reward(cfg):
+    """The flags that go together, and the lists of numbers, before any work."""
+    sigmas = parse_numbers(cfg, "eval_sigmas", float)
+    if not sigmas or not all(0 <= s <= 1 for s in sigmas):
+        raise UserError(f"--eval_sigmas={cfg.eval_sigmas}: every sigma must lie in [0, 1] (0 = "
+                        "clean, 1 = pure noise)")
+    if not all(0 <= t < 1000 for t in parse_numbers(cfg, "eval_times")):
+        raise UserError(f"--eval_times={cfg.eval_times}: indices in [0, 1000) of the 1000-step "
+                        "grid")
+    if cfg.eval_set == "policy" and not (cfg.eval_only and cfg.model == "toy"):
+        raise UserError("--eval_set=policy scores the toy's own samples with its annotator: use it "
+                        "with --eval_only on --model=toy")
+    if cfg.export_layout == "official" and cfg.model == "toy":
+        raise UserError("--export_layout=official writes the DRM repository's model, with its "
+                        "2BConvGN / 7BConvGN head on an SD3 base: give --model and --ckpt_dir")
+    if cfg.export_layout == "official" and cfg.head not in ("", *OFFICIAL_HEADS):
+        raise UserError("--export_layout=official: the DRM repository's model has the 2BConvGN / "
+                        f"7BConvGN head, this one --head={cfg.head}")
+
+
+def learning_rate(cfg, step, peak):
+    """The schedule: linear warm-up over --warmup steps, then cosine decay to peak / 10, or
+    constant."""
+    if cfg.lr_schedule == "cosine":
+        return warmup_cosine(step, cfg.train_steps, cfg.warmup, peak)
+    return peak * min(1, (step + 1) / (cfg.warmup + 1))
+
+
+def print_accuracy(results, what, path, close_gap):
+    """The accuracy table of evaluate's results."""
+    columns = list(next(iter(results.values())))
+    print(f"{what}: accuracy of {path} (close pairs: a gold gap under {close_gap})")
+    print("| sigma | " + " | ".join(columns) + " |\n|---" + "|---" * len(columns) + "|")
+    for sigma, result in results.items():
+        print(f"| {sigma} | " + " | ".join(f"{result[c]:.1%}" for c in columns) + " |")
+
+
+def write_evaluation(path, checkpoint, meta, cfg, results, ranking=None):
+    with open(path, "w") as f:
+        json.dump({"checkpoint": checkpoint, "init": meta.get("init"), "step": meta.get("step"),
+                   "eval_set": cfg.eval_set, "accuracy": results, "candidate_ranking": ranking},
+                  f, indent=1)
+
+
+def drm_meta(cfg):
+    """What a saved DRM records beside its weights: its init, and (SD3) the T5 length it reads."""
+    return {"init": cfg.init, **({"t5_tokens": cfg.t5_tokens} if cfg.model != "toy" else {})}
+
+
+def save_run(cfg, run_dir, base, drm, optimizer, step):
+    """The DRM (for train_policy.py and sample.py) and the train state (for --resume)."""
+    check_weights(drm, step, run_dir.advice())
+    if run_dir.main:
+        base.save_drm(run_dir.file("model.safetensors"), drm, step, drm_meta(cfg))
+        save_training_state(run_dir.file("train_state.pt"), {
+            "drm": drm.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+            "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
+    run_dir.last_saved = step
+
+
+def log_and_save(cfg, run_dir, base, drm, optimizer, results, gold, *, step, running, minutes):
+    """Refuse to save a diverged DRM; save the DRM and train state; log one line."""
+    figures = {f"{sigma} {key}": value for sigma, r in results.items() for key, value in r.items()}
+    check_finite(figures, step, "test evaluation", run_dir.advice())
+    save_run(cfg, run_dir, base, drm, optimizer, step)
+    if not run_dir.main:
+        return
+    record = {"step": step, "loss": sum(r[0] for r in running) / len(running),
+              "train_label_accuracy": sum(r[1] for r in running) / len(running),
+              "grad_norm": running[-1][2], "minutes": minutes, "test": results}
+    with open(run_dir.file("metrics.jsonl"), "a") as log:
+        log.write(json.dumps(record) + "\n")
+    key = "gold_accuracy" if gold else "label_accuracy"
+    tqdm.write(f"step {step:5d} | loss {record['loss']:.4f} | test {key} by sigma "
+               + " ".join(f"{s}:{r[key]:.3f}" for s, r in results.items())
+               + f" | {minutes:.1f} min")
+
+
+def skipped_blocks(cfg, base, kept):
+    """For an official export: the base DiT's blocks the DRM cut (blocks kept and on), on the
+    CPU."""
+    if cfg.export_layout != "official":
+        return {}
+    return {k: v.cpu() for k, v in base.dit.state_dict().items()
+            if k.startswith("joint_blocks.") and int(k.split(".")[1]) >= kept}
+
+
+def export(cfg, base, drm, skipped):
+    """--export: ours (float16, with what the base keeps beside it) or the DRM repository's
+    layout."""
+    if cfg.export_layout == "official":
+        from sd3.mmdit import official_drm_tensors
+        tensors = official_drm_tensors(drm, skipped)
+        atomic_write(cfg.export, lambda tmp: save_file(tensors, tmp))
+    else:
+        base.save_drm(cfg.export, drm, cfg.train_steps, drm_meta(cfg), dtype=torch.float16)
+    print(f"exported the DRM ({cfg.export_layout} layout) to {cfg.export}")
+
+
+def policy_split(base, text, device):
+    """--eval_set=policy: Pairs of the base's own samples, each pair of 8 of a training prompt."""
+    prompts = base.train_prompts("")
+    winners, losers, pair_prompts, gold = policy_pairs(base, prompts)
+    context, pooled = text.encode(prompts)
+    rows = torch.tensor([prompts.index(p) for p in pair_prompts])
+    return Pairs(winners.to(device), losers.to(device), rows, context.cpu(), pooled.cpu(), gold)
+
+
+def evaluate_only(cfg, base, device, sigmas):
+    """--eval_only: the test accuracy of --drm (default out_dir's) at (label, sigma) of `sigmas`, as
+    a table and eval.json; with --eval_set=policy on the base's own samples, and the DRM's ranking
+    of SDE candidates by step."""
+    path = cfg.drm or os.path.join(cfg.out_dir, "model.safetensors")
+    drm, text, meta = base.load_drm(path, device)
+    drm = with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma)
+    policy = cfg.eval_set == "policy"
+    pairs = policy_split(base, text, device) if policy else load_split(cfg, "test", base, text,
+                                                                       device)
+    results = evaluate(drm, pairs, sigmas, cfg.eval_noise_draws, batch=cfg.eval_batch)
+    what = "the base's own samples, pairs within a prompt" if policy else "test"
+    print_accuracy(results, what, path, CLOSE_GAP)
+    ranking = candidate_ranking(base, drm, text, base.train_prompts("")[::2]) if policy else None
+    if ranking:
+        print_ranking(ranking)
+    write_evaluation(os.path.join(cfg.out_dir, "eval.json"), path, meta, cfg, results, ranking)
+    return results
