@@ -10,7 +10,7 @@ simulated annotator) or SD3 (`sd3.pipeline.SD3Base`, latents of a public pipelin
 import dataclasses
 from typing import Protocol
 
-from common import UserError
+from common import UserError, flag
 
 # "sd3": any SD3-family DiT, config from its weights
 SD3_MODELS = ("sd3", "sd3-medium", "sd3.5-medium", "sd3.5-large")
@@ -84,7 +84,7 @@ class ModelFlags:
     # SD3: load T5-XXL (--t5=false: zeros in its place, as SD3 allows; 9.5 GB less)
     t5: bool = True
     # SD3: image side in pixels (the DiT samples latents of side resolution / 8)
-    resolution: int = 1024
+    resolution: int = flag(1024, "[16, inf)")
     # SD3: a DiT to use in place of the pipeline's (train_policy.py writes out_dir/transformer)
     transformer: str = ""
     # SD3: a LoRA in diffusers' format folded into the DiT (train_policy.py writes out_dir/lora)

@@ -7,9 +7,11 @@ and a resume continues the experiment it was (flags that would change it are ref
 """
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +19,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
@@ -77,8 +80,9 @@ class RunDir:
     LOCK = ".lock"
 
     def __init__(self, out_dir, resume=False, overwrite=False,
-                 outputs=("metrics.jsonl", "train_state.pt")):
+                 outputs=("metrics.jsonl", "train_state.pt"), resumable=True):
         self.path, self.resume, self.overwrite, self.outputs = out_dir, resume, overwrite, outputs
+        self.resumable = resumable  # whether the script has --resume (its advice names it)
         self.main = is_main_process()
         # the step of the last checkpoint this process wrote (or resumed from)
         self.last_saved = None
@@ -138,9 +142,10 @@ class RunDir:
         if self.resume or not used:
             return
         if not self.overwrite:
+            resume = "continue it with --resume, " if self.resumable else ""
             raise UserError(f"--out_dir={self.path} holds an earlier run ({', '.join(used)}): "
-                            "continue it with --resume, start afresh there with --overwrite, or "
-                            "choose another --out_dir")
+                            f"{resume}start afresh there with --overwrite, or choose another "
+                            "--out_dir")
         for name in os.listdir(self.path):
             if name in self.outputs or name.startswith("samples_"):
                 path = os.path.join(self.path, name)
@@ -177,7 +182,7 @@ class RunDir:
             lines = [line for line in f if line.strip()]
         kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
         if len(kept) < len(lines):
-            atomic_write(path, lambda tmp: open(tmp, "w").writelines(kept))
+            write_text(path, "".join(kept))
             print(f"resume: removed {len(lines) - len(kept)} metrics rows written after step "
                   f"{step}")
 
@@ -262,7 +267,8 @@ class CheckpointError(UserError):
 def atomic_write(path, write):
     """Call write(tmp_path), then rename tmp_path to path (atomic on POSIX): a reader sees the old
     file or the new one, never half of one. A write that fails (a full disk) leaves the old file as
-    it was."""
+    it was and no temporary file, and raises an OSError naming path (run_main: one line for a full
+    disk; any other is a bug's traceback)."""
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=os.path.basename(path) + ".tmp-")
@@ -272,11 +278,67 @@ def atomic_write(path, write):
         os.chmod(tmp, 0o644)  # mkstemp makes the file private; a checkpoint is meant to be shared
         os.replace(tmp, path)
     except BaseException as e:
-        os.unlink(tmp)
-        if isinstance(e, OSError):
-            kept = "the previous file is intact" if os.path.exists(path) else "nothing was written"
-            raise UserError(f"cannot write {path} ({e.strerror or e}); {kept}") from None
-        raise
+        with contextlib.suppress(FileNotFoundError):  # the writer may have removed it already
+            os.unlink(tmp)
+        error = as_os_error(e, path)
+        if error is e:
+            raise
+        raise error from e
+
+
+# how safetensors' (Rust) writer reports the system's error: "... (os error 28)"
+OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)")
+
+
+def as_os_error(error, path):
+    """A failed write's error as the OSError it is, naming path, so that run_main tells a full disk
+    by its errno: torch's writer may raise a RuntimeError while it handles the OSError, safetensors
+    gives the errno only in its message. Any other error as it is."""
+    system = error.__context__ if isinstance(error, RuntimeError) else error
+    if isinstance(system, OSError):
+        system.filename = path  # not the temporary file's name, nor none (a write() names none)
+        return system
+    code = OS_ERROR_CODE.search(str(error)) if isinstance(error, SafetensorError) else None
+    return OSError(int(code[1]), os.strerror(int(code[1])), path) if code else error
+
+
+def write_text(path, text):
+    """A text file's new contents, written atomically."""
+    def write(tmp):
+        with open(tmp, "w") as f:  # closed here: an error at the last flush is raised, not lost
+            f.write(text)
+    atomic_write(path, write)
+
+
+def check_writable(path, flag, image=False):
+    """Before any work: a file can be written at path (its folder exists or can be made, and a file
+    can be made in it; image: PIL writes save_grid's grey and colour grids in its extension's
+    format), else one line naming the flag. It leaves no file behind (a folder it made stays)."""
+    name = f"{flag}{path}"
+    if image:
+        check_image_name(path, name)
+    elif os.path.isdir(path):
+        raise UserError(f"{name} is a folder; give a file name")
+    folder = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        tempfile.NamedTemporaryFile(dir=folder, prefix=os.path.basename(path) + ".tmp-").close()
+    except OSError as e:
+        raise UserError(f"{name} cannot be written ({e.strerror}: {e.filename}); choose another "
+                        "place") from None
+
+
+def check_image_name(path, name):
+    """path names an image file whose format PIL can write grey and colour images in."""
+    kind = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if os.path.isdir(path) or kind is None:
+        raise UserError(f"{name}: give an image file name, e.g. samples.png")
+    for mode, what in (("L", "grey"), ("RGB", "colour")):
+        try:
+            Image.new(mode, (1, 1)).save(io.BytesIO(), format=kind)
+        except (OSError, ValueError, KeyError):  # no save plugin, or none for this mode
+            raise UserError(f"{name}: PIL cannot write {what} images as {kind}; give e.g. a .png "
+                            "or .jpg") from None
 
 
 def save_checkpoint(path, modules, meta, dtype=None):
@@ -320,12 +382,28 @@ def read_safetensors_header(path):
 
 
 def read_tensor(entry):
-    """The tensor an entry names. safetensors maps the file (copy-on-write) and does not copy it:
-    measured on an SD3.5-medium file, our earlier reader (each tensor's bytes read into fresh
-    memory) peaked at 1.04x the file in the process's own memory, this at 0.03x, the rest being page
-    cache the system can reclaim (bench/load_sd3.py)."""
+    """The tensor an entry names, refused when it holds NaN or inf (every checkpoint's weights pass
+    here: a damaged one would load and make black images). safetensors maps the file
+    (copy-on-write) and does not copy it: measured on an SD3.5-medium file, our earlier reader (each
+    tensor's bytes read into fresh memory) peaked at 1.04x the file in the process's own memory,
+    this at 0.03x, the rest being page cache the system can reclaim (bench/load_sd3.py)."""
     with safe_open(entry.path, framework="pt") as f:
-        return f.get_tensor(entry.name)
+        tensor = f.get_tensor(entry.name)
+    if not all_finite(tensor):
+        raise CheckpointError(f"{entry.path}: tensor {entry.name} holds NaN or inf values: the "
+                              "file's weights are damaged; use another checkpoint")
+    return tensor
+
+
+def all_finite(tensor):
+    """Whether every element is finite. A sum is NaN or inf when any element is, and costs a
+    twentieth of torch.isfinite on a CPU (10 ms a 64 MB bf16 tensor, against 190): only a sum that
+    overflowed from finite elements needs the element-wise look."""
+    if not tensor.is_floating_point():
+        return True
+    if tensor.element_size() == 1:  # float8 has no sum of its own
+        tensor = tensor.float()
+    return bool(torch.isfinite(tensor.sum())) or bool(torch.isfinite(tensor).all())
 
 
 def read_checkpoint(path, kind=None, how_to_make=""):
@@ -337,6 +415,9 @@ def read_checkpoint(path, kind=None, how_to_make=""):
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}: its metadata 'meta' (the config and step) is not JSON; the "
                               "file is damaged") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{path}: its metadata 'meta' is {meta!r}, expected a JSON object of "
+                              "the config and step; the file is damaged")
     if kind is not None and meta.get("kind") != kind:
         raise CheckpointError(f"{path} is not a {kind} checkpoint (kind={meta.get('kind')!r}); "
                               f"{how_to_make}")
@@ -355,9 +436,34 @@ def config_from_meta(config_class, values, path):
         raise CheckpointError(f"{path}: its {config_class.__name__} has fields this version does "
                               f"not know ({', '.join(unknown)}): it was written by another version "
                               "of nanoDRM")
-    tuples = {name for name,
-              f in fields.items() if f.default_factory is tuple or isinstance(f.default, tuple)}
-    return config_class(**{k: tuple(v) if k in tuples else v for k, v in values.items()})
+    for name, value in values.items():
+        kind = fields[name].type
+        if not fits(value, kind):
+            raise CheckpointError(f"{path}: its {config_class.__name__} field {name} is {value!r}, "
+                                  f"expected {EXPECTED[kind]}")
+    return config_class(**{k: tuple(v) if fields[k].type is tuple else v
+                           for k, v in values.items()})
+
+
+# what a config field of each type holds in a checkpoint's JSON, for the error
+EXPECTED = {int: "an int", float: "a finite number", bool: "true or false", str: "a string",
+            tuple: "a list of numbers or strings"}
+
+
+def fits(value, kind):
+    """Whether a saved (JSON) value fits a config field of type `kind` (int, float, bool, str,
+    tuple): a bool fits a bool field alone (Python counts it an int), an int a float field too, a
+    tuple field takes a list of numbers or strings."""
+    if kind is tuple:
+        return isinstance(value, list) and all(fits(v, float) or fits(v, str) for v in value)
+    if kind is float:
+        return is_number(value)
+    return type(value) is kind
+
+
+def is_number(value):
+    """A finite int or float (a JSON number), not a bool (which Python counts an int)."""
+    return type(value) is int or type(value) is float and math.isfinite(value)
 
 
 def check_keys(expected, found, path, what, also_unexpected=()):
@@ -429,17 +535,55 @@ def resume_training_state(path, device, config, may_change, **stateful):
 
 
 def save_training_state(path, state):
-    """Optimizer, EMA, RNG and step for --resume, via torch.save, written atomically."""
-    atomic_write(path, lambda tmp: torch.save(state, tmp))
+    """Optimizer, EMA, RNG and step for --resume, via torch.save, written atomically. torch.save
+    writes into a Python file: given a path, its own writer reports a full disk as a RuntimeError
+    without the errno."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(state, f)
+    atomic_write(path, write)
 
 
 # -----------------------------------------------------------------------------
 # Images
 
+# PIL's modes of 8-bit pixels (converted to grey or RGB as asked) and of 16-bit greyscale ('I',
+# 32-bit integers, is how PIL opens some 16-bit files)
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+
+
+def open_image(path, mode):
+    """An image file -> a PIL image in `mode` ("L" or "RGB"); 16-bit greyscale -> a float image
+    ("F") of its full depth on the same 0-255 scale (PIL's conversion to "L" clips it at 255).
+    image_tensor reads either. A file PIL cannot read, or of another depth (floats, 32-bit
+    integers past 16 bits), is named."""
+    try:
+        with Image.open(path) as image:
+            if image.mode in EIGHT_BIT_MODES:
+                return image.convert(mode)
+            grey = image.convert("F") if image.mode in SIXTEEN_BIT_GREY_MODES else None
+            # mode I holds 32-bit integers: 16-bit grey only when they fit (other modes: no range)
+            low, high = grey.getextrema() if grey else (0, -1)
+            if not 0 <= low <= high <= 65535:
+                raise UserError(f"{path}: PIL mode {image.mode!r} is not one we read (8-bit "
+                                "pixels, or 16-bit greyscale in 0..65535); save it as an 8- or "
+                                "16-bit PNG")
+            return grey.point(lambda value: value * (255 / 65535))
+    except OSError as e:  # PIL's UnidentifiedImageError included
+        raise UserError(f"{path}: not an image PIL can read ({e})") from None
+
+
+def image_tensor(image, channels):
+    """An image of open_image -> (channels, H, W) in [-1, 1] (a grey image repeated to 3)."""
+    pixels = torch.from_numpy(np.array(image, dtype=np.float32))  # (H, W) or (H, W, C)
+    pixels = pixels.view(*pixels.shape[:2], -1).permute(2, 0, 1)  # (C, H, W)
+    return pixels.expand(channels, -1, -1) / 127.5 - 1
+
 
 def save_grid(images, path, nrow):
-    """images (N, C, H, W) in [-1, 1], C = 1 or 3 -> one PNG, nrow images a row; small images
-    upscaled 2x for viewing."""
+    """images (N, C, H, W) in [-1, 1], C = 1 or 3 -> one image file (a PNG, or path's format),
+    nrow images a row; small images upscaled 2x for viewing."""
     n, c, h, w = images.shape
     ncol = math.ceil(n / nrow)
     grid = torch.full((c, ncol * (h + 2), nrow * (w + 2)), -1.0)
@@ -449,7 +593,12 @@ def save_grid(images, path, nrow):
         grid[:, top:top + h, left:left + w] = img
     pixels = ((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).squeeze(2)
     image = Image.fromarray(pixels.numpy())
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    (image.resize((image.width * 2, image.height * 2), Image.NEAREST) if h < 256
-     else image).save(path)
+    save_image(image.resize((image.width * 2, image.height * 2), Image.NEAREST) if h < 256
+               else image, path)
+
+
+def save_image(image, path):
+    """A PIL image in the format of path's extension, written atomically."""
+    kind = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
+    atomic_write(path, lambda tmp: image.save(tmp, format=kind))
 

@@ -6,6 +6,7 @@ It imports nothing of the project: every other file may import it (tests/test_te
 """
 import contextlib
 import dataclasses
+import errno
 import math
 import os
 import re
@@ -19,12 +20,18 @@ from torch.utils import flop_counter
 
 
 class UserError(Exception):
-    """Something the user can put right (a flag, a file, a setting, a full disk, a diverged run):
-    run_main prints it as one line. Every other exception is a bug, and keeps its traceback."""
+    """Something the user can put right (a flag, a file, a setting, a diverged run): run_main
+    prints it as one line, as it does a full disk. Every other exception is a bug, and keeps its
+    traceback."""
 
 
 class FlagError(UserError):
     pass
+
+
+class InputError(UserError, ValueError):
+    """Bad input to a library function (an argument out of range, a model that cannot do what is
+    asked): a ValueError to a caller in code, one line at a script's edge (run_main)."""
 
 
 def parse_flags(config, argv):
@@ -85,6 +92,13 @@ def run_main(main, config_class, argv=None):
         return main(cfg)
     except UserError as e:
         sys.exit(f"error: {e}")
+    except OSError as e:  # a full disk is the user's to put right; any other OSError is a bug
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        full = "the disk is full" if e.errno == errno.ENOSPC else "the disk quota is used up"
+        writing = f" (writing {e.filename})" if e.filename else ""
+        sys.exit(f"error: {full}{writing}: free space and run again (a training run: --resume "
+                 "continues from its last checkpoint)")
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the run's loop could catch it
         sys.exit("error: interrupted; nothing was saved after the last checkpoint")
     finally:
@@ -132,15 +146,22 @@ def check_flags(cfg):
             raise FlagError(f"--{field.name}={value}: must be in {meta['within']}{zero}")
 
 
-def parse_numbers(cfg, name, kind=int, sep=","):
-    """A flag holding numbers, e.g. --split_steps=0,3,6 -> [0, 3, 6] ("" -> []); one line if not."""
+def parse_numbers(cfg, name, kind=int, sep=",", within=None):
+    """A flag holding numbers, e.g. --split_steps=0,3,6 -> [0, 3, 6] ("" -> []); one line if one is
+    not a number, not finite, or (given `within`, flag's syntax) out of its range."""
     text = getattr(cfg, name)
     try:
-        return [kind(value) for value in text.split(sep)] if text else []
+        numbers = [kind(value) for value in text.split(sep)] if text else []
     except ValueError:
         example = sep.join(["1", "2"] if kind is int else ["0.5", "0.25"])
         raise FlagError(f"--{name}={text}: expected {kind.__name__} values separated by {sep!r}, "
                         f"e.g. --{name}={example}") from None
+    for number in numbers:
+        if not math.isfinite(number):
+            raise FlagError(f"--{name}={text}: {number} is not a finite number")
+        if within and not in_interval(number, within):
+            raise FlagError(f"--{name}={text}: {number} is not in {within}")
+    return numbers
 
 
 def read_prompts(path, flag, default=None, check=None):

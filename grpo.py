@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common import InputError
 from model import guided_velocity
 from sde import Sampler, candidate_log_probs, passes, propose, score_noisy, sde_mean_std
 
@@ -66,9 +67,9 @@ def sample_rollout(policy, noise, cond, uncond, sigmas, *, noise_level=0.7, cfg_
     together sample what one process would.
     """
     if follow not in ("random", "best"):
-        raise ValueError(f"follow={follow!r}: choose random or best")
+        raise InputError(f"follow={follow!r}: choose random or best")
     if k > 1 and reward is None:
-        raise ValueError("k > 1 candidates need a reward function to score them")
+        raise InputError("k > 1 candidates need a reward function to score them")
     (B, T), (rank, world) = (noise.shape[0], len(sigmas) - 1), shard
     sde, trained = in_window(T, window), trained_steps(T, window, train_last)
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
@@ -131,7 +132,7 @@ def group_normalise(rewards, dim, eps=1e-4):
 def stepwise_advantages(step_rewards):
     """step_rewards (T, B, k): the DRM's score of each candidate -> normalised within the k."""
     if step_rewards.shape[-1] < 2:
-        raise ValueError("stepwise credit needs k >= 2 candidates per step to compare")
+        raise InputError("stepwise credit needs k >= 2 candidates per step to compare")
     return group_normalise(step_rewards, dim=-1)
 
 # -----------------------------------------------------------------------------

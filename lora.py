@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from common import InputError
+
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus a trainable low-rank update; keeps the base keys weight, bias."""
@@ -46,7 +48,7 @@ def add_lora(model, rank=8, alpha=8.0, targets=LORA_TARGETS):
             setattr(model.get_submodule(parent_name), child, lora)
             wrapped.append(lora)
     if not wrapped:
-        raise ValueError(f"add_lora: no nn.Linear matches the targets {targets}")
+        raise InputError(f"add_lora: no nn.Linear matches the targets {targets}")
     return wrapped
 
 

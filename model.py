@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils.checkpoint import checkpoint
 
+from common import InputError
+
 # -----------------------------------------------------------------------------
 # Elementwise ops (fused by compile_regions, below the DiT, when the scripts run with --compile)
 
@@ -304,7 +306,7 @@ class DiT(nn.Module):
         """The centre h x w window of the stored position grid, (1, h*w, D)."""
         m = self.config.pos_embed_max_size
         if h > m or w > m:
-            raise ValueError(f"{h}x{w} patches exceed pos_embed_max_size={m}")
+            raise InputError(f"{h}x{w} patches exceed pos_embed_max_size={m}")
         top, left = (m - h) // 2, (m - w) // 2
         grid = self.pos_embed.view(1, m, m, -1)[:, top:top + h, left:left + w]
         return grid.reshape(1, h * w, -1)

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from checkpoints import (CheckpointError, config_from_meta, load_module, read_checkpoint,
                          read_safetensors_header, save_checkpoint)
+from common import InputError
 from model import DiT, DiTConfig, build_dit
 
 # The conv heads by name: (widths of the stride-2 convs, GroupNorm groups, MLP hidden size, blocks
@@ -92,7 +93,7 @@ class DRM(nn.Module):
     def __init__(self, backbone, drop_last, head_dropout=0.1, head="conv"):
         super().__init__()
         if head not in HEADS:
-            raise ValueError(f"head={head!r}: choose one of {', '.join(HEADS)}")
+            raise InputError(f"head={head!r}: choose one of {', '.join(HEADS)}")
         self.drop_last, self.head_type = drop_last, head
         self.backbone = backbone  # a DiT whose last drop_last joint blocks are removed
         if head == "token":
@@ -110,7 +111,7 @@ class DRM(nn.Module):
         head = head or default_head(depth)
         drop_last = drop_last or (CONV_HEADS[head][3] if head in CONV_HEADS else 3)
         if not 0 < drop_last < depth:
-            raise ValueError(f"drop_last={drop_last}: keep at least one of the DiT's {depth} "
+            raise InputError(f"drop_last={drop_last}: keep at least one of the DiT's {depth} "
                              "blocks (0 < drop_last < depth)")
         backbone = copy.deepcopy(dit)
         backbone.joint_blocks = backbone.joint_blocks[:depth - drop_last]

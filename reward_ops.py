@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from checkpoints import atomic_write, check_finite, check_weights, save_training_state
+from checkpoints import (atomic_write, check_finite, check_weights, check_writable,
+                         save_training_state)
 from common import UserError, given_flags, parse_numbers, warmup_cosine
 from data.pairs import CLOSE_GAP, Pairs, evaluate, load_split
 from evaluation import candidate_ranking, policy_pairs, print_ranking
@@ -38,7 +39,7 @@ def with_recipe(cfg):
 
 
 def check_reward(cfg):
-    """The flags that go together, and the lists of numbers, before any work."""
+    """The flags that go together, the lists of numbers and the export's place, before any work."""
     sigmas = parse_numbers(cfg, "eval_sigmas", float)
     if not sigmas or not all(0 <= s <= 1 for s in sigmas):
         raise UserError(f"--eval_sigmas={cfg.eval_sigmas}: every sigma must lie in [0, 1] (0 = "
@@ -55,6 +56,8 @@ def check_reward(cfg):
     if cfg.export_layout == "official" and cfg.head not in ("", *OFFICIAL_HEADS):
         raise UserError("--export_layout=official: the DRM repository's model has the 2BConvGN / "
                         f"7BConvGN head, this one --head={cfg.head}")
+    if cfg.export:
+        check_writable(cfg.export, "--export=")
 
 
 def learning_rate(cfg, step, peak):
@@ -86,14 +89,16 @@ def drm_meta(cfg):
     return {"init": cfg.init, **({"t5_tokens": cfg.t5_tokens} if cfg.model != "toy" else {})}
 
 
-def save_run(cfg, run_dir, base, drm, optimizer, step):
-    """The DRM (for train_policy.py and sample.py) and the train state (for --resume)."""
+def save_run(cfg, run_dir, base, drm, optimizer, step, running=()):
+    """The DRM (for train_policy.py and sample.py) and the train state (for --resume), with the
+    (loss, accuracy, gradient norm) of each step since the last logged row: a resumed run logs the
+    rows an uninterrupted one does."""
     check_weights(drm, step, run_dir.advice())
     if run_dir.main:
         base.save_drm(run_dir.file("model.safetensors"), drm, step, drm_meta(cfg))
         save_training_state(run_dir.file("train_state.pt"), {
             "drm": drm.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
+            "running": list(running), "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
     run_dir.last_saved = step
 
 

@@ -6,8 +6,9 @@ search.
     python sample.py --prompt="a thick 7 slanted right" --search=smc --particles=4  # FK steering
     python sample.py --eval                                       # the annotator's held-out scores
     python -m bench.search                                        # every search at equal compute
+    # the public SD3.5 weights (a diffusers folder):
     python sample.py --model=sd3.5-medium --ckpt_dir=stable-diffusion-3.5-medium \
-        --prompt="a red fox in snow" --steps=28 --cfg_scale=4.5 --shift=3 --images=4  # public weights
+        --prompt="a red fox in snow" --steps=28 --cfg_scale=4.5 --shift=3 --images=4
 
 Rectified flow integrates dx/dsigma = v from sigma = 1 (noise) to 0 (data); one Euler step is
 x_next = x + (sigma_next - sigma) v (SD3, Esser et al. 2024). Guidance: v = v_uncond + w (v_cond -
@@ -17,17 +18,15 @@ with the DRM at sigma_next (one batched pass) and keep the best `beam`. It needs
 trades compute for quality, so it is measured (bench/search.py) against best-of-N (N whole
 samples, the DRM picks one) and the rival searches (rivals/search.py) at the same compute.
 """
-import os
 import time
 from dataclasses import dataclass
 
 import torch
-from PIL import Image
 
 from base import ANNOTATED, ModelFlags, check_model_flags, load_base
-from checkpoints import save_grid
-from common import (UserError, autocast, check_flags, flag, frozen_dtype, pick_device, print_config,
-                    run_main)
+from checkpoints import check_writable, save_grid
+from common import (InputError, UserError, autocast, check_flags, flag, frozen_dtype, pick_device,
+                    print_config, run_main)
 from evaluation import evaluate_heldout
 from model import compile_regions
 from rivals.reward import EnsembleFlags, with_ensemble
@@ -55,11 +54,11 @@ def stepwise_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *
     counts: {"nfe": DiT forward passes, "drm_calls": DRM forward passes}.
     """
     if k < 1 or beam < 1 or score_every < 1 or not 0 <= ode_last <= steps:
-        raise ValueError(f"k={k}, beam={beam}, score_every={score_every}, ode_last={ode_last}: "
+        raise InputError(f"k={k}, beam={beam}, score_every={score_every}, ode_last={ode_last}: "
                          "need k, beam, score_every >= 1 and 0 <= ode_last <= steps")
     searching = k * beam > 1
     if searching and drm is None:
-        raise ValueError("k * beam > 1 needs a DRM to rank the successors")
+        raise InputError("k * beam > 1 needs a DRM to rank the successors")
     N, sigmas = noise.shape[0], sigma_schedule(steps, shift).to(noise.device)
     rows = torch.arange(N, device=noise.device).repeat_interleave(beam)   # each beam state's image
     x = noise.float()[rows]
@@ -163,7 +162,7 @@ def width(cfg):
     return getattr(cfg, per_image) if isinstance(per_image, str) else per_image
 
 
-def search(cfg, policy, noise, cond, uncond, drm, drm_cond, generator, **sampling):
+def search(cfg, policy, noise, cond, uncond, *, drm, drm_cond, generator, **sampling):
     """cfg.search on noise (N * width(cfg), ...), an image's adjacent -> (x0 (N, ...), counts)."""
     run, _ = SEARCHES[cfg.search]
     return run(cfg, policy, noise, cond, uncond, drm=drm, drm_cond=drm_cond, generator=generator,
@@ -185,8 +184,8 @@ def draw(cfg, base, device, **sampling):
         if cfg.compile:
             compile_regions(drm.backbone)
         drm, drm_cond = with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma), drm_text.encode(prompts)
-    latents, counts = search(cfg, base.dit, noise, cond, uncond, drm, drm_cond,
-                             torch.Generator().manual_seed(cfg.seed + 1), **sampling)
+    latents, counts = search(cfg, base.dit, noise, cond, uncond, drm=drm, drm_cond=drm_cond,
+                             generator=torch.Generator().manual_seed(cfg.seed + 1), **sampling)
     images = base.to_images(latents).cpu()
     n = cfg.images
     save_grid(images, cfg.out, nrow=min(n, 8))
@@ -203,9 +202,7 @@ def main(cfg):
     if cfg.score == "lookahead" and cfg.search != "stepwise":
         raise UserError("--score=lookahead: a step-wise search's (--search=stepwise), not "
                         f"--search={cfg.search}'s")
-    extension = os.path.splitext(cfg.out)[1].lower()
-    if os.path.isdir(cfg.out) or extension not in Image.registered_extensions():
-        raise UserError(f"--out={cfg.out}: give an image file name, e.g. samples.png")
+    check_writable(cfg.out, "--out=", image=True)
     if cfg.eval and cfg.search != "ode":
         raise UserError("--eval scores the ODE sampler; the searches against each other: python -m "
                         "bench.search")

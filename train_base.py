@@ -21,15 +21,16 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import (GracefulStop, RunDir, check_finite, check_weights, resume_training_state,
-                         save_grid, save_training_state)
+from checkpoints import (GracefulStop, RunDir, check_finite, check_weights, check_writable,
+                         resume_training_state, save_grid, save_training_state)
 from common import (UserError, any_rank, autocast, check_flags, flag, print_config, run_main,
                     setup_device, warmup_cosine)
 from data.toy import ToyBase, save_toy_base
 from data.world import (HELDOUT_PROMPTS, TextConfig, TextEncoder, caption, load_world, parse_prompt,
                         tokenize)
 from evaluation import generate
-from model import PRESETS, build_dit, compile_regions, flow_matching_loss, logit_normal_sigma
+from model import (PRESETS, add_noise, build_dit, compile_regions, flow_matching_loss,
+                   logit_normal_sigma)
 
 
 @dataclass
@@ -79,6 +80,24 @@ def update_ema(ema, net, decay):
         e.lerp_(p, 1 - decay)
 
 
+def probe_batch(images, captions, device):
+    """A fixed batch for probe: the first 4 training digits half noised, their captions."""
+    x0 = images[:4].to(device)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(0)).to(device)
+    sigma = torch.full((4,), 0.5, device=device)
+    return add_noise(x0, sigma, noise), sigma, tokenize(captions[:4]).to(device)
+
+
+@torch.no_grad()
+def probe(net, batch):
+    """net's mean squared velocity on the fixed batch, checked before a save: near 1 while the
+    weights are sound; weights that diverged can be finite (near 1e30 after --lr=1e30), their
+    velocity too (near 1e31), but not its square."""
+    x, sigma, ids = batch
+    with autocast(x.device):
+        return net["dit"](x, sigma, *net["text"](ids)).float().pow(2).mean()
+
+
 MAY_CHANGE = {"lr", "train_steps", "eval_every", "eval_per_prompt", "device", "compile",
               "grad_checkpointing", "export"}
 OUTPUTS = ("metrics.jsonl", "train_state.pt", "model.safetensors")
@@ -91,6 +110,8 @@ def check(cfg):
     for name in ("train_steps", "batch_size", "eval_every", "eval_per_prompt"):
         if getattr(cfg, name) < 1:
             raise UserError(f"--{name}={getattr(cfg, name)}: must be at least 1")
+    if cfg.export:
+        check_writable(cfg.export, "--export=")
 
 
 def main(cfg):
@@ -106,6 +127,7 @@ def main(cfg):
         images = world["images"][world["train"]]
         captions = [c for c, keep in zip(world["captions"], world["train"]) if keep]
         print(f"training on {len(images)} digits; held-out prompts: {HELDOUT_PROMPTS}")
+        fixed = probe_batch(images, captions, device)
 
         net = nn.ModuleDict({"dit": build_dit(cfg.preset),
                              "text": TextEncoder(TextConfig())}).to(device)
@@ -118,11 +140,17 @@ def main(cfg):
               f"encoder: {sum(p.numel() for p in net['text'].parameters()) / 1e6:.2f}M")
 
         step, minutes_before = 0, 0.0
+        sigma_bins = torch.linspace(0, 1, 6)  # loss by sigma quintile, as minRF logs it
+        # the losses summed by bin since the last logged row, and their counts: saved with a
+        # checkpoint, so that a resumed run logs the rows an uninterrupted one does
+        bin_loss, bin_count = torch.zeros(5), torch.zeros(5)
         if cfg.resume:
             # the learning rate follows --lr (warmup_cosine below), so a resume may change it
             state = resume_training_state(run_dir.file("train_state.pt"), device, net=net, ema=ema,
                                           optimizer=optimizer, config=cfg, may_change=MAY_CHANGE)
             step, minutes_before = state["step"], state["minutes"]
+            # (a state saved before the window was: none)
+            bin_loss, bin_count = (t.cpu() for t in state.get("window", (bin_loss, bin_count)))
             rng.setstate(state["python_rng"])
             run_dir.last_saved = step
             run_dir.trim_metrics(step)
@@ -137,18 +165,20 @@ def main(cfg):
             return minutes_before + (time.time() - t0) / 60
 
         def save(step):
-            check_weights(net, step, run_dir.advice())
+            for model in (net, ema):  # the trained weights (resumed from), their average (shipped)
+                check_weights(model, step, run_dir.advice())
+                check_finite(probe(model, fixed), step, "mean squared velocity on a fixed batch",
+                             run_dir.advice())
             if ranks.main:
                 save_toy_base(run_dir.file("model.safetensors"), ema["dit"], ema["text"], step)
                 save_training_state(run_dir.file("train_state.pt"), {
                     "net": net.state_dict(), "ema": ema.state_dict(),
                     "optimizer": optimizer.state_dict(), "step": step,
-                    "minutes": minutes(), "torch_rng": torch.get_rng_state(),
+                    "minutes": minutes(), "window": (bin_loss, bin_count),
+                    "torch_rng": torch.get_rng_state(),
                     "python_rng": rng.getstate(), "config": asdict(cfg)})
             run_dir.last_saved = step
 
-        sigma_bins = torch.linspace(0, 1, 6)  # loss by sigma quintile, as minRF logs it
-        bin_loss, bin_count = torch.zeros(5), torch.zeros(5)
         net.train()
         bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps,
                    desc="train_base", disable=not ranks.main)

@@ -38,13 +38,14 @@ WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 class Models:
     """What an update uses: the policy (its weights), the module the loss calls (the policy, or DDP
     around it under torchrun), the frozen reference (the KL's, or None), the frozen DRM and its text
-    side, AdamW."""
+    side, AdamW, and the matching objectives' slow copy of the policy (rivals/objectives.py)."""
     policy: torch.nn.Module
     loss_policy: torch.nn.Module
     reference: torch.nn.Module | None
     drm: torch.nn.Module
     drm_text: object
     optimizer: torch.optim.Optimizer
+    shadow: torch.nn.Module | None = None
 
 
 def shard(policy):
@@ -56,11 +57,14 @@ def shard(policy):
 
 def build_models(cfg, base, device, ranks):
     """The policy (float32 weights when fully fine-tuned; LoRA when asked), its frozen copy for the
-    KL, the frozen DRM, DDP or FSDP under torchrun, AdamW -> Models."""
+    KL (and the matching objectives' own KL), the frozen DRM, DDP or FSDP under torchrun, AdamW, the
+    matching objectives' shadow copy -> Models."""
     policy = base.dit if cfg.lora_rank else base.dit.float()
     drm, drm_text, _ = base.load_drm(cfg.drm, device)
     drm.requires_grad_(False).to(frozen_dtype(device))  # bf16 on a GPU
-    reference = copy.deepcopy(policy).requires_grad_(False) if cfg.kl_weight > 0 else None
+    matching = cfg.objective != "ppo"
+    reference = (copy.deepcopy(policy).requires_grad_(False) if cfg.kl_weight > 0 or matching
+                 else None)
     if cfg.lora_rank > 0:
         torch.manual_seed(cfg.seed)  # the adapters' init: the seed's alone, whatever loaded before
         add_lora(policy, rank=cfg.lora_rank, alpha=float(cfg.lora_rank))
@@ -80,7 +84,8 @@ def build_models(cfg, base, device, ranks):
           f"credit {cfg.credit}")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     drm = with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma)
-    return Models(policy, loss_policy, reference, drm, drm_text, optimizer)
+    shadow = copy.deepcopy(policy).requires_grad_(False) if matching else None
+    return Models(policy, loss_policy, reference, drm, drm_text, optimizer, shadow)
 
 # -----------------------------------------------------------------------------
 # An update's random numbers, and what the DRM costs
@@ -192,15 +197,22 @@ def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
     return summary, images
 
 
+def trained(state, lora_rank):
+    """The weights a train state keeps: with LoRA the adapters alone (the rest are the base's)."""
+    return {k: v for k, v in state.items() if ".lora_" in k or not lora_rank}
+
+
 def save_run(cfg, run_dir, base, models, *, step, counters):
     """The policy and the train state (with LoRA: the adapters and their optimizer state alone; the
     frozen weights are the base's); every rank takes part (FSDP gathers)."""
     policy_state, optimizer_state = get_state_dict(models.policy, models.optimizer, options=WHOLE)
     if run_dir.main:
         base.save_policy(cfg.out_dir, policy_state, models.policy.config, cfg.lora_rank, step)
-        trained = {k: v for k, v in policy_state.items() if ".lora_" in k or not cfg.lora_rank}
+        shadow = (trained(models.shadow.state_dict(), cfg.lora_rank) if models.shadow is not None
+                  else None)
         save_training_state(run_dir.file("train_state.pt"), {
-            "policy": trained, "optimizer": optimizer_state, "step": step, "counters": counters,
+            "policy": trained(policy_state, cfg.lora_rank), "optimizer": optimizer_state,
+            "shadow": shadow, "step": step, "counters": counters,
             "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
     run_dir.last_saved = step
 
@@ -240,6 +252,8 @@ def resume_run(cfg, run_dir, state, models):
     options = dataclasses.replace(WHOLE, strict=not cfg.lora_rank)  # LoRA: the adapters alone
     set_state_dict(models.policy, models.optimizer, model_state_dict=state["policy"],
                    optim_state_dict=state["optimizer"], options=options)
+    if models.shadow is not None:
+        models.shadow.load_state_dict(state["shadow"], strict=not cfg.lora_rank)
     for group in models.optimizer.param_groups:
         group["lr"] = cfg.lr  # the flag, not the saved value: a resume may lower it
     torch.set_rng_state(state["torch_rng"])

@@ -35,13 +35,14 @@ from common import (UserError, any_rank, autocast, check_flags, flag, print_conf
 from grpo import grpo_loss
 from model import in_chunks
 from rivals.credit import CREDIT, CreditFlags, check_credit, settings, window_at
+from rivals.objectives import ObjectiveFlags, check_objective, matching_update, with_objective
 from rivals.reward import EnsembleFlags
 from rivals.scores import SCORES
 from sde import sigma_schedule
 
 
 @dataclass
-class Config(ModelFlags, CreditFlags, EnsembleFlags):  # the base model (base.py), rivals' flags
+class Config(ModelFlags, CreditFlags, ObjectiveFlags, EnsembleFlags):  # base.py's, rivals' flags
     drm: str = "data/drm.safetensors"  # the reward model
     prompts: str = ""                  # training prompts, one a line (the toy's default: its 80)
     eval_prompts: str = ""             # held-out prompts (the toy: its 10; SD3: 8 of --prompts)
@@ -189,10 +190,12 @@ def check(cfg):
     """Every flag's value, before any work (bench/gpu_check.py checks its own the same way)."""
     check_flags(cfg)
     check_credit(cfg)
+    check_objective(cfg)
     check_model_flags(cfg)
 
 
 def main(cfg):
+    cfg = with_objective(cfg)  # DiffusionNFT's and AWM's own settings, unless given
     check(cfg)
     with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, OUTPUTS) as run_dir, GracefulStop() as stop:
         print_config(cfg)
@@ -223,12 +226,13 @@ def main(cfg):
             train_ops.evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, step=0,
                                         counters=counters, save=False, stop=stop)
         spent = lambda: cfg.max_nfe and counters["dit_equivalents"] >= cfg.max_nfe  # noqa: E731
-        bar = tqdm(initial=step, total=cfg.updates, desc=f"grpo {cfg.credit}",
+        bar = tqdm(initial=step, total=cfg.updates, desc=f"{cfg.objective} {cfg.credit}",
                    disable=not ranks.main)
         while step < cfg.updates and not spent() and not any_rank(stop):
             t0 = time.time()
-            train_stats, nfe, drm_calls = grpo_step(cfg, base, models, train_prompts, ranks,
-                                                    step=step + 1, advice=run_dir.advice())
+            update = grpo_step if cfg.objective == "ppo" else matching_update
+            train_stats, nfe, drm_calls = update(cfg, base, models, train_prompts, ranks,
+                                                 step=step + 1, advice=run_dir.advice())
             step += 1
             counters["nfe"] += nfe
             counters["drm_calls"] += drm_calls
@@ -236,7 +240,7 @@ def main(cfg):
             counters["time_s"] += time.time() - t0
             bar.update(1)
             bar.set_postfix(reward=f"{train_stats['train_reward']:.3f}",
-                            clip=f"{train_stats['clip_fraction']:.2f}")
+                            loss=f"{train_stats['policy_loss']:.3g}")
             if step % cfg.eval_every == 0 or step >= cfg.updates or spent():
                 train_ops.evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, step=step,
                                             counters=counters, train_stats=train_stats)

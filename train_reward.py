@@ -207,10 +207,11 @@ def main(cfg):
         groups = [{"params": list(drm.backbone.parameters()), "lr": cfg.lr, "peak": cfg.lr},
                   {"params": list(drm.head.parameters()), "lr": cfg.head_lr, "peak": cfg.head_lr}]
         optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-        step = 0
+        step, running = 0, []  # running: each step's (loss, accuracy, gradient norm) until a log
         if cfg.resume:
-            step = resume_training_state(run_dir.file("train_state.pt"), device, cfg, MAY_CHANGE,
-                                         drm=drm, optimizer=optimizer)["step"]
+            state = resume_training_state(run_dir.file("train_state.pt"), device, cfg, MAY_CHANGE,
+                                          drm=drm, optimizer=optimizer)
+            step, running = state["step"], state.get("running", [])  # (older states: none)
             for group, peak in zip(optimizer.param_groups, (cfg.lr, cfg.head_lr)):
                 group["peak"] = peak  # the flags, not the saved values: a resume may lower them
             run_dir.last_saved = step
@@ -220,7 +221,7 @@ def main(cfg):
         # gradient: DDP must be told to expect unused parameters.
         model = (DDP(drm, broadcast_buffers=False, find_unused_parameters=True) if ranks.world > 1
                  else drm)
-        t0, running = time.time(), []
+        t0 = time.time()
         bar = tqdm(range(step, cfg.train_steps), initial=step, total=cfg.train_steps,
                    desc="train_reward", disable=not ranks.main)
         for step in bar:
@@ -237,7 +238,7 @@ def main(cfg):
                 running = []
             if any_rank(stop):
                 if run_dir.last_saved != step + 1:
-                    reward_ops.save_run(cfg, run_dir, base, drm, optimizer, step + 1)
+                    reward_ops.save_run(cfg, run_dir, base, drm, optimizer, step + 1, running)
                 print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
                 return None
         if cfg.export and ranks.main:

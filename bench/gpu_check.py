@@ -50,18 +50,18 @@ import train_ops
 import train_policy
 from base import load_base
 from bench.sd3_memory import Shapes, grpo_update, peak
-from common import UserError, autocast, print_config, run_main, setup_device
+from common import UserError, autocast, flag, print_config, run_main, setup_device
 from grpo import grpo_loss
 from model import compile_regions, in_chunks
 
 
 @dataclass
 class Config(train_policy.Config):
-    trajectories: int = 4
-    per_prompt: int = 2
-    k: int = 2
-    steps: int = 4
-    minibatches: int = 1
+    trajectories: int = flag(4, "[1, inf)")  # the ranges are train_policy.py's
+    per_prompt: int = flag(2, "[2, inf)")
+    k: int = flag(2, "[2, inf)")
+    steps: int = flag(4, "[1, inf)")
+    minibatches: int = flag(1, "[1, inf)")
     out_dir: str = "out/gpu_check"     # SD3: the prompt-embedding cache goes here
 
 

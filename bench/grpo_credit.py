@@ -1,9 +1,9 @@
 """The paper's credit-assignment experiment and its rivals, each as its authors' code runs it, at
 one budget of DiT-pass equivalents, with common random numbers and paired statistics.
 
-    python -m bench.grpo_credit # the credit table: every mode x 5 seeds (about 2 h)
-    python -m bench.grpo_credit --experiment=collapse # step-wise with windows 0:5, 5:10, none, KL
-    or not
+    python -m bench.grpo_credit                          # every credit mode x 5 seeds (5 h)
+    python -m bench.grpo_credit --experiment=collapse    # step-wise: windows 0:5, 5:10, KL or not
+    python -m bench.grpo_credit --experiment=objectives  # PPO, DiffusionNFT, AWM x sparse, stepwise
     python -m bench.grpo_credit --modes=tree,sparse --seeds=0   # some of them
     python -m bench.grpo_credit --plot_only              # redraw from out/credit/*/metrics.jsonl
 
@@ -40,33 +40,41 @@ MODES = {
     "stepwise, x0 score": "--credit=stepwise --score=x0",
     "stepwise, lookahead score": "--credit=stepwise --score=lookahead --eval_every=5",
     "sparse": "--credit=sparse",
-    "sparse, Flow-GRPO's recipe": "--credit=sparse --trajectories=48 --per_prompt=24 "
-                                  f"--group_std=global {KL} "
-                                  "--eval_every=5", "cosine": "--credit=cosine",
-        "tree": "--credit=tree --trajectories=64 --eval_every=5",
-        "sparse, random window (Flow-GRPO-Fast)": "--credit=sparse --sde_window=random:3",
-        "sparse, sliding window (MixGRPO)": "--credit=sparse --sde_window=slide:2:12",
-        "stepwise, window 0:5": "--credit=stepwise --sde_window=0:5",
-        "stepwise, window 5:10": "--credit=stepwise --sde_window=5:10",
-        "stepwise, KL": f"--credit=stepwise {KL}",
-        "stepwise, window 0:5, KL": f"--credit=stepwise --sde_window=0:5 {KL}",
-        "stepwise, window 5:10, KL": f"--credit=stepwise --sde_window=5:10 {KL}",}
+    "sparse, Flow-GRPO's recipe": ("--credit=sparse --trajectories=48 --per_prompt=24 "
+                                   f"--group_std=global {KL} --eval_every=5"),
+    "cosine": "--credit=cosine",
+    "tree": "--credit=tree --trajectories=64 --eval_every=5",
+    "sparse, random window (Flow-GRPO-Fast)": "--credit=sparse --sde_window=random:3",
+    "sparse, sliding window (MixGRPO)": "--credit=sparse --sde_window=slide:2:12",
+    "stepwise, window 0:5": "--credit=stepwise --sde_window=0:5",
+    "stepwise, window 5:10": "--credit=stepwise --sde_window=5:10",
+    "stepwise, KL": f"--credit=stepwise {KL}",
+    "stepwise, window 0:5, KL": f"--credit=stepwise --sde_window=0:5 {KL}",
+    "stepwise, window 5:10, KL": f"--credit=stepwise --sde_window=5:10 {KL}",
+    "NFT, sparse": "--objective=nft --credit=sparse",
+    "NFT, stepwise": "--objective=nft --credit=stepwise",
+    "AWM, sparse": "--objective=awm --credit=sparse",
+    "AWM, stepwise": "--objective=awm --credit=stepwise",
+}
 # experiment -> (its modes, the reference each is compared with, default seeds)
 EXPERIMENTS = {
     "credit": (["stepwise", "stepwise, last step trained", "stepwise, x0 score",
-                "stepwise, lookahead score",
-                "sparse", "sparse, Flow-GRPO's recipe", "cosine", "tree",
-                "sparse, random window (Flow-GRPO-Fast)",
+                "stepwise, lookahead score", "sparse", "sparse, Flow-GRPO's recipe", "cosine",
+                "tree", "sparse, random window (Flow-GRPO-Fast)",
                 "sparse, sliding window (MixGRPO)"], "sparse", "0,1,2,3,4"),
     "collapse": (["stepwise", "stepwise, window 0:5", "stepwise, window 5:10", "stepwise, KL",
                   "stepwise, window 0:5, KL", "stepwise, window 5:10, KL"], "stepwise", "0,1,2"),
+    # the objectives (PPO: the rows above) with the terminal reward and the DRM's at each sigma
+    "objectives": (["stepwise", "sparse", "NFT, sparse", "NFT, stepwise", "AWM, sparse",
+                    "AWM, stepwise"], "sparse", "0,1,2,3,4"),
 }
 
 
 @dataclass
 class Config:
     out_dir: str = "out/credit"
-    experiment: str = flag("credit", choices=EXPERIMENTS)  # credit | collapse (EXPERIMENTS)
+    # credit | collapse | objectives (EXPERIMENTS)
+    experiment: str = flag("credit", choices=EXPERIMENTS)
     # comma-separated folder names (stepwise,tree,...); "" = the experiment's
     modes: str = ""
     seeds: str = ""                    # "" = the experiment's (credit: 0-4, collapse: 0-2)
@@ -111,7 +119,7 @@ def finished(cfg, path):
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.exists(metrics):
         return False
-    lines = open(metrics).read().split()
+    lines = [line for line in open(metrics).read().splitlines() if line.strip()]
     return bool(lines) and json.loads(lines[-1]).get("dit_equivalents", 0) >= cfg.max_nfe
 
 

@@ -24,14 +24,14 @@ import torch
 from safetensors.torch import save_file
 
 import sd3.streaming
-from common import parse_flags
-from model import build_dit
+from common import UserError, check_flags, flag, run_main
+from model import PRESETS, build_dit
 from sd3.mmdit import STABILITY_PREFIX, load_sd3, save_sd3
 
 
 @dataclass
 class Config:
-    preset: str = "sd3.5-medium"
+    preset: str = flag("sd3.5-medium", choices=PRESETS)
     dir: str = "/tmp/nanodrm_bench_load"   # where the checkpoints are written (and deleted)
     keep: bool = False                     # keep the files afterwards
     # checkpoints.read_tensor (safe_open), or the reader it replaced
@@ -95,7 +95,15 @@ def measure_in_this_process(path, reader):
           f"{next(dit.parameters()).dtype}")
 
 
+READERS = ("safe_open", "read into memory")
+
+
 def main(cfg):
+    check_flags(cfg)
+    unknown = [reader for reader in cfg.readers.split(",") if reader not in READERS]
+    if unknown:
+        raise UserError(f"--readers={cfg.readers}: unknown {unknown}; choose from "
+                        f"{', '.join(READERS)}")
     os.makedirs(cfg.dir, exist_ok=True)
     print(f"writing a random {cfg.preset} checkpoint in bf16 to {cfg.dir} ...")
     paths = write_random_checkpoints(cfg)
@@ -128,4 +136,4 @@ if __name__ == "__main__":
     if sys.argv[1:2] == ["--measure"]:
         measure_in_this_process(sys.argv[2], sys.argv[3])
     else:
-        main(parse_flags(Config(), sys.argv[1:]))
+        run_main(main, Config)

@@ -30,7 +30,6 @@ independent); "beats" or "loses" at 2 s.e. or more, else "tie". Writes OUT.json,
 import dataclasses
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 
@@ -38,6 +37,7 @@ import torch
 
 import sample
 from bench.stats import SD35_MEDIUM_DRM_COST, clustered, verdict
+from checkpoints import check_writable
 from common import (UserError, check_flags, count_flops, flag, parse_numbers, pick_device,
                     print_config, run_main)
 from data.toy import ToyBase
@@ -63,11 +63,11 @@ def settings(cfg):
                for k in (2, 4)]
     points += [("smc", f"SMC N={n}, lambda {lmbda:g}",
                 {"search": "smc", "particles": n, "lmbda": lmbda})
-               for lmbda in parse_numbers(cfg, "lmbdas", float) for n in (2, 4, 8)]
+               for lmbda in parse_numbers(cfg, "lmbdas", float, within="(0, inf)")
+               for n in (2, 4, 8)]
     points += [("smc_noisy", "SMC N=4, noisy, every step, ESS",
-                {"search": "smc", "particles": 4, "score": "noisy",
-                                                                  "resample": "1:0:19",
-                                                                  "adaptive": True})]
+                {"search": "smc", "particles": 4, "score": "noisy", "resample": "1:0:19",
+                 "adaptive": True})]
     points += [("prune", f"prune N={n} to {n // 4 or 1} at 0.6",
                 {"search": "prune", "particles": n, "keep": 0.25, "prune_at": "0.6"})
                 for n in (4, 8, 16)]
@@ -155,9 +155,9 @@ def measure(cfg, point, base, drm, drm_text, pool, prompts, show=True):
     cond, uncond = base.encode(prompts)
     drm_cond = drm_text.encode(prompts)
     t0 = time.time()
-    images, counts = search(options, base.dit, noise, cond, uncond, drm, drm_cond,
-                            torch.Generator().manual_seed(cfg.seed + 1), steps=cfg.steps,
-                            cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+    images, counts = search(options, base.dit, noise, cond, uncond, drm=drm, drm_cond=drm_cond,
+                            generator=torch.Generator().manual_seed(cfg.seed + 1),
+                            steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
     seconds = time.time() - t0
     images = images.clamp(-1, 1)
     scores = base.judge(images, prompts)
@@ -251,12 +251,7 @@ def plot(rows, curves, sample_passes, cost, path):
 def main(cfg):
     check_flags(cfg)
     points = settings(cfg)
-    try:  # the outputs' place is writable, before any work
-        os.makedirs(os.path.dirname(os.path.abspath(cfg.out)), exist_ok=True)
-        with open(cfg.out + ".md", "a"):
-            pass
-    except OSError as e:
-        raise UserError(f"--out={cfg.out}: cannot write there ({e.strerror})") from None
+    check_writable(cfg.out + ".json", "--out=")  # before any work; OUT.md and OUT.png beside it
     print_config(cfg)
     device = pick_device(cfg.device)
     base = ToyBase.load(cfg.base, device)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from checkpoints import is_number
 from common import UserError, read_text
 from model import add_noise
 
@@ -43,11 +44,32 @@ def choice_share(choice_dist, where):
     if choice_dist is None:
         return 1.0
     if (not isinstance(choice_dist, list) or len(choice_dist) != 2
-            or not all(isinstance(n, (int, float)) and n >= 0 for n in choice_dist)
-            or sum(choice_dist) <= 0):
+            or not all(is_number(n) and n >= 0 for n in choice_dist) or sum(choice_dist) <= 0):
         raise UserError(f"{where}: choice_dist {choice_dist!r} is not two vote counts [path1, "
                         "path2]")
     return choice_dist[0] / sum(choice_dist)
+
+
+def check_fields(record, where):
+    """A record's fields of the right types and shapes -> its confidence (HPDv3: given, or path1's
+    share of choice_dist, else 1)."""
+    missing = [k for k in ("prompt", "path1", "path2") if k not in record]
+    if missing:
+        raise UserError(f"{where}: missing field(s) {missing}")
+    for key in ("prompt", "path1", "path2"):
+        if not isinstance(record[key], str) or not record[key].strip():
+            raise UserError(f"{where}: {key} {record[key]!r} is not a non-empty string")
+    gold = record.get("gold")
+    if gold is not None and not (isinstance(gold, list) and len(gold) == 2
+                                 and all(is_number(g) for g in gold)):
+        raise UserError(f"{where}: gold {gold!r} is not two finite scores [path1, path2]")
+    confidence = record.get("confidence", choice_share(record.get("choice_dist"), where))
+    if not is_number(confidence) or not 0.0 <= confidence <= 1.0:
+        raise UserError(f"{where}: confidence {confidence!r} is not a number in [0, 1]")
+    for key in ("model1", "model2"):
+        if not isinstance(record.get(key, ""), str):
+            raise UserError(f"{where}: {key} {record[key]!r} is not a model name")
+    return confidence
 
 
 def read_pairs(path):
@@ -63,15 +85,7 @@ def read_pairs(path):
     for where, record in read_records(path):
         if not isinstance(record, dict):
             raise UserError(f"{where}: expected an object with prompt, path1, path2")
-        missing = [k for k in ("prompt", "path1", "path2") if k not in record]
-        if missing:
-            raise UserError(f"{where}: missing field(s) {missing}")
-        confidence = record.get("confidence", choice_share(record.get("choice_dist"), where))
-        if not isinstance(confidence, (int, float)) or not 0.0 <= confidence <= 1.0:
-            raise UserError(f"{where}: confidence {confidence!r} is not a number in [0, 1]")
-        for key in ("model1", "model2"):
-            if not isinstance(record.get(key, ""), str):
-                raise UserError(f"{where}: {key} {record[key]!r} is not a model name")
+        confidence = check_fields(record, where)
         for key in ("path1", "path2"):
             record[key] = os.path.join(folder, record[key])
             if not os.path.isfile(record[key]):

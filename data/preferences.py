@@ -2,6 +2,7 @@
 annotator.
 
     python -m data.preferences                # writes out/prefs/ (9 minutes on 2 CPU cores)
+    python -m data.preferences --overwrite    # afresh into a used --out_dir (else refused)
 
 What it makes, per prompt: images from the base model at a grid of guidance
 scales and step counts (so quality varies, as it does between the models that
@@ -31,8 +32,8 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from checkpoints import save_grid
-from common import check_flags, flag, run_main
+from checkpoints import RunDir, save_grid, save_image, write_text
+from common import check_flags, flag, parse_numbers, run_main
 from data.judge import Judge
 from data.toy import ToyBase
 from data.world import TRAIN_PROMPTS, read_images
@@ -52,6 +53,10 @@ class Config:
     # Bradley-Terry temperature of the annotator's labels
     temperature: float = flag(0.15, "(0, inf)")
     seed: int = 0
+    overwrite: bool = False               # start afresh in a used out_dir (its files removed)
+
+
+OUTPUTS = ("images", "train.jsonl", "test.jsonl", "example_pool.png")  # what a run writes
 
 
 # -----------------------------------------------------------------------------
@@ -69,17 +74,24 @@ def gold_scores(pairs):
 
 def main(cfg):
     check_flags(cfg)
+    cfg_scales = parse_numbers(cfg, "cfg_scales", float, within="[0, inf)")
+    step_counts = parse_numbers(cfg, "step_counts", within="[1, inf)")
+    # --out_dir held by this run alone; an earlier run's files are refused, or removed (--overwrite)
+    with RunDir(cfg.out_dir, overwrite=cfg.overwrite, outputs=OUTPUTS, resumable=False):
+        write_preferences(cfg, cfg_scales, step_counts)
+
+
+def write_preferences(cfg, cfg_scales, step_counts):
+    """The image pool (the base at each guidance scale and step count), the pairs of each split
+    and an example grid, into cfg.out_dir."""
     base = ToyBase.load(cfg.base, "cpu")
     judge = Judge(temperature=cfg.temperature)
-    cfg_scales = [float(v) for v in cfg.cfg_scales.split(",")]
-    step_counts = [int(v) for v in cfg.step_counts.split(",")]
     prompts = list(TRAIN_PROMPTS)
     rng = random.Random(cfg.seed)
     rng.shuffle(prompts)
     split = {"test": sorted(prompts[:cfg.test_prompts]),
              "train": sorted(prompts[cfg.test_prompts:])}
 
-    os.makedirs(os.path.join(cfg.out_dir, "images"), exist_ok=True)
     pool = {}  # prompt -> list of (relative path, gold)
     index = 0
     for scale_number, scale in enumerate(cfg_scales):
@@ -93,7 +105,7 @@ def main(cfg):
             gold = judge.gold(pixels.float() / 127.5 - 1, batch)
             for prompt, image, g in zip(batch, pixels, gold.tolist()):
                 relative = f"images/{index:05d}.png"
-                Image.fromarray(image[0].numpy()).save(os.path.join(cfg.out_dir, relative))
+                save_image(Image.fromarray(image[0].numpy()), os.path.join(cfg.out_dir, relative))
                 pool.setdefault(prompt, []).append((relative, g))
                 index += 1
             print(f"guidance {scale}, {steps} steps: {len(batch)} images, mean gold "
@@ -115,8 +127,7 @@ def main(cfg):
                 lines.append(json.dumps({"prompt": prompt, "path1": winner[0], "path2": loser[0],
                                          "confidence": round(p_a if a_wins else 1 - p_a, 4),
                                          "gold": [round(winner[1], 4), round(loser[1], 4)]}))
-        with open(os.path.join(cfg.out_dir, f"{name}.jsonl"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_text(os.path.join(cfg.out_dir, f"{name}.jsonl"), "\n".join(lines) + "\n")
         print(f"{name}: {len(lines)} pairs over {len(names_prompts)} prompts; labels agree with "
               f"the gold ordering on {agree / len(lines):.1%}")
     first = [path for path, _ in pool[split["test"][0]][:16]]

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from PIL import Image
 
+from checkpoints import image_tensor, open_image
 from common import UserError
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -149,18 +149,12 @@ def load_digits():
 
 
 def read_images(paths):
-    """Grey image files -> (N, 1, H, W) in [-1, 1], each file read once; a file that is not an
-    image, or of another size than most, is named."""
+    """Grey image files (8 or 16 bits) -> (N, 1, H, W) in [-1, 1], each file read once; a file
+    that is not an image, or of another size than most, is named."""
     cache = {}
     for path in paths:
         if path not in cache:
-            try:
-                with Image.open(path) as img:
-                    grey = img.convert("L")
-            except OSError as e:  # PIL's UnidentifiedImageError included
-                raise UserError(f"{path}: not an image PIL can read ({e})") from None
-            pixels = torch.frombuffer(bytearray(grey.tobytes()), dtype=torch.uint8)
-            cache[path] = pixels.view(1, grey.height, grey.width).float() / 127.5 - 1
+            cache[path] = image_tensor(open_image(path, "L"), 1)
     shape = Counter(image.shape for image in cache.values()).most_common(1)[0][0]
     for path, image in cache.items():
         if image.shape != shape:

@@ -24,7 +24,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common import UserError, flag, parse_numbers
+from common import InputError, UserError, flag, parse_numbers
 from grpo import (Rollout, group_normalise, in_window, sample_rollout, stepwise_advantages,
                   trained_steps)
 from sde import Step, passes, propose, take
@@ -115,7 +115,7 @@ def terminal_advantages(final_rewards, group_size, eps=1e-4, group_std="group"):
     (B,) less their group's mean, over the group's std (group_std="group") or the std of all B
     (group_std="global": Flow-GRPO's SD3 configs, global_std=True), + eps."""
     if group_size < 2 or final_rewards.shape[0] % group_size:
-        raise ValueError(f"{final_rewards.shape[0]} trajectories do not split into groups of "
+        raise InputError(f"{final_rewards.shape[0]} trajectories do not split into groups of "
                          f"{group_size} >= 2")
     groups = final_rewards.view(-1, group_size)
     if group_std == "global":

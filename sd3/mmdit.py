@@ -16,10 +16,11 @@ import os
 import re
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from checkpoints import (CheckpointError, atomic_write, check_keys, read_safetensors_header,
                          read_tensor)
+from common import InputError
 from lora import export_state_dict
 from model import DiTConfig, build_dit
 from sd3.streaming import assign_from_files
@@ -232,9 +233,9 @@ def save_sd3(dit, path, layout="diffusers"):
         atomic_write(path, lambda tmp: save_file(tensors, tmp))
         return
     if layout != "diffusers":
-        raise ValueError(f"save_sd3: layout={layout!r}; choose 'diffusers' or 'stability'")
+        raise InputError(f"save_sd3: layout={layout!r}; choose 'diffusers' or 'stability'")
     if config.mlp_ratio != 4.0:
-        raise ValueError("diffusers' SD3Transformer2DModel has mlp_ratio 4, this model "
+        raise InputError("diffusers' SD3Transformer2DModel has mlp_ratio 4, this model "
                          f"{config.mlp_ratio}")
     tensors = diffusers_tensors(state, config.dim)
     diffusers_config = {
@@ -309,7 +310,7 @@ def official_drm_tensors(drm, skipped_blocks):
     the backbone and `skipped_blocks` ({'joint_blocks.<i>.<...>': tensor}, the base DiT's blocks the
     DRM cut) under `transformer.`, the head under `reward_output.`."""
     if drm.head_type not in ("2BConvGN", "7BConvGN"):
-        raise ValueError("the DRM repository's model has the 2BConvGN / 7BConvGN head; this DRM's "
+        raise InputError("the DRM repository's model has the 2BConvGN / 7BConvGN head; this DRM's "
                          f"is {drm.head_type}")
     state = {**export_state_dict(drm.backbone), **skipped_blocks}
     tensors = {"transformer." + k: v for k,
@@ -341,36 +342,74 @@ def save_lora(state, path, scaling=1.0):
             tensors[stem + ".lora_A.weight"] = state[key].detach().float().cpu().clone()
             tensors[stem + ".lora_B.weight"] = b.detach().float().cpu().contiguous()
     if not tensors:
-        raise ValueError("save_lora: the state holds no LoRA adapter")
+        raise InputError("save_lora: the state holds no LoRA adapter")
     os.makedirs(path, exist_ok=True)
     atomic_write(os.path.join(path, LORA_FILE), lambda tmp: save_file(tensors, tmp))
 
 
-def fold_lora(dit, path):
-    """Add a diffusers-format LoRA (a folder with pytorch_lora_weights.safetensors, or the file) to
-    the DiT's weights, in place: each target's B A (q, k and v concatenated for a fused qkv). ->
-    dit."""
+# key prefixes and what a file with such keys holds: named when a file is given for another thing
+HOLDERS = (("transformer_blocks.", "a whole SD3 transformer (diffusers' layout)"),
+           ("joint_blocks.", "a whole SD3 transformer (Stability's layout)"),
+           (STABILITY_PREFIX, "a Stability single-file SD3 checkpoint"),
+           ("drm.", "a DRM of nanoDRM (train_reward.py's)"),
+           ("dit.", "a toy base of nanoDRM (train_base.py's)"))
+
+
+def what_it_holds(entries):
+    """What a safetensors file's keys {name: TensorEntry} say it holds."""
+    if is_official_drm(entries):
+        return "the DRM repository's DRM (model.safetensors)"
+    return next((what for prefix, what in HOLDERS if any(k.startswith(prefix) for k in entries)),
+                f"{len(entries)} tensors such as {sorted(entries)[:3]}")
+
+
+def read_lora(path):
+    """--lora's folder (with pytorch_lora_weights.safetensors) or file -> its adapters {diffusers
+    module + '.lora_A.weight' / '.lora_B.weight': tensor}; a file that holds none (a whole
+    transformer, a DRM) is refused, saying what it looks like it holds."""
     file = os.path.join(path, LORA_FILE) if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise CheckpointError(f"--lora={path}: no {LORA_FILE} there (train_policy.py --lora_rank "
                               "writes out_dir/lora)")
-    tensors = {k[len("transformer."):]: v for k,
-               v in load_file(file).items() if k.startswith("transformer.")}
+    entries = read_safetensors_header(file)[0]
+    adapters = {k[len("transformer."):]: v for k, v in entries.items()
+                if k.startswith("transformer.")}
+    if not any(k.endswith(".lora_A.weight") for k in adapters):
+        raise CheckpointError(f"--lora={path}: {file} holds no LoRA of a transformer (no key "
+                              "transformer.<layer>.lora_A.weight); it looks like "
+                              f"{what_it_holds(entries)}")
+    return {k: read_tensor(v) for k, v in adapters.items()}
+
+
+def lora_update(tensors, stems, path):
+    """The update B A of the stems' adapters (q, k and v concatenated for a fused qkv), taken out
+    of tensors."""
+    updates = []
+    for stem in stems:
+        b, a = tensors.pop(stem + ".lora_B.weight"), tensors.pop(stem + ".lora_A.weight")
+        if b.dim() != 2 or a.dim() != 2 or b.shape[1] != a.shape[0]:
+            raise CheckpointError(f"--lora={path}: {stem}'s lora_B {tuple(b.shape)} and lora_A "
+                                  f"{tuple(a.shape)} are not a rank-r pair: the file is damaged")
+        updates.append(b @ a)
+    return torch.cat(updates)
+
+
+def fold_lora(dit, path):
+    """Add a diffusers-format LoRA (a folder with pytorch_lora_weights.safetensors, or the file) to
+    the DiT's weights, in place: each target's B A. -> dit."""
+    tensors = read_lora(path)
     params = dict(dit.named_parameters())
     with torch.no_grad():
         for name in params:
             stems = [n[:-len(".weight")]
                      for n in _diffusers_names(name)] if name.endswith(".weight") else []
-            if stems and all(s + ".lora_A.weight" in tensors for s in stems):
-                delta = torch.cat([tensors[s + ".lora_B.weight"] @ tensors[s + ".lora_A.weight"]
-                                   for s in stems])
+            if stems and all(s + f".lora_{ab}.weight" in tensors for s in stems for ab in "AB"):
+                delta = lora_update(tensors, stems, path)
                 if delta.shape != params[name].shape:
                     raise CheckpointError(f"--lora={path}: its update of {name} is "
                                           f"{tuple(delta.shape)}, the DiT's weight "
                                           f"{tuple(params[name].shape)}: a LoRA of another model")
                 params[name] += delta.to(params[name])
-                for s in stems:
-                    del tensors[s + ".lora_A.weight"], tensors[s + ".lora_B.weight"]
     if tensors:
         raise CheckpointError(f"--lora={path}: {len(tensors)} tensors match no layer of this DiT, "
                               f"e.g. {sorted(tensors)[:3]}: a LoRA of another model")

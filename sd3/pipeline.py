@@ -25,14 +25,13 @@ import hashlib
 import json
 import os
 
-import numpy as np
 import torch
 import torch.nn as nn
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, atomic_write
+from checkpoints import CheckpointError, atomic_write, image_tensor, open_image
 from common import UserError, frozen_dtype, read_prompts, read_text
 from model import PRESETS, build_dit
 from reward import read_drm, save_drm
@@ -137,14 +136,29 @@ def find_part(folders, names, what):
                     "as --ckpt_dir (or --text_dir for the text encoders and tokenizers)")
 
 
+def check_folders(cfg):
+    """--ckpt_dir and --text_dir exist, and a pipeline folder has its vae/, before any weights are
+    read (a folder that is a part itself, transformer/ or vae/, is read as such)."""
+    if not os.path.exists(cfg.ckpt_dir):
+        raise UserError(f"--ckpt_dir={cfg.ckpt_dir} does not exist")
+    if cfg.text_dir and not os.path.isdir(cfg.text_dir):
+        problem = "is a file" if os.path.exists(cfg.text_dir) else "does not exist"
+        raise UserError(f"--text_dir={cfg.text_dir} {problem}: give the folder of the text "
+                        "encoders and tokenizers")
+    vae = os.path.join(cfg.ckpt_dir, "vae")
+    part = os.path.join(cfg.ckpt_dir, "diffusion_pytorch_model.safetensors")
+    if os.path.isdir(cfg.ckpt_dir) and not os.path.isdir(vae) and not os.path.exists(part):
+        raise UserError(f"--ckpt_dir={cfg.ckpt_dir} has no vae/ folder ({vae} does not exist): a "
+                        "diffusers pipeline folder holds its VAE there")
+
+
 class SD3Base:
     """A public SD3 / SD3.5 pipeline as a base model (the interface of base.py): --ckpt_dir,
     --text_dir, --t5,
     --resolution, --transformer, --model (a preset name also checks the DiT is that model's)."""
 
     def __init__(self, cfg, device):
-        if not os.path.exists(cfg.ckpt_dir):
-            raise UserError(f"--ckpt_dir={cfg.ckpt_dir} does not exist")
+        check_folders(cfg)
         dtype, self.device = frozen_dtype(device), torch.device(device)
         self.dit = load_sd3(cfg.transformer or cfg.ckpt_dir, dtype, device)
         if cfg.lora:  # a LoRA train_policy.py wrote (out_dir/lora), folded into the weights
@@ -303,24 +317,17 @@ def scheduler_shift(ckpt_dir):
 
 
 def read_image(path, size, resize="crop"):
-    """An image file -> (3, size, size) in [-1, 1], bicubic: resize="stretch" to size x size
-    whatever its aspect (the DRM repository's dataset.py), "crop" the shorter side to size and the
-    centre cropped."""
-    try:
-        image = Image.open(path).convert("RGB")
-    except OSError as e:  # PIL's UnidentifiedImageError included
-        raise UserError(f"{path}: not an image PIL can read ({e})") from None
+    """An image file (8 bits, or 16-bit grey) -> (3, size, size) in [-1, 1], bicubic:
+    resize="stretch" to size x size whatever its aspect (the DRM repository's dataset.py), "crop"
+    the shorter side to size and the centre cropped."""
+    image = open_image(path, "RGB")
     if resize == "stretch":
-        pixels = torch.from_numpy(np.asarray(image.resize((size, size), Image.BICUBIC),
-                                             dtype=np.float32))
-        return pixels.permute(2, 0, 1) / 127.5 - 1
+        return image_tensor(image.resize((size, size), Image.BICUBIC), 3)
     scale = size / min(image.size)
     image = image.resize((max(size, round(image.width * scale)),
                           max(size, round(image.height * scale))), Image.BICUBIC)
     left, top = (image.width - size) // 2, (image.height - size) // 2
-    pixels = torch.from_numpy(np.asarray(image.crop((left, top, left + size, top + size)),
-                                         dtype=np.float32))
-    return pixels.permute(2, 0, 1) / 127.5 - 1
+    return image_tensor(image.crop((left, top, left + size, top + size)), 3)
 
 
 @torch.no_grad()

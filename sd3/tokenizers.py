@@ -22,6 +22,7 @@ import unicodedata
 import torch
 
 from checkpoints import CheckpointError
+from common import read_text
 
 
 def bytes_to_unicode():
@@ -86,6 +87,31 @@ def clip_words(text):
     return words
 
 
+def read_json_object(path):
+    """A tokenizer's JSON file -> its object (dict); one line naming the file when it is not
+    UTF-8, not JSON, or not an object."""
+    try:
+        value = json.loads(read_text(path, "tokenizer file"))
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not JSON ({e}); the tokenizer is damaged") from None
+    if not isinstance(value, dict):
+        raise CheckpointError(f"{path} holds {type(value).__name__}, expected a JSON object")
+    return value
+
+
+def read_merges(path):
+    """merges.txt -> its BPE merges [[first, second], ...] in rank order (a '#version' line
+    skipped)."""
+    merges = []
+    for number, line in enumerate(read_text(path, "tokenizer file").splitlines(), 1):
+        if line.strip() and not line.startswith("#version"):
+            if len(line.split()) != 2:
+                raise CheckpointError(f"{path} line {number}: {line[:80]!r} is not a merge of "
+                                      "two symbols")
+            merges.append(line.split())
+    return merges
+
+
 class CLIPTokenizer:
     """Byte-level BPE (Radford et al. 2019, 2021) from a `tokenizer/` folder's vocab.json and
     merges.txt.
@@ -114,17 +140,18 @@ class CLIPTokenizer:
             if not os.path.exists(files[name]):
                 raise CheckpointError(f"{path} has no {name}: point at a CLIP tokenizer folder "
                                       "(tokenizer/, tokenizer_2/)")
-        with open(files["vocab.json"], encoding="utf-8") as f:
-            vocab = json.load(f)
-        with open(files["merges.txt"], encoding="utf-8") as f:
-            merges = [line.split() for line in f if line.strip()
-                      and not line.startswith("#version")]
+        vocab = read_json_object(files["vocab.json"])
+        if not all(isinstance(token, str) and type(i) is int for token, i in vocab.items()):
+            raise CheckpointError(f"{files['vocab.json']} is not a CLIP vocabulary: expected "
+                                  "token: id pairs, each id an int")
         pad = "<|endoftext|>"
         if os.path.exists(files["special_tokens_map.json"]):
-            with open(files["special_tokens_map.json"], encoding="utf-8") as f:
-                pad = json.load(f).get("pad_token", pad)
-            pad = pad["content"] if isinstance(pad, dict) else pad
-        return cls(vocab, merges, pad, length)
+            pad = read_json_object(files["special_tokens_map.json"]).get("pad_token", pad)
+            pad = pad.get("content") if isinstance(pad, dict) else pad
+        try:
+            return cls(vocab, read_merges(files["merges.txt"]), pad, length)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
 
     def bpe(self, word):
         """Merge the word's adjacent symbols by rank, lowest first, until no pair is a merge; the
@@ -186,7 +213,7 @@ def read_protobuf(data):
             fields.append((number, data[i:i + width]))
             i += width
         else:
-            raise CheckpointError(f"protobuf wire type {wire} is not one sentencepiece models use")
+            raise ValueError(f"protobuf wire type {wire} is not one sentencepiece models use")
     return fields
 
 
@@ -294,7 +321,7 @@ class T5Tokenizer:
             return cls(pieces, unk_id, names["</s>"], names.get("<pad>", 0), normalizer.get(2),
                        length)
         # JSON, UTF-8 and protobuf errors included
-        except (ValueError, KeyError, IndexError, TypeError, struct.error) as e:
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, struct.error) as e:
             message = f"{path} is not a T5 tokenizer: {type(e).__name__}: {e}"
             raise CheckpointError(message[:300]) from None
 

@@ -162,3 +162,16 @@ def test_clustered_standard_errors_by_hand():
     assert clustered(d, torch.arange(6))[1] == pytest.approx(d.std().item() / math.sqrt(6),
                                                              rel=1e-12)
     assert [verdict(0.3, 0.1), verdict(0.19, 0.1), verdict(-0.2, 0.1)] == ["beats", "tie", "loses"]
+
+
+def test_the_credit_bench_tells_a_finished_run_from_a_cut_one(tmp_path):
+    """A run is finished when its last metrics row is at the budget (rows are JSON lines with
+    spaces inside: read line by line, a resumed experiment skips it)."""
+    from bench.grpo_credit import Config, finished
+    cfg = Config(max_nfe=100)
+    rows = [{"step": 0, "dit_equivalents": 0.0}, {"step": 5, "dit_equivalents": 60.0}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert not finished(cfg, tmp_path)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 9, "dit_equivalents": 101.5}) + "\n\n")
+    assert finished(cfg, tmp_path) and not finished(cfg, tmp_path / "nowhere")

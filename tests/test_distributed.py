@@ -6,10 +6,13 @@ global batch's random numbers and keeps its rows, so the two differ by float rou
 tolerance follows from that rounding: a layout's gradient is off the exact one by the mean's
 rounding over the step's std (tested below against float64: ~2e-6 at the trained steps of a 2-step
 run), and Adam's first step moves each weight by lr g / (|g| + eps), so such a change reaches the
-update only through the weights whose gradient lies within it of zero, which flip. Measured: 1e-5 to
-2e-4 of the update's norm in every setting below; the tolerance is 1e-3. The last step, were it
-trained (--train_last_step), rounds 25x worse (std 7e-4): 2.9% of the update; a rank sampling the
-wrong rows gives ~100%.
+update only through the weights whose gradient lies within it of zero, which flip (and Adam's second
+step carries them on). How far rounding alone goes depends on the CPU's GEMM blocking: measured
+1e-5 to 2e-4 of the update's norm on one x86 CPU, and on an Intel Xeon 4.8e-3 between two
+single-process runs of the reward test that differ only in their thread count (1 or 2), the same
+as its DDP run's 4.7e-3. The tolerance is 2e-2: 4x the rounding seen, 50x below a rank sampling
+the wrong rows (~100%). The last step, were it trained (--train_last_step), rounds 25x worse
+(std 7e-4): 2.9% of the update on the first CPU.
 """
 import copy
 import dataclasses
@@ -42,7 +45,7 @@ def flat(tensors, keys):
     return torch.cat([tensors[k].float().flatten() for k in keys])
 
 
-def assert_same_training(single, ddp, start, tolerance=1e-3):
+def assert_same_training(single, ddp, start, tolerance=2e-2):
     """single, ddp: {name: tensor} after training; start: {name: tensor} before (the names
     compared)."""
     keys = sorted(start)

@@ -48,7 +48,6 @@ def test_tree_advantages_by_hand():
     assert torch.allclose(advantages.squeeze(-1), expected, atol=1e-12)
 
 
-@pytest.mark.ex4_grpo
 def test_tree_advantages_by_depth_are_branchgrpos():
     """BranchGRPO's compute_hierarchical_advantages_by_depth (fastvideo/train_branchgrpo_flux.py),
     written out: all of a tree's nodes at one depth together, torch's std (ddof 1), zero when std <
@@ -110,7 +109,6 @@ def test_tree_rollout_shares_prefixes_trains_each_edge_once_and_replays(cfg_scal
     assert torch.equal(tree.cond[0], cond[0].repeat_interleave(4, 0))
 
 
-@pytest.mark.ex4_grpo
 def test_credit_advantages_slice_a_ranks_trees():
     rewards = torch.randn(16)
     tree = type("Rollout", (), {"states": torch.zeros(6, 8)})()
@@ -223,6 +221,7 @@ def test_smc_with_a_constant_potential_and_the_ess_test_never_resamples_and_is_p
     assert counts["resampled"] == N * 2
 
 
+@pytest.mark.ex3_sde_step  # its particles take the SDE step
 def test_smc_resamples_on_fk_steerings_interval():
     """fkd_class.py's rule: np.arange(resampling_t_start, resampling_t_end + 1, resample_frequency)
     and the last step; its launch scripts' settings, and ours scaled to 20 steps; on a hand-made
@@ -442,6 +441,7 @@ def test_a_split_draws_scaled_noise_and_keeps_the_steps_log_prob():
     assert stats["ratio_max_deviation"].item() < 1e-5
 
 
+@pytest.mark.ex3_sde_step  # its candidates take the SDE step
 @pytest.mark.parametrize("score", ["noisy", "x0", "lookahead"])
 def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
     """The real loop: the DiT passes and DRM passes an update reports are the rows the policy and

@@ -17,7 +17,8 @@ from sd3.mmdit import fold_lora, load_sd3, save_lora, save_sd3
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import SD3Transformer2DModel  # noqa: E402
-from diffusers.loaders.single_file_utils import convert_sd3_transformer_checkpoint_to_diffusers  # noqa: E402
+from diffusers.loaders.single_file_utils import (  # noqa: E402
+    convert_sd3_transformer_checkpoint_to_diffusers)
 
 # head dim 64 as every public model; depth, width and position grid shrunk
 TINY_LIKE = {

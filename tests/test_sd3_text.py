@@ -118,7 +118,9 @@ def test_prompt_embedding_layout():
     assert (context[:, :77, 2048:] == 0).all() and (context[:, 77:] == 3).all()
     assert (pooled[:, :768] == 1).all() and (pooled[:, 768:] == 2).all()
     without_t5, _ = sd3_prompt_embedding(clip_l, clip_g, None)
-    assert without_t5.shape == (B, 154, 4096) and (without_t5[:, 77:] == 0).all()
+    # diffusers without T5: zeros of its max_sequence_length (256) in T5's place
+    assert without_t5.shape == (B, 77 + 256, 4096) and (without_t5[:, 77:] == 0).all()
+    assert sd3_prompt_embedding(clip_l, clip_g, None, t5_tokens=77)[0].shape == (B, 154, 4096)
 
 # -----------------------------------------------------------------------------
 # Tokenizers: CLIP's against open_clip's on its own vocabulary, T5's against sentencepiece
