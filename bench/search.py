@@ -186,8 +186,10 @@ def pool_of_samples(cfg, base, drm, drm_text, pool, prompts):
     I = len(prompts)
     repeated = [p for p in prompts for _ in range(POOL)]
     cond, uncond = base.encode(repeated)
+    # ODE samples (noise_level 0): the j = 0 column is the ODE row's image, noise for noise
     x, counts = stepwise_sample(base.dit, pool[:, :POOL].flatten(0, 1), cond, uncond,
-                                steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+                                steps=cfg.steps, noise_level=0.0, cfg_scale=cfg.cfg_scale,
+                                shift=cfg.shift)
     x = x.clamp(-1, 1)
     with torch.no_grad():
         scores = drm(x, torch.zeros(len(x), device=x.device),

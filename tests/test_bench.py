@@ -175,3 +175,24 @@ def test_the_credit_bench_tells_a_finished_run_from_a_cut_one(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 9, "dit_equivalents": 101.5}) + "\n\n")
     assert finished(cfg, tmp_path) and not finished(cfg, tmp_path / "nowhere")
+
+
+def test_the_best_of_n_pool_holds_the_ode_rows_samples():
+    """Best-of-N is over ODE samples: the pool's first sample of each image is the ODE row's image
+    (the same noise, the same Euler steps), so best-of-1 and the ODE row are one distribution. (It
+    once drew SDE samples, noise level 0.7, and every method "beat" best-of-N by the SDE's loss.)"""
+    from data.toy import ToyBase
+    from sde import initial_noise
+    cfg = search.Config(steps=4, per_prompt=2)
+    base = ToyBase.load(cfg.base, "cpu")
+    drm, drm_text, _ = base.load_drm(cfg.drm, "cpu")
+    prompts = base.heldout_prompts("", [])[:2]
+    pool = initial_noise(base.dit, 2 * search.POOL, torch.Generator().manual_seed(0))
+    pool = pool.view(2, search.POOL, *pool.shape[1:])
+    _, gold, passes = search.pool_of_samples(cfg, base, drm, drm_text, pool, prompts)
+    ode = search.measure(cfg, ("ode", "ODE", {"search": "ode"}), base, drm, drm_text, pool,
+                         prompts, show=False)
+    assert passes == 8
+    # the same computation in a batch of 32 and one of 2: float32 rounding of the gold alone
+    expected = torch.tensor(ode["gold_per_image"], dtype=torch.float64)
+    assert torch.allclose(gold[:, 0].double(), expected, atol=1e-4)
