@@ -177,6 +177,7 @@ def test_the_credit_bench_tells_a_finished_run_from_a_cut_one(tmp_path):
     assert finished(cfg, tmp_path) and not finished(cfg, tmp_path / "nowhere")
 
 
+@pytest.mark.ex1_flow_matching  # it samples by the ODE
 def test_the_best_of_n_pool_holds_the_ode_rows_samples():
     """Best-of-N is over ODE samples: the pool's first sample of each image is the ODE row's image
     (the same noise, the same Euler steps), so best-of-1 and the ODE row are one distribution. (It
