@@ -58,6 +58,7 @@ import torch
 import train_ops
 from checkpoints import check_finite
 from common import UserError, autocast, flag, given_flags
+from model import add_noise
 from rivals.credit import terminal_advantages
 from sde import passes, sample_ode, sigma_schedule
 
@@ -174,7 +175,7 @@ OBJECTIVES = {
 
 def pair_losses(cfg, models, x0, eps, sigma, advantages, context):
     """The mean loss of a batch of (sample, sigma) pairs, each with its eps and advantage."""
-    x_sigma = (1 - sigma.view(-1, 1, 1, 1)) * x0 + sigma.view(-1, 1, 1, 1) * eps
+    x_sigma = add_noise(x0, sigma, eps)
     velocity = models.loss_policy(x_sigma, sigma, *context)
     with torch.no_grad():
         shadow, reference = (m(x_sigma, sigma, *context) for m in (models.shadow, models.reference))
@@ -194,8 +195,7 @@ def advantages_at(cfg, scorer, x0, eps, sigmas):
     if cfg.credit == "sparse":
         final = scorer(x0, torch.zeros(len(x0), device=x0.device), rows)
         return normalise(final).expand(len(sigmas), -1), final
-    scores = torch.stack([scorer((1 - s.view(-1, 1, 1, 1)) * x0 + s.view(-1, 1, 1, 1) * e, s, rows)
-                          for s, e in zip(sigmas, eps)])
+    scores = torch.stack([scorer(add_noise(x0, s, e), s, rows) for s, e in zip(sigmas, eps)])
     return torch.stack([normalise(r) for r in scores]), scores[-1]
 
 
