@@ -59,6 +59,13 @@ def parse_flags(config, argv):
     return config
 
 
+def unless_given(config, **values):
+    """config with `values` in place of the fields the command line left at their defaults (a
+    recipe's settings)."""
+    given = given_flags(config)
+    return dataclasses.replace(config, **{k: v for k, v in values.items() if k not in given})
+
+
 def given_flags(config):
     """The flags given on the command line (parse_flags), or, for a config built in code, those
     whose value differs from the default."""

@@ -131,8 +131,7 @@ def candidate_ranking(base, drm, drm_text, prompts, *, k=8, steps=10, noise_leve
     sigmas = sigma_schedule(steps).to(device)
     cond, uncond = base.encode(prompts)
     drm_cond = drm_text.encode(prompts)
-    x = torch.randn(len(prompts), base.dit.config.in_channels, base.latent_size, base.latent_size,
-                    generator=g).to(device)
+    x = initial_noise(base.dit, len(prompts), g, base.latent_size).to(device)
     rows = torch.arange(len(prompts), device=device)
     reward = lambda states, sigma, owners: drm(states, sigma, *take(drm_cond, owners))  # noqa: E731
     by_step = {"noisy": [], "x0": []}

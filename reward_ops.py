@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from checkpoints import (atomic_write, check_finite, check_weights, check_writable,
                          save_training_state)
-from common import UserError, given_flags, parse_numbers, warmup_cosine
+from common import UserError, parse_numbers, unless_given, warmup_cosine
 from data.pairs import CLOSE_GAP, Pairs, evaluate, load_split
 from evaluation import candidate_ranking, policy_pairs, print_ranking
 from rivals.reward import with_ensemble
@@ -33,9 +33,7 @@ def with_recipe(cfg):
     """cfg with --recipe's values in place of the defaults the command line left ("": drm on SD3,
     toy on the toy)."""
     recipe = cfg.recipe or ("toy" if cfg.model == "toy" else "drm")
-    given = given_flags(cfg)
-    return dataclasses.replace(cfg, recipe=recipe,
-                               **{k: v for k, v in RECIPES[recipe].items() if k not in given})
+    return dataclasses.replace(unless_given(cfg, **RECIPES[recipe]), recipe=recipe)
 
 
 def check_reward(cfg):

@@ -38,7 +38,7 @@ from rivals.credit import CREDIT, CreditFlags, check_credit, settings, window_at
 from rivals.objectives import ObjectiveFlags, check_objective, matching_update, with_objective
 from rivals.reward import EnsembleFlags
 from rivals.scores import SCORES
-from sde import sigma_schedule
+from sde import passes, sigma_schedule
 
 
 @dataclass
@@ -147,7 +147,8 @@ def update(cfg, models, trajectories, advantages, rng, ranks, *, step, advice):
     world, mine = ranks.world, ranks.shard(cfg.trajectories, "--trajectories")
     marked = trajectories.trained.repeat(1, world).flatten()  # the ranks' rows are marked alike
     pairs = marked.nonzero().flatten()[torch.randperm(int(marked.sum()), generator=rng.order)]
-    passes = (2 if cfg.cfg_scale != 1 else 1) * (2 if models.reference is not None else 1)
+    references = 2 if models.reference is not None else 1  # the KL's frozen copy, run beside
+    forwards = passes(trajectories.uncond, cfg.cfg_scale) * references
     stats, nfe = [], 0
     for minibatch in pairs.to(trajectories.states.device).chunk(cfg.minibatches):
         models.optimizer.zero_grad(set_to_none=True)
@@ -164,7 +165,7 @@ def update(cfg, models, trajectories, advantages, rng, ranks, *, step, advice):
             if weight or not stats:
                 stats.append(piece_stats)
         train_ops.optimizer_step(models, cfg.grad_clip, step, advice)
-        nfe += len(minibatch) * passes
+        nfe += len(minibatch) * forwards
     return {key: sum(s[key].item() for s in stats) / len(stats) for key in stats[0]}, nfe
 
 
@@ -203,10 +204,12 @@ def main(cfg):
         if state:
             check_resumed_config(state["config"], cfg, MAY_CHANGE)
         device, ranks = setup_device(cfg.device)
-        mine = ranks.shard(cfg.trajectories, "--trajectories")  # this rank's trajectories
-        if (mine.stop - mine.start) % settings(cfg).per_prompt and cfg.credit == "tree":
+        mine, per_prompt = ranks.shard(cfg.trajectories, "--trajectories"), settings(cfg).per_prompt
+        if (mine.stop - mine.start) % per_prompt and cfg.credit == "tree":
             raise UserError("--credit=tree: each process grows whole trees; make --trajectories a "
-                            f"multiple of {settings(cfg).per_prompt} x {ranks.world} processes")
+                            f"multiple of {per_prompt} x {ranks.world} processes")
+        if cfg.objective != "ppo" and ranks.world > 1:
+            raise UserError(f"--objective={cfg.objective} runs in one process (no torchrun)")
         if cfg.fsdp and ranks.world == 1:
             raise UserError("--fsdp shards the policy over torchrun's processes: launch with "
                             "torchrun --nproc_per_node=N")
@@ -228,11 +231,11 @@ def main(cfg):
         spent = lambda: cfg.max_nfe and counters["dit_equivalents"] >= cfg.max_nfe  # noqa: E731
         bar = tqdm(initial=step, total=cfg.updates, desc=f"{cfg.objective} {cfg.credit}",
                    disable=not ranks.main)
+        one_update = grpo_step if cfg.objective == "ppo" else matching_update
         while step < cfg.updates and not spent() and not any_rank(stop):
             t0 = time.time()
-            update = grpo_step if cfg.objective == "ppo" else matching_update
-            train_stats, nfe, drm_calls = update(cfg, base, models, train_prompts, ranks,
-                                                 step=step + 1, advice=run_dir.advice())
+            train_stats, nfe, drm_calls = one_update(cfg, base, models, train_prompts, ranks,
+                                                     step=step + 1, advice=run_dir.advice())
             step += 1
             counters["nfe"] += nfe
             counters["drm_calls"] += drm_calls

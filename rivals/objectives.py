@@ -57,7 +57,7 @@ import torch
 
 import train_ops
 from checkpoints import check_finite
-from common import UserError, autocast, flag, given_flags
+from common import UserError, autocast, flag, unless_given
 from model import add_noise
 from rivals.credit import terminal_advantages
 from sde import passes, sample_ode, sigma_schedule
@@ -76,13 +76,7 @@ RECIPE = {"cfg_scale": 1.0, "group_std": "global", "weight_decay": 1e-4}
 
 def with_objective(cfg):
     """cfg with NFT's and AWM's own settings (RECIPE) where the command line gave none."""
-    if cfg.objective == "ppo":
-        return cfg
-    given = given_flags(cfg)
-    for name, value in RECIPE.items():
-        if name not in given:
-            setattr(cfg, name, value)
-    return cfg
+    return cfg if cfg.objective == "ppo" else unless_given(cfg, **RECIPE)
 
 
 def check_objective(cfg):
@@ -211,9 +205,8 @@ def draw_pairs(cfg, samples, shape, generator):
 
 
 def matching_update(cfg, base, models, train_prompts, ranks, *, step, advice):
-    """One NFT or AWM update -> (stats, DiT passes, DRM passes), as train_policy.grpo_step."""
-    if ranks.world > 1:
-        raise UserError(f"--objective={cfg.objective} runs in one process (no torchrun)")
+    """One NFT or AWM update -> (stats, DiT passes, DRM passes), as train_policy.grpo_step (whose
+    arguments it takes; ranks unused: one process, as train_policy.main insists)."""
     objective, rng = OBJECTIVES[cfg.objective], train_ops.streams(cfg.seed, step)
     group = cfg.per_prompt
     prompts, noise = train_ops.draw_prompts(train_prompts, cfg.trajectories // group, group, rng,
