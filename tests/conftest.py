@@ -16,9 +16,54 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 def pytest_configure(config):
     """A test marked with an exercise needs that exercise's code: `pytest -k ex3_sde_step` grades it
-    (assignments/)."""
+    (assignments/). A test marked `rounding` compares floating-point results computed two ways:
+    tests/arithmetic.py runs those under other processors' arithmetic."""
     for name in EXERCISES:
         config.addinivalue_line("markers", f"{name}: needs the code of assignments/{name}.md")
+    config.addinivalue_line("markers", "rounding: a floating-point tolerance; tests/arithmetic.py "
+                                       "runs it under every arithmetic variant")
+
+
+def pytest_collection_modifyitems(items):
+    """Mark `rounding` every test that compares with `within`, itself or through a helper of its
+    module, so that none is left out of tests/arithmetic.py."""
+    import inspect
+    for item in items:
+        module = inspect.getmodule(item.function)
+        helpers = {name for name, f in inspect.getmembers(module, inspect.isfunction)
+                   if f.__module__ == module.__name__ and "within(" in inspect.getsource(f)}
+        source = inspect.getsource(item.function)
+        if "within(" in source or any(f"{name}(" in source for name in helpers):
+            item.add_marker(pytest.mark.rounding)
+
+# -----------------------------------------------------------------------------
+# Floating-point tolerances: each comparison's error recorded, so tests/arithmetic.py can report the
+# worst rounding seen under every arithmetic variant, and tests/mutations.py the error of a bug
+
+
+def max_abs(a, b):
+    """The largest absolute difference of two tensors (or numbers), compared in float64."""
+    return (torch.as_tensor(a).double() - torch.as_tensor(b).double()).abs().max().item()
+
+
+def relative(a, b):
+    """||a - b|| / ||b||, in float64."""
+    a, b = torch.as_tensor(a).double(), torch.as_tensor(b).double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def within(error, tolerance, what):
+    """Assert error <= tolerance. With NANODRM_ROUNDING_LOG set, first append the error (before the
+    assertion, so a broken code's error is recorded too) to that JSON-lines file, by test and
+    `what`."""
+    error = float(error)
+    log = os.environ.get("NANODRM_ROUNDING_LOG")
+    if log:
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").rsplit(" (", 1)[0]
+        with open(log, "a") as f:
+            f.write(json.dumps({"test": test, "what": what, "error": error,
+                                "tolerance": tolerance}) + "\n")
+    assert error <= tolerance, f"{what}: {error:.3g} above its tolerance {tolerance:.3g}"
 
 
 def random_small_dit(seed=0):
