@@ -4,6 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import max_abs, within
 from conftest import random_prompts as prompts
 from conftest import random_small_dit as random_dit
 
@@ -28,11 +29,11 @@ def test_sde_step_matches_an_independent_gaussian(sigma, sigma_next):
     expected_mean = (x * (1 + sigma_t ** 2 / (2 * sigma) * dt)
                      + velocity * (1 + sigma_t ** 2 * (1 - sigma) / (2 * sigma)) * dt)
     expected_std = sigma_t * (-dt) ** 0.5
-    assert torch.allclose(mean, expected_mean, atol=1e-6)
-    assert torch.allclose(std.flatten(), torch.full((3,), expected_std), atol=1e-7)
-    assert torch.allclose(x_next, expected_mean + expected_std * noise, atol=1e-6)
+    within(max_abs(mean, expected_mean), 1e-6, "mean")
+    within(max_abs(std.flatten(), torch.full((3,), expected_std)), 1e-7, "std")
+    within(max_abs(x_next, expected_mean + expected_std * noise), 1e-6, "x_next")
     normal = torch.distributions.Normal(expected_mean, expected_std)
-    assert torch.allclose(log_prob, normal.log_prob(x_next).flatten(1).mean(1), atol=1e-5)
+    within(max_abs(log_prob, normal.log_prob(x_next).flatten(1).mean(1)), 1e-5, "log_prob")
 
 
 @pytest.mark.ex3_sde_step
@@ -71,7 +72,7 @@ def test_replayed_rollout_has_ratio_one(k, cfg_scale):
         assert stats["ratio_max_deviation"].item() == 0.0
     shuffled = torch.randperm(5 * B)  # mixed steps in one batch: equal up to float rounding
     _, stats = grpo_loss(policy, rollout, advantages, shuffled // B, shuffled % B)
-    assert stats["ratio_max_deviation"].item() < 1e-5
+    within(stats["ratio_max_deviation"].item(), 1e-5, "ratio's deviation from 1")
 
 
 @pytest.mark.ex3_sde_step
@@ -93,8 +94,8 @@ def test_candidates_share_the_stored_mean_and_the_trajectory_goes_on_from_the_ch
         std = 0.7 * (sigma / (1 - (sigma_next if sigma == 1
                                    else sigma))) ** 0.5 * (sigma - sigma_next) ** 0.5
         normal = torch.distributions.Normal(rollout.means[t].unsqueeze(1), std)
-        assert torch.allclose(normal.log_prob(rollout.candidates[t]).flatten(2).mean(2),
-                              rollout.log_probs[t], atol=1e-4)
+        within(max_abs(normal.log_prob(rollout.candidates[t]).flatten(2).mean(2),
+                       rollout.log_probs[t]), 1e-4, f"log_prob at step {t}")
 
 
 @pytest.mark.ex3_sde_step
@@ -154,21 +155,22 @@ def test_what_the_drm_scores_noisy_x0_and_lookahead():
     assert torch.equal(scores, step.candidates.flatten(2).mean(2))
     velocity = guided_velocity(policy, x, sigmas[i], cond, uncond, 2.0)
     SCORES["x0"](reward, step, i, rows, sampler)
-    assert torch.allclose(seen[-1][0],
-                          (step.candidates - sigmas[i + 1] * velocity.unsqueeze(1)).flatten(0, 1),
-                          atol=1e-6)
+    within(max_abs(seen[-1][0],
+                   (step.candidates - sigmas[i + 1] * velocity.unsqueeze(1)).flatten(0, 1)), 1e-6,
+           "x0 estimate")
     assert (seen[-1][1] == 0).all()
     euler = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0,
                     noise_level=0.0)
     SCORES["x0"](reward, euler, i, rows, sampler)
-    assert torch.allclose(seen[-1][0], euler.x0_hat, atol=1e-5)
+    within(max_abs(seen[-1][0], euler.x0_hat), 1e-5, "Euler step's x0_hat")
     _, spent = SCORES["lookahead"](reward, step, i, rows, sampler)
     completed = step.candidates.flatten(0, 1)
     context, empty = (tuple(t.repeat_interleave(k, 0) for t in pair) for pair in (cond, uncond))
     for j in (2, 3):
         completed = completed + (sigmas[j + 1] - sigmas[j]) * guided_velocity(policy, completed,
             sigmas[j], context, empty, 2.0)
-    assert torch.allclose(seen[-1][0], completed, atol=1e-5) and (seen[-1][1] == 0).all()
+    within(max_abs(seen[-1][0], completed), 1e-5, "lookahead's completion")
+    assert (seen[-1][1] == 0).all()
     assert spent == B * k * 2 * 2                                         # 2 steps to go, guided
 
 
@@ -176,9 +178,9 @@ def test_what_the_drm_scores_noisy_x0_and_lookahead():
 def test_stepwise_advantages_have_zero_mean_within_each_group():
     rewards = torch.randn(6, 5, 4) * 3 + torch.arange(5).view(1, 5, 1)
     advantages = stepwise_advantages(rewards)
-    assert torch.allclose(advantages.mean(-1), torch.zeros(6, 5), atol=1e-5)
+    within(advantages.mean(-1).abs().max().item(), 1e-5, "advantages' mean")
     # numpy's std, ddof 0
-    assert torch.allclose(advantages.std(-1, correction=0), torch.ones(6, 5), atol=1e-3)
+    within(max_abs(advantages.std(-1, correction=0), 1.0), 1e-3, "advantages' std")
     assert torch.equal(advantages.argsort(-1), rewards.argsort(-1))
 
 
@@ -187,8 +189,9 @@ def test_terminal_advantages_normalise_per_prompt_group():
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])
     advantages = terminal_advantages(rewards, group_size=3)
     # std sqrt(2/3)
-    assert torch.allclose(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]) * 1.5 ** 0.5, atol=1e-3)
-    assert torch.allclose(advantages.view(2, 3).sum(1), torch.zeros(2), atol=1e-5)
+    within(max_abs(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]) * 1.5 ** 0.5), 1e-3,
+           "first group's advantages")
+    within(advantages.view(2, 3).sum(1).abs().max().item(), 1e-5, "groups' advantage sums")
     with pytest.raises(ValueError):
         terminal_advantages(rewards, group_size=4)
 
@@ -201,11 +204,12 @@ def test_cosine_weights_sum_to_one_and_follow_progress():
     alphas = torch.tensor([0, 0, 0, 0, 0, 0, 0.2, 0.4, 0.6, 0.8])
     x0_hat = torch.stack([(1 - a) * start + a * final for a in alphas])
     weights = cosine_weights(x0_hat, final, window=5)
-    assert torch.allclose(weights.sum(0), torch.ones(3), atol=1e-6)
+    within(max_abs(weights.sum(0), 1.0), 1e-6, "weights' sum")
     assert (weights >= 0).all()
-    assert weights[:5].sum() < 1e-6 * 3  # no credit to steps that did not move towards the end
+    # no credit to steps that did not move towards the end
+    within(weights[:5].sum().item(), 1e-6 * 3, "weight of the still steps")
     # a window shares its credit
-    assert torch.allclose(weights[5:], torch.full((5, 3), 0.2), atol=1e-6)
+    within(max_abs(weights[5:], 0.2), 1e-6, "window's weights")
 
 
 @pytest.mark.ex3_sde_step
@@ -318,13 +322,16 @@ def test_compiled_rollout_and_loss_agree_with_eager_and_compile_once(compiled):
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     assert not torch._dynamo.utils.counters["recompiles"]
     eager_rollout, eager_grads = update(eager_policy)
-    assert torch.allclose(rollout.final, eager_rollout.final, atol=1e-5)
-    assert torch.allclose(rollout.log_probs, eager_rollout.log_probs, atol=1e-5)
+    within(max_abs(rollout.final, eager_rollout.final), 1e-5, "final")
+    within(max_abs(rollout.log_probs, eager_rollout.log_probs), 1e-5, "log_probs")
     # per tensor, relative to its norm: SD3's grid ends with a step from sigma 0.001 to 0 whose std
     # is ~1e-3, so float32 rounding in x_next - mean reaches single gradient entries amplified
     # (measured: 3e-4 of the norm; Inductor's transposed-input bug was 3-25%)
-    for grad, eager_grad in zip(grads, eager_grads):
-        assert (grad - eager_grad).norm() <= 2e-3 * eager_grad.norm() + 1e-9
+    # The denominator's floor (an absolute 1e-9 over the tolerance) keeps the last block's unused
+    # context-side weights, with no gradient at all, from 0 / 0
+    for i, (grad, eager_grad) in enumerate(zip(grads, eager_grads)):
+        error = (grad - eager_grad).double().norm() / (eager_grad.double().norm() + 1e-9 / 2e-3)
+        within(error.item(), 2e-3, f"gradient {i}")
 
 
 @pytest.mark.ex3_sde_step
@@ -350,5 +357,4 @@ def test_micro_batched_rollout_equals_the_full_batch():
     # time
     assert calls[:2] == [15] * 2 and calls[2:6] == [4, 4, 4, 3] and len(calls) == 10
     for name in ("final", "log_probs", "rewards", "chosen"):
-        assert torch.allclose(getattr(runs[0], name).float(), getattr(runs[1], name).float(),
-                              atol=1e-5), name
+        within(max_abs(getattr(runs[0], name), getattr(runs[1], name)), 1e-5, name)

@@ -12,14 +12,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import max_abs, relative, within
 
 from sde import sample_ode, sigma_schedule
 
 diffusers = pytest.importorskip("diffusers")
 
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 # -----------------------------------------------------------------------------
 # SD3's schedule and sampler
@@ -29,14 +27,19 @@ def relative_error(a, b):
 def test_sigma_schedule_is_diffusers_flow_match_euler(steps, shift):
     scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
     scheduler.set_timesteps(steps)
-    assert torch.allclose(sigma_schedule(steps, shift), scheduler.sigmas, rtol=1e-6, atol=1e-7)
+    # allclose's |a - b| <= atol + rtol |b|, written as |a - b| / (atol / rtol + |b|) <= rtol
+    ours, theirs = sigma_schedule(steps, shift), scheduler.sigmas
+    within(((ours - theirs).abs() / (1e-7 / 1e-6 + theirs.abs())).max().item(), 1e-6,
+           "sigmas vs diffusers")
     # Stability's sd3_impls.py by hand: timesteps linspace(1000 sigma_max, 1000 sigma_min, steps),
     # each bent, then 0
     bend = lambda s: shift * s / (1 + (shift - 1) * s)  # noqa: E731
     by_hand = [bend(t / 1000)
                for t in np.linspace(1000 * bend(1.0), 1000 * bend(1 / 1000), steps)] + [0.0]
-    assert torch.allclose(sigma_schedule(steps, shift, torch.float64),
-                          torch.tensor(by_hand, dtype=torch.float64), rtol=1e-12, atol=1e-15)
+    ours, by_hand = sigma_schedule(steps, shift, torch.float64), torch.tensor(by_hand,
+                                                                             dtype=torch.float64)
+    within(((ours - by_hand).abs() / (1e-15 / 1e-12 + by_hand.abs())).max().item(), 1e-12,
+           "sigmas vs by hand")
 
 
 @pytest.mark.ex1_flow_matching
@@ -78,7 +81,7 @@ def test_sample_ode_gives_the_sd3_pipelines_latents(steps):
         dit = load_sd3(folder, dtype=torch.float64)
     ours = sample_ode(dit, noise, (context, pooled), (negative, negative_pooled), steps=steps,
                       cfg_scale=4.5, shift=3.0)
-    assert relative_error(ours, theirs) < 1e-5
+    within(relative(ours, theirs), 1e-5, "latents")
     # the old grid, linspace(1, 0, steps + 1) then shifted, is 1-2% away: the test can tell the two
     # apart
     linear = torch.linspace(1, 0, steps + 1, dtype=torch.float64)
@@ -89,7 +92,7 @@ def test_sample_ode_gives_the_sd3_pipelines_latents(steps):
                     torch.cat([pooled, negative_pooled]))
         v_cond, v_uncond = v.chunk(2)
         x = x + (sigma_next - sigma) * (v_uncond + 4.5 * (v_cond - v_uncond))
-    assert relative_error(x, theirs) > 1e-3
+    assert relative(x, theirs) > 1e-3
 
 # -----------------------------------------------------------------------------
 # CoCA's cosine credit, written out from Lil-Shake/CoCA
@@ -169,7 +172,7 @@ def test_cosine_weights_are_cocas(T, window):
     x0_hat = trajectories_towards(final, T, seed=window)
     theirs = coca_weights(x0_hat, final, window).T                                   # (T, B)
     ours = cosine_weights(x0_hat, final, window)
-    assert torch.allclose(ours, theirs, rtol=0, atol=1e-9)
+    within(max_abs(ours, theirs), 1e-9, "weights")
     # not clamped: a window that moved away from the end is debited, as in CoCA
     assert (ours < 0).any()
 
@@ -187,8 +190,8 @@ def test_cosine_weights_where_cocas_code_has_no_answer():
     gains = torch.stack([first - cos[0], second - first])
     expected = torch.cat([(gains[0] / gains.sum(0) / 5).expand(5, -1),
                           (gains[1] / gains.sum(0) / 2).expand(2, -1)])
-    assert torch.allclose(weights, expected, atol=1e-12)
-    assert torch.allclose(weights.sum(0), torch.ones(3, dtype=torch.float64), atol=1e-12)
+    within(max_abs(weights, expected), 1e-12, "weights")
+    within(max_abs(weights.sum(0), 1.0), 1e-12, "sum of weights - 1")
     # an estimate that ends where it started (sum of gains 0: CoCA divides by zero) or further away
     # (a negative sum: CoCA flips every sign): 1 / T on each step
     still = final.expand(5, -1, -1, -1, -1).clone()
@@ -214,7 +217,7 @@ def test_cosine_advantages_follow_cocas_two_normalisations(adv_clip):
     names = [f"prompt {i}" for i in range(prompts) for _ in range(group)]
     theirs = coca_advantages(names, rewards.numpy(), weights.T.numpy(), adv_clip)      # (B, T)
     ours = cosine_advantages(weights, rewards, group, adv_clip)                          # (T, B)
-    assert np.allclose(ours.T.numpy(), theirs, rtol=0, atol=1e-9)
+    within(max_abs(ours.T, theirs), 1e-9, "advantages")
 
 # -----------------------------------------------------------------------------
 # Flow-GRPO's group statistics and loss, written out from yifan123/flow_grpo
@@ -243,10 +246,10 @@ def test_group_advantages_are_flow_grpos():
                                                                7.0]).double().repeat_interleave(4)
     names = [f"p{i // 4}" for i in range(12)]
     expected = flow_grpo_group_advantages(names, rewards.numpy())
-    assert np.allclose(terminal_advantages(rewards, 4).numpy(), expected, rtol=0, atol=1e-12)
+    within(max_abs(terminal_advantages(rewards, 4), expected), 1e-12, "terminal advantages")
     # step-wise credit normalises the k candidates of a state the same way
-    assert np.allclose(stepwise_advantages(rewards.view(1, 3, 4)).flatten().numpy(), expected,
-                       rtol=0, atol=1e-12)
+    within(max_abs(stepwise_advantages(rewards.view(1, 3, 4)).flatten(), expected), 1e-12,
+           "step-wise advantages")
 
 
 def flow_grpo_loss(transformer, sample, j, embeds, pooled_embeds, sigmas, guidance_scale,
@@ -333,14 +336,17 @@ def test_loss_with_uncond_grad_off_is_flow_grpos(j):
                             torch.cat([uncond[1], cond[1]]), sigmas,
                             guidance, 0.7, 1e-3, 2.0, beta, reference)
     theirs.backward()
-    assert ours.item() == pytest.approx(theirs.item(), rel=1e-6, abs=1e-7)
-    for ours_grad, p in zip(our_grads, policy.parameters()):
-        assert (ours_grad - p.grad).norm() <= 1e-6 * p.grad.norm() + 1e-9
+    # approx's |a - b| <= max(rel |b|, abs), written as |a - b| / max(|b|, abs / rel) <= rel
+    within(abs(ours.item() - theirs.item()) / max(abs(theirs.item()), 1e-7 / 1e-6), 1e-6, "loss")
+    # each parameter's ||g - g'|| <= 1e-6 ||g'|| + 1e-9, written as
+    # ||g - g'|| / (||g'|| + 1e-9 / 1e-6) <= 1e-6
+    within(max(((ours_grad - p.grad).norm() / (p.grad.norm() + 1e-9 / 1e-6)).item()
+               for ours_grad, p in zip(our_grads, policy.parameters())), 1e-6, "gradients")
     # the default, the exact gradient of guidance, differs: the flag is what makes the two equal
     policy.zero_grad()
     exact, _ = grpo_loss(policy, rollout, advantages, torch.full((B,), j), torch.arange(B),
                          clip_range=1e-3, adv_clip=2.0, kl_weight=beta * dt, reference=reference)
     exact.backward()
-    assert exact.item() == pytest.approx(ours.item(), rel=1e-6)
+    within(abs(exact.item() - ours.item()) / abs(ours.item()), 1e-6, "exact-gradient loss")
     assert sum((g - p.grad).norm() for g,
                p in zip(our_grads, policy.parameters())) > 1e-3 * sum(g.norm() for g in our_grads)

@@ -2,7 +2,7 @@
 honest counters."""
 import pytest
 import torch
-from conftest import random_prompts, random_small_dit
+from conftest import max_abs, random_prompts, random_small_dit, within
 
 from sample import best_of_n, stepwise_sample
 from sde import sample_ode
@@ -66,11 +66,12 @@ def test_beam_keeps_the_top_beam_of_all_successors():
     cond = random_prompts(N)
     stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, drm=drm, drm_cond=cond, steps=3, k=k,
                     beam=beam, generator=torch.Generator().manual_seed(0))
-    for successors, state in zip(drm.inputs[:-1], policy.inputs[1:]):
+    for step, (successors, state) in enumerate(zip(drm.inputs[:-1], policy.inputs[1:])):
         sums = successors.view(N, beam * k, -1).sum(2)
         # the beam lowest pixel sums per image
         top = sums.sort(1).values[:, :beam]
-        assert torch.allclose(state.view(N, beam, -1).sum(2).sort(1).values, top, atol=1e-4)
+        within(max_abs(state.view(N, beam, -1).sum(2).sort(1).values, top), 1e-4,
+               f"beam's pixel sums at step {step}")
 
 
 @pytest.mark.ex3_sde_step
@@ -99,8 +100,8 @@ def test_best_of_n_picks_the_drms_favourite_of_n_whole_samples():
     everything = sample_ode(policy.fn, noise, tuple(t.repeat_interleave(n, 0) for t in cond),
                             steps=4)
     best = everything.view(N, n, -1).sum(2).argmin(1)
-    assert torch.allclose(picked, everything.view(N, n, 1, 16, 16)[torch.arange(N), best],
-                          atol=1e-6)
+    within(max_abs(picked, everything.view(N, n, 1, 16, 16)[torch.arange(N), best]), 1e-6,
+           "picked sample")
     assert counts == {"nfe": policy.passes, "drm_calls": drm.passes} == {"nfe": N * n * 4,
                                                                          "drm_calls": N * n}
 

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from conftest import relative, within
 from safetensors.torch import save_file
 
 from checkpoints import CheckpointError
@@ -55,16 +56,13 @@ def diffusers_output(model, x, sigma, context, pooled):
                  timestep=sigma * 1000).sample
 
 
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
-
-
-def assert_matches(dit, reference):
+def assert_matches(dit, reference, what):
     for height, width in ((16, 16), (12, 20), (8, 14)):  # square and not, all within the 24x24 grid
         x, sigma, context, pooled = inputs(height, width)
         with torch.no_grad():
             ours = dit(x, sigma, context, pooled)
-        assert relative_error(ours, diffusers_output(reference, x, sigma, context, pooled)) < 1e-4
+        within(relative(ours, diffusers_output(reference, x, sigma, context, pooled)), 1e-4,
+               f"{what}, {height}x{width}")
 
 
 @pytest.mark.parametrize("kind", list(TINY_LIKE))
@@ -78,7 +76,7 @@ def test_load_diffusers_folder_sharded_and_single(kind, tmp_path):
         dit = load_sd3(str(path))
         assert dit.config.qk_norm == (TINY_LIKE[kind]["qk_norm"] is not None)
         assert dit.config.dual_attention_layers == TINY_LIKE[kind]["dual_attention_layers"]
-        assert_matches(dit, reference)
+        assert_matches(dit, reference, path.name)
 
 
 @pytest.mark.parametrize("kind", list(TINY_LIKE))
@@ -99,14 +97,15 @@ def test_stability_layout_agrees_with_diffusers_converter(kind, tmp_path):
     rebuilt = tiny_diffusers_model(kind, seed=99)
     rebuilt.load_state_dict(converted, strict=True)
     x, sigma, context, pooled = inputs(16, 16)
-    assert relative_error(diffusers_output(rebuilt, x, sigma, context, pooled),
-                          diffusers_output(reference, x, sigma, context, pooled)) < 1e-6
+    within(relative(diffusers_output(rebuilt, x, sigma, context, pooled),
+                    diffusers_output(reference, x, sigma, context, pooled)), 1e-6,
+           "diffusers' conversion")
     # and we read it back, prefixed or not
-    assert_matches(load_sd3(str(single_file)), reference)
+    assert_matches(load_sd3(str(single_file)), reference, "prefixed")
     bare = tmp_path / "bare.safetensors"
     save_file({k[len("model.diffusion_model."):]: v for k,
                v in tensors.items() if k.startswith("model.")}, bare)
-    assert_matches(load_sd3(str(bare)), reference)
+    assert_matches(load_sd3(str(bare)), reference, "bare")
 
 
 def _save_diffusers(model, tmp_path):
@@ -125,7 +124,8 @@ def test_round_trip_gives_identical_tensors(layout, tmp_path):
     first, second = dit.state_dict(), again.state_dict()
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     if layout == "diffusers":  # diffusers itself reads what we wrote
-        assert_matches(dit, SD3Transformer2DModel.from_pretrained(str(out)).eval())
+        assert_matches(dit, SD3Transformer2DModel.from_pretrained(str(out)).eval(),
+                       "read by diffusers")
 
 
 def test_lora_is_merged_on_export(tmp_path):
@@ -139,7 +139,8 @@ def test_lora_is_merged_on_export(tmp_path):
         expected = dit(x, sigma, context, pooled)
     save_sd3(dit, str(tmp_path / "merged"), layout="diffusers")
     exported = SD3Transformer2DModel.from_pretrained(str(tmp_path / "merged")).eval()
-    assert relative_error(diffusers_output(exported, x, sigma, context, pooled), expected) < 1e-4
+    within(relative(diffusers_output(exported, x, sigma, context, pooled), expected), 1e-4,
+           "merged export")
 
 
 # with dual attention's attn2
@@ -167,11 +168,11 @@ def test_diffusers_pipeline_loads_our_lora_and_equals_our_model(kind, tmp_path):
         transformer=SD3Transformer2DModel.from_pretrained(folder).eval(),
         scheduler=FlowMatchEulerDiscreteScheduler(), **parts)
     pipe.load_lora_weights(str(tmp_path / "lora"))
-    assert relative_error(diffusers_output(pipe.transformer, x, sigma, context, pooled),
-                          expected) < 1e-4
+    within(relative(diffusers_output(pipe.transformer, x, sigma, context, pooled), expected), 1e-4,
+           "pipeline with LoRA")
     folded = fold_lora(load_sd3(folder), str(tmp_path / "lora"))
     with torch.no_grad():
-        assert relative_error(folded(x, sigma, context, pooled), expected) < 1e-5
+        within(relative(folded(x, sigma, context, pooled), expected), 1e-5, "folded LoRA")
     with pytest.raises(CheckpointError, match="a LoRA of another model"):
         fold_lora(load_sd3(_save_diffusers(tiny_diffusers_model("sd3.5-large"),
                                            tmp_path / "other")),
@@ -254,22 +255,22 @@ def tiny_diffusers_vae(seed=0):
     return vae.eval()
 
 
-def assert_vae_matches(ours, reference):
+def assert_vae_matches(ours, reference, what):
     g = torch.Generator().manual_seed(3)
     images = torch.rand(2, 3, 24, 16, generator=g) * 2 - 1
     with torch.no_grad():
         mean = reference.encode(images).latent_dist.mean
         expected_latents = (mean - 0.0609) * 1.5305
         latents = ours.encode(images)
-        assert relative_error(latents, expected_latents) < 1e-4
+        within(relative(latents, expected_latents), 1e-4, f"{what}: latents")
         # the posterior the DRM repository draws from (latent_dist.sample(), then shifted and
         # scaled)
         posterior_mean, posterior_std = ours.posterior(images)
-        assert relative_error(posterior_mean, expected_latents) < 1e-4
-        assert relative_error(posterior_std,
-                              reference.encode(images).latent_dist.std * 1.5305) < 1e-4
+        within(relative(posterior_mean, expected_latents), 1e-4, f"{what}: posterior mean")
+        within(relative(posterior_std, reference.encode(images).latent_dist.std * 1.5305), 1e-4,
+               f"{what}: posterior std")
         expected_images = reference.decode(expected_latents / 1.5305 + 0.0609).sample
-        assert relative_error(ours.decode(expected_latents), expected_images) < 1e-4
+        within(relative(ours.decode(expected_latents), expected_images), 1e-4, f"{what}: images")
 
 
 def test_vae_loads_diffusers_and_stability_layouts(tmp_path):
@@ -280,17 +281,17 @@ def test_vae_loads_diffusers_and_stability_layouts(tmp_path):
     reference.save_pretrained(tmp_path / "pipeline" / "vae")
     vae = load_vae(str(tmp_path / "pipeline"))
     assert vae.config.channels == (32, 64, 64) and vae.config.layers_per_block == 2
-    assert_vae_matches(vae, reference)
+    assert_vae_matches(vae, reference, "folder")
     # Stability's single file: our keys under first_stage_model., beside a transformer tensor
     single = tmp_path / "single.safetensors"
     tensors = {"first_stage_model." + k: v.contiguous() for k, v in vae.state_dict().items()}
     save_file({**tensors, "model.diffusion_model.pos_embed": torch.zeros(1, 4, 8)}, single)
-    assert_vae_matches(load_vae(str(single)), reference)
+    assert_vae_matches(load_vae(str(single)), reference, "single file")
     # diffusers' own LDM converter reads our keys into a model equal to the reference
     converted = convert_ldm_vae_checkpoint(tensors, dict(reference.config))
     rebuilt = tiny_diffusers_vae(seed=5)
     rebuilt.load_state_dict(converted, strict=True)
-    assert_vae_matches(vae, rebuilt)
+    assert_vae_matches(vae, rebuilt, "diffusers' conversion")
 
 
 def test_vae_from_another_model_is_refused(tmp_path):

@@ -9,6 +9,7 @@ import random
 
 import pytest
 import torch
+from conftest import relative, within
 from safetensors.torch import save_file
 
 from checkpoints import CheckpointError
@@ -26,10 +27,6 @@ def randomize(model, seed=0):
             scale = 1.0 if "norm" in name and name.endswith("weight") else 0.0
             p.copy_(scale + torch.randn(p.shape, generator=g) * 0.2)
     return model.eval()
-
-
-def relative_error(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def clip_ids(eos, seed=1):
@@ -71,8 +68,8 @@ def test_clip_matches_transformers(layout, activation, heads, tmp_path):
     with torch.no_grad():
         out = reference(ids, output_hidden_states=True)
         hidden, pooled = ours(ids)
-    assert relative_error(hidden, out.hidden_states[-2]) < 1e-4    # SD3 takes the penultimate layer
-    assert relative_error(pooled, out.text_embeds) < 1e-4          # the projected end-token state
+    within(relative(hidden, out.hidden_states[-2]), 1e-4, "hidden")  # SD3: the penultimate layer
+    within(relative(pooled, out.text_embeds), 1e-4, "pooled")        # the projected end-token state
 
 
 @pytest.mark.parametrize("layout", ["diffusers folder", "single file with prefix"])
@@ -96,7 +93,7 @@ def test_t5_encoder_matches_transformers(layout, tmp_path):
     ids = torch.randint(1, 99, (2, 200), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         expected = reference(ids).last_hidden_state
-        assert relative_error(ours(ids), expected) < 1e-4
+        within(relative(ours(ids), expected), 1e-4, "hidden")
 
 
 def test_relative_position_buckets_match_transformers():
