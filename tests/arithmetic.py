@@ -42,7 +42,8 @@ def run_variant(name, pytest_args, log):
     print(f"# {name}: {' '.join(f'{k}={v}' for k, v in VARIANTS[name].items()) or '(as is)'}",
           flush=True)
     result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-    print(result.stdout.strip().splitlines()[-1] if result.stdout.strip() else result.stderr[-2000:])
+    summary = result.stdout.strip().splitlines()
+    print(summary[-1] if summary else result.stderr[-2000:])
     return result.returncode
 
 

@@ -64,7 +64,8 @@ MUTATIONS = [
              "return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)",
              "timestep_embedding or load_diffusers_folder"),
     Mutation("RMSNorm's eps 1e-5", "model.py",
-             "x32.pow(2).mean(-1, keepdim=True) + 1e-6)", "x32.pow(2).mean(-1, keepdim=True) + 1e-5)",
+             "x32.pow(2).mean(-1, keepdim=True) + 1e-6)",
+             "x32.pow(2).mean(-1, keepdim=True) + 1e-5)",
              "joint_attention or load_diffusers_folder"),
     Mutation("LoRA folded without its scaling", "lora.py",
              "delta = (module.lora_B @ module.lora_A) * module.scaling",
@@ -120,7 +121,8 @@ def main(argv):
             if code == 0 or not caught:
                 missed.append(mutation.name)
     if missed:
-        print(f"not caught (tests passed, or no error {MARGIN}x its tolerance): {'; '.join(missed)}")
+        print(f"not caught (tests passed, or no error {MARGIN}x its tolerance): "
+              + "; ".join(missed))
     return 1 if missed else 0
 
 
