@@ -11,7 +11,9 @@ from assignments.make_student_copy import EXERCISES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the scripts' default paths (data/base.safetensors, ...) are relative to the repository
 os.chdir(ROOT)
-torch.set_num_threads(min(2, torch.get_num_threads()))
+# one thread a test process when pytest-xdist runs two (pytest.ini), else at most two
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
+                      min(2, torch.get_num_threads()))
 
 
 def pytest_configure(config):
@@ -24,10 +26,21 @@ def pytest_configure(config):
                                        "runs it under every arithmetic variant")
 
 
+# the longest tests (pytest --durations), started first so that the two test processes finish
+# together rather than one waiting on the other's last long test
+LONGEST = ("test_student_copy_fails_exactly_the_graded_tests",
+           "test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly",
+           "test_compiled_rollout_and_loss_agree_with_eager_and_compile_once",
+           "test_compiled_dit_agrees_with_eager_in_forward_and_gradients",
+           "test_the_search_bench_counts_every_method_at_its_budget")
+
+
 def pytest_collection_modifyitems(items):
-    """Mark `rounding` every test that compares with `within`, itself or through a helper of its
-    module, so that none is left out of tests/arithmetic.py."""
+    """The longest tests first; mark `rounding` every test that compares with `within`, itself or
+    through a helper of its module, so that none is left out of tests/arithmetic.py."""
     import inspect
+    rank = {name: i for i, name in enumerate(LONGEST)}
+    items.sort(key=lambda item: rank.get(item.originalname, len(LONGEST)))  # the rest keep order
     for item in items:
         module = inspect.getmodule(item.function)
         helpers = {name for name, f in inspect.getmembers(module, inspect.isfunction)

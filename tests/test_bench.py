@@ -74,24 +74,29 @@ def test_simulated_parameter_bytes_are_the_parameter_count():
     assert 2.2e9 < frozen < 2.3e9  # SD3.5-medium's 2.24B parameters
 
 
-def run_gpu_check(*flags):
-    """bench.gpu_check at its smallest (2 trajectories of 2 steps): both runs below share their
-    shapes, so the second finds the first's compiled graphs in Inductor's cache."""
-    return subprocess.run([sys.executable, "-m", "bench.gpu_check", "--device=cpu",
-                           "--trajectories=2", "--per_prompt=2", "--steps=2", *flags],
-                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+def run_gpu_check(capsys, *flags):
+    """bench.gpu_check at its smallest (2 trajectories of 2 steps), in this process -> (exit code,
+    what it printed). Both runs below share their shapes, so the second reuses the first's compiled
+    graphs."""
+    from bench import gpu_check
+    code = 0
+    try:
+        run_main(gpu_check.main, gpu_check.Config, ["--device=cpu", "--trajectories=2",
+                                                    "--per_prompt=2", "--steps=2", *flags])
+    except SystemExit as exit:
+        code = exit.code
+    return code, capsys.readouterr().out
 
 
 @pytest.mark.ex3_sde_step
 @pytest.mark.ex4_grpo
-def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
+def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly(capsys, compiled):
     """Every check passes on the toy, the memory simulation within a hair of the real tensors'
     tracker; a limit no run can meet (a clip range of 1e-9: bf16 rounding alone exceeds it) fails
     its line and exits 1."""
-    result = run_gpu_check()
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    table = [line for line in result.stdout.splitlines() if line.startswith("| ")
-             and line.endswith(" |")]
+    code, out = run_gpu_check(capsys)
+    assert code == 0, out[-3000:]
+    table = [line for line in out.splitlines() if line.startswith("| ") and line.endswith(" |")]
     checks = {line.split(" | ")[0][2:]: line for line in table
               if line.endswith(("| pass |", "| **FAIL** |"))}
     assert len(checks) == 6 and all(line.endswith("| pass |") for line in checks.values())
@@ -99,13 +104,11 @@ def test_gpu_check_passes_on_the_cpu_toy_and_fails_loudly():
     memory = next(line for name,
                   line in checks.items() if name.startswith("one update step's peak memory"))
     assert float(memory.split(" | ")[1]) < 0.01  # fake tensors allocate what real ones do
-    failed = run_gpu_check("--clip_range=1e-9")
-    assert (failed.returncode == 1 and "**FAIL**" in failed.stdout
-            and "check(s) failed" in failed.stdout)
-    assert "ratio, the rollout's own batches: max abs(ratio - 1) | 0 | 0 | pass" in failed.stdout
+    code, out = run_gpu_check(capsys, "--clip_range=1e-9")
+    assert code == 1 and "**FAIL**" in out and "check(s) failed" in out
+    assert "ratio, the rollout's own batches: max abs(ratio - 1) | 0 | 0 | pass" in out
 
 
-@pytest.mark.ex1_flow_matching
 @pytest.mark.ex3_sde_step
 @pytest.mark.ex5_beam_search
 def test_the_search_bench_counts_every_method_at_its_budget(tmp_path):

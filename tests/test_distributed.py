@@ -243,7 +243,7 @@ def test_ddp_base_steps_equal_one_process(tmp_path):
 def test_sigterm_then_resume_equals_one_uninterrupted_run(tmp_path):
     """A real SIGTERM to a training process mid-run: it saves and leaves; --resume ends where a
     straight run ends."""
-    args = ["train_base.py", "--train_steps=40", "--batch_size=4", "--eval_every=10",
+    args = ["train_base.py", "--train_steps=16", "--batch_size=4", "--eval_every=4",
             "--eval_per_prompt=1", "--warmup=2"]
     run(*args, f"--out_dir={tmp_path / 'straight'}")
     state = tmp_path / "stopped" / "train_state.pt"
@@ -251,13 +251,13 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(tmp_path):
                                cwd=ROOT, env=ENV,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while not state.exists() and process.poll() is None:
-        # the first checkpoint (step 10) is written
+        # the first checkpoint (step 4) is written
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     out, err = process.communicate(timeout=120)
     assert process.returncode == 0, err[-2000:]
     stopped_at = torch.load(state, weights_only=False)["step"]
-    assert 10 <= stopped_at < 40 and f"stopped: saved step {stopped_at}" in out
+    assert 4 <= stopped_at < 16 and f"stopped: saved step {stopped_at}" in out
     run(*args, f"--out_dir={tmp_path / 'stopped'}", "--resume")
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "stopped" / "model.safetensors")

@@ -354,11 +354,11 @@ def test_a_stop_during_the_first_evaluation_leaves_nothing(tiny, tmp_path, monke
 @pytest.mark.ex1_flow_matching
 @pytest.mark.ex2_drm
 def test_sigterm_during_the_first_evaluation_is_a_clean_stop(tmp_path):
-    """A real SIGTERM from outside while the first evaluation runs (320 samples of 10 steps: a few
+    """A real SIGTERM from outside while the first evaluation runs (80 samples of 10 steps: a few
     seconds)."""
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "train_policy.py", *TINY_POLICY,
-                                "--eval_per_prompt=32", "--eval_steps=10",
+                                "--eval_per_prompt=8", "--eval_steps=10",
                                 f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
