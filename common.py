@@ -5,6 +5,7 @@ Kept apart so that the scripts parse flags and report errors one way (their file
 It imports nothing of the project: every other file may import it (tests/test_teaching.py checks).
 """
 import contextlib
+import copy
 import dataclasses
 import errno
 import math
@@ -35,9 +36,9 @@ class InputError(UserError, ValueError):
 
 
 def parse_flags(config, argv):
-    """Override fields of a dataclass instance from ['--key=value', ...]; type-checked, unknown keys
-    rejected."""
-    fields = {f.name: f for f in dataclasses.fields(config)}
+    """Override flags of a Config instance (its own fields and its groups') from ['--key=value',
+    ...]; type-checked, unknown keys rejected."""
+    fields = {f.name: (owner, f) for owner, f in flag_fields(config)}
     for arg in argv:
         if not arg.startswith("--"):
             raise FlagError(f"argument {arg!r}: flags are written --key=value")
@@ -48,22 +49,56 @@ def parse_flags(config, argv):
         if key not in fields:
             raise FlagError(f"unknown flag --{key}; known flags: "
                             f"{', '.join('--' + k for k in fields)}")
-        current = getattr(config, key)
+        owner, field = fields[key]
+        current = getattr(owner, key)
         if not eq:  # a bare --flag switches a boolean on
             if not isinstance(current, bool):
                 raise FlagError(f"flag --{key} needs a value: --{key}=...")
             value = "true"
-        setattr(config, key, _convert(key, value, current))
+        setattr(owner, key, _convert(key, value, current, field))
     # (given_flags reads it)
     config._given_flags = frozenset(arg[2:].partition("=")[0] for arg in argv)
     return config
 
 
+def group(flags):
+    """A Config field holding a group of flags declared beside what uses them (a rival's, the
+    hardware's): given on the command line by their own names, printed and checked with the rest;
+    in code, cfg.<field>.<flag>."""
+    return dataclasses.field(default_factory=flags, metadata={"group": True})
+
+
+def flag_fields(config):
+    """[(the object holding it, its dataclass field)] for every flag of a Config: its own fields,
+    then its groups', in order."""
+    found = []
+    for field in dataclasses.fields(config):
+        if field.metadata.get("group"):
+            found += flag_fields(getattr(config, field.name))
+        else:
+            found.append((config, field))
+    return found
+
+
+def flag_values(config):
+    """{flag: value} of every flag of a Config, its groups' included (what a run saves)."""
+    return {field.name: getattr(owner, field.name) for owner, field in flag_fields(config)}
+
+
+def with_flags(config, **values):
+    """A copy of config with these flags (its own or its groups') set."""
+    config = copy.deepcopy(config)
+    owners = {field.name: owner for owner, field in flag_fields(config)}
+    for name, value in values.items():
+        setattr(owners[name], name, value)
+    return config
+
+
 def unless_given(config, **values):
-    """config with `values` in place of the fields the command line left at their defaults (a
+    """config with `values` in place of the flags the command line left at their defaults (a
     recipe's settings)."""
     given = given_flags(config)
-    return dataclasses.replace(config, **{k: v for k, v in values.items() if k not in given})
+    return with_flags(config, **{k: v for k, v in values.items() if k not in given})
 
 
 def given_flags(config):
@@ -71,12 +106,11 @@ def given_flags(config):
     whose value differs from the default."""
     if hasattr(config, "_given_flags"):
         return config._given_flags
-    default = type(config)()
-    return frozenset(f.name for f in dataclasses.fields(config)
-                     if getattr(config, f.name) != getattr(default, f.name))
+    default = flag_values(type(config)())
+    return frozenset(name for name, value in flag_values(config).items() if value != default[name])
 
 
-def _convert(key, value, current):
+def _convert(key, value, current, field):
     try:
         if isinstance(current, bool):
             if value.lower() not in ("true", "false", "1", "0"):
@@ -86,9 +120,14 @@ def _convert(key, value, current):
             return int(value)
         if isinstance(current, float):
             return float(value)
+        if isinstance(current, tuple):  # numbers: --split_steps=0,1,3,4
+            kind = field.metadata.get("of", int)
+            return tuple(kind(v) for v in value.split(",")) if value else ()
         return value
     except ValueError:
-        raise FlagError(f"flag --{key}={value}: expected a {type(current).__name__}") from None
+        kind = (f"{field.metadata.get('of', int).__name__} values separated by ','"
+                if isinstance(current, tuple) else f"a {type(current).__name__}")
+        raise FlagError(f"flag --{key}={value}: expected {kind}") from None
 
 
 def run_main(main, config_class, argv=None):
@@ -113,13 +152,16 @@ def run_main(main, config_class, argv=None):
             torch.distributed.destroy_process_group()
 
 
-def flag(default, within=None, *, choices=None, zero=None):
+def flag(default, within=None, *, choices=None, zero=None, of=None, used=None):
     """A Config field and what it may hold: `within` an interval such as "[0, 1)", "(0, inf)" or
     "[1, inf)" (a bracket includes its end, a parenthesis excludes it), or `choices` (values, or a
-    dict whose keys are they); `zero`: what 0 means, where 0 is allowed and special. check_flags
-    refuses anything else, and any float that is not finite."""
-    return dataclasses.field(default=default,
-                             metadata={"within": within, "choices": choices, "zero": zero})
+    dict whose keys are they); `zero`: what 0 means, where 0 is allowed and special. A tuple
+    default is a list of numbers of type `of` (int unless said), each checked against `within`.
+    `used`: (a rule on the script's config, what it names), e.g. (lambda cfg: cfg.credit ==
+    "tree", "--credit=tree"): a flag given where its rule is false is refused. check_flags refuses
+    anything else, and any float that is not finite."""
+    return dataclasses.field(default=default, metadata={"within": within, "choices": choices,
+                                                        "zero": zero, "of": of, "used": used})
 
 
 INTERVAL = re.compile(r"^([\[(])\s*(-inf|\S+?)\s*,\s*(inf|\S+?)\s*([\])])$")
@@ -138,19 +180,28 @@ def in_interval(value, within):
 
 
 def check_flags(cfg):
-    """Every field of cfg against what its flag() declares (and every float finite), before any
+    """Every flag of cfg against what its flag() declares (and every float finite), before any
     work: one line naming the first flag that is not, what it must be, and what 0 means where it
-    may."""
-    for field in dataclasses.fields(cfg):
-        value, meta = getattr(cfg, field.name), field.metadata
-        if isinstance(value, float) and not math.isfinite(value):
-            raise FlagError(f"--{field.name}={value}: must be a finite number")
-        if meta.get("choices") is not None and value not in meta["choices"]:
-            raise FlagError(f"--{field.name}={value}: choose one of "
-                            f"{', '.join(str(c) for c in meta['choices'])}")
-        if meta.get("within") and not in_interval(value, meta["within"]):
-            zero = f" (0: {meta['zero']})" if meta.get("zero") else ""
-            raise FlagError(f"--{field.name}={value}: must be in {meta['within']}{zero}")
+    may; then a flag given where what uses it is not chosen."""
+    for _, field in flag_fields(cfg):
+        name, meta = field.name, field.metadata
+        value = flag_values(cfg)[name]
+        for number in value if isinstance(value, tuple) else (value,):
+            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            if isinstance(number, float) and not math.isfinite(number):
+                raise FlagError(f"--{name}={shown}: must be a finite number")
+            if meta.get("choices") is not None and number not in meta["choices"]:
+                raise FlagError(f"--{name}={shown}: choose one of "
+                                f"{', '.join(str(c) for c in meta['choices'])}")
+            if meta.get("within") and not in_interval(number, meta["within"]):
+                zero = f" (0: {meta['zero']})" if meta.get("zero") else ""
+                raise FlagError(f"--{name}={shown}: must be in {meta['within']}{zero}")
+    given = given_flags(cfg)
+    for _, field in flag_fields(cfg):
+        rule = field.metadata.get("used")
+        if rule and field.name in given and not rule[0](cfg):
+            raise FlagError(f"--{field.name} is a flag of {rule[1]}, which this run does not use: "
+                            f"drop it, or add {rule[1]}")
 
 
 def parse_numbers(cfg, name, kind=int, sep=",", within=None):
@@ -204,8 +255,10 @@ def is_main_process():
 
 
 def print_config(cfg):
+    """Every flag, its groups' included, as --key=value (a list of numbers as 0,1,3)."""
     if is_main_process():
-        print(" ".join(f"--{k}={v}" for k, v in dataclasses.asdict(cfg).items()))
+        print(" ".join(f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
+                       for k, v in flag_values(cfg).items()))
 
 # -----------------------------------------------------------------------------
 # Training-loop helpers
