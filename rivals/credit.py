@@ -19,6 +19,7 @@ how its advantages (T, B, k) come from the rollout and the terminal DRM rewards.
 - windows (Flow-GRPO-Fast's random window, MixGRPO's sliding one, arXiv 2507.21802): only steps
   a..b-1 stochastic and trained, any mode (`window_at`).
 """
+import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
@@ -27,7 +28,7 @@ import torch
 from common import InputError, UserError, flag, parse_numbers
 from grpo import (Rollout, group_normalise, in_window, sample_rollout, stepwise_advantages,
                   trained_steps)
-from sde import Step, passes, propose, take
+from sde import Step, passes, propose, sde_mean_std, take
 
 
 @dataclass
@@ -35,12 +36,17 @@ class CreditFlags:
     """train_policy.py's flags of the rival credit rules (its Config inherits them)."""
     # sparse: divide by the group's std | global (the update's: Flow-GRPO's SD3 configs)
     group_std: str = flag("group", choices=("group", "global"))
+    # cosine: CoCA's window of steps. Its runs: 50 steps in 10 windows of 5 (config window_size 5,
+    # num_steps 50); ours 10 steps, so 1: the same 10 windows (5 would leave 2, near sparse)
+    coca_window: int = flag(1, "[1, inf)")
     split_steps: str = "0,1,3,4"       # tree: where it branches (BranchGRPO's 0,3,6,9 of 20 halved)
     branch: int = flag(2, "[2, inf)")  # tree: children per split (branch^splits leaves a prompt)
     # tree: depth (BranchGRPO: a tree's nodes of a depth, ddof 1) | siblings (a split's children)
     tree_norm: str = flag("depth", choices=("depth", "siblings"))
-    # tree: a split's noise x this (BranchGRPO's script; 1: as any step's)
+    # tree: a split's children drawn with std split_noise x split_eta x sqrt(|dt|): BranchGRPO's
+    # split step (its script: x4 on DanceGRPO's step, eta 0.3), their log-probs under our step's
     split_noise: float = flag(4.0, "(0, inf)")
+    split_eta: float = flag(0.3, "(0, inf)")
     # where the sampler is stochastic and trained: "" every step | a:b steps a..b-1 | random:n
     # (Flow-GRPO-Fast: n steps from a start drawn each update in [0, steps/2 - n]) | slide:n:u
     # (MixGRPO: n steps from step (update - 1) // u on, cut at steps - 2, back to 0 past it)
@@ -58,7 +64,7 @@ def settings(cfg):
     """The rules' Settings from the flags, parsed once."""
     return Settings(per_prompt(cfg), cfg.k, cfg.follow, cfg.adv_clip, cfg.group_std,
                     tuple(parse_numbers(cfg, "split_steps")), cfg.branch, cfg.tree_norm,
-                    cfg.split_noise)
+                    cfg.split_noise, cfg.split_eta, cfg.coca_window)
 
 
 def check_credit(cfg):
@@ -96,6 +102,8 @@ class Settings:
     branch: int = 2           # tree
     tree_norm: str = "depth"  # tree: depth | siblings
     split_noise: float = 4.0  # tree
+    split_eta: float = 0.3    # tree
+    coca_window: int = 1      # cosine
 
 
 class Mode(NamedTuple):
@@ -164,17 +172,32 @@ def cosine_advantages(weights, final_rewards, group_size, adv_clip, eps=1e-6):
 # Trees (BranchGRPO)
 
 
+def split_std_scale(sigma, sigma_next, noise_level, split_noise, split_eta):
+    """A split's noise over our SDE step's std at (sigma, sigma_next), so that the children are
+    drawn with BranchGRPO's split std: split_noise x split_eta x sqrt(sigma - sigma_next).
+
+    BranchGRPO (its train_branchgrpo_flux.py, flux_step_with_split) takes DanceGRPO's step, whose
+    std is eta sqrt(dsigma) (a constant diffusion coefficient, eta 0.3), and multiplies a split's
+    noise by split_noise_scale (its script: 4.0): 0.16-0.23 at its splits 0, 3, 6, 9 of 20 steps
+    (shift 3). Our step's std, noise_level sqrt(sigma / (1 - sigma)) sqrt(dsigma) (Flow-GRPO's),
+    is 0.66 at sigma 1 on 10 steps: x4 of that (2.6) would bury the state. The children's
+    log-probs stay under our step's std, as BranchGRPO's under its unscaled one."""
+    one = torch.zeros(1, 1, dtype=torch.float64)
+    _, std = sde_mean_std(one, one, sigma, sigma_next, noise_level)
+    return (split_noise * split_eta * math.sqrt(float(sigma - sigma_next)) / std).item()
+
+
 @torch.no_grad()
 def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noise_level=0.7,
-                cfg_scale=1.0, split_noise=1.0, window=None, train_last=False, generator=None,
-                shard=(0, 1)):
+                cfg_scale=1.0, split_noise=4.0, split_eta=0.3, window=None, train_last=False,
+                generator=None, shard=(0, 1)):
     """Tree rollouts: from each of R root noises (R, C, H, W) one trajectory that branches into
     `branch` children, which all go on, at each step of split_steps -> a Rollout over its
     L = R branch^m leaves (m splits; a root's leaves adjacent, each node's leaves contiguous),
     every leaf's path in full: shared prefixes repeated, `trained` marking each edge once (on the
     first leaf below it), from the first split on, at trained_steps. The policy runs once a
-    node. split_noise: the children of a split drawn with split_noise x the step's std, their
-    log-probs under the step's own std (BranchGRPO's split_noise_scale; its script: 4). shard as
+    node. A split's children are drawn with BranchGRPO's std, split_noise x split_eta x
+    sqrt(|dt|) (split_std_scale), their log-probs under the step's own std. shard as
     sample_rollout's (every rank the same R)."""
     T, leaves = len(sigmas) - 1, noise.shape[0] * branch ** len(split_steps)
     sde, trained_at = in_window(T, window), trained_steps(T, window, train_last)
@@ -185,7 +208,9 @@ def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noi
         step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, rows), take(uncond, rows),
                        cfg_scale=cfg_scale, noise_level=noise_level if sde[i] else 0.0,
                        k=branch if i in split_steps else 1, generator=generator, shard=shard,
-                       noise_scale=split_noise if i in split_steps else 1.0)
+                       noise_scale=(split_std_scale(sigmas[i], sigmas[i + 1], noise_level,
+                                                    split_noise, split_eta)
+                                    if i in split_steps and sde[i] else 1.0))
         nfe += len(x) * passes(uncond, cfg_scale)
         per_node = leaves // len(x)                                 # leaves below each node
         states.append(x.repeat_interleave(per_node, 0))
@@ -250,7 +275,7 @@ def tree_rollout(policy, noise, cond, uncond, sigmas, settings, reward, score, p
     roots = slice(None, None, settings.per_prompt)
     return sample_tree(policy, noise[roots], take(cond, roots), take(uncond, roots), sigmas,
                        split_steps=settings.split_steps, branch=settings.branch,
-                       split_noise=settings.split_noise, **sampling)
+                       split_noise=settings.split_noise, split_eta=settings.split_eta, **sampling)
 
 
 def stepwise(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
@@ -264,7 +289,8 @@ def sparse(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: 
 
 
 def cosine(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
-    weights = gather(cosine_weights(rollout.x0_hat, rollout.final).T.contiguous()).T
+    weights = gather(cosine_weights(rollout.x0_hat, rollout.final,
+                                    settings.coca_window).T.contiguous()).T
     advantages = cosine_advantages(weights, final_rewards, settings.per_prompt, settings.adv_clip)
     return advantages[:, rows].unsqueeze(-1)
 

@@ -226,13 +226,14 @@ def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
     assert torch.equal(sparse[0], sparse[-1])
     cosine = CREDIT["cosine"].advantages(rollout, final_rewards,
                                          Settings(per_prompt=2, adv_clip=0.5))
-    expected = cosine_advantages(cosine_weights(rollout.x0_hat, rollout.final), final_rewards, 2,
-                                 0.5)
+    # CoCA's window scaled to our steps: 1 (Settings' default)
+    expected = cosine_advantages(cosine_weights(rollout.x0_hat, rollout.final, 1), final_rewards,
+                                 2, 0.5)
     assert cosine.shape == (6, B, 1) and torch.equal(cosine[..., 0], expected)
     # under torchrun a rank holds some of the trajectories: it gathers every rank's weights, keeps
     # its own rows
     # (B, T): what a gather returns
-    everyone = cosine_weights(rollout.x0_hat, rollout.final).T
+    everyone = cosine_weights(rollout.x0_hat, rollout.final, 1).T
 
     def on_rank(rows):
         mine = SimpleNamespace(states=rollout.states[:, rows], x0_hat=rollout.x0_hat[:, rows],
