@@ -88,8 +88,9 @@ def evaluate_heldout(cfg, base, **sampling):
 #    4), at each step k candidates around one policy mean, as step-wise GRPO draws them; each is
 #    completed by the ODE to a clean image and judged. The Spearman correlation, within each
 #    step's k, between the DRM's scores and the gold of the completions: scoring the noisy
-#    candidate at sigma_next (the paper), or its clean estimate x_next - sigma_next v at sigma 0
-#    (rivals/scores.py's "x0"). Mean and s.e. over the rollouts, by step.
+#    candidate at sigma_next (the paper), its own clean estimate x_next - sigma_next v(x_next) at
+#    sigma 0 (rivals/scores.py's "x0"), or the proxy x_next - sigma_next v(x) with the parent's
+#    velocity ("x0_proxy"). Mean and s.e. over the rollouts, by step.
 
 
 def policy_pairs(base, prompts, per_prompt=8, seed=4321, steps=20, cfg_scale=4.0):
@@ -134,7 +135,7 @@ def candidate_ranking(base, drm, drm_text, prompts, *, k=8, steps=10, noise_leve
     x = initial_noise(base.dit, len(prompts), g, base.latent_size).to(device)
     rows = torch.arange(len(prompts), device=device)
     reward = lambda states, sigma, owners: drm(states, sigma, *take(drm_cond, owners))  # noqa: E731
-    by_step = {"noisy": [], "x0": []}
+    by_step = {"noisy": [], "x0": [], "x0_proxy": []}
     for i in range(steps):
         step = propose(base.dit, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=cfg_scale,
                        noise_level=noise_level, k=k, generator=g)
@@ -158,8 +159,9 @@ def print_ranking(ranking):
     """candidate_ranking's table."""
     print("Spearman of the DRM's ranking of k = 8 SDE candidates against their ODE completions' "
           "gold, mean ± s.e. over the rollouts")
-    print("| step | sigma -> sigma_next | noisy (the paper) | x0 estimate |\n|---|---|---|---|")
+    print("| step | sigma -> sigma_next | noisy (the paper) | its x0 | x0 proxy (the parent's "
+          "velocity) |\n|---|---|---|---|---|")
     sigmas = sigma_schedule(len(ranking["noisy"]))
-    for i, (noisy, x0) in enumerate(zip(ranking["noisy"], ranking["x0"])):
-        print(f"| {i} | {sigmas[i]:.3f} -> {sigmas[i + 1]:.3f} | {noisy[0]:+.3f} ± {noisy[1]:.3f} "
-              f"| {x0[0]:+.3f} ± {x0[1]:.3f} |")
+    for i, scores in enumerate(zip(*(ranking[name] for name in ("noisy", "x0", "x0_proxy")))):
+        print(f"| {i} | {sigmas[i]:.3f} -> {sigmas[i + 1]:.3f} | "
+              + " | ".join(f"{mean:+.3f} ± {se:.3f}" for mean, se in scores) + " |")

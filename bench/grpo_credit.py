@@ -38,6 +38,7 @@ MODES = {
     "stepwise": "--credit=stepwise",
     "stepwise, last step trained": "--credit=stepwise --train_last_step",
     "stepwise, x0 score": "--credit=stepwise --score=x0",
+    "stepwise, x0 proxy score": "--credit=stepwise --score=x0_proxy",
     "stepwise, lookahead score": "--credit=stepwise --score=lookahead --eval_every=5",
     "sparse": "--credit=sparse",
     "sparse, Flow-GRPO's recipe": ("--credit=sparse --trajectories=48 --per_prompt=24 "
@@ -59,6 +60,7 @@ MODES = {
 # experiment -> (its modes, the reference each is compared with, default seeds)
 EXPERIMENTS = {
     "credit": (["stepwise", "stepwise, last step trained", "stepwise, x0 score",
+                "stepwise, x0 proxy score",
                 "stepwise, lookahead score", "sparse", "sparse, Flow-GRPO's recipe", "cosine",
                 "tree", "sparse, random window (Flow-GRPO-Fast)",
                 "sparse, sliding window (MixGRPO)"], "sparse", "0,1,2,3,4"),

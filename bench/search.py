@@ -46,7 +46,8 @@ from model import compile_regions
 from sample import search, stepwise_sample
 from sde import initial_noise
 
-METHODS = ("ode", "sde", "stepwise", "x0", "lookahead", "beam", "smc", "smc_noisy", "prune")
+METHODS = ("ode", "sde", "stepwise", "x0", "x0_proxy", "lookahead", "beam", "smc", "smc_noisy",
+           "prune")
 POOL = 16  # ODE samples an image behind the best-of-N curve
 
 
@@ -56,6 +57,8 @@ def settings(cfg):
     points += [("stepwise", f"step-wise k={k}", {"search": "stepwise", "k": k}) for k in (2, 4, 8)]
     points += [("x0", f"step-wise k={k}, x0 score", {"search": "stepwise", "k": k, "score": "x0"})
                for k in (2, 4, 8)]
+    points += [("x0_proxy", f"step-wise k={k}, x0 proxy score",
+                {"search": "stepwise", "k": k, "score": "x0_proxy"}) for k in (2, 4, 8)]
     points += [("lookahead", f"step-wise k={k}, lookahead every 5th step",
                 {"search": "stepwise", "k": k, "score": "lookahead", "score_every": 5})
                 for k in (2, 4)]

@@ -7,8 +7,11 @@ states' rows, the sde.Sampler around it) and returns the DRM's scores (B, k) and
 spent, so step-wise credit (grpo.sample_rollout) and step-wise search (sample.stepwise_sample) can
 use any of them:
 - `noisy` (the paper, sde.py): the candidate x_next at sigma_next.
-- `x0`: its clean estimate from the step's own velocity, x_next - sigma_next v, at sigma 0: what a
-  clean-image reward would see, no extra pass (at noise level 0 it is the state's x0_hat).
+- `x0`: the candidate's own clean estimate, x_next - sigma_next v(x_next, sigma_next), at sigma
+  0: what a clean-image reward would see of it; a guided policy pass per candidate.
+- `x0_proxy`: x_next - sigma_next v(x, sigma), the parent's velocity: no pass, but the k
+  candidates then differ only by their injected noise, judged at sigma 0 (at noise level 0 it is
+  the state's x0_hat).
 - `lookahead` (DenseGRPO, arXiv 2601.20218, with n = t): its Euler ODE completion down the rest of
   the grid, at sigma 0; each candidate costs the remaining steps' guided passes.
 """
@@ -19,6 +22,17 @@ from sde import passes, score_noisy, take
 
 
 def score_x0(reward, step, i, rows, sampler):
+    B, k = step.candidates.shape[:2]
+    x, sigma = step.candidates.flatten(0, 1), sampler.sigmas[i + 1]
+    each = torch.arange(B, device=x.device).repeat_interleave(k)
+    v = guided_velocity(sampler.policy, x, sigma, take(sampler.cond, each),
+                        take(sampler.uncond, each), sampler.cfg_scale)
+    zeros = torch.zeros(B * k, device=x.device)
+    scores = reward(x - sigma * v.to(x.dtype), zeros, rows.repeat_interleave(k)).float()
+    return scores.view(B, k), B * k * passes(sampler.uncond, sampler.cfg_scale)
+
+
+def score_x0_proxy(reward, step, i, rows, sampler):
     B, k = step.candidates.shape[:2]
     clean = step.candidates - sampler.sigmas[i + 1] * step.velocity.unsqueeze(1)   # (B, k, ...)
     zeros = torch.zeros(B * k, device=clean.device)
@@ -39,4 +53,5 @@ def score_lookahead(reward, step, i, rows, sampler):
     return reward(x, zeros, rows.repeat_interleave(k)).float().view(B, k), spent
 
 
-SCORES = {"noisy": score_noisy, "x0": score_x0, "lookahead": score_lookahead}
+SCORES = {"noisy": score_noisy, "x0": score_x0, "x0_proxy": score_x0_proxy,
+          "lookahead": score_lookahead}

@@ -35,7 +35,10 @@ class SearchFlags:
 
 
 def check_search(cfg):
-    """The rival searches' lists of numbers, before any work."""
+    """The rival searches' lists of numbers, and what SMC can score, before any work."""
+    if cfg.search == "smc" and cfg.score not in ("", "x0", "noisy"):
+        raise UserError(f"--search=smc --score={cfg.score}: SMC scores its particles' x0 (FK "
+                        "steering's) or noisy states")
     if not all(0 <= sigma <= 1 for sigma in parse_numbers(cfg, "prune_at", float)):
         raise UserError(f"--prune_at={cfg.prune_at}: sigmas in [0, 1], e.g. 0.6 or 0.8,0.5")
     schedule = parse_numbers(cfg, "resample", sep=":")

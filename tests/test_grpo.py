@@ -154,15 +154,22 @@ def test_what_the_drm_scores_noisy_x0_and_lookahead():
         1, 0, 0, 0]
     assert torch.equal(scores, step.candidates.flatten(2).mean(2))
     velocity = guided_velocity(policy, x, sigmas[i], cond, uncond, 2.0)
-    SCORES["x0"](reward, step, i, rows, sampler)
+    SCORES["x0_proxy"](reward, step, i, rows, sampler)
     within(max_abs(seen[-1][0],
                    (step.candidates - sigmas[i + 1] * velocity.unsqueeze(1)).flatten(0, 1)), 1e-6,
-           "x0 estimate")
+           "x0 proxy")
     assert (seen[-1][1] == 0).all()
     euler = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0,
                     noise_level=0.0)
-    SCORES["x0"](reward, euler, i, rows, sampler)
+    SCORES["x0_proxy"](reward, euler, i, rows, sampler)
     within(max_abs(seen[-1][0], euler.x0_hat), 1e-5, "Euler step's x0_hat")
+    # each candidate's own: its velocity where it is, one guided pass each
+    _, spent = SCORES["x0"](reward, step, i, rows, sampler)
+    candidates = step.candidates.flatten(0, 1)
+    context, empty = (tuple(t.repeat_interleave(k, 0) for t in pair) for pair in (cond, uncond))
+    own = guided_velocity(policy, candidates, sigmas[i + 1], context, empty, 2.0)
+    within(max_abs(seen[-1][0], candidates - sigmas[i + 1] * own), 1e-5, "candidate's x0")
+    assert (seen[-1][1] == 0).all() and spent == B * k * 2
     _, spent = SCORES["lookahead"](reward, step, i, rows, sampler)
     completed = step.candidates.flatten(0, 1)
     context, empty = (tuple(t.repeat_interleave(k, 0) for t in pair) for pair in (cond, uncond))

@@ -392,14 +392,15 @@ def test_windows_are_flow_grpo_fasts_and_mixgrpos():
     assert {w[0] for w in windows} == {0, 1, 2} and all(b - a == 3 for a, b in windows)
     assert windows[4] == window_at(cfg, 5, train_ops.streams(0, 5).window)   # a stream per update
     cfg = policy_config("--sde_window=slide:2:3")
-    expected = []
-    for update in range(1, 31):
-        start = (update - 1) // 3
-        # MixGRPO's roll back, past step 7
-        start = start % 8
-        expected.append((start, min(start + 2, 8)))
-    assert [window_at(cfg, u, None) for u in range(1, 31)] == expected
-    assert expected[21] == (7, 8) and expected[24] == (0, 2)
+    # MixGRPO's GRPOTrainingStates (fastvideo/utils/grpo_states.py) with group_size 2,
+    # iters_per_group 3, max_timesteps = sampling_steps - 2 = 8, prog_overlap_step 1, written out
+    # by hand for its iterations 0-23: range(s, min(s + 2, 8)), s = iteration // 3
+    mixgrpo = ([(0, 2)] * 3 + [(1, 3)] * 3 + [(2, 4)] * 3 + [(3, 5)] * 3 + [(4, 6)] * 3
+               + [(5, 7)] * 3 + [(6, 8)] * 3 + [(7, 8)] * 3)
+    assert [window_at(cfg, u, None) for u in range(1, 25)] == mixgrpo
+    # its iterations 24-26 (s = 8) train no step (range(8, 8)), then roll back; ours rolls back
+    # at once (the documented difference)
+    assert [window_at(cfg, u, None) for u in range(25, 28)] == [(0, 2)] * 3
     assert window_at(policy_config("--sde_window=2:6"), 7, None) == (2, 6)
     assert window_at(policy_config(), 7, None) is None
 
@@ -468,7 +469,7 @@ def test_a_trees_leaves_are_images_of_the_bases_quality():
 
 
 @pytest.mark.ex3_sde_step  # its candidates take the SDE step
-@pytest.mark.parametrize("score", ["noisy", "x0", "lookahead"])
+@pytest.mark.parametrize("score", ["noisy", "x0", "x0_proxy", "lookahead"])
 def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
     """The real loop: the DiT passes and DRM passes an update reports are the rows the policy and
     the DRM were called on (a guided pass: two rows), lookahead's ODE completions included; the
@@ -496,8 +497,10 @@ def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
     # lookahead: 2 updates x 4 trajectories x k = 2 x guidance 2 x (2 + 1) steps to go from steps 0
     # and 1
     lookahead = 2 * 4 * 2 * 2 * (2 + 1) if score == "lookahead" else 0
-    # rollout, loss, (lookahead) x 2 updates
-    assert rows["dit"] == 2 * (4 * 3 * 2 + 4 * 2 * 2) + lookahead
+    # x0: a guided pass per candidate at the 2 trained steps, 2 updates x 4 x k = 2 x 2 x 2
+    own_x0 = 2 * 4 * 2 * 2 * 2 if score == "x0" else 0
+    # rollout, loss, (lookahead, x0) x 2 updates
+    assert rows["dit"] == 2 * (4 * 3 * 2 + 4 * 2 * 2) + lookahead + own_x0
     # 4 trajectories x 2 trained steps x k
     assert rows["drm"] == 2 * 4 * 2 * 2
     weighted = record["nfe"] + record["drm_cost"] * record["drm_calls"]
