@@ -131,17 +131,33 @@ class Scorer:
         return in_chunks(self.drm, self.batch, x, sigma, context, pooled).float()
 
 
-def drm_pass_cost(base, policy, drm, drm_text, prompt):
-    """A DRM pass's cost in DiT passes: its FLOPs over an unguided DiT pass's, on one state of
-    `prompt` (counted, so the same on any machine: the run's DiT-pass equivalents per DRM pass)."""
+def pass_costs(base, models, prompt):
+    """What a DRM pass and a DiT backward pass cost in DiT forward passes: their FLOPs over an
+    unguided DiT pass's, on one state of `prompt` (counted, so the same on any machine) ->
+    {"drm_cost", "backward_cost"}. The backward is the policy's as trained: a full fine-tune's
+    computes every weight's gradient and the input's (about 2 forwards), LoRA's the adapters'."""
+    policy, drm = models.policy, models.drm
     device = next(policy.parameters()).device
     x = initial_noise(policy, 1, torch.Generator().manual_seed(0), base.latent_size).to(device)
     sigma = torch.full((1,), 0.5, device=device)
     (context, pooled), _ = base.encode([prompt])
-    drm_context, drm_pooled = drm_text.encode([prompt])
-    with torch.no_grad(), autocast(device):
-        dit = count_flops(lambda: policy(x, sigma, context, pooled))
-        return count_flops(lambda: drm(x, sigma, drm_context, drm_pooled)) / dit
+    drm_context, drm_pooled = models.drm_text.encode([prompt])
+    with autocast(device):
+        with torch.no_grad():
+            forward = count_flops(lambda: policy(x, sigma, context, pooled))
+            drm_flops = count_flops(lambda: drm(x, sigma, drm_context, drm_pooled))
+        both = count_flops(lambda: policy(x, sigma, context, pooled).float().square().mean()
+                           .backward())
+    for p in policy.parameters():
+        p.grad = None
+    return {"drm_cost": drm_flops / forward, "backward_cost": (both - forward) / forward}
+
+
+def equivalents(counters):
+    """DiT-pass equivalents: DiT forward passes, plus backward passes and DRM passes at their
+    FLOPs' share of a DiT forward pass (pass_costs)."""
+    return (counters["nfe"] + counters["backward_cost"] * counters["backward_passes"]
+            + counters["drm_cost"] * counters["drm_calls"])
 
 # -----------------------------------------------------------------------------
 # A minibatch's pieces under torchrun
@@ -244,9 +260,10 @@ def evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, *, step, count
                      f"{counters['time_s']:.0f} s")
 
 
-def resume_run(cfg, run_dir, state, models):
+def resume_run(cfg, run_dir, state, models, costs):
     """The saved policy and optimizer back in place (the random streams are the update's: streams)
-    -> (update, counters)."""
+    -> (update, counters; a run saved before backward passes were counted counts them from here,
+    at `costs`)."""
     check_state_fits(run_dir.file("train_state.pt"), "policy", models.policy, state["policy"],
                      trained_only=cfg.lora_rank > 0)
     options = dataclasses.replace(WHOLE, strict=not cfg.lora_rank)  # LoRA: the adapters alone
@@ -259,7 +276,7 @@ def resume_run(cfg, run_dir, state, models):
     torch.set_rng_state(state["torch_rng"])
     run_dir.last_saved = state["step"]
     run_dir.trim_metrics(state["step"])
-    return state["step"], state["counters"]
+    return state["step"], {"backward_passes": 0, **costs, **state["counters"]}
 
 
 def finish_stopped(cfg, run_dir, base, models, *, step, counters, advice):

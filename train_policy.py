@@ -143,12 +143,13 @@ def rollout(cfg, models, base, train_prompts, rng, ranks, *, step):
 
 def update(cfg, models, trajectories, advantages, rng, ranks, *, step, advice):
     """Every trained (step, trajectory) pair of the rollout once, in `minibatches` AdamW steps (a
-    minibatch in pieces: train_ops.pieces) -> (mean stats, DiT passes)."""
+    minibatch in pieces: train_ops.pieces) -> (mean stats, DiT forward passes, DiT backward
+    passes)."""
     world, mine = ranks.world, ranks.shard(cfg.trajectories, "--trajectories")
     marked = trajectories.trained.repeat(1, world).flatten()  # the ranks' rows are marked alike
     pairs = marked.nonzero().flatten()[torch.randperm(int(marked.sum()), generator=rng.order)]
     references = 2 if models.reference is not None else 1  # the KL's frozen copy, run beside
-    forwards = passes(trajectories.uncond, cfg.cfg_scale) * references
+    backwards = passes(trajectories.uncond, cfg.cfg_scale)  # the policy's passes of a pair
     stats, nfe = [], 0
     for minibatch in pairs.to(trajectories.states.device).chunk(cfg.minibatches):
         models.optimizer.zero_grad(set_to_none=True)
@@ -165,23 +166,27 @@ def update(cfg, models, trajectories, advantages, rng, ranks, *, step, advice):
             if weight or not stats:
                 stats.append(piece_stats)
         train_ops.optimizer_step(models, cfg.grad_clip, step, advice)
-        nfe += len(minibatch) * forwards
-    return {key: sum(s[key].item() for s in stats) / len(stats) for key in stats[0]}, nfe
+        nfe += len(minibatch) * backwards * references
+    means = {key: sum(s[key].item() for s in stats) / len(stats) for key in stats[0]}
+    return means, nfe, len(pairs) * backwards
 
 
 def grpo_step(cfg, base, models, train_prompts, ranks, *, step, advice):
-    """One update -> (stats, DiT passes, DRM passes; all ranks)."""
+    """One update -> (stats, the passes it made on all ranks: {"nfe": DiT forward passes,
+    "backward_passes": DiT backward passes, "drm_calls": DRM passes})."""
     rng = train_ops.streams(cfg.seed, step)
     trajectories, final_rewards, scorer = rollout(cfg, models, base, train_prompts, rng, ranks,
                                                   step=step)
     advantages = CREDIT[cfg.credit].advantages(trajectories, final_rewards, settings(cfg),
                                                ranks.shard(cfg.trajectories), ranks.gather)
-    stats, nfe = update(cfg, models, trajectories, advantages, rng, ranks, step=step, advice=advice)
+    stats, nfe, backward = update(cfg, models, trajectories, advantages, rng, ranks, step=step,
+                                  advice=advice)
     last = int(trajectories.trained.any(1).nonzero().max())  # the last trained step
     rewards = trajectories.rewards[last] if final_rewards is None else final_rewards
     stats["train_reward"] = rewards.mean().item()
     stats["trained_pairs"] = int(trajectories.trained.sum()) * ranks.world
-    return stats, trajectories.nfe * ranks.world + nfe, scorer.calls
+    return stats, {"nfe": trajectories.nfe * ranks.world + nfe, "backward_passes": backward,
+                   "drm_calls": scorer.calls}
 
 # -----------------------------------------------------------------------------
 # The loop
@@ -219,12 +224,12 @@ def main(cfg):
         heldout = base.heldout_prompts(cfg.eval_prompts, train_prompts)
         base.prepare(train_prompts + heldout, run_dir.file("cache"))  # SD3: embedded once, cached
         models = train_ops.build_models(cfg, base, device, ranks)
-        drm_cost = train_ops.drm_pass_cost(base, models.policy, models.drm, models.drm_text,
-                                           train_prompts[0])
-        print(f"a DRM pass costs {drm_cost:.3f} DiT passes (FLOPs counted)")
-        step, counters = (train_ops.resume_run(cfg, run_dir, state, models) if state else
-                          (0, {"nfe": 0, "drm_calls": 0, "dit_equivalents": 0.0, "time_s": 0.0,
-                               "drm_cost": drm_cost}))
+        costs = train_ops.pass_costs(base, models, train_prompts[0])
+        print(f"a DRM pass costs {costs['drm_cost']:.3f} DiT passes, a DiT backward pass "
+              f"{costs['backward_cost']:.3f} (FLOPs counted)")
+        step, counters = (train_ops.resume_run(cfg, run_dir, state, models, costs) if state else
+                          (0, {"nfe": 0, "backward_passes": 0, "drm_calls": 0,
+                               "dit_equivalents": 0.0, "time_s": 0.0, **costs}))
         if step == 0:
             train_ops.evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, step=0,
                                         counters=counters, save=False, stop=stop)
@@ -234,12 +239,12 @@ def main(cfg):
         one_update = grpo_step if cfg.objective == "ppo" else matching_update
         while step < cfg.updates and not spent() and not any_rank(stop):
             t0 = time.time()
-            train_stats, nfe, drm_calls = one_update(cfg, base, models, train_prompts, ranks,
-                                                     step=step + 1, advice=run_dir.advice())
+            train_stats, made = one_update(cfg, base, models, train_prompts, ranks,
+                                           step=step + 1, advice=run_dir.advice())
             step += 1
-            counters["nfe"] += nfe
-            counters["drm_calls"] += drm_calls
-            counters["dit_equivalents"] = counters["nfe"] + drm_cost * counters["drm_calls"]
+            for key, n in made.items():
+                counters[key] += n
+            counters["dit_equivalents"] = train_ops.equivalents(counters)
             counters["time_s"] += time.time() - t0
             bar.update(1)
             bar.set_postfix(reward=f"{train_stats['train_reward']:.3f}",

@@ -47,7 +47,7 @@ on SD3's grid for their DPM / SA solvers, --steps=10 (NFT's 10; AWM's 14), 4 pro
 update (theirs 48 x 24, and AWM skips its first 2 epochs, a workaround of theirs), a full fine-tune
 at --lr=3e-5 (their LoRA's 3e-4, scaled as Flow-GRPO's); the policy itself evaluated, not their
 EMA of it; one process. Every pass is counted: the rollout's, and three forwards a (sample, sigma)
-pair (the policy, the old or EMA copy, the base).
+pair (the policy, the old or EMA copy, the base) and the policy's backward.
 """
 from dataclasses import dataclass
 from functools import partial
@@ -205,7 +205,7 @@ def draw_pairs(cfg, samples, shape, generator):
 
 
 def matching_update(cfg, base, models, train_prompts, ranks, *, step, advice):
-    """One NFT or AWM update -> (stats, DiT passes, DRM passes), as train_policy.grpo_step (whose
+    """One NFT or AWM update -> (stats, the passes it made), as train_policy.grpo_step (whose
     arguments it takes; ranks unused: one process, as train_policy.main insists)."""
     objective, rng = OBJECTIVES[cfg.objective], train_ops.streams(cfg.seed, step)
     group = cfg.per_prompt
@@ -236,7 +236,8 @@ def matching_update(cfg, base, models, train_prompts, ranks, *, step, advice):
     nfe = cfg.steps * len(x0) * passes(uncond, cfg.cfg_scale) + 3 * sigmas.numel()
     stats = {"policy_loss": sum(losses) / len(losses), "train_reward": rewards.mean().item(),
              "trained_pairs": sigmas.numel()}
-    return stats, nfe, scorer.calls
+    # the policy's pass of each pair is trained: its backward too
+    return stats, {"nfe": nfe, "backward_passes": sigmas.numel(), "drm_calls": scorer.calls}
 
 
 def update_shadow(models, decay):

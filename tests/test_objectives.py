@@ -212,6 +212,7 @@ def test_a_run_counts_every_pass_and_resumes_exactly(objective, credit, tmp_path
     # NFT: int(0.99 x 3) = 2 sigmas a sample; AWM: 6 strata of [0, int(0.9 x 3) = 2), some empty
     pairs = 4 * (2 if objective == "nft" else 6)
     assert straight[-1]["nfe"] == updates * (3 * 4 + 3 * pairs)
+    assert straight[-1]["backward_passes"] == updates * pairs  # the policy's pass of each pair
     assert straight[-1]["drm_calls"] == updates * (pairs if credit == "stepwise" else 4)
     if objective == "nft":
         for n in (1, 2):

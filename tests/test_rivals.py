@@ -503,7 +503,10 @@ def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
     assert rows["dit"] == 2 * (4 * 3 * 2 + 4 * 2 * 2) + lookahead + own_x0
     # 4 trajectories x 2 trained steps x k
     assert rows["drm"] == 2 * 4 * 2 * 2
-    weighted = record["nfe"] + record["drm_cost"] * record["drm_calls"]
+    # the loss's policy passes, each with its backward: 2 updates x 4 x 2 trained steps x guidance
+    assert record["backward_passes"] == 2 * 4 * 2 * 2
+    weighted = (record["nfe"] + record["backward_cost"] * record["backward_passes"]
+                + record["drm_cost"] * record["drm_calls"])
     within(abs(record["dit_equivalents"] - weighted) / abs(weighted), 1e-6, "DiT-pass equivalents")
-    # 3 of the 6 blocks and a small head
-    assert 0.4 < record["drm_cost"] < 0.7
+    # 3 of the 6 blocks and a small head; a backward computes the inputs' and weights' gradients
+    assert 0.4 < record["drm_cost"] < 0.7 and 1.8 < record["backward_cost"] < 2.2

@@ -217,7 +217,10 @@ def test_train_policy_resumed_equals_one_uninterrupted_run(tmp_path):
     assert lines[-1]["nfe"] == 2 * (4 * 2 * 2 + 4 * 1 * 2)
     # per update: 4 trajectories x 1 trained step x k = 2
     assert lines[-1]["drm_calls"] == 2 * 4 * 1 * 2
-    expected = lines[-1]["nfe"] + lines[-1]["drm_cost"] * lines[-1]["drm_calls"]
+    # per update: the loss's 4 x 1 trained step, guided, forward and backward
+    assert lines[-1]["backward_passes"] == 2 * 4 * 1 * 2
+    expected = (lines[-1]["nfe"] + lines[-1]["backward_cost"] * lines[-1]["backward_passes"]
+                + lines[-1]["drm_cost"] * lines[-1]["drm_calls"])
     within(abs(lines[-1]["dit_equivalents"] - expected) / expected, 1e-12, "DiT-pass equivalents")
 
 
