@@ -7,16 +7,19 @@ one budget of DiT-pass equivalents, with common random numbers and paired statis
     python -m bench.grpo_credit --modes=tree,sparse --seeds=0   # some of them
     python -m bench.grpo_credit --plot_only              # redraw from out/credit/*/metrics.jsonl
 
-Every run gets the same budget (--max_nfe): DiT passes (rollouts, look-aheads, training forwards)
-plus DRM passes times a DRM pass's FLOPs over a DiT pass's (train_policy.py counts it: 0.535 on the
-toy). A run that stops early is resumed (--resume); a finished one is skipped. With one seed every
-mode draws the same prompts and initial noise at each update (train_ops.streams), so modes
-compare pairwise: the table gives each mode's final held-out gold as mean +- s.e. over seeds, and
-its difference from the reference mode per seed (paired), mean +- s.e.; "beats" or "loses" only at 2
-s.e. or more, else "tie". It also gives the DiT-pass equivalents at which the mode's mean curve
-first reaches the target (sparse's final gold), and its budget at SD3.5-medium's DRM cost (0.90 DiT
-passes a DRM pass: bench/sd3_memory.py's 2.19 against 2.44 TFLOPs). Runs go `jobs` at a time, one
-CPU thread each, so wall times compare between modes. Writes OUT_DIR/<experiment>.md and
+Every run gets the same budget (--max_nfe): DiT passes (rollouts, look-aheads, training forwards,
+and the training passes' backwards at their FLOPs, about 2 forwards) plus DRM passes times a DRM
+pass's FLOPs over a DiT pass's (train_policy.py counts both: 0.535 a DRM pass on the toy). A run
+that stops early is resumed (--resume); a finished one is skipped. With one seed every mode draws
+the same prompts and initial noise at each update (train_ops.streams), so modes compare pairwise:
+the table gives each mode's held-out gold at exactly the budget (interpolated between the
+evaluations on either side) as mean +- s.e. over seeds, and its difference from the reference mode
+per seed (paired), mean +- s.e., with its two-sided 95% interval at seeds - 1 degrees of freedom;
+"beats" or "loses" only when the interval excludes 0, else "tie" (bench/stats.py). It also gives the
+first evaluation at which the mode's mean gold reaches the target (the reference's gold at the
+budget) and the one before it, and the budget at SD3.5-medium's DRM cost (0.90 DiT passes a DRM
+pass: bench/sd3_memory.py's 2.19 against 2.44 TFLOPs). Runs go `jobs` at a time, one CPU thread
+each, so wall times compare between modes. Writes OUT_DIR/<experiment>.md and
 OUT_DIR/<experiment>.png (needs matplotlib, which the rest does not).
 """
 import json
@@ -25,7 +28,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-from bench.stats import SD35_MEDIUM_DRM_COST, mean_se, verdict
+from bench.stats import SD35_MEDIUM_DRM_COST, interval, mean_se, t_critical, verdict
 from common import UserError, check_flags, flag, parse_numbers, print_config, run_main
 
 # Flow-GRPO's beta 0.04 x |dt| = 0.111 (grpo.grpo_loss: its KL is ours x |dt|)
@@ -164,8 +167,8 @@ def load_runs(cfg, modes, seeds):
 
 
 def gold_at(run, budget):
-    """A run's held-out gold at `budget` DiT-pass equivalents, linear between its evaluations (None
-    past its end)."""
+    """A run's held-out gold at `budget` DiT-pass equivalents, linear between the evaluations on
+    either side (None before its first or past its last)."""
     points = [(r["dit_equivalents"], r["gold"]) for r in run]
     for (x0, g0), (x1, g1) in zip(points, points[1:]):
         if x0 <= budget <= x1:
@@ -173,50 +176,62 @@ def gold_at(run, budget):
     return None
 
 
-def reaching(runs, mode, seeds, target, budget):
-    """The least DiT-pass equivalents at which the mode's mean gold over seeds (interpolated)
-    reaches target."""
-    grid = [budget * i / 200 for i in range(201)]
-    for x in grid:
-        values = [gold_at(runs[mode, s], x) for s in seeds]
-        if None not in values and sum(values) / len(values) >= target:
-            return x
+def reaching(runs, mode, seeds, target):
+    """The first evaluation at which the mode's mean gold over seeds reaches target -> (its DiT-pass
+    equivalents, those of the evaluation before it: the resolution of the answer), or None. A
+    mode's seeds evaluate at the same updates, at equal equivalents (its passes a update are
+    fixed)."""
+    rows = zip(*(runs[mode, s] for s in seeds))
+    previous = 0.0
+    for row in rows:
+        if sum(r["gold"] for r in row) / len(row) >= target:
+            return row[0]["dit_equivalents"], previous
+        previous = row[0]["dit_equivalents"]
     return None
 
 
 def summarise(cfg, runs, modes, reference, seeds):
-    """The table: final gold (mean +- s.e.), the paired difference from the reference, the verdict,
-    the budget to the target, the counts behind the equivalents, and reward hacking."""
-    finals = {m: [runs[m, s][-1]["gold"] for s in seeds] for m in modes}
+    """The table: gold at exactly the budget (interpolated between the evaluations on either
+    side), the paired difference from the reference with its 95% interval at seeds - 1 degrees of
+    freedom and its verdict, the first evaluation at the reference's final gold, the counts behind
+    the equivalents, and reward hacking."""
+    finals = {m: [gold_at(runs[m, s], cfg.max_nfe) for s in seeds] for m in modes}
     target = mean_se(finals[reference])[0] if reference in modes else None
+    df = len(seeds) - 1
     lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); budget {cfg.max_nfe:,} DiT-pass "
-             "equivalents a run; differences paired by seed (the same prompts and initial noise), "
-             "s.e. over seeds; target: "
+             "equivalents a run (DiT forward and backward passes and DRM passes, each at its "
+             "FLOPs), gold read at exactly the budget; differences paired by seed (the same "
+             f"prompts and initial noise), 95% interval at {df} df (t = "
+             f"{t_critical(df) if df else float('nan'):.3f}): beats / loses only when it excludes "
+             "0; target: "
              + (f"{reference}'s final gold, {target:.4f}" if target is not None else "none"), "",
-             f"| mode | gold start | gold end (mean ± s.e.) | minus {reference} (paired) | verdict "
-             "| DRM start -> end | updates | DiT passes | DRM passes | DiT-pass equivalents (at "
-             "SD3.5-medium's DRM cost) | equivalents to target | DRM up while gold down "
-             "|", "|---" * 12 + "|"]
+             f"| mode | n | gold start | gold at the budget (mean ± s.e.) | minus {reference} "
+             "(paired) | 95% interval | df | verdict | DRM start -> end | updates | DiT passes "
+             "(backward) | DRM passes | DiT-pass equivalents (at SD3.5-medium's DRM cost) | first "
+             "evaluation at the target (the one before) | DRM up while gold down |",
+             "|---" * 15 + "|"]
     for mode in modes:
         end, end_se = mean_se(finals[mode])
+        paired = span = judged = ""
         if reference in modes and mode != reference:
             diff, diff_se = mean_se([a - b for a, b in zip(finals[mode], finals[reference])])
-            paired, judged = f"{diff:+.4f} ± {diff_se:.4f}", verdict(diff, diff_se)
-        else:
-            paired, judged = "", ""
+            paired, judged = f"{diff:+.4f} ± {diff_se:.4f}", verdict(diff, diff_se, df)
+            span = "[{:+.4f}, {:+.4f}]".format(*interval(diff, diff_se, df)) if df else ""
         last = [runs[mode, s][-1] for s in seeds]
-        average = lambda key: sum(r[key] for r in last) / len(last)  # noqa: E731
-        sd35 = average("nfe") + SD35_MEDIUM_DRM_COST * average("drm_calls")
-        hit = reaching(runs, mode, seeds, target, cfg.max_nfe) if target is not None else None
+        average = lambda key: sum(r.get(key, 0) for r in last) / len(last)  # noqa: E731
+        sd35 = (average("nfe") + average("backward_cost") * average("backward_passes")
+                + SD35_MEDIUM_DRM_COST * average("drm_calls"))
+        hit = reaching(runs, mode, seeds, target) if target is not None else None
         hacked = [s for s in seeds if runs[mode, s][-1]["drm"] > runs[mode, s][0]["drm"]
                   and runs[mode, s][-1]["gold"] < runs[mode, s][0]["gold"]]
         start = mean_se([runs[mode, s][0]["gold"] for s in seeds])[0]
         drm = [mean_se([runs[mode, s][i]["drm"] for s in seeds])[0] for i in (0, -1)]
-        lines.append(f"| {mode} | {start:.4f} | {end:.4f} ± {end_se:.4f} | {paired} | {judged} | "
-                     f"{drm[0]:.3f} -> {drm[1]:.3f} | {average('step'):.0f} | "
-                     f"{average('nfe'):,.0f} | {average('drm_calls'):,.0f} | "
+        lines.append(f"| {mode} | {len(seeds)} | {start:.4f} | {end:.4f} ± {end_se:.4f} | {paired} "
+                     f"| {span} | {df if paired else ''} | {judged} | {drm[0]:.3f} -> "
+                     f"{drm[1]:.3f} | {average('step'):.0f} | {average('nfe'):,.0f} "
+                     f"({average('backward_passes'):,.0f}) | {average('drm_calls'):,.0f} | "
                      f"{average('dit_equivalents'):,.0f} ({sd35:,.0f}) | "
-                     f"{f'{hit:,.0f}' if hit is not None else 'not reached'} | "
+                     + (f"{hit[0]:,.0f} ({hit[1]:,.0f})" if hit else "not reached") + " | "
                      f"{'seeds ' + str(hacked) if hacked else 'no'} |")
     return "\n".join(lines)
 

@@ -24,8 +24,9 @@ image by image. Compute per image is counted in DiT-pass equivalents: DiT passes
 DRM pass's FLOPs over a DiT pass's (counted here: 0.535 on the toy), and shown at SD3.5-medium's
 ratio (0.90) too. Each method's verdict: its gold minus best-of-N's at the same equivalents
 (interpolated in N), per image, mean +- s.e. clustered by prompt (images of one prompt are not
-independent); "beats" or "loses" at 2 s.e. or more, else "tie". Writes OUT.json, OUT.md and OUT.png
-(needs matplotlib).
+independent); "beats" or "loses" only when its two-sided 95% interval at prompts - 1 degrees of
+freedom excludes 0 (bench/stats.py), else "tie". Writes OUT.json, OUT.md and OUT.png (needs
+matplotlib).
 """
 import dataclasses
 import json
@@ -36,7 +37,7 @@ from dataclasses import dataclass
 import torch
 
 import sample
-from bench.stats import SD35_MEDIUM_DRM_COST, clustered, verdict
+from bench.stats import SD35_MEDIUM_DRM_COST, clustered, interval, verdict
 from checkpoints import check_writable
 from common import (UserError, check_flags, count_flops, flag, parse_numbers, pick_device,
                     print_config, run_main)
@@ -203,24 +204,28 @@ def pool_of_samples(cfg, base, drm, drm_text, pool, prompts):
 
 def compare(rows, curves, clusters, sample_passes, at_cost):
     """Each method against best-of-N at the same equivalents (`at_cost`: the DRM cost the
-    equivalents are weighed at): per-image differences, clustered s.e., verdicts -> markdown."""
-    lines = ["| method | DiT-pass equivalents / image | gold | best-of-N there (N) | difference ± "
-             "clustered s.e. | paired s.e. (images) | verdict |",
-             "|---|---|---|---|---|---|---|"]
+    equivalents are weighed at): per-image differences, their s.e. clustered by prompt, the 95%
+    interval at clusters - 1 degrees of freedom, the verdict -> markdown."""
+    df = len(torch.unique(clusters)) - 1
+    lines = ["| method | DiT-pass equivalents / image | gold | best-of-N there (N) | n (prompts) | "
+             "difference ± clustered s.e. | 95% interval | df | paired s.e. (images) | verdict |",
+             "|---" * 10 + "|"]
     for r in rows:
         budget = r["dit_passes"] + at_cost * r["drm_passes"]
         reference = best_of_at(curves, budget, sample_passes, at_cost)
         if reference is None:
             lines.append(f"| {r['label']} | {budget:.0f} | {r['gold']:.4f} | outside "
-                         f"best-of-1..{POOL} | | | |")
+                         f"best-of-1..{POOL} |" + " |" * 6)
             continue
         diff = torch.tensor(r["gold_per_image"], dtype=torch.float64) - reference
         mean, se = clustered(diff, clusters)
         paired = diff.std().item() / math.sqrt(len(diff))
         n = next(n for n in range(1, POOL) if best_of_cost(n + 1, sample_passes, at_cost) >= budget)
+        low, high = interval(mean, se, df)
         lines.append(f"| {r['label']} | {budget:.0f} | {r['gold']:.4f} | "
-                     f"{reference.mean().item():.4f} ({n}-{n + 1}) | {mean:+.4f} ± {se:.4f} | "
-                     f"{paired:.4f} | {verdict(mean, se)} |")
+                     f"{reference.mean().item():.4f} ({n}-{n + 1}) | {len(diff)} ({df + 1}) | "
+                     f"{mean:+.4f} ± {se:.4f} | [{low:+.4f}, {high:+.4f}] | {df} | {paired:.4f} | "
+                     f"{verdict(mean, se, df)} |")
     return "\n".join(lines)
 
 

@@ -171,7 +171,94 @@ def test_clustered_standard_errors_by_hand():
     within(abs(found_se - expected) / expected, 1e-12, "clustered s.e., relative")
     paired = d.std().item() / math.sqrt(6)
     within(abs(clustered(d, torch.arange(6))[1] - paired) / paired, 1e-12, "paired s.e., relative")
-    assert [verdict(0.3, 0.1), verdict(0.19, 0.1), verdict(-0.2, 0.1)] == ["beats", "tie", "loses"]
+    # 9 df (10 prompts): t = 2.262
+    assert [verdict(0.3, 0.1, 9), verdict(0.2, 0.1, 9), verdict(-0.3, 0.1, 9)] == ["beats", "tie",
+                                                                                   "loses"]
+
+
+def test_a_verdict_needs_its_interval_at_its_degrees_of_freedom():
+    """Student's t against closed forms (1 df: tan(pi (p - 1/2)); 2 df: (2p - 1) sqrt(2 / (4 p
+    (1 - p)))) and scipy; a difference beats only when mean - t s.e. > 0. The cases the 2-s.e. rule
+    got wrong: 3 s.e. with 1 df (2 seeds: p = 0.20) and 2.09 s.e. with 9 df (p = 0.066) are ties;
+    29.5 s.e. with 1 df is a win. Bisection's error: 1e-12 of t; a wrong tail (one-sided 95%):
+    6.314 at 1 df, 50% off."""
+    from bench.stats import interval, t_critical, verdict
+    p = 0.975
+    within(abs(t_critical(1) - math.tan(math.pi * (p - 0.5))) / 12.706, 1e-10, "t, 1 df")
+    within(abs(t_critical(2) - (2 * p - 1) * math.sqrt(2 / (4 * p * (1 - p)))) / 4.303, 1e-10,
+           "t, 2 df")
+    scipy = pytest.importorskip("scipy.stats")
+    within(max(abs(t_critical(df) - scipy.t.ppf(p, df)) / scipy.t.ppf(p, df)
+               for df in (*range(1, 61), 100, 1000)), 1e-10, "t against scipy")
+    within(abs(t_critical(4, 0.9) - scipy.t.ppf(0.95, 4)) / 2.132, 1e-10, "t at 90%")
+    assert [verdict(0.3, 0.1, 1), verdict(2.09, 1.0, 9), verdict(29.5, 1.0, 1)] == ["tie", "tie",
+                                                                                    "beats"]
+    assert verdict(1.0, 0.1, 0) == "tie" and verdict(1.0, 0.0, 5) == "tie"
+    low, high = interval(1.0, 0.5, 2)
+    within(abs(low - (1.0 - 4.302653 * 0.5)) + abs(high - (1.0 + 4.302653 * 0.5)), 1e-6,
+           "interval")
+
+
+def test_gold_at_the_budget_and_the_first_evaluation_at_the_target():
+    """grpo_credit.gold_at: linear between the evaluations on either side, None outside; reaching:
+    the first evaluation whose mean gold over the seeds reaches the target, and the one before."""
+    from bench.grpo_credit import gold_at, reaching
+    run = [{"dit_equivalents": x, "gold": g} for x, g in ((0, -1.0), (100, -0.5), (200, -0.3))]
+    assert gold_at(run, 100) == -0.5 and gold_at(run, 0) == -1.0 and gold_at(run, 250) is None
+    within(abs(gold_at(run, 150) - -0.4), 1e-12, "halfway")
+    within(abs(gold_at(run, 25) - -0.875), 1e-12, "a quarter")
+    runs = {("a", 0): run, ("a", 1): [{"dit_equivalents": x, "gold": g}
+                                      for x, g in ((0, -1.0), (100, -0.9), (200, -0.5))]}
+    # means -1, -0.7, -0.4
+    assert reaching(runs, "a", [0, 1], -0.5) == (200, 100)
+    assert reaching(runs, "a", [0, 1], -1.0) == (0, 0.0)
+    assert reaching(runs, "a", [0, 1], 0.0) is None
+
+
+def test_the_credit_table_by_hand():
+    """grpo_credit.summarise on made-up runs of 3 seeds: gold at the budget interpolated, the paired
+    difference, its interval at 2 df (t = 4.3027), the verdict, the counts."""
+    from bench.grpo_credit import Config, summarise
+
+    def run(golds, calls=10):
+        return [{"step": 5 * i, "dit_equivalents": 50.0 * i, "gold": g, "drm": 0.1 * i,
+                 "nfe": 40 * i, "backward_passes": 4 * i, "backward_cost": 2.0,
+                 "drm_calls": calls * i} for i, g in enumerate(golds)]
+    # at the budget 75: halfway between the evaluations at 50 and 100
+    runs = {("ref", 0): run([-1.0, -0.8, -0.6]), ("ref", 1): run([-1.0, -0.9, -0.7]),
+            ("ref", 2): run([-1.0, -0.7, -0.5]),
+            ("new", 0): run([-1.0, -0.5, -0.3]), ("new", 1): run([-1.0, -0.6, -0.4]),
+            ("new", 2): run([-1.0, -0.6, -0.2])}
+    table = summarise(Config(max_nfe=75), runs, ["ref", "new"], "ref", [0, 1, 2])
+    # ref at 75: -0.7, -0.8, -0.6 (mean -0.7); new: -0.4, -0.5, -0.4; differences 0.3, 0.3, 0.2:
+    # mean 0.2667, s.e. sqrt(((1/30)^2 * 2 + (2/30)^2) / 2 / 3) = 0.03333; half-width 4.3027 x
+    # 0.03333 = 0.1434
+    new = next(line for line in table.splitlines() if line.startswith("| new |"))
+    assert ("| new | 3 | -1.0000 | -0.4333 ± 0.0333 | +0.2667 ± 0.0333 | [+0.1232, +0.4101] | 2 | "
+            "beats |") in new, new
+    # target -0.7: new's mean gold reaches it at the evaluation at 50 (-0.5667), the one before 0
+    assert "| 50 (0) |" in new and "| 0.000 -> 0.200 | 10 | 80 (8) | 20 |" in new, new
+    # equivalents at SD3.5-medium's DRM cost: 80 + 2 x 8 + 0.8975 x 20
+    assert f"({80 + 16 + 20 * 2.19 / 2.44:,.0f})" in new
+
+
+def test_the_search_table_by_hand():
+    """search.best_of_at interpolates best-of-N's per-image gold in N at a budget; compare's line:
+    the per-image difference, its clustered s.e., the interval at prompts - 1 df, the verdict."""
+    g = torch.Generator().manual_seed(0)
+    curves = {n: torch.randn(6, generator=g, dtype=torch.float64) for n in range(1, search.POOL + 1)}
+    # best-of-2 costs 2 x 10 + 2 x 0.5 = 21, best-of-3 31.5: 26.25 is halfway
+    at = search.best_of_at(curves, 26.25, 10, 0.5)
+    within(max_abs(at, (curves[2] + curves[3]) / 2), 1e-12, "best-of-N halfway")
+    assert search.best_of_at(curves, 5, 10, 0.5) is None
+    clusters = torch.tensor([0, 0, 1, 1, 2, 2])
+    gold = (at + torch.tensor([0.5, 0.3, 0.4, 0.6, 0.2, 0.4], dtype=torch.float64)).tolist()
+    line = search.compare([{"label": "m", "dit_passes": 26.0, "drm_passes": 0.5, "gold": 0.0,
+                            "gold_per_image": gold}], curves, clusters, 10, 0.5).splitlines()[-1]
+    # differences' mean 0.4; clusters' sums of deviations 0, 0.2, -0.2: s.e. sqrt(3 / 2 x 0.08) / 6
+    # = 0.05774; t at 2 df 4.3027: half-width 0.2484
+    assert "| 6 (3) | +0.4000 ± 0.0577 | [+0.1516, +0.6484] | 2 |" in line, line
+    assert line.endswith("| beats |")
 
 
 def test_the_credit_bench_tells_a_finished_run_from_a_cut_one(tmp_path):
