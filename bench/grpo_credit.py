@@ -29,7 +29,7 @@ import sys
 from dataclasses import dataclass
 
 from bench.stats import SD35_MEDIUM_DRM_COST, interval, mean_se, t_critical, verdict
-from common import UserError, check_flags, flag, parse_numbers, print_config, run_main
+from common import UserError, check_flags, flag, print_config, run_main
 
 # Flow-GRPO's beta 0.04 x |dt| = 0.111 (grpo.grpo_loss: its KL is ours x |dt|)
 KL = "--kl_weight=0.0044"
@@ -82,7 +82,10 @@ class Config:
     experiment: str = flag("credit", choices=EXPERIMENTS)
     # comma-separated folder names (stepwise,tree,...); "" = the experiment's
     modes: str = ""
-    seeds: str = ""                    # "" = the experiment's (credit: 0-4, collapse: 0-2)
+    seeds: tuple = flag((), "[0, inf)")  # () = the experiment's (credit: 0-4, collapse: 0-2)
+    # each mode's lr is the best of these on the tuning seeds (one lr: no tuning)
+    lrs: tuple = flag((1e-5, 3e-5, 1e-4), "(0, inf)", of=float)
+    tuning_seeds: tuple = flag((100, 101), "[0, inf)")  # never among --seeds
     max_nfe: int = flag(38400, "[1, inf)")  # DiT-pass equivalents a run
     # updates between held-out evaluations (a mode's flags may say otherwise)
     eval_every: int = flag(10, "[1, inf)")
@@ -109,14 +112,36 @@ def chosen(cfg):
             raise UserError(f"--modes={cfg.modes}: unknown {unknown}; choose from "
                             f"{', '.join(by_folder)}")
         modes = [by_folder[m] for m in cfg.modes.split(",")]
-    seeds = parse_numbers(cfg, "seeds") if cfg.seeds else [int(s) for s in seeds.split(",")]
-    if not seeds:
-        raise UserError("--seeds: give at least one seed, e.g. --seeds=0,1")
+    seeds = list(cfg.seeds) or [int(s) for s in seeds.split(",")]
+    shared = sorted(set(seeds) & set(cfg.tuning_seeds))
+    if shared:
+        raise UserError(f"--seeds and --tuning_seeds share {shared}: a verdict's seeds must not "
+                        "be those its learning rates were chosen on")
+    if not cfg.lrs or not cfg.tuning_seeds and len(cfg.lrs) > 1:
+        raise UserError("--lrs and --tuning_seeds: give at least one lr, and tuning seeds to "
+                        "choose among several")
     return modes, reference, seeds
 
 
-def run_dir(cfg, mode, seed):
-    return os.path.join(cfg.out_dir, f"{folder(mode)}_seed{seed}")
+def tuned_as(mode):
+    """The mode whose tuned lr a mode takes: sparse's for the sparse variants (the same loss and
+    reward, another rollout), its own otherwise."""
+    return "sparse" if MODES[mode].startswith("--credit=sparse") else mode
+
+
+def run_dir(cfg, mode, seed, lr):
+    return os.path.join(cfg.out_dir, f"{folder(mode)}_lr{lr:g}_seed{seed}")
+
+
+def read_metrics(path):
+    """A run's metrics rows; a last row cut short by a kill is dropped."""
+    rows = []
+    for line in open(path).read().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return rows
 
 
 def finished(cfg, path):
@@ -124,46 +149,72 @@ def finished(cfg, path):
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.exists(metrics):
         return False
-    lines = [line for line in open(metrics).read().splitlines() if line.strip()]
-    return bool(lines) and json.loads(lines[-1]).get("dit_equivalents", 0) >= cfg.max_nfe
+    rows = read_metrics(metrics)
+    return bool(rows) and rows[-1].get("dit_equivalents", 0) >= cfg.max_nfe
 
 
-def run_all(cfg, modes, seeds):
+def run_all(cfg, jobs):
+    """Each (mode, seed, lr) of jobs to its budget, `cfg.jobs` at a time, resumed where cut short.
+    A run that exits without spending its budget (stopped alone: SIGTERM, the OOM killer) is an
+    error, not a finished run."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    queue = [(mode, seed) for seed in seeds for mode in modes]
+    queue = [job for job in jobs if not finished(cfg, run_dir(cfg, *job))]
     running = []
     while queue or running:
         while queue and len(running) < cfg.jobs:
-            mode, seed = queue.pop(0)
-            path = run_dir(cfg, mode, seed)
-            if finished(cfg, path):
-                continue
+            mode, seed, lr = queue.pop(0)
+            path = run_dir(cfg, mode, seed, lr)
             again = "--resume" if os.path.exists(os.path.join(path,
                                                               "train_state.pt")) else "--overwrite"
             command = [sys.executable, "train_policy.py", f"--eval_every={cfg.eval_every}",
-                       *MODES[mode].split(),
+                       *MODES[mode].split(), f"--lr={lr:g}",
                        f"--seed={seed}", f"--out_dir={path}", f"--max_nfe={cfg.max_nfe}",
                        "--updates=100000", again, *cfg.extra.split()]
             print(" ".join(command), flush=True)
             os.makedirs(path, exist_ok=True)
             log = open(os.path.join(path, "log.txt"), "a")
-            running.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
-        running[0].wait()
-        if running[0].returncode:
-            raise UserError(f"{' '.join(running[0].args)} failed; see its log.txt")
-        running.pop(0)
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+            running.append((process, path))
+        process, path = running.pop(0)
+        process.wait()
+        if process.returncode or not finished(cfg, path):
+            raise UserError(f"{' '.join(process.args)} "
+                            + ("failed" if process.returncode else "stopped before its budget")
+                            + "; see its log.txt, then run again: it resumes")
 
 
-def load_runs(cfg, modes, seeds):
-    runs = {}
-    for mode in modes:
-        for seed in seeds:
-            path = os.path.join(run_dir(cfg, mode, seed), "metrics.jsonl")
-            if not os.path.exists(path):
-                raise UserError(f"{path} is missing: run without --plot_only first")
-            with open(path) as f:
-                runs[mode, seed] = [json.loads(line) for line in f]
-    return runs
+def choose_lr(runs, lrs, seeds, budget):
+    """The lr whose runs (runs[lr, seed]) have the best mean gold at the budget over the seeds
+    (the smaller lr on a tie) -> (lr, {lr: that mean})."""
+    means = {lr: sum(gold_at(runs[lr, s], budget) for s in seeds) / len(seeds) for lr in lrs}
+    return max(lrs, key=lambda lr: (means[lr], -lr)), means
+
+
+def tune(cfg, modes):
+    """Each mode's lr, chosen on the tuning seeds (shared by the modes tuned_as one) -> {mode: lr},
+    and OUT_DIR/lrs.json recording the choice and every candidate's gold."""
+    owners = list(dict.fromkeys(tuned_as(m) for m in modes))
+    if len(cfg.lrs) == 1:
+        return {m: cfg.lrs[0] for m in modes}
+    if not cfg.plot_only:
+        run_all(cfg, [(m, s, lr) for s in cfg.tuning_seeds for m in owners for lr in cfg.lrs])
+    choice, record = {}, {}
+    for owner in owners:
+        runs = {(lr, s): load_run(cfg, owner, s, lr) for lr in cfg.lrs for s in cfg.tuning_seeds}
+        choice[owner], means = choose_lr(runs, cfg.lrs, cfg.tuning_seeds, cfg.max_nfe)
+        record[owner] = {"lr": choice[owner], "tuning_seeds": list(cfg.tuning_seeds),
+                         "gold_at_the_budget": {f"{lr:g}": g for lr, g in means.items()}}
+    os.makedirs(cfg.out_dir, exist_ok=True)
+    with open(os.path.join(cfg.out_dir, "lrs.json"), "w") as f:
+        json.dump(record, f, indent=1)
+    return {m: choice[tuned_as(m)] for m in modes}
+
+
+def load_run(cfg, mode, seed, lr):
+    path = os.path.join(run_dir(cfg, mode, seed, lr), "metrics.jsonl")
+    if not os.path.exists(path):
+        raise UserError(f"{path} is missing: run without --plot_only first")
+    return read_metrics(path)
 
 
 def gold_at(run, budget):
@@ -276,10 +327,14 @@ def main(cfg):
     check_flags(cfg)
     modes, reference, seeds = chosen(cfg)
     print_config(cfg)
+    lrs = tune(cfg, modes)
     if not cfg.plot_only:
-        run_all(cfg, modes, seeds)
-    runs = load_runs(cfg, modes, seeds)
-    table = summarise(cfg, runs, modes, reference, seeds)
+        run_all(cfg, [(m, s, lrs[m]) for s in seeds for m in modes])
+    runs = {(m, s): load_run(cfg, m, s, lrs[m]) for m in modes for s in seeds}
+    table = (f"learning rates, each the best of {', '.join(f'{lr:g}' for lr in cfg.lrs)} at the "
+             f"budget on seeds {', '.join(map(str, cfg.tuning_seeds))} (lrs.json): "
+             + "; ".join(f"{m} {lrs[m]:g}" for m in modes) + "\n\n"
+             + summarise(cfg, runs, modes, reference, seeds))
     print(table)
     os.makedirs(cfg.out_dir, exist_ok=True)
     report = os.path.join(cfg.out_dir, cfg.experiment)

@@ -3,8 +3,6 @@ against arithmetic; the first-GPU check on the CPU toy."""
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -246,7 +244,8 @@ def test_the_search_table_by_hand():
     """search.best_of_at interpolates best-of-N's per-image gold in N at a budget; compare's line:
     the per-image difference, its clustered s.e., the interval at prompts - 1 df, the verdict."""
     g = torch.Generator().manual_seed(0)
-    curves = {n: torch.randn(6, generator=g, dtype=torch.float64) for n in range(1, search.POOL + 1)}
+    curves = {n: torch.randn(6, generator=g, dtype=torch.float64)
+              for n in range(1, search.POOL + 1)}
     # best-of-2 costs 2 x 10 + 2 x 0.5 = 21, best-of-3 31.5: 26.25 is halfway
     at = search.best_of_at(curves, 26.25, 10, 0.5)
     within(max_abs(at, (curves[2] + curves[3]) / 2), 1e-12, "best-of-N halfway")
@@ -272,6 +271,34 @@ def test_the_credit_bench_tells_a_finished_run_from_a_cut_one(tmp_path):
     with open(tmp_path / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 9, "dit_equivalents": 101.5}) + "\n\n")
     assert finished(cfg, tmp_path) and not finished(cfg, tmp_path / "nowhere")
+
+
+def test_each_arm_takes_the_lr_best_on_the_tuning_seeds(tmp_path):
+    """grpo_credit.choose_lr: the best mean gold at the budget over the tuning seeds; the sparse
+    variants take sparse's; a verdict's seeds are never the tuning seeds; a second call with every
+    run done runs nothing."""
+    from bench.grpo_credit import Config, choose_lr, chosen, run_all, tuned_as
+    from common import UserError, parse_flags
+
+    def run(gold):
+        return [{"dit_equivalents": 0.0, "gold": -1.0}, {"dit_equivalents": 100.0, "gold": gold}]
+    # at the budget 50: halfway from -1 -> lr 1e-5: (-0.8 - 0.7) / 2 = -0.75; 3e-5: -0.7; 1e-4: -0.9
+    runs = {(1e-5, 100): run(-0.6), (1e-5, 101): run(-0.4), (3e-5, 100): run(-0.4),
+            (3e-5, 101): run(-0.4), (1e-4, 100): run(-0.9), (1e-4, 101): run(-0.7)}
+    lr, means = choose_lr(runs, (1e-5, 3e-5, 1e-4), (100, 101), 50)
+    assert lr == 3e-5 and [round(means[x], 6) for x in (1e-5, 3e-5, 1e-4)] == [-0.75, -0.7, -0.9]
+    runs[1e-5, 101] = run(-0.2)  # now 1e-5 ties 3e-5 at -0.7: the smaller lr
+    assert choose_lr(runs, (1e-5, 3e-5, 1e-4), (100, 101), 50)[0] == 1e-5
+    assert tuned_as("sparse, random window (Flow-GRPO-Fast)") == "sparse" == tuned_as("sparse")
+    assert tuned_as("stepwise, window 0:5") == "stepwise, window 0:5" and tuned_as("tree") == "tree"
+    with pytest.raises(UserError, match="must not be those its learning rates were chosen on"):
+        chosen(parse_flags(Config(), ["--seeds=0,100"]))
+    # every run done (an experiment run again to remake its table): nothing runs, no IndexError
+    cfg = Config(max_nfe=100, out_dir=str(tmp_path))
+    done = tmp_path / "sparse_lr3e-05_seed0"
+    done.mkdir()
+    (done / "metrics.jsonl").write_text(json.dumps({"dit_equivalents": 100.0}) + "\n")
+    run_all(cfg, [("sparse", 0, 3e-5)])
 
 
 @pytest.mark.ex1_flow_matching  # it samples by the ODE
