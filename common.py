@@ -121,11 +121,11 @@ def _convert(key, value, current, field):
         if isinstance(current, float):
             return float(value)
         if isinstance(current, tuple):  # numbers: --split_steps=0,1,3,4
-            kind = field.metadata.get("of", int)
+            kind = field.metadata.get("of") or int
             return tuple(kind(v) for v in value.split(",")) if value else ()
         return value
     except ValueError:
-        kind = (f"{field.metadata.get('of', int).__name__} values separated by ','"
+        kind = (f"{(field.metadata.get('of') or int).__name__} values separated by ','"
                 if isinstance(current, tuple) else f"a {type(current).__name__}")
         raise FlagError(f"flag --{key}={value}: expected {kind}") from None
 
