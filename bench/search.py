@@ -13,7 +13,8 @@ image by image. Methods (sample.py --search=...): the ODE; the plain SDE (no sea
 greedy and beam search (the paper: k SDE successors a step, the DRM ranks them), scoring the
 successor's noisy state (the paper), its clean estimate (x0) or its ODE completion (lookahead,
 DenseGRPO's step reward, every 5th step); particle search (FK steering as its code runs it: the
-x0-prediction scored, resampled on its interval; lambda --lmbdas, tuned on --prompt_set=train), and
+x0-prediction scored, resampled on its interval; its lambda the best of --lmbdas on ten training
+prompts, chosen before the held-out sweep), and
 our earlier variant (the noisy state scored and resampled at every step below the ESS threshold);
 pruned best-of-N (N ODE trajectories, the DRM keeps a quarter at sigma 0.6).
 
@@ -39,7 +40,7 @@ import torch
 import sample
 from bench.stats import SD35_MEDIUM_DRM_COST, clustered, interval, verdict
 from checkpoints import check_writable
-from common import (UserError, check_flags, count_flops, flag, parse_numbers, pick_device,
+from common import (UserError, check_flags, count_flops, flag, pick_device,
                     print_config, run_main)
 from data.toy import ToyBase
 from evaluation import diversity
@@ -52,8 +53,8 @@ METHODS = ("ode", "sde", "stepwise", "x0", "x0_proxy", "lookahead", "beam", "smc
 POOL = 16  # ODE samples an image behind the best-of-N curve
 
 
-def settings(cfg):
-    """(method, label, sample.Config overrides) for every point of the sweep."""
+def settings(cfg, lmbdas):
+    """(method, label, sample.Config overrides) for every point of the sweep, SMC at `lmbdas`."""
     points = [("ode", "ODE", {"search": "ode"}), ("sde", "SDE", {"search": "sde"})]
     points += [("stepwise", f"step-wise k={k}", {"search": "stepwise", "k": k}) for k in (2, 4, 8)]
     points += [("x0", f"step-wise k={k}, x0 score", {"search": "stepwise", "k": k, "score": "x0"})
@@ -67,8 +68,7 @@ def settings(cfg):
                for k in (2, 4)]
     points += [("smc", f"SMC N={n}, lambda {lmbda:g}",
                 {"search": "smc", "particles": n, "lmbda": lmbda})
-               for lmbda in parse_numbers(cfg, "lmbdas", float, within="(0, inf)")
-               for n in (2, 4, 8)]
+               for lmbda in lmbdas for n in (2, 4, 8)]
     points += [("smc_noisy", "SMC N=4, noisy, every step, ESS",
                 {"search": "smc", "particles": 4, "score": "noisy", "resample": "1:0:19",
                  "adaptive": True})]
@@ -89,7 +89,10 @@ class Config:
     drm: str = "data/drm.safetensors"
     # comma-separated, of METHODS ("" = all); best-of-N is always measured
     methods: str = ""
-    lmbdas: str = "10"                 # SMC's lambda(s): weights exp(lambda x the DRM's gain)
+    # SMC's lambdas (weights exp(lambda x the DRM's gain)): on the held-out prompts, the one whose
+    # SMC N=4 scores the best gold on the training prompts (tuned there first); on --prompt_set=
+    # train, each
+    lmbdas: tuple = flag((1.0, 3.0, 10.0, 30.0, 100.0), "(0, inf)", of=float)
     # heldout (the ten held-out prompts) | train (ten training prompts, to tune)
     prompt_set: str = flag("heldout", choices=("heldout", "train"))
     per_prompt: int = flag(20, "[2, inf)")  # seeds per prompt
@@ -258,9 +261,34 @@ def plot(rows, curves, sample_passes, cost, path):
     return True
 
 
+def training_prompts(base):
+    """Ten training prompts, one of each digit, their attributes varied."""
+    train = base.train_prompts("")
+    return [train[8 * d + d % 8] for d in range(10)]
+
+
+def tune_lmbda(cfg, base, drm, drm_text):
+    """SMC's lambda for the held-out sweep: the one of --lmbdas whose SMC N=4 has the best mean
+    gold on the training prompts (their own noises) -> (lambda, {lambda: that gold})."""
+    prompts = [p for p in training_prompts(base) for _ in range(cfg.per_prompt)]
+    pool = initial_noise(base.dit, len(prompts) * 4, torch.Generator().manual_seed(cfg.seed + 1))
+    pool = pool.view(len(prompts), 4, *pool.shape[1:]).to(next(base.dit.parameters()).device)
+    gold = {lmbda: measure(cfg, ("smc", f"SMC N=4, lambda {lmbda:g}", {"search": "smc",
+                                                                     "particles": 4,
+                                                                     "lmbda": lmbda}),
+                           base, drm, drm_text, pool, prompts, show=False)["gold"]
+            for lmbda in cfg.lmbdas}
+    best = max(cfg.lmbdas, key=lambda lmbda: (gold[lmbda], -lmbda))
+    print("SMC's lambda on the training prompts (N=4): " + ", ".join(
+        f"{lmbda:g}: {g:.4f}" for lmbda, g in gold.items()) + f"; the held-out sweep takes {best:g}")
+    return best, gold
+
+
 def main(cfg):
     check_flags(cfg)
-    points = settings(cfg)
+    if not cfg.lmbdas:
+        raise UserError("--lmbdas: give at least one lambda, e.g. --lmbdas=1,10,100")
+    settings(cfg, cfg.lmbdas)  # the methods checked before any work
     check_writable(cfg.out + ".json", "--out=")  # before any work; OUT.md and OUT.png beside it
     print_config(cfg)
     device = pick_device(cfg.device)
@@ -269,10 +297,15 @@ def main(cfg):
     if cfg.compile:
         compile_regions(base.dit)
         compile_regions(drm.backbone)
-    # 8 a digit: one of each, varied
-    train = base.train_prompts("")
+    tuning, lmbdas = None, cfg.lmbdas
+    if (cfg.prompt_set == "heldout" and len(lmbdas) > 1
+            and "smc" in {p[0] for p in settings(cfg, lmbdas)}):
+        best, gold = tune_lmbda(cfg, base, drm, drm_text)
+        tuning, lmbdas = {"lmbda": best, "gold_on_train": {f"{k:g}": v for k, v in gold.items()}}, (
+            best,)
+    points = settings(cfg, lmbdas)
     prompt_list = (base.heldout_prompts("", []) if cfg.prompt_set == "heldout"
-                   else [train[8 * d + d % 8] for d in range(10)])
+                   else training_prompts(base))
     prompts = [p for p in prompt_list for _ in range(cfg.per_prompt)]
     clusters = torch.arange(len(prompt_list)).repeat_interleave(cfg.per_prompt)
     most = max([POOL] + [sample.width(dataclasses.replace(sample.Config(), **p[2]))
@@ -320,9 +353,13 @@ def main(cfg):
     print(judged)
     with open(cfg.out + ".json", "w") as f:
         json.dump({"config": dataclasses.asdict(cfg), "drm_cost": cost, "drm_seconds": seconds,
-                   "rows": rows, "best_of": {n: curves[n].tolist() for n in curves}}, f, indent=1)
+                   "smc_tuning": tuning, "rows": rows,
+                   "best_of": {n: curves[n].tolist() for n in curves}}, f, indent=1)
     with open(cfg.out + ".md", "w") as f:
-        f.write(f"{head}\n\n{table}\n\n{curve_table}\n\n{judged}\n")
+        tuned = (f"SMC's lambda: {tuning['lmbda']:g}, the best on the training prompts of "
+                 + ", ".join(f"{k} (gold {v:.4f})" for k, v in tuning["gold_on_train"].items())
+                 + "\n\n" if tuning else "")
+        f.write(f"{head}\n\n{tuned}{table}\n\n{curve_table}\n\n{judged}\n")
     figure = plot(rows, curves, sample_passes, cost, cfg.out + ".png")
     print(f"wrote {cfg.out}.json, {cfg.out}.md" + (f", {cfg.out}.png" if figure else ""))
     return rows

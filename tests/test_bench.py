@@ -125,17 +125,22 @@ def test_the_search_bench_counts_every_method_at_its_budget(tmp_path):
     assert by["step-wise k=2, lookahead every 5th step"] == (8, 2)
     # FK's schedule on 4 steps: steps 1, 2 and the last, N particles scored there, then the
     # favourite at sigma 0
-    assert by["SMC N=4, lambda 10"] == (4 * 8, 4 * 3 + 4)
+    saved = json.loads((tmp_path / "search.json").read_text())
+    # SMC's lambda tuned first on the training prompts, the better of the two
+    tuning = saved["smc_tuning"]
+    assert set(tuning["gold_on_train"]) == {"1", "10"}
+    assert tuning["gold_on_train"][f"{tuning['lmbda']:g}"] == max(tuning["gold_on_train"].values())
+    assert by[f"SMC N=4, lambda {tuning['lmbda']:g}"] == (4 * 8, 4 * 3 + 4)
     assert all(r["ms"] > 0 and r["gold_se"] > 0 for r in rows)
     assert list(dict.fromkeys(r["curve"] for r in rows)) == ["ode", "sde", "stepwise", "lookahead",
-                                                             "smc, lambda 1", "smc, lambda 10"]
+                                                             f"smc, lambda {tuning['lmbda']:g}"]
     report = (tmp_path / "search.md").read_text()
     # 2 DRM costs
     assert report.count("| method | DiT-pass equivalents / image | gold | best-of-N there (N) "
                         "|") == 2
     assert "| best-of-16 |" in report and "| step-wise k=8 |" in report
-    saved = json.loads((tmp_path / "search.json").read_text())
     assert saved["rows"][0]["label"] == "ODE" and len(saved["best_of"]["16"]) == 20
+    assert f"SMC's lambda: {tuning['lmbda']:g}, the best on the training prompts" in report
 
 
 def test_the_best_of_n_curve_is_the_mean_over_every_subset():
