@@ -279,8 +279,8 @@ def tune_lmbda(cfg, base, drm, drm_text):
                            base, drm, drm_text, pool, prompts, show=False)["gold"]
             for lmbda in cfg.lmbdas}
     best = max(cfg.lmbdas, key=lambda lmbda: (gold[lmbda], -lmbda))
-    print("SMC's lambda on the training prompts (N=4): " + ", ".join(
-        f"{lmbda:g}: {g:.4f}" for lmbda, g in gold.items()) + f"; the held-out sweep takes {best:g}")
+    shown = ", ".join(f"{lmbda:g}: {g:.4f}" for lmbda, g in gold.items())
+    print(f"SMC's lambda on the training prompts (N=4): {shown}; the held-out sweep takes {best:g}")
     return best, gold
 
 
