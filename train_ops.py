@@ -199,16 +199,27 @@ def optimizer_step(models, grad_clip, step, advice):
 
 
 def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
-    """Held-out ODE samples, fixed seeds -> (the annotator's figures if any, the DRM's; images)."""
+    """Held-out ODE samples, fixed seeds -> (the annotator's figures if any, the DRM's; images), at
+    --eval_cfg_scale and, where a rival's authors evaluate at another guidance
+    (--also_eval_cfg_scale), at that one too: its figures keyed NAME_cfgW."""
     policy.eval()
-    summary, samples, images, prompts = evaluate(
-        policy, base, heldout, cfg.eval_per_prompt, seed=1234, batch_size=cfg.rollout_batch or 100,
-        steps=cfg.eval_steps, cfg_scale=cfg.eval_cfg_scale, shift=cfg.shift)
     device = next(policy.parameters()).device
-    zeros = torch.zeros(len(samples), device=device)
-    with torch.no_grad():
-        scores = in_chunks(drm, cfg.drm_batch, samples.to(device), zeros, *drm_text.encode(prompts))
-    summary["drm"] = scores.mean().item()
+    summary, images = {}, None
+    also = [cfg.also_eval_cfg_scale] if cfg.also_eval_cfg_scale not in (0, cfg.eval_cfg_scale) else []
+    for scale in [cfg.eval_cfg_scale, *also]:
+        figures, samples, shown, prompts = evaluate(
+            policy, base, heldout, cfg.eval_per_prompt, seed=1234,
+            batch_size=cfg.rollout_batch or 100, steps=cfg.eval_steps, cfg_scale=scale,
+            shift=cfg.shift)
+        zeros = torch.zeros(len(samples), device=device)
+        with torch.no_grad():
+            scores = in_chunks(drm, cfg.drm_batch, samples.to(device), zeros,
+                               *drm_text.encode(prompts))
+        figures["drm"] = scores.mean().item()
+        if images is None:  # the first, --eval_cfg_scale's
+            summary, images = figures, shown
+        else:
+            summary.update({f"{key}_cfg{scale:g}": value for key, value in figures.items()})
     policy.train()
     return summary, images
 

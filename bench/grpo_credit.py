@@ -31,12 +31,14 @@ from dataclasses import dataclass
 from bench.stats import SD35_MEDIUM_DRM_COST, interval, mean_se, t_critical, verdict
 from common import UserError, check_flags, flag, print_config, run_main
 
-# Flow-GRPO's beta 0.04 x |dt| = 0.111 (grpo.grpo_loss: its KL is ours x |dt|)
-KL = "--kl_weight=0.0044"
+# Flow-GRPO's KL beta for a preference reward (its pickscore_sd3 config: 0.01; GenEval's: 0.04)
+# x |dt| = 0.111 on our 10 steps (grpo.grpo_loss: its KL is ours x |dt|)
+KL = "--kl_weight=0.0011"
 
+FLOW_GRPO = "sparse, Flow-GRPO's PickScore recipe (groups of 24, global std, beta 0.01)"
 # name in the tables -> train_policy.py flags; every mode 4 prompts an update (16 trajectories of 4,
-# a tree 64 leaves of 16, Flow-GRPO's recipe 48 of 24: its first 2), the same first prompts and
-# noises for a seed
+# a tree 64 leaves of 16), but Flow-GRPO's recipe: its group of 24 and its 48 a batch (2 prompts,
+# the first 2 of the others'); the same first prompts and noises for a seed
 MODES = {
     "stepwise": "--credit=stepwise",
     "stepwise, last step trained": "--credit=stepwise --train_last_step",
@@ -44,8 +46,9 @@ MODES = {
     "stepwise, x0 proxy score": "--credit=stepwise --score=x0_proxy",
     "stepwise, lookahead score": "--credit=stepwise --score=lookahead --eval_every=5",
     "sparse": "--credit=sparse",
-    "sparse, Flow-GRPO's recipe": ("--credit=sparse --trajectories=48 --per_prompt=24 "
-                                   f"--group_std=global {KL} --eval_every=5"),
+    FLOW_GRPO: (
+        f"--credit=sparse --trajectories=48 --per_prompt=24 --group_std=global {KL} "
+        "--eval_every=5"),
     "cosine": "--credit=cosine",
     "tree": "--credit=tree --trajectories=64 --eval_every=5",
     "sparse, random window (Flow-GRPO-Fast)": "--credit=sparse --sde_window=random:3",
@@ -64,7 +67,7 @@ MODES = {
 EXPERIMENTS = {
     "credit": (["stepwise", "stepwise, last step trained", "stepwise, x0 score",
                 "stepwise, x0 proxy score",
-                "stepwise, lookahead score", "sparse", "sparse, Flow-GRPO's recipe", "cosine",
+                "stepwise, lookahead score", "sparse", FLOW_GRPO, "cosine",
                 "tree", "sparse, random window (Flow-GRPO-Fast)",
                 "sparse, sliding window (MixGRPO)"], "sparse", "0,1,2,3,4"),
     "collapse": (["stepwise", "stepwise, window 0:5", "stepwise, window 5:10", "stepwise, KL",
@@ -217,10 +220,10 @@ def load_run(cfg, mode, seed, lr):
     return read_metrics(path)
 
 
-def gold_at(run, budget):
-    """A run's held-out gold at `budget` DiT-pass equivalents, linear between the evaluations on
-    either side (None before its first or past its last)."""
-    points = [(r["dit_equivalents"], r["gold"]) for r in run]
+def gold_at(run, budget, key="gold"):
+    """A run's held-out gold (or another figure) at `budget` DiT-pass equivalents, linear between
+    the evaluations on either side (None before its first or past its last)."""
+    points = [(r["dit_equivalents"], r[key]) for r in run]
     for (x0, g0), (x1, g1) in zip(points, points[1:]):
         if x0 <= budget <= x1:
             return g0 + (g1 - g0) * (budget - x0) / (x1 - x0) if x1 > x0 else g1
@@ -284,6 +287,18 @@ def summarise(cfg, runs, modes, reference, seeds):
                      f"{average('dit_equivalents'):,.0f} ({sd35:,.0f}) | "
                      + (f"{hit[0]:,.0f} ({hit[1]:,.0f})" if hit else "not reached") + " | "
                      f"{'seeds ' + str(hacked) if hacked else 'no'} |")
+    others = [(m, key) for m in modes for key in runs[m, seeds[0]][0]
+              if key.startswith("gold_cfg")]
+    if others:  # a rival evaluated at its authors' guidance too (NFT, AWM: 1)
+        lines += ["", "At the guidance their authors evaluate at (the base's figure in the first "
+                  "row, the same for every mode):", "",
+                  "| mode | guidance | gold start | gold at the budget (mean ± s.e.) |",
+                  "|---|---|---|---|"]
+        for mode, key in others:
+            start = mean_se([runs[mode, s][0][key] for s in seeds])[0]
+            end, end_se = mean_se([gold_at(runs[mode, s], cfg.max_nfe, key) for s in seeds])
+            lines.append(f"| {mode} | {key[len('gold_cfg'):]} | {start:.4f} | {end:.4f} ± "
+                         f"{end_se:.4f} |")
     return "\n".join(lines)
 
 

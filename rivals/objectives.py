@@ -68,10 +68,16 @@ class ObjectiveFlags:
     """train_policy.py's flag of the objective (its Config inherits it)."""
     # ppo (the paper's: grpo.py) | nft (DiffusionNFT) | awm (Advantage Weighted Matching)
     objective: str = flag("ppo", choices=("ppo", "nft", "awm"))
+    # a second held-out evaluation at this guidance, logged as gold_cfgW, drm_cfgW, ... (NFT's and
+    # AWM's authors evaluate at 1, as they train: their recipe sets it)
+    also_eval_cfg_scale: float = flag(0.0, "[0, inf)", zero="none")
 
 
-# the authors' settings that differ from train_policy.py's defaults, applied unless given
-RECIPE = {"cfg_scale": 1.0, "group_std": "global", "weight_decay": 1e-4}
+# the authors' settings that differ from train_policy.py's defaults, applied unless given: no
+# guidance in training, evaluated without too (DiffusionNFT's config/nft.py, AWM's no-cfg
+# configs: guidance_scale 1.0 in both), beside train_policy.py's guidance 4
+RECIPE = {"cfg_scale": 1.0, "group_std": "global", "weight_decay": 1e-4,
+          "also_eval_cfg_scale": 1.0}
 
 
 def with_objective(cfg):

@@ -234,17 +234,23 @@ EVERY_TRAINING_EXERCISE = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm,
 @pytest.mark.ex4_grpo
 def test_evaluation_guidance_is_its_own_flag(tmp_path):
     """The held-out samples follow --eval_cfg_scale alone: the rollouts' --cfg_scale does not move
-    them."""
+    them. --also_eval_cfg_scale (NFT's and AWM's authors' guidance 1) evaluates the same policy
+    again at its guidance, logged beside: the base's figures at each guidance in the first row."""
     import train_policy
     tiny = dict(updates=1, trajectories=4, k=2, steps=2, eval_every=1, eval_per_prompt=2,
                 eval_steps=2)
     first = {}
-    for name, cfg_scale, eval_cfg_scale in (("a", 4.0, 4.0), ("b", 1.0, 4.0), ("c", 4.0, 1.0)):
+    for name, cfg_scale, eval_cfg_scale, also in (("a", 4.0, 4.0, 0.0), ("b", 1.0, 4.0, 0.0),
+                                                  ("c", 4.0, 1.0, 0.0), ("d", 4.0, 4.0, 1.0)):
         train_policy.main(train_policy.Config(out_dir=str(tmp_path / name), cfg_scale=cfg_scale,
-                                              eval_cfg_scale=eval_cfg_scale, **tiny))
+                                              eval_cfg_scale=eval_cfg_scale,
+                                              also_eval_cfg_scale=also, **tiny))
         first[name] = json.loads(open(tmp_path / name / "metrics.jsonl").readline())
     assert first["a"]["gold"] == first["b"]["gold"] and first["a"]["drm"] == first["b"]["drm"]
     assert first["a"]["gold"] != first["c"]["gold"]
+    assert first["d"]["gold"] == first["a"]["gold"] and "gold_cfg1" not in first["a"]
+    assert first["d"]["gold_cfg1"] == first["c"]["gold"] and first["d"]["drm_cfg1"] == first["c"][
+        "drm"]
 
 
 @pytest.mark.parametrize("args", [
