@@ -77,7 +77,7 @@ def smc_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, par
     owners = torch.arange(N, device=noise.device).repeat_interleave(P)
     x, sigmas = noise.float(), sigma_schedule(steps, shift).to(noise.device)
     previous = torch.zeros(N * P, device=x.device)       # FK's population_rs: reward_min_value 0
-    product = torch.ones(N * P, device=x.device)         # the potentials each particle was drawn by
+    log_product = torch.zeros(N * P, device=x.device)    # log of the potentials it was drawn by
     counts = {"nfe": 0, "drm_calls": 0, "resampled": 0}
     scheduled = resampling_steps(steps, *schedule)
     for i in range(steps):
@@ -92,13 +92,15 @@ def smc_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, par
         r = drm(scored, sigma.expand(len(x)), *take(drm_cond, owners)).float()
         counts["drm_calls"] += len(x)
         last = i == steps - 1
+        # the weights in log space, normalised there: exp(lambda x gain) over- or underflows for
+        # every particle of an image once lambda x gain passes ~88 (float32)
         if potential == "diff":
-            potentials, w = r, torch.exp(lmbda * (r - previous))
+            potentials, log_w = r, lmbda * (r - previous)
         else:
             potentials = torch.maximum(r, previous)
-            w = torch.exp(lmbda * (r if last else potentials)) / (product if last else 1)
-        w = torch.nan_to_num(w.clamp(0, 1e10)).view(N, P)
-        normalised = w / w.sum(1, keepdim=True)
+            log_w = lmbda * (r if last else potentials) - (log_product if last else 0)
+        log_w = log_w.view(N, P)
+        normalised = torch.softmax(log_w, dim=1)
         resample = torch.ones(N, dtype=torch.bool, device=x.device)
         if adaptive or last:
             resample = 1 / (normalised ** 2).sum(1) < ess_threshold * P             # (N,)
@@ -108,7 +110,8 @@ def smc_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, par
         parents = (torch.where(resample.cpu().unsqueeze(1), picks, keep)
                    + torch.arange(N).unsqueeze(1) * P).flatten().to(x.device)
         moved = resample.repeat_interleave(P)
-        product = torch.where(moved, product[parents] * w.flatten()[parents], product)
+        log_product = torch.where(moved, log_product[parents] + log_w.flatten()[parents],
+                                  log_product)
         x, previous = x[parents], potentials[parents]
         counts["resampled"] += int(resample.sum())
     return favourite(drm, x, drm_cond, P, counts), counts

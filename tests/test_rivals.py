@@ -265,6 +265,28 @@ def test_smc_with_one_dominant_particle_keeps_only_its_copies(potential):
     assert (second > 5).all()
 
 
+@pytest.mark.parametrize("potential", ["diff", "max"])
+def test_smc_runs_at_any_lambda_in_range(potential):
+    """Weights in log space: every particle's score falls by ~1 between two scored steps, so at
+    lambda 1e4 every exp(lambda x gain) of an image underflows to 0 in float32 (it normalised to
+    NaN and torch.multinomial raised); in log space the particle that fell least takes all the
+    weight, as the limit says."""
+    N, P, calls = 2, 4, []
+
+    def falling(x, sigma, context, pooled):  # each call's scores 1 below the last; particle 2 best
+        calls.append(x)
+        return -float(len(calls)) + 0.01 * (torch.arange(len(x)) % P == 2).float()
+    cond = prompts(N)
+    x0, _ = smc_sample(random_dit(), torch.randn(N * P, 1, 16, 16), cond, None, falling, cond,
+                       particles=P, steps=4, potential=potential, lmbda=1e4,
+                       generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x0).all()
+    if potential == "diff":  # (max's potential, max(r, 0), is 0 for every particle here)
+        # after the second scoring, every image's particles are copies of its particle 2
+        assert all(torch.equal(calls[2][i * P], calls[2][i * P + j]) for i in range(N)
+                   for j in range(P))
+
+
 @pytest.mark.ex3_sde_step
 def test_pruning_keeps_the_trajectory_the_drm_prefers():
     N, P, steps = 2, 4, 6
