@@ -236,13 +236,14 @@ def read_prompts(path, flag, default=None, check=None):
 
 
 def read_text(path, what):
-    """A UTF-8 text file's contents; a clear error naming the file when it is missing or not
-    UTF-8."""
+    """A UTF-8 text file's contents, a byte-order mark at its start dropped (Windows editors write
+    one; kept, it would be part of the first prompt); a clear error naming the file when it is
+    missing or not UTF-8."""
     name = f"{what}{path}" if what.endswith("=") else f"{what} {path}"
     if not os.path.isfile(path):
         raise UserError(f"{name} {'is a folder' if os.path.isdir(path) else 'does not exist'}")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:
             return f.read()
     except UnicodeDecodeError as e:
         raise UserError(f"{name} is not UTF-8 text (byte {e.start}: {e.reason}); save it as "

@@ -310,3 +310,14 @@ def test_images_of_a_depth_we_cannot_read_are_named(array, reader, tmp_path):
     with pytest.raises(UserError, match=re.escape(f"{path}: PIL mode {Image.open(path).mode!r} is "
                                                   "not one we read")):
         read_with(reader, path)
+
+
+def test_a_prompt_file_with_a_byte_order_mark_reads_as_without(tmp_path):
+    """A UTF-8 BOM (Windows editors write one) is no part of the first prompt: the toy's words
+    read as without it (it said "unknown word(s) ['\\ufeffa']"); SD3's prompts are read the same."""
+    from common import read_prompts
+    from data.toy import tokenize
+    path = tmp_path / "prompts.txt"
+    path.write_bytes("a thick 7 slanted right\na thin 1 upright\n".encode("utf-8-sig"))
+    assert read_prompts(str(path), "--prompts=", check=tokenize) == ["a thick 7 slanted right",
+                                                                     "a thin 1 upright"]
