@@ -10,8 +10,9 @@ update only through the weights whose gradient lies within it of zero, which fli
 step carries them on). How far rounding alone goes depends on the CPU's GEMM blocking: measured
 1e-5 to 2e-4 of the update's norm on one x86 CPU, and on an Intel Xeon 4.8e-3 between two
 single-process runs of the reward test that differ only in their thread count (1 or 2), the same
-as its DDP run's 4.7e-3. The tolerance is 2e-2: 4x the rounding seen, 50x below a rank sampling
-the wrong rows (~100%). The last step, were it trained (--train_last_step), rounds 25x worse
+as its DDP run's 4.7e-3; on an AMD EPYC under 8 arithmetic variants (tests/arithmetic.py) at most
+4.8e-3 (ATEN_CPU_CAPABILITY=avx2). The tolerance is 5e-2: 10x the rounding seen, 20x below a
+rank sampling the wrong rows (~100%; a rank drawing another's noise, tests/mutations.py). The last step, were it trained (--train_last_step), rounds 25x worse
 (std 7e-4): 2.9% of the update on the first CPU.
 """
 import copy
@@ -45,7 +46,7 @@ def flat(tensors, keys):
     return torch.cat([tensors[k].float().flatten() for k in keys])
 
 
-def assert_same_training(single, ddp, start, tolerance=2e-2):
+def assert_same_training(single, ddp, start, tolerance=5e-2):
     """single, ddp: {name: tensor} after training; start: {name: tensor} before (the names
     compared)."""
     keys = sorted(start)
@@ -177,11 +178,11 @@ def test_loss_pieces_add_up_to_the_whole_minibatch_to_float32s_rounding(trained)
     one by about the mean's rounding over the step's std (`predicted`: 2.4e-6 at the trained steps
     of 2, 5.8e-5 at the last step alone; the last step rounds ~25x worse: its std is 7e-4, not 0.7).
 
-    Rounding seen (tests/arithmetic.py, 8 arithmetic variants, an Intel Xeon and an AMD EPYC):
-    one layout 1.0-3.5x the prediction, two layouts apart up to 3.5x; the tolerance is 10x the
-    prediction for one layout and 20x for two, so a margin of at least 3 over the worst seen on
-    two CPUs and every variant of one. A bug: a piece's pairs taken from the wrong rows moves the
-    gradient by ~1e-1 of itself (tests/mutations.py), 4,000x above 10x the prediction (2.4e-5)."""
+    Rounding seen (tests/arithmetic.py, 8 arithmetic variants on an AMD EPYC; 1.0-1.5x on an
+    Intel Xeon earlier): one layout up to 3.1x the prediction, the pieces 3.4x; tolerance 40x the
+    prediction (12x the worst seen), 80x for two layouts apart. A bug: a piece's pairs taken from
+    the wrong rows moves the gradient by ~1e-1 of itself (tests/mutations.py), 1,000x above 40x
+    the prediction (1e-4)."""
     extra = ["--sde_window=1:2", "--train_last_step"] if trained == "last step alone" else []
     cfg, models, rollout, advantages = one_update(["--trajectories=4", "--per_prompt=4",
                                                    "--credit=sparse", "--steps=2",
@@ -197,9 +198,9 @@ def test_loss_pieces_add_up_to_the_whole_minibatch_to_float32s_rounding(trained)
     assert (5e-6 if extra else 5e-8) < predicted < (3e-4 if extra else 1e-5)
     # float32 rounds as predicted, not far below it (else the prediction says nothing)
     assert relative(whole, exact) > predicted / 10
-    within(relative(whole, exact) / predicted, 10, "one layout / predicted")
-    within(relative(pieces, exact) / predicted, 10, "pieces / predicted")
-    within(relative(pieces, whole) / predicted, 20, "two layouts / predicted")
+    within(relative(whole, exact) / predicted, 40, "one layout / predicted")
+    within(relative(pieces, exact) / predicted, 40, "pieces / predicted")
+    within(relative(pieces, whole) / predicted, 80, "two layouts / predicted")
 
 
 @pytest.mark.ex1_flow_matching

@@ -138,7 +138,8 @@ def test_the_timestep_sampler_is_the_repositorys():
         scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
         timesteps = scheduler.timesteps[(u * 1000).long()]
         lookup = torch.stack([(scheduler.timesteps == t).nonzero()[0, 0] for t in timesteps])
-        within(max_abs(train_reward.grid_sigma(u, shift), scheduler.sigmas[lookup].float()), 1e-6,
+        # float32's rounding of a sigma near 1: 1.2e-7 (seen); one grid index off: 1e-3
+        within(max_abs(train_reward.grid_sigma(u, shift), scheduler.sigmas[lookup].float()), 1e-5,
                f"sigma (shift {shift})")
         cfg = train_reward.Config(eval_sigmas="0", eval_times="0,250,500,750,900")
         labels = train_reward.evaluation_sigmas(cfg, shift)[1:]

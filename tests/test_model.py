@@ -95,21 +95,24 @@ def test_sampler_with_one_step_is_one_euler_step():
 
 @pytest.mark.ex1_flow_matching
 def test_guidance_combines_conditional_and_unconditional_velocities():
+    """Rounding seen 3.6e-6 (8 arithmetic variants: the guided pass batches both prompts); a bug,
+    guidance's weight off by one: O(1) (tests/mutations.py)."""
     dit = randomized(build_dit(SMALL)).eval()
     x, _, context, pooled = small_inputs()
     uncond = (torch.zeros_like(context), torch.zeros_like(pooled))
     out = sample_ode(dit, x, (context, pooled), uncond, steps=1, cfg_scale=3.0)
     with torch.no_grad():
         v_c, v_u = dit(x, torch.ones(3), context, pooled), dit(x, torch.ones(3), *uncond)
-    within(max_abs(out, x - (v_u + 3.0 * (v_c - v_u))), 1e-5, "x after one guided step")
+    within(max_abs(out, x - (v_u + 3.0 * (v_c - v_u))), 1e-4, "x after one guided step")
 
 
 def test_timestep_embedding_is_cos_then_sin():
+    """float32's cos and sin of arguments up to 500: rounding seen 3.7e-6; sin first: O(1)."""
     t = torch.tensor([0.0, 500.0])
     emb = timestep_embedding(t, dim=8)
     freqs = torch.tensor([10000 ** (-i / 4) for i in range(4)])
     expected = torch.cat([torch.cos(t[:, None] * freqs), torch.sin(t[:, None] * freqs)], dim=1)
-    within(max_abs(emb, expected), 1e-5, "embedding")
+    within(max_abs(emb, expected), 1e-4, "embedding")
 
 
 def test_joint_attention_matches_a_naive_two_stream_reference():
@@ -158,13 +161,14 @@ def test_block_structure_pre_only_and_dual_attention():
 
 def test_context_tokens_are_an_unordered_set():
     """No position embedding on the text stream: permuting context tokens must not change the
-    velocity."""
+    velocity beyond the rounding of another summation order (seen 1.1e-6; tolerance 1e-4); a
+    position embedding on the text would move it by O(1)."""
     dit = randomized(build_dit(SMALL)).eval()
     x, sigma, context, pooled = small_inputs()
     perm = torch.randperm(context.shape[1])
     with torch.no_grad():
         within(max_abs(dit(x, sigma, context, pooled), dit(x, sigma, context[:, perm], pooled)),
-               1e-5, "velocity, permuted context")
+               1e-4, "velocity, permuted context")
 
 
 def test_early_exit_returns_the_hidden_tokens_the_full_forward_uses():
@@ -250,6 +254,9 @@ def test_gradient_checkpointing_gives_the_same_gradients():
 
 
 def test_lora_starts_as_identity_and_trains_only_lora_weights():
+    """Zero-initialised B: the same velocity up to rounding (seen 9.5e-7 under MKL_CBWR=COMPATIBLE;
+    tolerance 1e-5); folded into a plain DiT, the trained LoRA's (tolerance 1e-5); a LoRA folded
+    without its scaling moves the velocity by O(1e-2) (tests/mutations.py)."""
     dit = randomized(build_dit(SMALL))
     x, sigma, context, pooled = small_inputs()
     with torch.no_grad():
@@ -261,7 +268,7 @@ def test_lora_starts_as_identity_and_trains_only_lora_weights():
     trainable = {n for n, p in dit.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
     with torch.no_grad():
-        within(max_abs(dit(x, sigma, context, pooled), before), 1e-6, "velocity with LoRA")
+        within(max_abs(dit(x, sigma, context, pooled), before), 1e-5, "velocity with LoRA")
     optimizer = torch.optim.SGD([p for p in dit.parameters() if p.requires_grad], lr=0.1)
     dit(x, sigma, context, pooled).pow(2).mean().backward()
     optimizer.step()

@@ -357,8 +357,8 @@ def test_noise_ensemble_carries_states_forward_by_the_flow_and_averages():
     within(max_abs(scores, draws.flatten(2).mean(2).mean(0)), 1e-6, "scores")
     for row, u in ((0, 0.3), (1, 0.3)):                   # below 0.3: (1 - u) x0 + u z', z' fresh
         residual = (draws[:, row] - (1 - u) * x0[row]) / u
-        within(residual.mean().abs().item(), 0.05, f"row {row}'s noise's mean")
-        within((residual.std() - 1).abs().item(), 0.05, f"row {row}'s noise's std")
+        # sampling, not rounding: 256 draws' mean and std within 0.05 of N(0, 1)'s (seen 0.008)
+        assert residual.mean().abs().item() < 0.05 and (residual.std() - 1).abs().item() < 0.05
     assert torch.equal(draws[:, 2:], x[2:].expand(3, -1, -1, -1, -1))   # at or above 0.3: as it is
     assert with_ensemble(drm, 1, 0.0) is drm
 

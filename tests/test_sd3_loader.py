@@ -148,7 +148,9 @@ def test_lora_is_merged_on_export(tmp_path):
 def test_diffusers_pipeline_loads_our_lora_and_equals_our_model(kind, tmp_path):
     """save_lora writes diffusers' LoRA format: StableDiffusion3Pipeline.load_lora_weights (peft)
     reads it, and the pipeline's transformer with it equals ours with the adapters (a fused qkv
-    adapter split into q, k, v sharing A); fold_lora reads it back into a plain DiT, equal again."""
+    adapter split into q, k, v sharing A); fold_lora reads it back into a plain DiT, equal again.
+    Rounding seen 5.9e-6 relative (folded; 8 arithmetic variants), tolerance 1e-4; a LoRA folded
+    without its scaling: 5e-2 (tests/mutations.py)."""
     pytest.importorskip("peft")
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
     folder = _save_diffusers(tiny_diffusers_model(kind), tmp_path)
@@ -172,7 +174,7 @@ def test_diffusers_pipeline_loads_our_lora_and_equals_our_model(kind, tmp_path):
            "pipeline with LoRA")
     folded = fold_lora(load_sd3(folder), str(tmp_path / "lora"))
     with torch.no_grad():
-        within(relative(folded(x, sigma, context, pooled), expected), 1e-5, "folded LoRA")
+        within(relative(folded(x, sigma, context, pooled), expected), 1e-4, "folded LoRA")
     with pytest.raises(CheckpointError, match="a LoRA of another model"):
         fold_lora(load_sd3(_save_diffusers(tiny_diffusers_model("sd3.5-large"),
                                            tmp_path / "other")),
