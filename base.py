@@ -91,6 +91,13 @@ class ModelFlags:
     lora: str = ""
 
 
+def model_inputs(cfg):
+    """{flag: path} of the files and folders the ModelFlags make a run read (RunDir's --overwrite
+    never removes them)."""
+    return {f"--{name}=": getattr(cfg, name) for name in ("base", "ckpt_dir", "text_dir",
+                                                          "transformer", "lora")}
+
+
 def check_model_flags(cfg):
     """The ModelFlags' values, before anything is loaded."""
     if cfg.model != "toy" and cfg.model not in SD3_MODELS:

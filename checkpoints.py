@@ -78,10 +78,12 @@ class RunDir:
     write nothing).
     """
     LOCK = ".lock"
+    MARK = ".run"  # left by a run that wrote outputs: they are a run's, --overwrite may remove them
 
     def __init__(self, out_dir, resume=False, overwrite=False,
-                 outputs=("metrics.jsonl", "train_state.pt"), resumable=True):
+                 outputs=("metrics.jsonl", "train_state.pt"), resumable=True, inputs=None):
         self.path, self.resume, self.overwrite, self.outputs = out_dir, resume, overwrite, outputs
+        self.inputs = inputs or {}  # {flag: path} of the files the run reads
         self.resumable = resumable  # whether the script has --resume (its advice names it)
         self.main = is_main_process()
         # the step of the last checkpoint this process wrote (or resumed from)
@@ -110,6 +112,7 @@ class RunDir:
         except BaseException:
             self.__exit__()
             raise
+        self.started = True  # from here on what the outputs hold is this run's
         return self
 
     def _take_lock(self):
@@ -146,13 +149,30 @@ class RunDir:
             raise UserError(f"--out_dir={self.path} holds an earlier run ({', '.join(used)}): "
                             f"{resume}start afresh there with --overwrite, or choose another "
                             "--out_dir")
-        for name in os.listdir(self.path):
-            if name in self.outputs or name.startswith("samples_"):
-                path = os.path.join(self.path, name)
-                shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+        ours = os.path.exists(self.file(self.MARK)) or {"metrics.jsonl", "train_state.pt"} & set(used)
+        if not ours:  # e.g. a user's data set: images/ and train.json
+            raise UserError(f"--out_dir={self.path} holds {', '.join(used)}, which no run of ours "
+                            "wrote there (its folder has no .run mark): --overwrite removes only "
+                            "what a run wrote; choose another --out_dir")
+        removed = [os.path.join(self.path, name) for name in os.listdir(self.path)
+                   if name in self.outputs or name.startswith("samples_")]
+        for flag, given in self.inputs.items():  # before anything is removed
+            read = os.path.realpath(given) if given else None
+            hit = [p for p in removed if read and (read == os.path.realpath(p) or read.startswith(
+                os.path.realpath(p) + os.sep))]
+            if hit:
+                raise UserError(f"--overwrite would remove {hit[0]}, and {flag}{given} is read from "
+                                "it: copy it out of --out_dir first, or choose another --out_dir")
+        for path in removed:
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         print(f"--overwrite: removed the earlier run's files from {self.path}")
 
     def __exit__(self, *exc):
+        wrote = getattr(self, "started", False) and any(
+            os.path.exists(self.file(name)) for name in self.outputs)
+        if wrote and not os.path.exists(self.file(self.MARK)):
+            with contextlib.suppress(OSError):
+                write_text(self.file(self.MARK), json.dumps({"outputs": list(self.outputs)}))
         lock = os.path.join(self.path, self.LOCK)
         if self.main and os.path.exists(lock):
             with contextlib.suppress(OSError, ValueError):

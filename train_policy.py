@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 import train_ops
-from base import ModelFlags, check_model_flags, load_base
+from base import ModelFlags, check_model_flags, load_base, model_inputs
 from checkpoints import (GracefulStop, RunDir, check_finite, check_resumed_config,
                          load_training_state)
 from common import (UserError, any_rank, autocast, check_flags, flag, print_config, run_main,
@@ -203,7 +203,10 @@ def check(cfg):
 def main(cfg):
     cfg = with_objective(cfg)  # DiffusionNFT's and AWM's own settings, unless given
     check(cfg)
-    with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, OUTPUTS) as run_dir, GracefulStop() as stop:
+    inputs = {**model_inputs(cfg), "--drm=": cfg.drm, "--prompts=": cfg.prompts,
+              "--eval_prompts=": cfg.eval_prompts}
+    with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, OUTPUTS, inputs=inputs) as run_dir, \
+            GracefulStop() as stop:
         print_config(cfg)
         state = load_training_state(run_dir.file("train_state.pt"), "cpu") if cfg.resume else None
         if state:

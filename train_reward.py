@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import reward_ops
-from base import ModelFlags, check_model_flags, load_base
+from base import ModelFlags, check_model_flags, load_base, model_inputs
 from checkpoints import GracefulStop, RunDir, check_finite, resume_training_state
 from common import (any_rank, autocast, check_flags, flag, parse_numbers, print_config, run_main,
                     setup_device)
@@ -180,7 +180,9 @@ def main(cfg):
     reward_ops.check_reward(cfg)
     check_model_flags(cfg)
     outputs = () if cfg.eval_only else OUTPUTS
-    with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, outputs) as run_dir, GracefulStop() as stop:
+    inputs = {**model_inputs(cfg), "--prefs=": cfg.prefs, "--drm=": cfg.drm}
+    with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, outputs, inputs=inputs) as run_dir, \
+            GracefulStop() as stop:
         print_config(cfg)
         device, ranks = setup_device(cfg.device)
         rows = ranks.shard(cfg.batch_size, "--batch_size")  # this rank's pairs of each batch

@@ -77,7 +77,8 @@ def main(cfg):
     cfg_scales = parse_numbers(cfg, "cfg_scales", float, within="[0, inf)")
     step_counts = parse_numbers(cfg, "step_counts", within="[1, inf)")
     # --out_dir held by this run alone; an earlier run's files are refused, or removed (--overwrite)
-    with RunDir(cfg.out_dir, overwrite=cfg.overwrite, outputs=OUTPUTS, resumable=False):
+    with RunDir(cfg.out_dir, overwrite=cfg.overwrite, outputs=OUTPUTS, resumable=False,
+                inputs={"--base=": cfg.base}):
         write_preferences(cfg, cfg_scales, step_counts)
 
 

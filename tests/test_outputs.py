@@ -239,6 +239,37 @@ def test_a_used_preference_folder_is_refused_unless_overwrite(case, tmp_path, sm
     assert {**files(out), **files(out / "images")} == first  # the stale image is gone
     assert not (out / ".lock").exists()
 
+def test_overwrite_leaves_a_data_set_no_run_wrote(tmp_path, small_base):
+    """data.preferences --overwrite into a user's own data set (images/ and train.json, HPDv3's
+    layout): refused, nothing removed (it removed images/, calling it an earlier run)."""
+    out = tmp_path / "hpdv3"
+    (out / "images").mkdir(parents=True)
+    (out / "images" / "0.png").write_bytes(b"a user's image")
+    (out / "train.json").write_text("[]")
+    line = error_line(data.preferences, f"--base={small_base}", *PREFERENCES, f"--out_dir={out}",
+                      "--overwrite")
+    assert "which no run of ours wrote there" in line and "choose another --out_dir" in line
+    assert (out / "images" / "0.png").read_bytes() == b"a user's image"
+
+
+@pytest.mark.ex1_flow_matching
+@pytest.mark.ex2_drm
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
+def test_overwrite_never_removes_what_the_run_reads(tmp_path):
+    """A second stage from the first stage's policy, in its folder: --base=OUT/model.safetensors
+    --out_dir=OUT --overwrite is refused before anything is removed (it wiped the first stage,
+    then failed: "checkpoint ... does not exist")."""
+    import train_policy
+    out = tmp_path / "stage"
+    tiny = ["--trajectories=4", "--k=2", "--steps=2", "--eval_per_prompt=1", "--eval_steps=2",
+            "--updates=1", "--eval_every=1", f"--out_dir={out}"]
+    run_script(train_policy, tiny)
+    before = files(out)
+    line = error_line(train_policy, *tiny, f"--base={out / 'model.safetensors'}", "--overwrite")
+    assert "--overwrite would remove" in line and "model.safetensors is read from it" in line
+    assert files(out) == before
+
 # -----------------------------------------------------------------------------
 # 4. A diverged base is never saved; the advice works as written
 
