@@ -149,7 +149,8 @@ class RunDir:
             raise UserError(f"--out_dir={self.path} holds an earlier run ({', '.join(used)}): "
                             f"{resume}start afresh there with --overwrite, or choose another "
                             "--out_dir")
-        ours = os.path.exists(self.file(self.MARK)) or {"metrics.jsonl", "train_state.pt"} & set(used)
+        ours = (os.path.exists(self.file(self.MARK))
+                or {"metrics.jsonl", "train_state.pt"} & set(used))
         if not ours:  # e.g. a user's data set: images/ and train.json
             raise UserError(f"--out_dir={self.path} holds {', '.join(used)}, which no run of ours "
                             "wrote there (its folder has no .run mark): --overwrite removes only "
@@ -161,8 +162,9 @@ class RunDir:
             hit = [p for p in removed if read and (read == os.path.realpath(p) or read.startswith(
                 os.path.realpath(p) + os.sep))]
             if hit:
-                raise UserError(f"--overwrite would remove {hit[0]}, and {flag}{given} is read from "
-                                "it: copy it out of --out_dir first, or choose another --out_dir")
+                raise UserError(f"--overwrite would remove {hit[0]}, and {flag}{given} is read "
+                                "from it: copy it out of --out_dir first, or choose another "
+                                "--out_dir")
         for path in removed:
             shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
         print(f"--overwrite: removed the earlier run's files from {self.path}")
@@ -192,19 +194,34 @@ class RunDir:
         return ("no checkpoint was saved; start again with a lower --lr (or --grad_clip) and "
                 "--overwrite")
 
+    def log(self, record):
+        """One metrics row, appended (rank 0). A run writes an evaluation's row (and its grid)
+        before the checkpoint that follows it: a kill between them loses no row of a saved step,
+        and a row past the last checkpoint is dropped on resume (trim_metrics) and written
+        again."""
+        if self.main:
+            with open(self.file("metrics.jsonl"), "a") as log:
+                log.write(json.dumps(record) + "\n")
+
     def trim_metrics(self, step):
         """On resume: drop the metrics rows a killed run wrote after its last checkpoint (they are
-        written again)."""
+        written again), and a last row a kill cut short."""
         path = self.file("metrics.jsonl")
         if not self.main or not os.path.exists(path):
             return
         with open(path) as f:
-            lines = [line for line in f if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= step]
+            lines = [line if line.endswith("\n") else line + "\n" for line in f if line.strip()]
+        rows, cut = [], 0
+        for line in lines:
+            try:
+                rows.append((line, json.loads(line)))
+            except json.JSONDecodeError:  # a row half-written when the run was killed
+                cut += 1
+        kept = [line for line, row in rows if row.get("step", 0) <= step]
         if len(kept) < len(lines):
             write_text(path, "".join(kept))
             print(f"resume: removed {len(lines) - len(kept)} metrics rows written after step "
-                  f"{step}")
+                  f"{step}" + (f" ({cut} cut short by a kill)" if cut else ""))
 
 
 def _alive(pid):

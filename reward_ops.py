@@ -104,18 +104,17 @@ def log_and_save(cfg, run_dir, base, drm, optimizer, results, gold, *, step, run
     """Refuse to save a diverged DRM; save the DRM and train state; log one line."""
     figures = {f"{sigma} {key}": value for sigma, r in results.items() for key, value in r.items()}
     check_finite(figures, step, "test evaluation", run_dir.advice())
-    save_run(cfg, run_dir, base, drm, optimizer, step)
-    if not run_dir.main:
-        return
+    check_weights(drm, step, run_dir.advice())
     record = {"step": step, "loss": sum(r[0] for r in running) / len(running),
               "train_label_accuracy": sum(r[1] for r in running) / len(running),
               "grad_norm": running[-1][2], "minutes": minutes, "test": results}
-    with open(run_dir.file("metrics.jsonl"), "a") as log:
-        log.write(json.dumps(record) + "\n")
-    key = "gold_accuracy" if gold else "label_accuracy"
-    tqdm.write(f"step {step:5d} | loss {record['loss']:.4f} | test {key} by sigma "
-               + " ".join(f"{s}:{r[key]:.3f}" for s, r in results.items())
-               + f" | {minutes:.1f} min")
+    run_dir.log(record)  # before the checkpoint (RunDir.log)
+    if run_dir.main:
+        key = "gold_accuracy" if gold else "label_accuracy"
+        tqdm.write(f"step {step:5d} | loss {record['loss']:.4f} | test {key} by sigma "
+                   + " ".join(f"{s}:{r[key]:.3f}" for s, r in results.items())
+                   + f" | {minutes:.1f} min")
+    save_run(cfg, run_dir, base, drm, optimizer, step)
 
 
 def skipped_blocks(cfg, base, kept):

@@ -11,7 +11,6 @@ is dropped with probability p_drop_attribute so "a 7" is a prompt it knows.
 Samples and the shipped weights come from an exponential moving average.
 """
 import copy
-import json
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -164,11 +163,13 @@ def main(cfg):
         def minutes():
             return minutes_before + (time.time() - t0) / 60
 
-        def save(step):
+        def healthy(step):  # nothing of a diverged step is logged or saved
             for model in (net, ema):  # the trained weights (resumed from), their average (shipped)
                 check_weights(model, step, run_dir.advice())
                 check_finite(probe(model, fixed), step, "mean squared velocity on a fixed batch",
                              run_dir.advice())
+
+        def save(step):
             if ranks.main:
                 save_toy_base(run_dir.file("model.safetensors"), ema["dit"], ema["text"], step)
                 save_training_state(run_dir.file("train_state.pt"), {
@@ -219,19 +220,20 @@ def main(cfg):
                           "lr": warmup_cosine(step, cfg.train_steps, cfg.warmup, cfg.lr),
                           "minutes": minutes()}
                 bin_loss.zero_(), bin_count.zero_()
-                save(step + 1)
-                if ranks.main:
+                healthy(step + 1)
+                if ranks.main:  # the grid and row before the checkpoint (RunDir.log)
                     prompts = [p for p in HELDOUT_PROMPTS for _ in range(cfg.eval_per_prompt)]
                     grid = generate(ema["dit"], ToyBase(ema["dit"], ema["text"]), prompts, seed=0,
                                     cfg_scale=cfg.eval_cfg)
                     save_grid(grid, run_dir.file(f"samples_{step + 1:06d}.png"),
                               nrow=cfg.eval_per_prompt)
-                    with open(run_dir.file("metrics.jsonl"), "a") as log:
-                        log.write(json.dumps(record) + "\n")
+                    run_dir.log(record)
                     tqdm.write(f"step {step + 1:6d} | loss {record['loss']:.4f} | by sigma "
                                f"{record['loss_by_sigma']} | {record['minutes']:.1f} min")
+                save(step + 1)
             if any_rank(stop):
                 if run_dir.last_saved != step + 1:
+                    healthy(step + 1)
                     save(step + 1)
                 print(f"stopped: saved step {step + 1} to {cfg.out_dir}; continue with --resume")
                 return None

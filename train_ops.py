@@ -7,7 +7,6 @@ train_policy.py reads as the algorithm (rollout, advantages, update) and calls e
 import copy
 import dataclasses
 import hashlib
-import json
 from dataclasses import asdict, dataclass
 from types import SimpleNamespace
 
@@ -205,7 +204,8 @@ def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
     policy.eval()
     device = next(policy.parameters()).device
     summary, images = {}, None
-    also = [cfg.also_eval_cfg_scale] if cfg.also_eval_cfg_scale not in (0, cfg.eval_cfg_scale) else []
+    also = ([cfg.also_eval_cfg_scale] if cfg.also_eval_cfg_scale not in (0, cfg.eval_cfg_scale)
+            else [])
     for scale in [cfg.eval_cfg_scale, *also]:
         figures, samples, shown, prompts = evaluate(
             policy, base, heldout, cfg.eval_per_prompt, seed=1234,
@@ -256,19 +256,17 @@ def evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, *, step, count
         return
     check_finite(summary, step, "held-out evaluation", run_dir.advice())
     check_weights(models.policy, step, run_dir.advice())
-    if save:
-        save_run(cfg, run_dir, base, models, step=step, counters=counters)
-    if ranks.main:
+    if ranks.main:  # the row and grid before the checkpoint (RunDir.log)
         shown = min(cfg.eval_per_prompt, 8)
         grid = images.view(len(heldout), cfg.eval_per_prompt, *images.shape[1:])[:, :shown]
         save_grid(grid.flatten(0, 1), run_dir.file(f"samples_{step:05d}.png"), nrow=shown)
-        record = {"step": step, "credit": cfg.credit, "seed": cfg.seed, **counters, **summary,
-                  **(train_stats or {})}
-        with open(run_dir.file("metrics.jsonl"), "a") as log:
-            log.write(json.dumps(record) + "\n")
+        run_dir.log({"step": step, "credit": cfg.credit, "seed": cfg.seed, **counters, **summary,
+                     **(train_stats or {})})
         tqdm.write(f"update {step:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in summary.items())
                    + f" | DiT-pass equivalents {counters['dit_equivalents']:.0f} | "
                      f"{counters['time_s']:.0f} s")
+    if save:
+        save_run(cfg, run_dir, base, models, step=step, counters=counters)
 
 
 def resume_run(cfg, run_dir, state, models, costs):

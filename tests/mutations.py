@@ -29,9 +29,8 @@ class Mutation(NamedTuple):
 
 
 MUTATIONS = [
-    Mutation("a piece's pairs from the wrong rows", "train_ops.py",
-             "out.append((step_ids[piece], rows[piece], n * world / len(pairs)))",
-             "out.append((step_ids[piece], rows[piece].roll(1), n * world / len(pairs)))",
+    Mutation("a piece's rows one past its end (a pair counted twice)", "train_ops.py",
+             "piece = slice(start, start + size)", "piece = slice(start, start + size + 1)",
              "loss_pieces"),
     Mutation("a rank draws another rank's noise", "sde.py",
              "return noise[rank * n:(rank + 1) * n].to(device)",

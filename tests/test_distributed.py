@@ -12,8 +12,9 @@ step carries them on). How far rounding alone goes depends on the CPU's GEMM blo
 single-process runs of the reward test that differ only in their thread count (1 or 2), the same
 as its DDP run's 4.7e-3; on an AMD EPYC under 8 arithmetic variants (tests/arithmetic.py) at most
 4.8e-3 (ATEN_CPU_CAPABILITY=avx2). The tolerance is 5e-2: 10x the rounding seen, 20x below a
-rank sampling the wrong rows (~100%; a rank drawing another's noise, tests/mutations.py). The last step, were it trained (--train_last_step), rounds 25x worse
-(std 7e-4): 2.9% of the update on the first CPU.
+rank sampling the wrong rows (~100%; a rank drawing another's noise, tests/mutations.py). The
+last step, were it trained (--train_last_step), rounds 25x worse (std 7e-4): 2.9% of the update on
+the first CPU.
 """
 import copy
 import dataclasses

@@ -351,6 +351,81 @@ def test_a_stop_during_the_first_evaluation_leaves_nothing(tiny, tmp_path, monke
     assert os.listdir(tmp_path / "run") == []
 
 
+# a run of train_policy.py killed (SIGKILL) at a chosen moment of update 2's evaluation, the
+# moment reached by wrapping the function that does it; then resumed
+KILLED = """
+import os, signal, sys
+import checkpoints, train_ops, train_policy
+from common import run_main
+moment = sys.argv[1]
+
+def kill_after(function):
+    def killed(*args, **kwargs):
+        result = function(*args, **kwargs)
+        if kwargs.get("step") == 2 or (args and args[-1] == 2):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return result
+    return killed
+
+if moment == "after the checkpoint":
+    train_ops.save_run = kill_after(train_ops.save_run)
+elif moment == "during the row":
+    log = checkpoints.RunDir.log
+    def half(self, record):
+        if record["step"] == 2:
+            with open(self.file("metrics.jsonl"), "a") as f:
+                f.write('{"step": 2, "gold": ')
+                f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        log(self, record)
+    checkpoints.RunDir.log = half
+else:  # during the grid: its temporary file written, not yet renamed
+    write = checkpoints.atomic_write
+    def torn(path, how):
+        if path.endswith("samples_00002.png"):
+            how(path + ".tmp-torn")
+            os.kill(os.getpid(), signal.SIGKILL)
+        write(path, how)
+    checkpoints.atomic_write = torn
+run_main(train_policy.main, train_policy.Config, sys.argv[2:])
+"""
+
+
+KILL_ARGS = [*TINY_POLICY, "--updates=3", "--eval_every=1"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    """The rows of one uninterrupted run of KILL_ARGS, shared by the kills below."""
+    out = tmp_path_factory.mktemp("straight")
+    straight = subprocess.run([sys.executable, "train_policy.py", *KILL_ARGS, f"--out_dir={out}",
+                               "--overwrite"], capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    return [json.loads(line) for line in open(out / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("moment", ["after the checkpoint", "during the row", "during the grid"])
+def test_a_kill_at_any_moment_loses_no_row_or_grid(moment, tmp_path, uninterrupted):
+    """SIGKILL (the OOM killer, a node lost) after update 2's checkpoint, halfway through its
+    metrics row, or halfway through its grid: --resume ends with every row and grid of an
+    uninterrupted run, the rows' figures the same (it ended with steps [0, 1, 3] and no
+    samples_00002.png; killed after the last checkpoint, the final row was lost for good)."""
+    args, out = KILL_ARGS, tmp_path / "killed"
+    killed = subprocess.run([sys.executable, "-c", KILLED, moment, *args, f"--out_dir={out}"],
+                            capture_output=True, text=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    resumed = subprocess.run([sys.executable, "train_policy.py", *args, f"--out_dir={out}",
+                              "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0 and "Traceback" not in resumed.stderr, resumed.stderr[-2000:]
+    keys = ("step", "gold", "drm", "nfe", "drm_calls")
+    expected = [{k: r[k] for k in keys} for r in uninterrupted]
+    assert [{k: r[k] for k in keys} for r in map(json.loads, open(out / "metrics.jsonl"))] == \
+        expected
+    assert sorted(p.name for p in out.glob("samples_*.png")) == [f"samples_{s:05d}.png"
+                                                                 for s in range(4)]
+    assert not list(out.glob("*.tmp-*"))
+
+
 @pytest.mark.ex1_flow_matching
 @pytest.mark.ex2_drm
 def test_sigterm_during_the_first_evaluation_is_a_clean_stop(tmp_path):
