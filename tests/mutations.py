@@ -4,7 +4,7 @@ in a copy of the repository; the tests it names run there, and each comparison's
 against its tolerance. Every mutation must fail its tests, with an error at least 10x its tolerance.
 
     python tests/mutations.py                   # every mutation (about 10 minutes on 2 cores)
-    python tests/mutations.py "wrong rows"      # the mutations whose name holds this text
+    python tests/mutations.py "piece"           # the mutations whose name holds this text
 
 tests/arithmetic.py measures the rounding side; a test's docstring states both.
 """
@@ -62,16 +62,16 @@ MUTATIONS = [
              "return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)",
              "return torch.cat([torch.sin(args), torch.cos(args)], dim=-1)",
              "timestep_embedding or load_diffusers_folder"),
-    Mutation("RMSNorm's eps 1e-5", "model.py",
-             "x32.pow(2).mean(-1, keepdim=True) + 1e-6)",
-             "x32.pow(2).mean(-1, keepdim=True) + 1e-5)",
+    Mutation("RMSNorm without its learned scale", "model.py",
+             "+ 1e-6)).to(x.dtype) * weight", "+ 1e-6)).to(x.dtype)",
              "joint_attention or load_diffusers_folder"),
-    Mutation("LoRA folded without its scaling", "lora.py",
-             "delta = (module.lora_B @ module.lora_A) * module.scaling",
-             "delta = (module.lora_B @ module.lora_A)",
+    Mutation("LoRA's forward at 0.9 of its scaling (its fold at 1)", "lora.py",
+             "update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling",
+             "update = F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling * 0.9",
              "lora_starts or lora_is_merged or diffusers_pipeline_loads"),
-    Mutation("the VAE's scale 1.53", "sd3/vae.py", "scale: float = 1.5305", "scale: float = 1.53",
-             "vae_loads"),
+    Mutation("the VAE's latents without SD3's shift", "sd3/vae.py",
+             "return (mean - self.config.shift) * self.config.scale",
+             "return mean * self.config.scale", "vae_loads"),
     Mutation("the DRM grid one index off", "train_reward.py",
              "s = (n - (u * n).long()).double() / n", "s = (n - 1 - (u * n).long()).double() / n",
              "timestep_sampler"),

@@ -12,7 +12,8 @@ step carries them on). How far rounding alone goes depends on the CPU's GEMM blo
 single-process runs of the reward test that differ only in their thread count (1 or 2), the same
 as its DDP run's 4.7e-3; on an AMD EPYC under 8 arithmetic variants (tests/arithmetic.py) at most
 4.8e-3 (ATEN_CPU_CAPABILITY=avx2). The tolerance is 5e-2: 10x the rounding seen, 20x below a
-rank sampling the wrong rows (~100%; a rank drawing another's noise, tests/mutations.py). The
+rank sampling the wrong rows (a rank drawing another's noise: 126-139% of the update,
+tests/mutations.py). The
 last step, were it trained (--train_last_step), rounds 25x worse (std 7e-4): 2.9% of the update on
 the first CPU.
 """
@@ -181,9 +182,9 @@ def test_loss_pieces_add_up_to_the_whole_minibatch_to_float32s_rounding(trained)
 
     Rounding seen (tests/arithmetic.py, 8 arithmetic variants on an AMD EPYC; 1.0-1.5x on an
     Intel Xeon earlier): one layout up to 3.1x the prediction, the pieces 3.4x; tolerance 40x the
-    prediction (12x the worst seen), 80x for two layouts apart. A bug: a piece's pairs taken from
-    the wrong rows moves the gradient by ~1e-1 of itself (tests/mutations.py), 1,000x above 40x
-    the prediction (1e-4)."""
+    prediction (12x the worst seen), 80x for two layouts apart. A bug: a piece's rows one past its
+    end (a pair counted twice) moves the gradient by 5e-1 of itself, 5,400x the tolerance (328x
+    at the last step; tests/mutations.py)."""
     extra = ["--sde_window=1:2", "--train_last_step"] if trained == "last step alone" else []
     cfg, models, rollout, advantages = one_update(["--trajectories=4", "--per_prompt=4",
                                                    "--credit=sparse", "--steps=2",
