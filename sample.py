@@ -25,8 +25,8 @@ import torch
 
 from base import ANNOTATED, ModelFlags, check_model_flags, load_base
 from checkpoints import check_writable, save_grid
-from common import (InputError, UserError, autocast, check_flags, flag, frozen_dtype, pick_device,
-                    print_config, run_main)
+from common import (InputError, UserError, autocast, check_flags, flag, frozen_dtype, given_flags,
+                    pick_device, print_config, run_main)
 from evaluation import evaluate_heldout
 from model import compile_regions
 from rivals.reward import EnsembleFlags, with_ensemble
@@ -128,6 +128,14 @@ SEARCHES = {"ode": (stepwise, 1), "sde": (stepwise, 1), "stepwise": (stepwise, 1
             "prune": (prune, "particles")}
 
 
+# the searches each search flag is used by (given to another, it is refused)
+USED_BY = {"k": ("stepwise",), "beam": ("stepwise",), "score_every": ("stepwise",),
+           "ode_last": ("stepwise",), "score": ("stepwise", "smc"),
+           "particles": ("best_of", "smc", "prune"), "noise_level": ("sde", "stepwise", "smc"),
+           "potential": ("smc",), "lmbda": ("smc",), "resample": ("smc",), "adaptive": ("smc",),
+           "ess_threshold": ("smc",), "prune_at": ("prune",), "keep": ("prune",)}
+
+
 @dataclass
 class Config(ModelFlags, SearchFlags, EnsembleFlags):  # the base model (base.py), rivals' flags
     prompt: str = "a thick 7 slanted right"  # what to draw (the toy: data/world.py's words)
@@ -136,7 +144,7 @@ class Config(ModelFlags, SearchFlags, EnsembleFlags):  # the base model (base.py
     cfg_scale: float = flag(4.0, "[0, inf)")  # classifier-free guidance weight
     # SD3's schedule shift (3 at 1024 px; 1 suits 32x32 pixels)
     shift: float = flag(1.0, "(0, inf)")
-    seed: int = 0
+    seed: int = flag(0, "[0, 4294967295]")  # the random streams (any 32-bit number)
     out: str = "samples.png"           # image grid (with --eval: a JSON of the scores beside it)
     eval: bool = False                 # score the held-out prompts with the simulated annotator
     per_prompt: int = flag(20, "[1, inf)")  # with --eval: images per held-out prompt
@@ -199,9 +207,13 @@ def main(cfg):
     check_flags(cfg)
     check_search(cfg)
     check_model_flags(cfg)
+    ignored = [f"--{name}" for name, searches in USED_BY.items()
+               if name in given_flags(cfg) and cfg.search not in searches]
     if cfg.score == "lookahead" and cfg.search != "stepwise":
-        raise UserError("--score=lookahead: a step-wise search's (--search=stepwise), not "
-                        f"--search={cfg.search}'s")
+        ignored.append("--score=lookahead")
+    if ignored:
+        raise UserError(f"--search={cfg.search} does not use {', '.join(ignored)}: drop it, or "
+                        "choose a search that does (sample.USED_BY)")
     check_writable(cfg.out, "--out=", image=True)
     if cfg.eval and cfg.search != "ode":
         raise UserError("--eval scores the ODE sampler; the searches against each other: python -m "

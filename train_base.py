@@ -48,7 +48,7 @@ class Config:
     eval_every: int = flag(1000, "[1, inf)")  # steps between sample grids and checkpoints
     eval_cfg: float = flag(4.0, "[0, inf)")  # guidance scale of the sample grids
     eval_per_prompt: int = flag(8, "[1, inf)")  # images per held-out prompt in each grid
-    seed: int = 0
+    seed: int = flag(0, "[0, 4294967295]")  # the random streams (any 32-bit number)
     # at the end, also write the EMA model here in float16 (how data/base.safetensors is made)
     export: str = ""
     # continue from out_dir/train_state.pt (--lr, --train_steps, --eval_every may change)

@@ -88,7 +88,7 @@ class Config(ModelFlags, CreditFlags, ObjectiveFlags, EnsembleFlags):  # base.py
     eval_every: int = flag(20, "[1, inf)")
     eval_per_prompt: int = flag(8, "[1, inf)")  # ODE samples per held-out prompt an evaluation
     eval_steps: int = flag(20, "[1, inf)")
-    seed: int = 0
+    seed: int = flag(0, "[0, 4294967295]")  # the random streams (any 32-bit number)
     resume: bool = False               # continue out_dir's run (MAY_CHANGE below may change)
     overwrite: bool = False            # start afresh in a used out_dir (its run's files removed)
     compile: bool = False              # torch.compile the DiT's and DRM's blocks (model.py)

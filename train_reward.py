@@ -105,7 +105,7 @@ class Config(ModelFlags, EnsembleFlags):  # where the DRM starts (base.py); the 
     overwrite: bool = False            # start afresh in a used out_dir (its run's files removed)
     compile: bool = False              # torch.compile the DRM's blocks (model.py)
     grad_checkpointing: bool = False   # re-run each block in the backward: less memory
-    seed: int = 0
+    seed: int = flag(0, "[0, 4294967295]")  # the random streams (any 32-bit number)
     device: str = "auto"
     RENAMED = {"steps": "train_steps"}  # flags of earlier versions
 

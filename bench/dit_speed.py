@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import autocast, check_flags, flag, pick_device, print_config, run_main
+from common import UserError, autocast, check_flags, flag, pick_device, print_config, run_main
 from model import PRESETS, DiTConfig, compile_regions
 from sd3.mmdit import load_sd3
 
@@ -202,12 +202,12 @@ def bench_size(name, cfg, device):
 
 def main(cfg):
     check_flags(cfg)
-    print_config(cfg)
-    device = pick_device(cfg.device)
     sizes = cfg.sizes.split(",")
     for name in sizes:
         if name not in SIZES:
-            raise ValueError(f"--sizes={cfg.sizes}: {name!r} is not one of {', '.join(SIZES)}")
+            raise UserError(f"--sizes={cfg.sizes}: {name!r} is not one of {', '.join(SIZES)}")
+    print_config(cfg)
+    device = pick_device(cfg.device)
     ceiling = matmul_ceiling(cfg.ceiling_n, device)
     dtype = "bf16" if device.type == "cuda" else "float32"
     print(f"ceiling: {cfg.ceiling_n}x{cfg.ceiling_n} {dtype} torch.mm at {ceiling / 1e12:.3f} "

@@ -100,7 +100,7 @@ class Config:
     cfg_scale: float = flag(4.0, "[0, inf)")
     shift: float = flag(1.0, "(0, inf)")
     noise_level: float = flag(0.7, "(0, inf)")  # SDE noise of step-wise successors and particles
-    seed: int = 0
+    seed: int = flag(0, "[0, 4294967295]")  # the random streams (any 32-bit number)
     out: str = "out/search"            # writes OUT.json, OUT.md, OUT.png
     compile: bool = False
     device: str = "auto"

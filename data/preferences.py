@@ -33,7 +33,7 @@ import torch
 from PIL import Image
 
 from checkpoints import RunDir, save_grid, save_image, write_text
-from common import check_flags, flag, parse_numbers, run_main
+from common import UserError, check_flags, flag, run_main
 from data.judge import Judge
 from data.toy import ToyBase
 from data.world import TRAIN_PROMPTS, read_images
@@ -44,15 +44,16 @@ from evaluation import generate
 class Config:
     out_dir: str = "out/prefs"
     base: str = "data/base.safetensors"   # the toy base model whose samples are paired
-    cfg_scales: str = "1,1.5,2,3,4,6"     # guidance scales of the image pool
+    # guidance scales of the image pool
+    cfg_scales: tuple = flag((1.0, 1.5, 2.0, 3.0, 4.0, 6.0), "[0, inf)", of=float)
     # Euler step counts of the image pool (1-2 steps give blurred digits)
-    step_counts: str = "1,2,4,8,20"
+    step_counts: tuple = flag((1, 2, 4, 8, 20), "[1, inf)")
     seeds_per_setting: int = flag(6, "[1, inf)")  # images per (prompt, guidance, steps)
     pairs_per_prompt: int = flag(400, "[1, inf)")
     test_prompts: int = flag(16, "[1, 79]")  # prompts held out for the test pairs
     # Bradley-Terry temperature of the annotator's labels
     temperature: float = flag(0.15, "(0, inf)")
-    seed: int = 0
+    seed: int = flag(0, "[0, 4294967295]")  # the random streams (any 32-bit number)
     overwrite: bool = False               # start afresh in a used out_dir (its files removed)
 
 
@@ -74,8 +75,15 @@ def gold_scores(pairs):
 
 def main(cfg):
     check_flags(cfg)
-    cfg_scales = parse_numbers(cfg, "cfg_scales", float, within="[0, inf)")
-    step_counts = parse_numbers(cfg, "step_counts", within="[1, inf)")
+    for name in ("cfg_scales", "step_counts"):
+        values = getattr(cfg, name)
+        if not values or len(set(values)) < len(values):
+            raise UserError(f"--{name}={','.join(map(str, values))}: give one or more values, "
+                            "none twice")
+    if len(cfg.cfg_scales) * len(cfg.step_counts) * cfg.seeds_per_setting < 2:
+        raise UserError("one image a prompt makes no pair: give --seeds_per_setting >= 2, or more "
+                        "--cfg_scales or --step_counts")
+    cfg_scales, step_counts = cfg.cfg_scales, cfg.step_counts
     # --out_dir held by this run alone; an earlier run's files are refused, or removed (--overwrite)
     with RunDir(cfg.out_dir, overwrite=cfg.overwrite, outputs=OUTPUTS, resumable=False,
                 inputs={"--base=": cfg.base}):

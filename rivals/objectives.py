@@ -57,7 +57,7 @@ import torch
 
 import train_ops
 from checkpoints import check_finite
-from common import UserError, autocast, flag, unless_given
+from common import UserError, autocast, flag, given_flags, unless_given
 from model import add_noise
 from rivals.credit import terminal_advantages
 from sde import passes, sample_ode, sigma_schedule
@@ -72,6 +72,10 @@ class ObjectiveFlags:
     # AWM's authors evaluate at 1, as they train: their recipe sets it)
     also_eval_cfg_scale: float = flag(0.0, "[0, inf)", zero="none")
 
+
+# PPO's flags, which NFT and AWM do not use (given with them, refused)
+PPO_ONLY = ("noise_level", "score", "follow", "k", "clip_range", "minibatches", "loss_batch",
+            "uncond_grad", "kl_weight", "sde_window", "train_last_step")
 
 # the authors' settings that differ from train_policy.py's defaults, applied unless given: no
 # guidance in training, evaluated without too (DiffusionNFT's config/nft.py, AWM's no-cfg
@@ -92,9 +96,10 @@ def check_objective(cfg):
     if cfg.credit not in ("sparse", "stepwise"):
         raise UserError(f"--objective={cfg.objective} takes --credit=sparse (the terminal reward) "
                         f"or stepwise (the DRM's at each sigma), not {cfg.credit}")
-    if cfg.kl_weight or cfg.sde_window or cfg.train_last_step:
-        raise UserError(f"--objective={cfg.objective} samples by the ODE and has its own KL: "
-                        "drop --kl_weight, --sde_window and --train_last_step")
+    ignored = [f"--{name}" for name in PPO_ONLY if name in given_flags(cfg)]
+    if ignored:
+        raise UserError(f"--objective={cfg.objective} samples by the ODE and has its own loss and "
+                        f"KL: drop {', '.join(ignored)} (PPO's)")
 
 # -----------------------------------------------------------------------------
 # The losses, per (sample, sigma) pair

@@ -184,7 +184,9 @@ def test_a_group_shares_its_sigmas_and_noise_when_the_drm_compares_it():
 
 @pytest.mark.parametrize("args, says", [
     (["--objective=nft", "--credit=tree"], "takes --credit=sparse"),
-    (["--objective=awm", "--kl_weight=0.01"], "has its own KL"),
+    (["--objective=awm", "--kl_weight=0.01"], "has its own loss and KL: drop --kl_weight"),
+    # PPO's flags that NFT and AWM ignore are refused as their siblings are
+    (["--objective=nft", "--noise_level=0.5", "--score=x0"], "drop --noise_level, --score"),
     (["--objective=dpo"], "--objective=dpo: choose one of ppo, nft, awm")])
 def test_an_objective_refuses_what_it_cannot_do(args, says, tmp_path):
     with pytest.raises(SystemExit, match=says):
