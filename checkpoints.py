@@ -541,7 +541,24 @@ def load_training_state(path, device):
     if not isinstance(state, dict) or not {"step", "config"} <= set(state):
         raise CheckpointError(f"--resume: {path} is not a train state of nanoDRM (no step and "
                               "config in it)")
+    bad = next((name for name, t in tensors_in(state) if t.is_floating_point()
+                and not all_finite(t)), None)
+    if bad is not None:  # a damaged or diverged save: resuming would only spread it
+        raise CheckpointError(f"--resume: {path} holds NaN or inf ({bad}): it cannot be resumed; "
+                              "start afresh in another --out_dir")
     return state
+
+
+def tensors_in(value, prefix=""):
+    """(name, tensor) of every tensor in nested dicts and lists (a train state, an optimizer's)."""
+    if torch.is_tensor(value):
+        yield prefix, value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield from tensors_in(item, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            yield from tensors_in(item, f"{prefix}.{i}")
 
 
 def check_state_fits(path, name, module, saved, trained_only=False):

@@ -327,6 +327,10 @@ def parse_window(cfg):
                             "(Flow-GRPO-Fast) or slide:2:12 (MixGRPO)")
         n, *every = map(int, numbers)
         top = T // 2 if kind == "random" else T - 2  # Flow-GRPO-Fast's range (0, num_steps // 2)
+        if top < 1:
+            raise UserError(f"--sde_window={text}: a {kind} window needs --steps >= "
+                            f"{2 if kind == 'random' else 3} (its range is the first "
+                            f"{'half' if kind == 'random' else 'steps - 2'} of the steps)")
         if not 1 <= n <= top or every == [0]:
             raise UserError(f"--sde_window={text}: n in [1, {top}] for --steps={T}, every >= 1")
         return (kind, n, *every)

@@ -391,6 +391,25 @@ run_main(train_policy.main, train_policy.Config, sys.argv[2:])
 """
 
 
+@pytest.mark.parametrize("where", ["policy", "optimizer"])
+def test_a_train_state_holding_nan_is_refused_at_load(where, tmp_path):
+    """A train state whose weights or AdamW moments hold NaN (a damaged or diverged save): --resume
+    refuses it in one line naming the tensor (it loaded, then diverged at once, and the advice
+    pointed back to it)."""
+    out = tmp_path / "run"
+    run_main(train_policy.main, train_policy.Config,
+             [*TINY_POLICY, "--updates=1", "--eval_every=1", f"--out_dir={out}"])
+    state = torch.load(out / "train_state.pt", weights_only=False)
+    if where == "policy":
+        next(iter(state["policy"].values()))[0] = float("nan")
+    else:
+        next(iter(state["optimizer"]["state"].values()))["exp_avg_sq"][0] = float("inf")
+    torch.save(state, out / "train_state.pt")
+    line = error_line(train_policy, *TINY_POLICY, "--updates=2", "--eval_every=1",
+                      f"--out_dir={out}", "--resume")
+    assert "holds NaN or inf" in line and (where in line) and "start afresh" in line, line
+
+
 KILL_ARGS = [*TINY_POLICY, "--updates=3", "--eval_every=1"]
 
 

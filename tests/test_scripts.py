@@ -148,6 +148,8 @@ def run_script(*args):
      "--sde_window=random:9: n in [1, 5] for --steps=10"),
     (["train_policy.py", "--sde_window=slide:2:0"],
      "--sde_window=slide:2:0: n in [1, 8] for --steps=10, every >= 1"),
+    (["train_policy.py", "--sde_window=slide:1:1", "--steps=2"],
+     "--sde_window=slide:1:1: a slide window needs --steps >= 3"),
     (["train_policy.py", "--sde_window=slide:two"],
      "--sde_window=slide:two: give random:n or slide:n:every"),
     (["train_policy.py", "--credit=tree", "--sde_window=random:2"], "a tree splits at fixed steps"),
