@@ -14,7 +14,7 @@ import os
 
 import torch
 
-from checkpoints import save_grid
+from checkpoints import save_grid, write_text
 from rivals.scores import SCORES
 from sde import Sampler, initial_noise, propose, sample_ode, sigma_schedule, take
 
@@ -69,9 +69,9 @@ def evaluate_heldout(cfg, base, **sampling):
     shown = min(cfg.per_prompt, 8)  # a row of the first images of each prompt
     grid = images.view(len(prompts), cfg.per_prompt, *images.shape[1:])[:, :shown]
     save_grid(grid.flatten(0, 1), cfg.out, nrow=shown)
-    with open(os.path.splitext(cfg.out)[0] + ".json", "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "checkpoint_step": base.meta.get("step"),
-                   **summary}, f, indent=1)
+    write_text(os.path.splitext(cfg.out)[0] + ".json",
+               json.dumps({"config": dataclasses.asdict(cfg),
+                           "checkpoint_step": base.meta.get("step"), **summary}, indent=1))
     return summary
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from checkpoints import (atomic_write, check_finite, check_weights, check_writable,
-                         save_training_state)
+                         save_training_state, write_text)
 from common import UserError, parse_numbers, unless_given, warmup_cosine
 from data.pairs import CLOSE_GAP, Pairs, evaluate, load_split
 from evaluation import candidate_ranking, policy_pairs, print_ranking
@@ -76,10 +76,9 @@ def print_accuracy(results, what, path, close_gap):
 
 
 def write_evaluation(path, checkpoint, meta, cfg, results, ranking=None):
-    with open(path, "w") as f:
-        json.dump({"checkpoint": checkpoint, "init": meta.get("init"), "step": meta.get("step"),
-                   "eval_set": cfg.eval_set, "accuracy": results, "candidate_ranking": ranking},
-                  f, indent=1)
+    write_text(path, json.dumps({"checkpoint": checkpoint, "init": meta.get("init"),
+                                 "step": meta.get("step"), "eval_set": cfg.eval_set,
+                                 "accuracy": results, "candidate_ranking": ranking}, indent=1))
 
 
 def drm_meta(cfg):

@@ -29,6 +29,7 @@ import sys
 from dataclasses import dataclass
 
 from bench.stats import SD35_MEDIUM_DRM_COST, interval, mean_se, t_critical, verdict
+from checkpoints import check_writable, write_text
 from common import UserError, check_flags, flag, print_config, run_main
 
 # Flow-GRPO's KL beta for a preference reward (its pickscore_sd3 config: 0.01; GenEval's: 0.04)
@@ -208,8 +209,7 @@ def tune(cfg, modes):
         record[owner] = {"lr": choice[owner], "tuning_seeds": list(cfg.tuning_seeds),
                          "gold_at_the_budget": {f"{lr:g}": g for lr, g in means.items()}}
     os.makedirs(cfg.out_dir, exist_ok=True)
-    with open(os.path.join(cfg.out_dir, "lrs.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    write_text(os.path.join(cfg.out_dir, "lrs.json"), json.dumps(record, indent=1))
     return {m: choice[tuned_as(m)] for m in modes}
 
 
@@ -341,6 +341,8 @@ def plot(runs, modes, seeds, path, title):
 def main(cfg):
     check_flags(cfg)
     modes, reference, seeds = chosen(cfg)
+    for name in (f"{cfg.experiment}.md", f"{cfg.experiment}.png", "lrs.json"):  # before any work
+        check_writable(os.path.join(cfg.out_dir, name), "--out_dir=")
     print_config(cfg)
     lrs = tune(cfg, modes)
     if not cfg.plot_only:
@@ -353,8 +355,7 @@ def main(cfg):
     print(table)
     os.makedirs(cfg.out_dir, exist_ok=True)
     report = os.path.join(cfg.out_dir, cfg.experiment)
-    with open(report + ".md", "w") as f:
-        f.write(table + "\n")
+    write_text(report + ".md", table + "\n")
     figure = plot(runs, modes, seeds, report + ".png", f"GRPO on the toy, {cfg.experiment}")
     print(f"wrote {report}.md" + (f" and {report}.png" if figure else ""))
     return table

@@ -39,7 +39,7 @@ import torch
 
 import sample
 from bench.stats import SD35_MEDIUM_DRM_COST, clustered, interval, verdict
-from checkpoints import check_writable
+from checkpoints import check_writable, write_text
 from common import (UserError, check_flags, count_flops, flag, pick_device,
                     print_config, run_main)
 from data.toy import ToyBase
@@ -289,7 +289,8 @@ def main(cfg):
     if not cfg.lmbdas:
         raise UserError("--lmbdas: give at least one lambda, e.g. --lmbdas=1,10,100")
     settings(cfg, cfg.lmbdas)  # the methods checked before any work
-    check_writable(cfg.out + ".json", "--out=")  # before any work; OUT.md and OUT.png beside it
+    for suffix in (".json", ".md", ".png"):  # before any work
+        check_writable(cfg.out + suffix, "--out=")
     print_config(cfg)
     device = pick_device(cfg.device)
     base = ToyBase.load(cfg.base, device)
@@ -351,15 +352,14 @@ def main(cfg):
               + f"\n\nThe same at SD3.5-medium's DRM cost ({SD35_MEDIUM_DRM_COST:.2f}):\n\n"
               + compare(rows, curves, clusters, sample_passes, SD35_MEDIUM_DRM_COST))
     print(judged)
-    with open(cfg.out + ".json", "w") as f:
-        json.dump({"config": dataclasses.asdict(cfg), "drm_cost": cost, "drm_seconds": seconds,
-                   "smc_tuning": tuning, "rows": rows,
-                   "best_of": {n: curves[n].tolist() for n in curves}}, f, indent=1)
-    with open(cfg.out + ".md", "w") as f:
-        tuned = (f"SMC's lambda: {tuning['lmbda']:g}, the best on the training prompts of "
-                 + ", ".join(f"{k} (gold {v:.4f})" for k, v in tuning["gold_on_train"].items())
-                 + "\n\n" if tuning else "")
-        f.write(f"{head}\n\n{tuned}{table}\n\n{curve_table}\n\n{judged}\n")
+    write_text(cfg.out + ".json", json.dumps({
+        "config": dataclasses.asdict(cfg), "drm_cost": cost, "drm_seconds": seconds,
+        "smc_tuning": tuning, "rows": rows, "best_of": {n: curves[n].tolist() for n in curves}},
+        indent=1))
+    tuned = (f"SMC's lambda: {tuning['lmbda']:g}, the best on the training prompts of "
+             + ", ".join(f"{k} (gold {v:.4f})" for k, v in tuning["gold_on_train"].items())
+             + "\n\n" if tuning else "")
+    write_text(cfg.out + ".md", f"{head}\n\n{tuned}{table}\n\n{curve_table}\n\n{judged}\n")
     figure = plot(rows, curves, sample_passes, cost, cfg.out + ".png")
     print(f"wrote {cfg.out}.json, {cfg.out}.md" + (f", {cfg.out}.png" if figure else ""))
     return rows

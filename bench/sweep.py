@@ -176,9 +176,11 @@ def main(argv=None):
     results = table({s: [curve[-1][1] for curve in runs] for s, runs in curves.items()},
                     args.metric, seeds)
     print(results)
-    with open(os.path.join(args.out_dir, "results.md"), "w") as f:
+    report = os.path.join(args.out_dir, "results.md")
+    with open(report + ".tmp", "w") as f:  # then renamed: a kill or a full disk leaves the old one
         f.write("`python -m bench.sweep "
                 f"{shlex.join(sys.argv[1:] if argv is None else argv)}`\n\n{results}\n")
+    os.replace(report + ".tmp", report)
     plot(curves, args.metric, os.path.join(args.out_dir, "results.png"))
     print(f"wrote {args.out_dir}/results.md and results.png")
 
