@@ -7,6 +7,7 @@ and a resume continues the experiment it was (flags that would change it are ref
 """
 import contextlib
 import dataclasses
+import hashlib
 import io
 import json
 import math
@@ -90,6 +91,8 @@ class RunDir:
         self.last_saved = None
 
     def __enter__(self):
+        # what each input holds now: a resume over a replaced file is refused (check_inputs)
+        self.fingerprints = {flag: fingerprint(path) for flag, path in self.inputs.items() if path}
         if not self.main:
             return self
         if os.path.exists(self.path) and not os.path.isdir(self.path):
@@ -186,6 +189,17 @@ class RunDir:
     def file(self, name):
         return os.path.join(self.path, name)
 
+    def check_inputs(self, saved):
+        """On resume: every input the run was saved with holds what it held then (saved: the
+        train state's "inputs", the fingerprints; older states have none)."""
+        for flag, before in (saved or {}).items():
+            now = self.fingerprints.get(flag)
+            if now != before:
+                path = self.inputs.get(flag) or "(none given now)"
+                raise UserError(f"--resume: {flag}{path} is not what the run was trained on (it "
+                                "was replaced or changed since): resume with the files it had, or "
+                                "start a new run in another --out_dir")
+
     def advice(self):
         """What a user does after a divergence: back to the last good checkpoint, or afresh."""
         if self.last_saved is not None:
@@ -222,6 +236,29 @@ class RunDir:
             write_text(path, "".join(kept))
             print(f"resume: removed {len(lines) - len(kept)} metrics rows written after step "
                   f"{step}" + (f" ({cut} cut short by a kill)" if cut else ""))
+
+
+def fingerprint(path, edge=1 << 20):
+    """A cheap digest of a file or a folder's files: each file's size and the SHA-256 of its first
+    and last MiB (a replaced file of another content, or a folder with a file more, less or
+    changed, gives another); "missing" when the path does not exist."""
+    if not os.path.exists(path):
+        return "missing"
+    files = ([path] if os.path.isfile(path) else
+             sorted(os.path.join(folder, name) for folder, _, names in os.walk(path)
+                    for name in names))
+    digest = hashlib.sha256()
+    for name in files:
+        size = os.path.getsize(name)
+        digest.update(f"{os.path.relpath(name, path)}:{size}:".encode())
+        with open(name, "rb") as f:
+            digest.update(f.read(edge))
+            if size > 2 * edge:
+                f.seek(-edge, os.SEEK_END)
+                digest.update(f.read(edge))
+            elif size > edge:
+                digest.update(f.read())
+    return digest.hexdigest()
 
 
 def _alive(pid):

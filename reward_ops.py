@@ -95,7 +95,8 @@ def save_run(cfg, run_dir, base, drm, optimizer, step, running=()):
         base.save_drm(run_dir.file("model.safetensors"), drm, step, drm_meta(cfg))
         save_training_state(run_dir.file("train_state.pt"), {
             "drm": drm.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "running": list(running), "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
+            "running": list(running), "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
+            "inputs": run_dir.fingerprints})
     run_dir.last_saved = step
 
 

@@ -239,7 +239,7 @@ def save_run(cfg, run_dir, base, models, *, step, counters):
                   else None)
         save_training_state(run_dir.file("train_state.pt"), {
             "policy": trained(policy_state, cfg.lora_rank), "optimizer": optimizer_state,
-            "shadow": shadow, "step": step, "counters": counters,
+            "shadow": shadow, "step": step, "counters": counters, "inputs": run_dir.fingerprints,
             "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
     run_dir.last_saved = step
 

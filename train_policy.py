@@ -211,6 +211,7 @@ def main(cfg):
         state = load_training_state(run_dir.file("train_state.pt"), "cpu") if cfg.resume else None
         if state:
             check_resumed_config(state["config"], cfg, MAY_CHANGE)
+            run_dir.check_inputs(state.get("inputs"))
         device, ranks = setup_device(cfg.device)
         mine, per_prompt = ranks.shard(cfg.trajectories, "--trajectories"), settings(cfg).per_prompt
         if (mine.stop - mine.start) % per_prompt and cfg.credit == "tree":

@@ -213,6 +213,7 @@ def main(cfg):
         if cfg.resume:
             state = resume_training_state(run_dir.file("train_state.pt"), device, cfg, MAY_CHANGE,
                                           drm=drm, optimizer=optimizer)
+            run_dir.check_inputs(state.get("inputs"))
             step, running = state["step"], state.get("running", [])  # (older states: none)
             for group, peak in zip(optimizer.param_groups, (cfg.lr, cfg.head_lr)):
                 group["peak"] = peak  # the flags, not the saved values: a resume may lower them

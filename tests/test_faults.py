@@ -500,3 +500,30 @@ def test_resume_after_a_kill_logs_each_update_once(tiny, tmp_path):
              [*tiny, "--updates=2", "--resume", f"--out_dir={out}"])
     rows = [json.loads(r) for r in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["gold"] != -1.0
+
+
+@pytest.mark.parametrize("replaced", ["--prefs", "--prompts"])
+def test_resume_over_a_replaced_input_is_refused(replaced, tmp_path):
+    """--resume compares what the inputs hold, not only their names: pairs regenerated under
+    --prefs, or another prompt file at --prompts, are refused naming the flag (the run resumed on
+    other data: its train reward went 1.6 -> 0.06 mid-run)."""
+    out = tmp_path / "run"
+    if replaced == "--prefs":
+        tiny_preferences(tmp_path / "prefs")
+        module, args = train_reward, [f"--prefs={tmp_path / 'prefs'}", "--batch_size=8",
+                                      "--eval_every=1", "--eval_noise_draws=1", "--eval_sigmas=0",
+                                      "--warmup=1", f"--out_dir={out}"]
+        run_main(module.main, module.Config, [*args, "--train_steps=1"])
+        lines = (tmp_path / "prefs" / "train.jsonl").read_text().splitlines()
+        (tmp_path / "prefs" / "train.jsonl").write_text("\n".join(lines[::-1]) + "\n")
+        more = "--train_steps=2"
+    else:
+        prompts = tmp_path / "prompts.txt"
+        prompts.write_text("a thick 7 slanted right\na thin 1 upright\n")
+        module, args = train_policy, [*TINY_POLICY, "--eval_every=1", f"--prompts={prompts}",
+                                      f"--out_dir={out}"]
+        run_main(module.main, module.Config, [*args, "--updates=1"])
+        prompts.write_text("a thin 1 upright\na thick 3 slanted left\n")
+        more = "--updates=2"
+    line = error_line(module, *args, more, "--resume")
+    assert f"--resume: {replaced}=" in line and "is not what the run was trained on" in line, line
