@@ -651,6 +651,12 @@ def open_image(path, mode):
     integers past 16 bits), is named."""
     try:
         with Image.open(path) as image:
+            alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
+            if alpha and image.convert("RGBA").getextrema()[3][0] < 255:
+                # a transparent pixel's colour is not what it shows (a digit drawn in the alpha
+                # channel reads as black): no rule guesses the background, so it is refused
+                raise UserError(f"{path}: has transparent pixels (an alpha channel below 255); "
+                                "flatten it onto its background and save it without alpha")
             if image.mode in EIGHT_BIT_MODES:
                 return image.convert(mode)
             grey = image.convert("F") if image.mode in SIXTEEN_BIT_GREY_MODES else None

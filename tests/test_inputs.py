@@ -320,6 +320,24 @@ def test_images_of_a_depth_we_cannot_read_are_named(array, reader, tmp_path):
         read_with(reader, path)
 
 
+@pytest.mark.parametrize("reader", ["toy", "SD3"])
+@pytest.mark.parametrize("mode", ["LA", "RGBA"])
+def test_an_image_with_transparent_pixels_is_refused_an_opaque_one_read(mode, reader, tmp_path):
+    """A digit drawn in the alpha channel (grey 0 everywhere): read without alpha it was all black,
+    and --eval_only reported 0.0% as a measurement. Transparent pixels are refused (no rule knows
+    the background); a fully opaque alpha channel is dropped, the image read as without it."""
+    digit = np.zeros((32, 32), dtype=np.uint8)
+    digit[8:24, 14:18] = 255
+    black = np.zeros((32, 32, len(mode) - 1), dtype=np.uint8)  # the colour channels
+    for alpha, name in ((digit, "drawn_in_alpha.png"), (np.full_like(digit, 255), "opaque.png")):
+        Image.fromarray(np.dstack([black, alpha]), mode=mode).save(tmp_path / name)
+    with pytest.raises(UserError, match="has transparent pixels"):
+        read_with(reader, tmp_path / "drawn_in_alpha.png")
+    Image.fromarray(black[..., 0]).save(tmp_path / "plain.png")
+    assert torch.equal(read_with(reader, tmp_path / "opaque.png"),
+                       read_with(reader, tmp_path / "plain.png"))
+
+
 def test_a_prompt_file_with_a_byte_order_mark_reads_as_without(tmp_path):
     """A UTF-8 BOM (Windows editors write one) is no part of the first prompt: the toy's words
     read as without it (it said "unknown word(s) ['\\ufeffa']"); SD3's prompts are read the same."""
