@@ -155,6 +155,22 @@ def test_checkpoint_settings_of_the_wrong_type_are_named(change, says, tmp_path)
     save_file(tensors, path, metadata={"meta": json.dumps(change(meta))})
     assert f"{path}: {says}" in toy_sample(tmp_path, f"--base={path}")
 
+@pytest.mark.parametrize("heads", [1, 4])
+def test_a_setting_no_shape_checks_edited_in_a_header_is_refused(heads, tmp_path):
+    """The toy text encoder's heads (2) shape no tensor: edited to 1 or 4 in a checkpoint's header
+    the file loaded and its images and DRM scores moved (by up to 0.23). The meta's SHA-256,
+    written with it, no longer matches: refused naming the file."""
+    from safetensors import safe_open
+    with safe_open("data/base.safetensors", "pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta = json.loads(metadata["meta"])
+    assert meta["text_config"]["heads"] == 2
+    path = tmp_path / "base.safetensors"
+    save_file(tensors, path, metadata={**metadata, "meta": json.dumps(changed(meta, "text_config",
+                                                                              heads=heads))})
+    says = "its metadata 'meta' was changed after the weights were written"
+    assert f"{path}: {says}" in toy_sample(tmp_path, f"--base={path}")
+
 # -----------------------------------------------------------------------------
 # 3. Non-finite weights, refused as they are read
 
