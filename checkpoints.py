@@ -131,15 +131,20 @@ class RunDir:
                         other = json.load(f)
                 except (OSError, ValueError):
                     other = {}
-                if other.get("host") == socket.gethostname() and not _alive(other.get("pid")):
-                    os.remove(lock)  # its process is gone (killed): a stale lock
+                if _stale(lock, other):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.remove(lock)
                     continue
                 raise UserError(f"--out_dir={self.path} is in use by another run (pid "
                                 f"{other.get('pid')} on {other.get('host')}, started "
                                 f"{other.get('started')}); wait for it, or choose another "
                                 f"--out_dir (if that run is gone, delete {lock})") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(mine)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(mine)
+            except OSError:
+                os.remove(lock)  # a full disk: leave no empty lock behind
+                raise
             return
         raise UserError(f"cannot take the lock {lock}: another run is starting there")
 
@@ -259,6 +264,18 @@ def fingerprint(path, edge=1 << 20):
             elif size > edge:
                 digest.update(f.read())
     return digest.hexdigest()
+
+
+def _stale(lock, other):
+    """Whether a lock file (holding `other`, {} when empty or unreadable) is left by no live run:
+    its process is gone, or it is empty and older than 10 s (a start that failed before writing
+    it; a run writes its lock within milliseconds)."""
+    if other:
+        return other.get("host") == socket.gethostname() and not _alive(other.get("pid"))
+    try:
+        return time.time() - os.path.getmtime(lock) > 10
+    except OSError:  # removed meanwhile
+        return True
 
 
 def _alive(pid):

@@ -108,6 +108,30 @@ def test_a_diverged_first_run_says_nothing_was_saved(args, tmp_path):
 # 2. One run per out_dir
 
 
+def test_an_empty_lock_left_by_a_failed_start_does_not_hold_the_folder(tmp_path, monkeypatch):
+    """A start that fails while writing its lock (a full disk) leaves none; an empty lock older
+    than 10 s (left by an earlier version) is taken over, a fresh one (a start writing it now) is
+    respected. Every run there was refused as "in use by another run (pid None on None)"."""
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / ".lock"
+
+    def full_disk(*_):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "fdopen", full_disk)  # the lock made, its contents not written
+        with pytest.raises(UserError, match="No space left on device"):
+            checkpoints.RunDir(str(out)).__enter__()
+    assert not lock.exists()
+    lock.write_text("")
+    with pytest.raises(UserError, match="is in use by another run"):
+        checkpoints.RunDir(str(out)).__enter__()
+    os.utime(lock, (time.time() - 60, time.time() - 60))
+    with checkpoints.RunDir(str(out)):
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
 @pytest.mark.parametrize("module", [train_policy, train_reward, train_base],
                          ids=["policy", "reward", "base"])
 def test_a_second_live_run_and_a_fresh_run_into_a_used_folder_are_refused(module, tmp_path):
