@@ -415,7 +415,8 @@ run_main(train_policy.main, train_policy.Config, sys.argv[2:])
 """
 
 
-@pytest.mark.parametrize("where", ["policy", "optimizer"])
+@pytest.mark.parametrize("where", [pytest.param("policy", marks=TRAINING),
+                                   pytest.param("optimizer", marks=TRAINING)])
 def test_a_train_state_holding_nan_is_refused_at_load(where, tmp_path):
     """A train state whose weights or AdamW moments hold NaN (a damaged or diverged save): --resume
     refuses it in one line naming the tensor (it loaded, then diverged at once, and the advice
@@ -434,7 +435,7 @@ def test_a_train_state_holding_nan_is_refused_at_load(where, tmp_path):
     assert "holds NaN or inf" in line and (where in line) and "start afresh" in line, line
 
 
-KILL_ARGS = [*TINY_POLICY, "--updates=3", "--eval_every=1"]
+KILL_ARGS = [*TINY_POLICY, "--updates=2", "--eval_every=1"]
 
 
 @pytest.fixture(scope="module")
@@ -447,12 +448,14 @@ def uninterrupted(tmp_path_factory):
     return [json.loads(line) for line in open(out / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("moment", ["after the checkpoint", "during the row", "during the grid"])
+@pytest.mark.parametrize("moment", [pytest.param(m, marks=TRAINING) for m in (
+    "after the checkpoint", "during the row", "during the grid")])
 def test_a_kill_at_any_moment_loses_no_row_or_grid(moment, tmp_path, uninterrupted):
-    """SIGKILL (the OOM killer, a node lost) after update 2's checkpoint, halfway through its
-    metrics row, or halfway through its grid: --resume ends with every row and grid of an
-    uninterrupted run, the rows' figures the same (it ended with steps [0, 1, 3] and no
-    samples_00002.png; killed after the last checkpoint, the final row was lost for good)."""
+    """SIGKILL (the OOM killer, a node lost) after the last update's checkpoint, halfway through
+    its metrics row, or halfway through its grid: --resume ends with every row and grid of an
+    uninterrupted run, the rows' figures the same (killed between a checkpoint and its row, a
+    resume ended with steps [0, 1, 3] and no samples_00002.png; after the last update's
+    checkpoint, the final row was lost for good)."""
     args, out = KILL_ARGS, tmp_path / "killed"
     killed = subprocess.run([sys.executable, "-c", KILLED, moment, *args, f"--out_dir={out}"],
                             capture_output=True, text=True)
@@ -465,7 +468,7 @@ def test_a_kill_at_any_moment_loses_no_row_or_grid(moment, tmp_path, uninterrupt
     assert [{k: r[k] for k in keys} for r in map(json.loads, open(out / "metrics.jsonl"))] == \
         expected
     assert sorted(p.name for p in out.glob("samples_*.png")) == [f"samples_{s:05d}.png"
-                                                                 for s in range(4)]
+                                                                 for s in range(3)]
     assert not list(out.glob("*.tmp-*"))
 
 
@@ -526,7 +529,8 @@ def test_resume_after_a_kill_logs_each_update_once(tiny, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2] and rows[-1]["gold"] != -1.0
 
 
-@pytest.mark.parametrize("replaced", ["--prefs", "--prompts"])
+@pytest.mark.parametrize("replaced", [pytest.param("--prefs", marks=pytest.mark.ex2_drm),
+                                      pytest.param("--prompts", marks=TRAINING)])
 def test_resume_over_a_replaced_input_is_refused(replaced, tmp_path):
     """--resume compares what the inputs hold, not only their names: pairs regenerated under
     --prefs, or another prompt file at --prompts, are refused naming the flag (the run resumed on
