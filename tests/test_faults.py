@@ -475,11 +475,11 @@ def test_a_kill_at_any_moment_loses_no_row_or_grid(moment, tmp_path, uninterrupt
 @pytest.mark.ex1_flow_matching
 @pytest.mark.ex2_drm
 def test_sigterm_during_the_first_evaluation_is_a_clean_stop(tmp_path):
-    """A real SIGTERM from outside while the first evaluation runs (80 samples of 10 steps: a few
+    """A real SIGTERM from outside while the first evaluation runs (40 samples of 10 steps: a few
     seconds)."""
     out = tmp_path / "run"
     process = subprocess.Popen([sys.executable, "train_policy.py", *TINY_POLICY,
-                                "--eval_per_prompt=8", "--eval_steps=10",
+                                "--eval_per_prompt=4", "--eval_steps=10",
                                 f"--out_dir={out}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True,
                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
