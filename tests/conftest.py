@@ -41,6 +41,10 @@ def pytest_collection_modifyitems(items):
     """The longest tests first; mark `rounding` every test that compares with `within`, itself or
     through a helper of its module, so that none is left out of tests/arithmetic.py."""
     import inspect
+    compiled = pytest.mark.xdist_group("compiled")  # the small DiTs' compiled tests: one process,
+    for item in items:                                # in turn, so their shared graphs compile once
+        if item.originalname.startswith("test_compiled_"):
+            item.add_marker(compiled)
     rank = {name: i for i, name in enumerate(LONGEST)}
     items.sort(key=lambda item: len(LONGEST) + 1 if item.originalname == LAST
                else rank.get(item.originalname, len(LONGEST)))  # the rest keep their order
