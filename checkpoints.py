@@ -443,15 +443,15 @@ def save_checkpoint(path, modules, meta, dtype=None):
         return v.detach().to(kept).contiguous().cpu()
     tensors = {f"{prefix}.{k}": stored(v)
                for prefix, module in modules.items() for k, v in module.state_dict().items()}
-    text = json.dumps(meta)
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": text,
-                                                                     "meta_sha256": digest(text)}))
+    # one metadata key: safetensors stores them in a hash map, in no fixed order
+    text = json.dumps({**meta, "sha256": digest(meta)})
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"meta": text}))
 
 
-def digest(text):
-    """The SHA-256 of a checkpoint's meta as written: a setting no tensor's shape checks (a text
-    encoder's heads) edited afterwards no longer matches it."""
-    return hashlib.sha256(text.encode()).hexdigest()
+def digest(meta):
+    """The SHA-256 of a checkpoint's meta (less its own "sha256"), written into it: a setting no
+    tensor's shape checks (a text encoder's heads) edited afterwards no longer matches it."""
+    return hashlib.sha256(json.dumps(meta).encode()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -517,7 +517,7 @@ def read_checkpoint(path, kind=None, how_to_make=""):
     if not isinstance(meta, dict):
         raise CheckpointError(f"{path}: its metadata 'meta' is {meta!r}, expected a JSON object of "
                               "the config and step; the file is damaged")
-    if "meta_sha256" in metadata and metadata["meta_sha256"] != digest(metadata.get("meta", "")):
+    if "sha256" in meta and meta.pop("sha256") != digest(meta):
         raise CheckpointError(f"{path}: its metadata 'meta' was changed after the weights were "
                               "written (its SHA-256 no longer matches): the settings may not "
                               "describe the weights; use the file as it was written")
