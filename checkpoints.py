@@ -20,13 +20,12 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common import UserError, any_rank, is_main_process
+from common import UserError, any_rank, flag_fields, is_main_process, shown_value
 
 # -----------------------------------------------------------------------------
 # A run never lost
@@ -294,17 +293,20 @@ def check_resumed_config(saved, cfg, may_change):
     cadence, memory knobs) apply
     -> {flag: (saved, now)}, printed. A field this version does not know is refused; one the saved
     run did not
-    know yet must be at its default."""
-    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    know yet must be at its default. Values compare as written (a list of numbers saved as
+    "0,1,3" by an earlier version equals (0, 1, 3))."""
+    fields = {f.name: (owner, f) for owner, f in flag_fields(cfg)}
+    defaults = {f.name: (owner, f) for owner, f in flag_fields(type(cfg)())}
     unknown = sorted(set(saved) - set(fields))
     if unknown:
         raise CheckpointError("--resume: the saved run has flags this version does not know "
                               f"({', '.join(unknown)}): it was written by another version of "
                               "nanoDRM; resume it with that version")
-    defaults = type(cfg)()
     changed, refused = {}, []
-    for name in fields:
-        before, now = saved.get(name, getattr(defaults, name)), getattr(cfg, name)
+    for name, (owner, field) in fields.items():
+        default = getattr(defaults[name][0], name)
+        before = shown_value(saved.get(name, default), field)
+        now = shown_value(getattr(owner, name), field)
         if before == now or name in ("resume", "overwrite", "out_dir"):  # a run folder may move
             continue
         if name in may_change:
@@ -662,69 +664,3 @@ def save_training_state(path, state):
         with open(tmp, "wb") as f:
             torch.save(state, f)
     atomic_write(path, write)
-
-
-# -----------------------------------------------------------------------------
-# Images
-
-# PIL's modes of 8-bit pixels (converted to grey or RGB as asked) and of 16-bit greyscale ('I',
-# 32-bit integers, is how PIL opens some 16-bit files)
-EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
-SIXTEEN_BIT_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
-
-
-def open_image(path, mode):
-    """An image file -> a PIL image in `mode` ("L" or "RGB"); 16-bit greyscale -> a float image
-    ("F") of its full depth on the same 0-255 scale (PIL's conversion to "L" clips it at 255).
-    image_tensor reads either. A file PIL cannot read, or of another depth (floats, 32-bit
-    integers past 16 bits), is named."""
-    try:
-        with Image.open(path) as image:
-            alpha = image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info
-            if alpha and image.convert("RGBA").getextrema()[3][0] < 255:
-                # a transparent pixel's colour is not what it shows (a digit drawn in the alpha
-                # channel reads as black): no rule guesses the background, so it is refused
-                raise UserError(f"{path}: has transparent pixels (an alpha channel below 255); "
-                                "flatten it onto its background and save it without alpha")
-            if image.mode in EIGHT_BIT_MODES:
-                return image.convert(mode)
-            grey = image.convert("F") if image.mode in SIXTEEN_BIT_GREY_MODES else None
-            # mode I holds 32-bit integers: 16-bit grey only when they fit (other modes: no range)
-            low, high = grey.getextrema() if grey else (0, -1)
-            if not 0 <= low <= high <= 65535:
-                raise UserError(f"{path}: PIL mode {image.mode!r} is not one we read (8-bit "
-                                "pixels, or 16-bit greyscale in 0..65535); save it as an 8- or "
-                                "16-bit PNG")
-            return grey.point(lambda value: value * (255 / 65535))
-    except OSError as e:  # PIL's UnidentifiedImageError included
-        raise UserError(f"{path}: not an image PIL can read ({e})") from None
-
-
-def image_tensor(image, channels):
-    """An image of open_image -> (channels, H, W) in [-1, 1] (a grey image repeated to 3)."""
-    pixels = torch.from_numpy(np.array(image, dtype=np.float32))  # (H, W) or (H, W, C)
-    pixels = pixels.view(*pixels.shape[:2], -1).permute(2, 0, 1)  # (C, H, W)
-    return pixels.expand(channels, -1, -1) / 127.5 - 1
-
-
-def save_grid(images, path, nrow):
-    """images (N, C, H, W) in [-1, 1], C = 1 or 3 -> one image file (a PNG, or path's format),
-    nrow images a row; small images upscaled 2x for viewing."""
-    n, c, h, w = images.shape
-    ncol = math.ceil(n / nrow)
-    grid = torch.full((c, ncol * (h + 2), nrow * (w + 2)), -1.0)
-    for i, img in enumerate(images):
-        r, col = divmod(i, nrow)
-        top, left = r * (h + 2) + 1, col * (w + 2) + 1
-        grid[:, top:top + h, left:left + w] = img
-    pixels = ((grid + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).squeeze(2)
-    image = Image.fromarray(pixels.numpy())
-    save_image(image.resize((image.width * 2, image.height * 2), Image.NEAREST) if h < 256
-               else image, path)
-
-
-def save_image(image, path):
-    """A PIL image in the format of path's extension, written atomically."""
-    kind = Image.registered_extensions()[os.path.splitext(path)[1].lower()]
-    atomic_write(path, lambda tmp: image.save(tmp, format=kind))
-

@@ -12,6 +12,7 @@ import math
 import os
 import re
 import sys
+import traceback
 
 import torch
 from torch.utils import flop_counter
@@ -121,12 +122,13 @@ def _convert(key, value, current, field):
         if isinstance(current, float):
             return float(value)
         if isinstance(current, tuple):  # numbers: --split_steps=0,1,3,4
-            kind = field.metadata.get("of") or int
-            return tuple(kind(v) for v in value.split(",")) if value else ()
+            kind, sep = field.metadata.get("of") or int, field.metadata.get("sep") or ","
+            return tuple(kind(v) for v in value.split(sep)) if value else ()
         return value
     except ValueError:
-        kind = (f"{(field.metadata.get('of') or int).__name__} values separated by ','"
-                if isinstance(current, tuple) else f"a {type(current).__name__}")
+        kind = (f"{(field.metadata.get('of') or int).__name__} values separated by "
+                f"{field.metadata.get('sep') or ','!r}" if isinstance(current, tuple)
+                else f"a {type(current).__name__}")
         raise FlagError(f"flag --{key}={value}: expected {kind}") from None
 
 
@@ -150,18 +152,49 @@ def run_main(main, config_class, argv=None):
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            leave(sys.exc_info()[1])
 
 
-def flag(default, within=None, *, choices=None, zero=None, of=None, used=None):
+def leave(exception):
+    """A torchrun process's exit, now, with the status and message `exception` (or none) gives,
+    without the interpreter's teardown: there a torch thread still joinable aborted ranks that had
+    finished their work ("terminate called without an active exception", exit -6; seen in 2 of
+    ~13 runs of the FSDP test on a loaded 2-core machine)."""
+    status = 0
+    if isinstance(exception, SystemExit):
+        code = exception.code
+        status = 0 if code is None else code if isinstance(code, int) else 1
+        if isinstance(code, str):
+            print(code, file=sys.stderr)
+    elif exception is not None:
+        traceback.print_exception(exception)
+        status = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(status)
+
+
+def flag(default, within=None, *, choices=None, zero=None, of=None, sep=",", used=None):
     """A Config field and what it may hold: `within` an interval such as "[0, 1)", "(0, inf)" or
     "[1, inf)" (a bracket includes its end, a parenthesis excludes it), or `choices` (values, or a
     dict whose keys are they); `zero`: what 0 means, where 0 is allowed and special. A tuple
-    default is a list of numbers of type `of` (int unless said), each checked against `within`.
-    `used`: (a rule on the script's config, what it names), e.g. (lambda cfg: cfg.credit ==
-    "tree", "--credit=tree"): a flag given where its rule is false is refused. check_flags refuses
-    anything else, and any float that is not finite."""
+    default is a list of numbers of type `of` (int unless said), written separated by `sep`, each
+    checked against `within`. `used`: (a rule on the script's config, what it names), e.g.
+    used_with("search", "smc") or (lambda cfg: cfg.k > 1, "--k > 1"): a flag given where its
+    rule is false is refused. check_flags refuses anything else, and any float that is not
+    finite."""
     return dataclasses.field(default=default, metadata={"within": within, "choices": choices,
-                                                        "zero": zero, "of": of, "used": used})
+                                                        "zero": zero, "of": of, "sep": sep,
+                                                        "used": used})
+
+
+def used_with(name, *values):
+    """A flag's `used` rule: the flag `name` (a group's as "group.flag") holds one of values."""
+    def rule(cfg):
+        for part in name.split("."):
+            cfg = getattr(cfg, part)
+        return cfg in values
+    return rule, f"--{name.split('.')[-1]}={'|'.join(values)}"
 
 
 INTERVAL = re.compile(r"^([\[(])\s*(-inf|\S+?)\s*,\s*(inf|\S+?)\s*([\])])$")
@@ -179,15 +212,23 @@ def in_interval(value, within):
     return above and below
 
 
+@dataclasses.dataclass
+class DeviceFlags:
+    """Where a script's passes run, and whether compiled: they change speed, never the numbers (a
+    group of the scripts' Configs: --device=cuda --compile)."""
+    device: str = "auto"
+    compile: bool = False              # torch.compile the DiT's and DRM's blocks (model.py)
+
+
 def check_flags(cfg):
     """Every flag of cfg against what its flag() declares (and every float finite), before any
     work: one line naming the first flag that is not, what it must be, and what 0 means where it
     may; then a flag given where what uses it is not chosen."""
-    for _, field in flag_fields(cfg):
+    for owner, field in flag_fields(cfg):
         name, meta = field.name, field.metadata
-        value = flag_values(cfg)[name]
+        value = getattr(owner, name)
         for number in value if isinstance(value, tuple) else (value,):
-            shown = ",".join(map(str, value)) if isinstance(value, tuple) else value
+            shown = shown_value(value, field)
             if isinstance(number, float) and not math.isfinite(number):
                 raise FlagError(f"--{name}={shown}: must be a finite number")
             if meta.get("choices") is not None and number not in meta["choices"]:
@@ -202,24 +243,6 @@ def check_flags(cfg):
         if rule and field.name in given and not rule[0](cfg):
             raise FlagError(f"--{field.name} is a flag of {rule[1]}, which this run does not use: "
                             f"drop it, or add {rule[1]}")
-
-
-def parse_numbers(cfg, name, kind=int, sep=",", within=None):
-    """A flag holding numbers, e.g. --split_steps=0,3,6 -> [0, 3, 6] ("" -> []); one line if one is
-    not a number, not finite, or (given `within`, flag's syntax) out of its range."""
-    text = getattr(cfg, name)
-    try:
-        numbers = [kind(value) for value in text.split(sep)] if text else []
-    except ValueError:
-        example = sep.join(["1", "2"] if kind is int else ["0.5", "0.25"])
-        raise FlagError(f"--{name}={text}: expected {kind.__name__} values separated by {sep!r}, "
-                        f"e.g. --{name}={example}") from None
-    for number in numbers:
-        if not math.isfinite(number):
-            raise FlagError(f"--{name}={text}: {number} is not a finite number")
-        if within and not in_interval(number, within):
-            raise FlagError(f"--{name}={text}: {number} is not in {within}")
-    return numbers
 
 
 def read_prompts(path, flag, default=None, check=None):
@@ -255,11 +278,18 @@ def is_main_process():
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def shown_value(value, field):
+    """A flag's value as written on the command line (a list of numbers: 0,1,3)."""
+    if isinstance(value, tuple):
+        return (field.metadata.get("sep") or ",").join(map(str, value))
+    return value
+
+
 def print_config(cfg):
-    """Every flag, its groups' included, as --key=value (a list of numbers as 0,1,3)."""
+    """Every flag, its groups' included, as --key=value."""
     if is_main_process():
-        print(" ".join(f"--{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}"
-                       for k, v in flag_values(cfg).items()))
+        print(" ".join(f"--{field.name}={shown_value(getattr(owner, field.name), field)}"
+                       for owner, field in flag_fields(cfg)))
 
 # -----------------------------------------------------------------------------
 # Training-loop helpers
@@ -272,6 +302,17 @@ def warmup_cosine(step, steps, warmup, peak):
         return peak * (step + 1) / warmup
     progress = (step - warmup) / max(1, steps - warmup)
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def in_chunks(fn, chunk, *tensors):
+    """fn(*tensors) computed `chunk` rows at a time and concatenated (chunk 0: all at once).
+
+    Micro-batching for no-grad passes (rollouts, DRM scoring): the same result with the activation
+    memory of one chunk. Every tensor is split along its first (batch) dimension.
+    """
+    if chunk <= 0 or tensors[0].shape[0] <= chunk:
+        return fn(*tensors)
+    return torch.cat([fn(*parts) for parts in zip(*(t.split(chunk) for t in tensors))])
 
 
 # -----------------------------------------------------------------------------
@@ -366,6 +407,20 @@ def pick_device(requested="auto"):
                  else "float32 (bf16 is ~30x slower on a CPU)")
     print(f"device: {device} ({reason}); compute in {precision}")
     return device
+
+
+def check_fits(nbytes, what, device):
+    """Refuse in one line, before allocating it, what cannot fit in memory at once: nbytes against
+    the device's (a GPU's total memory, the machine's RAM; unknown elsewhere: not checked)."""
+    device = torch.device(device)
+    try:
+        total = (torch.cuda.get_device_properties(device).total_memory if device.type == "cuda"
+                 else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return
+    if nbytes > total:
+        raise UserError(f"{what} needs {nbytes / 2 ** 30:,.0f} GiB at once, more than the "
+                        f"{total / 2 ** 30:,.0f} GiB of this {device.type}: make it smaller")
 
 
 def frozen_dtype(device):

@@ -405,17 +405,6 @@ def guided_velocity(model, x, sigma, cond, uncond, cfg_scale, *, uncond_grad=Tru
     return v_uncond + cfg_scale * (v_cond - v_uncond)
 
 
-def in_chunks(fn, chunk, *tensors):
-    """fn(*tensors) computed `chunk` rows at a time and concatenated (chunk 0: all at once).
-
-    Micro-batching for no-grad passes (rollouts, DRM scoring): the same result with the activation
-    memory of one chunk. Every tensor is split along its first (batch) dimension.
-    """
-    if chunk <= 0 or tensors[0].shape[0] <= chunk:
-        return fn(*tensors)
-    return torch.cat([fn(*parts) for parts in zip(*(t.split(chunk) for t in tensors))])
-
-
 def flow_matching_loss(model, x0, context, pooled, sigma=None, noise=None):
     """Per-sample MSE between the predicted velocity and noise - x0 -> (B,) losses, sigma (B,).
 

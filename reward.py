@@ -179,11 +179,6 @@ def read_drm(path, device="cpu", policy_config=None, drop_last=None):
         skeleton = DiT(config)
     drm = DRM.from_dit(skeleton.to_empty(device="cpu"), meta["drop_last"],
                        head=meta.get("head", "conv"))
-    old = {k: k.replace("drm.head.convs.", "drm.head.down") for k in tensors
-           if k.startswith("drm.head.convs.")}  # files before the heads had the repository's names
-    for key in old:
-        index, rest = key[len("drm.head.convs."):].split(".", 1)
-        tensors[f"drm.head.down{int(index) // 3 + 1}.{int(index) % 3}.{rest}"] = tensors.pop(key)
     return load_module(drm, tensors, "drm", path).to(device).eval(), meta, tensors
 
 

@@ -4,10 +4,9 @@ that go together, the learning-rate schedule, printed tables, checkpoints, logs 
 train_reward.py reads as the method (pairs, noised to one sigma, the Bradley-Terry step, accuracy by
 sigma) and calls each of these once.
 """
-import dataclasses
 import json
 import os
-from dataclasses import asdict
+from dataclasses import dataclass
 
 import torch
 from safetensors.torch import save_file
@@ -15,10 +14,31 @@ from tqdm import tqdm
 
 from checkpoints import (atomic_write, check_finite, check_weights, check_writable,
                          save_training_state, write_text)
-from common import UserError, parse_numbers, unless_given, warmup_cosine
+from common import DeviceFlags, UserError, flag, flag_values, unless_given, warmup_cosine
 from data.pairs import CLOSE_GAP, Pairs, evaluate, load_split
-from evaluation import candidate_ranking, policy_pairs, print_ranking
-from rivals.reward import with_ensemble
+from evaluation import policy_pairs
+
+
+@dataclass
+class EvalFlags:
+    """train_reward.py's flags of its test evaluation (its Config holds them as one group)."""
+    eval_every: int = flag(1000, "[1, inf)")
+    eval_noise_draws: int = flag(2, "[1, inf)")  # noise draws per test pair and sigma, averaged
+    # the noise levels test accuracy is measured at
+    eval_sigmas: tuple = flag((0.0, 0.25, 0.5, 0.75, 0.9), "[0, 1]", of=float)
+    # and the DRM repository's: its `time` t on the base's grid, sigma = bend(t / 1000), t = 0 clean
+    # (scheduler.timesteps[-t]; SD3.5: t = 750 is sigma 0.9), e.g. 0,250,500,750,900
+    eval_times: tuple = flag((), "[0, 1000)")
+    eval_batch: int = flag(256, "[1, inf)")  # test pairs scored at a time
+    # what --eval_only scores: prefs (the test pairs) | policy (the toy: pairs of the base's own
+    # samples, and the DRM's ranking of SDE candidates by step: evaluation.py, rivals/scores.py)
+    eval_set: str = flag("prefs", choices=("prefs", "policy"))
+
+
+@dataclass
+class HardwareFlags(DeviceFlags):
+    """train_reward.py's flags of where and how its passes run (a group of its Config)."""
+    grad_checkpointing: bool = False   # re-run each block in the backward: less memory
 
 OFFICIAL_HEADS = ("2BConvGN", "7BConvGN")  # the DRM repository's (reward.CONV_HEADS)
 # the DRM repository's recipe (drm/train.py, dataset.py, scripts/train_sd35_medium.sh): the values
@@ -32,23 +52,19 @@ RECIPES = {"toy": {}, "drm": dict(
 def with_recipe(cfg):
     """cfg with --recipe's values in place of the defaults the command line left ("": drm on SD3,
     toy on the toy)."""
-    recipe = cfg.recipe or ("toy" if cfg.model == "toy" else "drm")
-    return dataclasses.replace(unless_given(cfg, **RECIPES[recipe]), recipe=recipe)
+    recipe = cfg.recipe or ("toy" if cfg.pretrained.model == "toy" else "drm")
+    return unless_given(cfg, **RECIPES[recipe], recipe=recipe)
 
 
 def check_reward(cfg):
-    """The flags that go together, the lists of numbers and the export's place, before any work."""
-    sigmas = parse_numbers(cfg, "eval_sigmas", float)
-    if not sigmas or not all(0 <= s <= 1 for s in sigmas):
-        raise UserError(f"--eval_sigmas={cfg.eval_sigmas}: every sigma must lie in [0, 1] (0 = "
-                        "clean, 1 = pure noise)")
-    if not all(0 <= t < 1000 for t in parse_numbers(cfg, "eval_times")):
-        raise UserError(f"--eval_times={cfg.eval_times}: indices in [0, 1000) of the 1000-step "
-                        "grid")
-    if cfg.eval_set == "policy" and not (cfg.eval_only and cfg.model == "toy"):
+    """The flags that go together and the export's place, before any work."""
+    if not cfg.evaluation.eval_sigmas:
+        raise UserError("--eval_sigmas= is empty: give the noise levels to test at, e.g. 0,0.5")
+    model = cfg.pretrained.model
+    if cfg.evaluation.eval_set == "policy" and not (cfg.eval_only and model == "toy"):
         raise UserError("--eval_set=policy scores the toy's own samples with its annotator: use it "
                         "with --eval_only on --model=toy")
-    if cfg.export_layout == "official" and cfg.model == "toy":
+    if cfg.export_layout == "official" and model == "toy":
         raise UserError("--export_layout=official writes the DRM repository's model, with its "
                         "2BConvGN / 7BConvGN head on an SD3 base: give --model and --ckpt_dir")
     if cfg.export_layout == "official" and cfg.head not in ("", *OFFICIAL_HEADS):
@@ -77,13 +93,14 @@ def print_accuracy(results, what, path, close_gap):
 
 def write_evaluation(path, checkpoint, meta, cfg, results, ranking=None):
     write_text(path, json.dumps({"checkpoint": checkpoint, "init": meta.get("init"),
-                                 "step": meta.get("step"), "eval_set": cfg.eval_set,
+                                 "step": meta.get("step"), "eval_set": cfg.evaluation.eval_set,
                                  "accuracy": results, "candidate_ranking": ranking}, indent=1))
 
 
 def drm_meta(cfg):
     """What a saved DRM records beside its weights: its init, and (SD3) the T5 length it reads."""
-    return {"init": cfg.init, **({"t5_tokens": cfg.t5_tokens} if cfg.model != "toy" else {})}
+    return {"init": cfg.init,
+            **({"t5_tokens": cfg.pairs.t5_tokens} if cfg.pretrained.model != "toy" else {})}
 
 
 def save_run(cfg, run_dir, base, drm, optimizer, step, running=()):
@@ -95,7 +112,8 @@ def save_run(cfg, run_dir, base, drm, optimizer, step, running=()):
         base.save_drm(run_dir.file("model.safetensors"), drm, step, drm_meta(cfg))
         save_training_state(run_dir.file("train_state.pt"), {
             "drm": drm.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
-            "running": list(running), "torch_rng": torch.get_rng_state(), "config": asdict(cfg),
+            "running": list(running), "torch_rng": torch.get_rng_state(),
+            "config": flag_values(cfg),
             "inputs": run_dir.fingerprints})
     run_dir.last_saved = step
 
@@ -147,21 +165,22 @@ def policy_split(base, text, device):
     return Pairs(winners.to(device), losers.to(device), rows, context.cpu(), pooled.cpu(), gold)
 
 
-def evaluate_only(cfg, base, device, sigmas):
+def evaluate_only(cfg, base, device, sigmas, scorer=None, ranking=None):
     """--eval_only: the test accuracy of --drm (default out_dir's) at (label, sigma) of `sigmas`, as
-    a table and eval.json; with --eval_set=policy on the base's own samples, and the DRM's ranking
-    of SDE candidates by step."""
+    a table and eval.json; with --eval_set=policy on the base's own samples. scorer(drm): the DRM
+    as evaluated (default: itself); ranking(base, drm, text, prompts): a table of how the DRM ranks
+    SDE candidates (rivals/scores.py's, passed in), printed and kept in eval.json."""
     path = cfg.drm or os.path.join(cfg.out_dir, "model.safetensors")
     drm, text, meta = base.load_drm(path, device)
-    drm = with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma)
-    policy = cfg.eval_set == "policy"
+    drm = scorer(drm) if scorer else drm
+    evaluation = cfg.evaluation
+    policy = evaluation.eval_set == "policy"
     pairs = policy_split(base, text, device) if policy else load_split(cfg, "test", base, text,
                                                                        device)
-    results = evaluate(drm, pairs, sigmas, cfg.eval_noise_draws, batch=cfg.eval_batch)
+    results = evaluate(drm, pairs, sigmas, evaluation.eval_noise_draws,
+                       batch=evaluation.eval_batch)
     what = "the base's own samples, pairs within a prompt" if policy else "test"
     print_accuracy(results, what, path, CLOSE_GAP)
-    ranking = candidate_ranking(base, drm, text, base.train_prompts("")[::2]) if policy else None
-    if ranking:
-        print_ranking(ranking)
-    write_evaluation(os.path.join(cfg.out_dir, "eval.json"), path, meta, cfg, results, ranking)
+    table = ranking(base, drm, text, base.train_prompts("")[::2]) if policy and ranking else None
+    write_evaluation(os.path.join(cfg.out_dir, "eval.json"), path, meta, cfg, results, table)
     return results

@@ -2,9 +2,9 @@
 made of.
 
     sigmas = sigma_schedule(20)                                  # 1 -> 0, SD3's grid
-    step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=4.0,
-                   noise_level=0.7, k=4)                         # one pass, k candidates
-    scores, _ = score_noisy(reward, step, i, rows, Sampler(policy, sigmas, cond, uncond, 4.0))
+    sampler = Sampler(policy, sigmas, cond, uncond, cfg_scale=4.0)  # the policy on the grid
+    step = propose(sampler, x, i, noise_level=0.7, k=4)          # one pass, k candidates
+    scores, _ = score_noisy(reward, step, i, rows, sampler)      # the DRM's, at sigma_next
 
 1. The grid (SD3, Esser et al. 2024): `steps` sigmas evenly from 1 to bend(1/1000), bent by the
    shift, then a final 0 (diffusers' FlowMatchEulerDiscreteScheduler, Stability's sd3_impls.py).
@@ -142,6 +142,34 @@ def draw_noise(n, k, shape, generator=None, shard=(0, 1), device=None):
 
 
 @dataclass
+class Sampler:
+    """The policy on a grid: what every sampler steps with, and what a scoring rule may need of it.
+    policy(x, sigma, context, pooled) -> velocity; sigmas (T + 1,) the grid; cond, uncond
+    (context, pooled) of the states' prompts and of the empty prompt (or None); the guidance
+    weight."""
+    policy: object
+    sigmas: torch.Tensor
+    cond: tuple
+    uncond: tuple | None
+    cfg_scale: float
+
+    def rows(self, rows):
+        """The same sampler for the states of these rows (their prompts)."""
+        return Sampler(self.policy, self.sigmas, take(self.cond, rows), take(self.uncond, rows),
+                       self.cfg_scale)
+
+
+@dataclass
+class Draws:
+    """Where a sampler's random numbers come from: the SDE's noise (generator), the step-wise
+    candidate picks (picks; None: the generator), and this process's slice of them (shard =
+    (rank, world) under torchrun: draw_noise)."""
+    generator: torch.Generator | None = None
+    picks: torch.Generator | None = None
+    shard: tuple = (0, 1)
+
+
+@dataclass
 class Step:
     """One denoising step from B states: k candidates around the step's one mean."""
     candidates: torch.Tensor   # (B, k, C, H, W); noise_level 0: (B, 1, ...), the Euler step's
@@ -151,15 +179,17 @@ class Step:
     velocity: torch.Tensor     # (B, C, H, W): the guided velocity v at the states
 
 
-def propose(policy, x, sigma, sigma_next, cond, uncond, *, cfg_scale, noise_level, k=1,
-            generator=None, shard=(0, 1), noise_scale=1.0):
-    """The primitive every sampler and rollout is made of: from states x (B, ...) at sigma, one
-    guided policy pass and k candidates for sigma_next around its one mean -> Step.
+def propose(sampler, x, i, *, noise_level, k=1, draws=None, noise_scale=1.0):
+    """The primitive every sampler and rollout is made of: from states x (B, ...) at the grid's
+    sigma i, one guided policy pass and k candidates for sigma i + 1 around its one mean -> Step.
     noise_scale: the candidates drawn with noise_scale x std, their log-probs taken under the
     step's own std (BranchGRPO's split steps)."""
-    velocity = guided_velocity(policy, x, sigma, cond, uncond, cfg_scale).to(x.dtype)
-    noise = (noise_scale * draw_noise(x.shape[0], k, x.shape[1:], generator, shard, x.device)
-             if noise_level else None)
+    draws = draws or Draws()
+    sigma, sigma_next = sampler.sigmas[i], sampler.sigmas[i + 1]
+    velocity = guided_velocity(sampler.policy, x, sigma, sampler.cond, sampler.uncond,
+                               sampler.cfg_scale).to(x.dtype)
+    noise = (noise_scale * draw_noise(x.shape[0], k, x.shape[1:], draws.generator, draws.shard,
+                                      x.device) if noise_level else None)
     candidates, log_probs, mean, _ = sde_step(x, velocity, sigma, sigma_next, noise_level, noise)
     if noise is None:
         candidates, log_probs = candidates.unsqueeze(1), log_probs.unsqueeze(1)
@@ -176,17 +206,6 @@ def take(pair, rows):
     return None if pair is None else tuple(t[rows] for t in pair)
 
 
-@dataclass
-class Sampler:
-    """What a scoring rule may need of the sampler around a step: the policy, the grid, the states'
-    prompts (context, pooled) and the empty prompt's (or None), the guidance weight."""
-    policy: object
-    sigmas: torch.Tensor
-    cond: tuple
-    uncond: tuple | None
-    cfg_scale: float
-
-
 def score_noisy(reward, step, i, rows, sampler):
     """The paper's rule: the DRM's scores (B, k) of step i's candidates (B, k, ...) at sigma_next,
     where they are, and the DiT passes it spent (none). reward(x (N, ...), sigma (N,), rows (N,))
@@ -197,15 +216,15 @@ def score_noisy(reward, step, i, rows, sampler):
     scores = reward(step.candidates.flatten(0, 1), sigma, rows.repeat_interleave(k))
     return scores.float().view(B, k), 0
 
-def favourite(drm, x, drm_cond, n, counts, scores=None):
-    """Each image's DRM favourite among its n samples x (N * n, ...), an image's adjacent, scored at
-    sigma 0 unless scores (N * n,) are given -> (N, ...)."""
+
+def favourite(reward, x, n, counts, scores=None):
+    """Each image's DRM favourite among its n samples x (N * n, ...), an image's adjacent, scored
+    at sigma 0 (reward(x, sigma, images)) unless scores (N * n,) are given -> (N, ...)."""
     if n == 1:
         return x
     if scores is None:
         owners = torch.arange(len(x) // n, device=x.device).repeat_interleave(n)
-        zeros = torch.zeros(len(x), device=x.device)
-        scores = drm(x, zeros, *take(drm_cond, owners)).float()
+        scores = reward(x, torch.zeros(len(x), device=x.device), owners).float()
         counts["drm_calls"] += len(x)
     best = scores.view(-1, n).argmax(1)
     return x.view(-1, n, *x.shape[1:])[torch.arange(len(best), device=x.device), best]

@@ -1,13 +1,14 @@
 """The operations of train_policy.py's GRPO loop, kept out of the method's way: the models and their
-devices (DDP, FSDP, LoRA, compile), an update's random streams, counting what the DRM costs, the
-pieces a minibatch is cut into, evaluation, checkpoints and resume.
+devices (DDP, FSDP, LoRA, compile), an update's batch and random streams, counting what the DRM
+costs, the pieces a minibatch is cut into, evaluation, checkpoints and resume.
 
 train_policy.py reads as the algorithm (rollout, advantages, update) and calls each of these once.
 """
 import copy
 import dataclasses
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
+from functools import partial
 from types import SimpleNamespace
 
 import torch
@@ -16,14 +17,26 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import (check_finite, check_state_fits, check_weights, save_grid,
-                         save_training_state)
-from common import any_rank, autocast, count_flops, frozen_dtype
+from checkpoints import check_finite, check_state_fits, check_weights, save_training_state
+from common import (DeviceFlags, any_rank, autocast, check_fits, count_flops, flag, flag_values,
+                    frozen_dtype, in_chunks)
 from evaluation import evaluate
+from images import save_grid
 from lora import add_lora
-from model import compile_regions, in_chunks
-from rivals.reward import drm_passes, with_ensemble
-from sde import initial_noise
+from model import compile_regions
+from sde import Draws, Sampler, initial_noise, sigma_schedule
+
+
+@dataclass
+class HardwareFlags(DeviceFlags):
+    """train_policy.py's flags of where and how its passes run: they change memory and speed,
+    never the numbers (a resumed run may change them). Its Config holds them as one group."""
+    grad_checkpointing: bool = False   # re-run each policy block in the backward: less memory
+    # rows per rollout policy pass, per DRM pass, pairs per backward pass (less memory)
+    rollout_batch: int = flag(0, "[0, inf)", zero="all at once")
+    drm_batch: int = flag(0, "[0, inf)", zero="all at once")
+    loss_batch: int = flag(0, "[0, inf)", zero="a minibatch's")
+    fsdp: bool = False                 # under torchrun: shard weights, grads and optimizer state
 
 # checkpoints hold whole tensors on the CPU (gathered from the ranks' shards under --fsdp), so any
 # number of processes, or one, can resume them
@@ -37,14 +50,15 @@ WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 class Models:
     """What an update uses: the policy (its weights), the module the loss calls (the policy, or DDP
     around it under torchrun), the frozen reference (the KL's, or None), the frozen DRM and its text
-    side, AdamW, and the matching objectives' slow copy of the policy (rivals/objectives.py)."""
+    side, AdamW, and the modules a rival keeps beside the policy ({name: module}, saved and resumed
+    with it: rivals/objectives.py's shadow copy)."""
     policy: torch.nn.Module
     loss_policy: torch.nn.Module
     reference: torch.nn.Module | None
     drm: torch.nn.Module
     drm_text: object
     optimizer: torch.optim.Optimizer
-    shadow: torch.nn.Module | None = None
+    kept: dict = field(default_factory=dict)
 
 
 def shard(policy):
@@ -54,37 +68,37 @@ def shard(policy):
     fully_shard(policy)
 
 
-def build_models(cfg, base, device, ranks):
-    """The policy (float32 weights when fully fine-tuned; LoRA when asked), its frozen copy for the
-    KL (and the matching objectives' own KL), the frozen DRM, DDP or FSDP under torchrun, AdamW, the
-    matching objectives' shadow copy -> Models."""
+def build_models(cfg, base, device, ranks, *, reference):
+    """The policy (float32 weights when fully fine-tuned; LoRA when asked), its frozen copy when
+    `reference` (the KL's), the frozen DRM, DDP or FSDP under torchrun, AdamW -> Models."""
+    hardware = cfg.hardware
+    # a rollout's states, candidates, means and clean estimates: (k + 4) latents a (step, row)
+    check_fits(cfg.steps * cfg.trajectories // ranks.world * (cfg.k + 4) * 4
+               * base.dit.config.in_channels * base.latent_size ** 2,
+               f"--trajectories={cfg.trajectories} x --steps={cfg.steps} x (--k={cfg.k} + 4)",
+               device)
     policy = base.dit if cfg.lora_rank else base.dit.float()
     drm, drm_text, _ = base.load_drm(cfg.drm, device)
     drm.requires_grad_(False).to(frozen_dtype(device))  # bf16 on a GPU
-    matching = cfg.objective != "ppo"
-    reference = (copy.deepcopy(policy).requires_grad_(False) if cfg.kl_weight > 0 or matching
-                 else None)
+    reference = copy.deepcopy(policy).requires_grad_(False) if reference else None
     if cfg.lora_rank > 0:
         torch.manual_seed(cfg.seed)  # the adapters' init: the seed's alone, whatever loaded before
         add_lora(policy, rank=cfg.lora_rank, alpha=float(cfg.lora_rank))
-    policy.grad_checkpointing = cfg.grad_checkpointing
-    if cfg.compile:
+    policy.grad_checkpointing = hardware.grad_checkpointing
+    if hardware.compile:
         for module in filter(None, (policy, reference, drm.backbone)):
             compile_regions(module)
-    if cfg.fsdp:
+    if hardware.fsdp:
         for module in filter(None, (policy, reference)):
             shard(module)
     params = [p for p in policy.parameters() if p.requires_grad]
     # under torchrun, DDP (or FSDP) averages the gradients over the ranks (the weights start equal)
-    loss_policy = DDP(policy,
-                      broadcast_buffers=False) if ranks.world > 1 and not cfg.fsdp else policy
+    loss_policy = (DDP(policy, broadcast_buffers=False) if ranks.world > 1 and not hardware.fsdp
+                   else policy)
     kind = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full fine-tune"
-    print(f"policy: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters ({kind}); "
-          f"credit {cfg.credit}")
+    print(f"policy: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters ({kind})")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    drm = with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma)
-    shadow = copy.deepcopy(policy).requires_grad_(False) if matching else None
-    return Models(policy, loss_policy, reference, drm, drm_text, optimizer, shadow)
+    return Models(policy, loss_policy, reference, drm, drm_text, optimizer)
 
 # -----------------------------------------------------------------------------
 # An update's random numbers, and what the DRM costs
@@ -125,9 +139,39 @@ class Scorer:
 
     def __call__(self, x, sigma, rows):
         """x (N, C, H, W) at sigma (N,); rows (N,): the prompt of each -> scores (N,)."""
-        self.calls += x.shape[0] * self.world * drm_passes(self.drm, sigma)
+        # a DRM wrapped by a rival may take several passes a scoring (rivals/reward.py's ensemble)
+        passes = self.drm.passes(sigma) if hasattr(self.drm, "passes") else 1
+        self.calls += x.shape[0] * self.world * passes
         context, pooled = self.context[rows], self.pooled[rows]
         return in_chunks(self.drm, self.batch, x, sigma, context, pooled).float()
+
+
+@dataclass
+class Batch:
+    """This rank's share of an update's trajectories: the policy on their prompts (its passes
+    rollout_batch rows at a time), their initial noise, the DRM on their prompts, the update's
+    random streams (streams) and the SDE's draws from them (sde.Draws)."""
+    sampler: Sampler
+    noise: torch.Tensor
+    scorer: Scorer
+    streams: SimpleNamespace
+    draws: Draws
+
+
+def draw_batch(cfg, base, models, train_prompts, ranks, *, update, per_prompt):
+    """An update's batch (Batch): its prompts, per_prompt times each, and their initial noises, as
+    every mode draws them at this update (draw_prompts), this rank's rows of them."""
+    rng, mine = streams(cfg.seed, update), ranks.shard(cfg.trajectories, "--trajectories")
+    prompts, noise = draw_prompts(train_prompts, cfg.trajectories // per_prompt, per_prompt, rng,
+                                  models.policy, base.latent_size)
+    device = next(models.policy.parameters()).device
+    noise, prompts = noise[mine].to(device), prompts[mine]
+    scorer = Scorer(models.drm, models.drm_text, prompts, cfg.hardware.drm_batch, ranks.world)
+    cond, uncond = base.encode(prompts)
+    policy = partial(in_chunks, models.policy, cfg.hardware.rollout_batch)
+    sampler = Sampler(policy, sigma_schedule(cfg.steps, cfg.shift).to(device), cond, uncond,
+                      cfg.cfg_scale)
+    return Batch(sampler, noise, scorer, rng, Draws(rng.sde, rng.picks, ranks.shard_id))
 
 
 def pass_costs(base, models, prompt):
@@ -187,34 +231,35 @@ def pieces(pairs, trajectories, mine, world, loss_batch):
     return out
 
 
-def optimizer_step(models, grad_clip, step, advice):
+def optimizer_step(models, grad_clip, update, advice):
     """Clip the gradient's norm (refusing a non-finite one), then one AdamW step."""
     params = models.optimizer.param_groups[0]["params"]
-    check_finite(torch.nn.utils.clip_grad_norm_(params, grad_clip), step, "gradient norm", advice)
+    check_finite(torch.nn.utils.clip_grad_norm_(params, grad_clip), update, "gradient norm",
+                 advice)
     models.optimizer.step()
 
 # -----------------------------------------------------------------------------
 # Evaluation, checkpoints, resume
 
 
-def evaluate_policy(cfg, policy, base, drm, drm_text, heldout):
+def evaluate_policy(cfg, policy, base, models, heldout):
     """Held-out ODE samples, fixed seeds -> (the annotator's figures if any, the DRM's; images), at
-    --eval_cfg_scale and, where a rival's authors evaluate at another guidance
-    (--also_eval_cfg_scale), at that one too: its figures keyed NAME_cfgW."""
+    --eval_cfg_scale and, where asked (--also_eval_cfg_scale: a rival's authors evaluate at another
+    guidance), at that one too: its figures keyed NAME_cfgW."""
     policy.eval()
-    device = next(policy.parameters()).device
+    device, evaluation = next(policy.parameters()).device, cfg.evaluation
     summary, images = {}, None
-    also = ([cfg.also_eval_cfg_scale] if cfg.also_eval_cfg_scale not in (0, cfg.eval_cfg_scale)
-            else [])
-    for scale in [cfg.eval_cfg_scale, *also]:
+    also = ([evaluation.also_eval_cfg_scale]
+            if evaluation.also_eval_cfg_scale not in (0, evaluation.eval_cfg_scale) else [])
+    for scale in [evaluation.eval_cfg_scale, *also]:
         figures, samples, shown, prompts = evaluate(
-            policy, base, heldout, cfg.eval_per_prompt, seed=1234,
-            batch_size=cfg.rollout_batch or 100, steps=cfg.eval_steps, cfg_scale=scale,
-            shift=cfg.shift)
+            policy, base, heldout, evaluation.eval_per_prompt, seed=1234,
+            batch_size=cfg.hardware.rollout_batch or 100, steps=evaluation.eval_steps,
+            cfg_scale=scale, shift=cfg.shift)
         zeros = torch.zeros(len(samples), device=device)
         with torch.no_grad():
-            scores = in_chunks(drm, cfg.drm_batch, samples.to(device), zeros,
-                               *drm_text.encode(prompts))
+            scores = in_chunks(models.drm, cfg.hardware.drm_batch, samples.to(device), zeros,
+                               *models.drm_text.encode(prompts))
         figures["drm"] = scores.mean().item()
         if images is None:  # the first, --eval_cfg_scale's
             summary, images = figures, shown
@@ -229,57 +274,60 @@ def trained(state, lora_rank):
     return {k: v for k, v in state.items() if ".lora_" in k or not lora_rank}
 
 
-def save_run(cfg, run_dir, base, models, *, step, counters):
+def save_run(cfg, run_dir, base, models, *, update, counters):
     """The policy and the train state (with LoRA: the adapters and their optimizer state alone; the
-    frozen weights are the base's); every rank takes part (FSDP gathers)."""
+    frozen weights are the base's), and the modules a rival keeps; every rank takes part (FSDP
+    gathers)."""
     policy_state, optimizer_state = get_state_dict(models.policy, models.optimizer, options=WHOLE)
     if run_dir.main:
-        base.save_policy(cfg.out_dir, policy_state, models.policy.config, cfg.lora_rank, step)
-        shadow = (trained(models.shadow.state_dict(), cfg.lora_rank) if models.shadow is not None
-                  else None)
+        base.save_policy(cfg.out_dir, policy_state, models.policy.config, cfg.lora_rank, update)
+        kept = {name: trained(module.state_dict(), cfg.lora_rank)
+                for name, module in models.kept.items()}
         save_training_state(run_dir.file("train_state.pt"), {
             "policy": trained(policy_state, cfg.lora_rank), "optimizer": optimizer_state,
-            "shadow": shadow, "step": step, "counters": counters, "inputs": run_dir.fingerprints,
-            "torch_rng": torch.get_rng_state(), "config": asdict(cfg)})
-    run_dir.last_saved = step
+            "shadow": None, **kept, "step": update, "counters": counters,
+            "inputs": run_dir.fingerprints, "torch_rng": torch.get_rng_state(),
+            "config": flag_values(cfg)})
+    run_dir.last_saved = update
 
 
-def evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, *, step, counters,
+def evaluate_and_save(cfg, run_dir, ranks, base, models, heldout, *, update, counters,
                       train_stats=None, save=True, stop=False):
     """Evaluate; refuse to save or log a diverged policy (NaN metrics, non-finite weights); save;
     log one line. A stop asked for during the evaluation before any update leaves nothing."""
     summary, images = {}, None
-    if ranks.main or cfg.fsdp:
-        summary, images = evaluate_policy(cfg, models.policy, base, models.drm, models.drm_text,
-                                          heldout)
-    if step == 0 and any_rank(stop):
+    if ranks.main or cfg.hardware.fsdp:
+        summary, images = evaluate_policy(cfg, models.policy, base, models, heldout)
+    if update == 0 and any_rank(stop):
         return
-    check_finite(summary, step, "held-out evaluation", run_dir.advice())
-    check_weights(models.policy, step, run_dir.advice())
+    check_finite(summary, update, "held-out evaluation", run_dir.advice())
+    check_weights(models.policy, update, run_dir.advice())
     if ranks.main:  # the row and grid before the checkpoint (RunDir.log)
-        shown = min(cfg.eval_per_prompt, 8)
-        grid = images.view(len(heldout), cfg.eval_per_prompt, *images.shape[1:])[:, :shown]
-        save_grid(grid.flatten(0, 1), run_dir.file(f"samples_{step:05d}.png"), nrow=shown)
-        run_dir.log({"step": step, "credit": cfg.credit, "seed": cfg.seed, **counters, **summary,
-                     **(train_stats or {})})
-        tqdm.write(f"update {step:4d} | " + " | ".join(f"{k} {v:.4f}" for k, v in summary.items())
+        per_prompt = cfg.evaluation.eval_per_prompt
+        shown = min(per_prompt, 8)
+        grid = images.view(len(heldout), per_prompt, *images.shape[1:])[:, :shown]
+        save_grid(grid.flatten(0, 1), run_dir.file(f"samples_{update:05d}.png"), nrow=shown)
+        run_dir.log({"step": update, "credit": cfg.rival.credit, "seed": cfg.seed, **counters,
+                     **summary, **(train_stats or {})})
+        tqdm.write(f"update {update:4d} | " + " | ".join(f"{k} {v:.4f}"
+                                                         for k, v in summary.items())
                    + f" | DiT-pass equivalents {counters['dit_equivalents']:.0f} | "
                      f"{counters['time_s']:.0f} s")
     if save:
-        save_run(cfg, run_dir, base, models, step=step, counters=counters)
+        save_run(cfg, run_dir, base, models, update=update, counters=counters)
 
 
 def resume_run(cfg, run_dir, state, models, costs):
-    """The saved policy and optimizer back in place (the random streams are the update's: streams)
-    -> (update, counters; a run saved before backward passes were counted counts them from here,
-    at `costs`)."""
+    """The saved policy and optimizer back in place, and the modules a rival keeps (the random
+    streams are the update's: streams) -> (update, counters; a run saved before backward passes
+    were counted counts them from here, at `costs`)."""
     check_state_fits(run_dir.file("train_state.pt"), "policy", models.policy, state["policy"],
                      trained_only=cfg.lora_rank > 0)
     options = dataclasses.replace(WHOLE, strict=not cfg.lora_rank)  # LoRA: the adapters alone
     set_state_dict(models.policy, models.optimizer, model_state_dict=state["policy"],
                    optim_state_dict=state["optimizer"], options=options)
-    if models.shadow is not None:
-        models.shadow.load_state_dict(state["shadow"], strict=not cfg.lora_rank)
+    for name, module in models.kept.items():
+        module.load_state_dict(state[name], strict=not cfg.lora_rank)
     for group in models.optimizer.param_groups:
         group["lr"] = cfg.lr  # the flag, not the saved value: a resume may lower it
     torch.set_rng_state(state["torch_rng"])
@@ -288,11 +336,11 @@ def resume_run(cfg, run_dir, state, models, costs):
     return state["step"], {"backward_passes": 0, **costs, **state["counters"]}
 
 
-def finish_stopped(cfg, run_dir, base, models, *, step, counters, advice):
+def finish_stopped(cfg, run_dir, base, models, *, update, counters, advice):
     """A stop asked for (Ctrl-C, SIGTERM): save the last update if it is not saved yet, and say how
     to go on."""
-    if step and run_dir.last_saved != step:
-        check_weights(models.policy, step, advice)
-        save_run(cfg, run_dir, base, models, step=step, counters=counters)
-    print(f"stopped: saved update {step} to {cfg.out_dir}; continue with --resume" if step
+    if update and run_dir.last_saved != update:
+        check_weights(models.policy, update, advice)
+        save_run(cfg, run_dir, base, models, update=update, counters=counters)
+    print(f"stopped: saved update {update} to {cfg.out_dir}; continue with --resume" if update
           else "stopped: nothing saved")

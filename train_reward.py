@@ -25,7 +25,6 @@ The text encoder is the base model's, frozen: prompts are encoded once. Evaluati
 test pairs at fixed sigmas with fixed noise and reports pairwise accuracy against the labels and,
 in the toy, against the noise-free gold ordering (which training never sees).
 """
-import dataclasses
 import time
 from dataclasses import dataclass
 
@@ -34,27 +33,25 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 import reward_ops
+import rivals.reward
 from base import ModelFlags, check_model_flags, load_base, model_inputs
 from checkpoints import GracefulStop, RunDir, check_finite, resume_training_state
-from common import (any_rank, autocast, check_flags, flag, parse_numbers, print_config, run_main,
-                    setup_device)
-from data.pairs import evaluate, load_split
+from common import (any_rank, autocast, check_fits, check_flags, flag, group, print_config,
+                    run_main, setup_device, with_flags)
+from data.pairs import PairFlags, evaluate, load_split
 from model import add_noise, compile_regions, logit_normal_sigma
-from reward import DRM, HEADS, default_head
-from rivals.reward import LOSSES, EnsembleFlags, with_ensemble
+from reward import DRM, HEADS, bradley_terry_loss, default_head
+from sde import bend
 
 SIGMA_SAMPLING = ("grid", "grid_uniform", "logit_normal", "uniform", "zero")
 
 
 @dataclass
-class Config(ModelFlags, EnsembleFlags):  # where the DRM starts (base.py); the rival's flags
+class Config:
     prefs: str = "out/prefs"           # train.jsonl and test.jsonl (or HPDv3's .json lists)
     # the defaults: "" = the base's (SD3: drm, the DRM repository's recipe: reward_ops.RECIPES;
     # the toy: toy); a flag given on the command line keeps its value
     recipe: str = flag("", choices=("", "drm", "toy"))
-    # train only on pairs whose confidence is at least this (the DRM repository's loader: 0.95);
-    # evaluation keeps every pair
-    min_confidence: float = flag(0.0, "[0, 1]", zero="every pair")
     out_dir: str = "out/drm"
     # pretrained (the paper) | scratch (random weights)
     init: str = flag("pretrained", choices=("pretrained", "scratch"))
@@ -68,10 +65,6 @@ class Config(ModelFlags, EnsembleFlags):  # where the DRM starts (base.py); the 
     # (its --uniform) | logit_normal (sigma itself, unshifted) | uniform | zero (clean images)
     sigma_sampling: str = flag("grid", choices=SIGMA_SAMPLING)
     sigma_shift: float = flag(0.0, "[0, inf)", zero="the base's scheduler's: SD3.5 3, toy 1")
-    # independent (each image its own noise: the paper) | shared (one a pair: DiNa-LRM's)
-    pair_noise: str = flag("independent", choices=("independent", "shared"))
-    # bt (Bradley-Terry, the paper) | thurstone (DiNa-LRM's: rivals/reward.py's LOSSES)
-    loss: str = flag("bt", choices=LOSSES)
     train_steps: int = flag(2000, "[1, inf)")  # optimizer steps
     batch_size: int = flag(64, "[1, inf)")  # pairs per step
     lr: float = flag(1e-4, "(0, inf)")  # backbone learning rate (AdamW)
@@ -80,22 +73,7 @@ class Config(ModelFlags, EnsembleFlags):  # where the DRM starts (base.py); the 
     warmup: int = flag(100, "[0, inf)")
     lr_schedule: str = flag("cosine", choices=("cosine", "constant"))  # after the warm-up
     grad_clip: float = flag(1.0, "(0, inf)")
-    # SD3: crop (the shorter side to --resolution, the centre) | stretch (to a square, the DRM
-    # repository's); mode (the posterior mean) | sample (a draw each use); T5's padded length
-    image_resize: str = flag("crop", choices=("crop", "stretch"))
-    vae_latents: str = flag("mode", choices=("mode", "sample"))
-    t5_tokens: int = flag(256, "[1, inf)")
-    eval_every: int = flag(1000, "[1, inf)")
-    eval_noise_draws: int = flag(2, "[1, inf)")  # noise draws per test pair and sigma, averaged
-    eval_sigmas: str = "0,0.25,0.5,0.75,0.9"  # the noise levels test accuracy is measured at
-    # and the DRM repository's: its `time` t on the base's grid, sigma = bend(t / 1000), t = 0 clean
-    # (scheduler.timesteps[-t]; SD3.5: t = 750 is sigma 0.9), e.g. 0,250,500,750,900
-    eval_times: str = ""
-    eval_batch: int = flag(256, "[1, inf)")  # test pairs scored at a time
     eval_only: bool = False            # evaluate --drm (default: out_dir's) -> out_dir/eval.json
-    # what --eval_only scores: prefs (the test pairs) | policy (the toy: pairs of the base's own
-    # samples, and the DRM's ranking of SDE candidates by step; evaluation.py)
-    eval_set: str = flag("prefs", choices=("prefs", "policy"))
     drm: str = ""                      # with --eval_only: the DRM checkpoint to evaluate
     export: str = ""                   # at the end, the DRM here
     # ours (float16, data/drm.safetensors) | official (the DRM repository's model.safetensors,
@@ -103,10 +81,17 @@ class Config(ModelFlags, EnsembleFlags):  # where the DRM starts (base.py); the 
     export_layout: str = flag("ours", choices=("ours", "official"))
     resume: bool = False               # continue out_dir's run (MAY_CHANGE below may change)
     overwrite: bool = False            # start afresh in a used out_dir (its run's files removed)
-    compile: bool = False              # torch.compile the DRM's blocks (model.py)
-    grad_checkpointing: bool = False   # re-run each block in the backward: less memory
     seed: int = flag(0, "[0, 4294967295]")  # the random streams (any 32-bit number)
-    device: str = "auto"
+    # the groups, each flag given by its own name: the base model the DRM starts from (--model,
+    # --ckpt_dir, ...: base.py), how pairs are read (--min_confidence, --t5_tokens, ...:
+    # data/pairs.py), the test evaluation (--eval_every, --eval_sigmas, ...), where it runs
+    # (--device, --compile, --grad_checkpointing: reward_ops.py), the rivals (--loss, --pair_noise,
+    # --drm_draws, --drm_sigma: rivals/reward.py)
+    pretrained: ModelFlags = group(ModelFlags)
+    pairs: PairFlags = group(PairFlags)
+    evaluation: reward_ops.EvalFlags = group(reward_ops.EvalFlags)
+    hardware: reward_ops.HardwareFlags = group(reward_ops.HardwareFlags)
+    rival: rivals.reward.Flags = group(rivals.reward.Flags)
     RENAMED = {"steps": "train_steps"}  # flags of earlier versions
 
 
@@ -120,40 +105,40 @@ def grid_sigma(u, shift, n=1000):
     """The DRM repository's timestep sampler: u in [0, 1) indexes the scheduler's n-step training
     grid (diffusers' FlowMatchEulerDiscreteScheduler before set_timesteps: timesteps[i] = n - i), so
     sigma = bend(s), s = (n - floor(n u)) / n, bend(s) = shift s / (1 + (shift - 1) s)."""
-    s = (n - (u * n).long()).double() / n
-    return (shift * s / (1 + (shift - 1) * s)).float()
+    return bend((n - (u * n).long()).double() / n, shift).float()
 
 
 def training_sigma(kind, n, device, shift=1.0):
     """The DRM's training sigmas: the DRM repository's grid (logit-normal or uniform index), a
     logit-normal or uniform sigma, or 0 (images only)."""
     if kind in ("grid", "grid_uniform"):
-        u = torch.sigmoid(torch.randn(n)) if kind == "grid" else torch.randint(1000, (n,)) / 1000
+        u = logit_normal_sigma(n) if kind == "grid" else torch.randint(1000, (n,)) / 1000
         return grid_sigma(u, shift).to(device)
     if kind == "logit_normal":
         return logit_normal_sigma(n, device)
     return torch.rand(n, device=device) if kind == "uniform" else torch.zeros(n, device=device)
 
 
-def evaluation_sigmas(cfg, shift):
+def evaluation_sigmas(evaluation, shift):
     """[(label, sigma)]: --eval_sigmas, then --eval_times on the base's grid (the DRM
     repository's)."""
-    sigmas = [(f"{s:g}", s) for s in parse_numbers(cfg, "eval_sigmas", float)]
-    for t in parse_numbers(cfg, "eval_times"):
+    sigmas = [(f"{s:g}", s) for s in evaluation.eval_sigmas]
+    for t in evaluation.eval_times:
         sigma = 0.0 if t == 0 else grid_sigma(torch.tensor([1 - t / 1000]), shift).item()
         sigmas.append((f"t={t} (sigma {sigma:.3f})", sigma))
     return sigmas
 
 
-def train_step(cfg, model, optimizer, train, *, rows, step, advice):
+def train_step(cfg, model, optimizer, train, *, rows, step, advice, rival=None):
     """One AdamW step on a global batch of pairs (every rank draws the same, computes its rows) ->
-    (loss, accuracy, gradient norm). Each pair gets one sigma, shared by its two images."""
+    (loss, accuracy, gradient norm). Each pair gets one sigma, shared by its two images; each image
+    its own noise. rival: where a rival's step differs (rivals/reward.py), or None."""
     device = train.winners.device
     idx = torch.randint(len(train.winners), (cfg.batch_size,))
     sigma = training_sigma(cfg.sigma_sampling, cfg.batch_size, device, cfg.sigma_shift)
     winners, losers = train.images(idx)
     noise_win = torch.randn_like(winners)
-    noise_lose = noise_win if cfg.pair_noise == "shared" else torch.randn_like(losers)
+    noise_lose = rival.lose_noise(noise_win, losers) if rival else torch.randn_like(losers)
     x_win = add_noise(winners, sigma, noise_win)[rows]
     x_lose = add_noise(losers, sigma, noise_lose)[rows]
     idx, sigma = idx[rows], sigma[rows]
@@ -161,9 +146,10 @@ def train_step(cfg, model, optimizer, train, *, rows, step, advice):
         rewards = model(torch.cat([x_win, x_lose]), torch.cat([sigma, sigma]),
                         *(torch.cat([t] * 2) for t in train.text(idx, device)))
     reward_win, reward_lose = rewards.chunk(2)
-    loss = LOSSES[cfg.loss](reward_win, reward_lose, sigma).mean()
-    for group in optimizer.param_groups:
-        group["lr"] = reward_ops.learning_rate(cfg, step, group["peak"])
+    loss = (rival.loss(reward_win, reward_lose, sigma) if rival
+            else bradley_terry_loss(reward_win, reward_lose)).mean()
+    for param_group in optimizer.param_groups:
+        param_group["lr"] = reward_ops.learning_rate(cfg, step, param_group["peak"])
     optimizer.zero_grad(set_to_none=True)
     check_finite(loss, step + 1, "loss", advice)
     loss.backward()
@@ -178,21 +164,28 @@ def main(cfg):
     check_flags(cfg)
     cfg = reward_ops.with_recipe(cfg)
     reward_ops.check_reward(cfg)
-    check_model_flags(cfg)
+    check_model_flags(cfg.pretrained)
+    # the one door: a rival's loss, pair noise or DRM (rivals/reward.py), or None: the paper's
+    rival = rivals.reward.Rival(cfg.rival) if rivals.reward.chosen(cfg.rival) else None
     outputs = () if cfg.eval_only else OUTPUTS
-    inputs = {**model_inputs(cfg), "--prefs=": cfg.prefs, "--drm=": cfg.drm}
+    inputs = {**model_inputs(cfg.pretrained), "--prefs=": cfg.prefs, "--drm=": cfg.drm}
     with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, outputs, inputs=inputs) as run_dir, \
             GracefulStop() as stop:
         print_config(cfg)
-        device, ranks = setup_device(cfg.device)
+        device, ranks = setup_device(cfg.hardware.device)
         rows = ranks.shard(cfg.batch_size, "--batch_size")  # this rank's pairs of each batch
         torch.manual_seed(cfg.seed)
-        base = load_base(cfg, device)
-        cfg = dataclasses.replace(cfg, sigma_shift=cfg.sigma_shift or base.shift)
-        eval_sigmas = evaluation_sigmas(cfg, cfg.sigma_shift)
+        base = load_base(cfg.pretrained, device)
+        cfg = with_flags(cfg, sigma_shift=cfg.sigma_shift or base.shift)
+        eval_sigmas = evaluation_sigmas(cfg.evaluation, cfg.sigma_shift)
         if cfg.eval_only:
-            return reward_ops.evaluate_only(cfg, base, device, eval_sigmas) if ranks.main else None
-        text = base.drm_text(cfg.t5_tokens)  # SD3: T5 padded to --t5_tokens
+            return (reward_ops.evaluate_only(cfg, base, device, eval_sigmas,
+                                             scorer=rival and rival.scorer,
+                                             ranking=rivals.reward.ranking_table)
+                    if ranks.main else None)
+        check_fits(4 * cfg.batch_size * 4 * base.dit.config.in_channels * base.latent_size ** 2,
+                   f"--batch_size={cfg.batch_size}", device)  # a batch's images and noises
+        text = base.drm_text(cfg.pairs.t5_tokens)  # SD3: T5 padded to --t5_tokens
         train, test = (load_split(cfg, s, base, text, device) for s in ("train", "test"))
         layers = (cfg.drop_last or None, cfg.head_dropout,
                   cfg.head or default_head(base.dit.config.depth))
@@ -200,8 +193,8 @@ def main(cfg):
                else DRM.from_scratch(base.dit.config, *layers)).to(device).float().train()
         skipped = reward_ops.skipped_blocks(cfg, base, len(drm.backbone.joint_blocks))
         base.dit = None  # the DRM holds its own copy; float32 weights (bf16 autocast on a GPU)
-        drm.backbone.grad_checkpointing = cfg.grad_checkpointing
-        if cfg.compile:
+        drm.backbone.grad_checkpointing = cfg.hardware.grad_checkpointing
+        if cfg.hardware.compile:
             compile_regions(drm.backbone)
         print(f"DRM ({cfg.init}): {len(drm.backbone.joint_blocks)} of {drm.backbone.config.depth} "
               f"blocks, {sum(p.numel() for p in drm.parameters()) / 1e6:.2f}M parameters; "
@@ -215,8 +208,8 @@ def main(cfg):
                                           drm=drm, optimizer=optimizer)
             run_dir.check_inputs(state.get("inputs"))
             step, running = state["step"], state.get("running", [])  # (older states: none)
-            for group, peak in zip(optimizer.param_groups, (cfg.lr, cfg.head_lr)):
-                group["peak"] = peak  # the flags, not the saved values: a resume may lower them
+            for param_group, peak in zip(optimizer.param_groups, (cfg.lr, cfg.head_lr)):
+                param_group["peak"] = peak  # the flags, not the saved values: a resume may lower
             run_dir.last_saved = step
             run_dir.trim_metrics(step)
         # under torchrun, DDP averages the gradients over the ranks (the weights start equal). The
@@ -229,12 +222,12 @@ def main(cfg):
                    desc="train_reward", disable=not ranks.main)
         for step in bar:
             running.append(train_step(cfg, model, optimizer, train, rows=rows, step=step,
-                                      advice=run_dir.advice()))
+                                      advice=run_dir.advice(), rival=rival))
             bar.set_postfix(loss=f"{running[-1][0]:.4f}")
-            if (step + 1) % cfg.eval_every == 0 or step + 1 == cfg.train_steps:
-                scorer = with_ensemble(drm, cfg.drm_draws, cfg.drm_sigma)
-                results = (evaluate(scorer, test, eval_sigmas, cfg.eval_noise_draws,
-                                    batch=cfg.eval_batch) if run_dir.main else {})
+            if (step + 1) % cfg.evaluation.eval_every == 0 or step + 1 == cfg.train_steps:
+                scorer = rival.scorer(drm) if rival else drm
+                results = (evaluate(scorer, test, eval_sigmas, cfg.evaluation.eval_noise_draws,
+                                    batch=cfg.evaluation.eval_batch) if run_dir.main else {})
                 reward_ops.log_and_save(cfg, run_dir, base, drm, optimizer, results,
                                         test.gold is not None, step=step + 1, running=running,
                                         minutes=(time.time() - t0) / 60)

@@ -41,18 +41,22 @@ the last step, 1.000 at the first). Training in bf16, consider leaving that step
 the CPU's bf16 autocast (slow; the CPU trains in float32).
 """
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch._dynamo.utils import counters as dynamo_counters
 
+import rivals.policy
 import train_ops
 import train_policy
 from base import load_base
 from bench.sd3_memory import Shapes, grpo_update, peak
-from common import UserError, autocast, flag, print_config, run_main, setup_device
-from grpo import grpo_loss
-from model import compile_regions, in_chunks
+from common import (UserError, autocast, flag, flag_values, in_chunks, print_config, run_main,
+                    setup_device, with_flags)
+from grpo import PPO, grpo_loss
+from model import compile_regions
+from rivals.credit import CREDIT, parse_window, per_prompt, window_at
 
 
 @dataclass
@@ -69,16 +73,26 @@ def trainable(policy):
     return [p for p in policy.parameters() if p.requires_grad]
 
 
+def draw_rollout(cfg, base, models, prompts, ranks):
+    """The first update's rollout as train_policy.py draws it, in any credit mode -> (rollout, the
+    DRM on its prompts)."""
+    batch = train_ops.draw_batch(cfg, base, models, prompts, ranks, update=1,
+                                 per_prompt=per_prompt(cfg))
+    window = window_at(parse_window(cfg.rival.sde_window, cfg.steps), cfg.steps, 1,
+                       batch.streams.window)
+    with torch.no_grad(), autocast(batch.noise.device):
+        return CREDIT[cfg.rival.credit].rollout(cfg, batch, window), batch.scorer
+
+
 def replay(cfg, policy, trajectories, advantages, step_ids, rows, precision):
     """The GRPO loss on the given pairs under `precision` (a context), its gradient -> (stats, flat
     gradient)."""
-    velocity = lambda *inputs: in_chunks(policy, cfg.rollout_batch, *inputs)  # noqa: E731
+    chunked = lambda *inputs: in_chunks(policy, cfg.hardware.rollout_batch, *inputs)  # noqa: E731
     for p in trainable(policy):
         p.grad = None
     with precision:
-        loss, stats = grpo_loss(velocity, trajectories, advantages, step_ids, rows,
-                                clip_range=cfg.clip_range, adv_clip=cfg.adv_clip,
-                                uncond_grad=cfg.uncond_grad)
+        loss, stats = grpo_loss(chunked, trajectories, advantages, step_ids, rows,
+                                ppo=PPO(cfg.clip_range, cfg.adv_clip, uncond_grad=cfg.uncond_grad))
     loss.backward()
     return stats, torch.cat([p.grad.flatten().float() for p in trainable(policy)])
 
@@ -88,26 +102,29 @@ def relative(a, b):
 
 
 def main(cfg):
-    train_policy.check(cfg)
+    cfg = train_policy.check(cfg)
     print_config(cfg)
-    device, ranks = setup_device(cfg.device)
+    device, ranks = setup_device(cfg.hardware.device)
     if ranks.world > 1:
         raise UserError("bench.gpu_check runs in one process: python -m bench.gpu_check, not "
                         "torchrun")
     torch.manual_seed(cfg.seed)
-    base = load_base(cfg, device)
+    base = load_base(cfg.pretrained, device)
     prompts = base.train_prompts(cfg.prompts)
     base.prepare(prompts, f"{cfg.out_dir}/cache")
-    eager_cfg = replace(cfg, compile=False)  # compiled below, after the eager checks
-    models = train_ops.build_models(eager_cfg, base, device, ranks)
+    eager_cfg = with_flags(cfg, compile=False)  # compiled below, after the eager checks
+    models = train_ops.build_models(eager_cfg, base, device, ranks, reference=cfg.kl_weight > 0)
+    one_update = train_policy.grpo_update
+    if rivals.policy.chosen(cfg.rival):  # train_policy.main's door
+        models, one_update = rivals.policy.enter(cfg, models, ranks, train_ops.draw_batch,
+                                                 train_policy.ppo_steps)
     policy, drm, drm_text, optimizer = models.policy, models.drm, models.drm_text, models.optimizer
-    rng = train_ops.streams(cfg.seed, 1)
     generator = torch.Generator().manual_seed(cfg.seed)  # this check's own draws
     gpu = device.type == "cuda"
     results = []  # (check, measured, limit, passed)
 
     # 1. the rollout replayed: the importance ratio before any update
-    trajectories, _, scorer = train_policy.rollout(cfg, models, base, prompts, rng, ranks, step=1)
+    trajectories, scorer = draw_rollout(cfg, base, models, prompts, ranks)
     T, B, k = trajectories.candidates.shape[:3]
     # any advantages: every pair pulls
     advantages = torch.randn(T, B, k, generator=generator).to(device)
@@ -117,7 +134,7 @@ def main(cfg):
                      autocast(device))[0]["ratio_max_deviation"].item()
               for i in trained_steps)
     # a tree's rollout ran node by node, not in rows of leaves: no bitwise replay
-    tree = cfg.credit == "tree"
+    tree = cfg.rival.credit == "tree"
     results.append(("ratio, the rollout's own batches: max abs(ratio - 1)", own,
                     cfg.clip_range / 100 if tree else 0.0,
                     own <= (cfg.clip_range / 100 if tree else 0.0)))
@@ -161,11 +178,11 @@ def main(cfg):
     gap, limit = relative(compiled_gradient, eager_gradient), (3e-2 if gpu else 1e-4)
     results.append(("compiled = eager: relative L2 gradient difference", gap, limit, gap < limit))
     advice = "bench.gpu_check"
-    train_policy.grpo_step(cfg, base, models, prompts, ranks, step=1, advice=advice)
+    one_update(cfg, base, models, prompts, ranks, update=1, advice=advice)
     graphs = dynamo_counters["stats"]["unique_graphs"]
     if gpu:
         torch.cuda.reset_peak_memory_stats()
-    train_policy.grpo_step(cfg, base, models, prompts, ranks, step=2, advice=advice)
+    one_update(cfg, base, models, prompts, ranks, update=2, advice=advice)
     recompiles = dynamo_counters["stats"]["unique_graphs"] - graphs
     results.append(("no recompiles after the first update: new graphs", recompiles, 0,
                     recompiles == 0))
@@ -174,13 +191,14 @@ def main(cfg):
     # 4. one update step's memory, measured against the simulation at this model's size
     shapes = Shapes(policy.config, tuple(trajectories.final.shape[1:]), scorer.context.shape[1],
                     getattr(drm, "drm", drm).drop_last)
-    sizes = replace(cfg, rollout_batch=cfg.rollout_batch or cfg.trajectories,
-                    loss_batch=cfg.loss_batch or len(pairs),
-                    k=k)  # k: the rollout's candidates a step (1 but for step-wise credit)
+    hardware = cfg.hardware
+    sizes = SimpleNamespace(**{**flag_values(cfg),  # k: the rollout's candidates a step
+                               "rollout_batch": hardware.rollout_batch or cfg.trajectories,
+                               "loss_batch": hardware.loss_batch or len(pairs), "k": k})
     del models, policy, drm, drm_text, optimizer, trajectories, base, scorer
     if gpu:
         torch.cuda.empty_cache()
-    step = grpo_update(sizes, shapes, cfg.lora_rank, cfg.grad_checkpointing)
+    step = grpo_update(sizes, shapes, cfg.lora_rank, hardware.grad_checkpointing)
     simulated, measured = peak(*step)["Total"], peak(*step, device=device, fake=False)["Total"]
     gap = abs(measured - simulated) / simulated
     results.append((f"one update step's peak memory: measured {measured:.3f} GiB, simulated "

@@ -79,13 +79,21 @@ EXPERIMENTS = {
 }
 
 
+def folder(name):
+    """A mode's run folder name: 'sparse, random window (Flow-GRPO-Fast)' ->
+    sparse_random_window_Flow-GRPO-Fast."""
+    for old, new in ((", ", "_"), (" ", "_"), (":", "-"), ("(", ""), (")", ""), ("'", "")):
+        name = name.replace(old, new)
+    return name
+
+
 @dataclass
 class Config:
     out_dir: str = "out/credit"
     # credit | collapse | objectives (EXPERIMENTS)
     experiment: str = flag("credit", choices=EXPERIMENTS)
     # comma-separated folder names (stepwise,tree,...); "" = the experiment's
-    modes: str = ""
+    modes: tuple = flag((), choices=[folder(name) for name in MODES], of=str)
     seeds: tuple = flag((), "[0, inf)")  # () = the experiment's (credit: 0-4, collapse: 0-2)
     # each mode's lr is the best of these on the tuning seeds (one lr: no tuning)
     lrs: tuple = flag((1e-5, 3e-5, 1e-4), "(0, inf)", of=float)
@@ -98,24 +106,12 @@ class Config:
     plot_only: bool = False
 
 
-def folder(name):
-    """A mode's run folder name: 'sparse, random window (Flow-GRPO-Fast)' ->
-    sparse_random_window_Flow-GRPO-Fast."""
-    for old, new in ((", ", "_"), (" ", "_"), (":", "-"), ("(", ""), (")", ""), ("'", "")):
-        name = name.replace(old, new)
-    return name
-
-
 def chosen(cfg):
     """-> (modes, the reference mode, seeds) of the experiment, narrowed by --modes and --seeds."""
     modes, reference, seeds = EXPERIMENTS[cfg.experiment]
     if cfg.modes:
         by_folder = {folder(name): name for name in MODES}
-        unknown = [m for m in cfg.modes.split(",") if m not in by_folder]
-        if unknown:
-            raise UserError(f"--modes={cfg.modes}: unknown {unknown}; choose from "
-                            f"{', '.join(by_folder)}")
-        modes = [by_folder[m] for m in cfg.modes.split(",")]
+        modes = [by_folder[m] for m in cfg.modes]
     seeds = list(cfg.seeds) or [int(s) for s in seeds.split(",")]
     shared = sorted(set(seeds) & set(cfg.tuning_seeds))
     if shared:

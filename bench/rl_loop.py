@@ -21,14 +21,15 @@ from dataclasses import dataclass
 
 import torch
 
-from common import UserError, autocast, check_flags, flag, pick_device, print_config, run_main
+from common import (UserError, autocast, check_flags, flag, in_chunks, pick_device, print_config,
+                    run_main)
 from data.toy import ToyBase
 from data.world import TRAIN_PROMPTS
-from grpo import grpo_loss, sample_rollout, stepwise_advantages
+from grpo import Candidates, grpo_loss, sample_rollout, stepwise_advantages
 from lora import add_lora
-from model import PRESETS, build_dit, compile_regions, in_chunks
+from model import PRESETS, build_dit, compile_regions
 from reward import DRM
-from sde import initial_noise, sigma_schedule
+from sde import Draws, Sampler, initial_noise, sigma_schedule
 
 
 @dataclass
@@ -108,8 +109,9 @@ def one_update(cfg, policy, drm, cond, uncond, drm_cond, optimizer, params, devi
     t0 = time.perf_counter()
     policy.eval()
     with autocast(device):
-        rollout = sample_rollout(timed_policy, noise, cond, uncond, sigmas, noise_level=0.7,
-                                 cfg_scale=cfg.cfg_scale, k=cfg.k, reward=timed_drm, generator=g)
+        sampler = Sampler(timed_policy, sigmas, cond, uncond, cfg.cfg_scale)
+        rollout = sample_rollout(sampler, noise, noise_level=0.7,
+                                 candidates=Candidates(cfg.k, timed_drm), draws=Draws(g))
     sync(device)
     times = {"rollout": time.perf_counter() - t0, "rollout: policy": timed_policy.seconds,
              "rollout: DRM": timed_drm.seconds}

@@ -28,14 +28,14 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
-from common import UserError, check_flags, count_flops, flag, print_config, run_main
-from grpo import grpo_loss, sample_rollout
+from common import UserError, check_flags, count_flops, flag, in_chunks, print_config, run_main
+from grpo import Candidates, grpo_loss, sample_rollout
 from lora import add_lora
-from model import PRESETS, DiTConfig, build_dit, guided_velocity, in_chunks
+from model import PRESETS, DiTConfig, build_dit, guided_velocity
 from reward import DRM, bradley_terry_loss
 from sd3.text import CLIPConfig, CLIPTextEncoder, T5Config, T5Encoder, sd3_prompt_embedding
 from sd3.vae import VAE
-from sde import propose, sigma_schedule
+from sde import Sampler, propose, sigma_schedule
 
 GIB = 2 ** 30
 PRESET = PRESETS["sd3.5-medium"]
@@ -216,8 +216,8 @@ def sampling(shapes, n, k=0):
         *drm, x, context, pooled, empty, empty_pooled = rest
         uncond = (empty.expand(n, -1, -1), empty_pooled.expand(n, -1))
         with torch.no_grad(), bf16(x):
-            step = propose(dit, x, torch.tensor(1.0), torch.tensor(0.9), (context, pooled), uncond,
-                           cfg_scale=4.5, noise_level=0.7 if k else 0, k=max(k, 1))
+            sampler = Sampler(dit, torch.tensor([1.0, 0.9]), (context, pooled), uncond, 4.5)
+            step = propose(sampler, x, 0, noise_level=0.7 if k else 0, k=max(k, 1))
             if k:
                 candidates = step.candidates.flatten(0, 1)
                 drm[0](candidates, torch.full((len(candidates),), 0.9),
@@ -263,8 +263,9 @@ def grpo_update(cfg, shapes, lora_rank, checkpointing):
             return in_chunks(drm, cfg.drm_batch, x, sigma, context[rows], pooled[rows])
         policy.eval()
         with bf16(noise):
-            rollout = sample_rollout(policy, noise, cond, uncond, sigma_schedule(cfg.steps)[:2],
-                                     cfg_scale=4.5, k=cfg.k, reward=score)
+            rollout = sample_rollout(Sampler(policy, sigma_schedule(cfg.steps)[:2], cond, uncond,
+                                             4.5), noise,
+                                     candidates=Candidates(cfg.k, score) if cfg.k > 1 else None)
         policy.train()
         pairs = torch.zeros(cfg.loss_batch, dtype=torch.long)
         with bf16(noise):

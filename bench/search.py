@@ -40,13 +40,13 @@ import torch
 import sample
 from bench.stats import SD35_MEDIUM_DRM_COST, clustered, interval, verdict
 from checkpoints import check_writable, write_text
-from common import (UserError, check_flags, count_flops, flag, pick_device,
+from common import (UserError, check_flags, count_flops, flag, pick_device, with_flags,
                     print_config, run_main)
 from data.toy import ToyBase
 from evaluation import diversity
 from model import compile_regions
 from sample import search, stepwise_sample
-from sde import initial_noise
+from sde import Sampler, initial_noise, sigma_schedule
 
 METHODS = ("ode", "sde", "stepwise", "x0", "x0_proxy", "lookahead", "beam", "smc", "smc_noisy",
            "prune")
@@ -70,16 +70,12 @@ def settings(cfg, lmbdas):
                 {"search": "smc", "particles": n, "lmbda": lmbda})
                for lmbda in lmbdas for n in (2, 4, 8)]
     points += [("smc_noisy", "SMC N=4, noisy, every step, ESS",
-                {"search": "smc", "particles": 4, "score": "noisy", "resample": "1:0:19",
+                {"search": "smc", "particles": 4, "score": "noisy", "resample": (1, 0, 19),
                  "adaptive": True})]
     points += [("prune", f"prune N={n} to {n // 4 or 1} at 0.6",
-                {"search": "prune", "particles": n, "keep": 0.25, "prune_at": "0.6"})
+                {"search": "prune", "particles": n, "keep": 0.25, "prune_at": (0.6,)})
                 for n in (4, 8, 16)]
-    chosen = cfg.methods.split(",") if cfg.methods else METHODS
-    unknown = [m for m in chosen if m not in METHODS]
-    if unknown:
-        raise UserError(f"--methods={cfg.methods}: unknown {unknown}; choose from "
-                        f"{', '.join(METHODS)}")
+    chosen = cfg.methods or METHODS
     return [p for p in points if p[0] in chosen]
 
 
@@ -88,7 +84,7 @@ class Config:
     base: str = "data/base.safetensors"
     drm: str = "data/drm.safetensors"
     # comma-separated, of METHODS ("" = all); best-of-N is always measured
-    methods: str = ""
+    methods: tuple = flag((), choices=METHODS, of=str)
     # SMC's lambdas (weights exp(lambda x the DRM's gain)): on the held-out prompts, the one whose
     # SMC N=4 scores the best gold on the training prompts (tuned there first); on --prompt_set=
     # train, each
@@ -156,15 +152,17 @@ def best_of_at(curves, budget, sample_passes, cost):
 def measure(cfg, point, base, drm, drm_text, pool, prompts, show=True):
     """One point of the sweep -> its row (printed as a table line when show)."""
     method, label, overrides = point
-    options = dataclasses.replace(sample.Config(), noise_level=cfg.noise_level, **overrides)
+    options = with_flags(sample.Config(), noise_level=cfg.noise_level, **overrides)
     # an image's particles adjacent
     noise = pool[:, :sample.width(options)].flatten(0, 1)
     cond, uncond = base.encode(prompts)
     drm_cond = drm_text.encode(prompts)
     t0 = time.time()
-    images, counts = search(options, base.dit, noise, cond, uncond, drm=drm, drm_cond=drm_cond,
-                            generator=torch.Generator().manual_seed(cfg.seed + 1),
-                            steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+    options = with_flags(options, steps=cfg.steps, cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+    sampler = Sampler(base.dit, sigma_schedule(cfg.steps, cfg.shift).to(noise.device), cond,
+                      uncond, cfg.cfg_scale)
+    images, counts = search(options, sampler, noise, drm, drm_cond,
+                            torch.Generator().manual_seed(cfg.seed + 1))
     seconds = time.time() - t0
     images = images.clamp(-1, 1)
     scores = base.judge(images, prompts)
@@ -173,7 +171,7 @@ def measure(cfg, point, base, drm, drm_text, pool, prompts, show=True):
                         *drm_cond).mean().item()
     gold, n = scores["gold"], len(prompts)
     # one line of the figure
-    curve = method + (f", lambda {options.lmbda:g}" if method == "smc" else "")
+    curve = method + (f", lambda {options.rival.lmbda:g}" if method == "smc" else "")
     row = {"method": method, "curve": curve, "label": label, "gold": gold.mean().item(),
            "gold_se": gold.std().item() / math.sqrt(n),
            "digit_correct": scores["digit_correct"].mean().item(),
@@ -194,9 +192,9 @@ def pool_of_samples(cfg, base, drm, drm_text, pool, prompts):
     repeated = [p for p in prompts for _ in range(POOL)]
     cond, uncond = base.encode(repeated)
     # ODE samples (noise_level 0): the j = 0 column is the ODE row's image, noise for noise
-    x, counts = stepwise_sample(base.dit, pool[:, :POOL].flatten(0, 1), cond, uncond,
-                                steps=cfg.steps, noise_level=0.0, cfg_scale=cfg.cfg_scale,
-                                shift=cfg.shift)
+    sampler = Sampler(base.dit, sigma_schedule(cfg.steps, cfg.shift).to(pool.device), cond, uncond,
+                      cfg.cfg_scale)
+    x, counts = stepwise_sample(sampler, pool[:, :POOL].flatten(0, 1), noise_level=0.0)
     x = x.clamp(-1, 1)
     with torch.no_grad():
         scores = drm(x, torch.zeros(len(x), device=x.device),
@@ -309,8 +307,7 @@ def main(cfg):
                    else training_prompts(base))
     prompts = [p for p in prompt_list for _ in range(cfg.per_prompt)]
     clusters = torch.arange(len(prompt_list)).repeat_interleave(cfg.per_prompt)
-    most = max([POOL] + [sample.width(dataclasses.replace(sample.Config(), **p[2]))
-                         for p in points])
+    most = max([POOL] + [sample.width(with_flags(sample.Config(), **p[2])) for p in points])
     pool = initial_noise(base.dit, len(prompts) * most, torch.Generator().manual_seed(cfg.seed))
     # image i's j-th particle: pool[i, j]
     pool = pool.view(len(prompts), most, *pool.shape[1:]).to(device)

@@ -18,8 +18,8 @@ import torch
 from common import check_flags, flag, pick_device, print_config, run_main
 from data.toy import ToyBase
 from data.world import HELDOUT_PROMPTS
-from sample import stepwise_sample
-from sde import initial_noise
+from sample import Search, drm_on, stepwise_sample
+from sde import Sampler, initial_noise, sigma_schedule
 
 
 @dataclass
@@ -52,8 +52,9 @@ def main(cfg):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            stepwise_sample(dit, noise, cond, uncond, drm, drm_cond, steps=cfg.steps, k=k,
-                            cfg_scale=cfg.cfg_scale, generator=torch.Generator().manual_seed(1))
+            stepwise_sample(Sampler(dit, sigma_schedule(cfg.steps).to(device), cond, uncond,
+                                    cfg.cfg_scale), noise, drm_on(drm, drm_cond),
+                            search=Search(k=k), generator=torch.Generator().manual_seed(1))
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append((time.perf_counter() - t0) / cfg.images)

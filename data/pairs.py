@@ -10,10 +10,23 @@ from dataclasses import dataclass
 import torch
 
 from checkpoints import is_number
-from common import UserError, read_text
+from common import UserError, flag, read_text
 from model import add_noise
 
 CLOSE_GAP = 0.1  # gold gap under which a pair counts as close
+
+
+@dataclass
+class PairFlags:
+    """train_reward.py's flags of how the pairs are read (its Config holds them as one group)."""
+    # train only on pairs whose confidence is at least this (the DRM repository's loader: 0.95);
+    # evaluation keeps every pair
+    min_confidence: float = flag(0.0, "[0, 1]", zero="every pair")
+    # SD3: crop (the shorter side to --resolution, the centre) | stretch (to a square, the DRM
+    # repository's); mode (the posterior mean) | sample (a draw each use); T5's padded length
+    image_resize: str = flag("crop", choices=("crop", "stretch"))
+    vae_latents: str = flag("mode", choices=("mode", "sample"))
+    t5_tokens: int = flag(256, "[1, inf)")
 
 
 def read_records(path):
@@ -141,21 +154,22 @@ class Pairs:
 
 def load_split(cfg, split, base, text, device):
     """A split's Pairs as the base model takes them (the toy: its images; SD3: their VAE latents,
-    cached in out_dir/cache); training pairs below --min_confidence are dropped."""
-    path = os.path.join(cfg.prefs, split + ".jsonl")
+    cached in out_dir/cache); training pairs below --min_confidence are dropped. cfg:
+    train_reward.py's (--prefs, --out_dir and its PairFlags, cfg.pairs)."""
+    path, flags = os.path.join(cfg.prefs, split + ".jsonl"), cfg.pairs
     if not os.path.exists(path) and os.path.exists(path[:-1]):  # HPDv3's train.json / test.json
         path = path[:-1]
     pairs = read_pairs(path)
-    if split == "train" and cfg.min_confidence > 0:
-        kept = [pair for pair in pairs if pair["confidence"] >= cfg.min_confidence]
-        print(f"--min_confidence={cfg.min_confidence}: {len(kept)} of {len(pairs)} pairs kept")
+    if split == "train" and flags.min_confidence > 0:
+        kept = [pair for pair in pairs if pair["confidence"] >= flags.min_confidence]
+        print(f"--min_confidence={flags.min_confidence}: {len(kept)} of {len(pairs)} pairs kept")
         if not kept:
-            raise UserError(f"--min_confidence={cfg.min_confidence} leaves none of the "
+            raise UserError(f"--min_confidence={flags.min_confidence} leaves none of the "
                             f"{len(pairs)} pairs of {path}")
         pairs = kept
     (winners, losers), stds = base.pair_tensors(pairs, os.path.join(cfg.out_dir, "cache"),
-                                                cfg.image_resize)
-    if cfg.vae_latents == "mode":
+                                                flags.image_resize)
+    if flags.vae_latents == "mode":
         stds = None
     distinct = sorted({pair["prompt"] for pair in pairs})  # each prompt encoded once
     base.prepare(distinct, os.path.join(cfg.out_dir, "cache"), text)  # SD3: embedded once, cached

@@ -32,12 +32,13 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
-from checkpoints import RunDir, save_grid, save_image, write_text
+from checkpoints import RunDir, write_text
 from common import UserError, check_flags, flag, run_main
 from data.judge import Judge
 from data.toy import ToyBase
 from data.world import TRAIN_PROMPTS, read_images
 from evaluation import generate
+from images import save_grid, save_image
 
 
 @dataclass

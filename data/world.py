@@ -28,8 +28,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import image_tensor, open_image
 from common import UserError
+from images import image_tensor, open_image
 
 DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 IMAGE_SIZE = 32

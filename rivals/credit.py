@@ -1,7 +1,7 @@
 """The rival credit rules of GRPO, each as its authors' code computes it, and the table of credit
 modes.
 
-    advantages = CREDIT["cosine"].advantages(rollout, final_rewards, settings)
+    advantages = CREDIT["cosine"].advantages(cfg, rollout, final_rewards)    # rivals/policy.py
 
 Every mode is one entry of CREDIT: how its rollout is drawn (grpo.sample_rollout, or a tree) and
 how its advantages (T, B, k) come from the rollout and the terminal DRM rewards.
@@ -25,28 +25,38 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common import InputError, UserError, flag, parse_numbers
-from grpo import (Rollout, group_normalise, in_window, sample_rollout, stepwise_advantages,
-                  trained_steps)
+from common import InputError, UserError, flag, used_with
+from grpo import (Candidates, Rollout, group_normalise, in_window, sample_rollout,
+                  stepwise_advantages, trained_steps)
+from rivals.scores import score_rule
 from sde import Step, passes, propose, sde_mean_std, take
+
+TREE = used_with("rival.credit", "tree")  # a flag of the tree's, refused without it
 
 
 @dataclass
 class CreditFlags:
-    """train_policy.py's flags of the rival credit rules (its Config inherits them)."""
+    """train_policy.py's flags of the rival credit rules (its Config holds them in its rival
+    group: --credit=tree --split_steps=0,2)."""
+    # stepwise (the paper's: grpo.py) | sparse (Flow-GRPO) | cosine (CoCA) | tree (BranchGRPO)
+    credit: str = flag("stepwise", choices=("stepwise", "sparse", "cosine", "tree"))
     # sparse: divide by the group's std | global (the update's: Flow-GRPO's SD3 configs)
-    group_std: str = flag("group", choices=("group", "global"))
+    group_std: str = flag("group", choices=("group", "global"), used=(
+        lambda cfg: cfg.rival.credit == "sparse" or cfg.rival.objective != "ppo",
+        "--credit=sparse or --objective=nft|awm"))
     # cosine: CoCA's window of steps. Its runs: 50 steps in 10 windows of 5 (config window_size 5,
     # num_steps 50); ours 10 steps, so 1: the same 10 windows (5 would leave 2, near sparse)
-    coca_window: int = flag(1, "[1, inf)")
-    split_steps: str = "0,1,3,4"       # tree: where it branches (BranchGRPO's 0,3,6,9 of 20 halved)
-    branch: int = flag(2, "[2, inf)")  # tree: children per split (branch^splits leaves a prompt)
+    coca_window: int = flag(1, "[1, inf)", used=used_with("rival.credit", "cosine"))
+    # tree: where it branches (BranchGRPO's 0,3,6,9 of 20 halved)
+    split_steps: tuple = flag((0, 1, 3, 4), "[0, inf)", used=TREE)
+    # tree: children per split (branch^splits leaves a prompt)
+    branch: int = flag(2, "[2, inf)", used=TREE)
     # tree: depth (BranchGRPO: a tree's nodes of a depth, ddof 1) | siblings (a split's children)
-    tree_norm: str = flag("depth", choices=("depth", "siblings"))
+    tree_norm: str = flag("depth", choices=("depth", "siblings"), used=TREE)
     # tree: a split's children drawn with std split_noise x split_eta x sqrt(|dt|): BranchGRPO's
     # split step (its script: x4 on DanceGRPO's step, eta 0.3), their log-probs under our step's
-    split_noise: float = flag(4.0, "(0, inf)")
-    split_eta: float = flag(0.3, "(0, inf)")
+    split_noise: float = flag(4.0, "(0, inf)", used=TREE)
+    split_eta: float = flag(0.3, "(0, inf)", used=TREE)
     # where the sampler is stochastic and trained: "" every step | a:b steps a..b-1 | random:n
     # (Flow-GRPO-Fast: n steps from a start drawn each update in [0, steps/2 - n]) | slide:n:u
     # (MixGRPO: n steps from step (update - 1) // u on, cut at steps - 2, back to 0 past it)
@@ -55,61 +65,39 @@ class CreditFlags:
 
 def per_prompt(cfg):
     """Trajectories a prompt: a tree's leaves, or --per_prompt (every other mode)."""
-    if cfg.credit == "tree":
-        return cfg.branch ** len(parse_numbers(cfg, "split_steps"))
+    if cfg.rival.credit == "tree":
+        return cfg.rival.branch ** len(cfg.rival.split_steps)
     return cfg.per_prompt
-
-
-def settings(cfg):
-    """The rules' Settings from the flags, parsed once."""
-    return Settings(per_prompt(cfg), cfg.k, cfg.follow, cfg.adv_clip, cfg.group_std,
-                    tuple(parse_numbers(cfg, "split_steps")), cfg.branch, cfg.tree_norm,
-                    cfg.split_noise, cfg.split_eta, cfg.coca_window)
 
 
 def check_credit(cfg):
     """The flags that go together, before any work: the window, the tree's splits, the groups."""
-    kind, *window = parse_window(cfg)
+    rival = cfg.rival
+    kind, *window = parse_window(rival.sde_window, cfg.steps)
     trained = [i for i, t in enumerate(trained_steps(cfg.steps, window if kind == "fixed" else None,
                                                      cfg.train_last_step)) if t]
     if not trained:
-        raise UserError(f"--sde_window={cfg.sde_window} trains no step: the last of "
+        raise UserError(f"--sde_window={rival.sde_window} trains no step: the last of "
                         f"--steps={cfg.steps} is not trained unless --train_last_step")
     a, b = trained[0], trained[-1] + 1
-    splits = parse_numbers(cfg, "split_steps")
-    if cfg.credit == "tree" and kind in ("random", "slide"):
-        raise UserError(f"--credit=tree --sde_window={cfg.sde_window}: a tree splits at fixed "
+    splits = list(rival.split_steps)
+    if rival.credit == "tree" and kind in ("random", "slide"):
+        raise UserError(f"--credit=tree --sde_window={rival.sde_window}: a tree splits at fixed "
                         "steps; give it a fixed window a:b or none")
-    if cfg.credit == "tree" and not (splits and splits == sorted(set(splits))
-                                     and a <= splits[0] and splits[-1] < b):
-        raise UserError(f"--split_steps={cfg.split_steps}: give increasing steps in [{a}, {b}), "
-                        "the trained ones (--steps, --sde_window, --train_last_step)")
+    if rival.credit == "tree" and not (splits and splits == sorted(set(splits))
+                                       and a <= splits[0] and splits[-1] < b):
+        raise UserError(f"--split_steps={','.join(map(str, splits))}: give increasing steps in "
+                        f"[{a}, {b}), the trained ones (--steps, --sde_window, --train_last_step)")
     if cfg.trajectories % per_prompt(cfg):
-        group = "--per_prompt" if cfg.credit != "tree" else "--branch^splits"
+        group = "--per_prompt" if rival.credit != "tree" else "--branch^splits"
         raise UserError(f"--trajectories={cfg.trajectories} must be a multiple of "
                         f"{group}={per_prompt(cfg)}")
 
 
-@dataclass
-class Settings:
-    """What the credit rules read, resolved once from train_policy.py's flags (settings(cfg))."""
-    per_prompt: int = 4       # trajectories a prompt (a tree: its leaves)
-    k: int = 4                # stepwise: candidates a step
-    follow: str = "random"    # stepwise: the candidate a trajectory goes on from, random | best
-    adv_clip: float = 5.0
-    group_std: str = "group"  # sparse: group | global
-    split_steps: tuple = (0, 1, 3, 4)  # tree
-    branch: int = 2           # tree
-    tree_norm: str = "depth"  # tree: depth | siblings
-    split_noise: float = 4.0  # tree
-    split_eta: float = 0.3    # tree
-    coca_window: int = 1      # cosine
-
-
 class Mode(NamedTuple):
-    """A credit mode: its rollout(policy, noise, cond, uncond, sigmas, settings, reward, score,
-    **sampling) -> Rollout, its advantages(rollout, final_rewards, settings, rows, gather) ->
-    (T, B, k), and whether it needs the DRM's rewards of the final images (terminal)."""
+    """A rival credit mode: its rollout(cfg, batch, window) -> Rollout, its advantages(cfg,
+    rollout, final_rewards, rows, gather) -> (T, B, k), and whether it needs the DRM's rewards of
+    the final images (terminal)."""
     rollout: Callable
     advantages: Callable
     terminal: bool
@@ -188,26 +176,26 @@ def split_std_scale(sigma, sigma_next, noise_level, split_noise, split_eta):
 
 
 @torch.no_grad()
-def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noise_level=0.7,
-                cfg_scale=1.0, split_noise=4.0, split_eta=0.3, window=None, train_last=False,
-                generator=None, shard=(0, 1)):
+def sample_tree(sampler, noise, *, split_steps, branch, noise_level=0.7, split_noise=4.0,
+                split_eta=0.3, window=None, train_last=False, draws=None):
     """Tree rollouts: from each of R root noises (R, C, H, W) one trajectory that branches into
     `branch` children, which all go on, at each step of split_steps -> a Rollout over its
     L = R branch^m leaves (m splits; a root's leaves adjacent, each node's leaves contiguous),
     every leaf's path in full: shared prefixes repeated, `trained` marking each edge once (on the
     first leaf below it), from the first split on, at trained_steps. The policy runs once a
     node. A split's children are drawn with BranchGRPO's std, split_noise x split_eta x
-    sqrt(|dt|) (split_std_scale), their log-probs under the step's own std. shard as
+    sqrt(|dt|) (split_std_scale), their log-probs under the step's own std. draws as
     sample_rollout's (every rank the same R)."""
+    sigmas, cond, uncond, cfg_scale = (sampler.sigmas, sampler.cond, sampler.uncond,
+                                       sampler.cfg_scale)
     T, leaves = len(sigmas) - 1, noise.shape[0] * branch ** len(split_steps)
     sde, trained_at = in_window(T, window), trained_steps(T, window, train_last)
     x = noise.to(torch.promote_types(noise.dtype, torch.float32))
     rows = torch.arange(len(x), device=x.device)                    # each node's root: its prompt
     states, steps, trained, nfe = [], [], [], 0
     for i in range(T):
-        step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, rows), take(uncond, rows),
-                       cfg_scale=cfg_scale, noise_level=noise_level if sde[i] else 0.0,
-                       k=branch if i in split_steps else 1, generator=generator, shard=shard,
+        step = propose(sampler.rows(rows), x, i, noise_level=noise_level if sde[i] else 0.0,
+                       k=branch if i in split_steps else 1, draws=draws,
                        noise_scale=(split_std_scale(sigmas[i], sigmas[i + 1], noise_level,
                                                     split_noise, split_eta)
                                     if i in split_steps and sde[i] else 1.0))
@@ -224,10 +212,12 @@ def sample_tree(policy, noise, cond, uncond, sigmas, *, split_steps, branch, noi
         first_edge = torch.arange(leaves) % below == 0
         trained.append(first_edge & trained_at[i] & (i >= min(split_steps)))
     stack = lambda name: torch.stack([getattr(s, name) for s in steps])  # noqa: E731
-    return Rollout(torch.stack(states), stack("candidates"), stack("mean"), stack("log_probs"),
-                   torch.zeros(T, leaves, dtype=torch.long), stack("x0_hat"), x, None, sigmas,
-                   take(cond, rows), take(uncond, rows), noise_level, cfg_scale,
-                   torch.stack(trained), nfe)
+    return Rollout(states=torch.stack(states), candidates=stack("candidates"),
+                   means=stack("mean"), log_probs=stack("log_probs"),
+                   chosen=torch.zeros(T, leaves, dtype=torch.long), x0_hat=stack("x0_hat"),
+                   final=x, rewards=None, sigmas=sigmas, cond=take(cond, rows),
+                   uncond=take(uncond, rows), noise_level=noise_level, cfg_scale=cfg_scale,
+                   trained=torch.stack(trained), nfe=nfe)
 
 
 def tree_advantages(final_rewards, split_steps, branch, T, by="depth"):
@@ -254,55 +244,58 @@ def tree_advantages(final_rewards, split_steps, branch, T, by="depth"):
     return advantages.view(T, -1, 1)
 
 # -----------------------------------------------------------------------------
-# The credit modes
+# The credit modes: a rollout of train_policy.draw_batch's batch, its advantages
 
 
-def stepwise_rollout(policy, noise, cond, uncond, sigmas, settings, reward, score, **sampling):
-    """The paper's: k candidates around each trained step's mean, scored (grpo.sample_rollout)."""
-    return sample_rollout(policy, noise, cond, uncond, sigmas, k=settings.k, reward=reward,
-                          score=score, follow=settings.follow, **sampling)
+def stepwise_rollout(cfg, batch, window):
+    """The paper's rollout (grpo.sample_rollout) with a rival's score rule or window."""
+    candidates = Candidates(cfg.k, batch.scorer, score_rule(cfg.rival.score), cfg.follow)
+    return sample_rollout(batch.sampler, batch.noise, noise_level=cfg.noise_level,
+                          candidates=candidates, window=window, train_last=cfg.train_last_step,
+                          draws=batch.draws)
 
 
-def chain_rollout(policy, noise, cond, uncond, sigmas, settings, reward, score, **sampling):
+def chain_rollout(cfg, batch, window):
     """One SDE trajectory a row of noise, scored at its end only."""
-    return sample_rollout(policy, noise, cond, uncond, sigmas, **sampling)
+    return sample_rollout(batch.sampler, batch.noise, noise_level=cfg.noise_level, window=window,
+                          train_last=cfg.train_last_step, draws=batch.draws)
 
 
-def tree_rollout(policy, noise, cond, uncond, sigmas, settings, reward, score, picks=None,
-                 **sampling):
-    """A prompt's leaves grow from one root, its first noise (a prompt's per_prompt rows
-    adjacent)."""
-    roots = slice(None, None, settings.per_prompt)
-    return sample_tree(policy, noise[roots], take(cond, roots), take(uncond, roots), sigmas,
-                       split_steps=settings.split_steps, branch=settings.branch,
-                       split_noise=settings.split_noise, split_eta=settings.split_eta, **sampling)
+def tree_rollout(cfg, batch, window):
+    """A prompt's leaves grow from one root, its first noise (a prompt's leaves adjacent)."""
+    roots, rival = slice(None, None, per_prompt(cfg)), cfg.rival
+    return sample_tree(batch.sampler.rows(roots), batch.noise[roots],
+                       split_steps=rival.split_steps, branch=rival.branch,
+                       noise_level=cfg.noise_level, split_noise=rival.split_noise,
+                       split_eta=rival.split_eta, window=window, train_last=cfg.train_last_step,
+                       draws=batch.draws)
 
 
-def stepwise(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
+def stepwise(cfg, rollout, final_rewards, rows=slice(None), gather=lambda t: t):
     return stepwise_advantages(rollout.rewards)
 
 
-def sparse(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
-    advantages = terminal_advantages(final_rewards, settings.per_prompt,
-                                     group_std=settings.group_std)
+def sparse(cfg, rollout, final_rewards, rows=slice(None), gather=lambda t: t):
+    advantages = terminal_advantages(final_rewards, cfg.per_prompt, group_std=cfg.rival.group_std)
     return advantages[rows].expand(rollout.states.shape[0], -1).unsqueeze(-1)
 
 
-def cosine(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
+def cosine(cfg, rollout, final_rewards, rows=slice(None), gather=lambda t: t):
     weights = gather(cosine_weights(rollout.x0_hat, rollout.final,
-                                    settings.coca_window).T.contiguous()).T
-    advantages = cosine_advantages(weights, final_rewards, settings.per_prompt, settings.adv_clip)
+                                    cfg.rival.coca_window).T.contiguous()).T
+    advantages = cosine_advantages(weights, final_rewards, cfg.per_prompt, cfg.adv_clip)
     return advantages[:, rows].unsqueeze(-1)
 
 
-def tree(rollout, final_rewards, settings, rows=slice(None), gather=lambda t: t):
+def tree(cfg, rollout, final_rewards, rows=slice(None), gather=lambda t: t):
     T = rollout.states.shape[0]
-    advantages = tree_advantages(final_rewards, settings.split_steps, settings.branch, T,
-                                 settings.tree_norm)
+    advantages = tree_advantages(final_rewards, cfg.rival.split_steps, cfg.rival.branch, T,
+                                 cfg.rival.tree_norm)
     return advantages[:, rows]
 
 
 # every credit mode: its rollout, its advantages, whether it needs the final images' DRM rewards
+# ("stepwise" is the paper's with a rival's score rule or SDE window)
 CREDIT = {
     "stepwise": Mode(stepwise_rollout, stepwise, terminal=False),
     "sparse": Mode(chain_rollout, sparse, terminal=True),
@@ -314,10 +307,11 @@ CREDIT = {
 # Windows: only some steps stochastic and trained (Flow-GRPO-Fast, MixGRPO)
 
 
-def parse_window(cfg):
-    """--sde_window -> ("all",), ("fixed", a, b), ("random", n) or ("slide", n, every), checked."""
-    kind, _, rest = cfg.sde_window.partition(":") if ":" in cfg.sde_window else ("", "", "")
-    T, text = cfg.steps, cfg.sde_window
+def parse_window(text, steps):
+    """--sde_window -> ("all",), ("fixed", a, b), ("random", n) or ("slide", n, every), checked
+    against --steps."""
+    kind, _, rest = text.partition(":") if ":" in text else ("", "", "")
+    T = steps
     if not text:
         return ("all",)
     if kind in ("random", "slide"):
@@ -334,29 +328,30 @@ def parse_window(cfg):
         if not 1 <= n <= top or every == [0]:
             raise UserError(f"--sde_window={text}: n in [1, {top}] for --steps={T}, every >= 1")
         return (kind, n, *every)
-    bounds = parse_numbers(cfg, "sde_window", sep=":")
-    if len(bounds) != 2 or not 0 <= bounds[0] < bounds[1] <= T:
+    bounds = rest and text.split(":")
+    if not (bounds and len(bounds) == 2 and all(b.isdigit() for b in bounds)
+            and 0 <= int(bounds[0]) < int(bounds[1]) <= T):
         raise UserError(f"--sde_window={text}: give a:b, 0 <= a < b <= --steps={T}, or random:n, "
                         "slide:n:every")
-    return ("fixed", *bounds)
+    return ("fixed", int(bounds[0]), int(bounds[1]))
 
 
-def window_at(cfg, update, generator):
-    """The SDE window (a, b) of an update, or None (every step). random: Flow-GRPO-Fast's window of
-    n steps, its start uniform in [0, steps // 2 - n], one draw an update for all its trajectories
-    (its code: one a GPU batch); slide: MixGRPO's, which moves one step every `every` updates
-    through [0, steps - 2) (it never trains the last two steps) and rolls back to 0 past the end
-    (MixGRPO idles one interval with an empty window first; we roll back at once)."""
-    kind, *numbers = parse_window(cfg)
+def window_at(window, steps, update, generator):
+    """The SDE window (a, b) of an update, or None (every step), from parse_window's `window`.
+    random: Flow-GRPO-Fast's window of n steps, its start uniform in [0, steps // 2 - n], one draw
+    an update for all its trajectories (its code: one a GPU batch); slide: MixGRPO's, which moves
+    one step every `every` updates through [0, steps - 2) (it never trains the last two steps) and
+    rolls back to 0 past the end (MixGRPO idles one interval with an empty window first; we roll
+    back at once)."""
+    kind, *numbers = window
     if kind == "all":
         return None
     if kind == "fixed":
         return tuple(numbers)
     if kind == "random":
         n = numbers[0]
-        start = int(torch.randint(cfg.steps // 2 - n + 1, (1,), generator=generator))
+        start = int(torch.randint(steps // 2 - n + 1, (1,), generator=generator))
         return start, start + n
     n, every = numbers
-    start = (update - 1) // every % (cfg.steps - 2)
-    return start, min(start + n, cfg.steps - 2)
-
+    start = (update - 1) // every % (steps - 2)
+    return start, min(start + n, steps - 2)

@@ -49,13 +49,13 @@ at --lr=3e-5 (their LoRA's 3e-4, scaled as Flow-GRPO's); the policy itself evalu
 EMA of it; one process. Every pass is counted: the rollout's, and three forwards a (sample, sigma)
 pair (the policy, the old or EMA copy, the base) and the policy's backward.
 """
+import copy
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, NamedTuple
 
 import torch
 
-import train_ops
 from checkpoints import check_finite
 from common import UserError, autocast, flag, given_flags, unless_given
 from model import add_noise
@@ -65,12 +65,9 @@ from sde import passes, sample_ode, sigma_schedule
 
 @dataclass
 class ObjectiveFlags:
-    """train_policy.py's flag of the objective (its Config inherits it)."""
+    """train_policy.py's flag of the objective (its Config holds it in its rival group)."""
     # ppo (the paper's: grpo.py) | nft (DiffusionNFT) | awm (Advantage Weighted Matching)
     objective: str = flag("ppo", choices=("ppo", "nft", "awm"))
-    # a second held-out evaluation at this guidance, logged as gold_cfgW, drm_cfgW, ... (NFT's and
-    # AWM's authors evaluate at 1, as they train: their recipe sets it)
-    also_eval_cfg_scale: float = flag(0.0, "[0, inf)", zero="none")
 
 
 # PPO's flags, which NFT and AWM do not use (given with them, refused)
@@ -79,26 +76,27 @@ PPO_ONLY = ("noise_level", "score", "follow", "k", "clip_range", "minibatches", 
 
 # the authors' settings that differ from train_policy.py's defaults, applied unless given: no
 # guidance in training, evaluated without too (DiffusionNFT's config/nft.py, AWM's no-cfg
-# configs: guidance_scale 1.0 in both), beside train_policy.py's guidance 4
+# configs: guidance_scale 1.0 in both: also_eval_cfg_scale), beside train_policy.py's guidance 4
 RECIPE = {"cfg_scale": 1.0, "group_std": "global", "weight_decay": 1e-4,
           "also_eval_cfg_scale": 1.0}
 
 
 def with_objective(cfg):
     """cfg with NFT's and AWM's own settings (RECIPE) where the command line gave none."""
-    return cfg if cfg.objective == "ppo" else unless_given(cfg, **RECIPE)
+    return cfg if cfg.rival.objective == "ppo" else unless_given(cfg, **RECIPE)
 
 
 def check_objective(cfg):
     """The flags that go with an objective, before any work."""
-    if cfg.objective == "ppo":
+    objective, credit = cfg.rival.objective, cfg.rival.credit
+    if objective == "ppo":
         return
-    if cfg.credit not in ("sparse", "stepwise"):
-        raise UserError(f"--objective={cfg.objective} takes --credit=sparse (the terminal reward) "
-                        f"or stepwise (the DRM's at each sigma), not {cfg.credit}")
+    if credit not in ("sparse", "stepwise"):
+        raise UserError(f"--objective={objective} takes --credit=sparse (the terminal reward) "
+                        f"or stepwise (the DRM's at each sigma), not {credit}")
     ignored = [f"--{name}" for name in PPO_ONLY if name in given_flags(cfg)]
     if ignored:
-        raise UserError(f"--objective={cfg.objective} samples by the ODE and has its own loss and "
+        raise UserError(f"--objective={objective} samples by the ODE and has its own loss and "
                         f"KL: drop {', '.join(ignored)} (PPO's)")
 
 # -----------------------------------------------------------------------------
@@ -178,26 +176,27 @@ OBJECTIVES = {
 # One update
 
 
-def pair_losses(cfg, models, x0, eps, sigma, advantages, context):
+def pair_losses(cfg, models, shadow, x0, eps, sigma, advantages, context):
     """The mean loss of a batch of (sample, sigma) pairs, each with its eps and advantage."""
     x_sigma = add_noise(x0, sigma, eps)
     velocity = models.loss_policy(x_sigma, sigma, *context)
     with torch.no_grad():
-        shadow, reference = (m(x_sigma, sigma, *context) for m in (models.shadow, models.reference))
-    if cfg.objective == "nft":
-        policy = nft_loss(velocity, shadow, x_sigma, x0, sigma, advantages, adv_clip=cfg.adv_clip)
+        old, reference = (m(x_sigma, sigma, *context) for m in (shadow, models.reference))
+    if cfg.rival.objective == "nft":
+        policy = nft_loss(velocity, old, x_sigma, x0, sigma, advantages, adv_clip=cfg.adv_clip)
         return policy.mean() + 1e-4 * (velocity - reference).square().mean()
     policy = awm_loss(awm_log_prob(velocity, eps, x0, sigma), advantages, adv_clip=cfg.adv_clip)
     drift = (velocity.double() - reference.double()).square().mean()
-    return policy.mean() + 1e-4 * drift + (velocity.double() - shadow.double()).square().mean()
+    return policy.mean() + 1e-4 * drift + (velocity.double() - old.double()).square().mean()
 
 
 def advantages_at(cfg, scorer, x0, eps, sigmas):
     """(n, B) advantages: the terminal reward's for every sigma (sparse), or the DRM's at each of
     the B samples' n sigmas (stepwise), each normalised within the prompt's group."""
     rows = torch.arange(len(x0), device=x0.device)
-    normalise = partial(terminal_advantages, group_size=cfg.per_prompt, group_std=cfg.group_std)
-    if cfg.credit == "sparse":
+    normalise = partial(terminal_advantages, group_size=cfg.per_prompt,
+                        group_std=cfg.rival.group_std)
+    if cfg.rival.credit == "sparse":
         final = scorer(x0, torch.zeros(len(x0), device=x0.device), rows)
         return normalise(final).expand(len(sigmas), -1), final
     scores = torch.stack([scorer(add_noise(x0, s, e), s, rows) for s, e in zip(sigmas, eps)])
@@ -208,54 +207,66 @@ def draw_pairs(cfg, samples, shape, generator):
     """Each sample's sigmas on the rollout's grid and an eps for each -> sigmas (n, samples), eps
     (n, samples, *shape). stepwise: a group's samples share both, so the DRM compares them at one
     sigma under one noise."""
-    group = cfg.per_prompt if cfg.credit == "stepwise" else 1
-    index = OBJECTIVES[cfg.objective].indices(cfg.steps, samples // group, generator)
+    group = cfg.per_prompt if cfg.rival.credit == "stepwise" else 1
+    index = OBJECTIVES[cfg.rival.objective].indices(cfg.steps, samples // group, generator)
     eps = torch.randn((index.shape[1], samples // group, *shape), generator=generator)
     sigmas = sigma_schedule(cfg.steps, cfg.shift)[index.repeat_interleave(group, 0)].T
     return sigmas, eps.repeat_interleave(group, 1)
 
 
-def matching_update(cfg, base, models, train_prompts, ranks, *, step, advice):
-    """One NFT or AWM update -> (stats, the passes it made), as train_policy.grpo_step (whose
-    arguments it takes; ranks unused: one process, as train_policy.main insists)."""
-    objective, rng = OBJECTIVES[cfg.objective], train_ops.streams(cfg.seed, step)
-    group = cfg.per_prompt
-    prompts, noise = train_ops.draw_prompts(train_prompts, cfg.trajectories // group, group, rng,
-                                            models.policy, base.latent_size)
-    device = next(models.policy.parameters()).device
-    cond, uncond = base.encode(prompts)
-    sampler = models.shadow if objective.samples_from_shadow else models.policy
-    models.policy.eval()
-    with torch.no_grad(), autocast(device):
-        x0 = sample_ode(sampler, noise.to(device), cond, uncond, steps=cfg.steps,
-                        cfg_scale=cfg.cfg_scale, shift=cfg.shift)
-    models.policy.train()
-    sigmas, eps = (t.to(device) for t in draw_pairs(cfg, len(x0), x0.shape[1:], rng.sde))
-    scorer = train_ops.Scorer(models.drm, models.drm_text, prompts, cfg.drm_batch)
-    with torch.no_grad(), autocast(device):
-        advantages, rewards = advantages_at(cfg, scorer, x0, eps, sigmas)
-    models.optimizer.zero_grad(set_to_none=True)
-    losses = []
-    for j in range(len(sigmas)):  # one backward a column of sigmas; their mean is the loss
-        with autocast(device):
-            loss = pair_losses(cfg, models, x0, eps[j], sigmas[j], advantages[j], cond)
-        check_finite(loss, step, "loss", advice)
-        (loss / len(sigmas)).backward()
-        losses.append(loss.item())
-    train_ops.optimizer_step(models, cfg.grad_clip, step, advice)
-    update_shadow(models, objective.shadow_decay(step))
-    nfe = cfg.steps * len(x0) * passes(uncond, cfg.cfg_scale) + 3 * sigmas.numel()
-    stats = {"policy_loss": sum(losses) / len(losses), "train_reward": rewards.mean().item(),
-             "trained_pairs": sigmas.numel()}
-    # the policy's pass of each pair is trained: its backward too
-    return stats, {"nfe": nfe, "backward_passes": sigmas.numel(), "drm_calls": scorer.calls}
+class MatchingUpdate:
+    """One NFT or AWM update in place of train_policy.grpo_update, with its arguments, on the same
+    batch (draw_batch: train_policy.py's, passed in): the shadow copy of the policy is this
+    objective's own, saved and resumed with the run (Models.kept)."""
+
+    def __init__(self, cfg, models, draw_batch):
+        self.cfg, self.draw_batch = cfg, draw_batch
+        self.objective = OBJECTIVES[cfg.rival.objective]
+        self.shadow = copy.deepcopy(models.policy).requires_grad_(False)
+        models.kept["shadow"] = self.shadow
+
+    def __call__(self, cfg, base, models, train_prompts, ranks, *, update, advice):
+        """-> (stats, the passes it made); ranks: one process, as train_policy.main insists."""
+        batch = self.draw_batch(cfg, base, models, train_prompts, ranks, update=update,
+                                per_prompt=cfg.per_prompt)
+        sampler, device = batch.sampler, batch.noise.device
+        sampling = models.policy if not self.objective.samples_from_shadow else self.shadow
+        models.policy.eval()
+        with torch.no_grad(), autocast(device):
+            x0 = sample_ode(sampling, batch.noise, sampler.cond, sampler.uncond, steps=cfg.steps,
+                            cfg_scale=cfg.cfg_scale, shift=cfg.shift)
+        models.policy.train()
+        sigmas, eps = (t.to(device) for t in draw_pairs(cfg, len(x0), x0.shape[1:],
+                                                        batch.draws.generator))
+        with torch.no_grad(), autocast(device):
+            advantages, rewards = advantages_at(cfg, batch.scorer, x0, eps, sigmas)
+        models.optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for j in range(len(sigmas)):  # one backward a column of sigmas; their mean is the loss
+            with autocast(device):
+                loss = pair_losses(cfg, models, self.shadow, x0, eps[j], sigmas[j], advantages[j],
+                                   sampler.cond)
+            check_finite(loss, update, "loss", advice)
+            (loss / len(sigmas)).backward()
+            losses.append(loss.item())
+        params = models.optimizer.param_groups[0]["params"]
+        norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        check_finite(norm, update, "gradient norm", advice)
+        models.optimizer.step()
+        update_shadow(models.policy, self.shadow, self.objective.shadow_decay(update))
+        nfe = cfg.steps * len(x0) * passes(sampler.uncond, cfg.cfg_scale) + 3 * sigmas.numel()
+        stats = {"policy_loss": sum(losses) / len(losses), "train_reward": rewards.mean().item(),
+                 "trained_pairs": sigmas.numel()}
+        # the policy's pass of each pair is trained: its backward too
+        return stats, {"nfe": nfe, "backward_passes": sigmas.numel(),
+                       "drm_calls": batch.scorer.calls}
 
 
-def update_shadow(models, decay):
+def update_shadow(policy, shadow, decay):
     """The shadow copy (NFT's old policy, AWM's trust region) <- decay shadow + (1 - decay) policy,
     over the trained weights."""
-    trained = dict(models.policy.named_parameters())
+    trained = dict(policy.named_parameters())
     with torch.no_grad():
-        for name, weight in models.shadow.named_parameters():
+        for name, weight in shadow.named_parameters():
             if trained[name].requires_grad:
                 weight.copy_(decay * weight + (1 - decay) * trained[name])

@@ -2,8 +2,9 @@
 DRM: its noise-aware Thurstone loss, and a noise ensemble that scores a state re-noised several
 times; the table of reward losses.
 
-    loss = LOSSES["thurstone"](reward_win, reward_lose, sigma) # train_reward.py --loss=thurstone
+    loss = thurstone_loss(reward_win, reward_lose, sigma)        # train_reward.py --loss=thurstone
     drm = with_ensemble(drm, draws=4, at_sigma=0.25)                 # --drm_draws, --drm_sigma
+    rival = Rival(cfg.rival)                                        # train_reward.py's one door
 
 DiNa-LRM's own recipe noises both images of a pair with one noise and draws sigma uniformly
 (train_reward.py --pair_noise=shared --sigma_sampling=uniform); its "ensemble" is another design
@@ -17,11 +18,12 @@ import torch.nn as nn
 
 from common import flag
 from reward import bradley_terry_loss
+from rivals.scores import ranking_table  # noqa: F401 (train_reward.py --eval_set=policy's)
 
 
 @dataclass
 class EnsembleFlags:
-    """The noise ensemble's flags, wherever the DRM scores (the scripts' Configs inherit them)."""
+    """The noise ensemble's flags, wherever the DRM scores (the scripts' rival groups hold them)."""
     # the DRM's noise ensemble (NoiseEnsemble): states below drm_sigma re-noised to it drm_draws
     # times, the scores averaged
     drm_draws: int = flag(1, "[1, inf)")
@@ -38,9 +40,43 @@ def thurstone_loss(reward_win, reward_lose, sigma, scale=2.0, floor=0.05, eps=1e
     return 1 - torch.sqrt(torch.distributions.Normal(0.0, 1.0).cdf(z) + eps)
 
 
-# every reward loss train_reward.py --loss can name
-LOSSES = {"bt": lambda reward_win, reward_lose, sigma: bradley_terry_loss(reward_win, reward_lose),
-          "thurstone": thurstone_loss}
+@dataclass
+class Flags(EnsembleFlags):
+    """train_reward.py's rival flags: one group of its Config (cfg.rival), given by their own
+    names."""
+    # bt (Bradley-Terry, the paper's: reward.py) | thurstone (DiNa-LRM's)
+    loss: str = flag("bt", choices=("bt", "thurstone"))
+    # independent (each image its own noise: the paper's) | shared (one a pair: DiNa-LRM's)
+    pair_noise: str = flag("independent", choices=("independent", "shared"))
+
+
+def chosen(rival):
+    """Whether train_reward.py's rival flags name a rival."""
+    return (rival.loss != "bt" or rival.pair_noise != "independent" or rival.drm_draws > 1
+            or rival.drm_sigma > 0)
+
+
+class Rival:
+    """train_reward.py's door (rival = Rival(cfg.rival) when chosen): where a rival differs from the
+    paper's step, each a method: the losing image's noise, the loss of a pair's rewards, the DRM
+    that is evaluated."""
+
+    def __init__(self, rival):
+        self.flags = rival
+
+    def lose_noise(self, noise_win, losers):
+        """The losing image's noise: its own, or (shared) the winner's."""
+        return noise_win if self.flags.pair_noise == "shared" else torch.randn_like(losers)
+
+    def loss(self, reward_win, reward_lose, sigma):
+        """The loss per pair (B,)."""
+        if self.flags.loss == "thurstone":
+            return thurstone_loss(reward_win, reward_lose, sigma)
+        return bradley_terry_loss(reward_win, reward_lose)
+
+    def scorer(self, drm):
+        """The DRM as it is evaluated: it, or its noise ensemble."""
+        return with_ensemble(drm, self.flags.drm_draws, self.flags.drm_sigma)
 
 
 class NoiseEnsemble(nn.Module):
@@ -68,13 +104,9 @@ class NoiseEnsemble(nn.Module):
             total = total + self.drm(a.view(shape) * x + b.view(shape) * z, u, context, pooled)
         return total / (self.draws if below.any() else 1)
 
-
-def drm_passes(drm, sigma):
-    """DRM passes a scoring of states at sigma (N,) takes: the ensemble's draws where it
-    re-noises."""
-    if isinstance(drm, NoiseEnsemble) and bool((sigma < drm.at_sigma).any()):
-        return drm.draws
-    return 1
+    def passes(self, sigma):
+        """DRM passes a scoring of states at sigma (N,) takes: `draws` where it re-noises."""
+        return self.draws if bool((sigma < self.at_sigma).any()) else 1
 
 
 def with_ensemble(drm, draws, at_sigma):

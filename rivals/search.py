@@ -9,42 +9,77 @@
 - pruned best-of-N (as TTSnap, arXiv 2511.22242, with the DRM as its noise-aware judge): N ODE
   trajectories, the DRM keeps the best of them at an intermediate sigma.
 Both are made of sde.propose's steps and end with the DRM's favourite (sde.favourite), as the
-paper's step-wise search and best-of-N (sample.py) do; sample.SEARCHES lists them all.
+paper's step-wise search and best-of-N (sample.py) do. sample.py reaches them through one door,
+`run` (with a rival's score rule or the DRM's noise ensemble on the paper's search too); their
+flags are its rival group (Flags), each refused with another --search.
 """
 from dataclasses import dataclass
 
 import torch
 
-from common import UserError, flag, parse_numbers
-from sde import favourite, passes, propose, sigma_schedule, take
+from common import UserError, flag, used_with
+from rivals.reward import EnsembleFlags, with_ensemble
+from rivals.scores import SCORES, score_rule
+from sde import Draws, Sampler, favourite, passes, propose, sigma_schedule, take
 
 
 @dataclass
 class SearchFlags:
-    """sample.py's flags of the rival searches (its Config inherits them)."""
+    """sample.py's flags of the rival searches."""
+    # what the DRM scores: noisy (the state where it is) | x0 (its clean estimate) | x0_proxy |
+    # lookahead (its ODE completion: rivals/scores.py); "" = the method's own: stepwise noisy,
+    # smc x0
+    score: str = flag("", choices=("", "noisy", *SCORES),
+                      used=used_with("search", "stepwise", "smc"))
     # smc: diff (the gain since the last scored step) | max
-    potential: str = flag("diff", choices=("diff", "max"))
-    lmbda: float = flag(10.0, "[0, inf)")  # smc: weights exp(lmbda x potential), FK's lambda
-    resample: str = "1:1:6"            # smc: every:from:to, resampled at those steps and the last
-                                       # (FK's every 5 from 5 to 30 of 100 steps, scaled to 20)
-    adaptive: bool = False             # smc: resample a scheduled step only below the ESS threshold
+    potential: str = flag("diff", choices=("diff", "max"), used=used_with("search", "smc"))
+    # smc: weights exp(lmbda x potential), FK's lambda
+    lmbda: float = flag(10.0, "[0, inf)", used=used_with("search", "smc"))
+    # smc: every:from:to, resampled at those steps and the last (FK's every 5 from 5 to 30 of 100
+    # steps, scaled to 20)
+    resample: tuple = flag((1, 1, 6), "[0, inf)", sep=":", used=used_with("search", "smc"))
+    # smc: resample a scheduled step only below the ESS threshold
+    adaptive: bool = flag(False, used=used_with("search", "smc"))
     # smc: the effective sample size / particles resampled below
-    ess_threshold: float = flag(0.5, "(0, 1]")
-    prune_at: str = "0.6"              # prune: the sigmas at which the DRM keeps the best
-    keep: float = flag(0.5, "(0, 1]")  # prune: the fraction kept at each
+    ess_threshold: float = flag(0.5, "(0, 1]", used=used_with("search", "smc"))
+    # prune: the sigmas at which the DRM keeps the best
+    prune_at: tuple = flag((0.6,), "[0, 1]", of=float, used=used_with("search", "prune"))
+    keep: float = flag(0.5, "(0, 1]", used=used_with("search", "prune"))  # prune: fraction kept
 
 
-def check_search(cfg):
-    """The rival searches' lists of numbers, and what SMC can score, before any work."""
-    if cfg.search == "smc" and cfg.score not in ("", "x0", "noisy"):
-        raise UserError(f"--search=smc --score={cfg.score}: SMC scores its particles' x0 (FK "
+@dataclass
+class Flags(SearchFlags, EnsembleFlags):
+    """sample.py's rival flags: one group of its Config (cfg.rival), given by their own names."""
+
+
+def chosen(cfg):
+    """Whether sample.py's flags name a rival: its search, score rule, or the DRM's ensemble."""
+    rival = cfg.rival
+    return (cfg.search in SEARCHES or rival.score in SCORES or rival.drm_draws > 1
+            or rival.drm_sigma > 0)
+
+
+def check(cfg):
+    """The rival searches' flags that go together, before any work."""
+    rival = cfg.rival
+    if cfg.search == "smc" and rival.score not in ("", "x0", "noisy"):
+        raise UserError(f"--search=smc --score={rival.score}: SMC scores its particles' x0 (FK "
                         "steering's) or noisy states")
-    if not all(0 <= sigma <= 1 for sigma in parse_numbers(cfg, "prune_at", float)):
-        raise UserError(f"--prune_at={cfg.prune_at}: sigmas in [0, 1], e.g. 0.6 or 0.8,0.5")
-    schedule = parse_numbers(cfg, "resample", sep=":")
-    if len(schedule) != 3 or schedule[0] < 1 or not 0 <= schedule[1] <= schedule[2]:
-        raise UserError(f"--resample={cfg.resample}: give every:from:to, every >= 1 and 0 <= from "
-                        "<= to, e.g. 1:1:6")
+    every, start, end = rival.resample if len(rival.resample) == 3 else (0, 1, 0)
+    if every < 1 or not 0 <= start <= end:
+        raise UserError(f"--resample={':'.join(map(str, rival.resample))}: give every:from:to, "
+                        "every >= 1 and 0 <= from <= to, e.g. 1:1:6")
+
+
+def run(cfg, sampler, noise, drm, drm_cond, generator, papers_search):
+    """sample.search's door: a rival search, or the paper's (papers_search, passed in) with a
+    rival's score rule or the DRM's noise ensemble -> (x0, counts)."""
+    drm = with_ensemble(drm, cfg.rival.drm_draws, cfg.rival.drm_sigma) if drm is not None else None
+    if cfg.search in SEARCHES:
+        return SEARCHES[cfg.search](cfg, sampler, noise, drm, drm_cond, generator)
+    reward = lambda x, sigma, images: drm(x, sigma, *take(drm_cond, images))  # noqa: E731
+    return papers_search(cfg, sampler, noise, reward, generator,
+                         score=score_rule(cfg.rival.score or "noisy"))
 
 # -----------------------------------------------------------------------------
 # Particle search (FK steering)
@@ -80,10 +115,9 @@ def smc_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, par
     log_product = torch.zeros(N * P, device=x.device)    # log of the potentials it was drawn by
     counts = {"nfe": 0, "drm_calls": 0, "resampled": 0}
     scheduled = resampling_steps(steps, *schedule)
+    particles_on = Sampler(policy, sigmas, take(cond, owners), take(uncond, owners), cfg_scale)
     for i in range(steps):
-        step = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, owners),
-                       take(uncond, owners), cfg_scale=cfg_scale, noise_level=noise_level,
-                       generator=generator)
+        step = propose(particles_on, x, i, noise_level=noise_level, draws=Draws(generator))
         x = step.candidates[:, 0]
         counts["nfe"] += len(x) * passes(uncond, cfg_scale)
         if i not in scheduled:
@@ -114,7 +148,7 @@ def smc_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, par
                                   log_product)
         x, previous = x[parents], potentials[parents]
         counts["resampled"] += int(resample.sum())
-    return favourite(drm, x, drm_cond, P, counts), counts
+    return favourite(drm_on(drm, drm_cond), x, P, counts), counts
 
 # -----------------------------------------------------------------------------
 # Pruned best-of-N
@@ -140,23 +174,35 @@ def prune_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, p
             top = scores.view(N, alive).topk(max(1, round(alive * keep)), dim=1).indices
             x = x.view(N, alive, *x.shape[1:])[torch.arange(N).unsqueeze(1), top].flatten(0, 1)
             alive, owners = top.shape[1], owners.view(N, alive)[:, :top.shape[1]].flatten()
-        x = propose(policy, x, sigmas[i], sigmas[i + 1], take(cond, owners), take(uncond, owners),
-                    cfg_scale=cfg_scale, noise_level=0.0).candidates[:, 0]
+        survivors = Sampler(policy, sigmas, take(cond, owners), take(uncond, owners), cfg_scale)
+        x = propose(survivors, x, i, noise_level=0.0).candidates[:, 0]
         counts["nfe"] += len(x) * passes(uncond, cfg_scale)
-    return favourite(drm, x, drm_cond, alive, counts), counts
+    return favourite(drm_on(drm, drm_cond), x, alive, counts), counts
+
+
+def drm_on(drm, drm_cond):
+    """The DRM on N images' prompts: reward(x, sigma, images) -> scores."""
+    return lambda x, sigma, images: drm(x, sigma, *take(drm_cond, images))
 
 # -----------------------------------------------------------------------------
 # As sample.py's --search=smc and --search=prune run them
 
 
-def smc(cfg, policy, noise, cond, uncond, *, drm, drm_cond, generator, **sampling):
-    return smc_sample(policy, noise, cond, uncond, drm, drm_cond, particles=cfg.particles,
-                      noise_level=cfg.noise_level, potential=cfg.potential, lmbda=cfg.lmbda,
-                      score=cfg.score or "x0", schedule=parse_numbers(cfg, "resample", sep=":"),
-                      adaptive=cfg.adaptive, ess_threshold=cfg.ess_threshold,
-                      generator=generator, **sampling)
+def smc(cfg, sampler, noise, drm, drm_cond, generator):
+    rival = cfg.rival
+    return smc_sample(sampler.policy, noise, sampler.cond, sampler.uncond, drm, drm_cond,
+                      particles=cfg.particles, steps=cfg.steps, noise_level=cfg.noise_level,
+                      cfg_scale=cfg.cfg_scale, shift=cfg.shift, potential=rival.potential,
+                      lmbda=rival.lmbda, score=rival.score or "x0", schedule=rival.resample,
+                      adaptive=rival.adaptive, ess_threshold=rival.ess_threshold,
+                      generator=generator)
 
 
-def prune(cfg, policy, noise, cond, uncond, *, drm, drm_cond, generator, **sampling):
-    return prune_sample(policy, noise, cond, uncond, drm, drm_cond, particles=cfg.particles,
-                        prune_at=parse_numbers(cfg, "prune_at", float), keep=cfg.keep, **sampling)
+def prune(cfg, sampler, noise, drm, drm_cond, generator):  # noqa: ARG001 (ODE: nothing drawn)
+    return prune_sample(sampler.policy, noise, sampler.cond, sampler.uncond, drm, drm_cond,
+                        particles=cfg.particles, steps=cfg.steps, cfg_scale=cfg.cfg_scale,
+                        shift=cfg.shift, prune_at=cfg.rival.prune_at, keep=cfg.rival.keep)
+
+
+# the rival searches: name -> run(cfg, sampler, noise, drm, drm_cond, generator)
+SEARCHES = {"smc": smc, "prune": prune}

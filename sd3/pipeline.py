@@ -31,8 +31,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from checkpoints import CheckpointError, atomic_write, image_tensor, open_image
+from checkpoints import CheckpointError, atomic_write, fingerprint
 from common import UserError, frozen_dtype, read_prompts, read_text
+from images import image_tensor, open_image
 from model import PRESETS, build_dit
 from reward import read_drm, save_drm
 from sd3.mmdit import fold_lora, load_sd3, save_lora, save_sd3
@@ -288,11 +289,17 @@ def load_text(cfg, dtype, device, context_dim):
                          "T5-XXL") if cfg.t5 else None)
     clip_l, clip_g = load_clip(clip_l_path, dtype, device), load_clip(clip_g_path, dtype, device)
     t5 = load_t5(t5_path, dtype, device) if t5_path else None
-    tokenizers = (CLIPTokenizer.from_folder(find_part(folders, ["tokenizer"], "CLIP-L tokenizer")),
-                  CLIPTokenizer.from_folder(find_part(folders, ["tokenizer_2"],
-                                                      "CLIP-G tokenizer")),
-                  T5Tokenizer.from_file(find_part(folders, ["tokenizer_3"], "T5 tokenizer")))
-    identity = json.dumps([clip_l_path, clip_g_path, t5_path, str(dtype)])
+    tokenizer_paths = (find_part(folders, ["tokenizer"], "CLIP-L tokenizer"),
+                       find_part(folders, ["tokenizer_2"], "CLIP-G tokenizer"),
+                       find_part(folders, ["tokenizer_3"], "T5 tokenizer"))
+    tokenizers = (CLIPTokenizer.from_folder(tokenizer_paths[0]),
+                  CLIPTokenizer.from_folder(tokenizer_paths[1]),
+                  T5Tokenizer.from_file(tokenizer_paths[2]))
+    # the prompt cache's key: what the encoders and tokenizers hold, not where (a file replaced
+    # at the same path gives another key, so no embedding of the old one is reused)
+    identity = json.dumps([fingerprint(path) if path else None
+                           for path in (clip_l_path, clip_g_path, t5_path, *tokenizer_paths)]
+                          + [str(dtype)])
     return SD3Text(clip_l, clip_g, t5, tokenizers, context_dim, identity, device).eval()
 
 # -----------------------------------------------------------------------------

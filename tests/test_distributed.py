@@ -19,6 +19,7 @@ the first CPU.
 """
 import copy
 import dataclasses
+from types import SimpleNamespace
 import json
 import os
 import signal
@@ -112,30 +113,38 @@ def one_update(args):
     import train_policy
     from base import load_base
     from common import Ranks, parse_flags
-    from rivals.credit import CREDIT, settings
+    from rivals.credit import CREDIT, parse_window, per_prompt, window_at
     # no clipping: the raw gradient
     cfg = parse_flags(train_policy.Config(), args + ["--grad_clip=1e9"])
     torch.manual_seed(cfg.seed)
-    base = load_base(cfg, torch.device("cpu"))
-    models = train_ops.build_models(cfg, base, torch.device("cpu"), Ranks())
-    rollout, final_rewards, _ = train_policy.rollout(cfg, models, base, base.train_prompts(""),
-                                                     train_ops.streams(cfg.seed, 1), Ranks(),
-                                                     step=1)
-    advantages = CREDIT[cfg.credit].advantages(rollout, final_rewards, settings(cfg),
-                                               slice(0, cfg.trajectories))
+    base = load_base(cfg.pretrained, torch.device("cpu"))
+    models = train_ops.build_models(cfg, base, torch.device("cpu"), Ranks(), reference=False)
+    batch = train_ops.draw_batch(cfg, base, models, base.train_prompts(""), Ranks(), update=1,
+                                 per_prompt=per_prompt(cfg))
+    mode, rows = CREDIT[cfg.rival.credit], torch.arange(cfg.trajectories)
+    window = window_at(parse_window(cfg.rival.sde_window, cfg.steps), cfg.steps, 1,
+                       batch.streams.window)
+    models.policy.eval()
+    rollout = mode.rollout(cfg, batch, window)
+    models.policy.train()
+    with torch.no_grad():
+        final_rewards = batch.scorer(rollout.final, torch.zeros(len(rows)), rows)
+    advantages = mode.advantages(cfg, rollout, final_rewards, slice(0, cfg.trajectories))
     return cfg, models, rollout, advantages
 
 
 def gradient(cfg, policy, rollout, advantages, loss_batch=0):
-    """The gradient train_policy.update leaves on the policy (one minibatch; SGD at lr 0 moves
+    """The gradient train_policy.ppo_steps leaves on the policy (one minibatch; SGD at lr 0 moves
     nothing)."""
     import train_ops
     import train_policy
     from common import Ranks
+    from common import with_flags
     params = [p for p in policy.parameters() if p.requires_grad]
     models = train_ops.Models(policy, policy, None, None, None, torch.optim.SGD(params, lr=0.0))
-    train_policy.update(dataclasses.replace(cfg, loss_batch=loss_batch), models, rollout,
-                        advantages, train_ops.streams(5, 1), Ranks(), step=1, advice="")
+    batch = SimpleNamespace(streams=train_ops.streams(5, 1), scorer=SimpleNamespace(calls=0))
+    train_policy.ppo_steps(with_flags(cfg, loss_batch=loss_batch), models, rollout, advantages,
+                           batch, Ranks(), update=1, advice="")
     return torch.cat([p.grad.double().flatten() for p in params])
 
 

@@ -141,13 +141,14 @@ def test_the_timestep_sampler_is_the_repositorys():
         # float32's rounding of a sigma near 1: 1.2e-7 (seen); one grid index off: 1e-3
         within(max_abs(train_reward.grid_sigma(u, shift), scheduler.sigmas[lookup].float()), 1e-5,
                f"sigma (shift {shift})")
-        cfg = train_reward.Config(eval_sigmas="0", eval_times="0,250,500,750,900")
-        labels = train_reward.evaluation_sigmas(cfg, shift)[1:]
+        flags = train_reward.reward_ops.EvalFlags(eval_sigmas=(0.0,),
+                                                  eval_times=(0, 250, 500, 750, 900))
+        labels = train_reward.evaluation_sigmas(flags, shift)[1:]
         expected = [0.0] + [(scheduler.timesteps[-t] / 1000).item() for t in (250, 500, 750, 900)]
         within(max(abs(s - e) for (_, s), e in zip(labels, expected, strict=True)), 1e-6,
                f"evaluation sigma (shift {shift})")
     # the paper's 65.1%
-    assert train_reward.evaluation_sigmas(cfg, 3.0)[4][0] == "t=750 (sigma 0.900)"
+    assert train_reward.evaluation_sigmas(flags, 3.0)[4][0] == "t=750 (sigma 0.900)"
     median = train_reward.training_sigma("grid", 20000, "cpu", shift=3.0).median()
     assert median == pytest.approx(0.75, abs=0.01)  # sampling, not rounding
 

@@ -386,7 +386,7 @@ moment = sys.argv[1]
 def kill_after(function):
     def killed(*args, **kwargs):
         result = function(*args, **kwargs)
-        if kwargs.get("step") == 2 or (args and args[-1] == 2):
+        if kwargs.get("update") == 2 or (args and args[-1] == 2):
             os.kill(os.getpid(), signal.SIGKILL)
         return result
     return killed

@@ -1,18 +1,16 @@
-"""GRPO: the SDE step against an independent Gaussian, replayed ratios, credit weights, and that
-training raises the reward."""
-from types import SimpleNamespace
-
+"""The spec of sde.py's step and grpo.py: the SDE step against an independent Gaussian, rollouts
+(candidates around one mean, the last step untrained), step-wise advantages, replayed ratios, and
+that training raises the reward. The rivals' credit rules are tests/test_rivals.py's."""
 import pytest
 import torch
 from conftest import max_abs, within
 from conftest import random_prompts as prompts
 from conftest import random_small_dit as random_dit
 
-from grpo import grpo_loss, sample_rollout, stepwise_advantages
+from common import in_chunks
+from grpo import PPO, Candidates, grpo_loss, sample_rollout, stepwise_advantages
 from model import guided_velocity
-from rivals.credit import (CREDIT, Settings, cosine_advantages, cosine_weights, sample_tree,
-                           terminal_advantages)
-from sde import sde_step, sigma_schedule
+from sde import Draws, Sampler, propose, score_noisy, sde_step, sigma_schedule
 
 
 @pytest.mark.ex3_sde_step
@@ -68,10 +66,10 @@ def test_replayed_rollout_has_ratio_one(k, cfg_scale):
     cond, uncond = prompts(B, 1), prompts(B, 2)
     sigmas = sigma_schedule(5)
     reward = lambda x, sigma, rows: -x.flatten(1).sum(1)  # noqa: E731
-    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, uncond, sigmas,
-                             noise_level=0.7, cfg_scale=cfg_scale, k=k,
-                             reward=reward if k > 1 else None,
-                             generator=torch.Generator().manual_seed(0))
+    rollout = sample_rollout(Sampler(policy, sigmas, cond, uncond, cfg_scale),
+                             torch.randn(B, 1, 16, 16), noise_level=0.7,
+                             candidates=Candidates(k, reward) if k > 1 else None,
+                             draws=Draws(torch.Generator().manual_seed(0)))
     advantages = torch.randn(5, B, k)
     for step in range(5):  # the rollout's own batches: the same arithmetic, so exactly 1
         _, stats = grpo_loss(policy, rollout, advantages, torch.full((B,), step), torch.arange(B))
@@ -85,9 +83,10 @@ def test_replayed_rollout_has_ratio_one(k, cfg_scale):
 def test_candidates_share_the_stored_mean_and_the_trajectory_goes_on_from_the_chosen_one():
     policy, B, k = random_dit(), 3, 4
     cond = prompts(B)
-    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), cond, None, sigma_schedule(4),
-                             noise_level=0.7, k=k, reward=lambda x, sigma, rows: x.mean((1, 2, 3)),
-                             follow="best")
+    reward = lambda x, sigma, rows: x.mean((1, 2, 3))  # noqa: E731
+    rollout = sample_rollout(Sampler(policy, sigma_schedule(4), cond, None, 1.0),
+                             torch.randn(B, 1, 16, 16), noise_level=0.7,
+                             candidates=Candidates(k, reward, follow="best"))
     for t in range(4):
         candidates = rollout.candidates[t]                                   # (B, k, ...)
         chosen = candidates[torch.arange(B), rollout.chosen[t]]
@@ -107,7 +106,7 @@ def test_candidates_share_the_stored_mean_and_the_trajectory_goes_on_from_the_ch
 @pytest.mark.ex3_sde_step
 def test_a_default_rollout_samples_the_last_step_but_never_trains_it():
     """The last step (sigma_{T-1} -> 0) stays an SDE step, but with one candidate, unscored and
-    untrained, in stepwise and tree rollouts alike; train_last=True trains it as any other."""
+    untrained; train_last=True trains it as any other."""
     import train_policy
     policy, B, T, k = random_dit(), 3, 4, 3
     cond, uncond = prompts(B, 1), prompts(B, 2)
@@ -116,8 +115,9 @@ def test_a_default_rollout_samples_the_last_step_but_never_trains_it():
 
     def reward(x, sigma, rows):
         return scored.append(sigma[0].item()) or x.mean((1, 2, 3))
-    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0,
-                             k=k, reward=reward, generator=torch.Generator().manual_seed(0))
+    sampler = Sampler(policy, sigmas, cond, uncond, 2.0)
+    rollout = sample_rollout(sampler, noise, noise_level=0.7, candidates=Candidates(k, reward),
+                             draws=Draws(torch.Generator().manual_seed(0)))
     assert rollout.trained.tolist() == [[t < T - 1] * B for t in range(T)]
     # the DRM at steps 0 .. T-2 only
     assert scored == sigmas[1:T].tolist()
@@ -127,64 +127,30 @@ def test_a_default_rollout_samples_the_last_step_but_never_trains_it():
     assert not torch.equal(rollout.final, euler)                          # still sampled with noise
     assert torch.equal(rollout.candidates[T - 1, :, 0], rollout.final)
     scored.clear()
-    every = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0, k=k,
-                           reward=reward, train_last=True,
-                           generator=torch.Generator().manual_seed(0))
+    every = sample_rollout(sampler, noise, noise_level=0.7, candidates=Candidates(k, reward),
+                           train_last=True, draws=Draws(torch.Generator().manual_seed(0)))
     assert every.trained.all() and scored == sigmas[1:].tolist()
-    tree = sample_tree(policy, noise, cond, uncond, sigmas, split_steps=(0,), branch=2,
-                       noise_level=0.7, generator=torch.Generator().manual_seed(0))
-    assert tree.trained[:T - 1].any(1).all() and not tree.trained[T - 1].any()
     assert train_policy.Config().train_last_step is False
 
 
 @pytest.mark.ex3_sde_step
-def test_what_the_drm_scores_noisy_x0_and_lookahead():
-    """The scoring rules against the quantities written out: noisy sees x_next at sigma_next, x0
-    sees x_next - sigma_next v at 0 (at noise level 0, the state's own x0_hat), lookahead sees a
-    plain Euler loop from x_next to 0."""
-    from rivals.scores import SCORES
-    from sde import Sampler, propose
+def test_the_drm_scores_the_noisy_candidates_where_they_are():
+    """The paper's rule: the DRM sees x_next at sigma_next, each candidate with its state's
+    prompt (the rivals' rules: tests/test_rivals.py)."""
     policy, B, k, i = random_dit(), 2, 3, 1
     cond, uncond = prompts(B, 1), prompts(B, 2)
-    sigmas, x = sigma_schedule(4), torch.randn(B, 1, 16, 16)
+    sampler, x = Sampler(policy, sigma_schedule(4), cond, uncond, 2.0), torch.randn(B, 1, 16, 16)
     seen = []
 
     def reward(x, sigma, rows):
         return seen.append((x, sigma, rows)) or x.flatten(1).mean(1)
-    step = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0,
-                   noise_level=0.7, k=k, generator=torch.Generator().manual_seed(0))
-    rows, sampler = torch.tensor([1, 0]), Sampler(policy, sigmas, cond, uncond, 2.0)
-    scores, spent = SCORES["noisy"](reward, step, i, rows, sampler)
+    step = propose(sampler, x, i, noise_level=0.7, k=k,
+                   draws=Draws(torch.Generator().manual_seed(0)))
+    scores, spent = score_noisy(reward, step, i, torch.tensor([1, 0]), sampler)
     assert spent == 0 and torch.equal(seen[-1][0], step.candidates.flatten(0, 1))
-    assert torch.equal(seen[-1][1], sigmas[i + 1].expand(B * k)) and seen[-1][2].tolist() == [1, 1,
-        1, 0, 0, 0]
+    assert torch.equal(seen[-1][1], sampler.sigmas[i + 1].expand(B * k))
+    assert seen[-1][2].tolist() == [1, 1, 1, 0, 0, 0]
     assert torch.equal(scores, step.candidates.flatten(2).mean(2))
-    velocity = guided_velocity(policy, x, sigmas[i], cond, uncond, 2.0)
-    SCORES["x0_proxy"](reward, step, i, rows, sampler)
-    within(max_abs(seen[-1][0],
-                   (step.candidates - sigmas[i + 1] * velocity.unsqueeze(1)).flatten(0, 1)), 1e-6,
-           "x0 proxy")
-    assert (seen[-1][1] == 0).all()
-    euler = propose(policy, x, sigmas[i], sigmas[i + 1], cond, uncond, cfg_scale=2.0,
-                    noise_level=0.0)
-    SCORES["x0_proxy"](reward, euler, i, rows, sampler)
-    within(max_abs(seen[-1][0], euler.x0_hat), 1e-5, "Euler step's x0_hat")
-    # each candidate's own: its velocity where it is, one guided pass each
-    _, spent = SCORES["x0"](reward, step, i, rows, sampler)
-    candidates = step.candidates.flatten(0, 1)
-    context, empty = (tuple(t.repeat_interleave(k, 0) for t in pair) for pair in (cond, uncond))
-    own = guided_velocity(policy, candidates, sigmas[i + 1], context, empty, 2.0)
-    within(max_abs(seen[-1][0], candidates - sigmas[i + 1] * own), 1e-5, "candidate's x0")
-    assert (seen[-1][1] == 0).all() and spent == B * k * 2
-    _, spent = SCORES["lookahead"](reward, step, i, rows, sampler)
-    completed = step.candidates.flatten(0, 1)
-    context, empty = (tuple(t.repeat_interleave(k, 0) for t in pair) for pair in (cond, uncond))
-    for j in (2, 3):
-        completed = completed + (sigmas[j + 1] - sigmas[j]) * guided_velocity(policy, completed,
-            sigmas[j], context, empty, 2.0)
-    within(max_abs(seen[-1][0], completed), 1e-5, "lookahead's completion")
-    assert (seen[-1][1] == 0).all()
-    assert spent == B * k * 2 * 2                                         # 2 steps to go, guided
 
 
 @pytest.mark.ex4_grpo
@@ -198,69 +164,6 @@ def test_stepwise_advantages_have_zero_mean_within_each_group():
     std = rewards.double().std(-1, correction=0)
     within(max_abs(advantages.std(-1, correction=0), std / (std + 1e-4)), 1e-5, "advantages' std")
     assert torch.equal(advantages.argsort(-1), rewards.argsort(-1))
-
-
-@pytest.mark.ex4_grpo
-def test_terminal_advantages_normalise_per_prompt_group():
-    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])
-    advantages = terminal_advantages(rewards, group_size=3)
-    # std sqrt(2/3), + eps 1e-4 (no rounding: written out). Rounding seen 1e-7; ddof 1: 2e-1
-    within(max_abs(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]) / (2 / 3) ** 0.5
-                   * (2 / 3) ** 0.5 / ((2 / 3) ** 0.5 + 1e-4)), 1e-5, "first group's advantages")
-    within(advantages.view(2, 3).sum(1).abs().max().item(), 1e-5, "groups' advantage sums")
-    with pytest.raises(ValueError):
-        terminal_advantages(rewards, group_size=4)
-
-
-def test_cosine_weights_sum_to_one_and_follow_progress():
-    g = torch.Generator().manual_seed(0)
-    final = torch.randn(3, 1, 8, 8, generator=g)
-    # x0_hat moves from noise to the final image; all the progress happens in steps 5-9 of 10
-    start = torch.randn(3, 1, 8, 8, generator=g)
-    alphas = torch.tensor([0, 0, 0, 0, 0, 0, 0.2, 0.4, 0.6, 0.8])
-    x0_hat = torch.stack([(1 - a) * start + a * final for a in alphas])
-    weights = cosine_weights(x0_hat, final, window=5)
-    within(max_abs(weights.sum(0), 1.0), 1e-6, "weights' sum")
-    assert (weights >= 0).all()
-    # no credit to steps that did not move towards the end
-    within(weights[:5].sum().item(), 1e-6 * 3, "weight of the still steps")
-    # a window shares its credit
-    within(max_abs(weights[5:], 0.2), 1e-6, "window's weights")
-
-
-@pytest.mark.ex3_sde_step
-@pytest.mark.ex4_grpo
-def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
-    policy, B = random_dit(), 4
-    rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16), prompts(B), None, sigma_schedule(6),
-                             noise_level=0.7)
-    final_rewards = torch.tensor([0.0, 1.0, 5.0, 2.0])
-    sparse = CREDIT["sparse"].advantages(rollout, final_rewards, Settings(per_prompt=2))
-    assert sparse.shape == (6, B, 1)
-    # the group-normalised terminal reward
-    assert torch.equal(sparse[0, :, 0], terminal_advantages(final_rewards, 2))
-    assert torch.equal(sparse[0], sparse[-1])
-    cosine = CREDIT["cosine"].advantages(rollout, final_rewards,
-                                         Settings(per_prompt=2, adv_clip=0.5))
-    # CoCA's window scaled to our steps: 1 (Settings' default)
-    expected = cosine_advantages(cosine_weights(rollout.x0_hat, rollout.final, 1), final_rewards,
-                                 2, 0.5)
-    assert cosine.shape == (6, B, 1) and torch.equal(cosine[..., 0], expected)
-    # under torchrun a rank holds some of the trajectories: it gathers every rank's weights, keeps
-    # its own rows
-    # (B, T): what a gather returns
-    everyone = cosine_weights(rollout.x0_hat, rollout.final, 1).T
-
-    def on_rank(rows):
-        mine = SimpleNamespace(states=rollout.states[:, rows], x0_hat=rollout.x0_hat[:, rows],
-                               final=rollout.final[rows])
-
-        def gather(weights):
-            assert torch.equal(weights, everyone[rows])
-            return everyone
-        return CREDIT["cosine"].advantages(mine, final_rewards,
-                                           Settings(per_prompt=2, adv_clip=0.5), rows, gather)
-    assert torch.equal(torch.cat([on_rank(slice(0, 2)), on_rank(slice(2, 4))], dim=1), cosine)
 
 
 @pytest.mark.ex1_flow_matching
@@ -295,13 +198,14 @@ def test_short_stepwise_training_raises_the_drm_score():
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-4)
     g = torch.Generator().manual_seed(2)
     for _ in range(6):
-        rollout = sample_rollout(policy.eval(), torch.randn(len(chosen), 1, 32, 32, generator=g),
-                                 cond, None, sigmas, noise_level=0.7, k=4, reward=reward,
-                                 generator=g)
+        rollout = sample_rollout(Sampler(policy.eval(), sigmas, cond, None, 1.0),
+                                 torch.randn(len(chosen), 1, 32, 32, generator=g),
+                                 noise_level=0.7, candidates=Candidates(4, reward),
+                                 draws=Draws(g))
         advantages = stepwise_advantages(rollout.rewards)
         pairs = torch.arange(4 * len(chosen))
         loss, _ = grpo_loss(policy.train(), rollout, advantages, pairs // len(chosen),
-                            pairs % len(chosen), clip_range=0.2)
+                            pairs % len(chosen), ppo=PPO(clip_range=0.2))
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -323,10 +227,11 @@ def test_compiled_rollout_and_loss_agree_with_eager_and_compile_once(compiled):
 
     def update(policy):
         policy.zero_grad()
-        rollout = sample_rollout(policy, torch.randn(B, 1, 16, 16,
-                                                     generator=torch.Generator().manual_seed(0)),
-                                 cond, uncond, sigma_schedule(3), noise_level=0.7, cfg_scale=2.0,
-                                 k=k, reward=reward, generator=torch.Generator().manual_seed(1))
+        rollout = sample_rollout(Sampler(policy, sigma_schedule(3), cond, uncond, 2.0),
+                                 torch.randn(B, 1, 16, 16,
+                                             generator=torch.Generator().manual_seed(0)),
+                                 noise_level=0.7, candidates=Candidates(k, reward),
+                                 draws=Draws(torch.Generator().manual_seed(1)))
         advantages = stepwise_advantages(rollout.rewards)
         steps, rows = torch.arange(3).repeat_interleave(B), torch.arange(B).repeat(3)
         loss, _ = grpo_loss(policy, rollout, advantages, steps, rows)
@@ -356,7 +261,6 @@ def test_micro_batched_rollout_equals_the_full_batch():
     """in_chunks over the policy and the DRM changes memory, not the rollout: the same numbers up to
     the rounding of another batch size (seen: 2.9e-6 on the rewards, under 8 arithmetic variants;
     tolerance 1e-4); a chunk's rows out of order would move them by O(1)."""
-    from model import in_chunks
     policy, B = random_dit(), 5
     cond, uncond = prompts(B, 1), prompts(B, 2)
     calls = []
@@ -368,9 +272,10 @@ def test_micro_batched_rollout_equals_the_full_batch():
 
     def chunked_reward(x, sigma, rows):
         return in_chunks(lambda a, b: reward(a, b, rows), 4, x, sigma)
-    runs = [sample_rollout(p, torch.randn(B, 1, 16, 16, generator=torch.Generator().manual_seed(0)),
-                           cond, uncond, sigma_schedule(3), noise_level=0.7, cfg_scale=2.0, k=3,
-                           reward=r, generator=torch.Generator().manual_seed(1))
+    runs = [sample_rollout(Sampler(p, sigma_schedule(3), cond, uncond, 2.0),
+                           torch.randn(B, 1, 16, 16, generator=torch.Generator().manual_seed(0)),
+                           noise_level=0.7, candidates=Candidates(3, r),
+                           draws=Draws(torch.Generator().manual_seed(1)))
             for p, r in ((policy, reward), (chunked_policy, chunked_reward))]
     # the first two steps scored (the last is not trained), really chunked: 15 candidates, 4 at a
     # time

@@ -4,7 +4,6 @@ naming the file, the record or key, and what was expected (docs/faults.md), and 
 Preference records, checkpoint metadata, non-finite weights, tokenizer files, LoRA files, pipeline
 folders and 16-bit images, each a test over the cases a user meets, in this process on tiny files.
 """
-import dataclasses
 import importlib
 import json
 import os
@@ -21,7 +20,7 @@ from test_sd3_pipeline import clip_tokenizer_files, pipeline  # noqa: F401 (a fi
 
 import sample
 from checkpoints import CheckpointError, read_checkpoint
-from common import UserError, check_flags, in_interval
+from common import UserError, check_flags, flag_fields, in_interval
 from data.pairs import read_pairs
 from data.toy import ToyBase, load_toy_base
 from lora import add_lora
@@ -51,7 +50,7 @@ def test_every_number_declares_its_range_and_its_default_lies_in_it(name):
     """A property of every script's Config: each int and float flag (but the seed) declares its
     range, its default passes the check, and a note on what 0 means sits on a range holding 0."""
     config = importlib.import_module(name).Config
-    for field in dataclasses.fields(config):
+    for _, field in flag_fields(config()):
         within = field.metadata.get("within")
         if field.type in (int, float) and field.name != "seed":
             assert within or field.metadata.get("choices"), f"{name} --{field.name}: no range"
@@ -98,6 +97,19 @@ def test_a_number_out_of_its_range_is_refused_before_any_work(name, flags, says,
     where = [] if name == "bench.dit_speed" else [f"{place}={tmp_path / file}"]
     assert says in error_line(importlib.import_module(name), *flags, *where)
     assert not os.listdir(tmp_path)
+
+@pytest.mark.parametrize("name, flags, says", [
+    ("sample", ["--images=1000000000000"], "--images=1000000000000"),
+    ("sample", ["--eval", "--per_prompt=100000000000"], "x 100000000000 held-out samples"),
+    ("train_policy", ["--trajectories=100000000000"], "--trajectories=100000000000"),
+    ("train_reward", ["--batch_size=100000000000"], "--batch_size=100000000000")])
+def test_a_count_too_large_for_memory_is_refused_before_allocating(name, flags, says, tmp_path):
+    """A count in range but beyond any machine's memory (each allocated its tensors and crashed,
+    or was killed, before): one line naming the count and the memory it needs."""
+    place, file = ("--out", "grid.png") if name == "sample" else ("--out_dir", "run")
+    line = error_line(importlib.import_module(name), *flags, f"{place}={tmp_path / file}")
+    assert "GiB at once" in line and says in line, line
+
 
 # -----------------------------------------------------------------------------
 # 1. Preference records
@@ -189,7 +201,7 @@ def test_non_finite_weights_are_refused_at_load(kind, pipeline, tmp_path):  # no
     if kind in ("toy base", "DRM"):
         source = f"data/{'base' if kind == 'toy base' else 'drm'}.safetensors"
         tensors, meta = read_checkpoint(source)
-        key = "dit.final_layer.linear.weight" if kind == "toy base" else "drm.head.convs.0.weight"
+        key = "dit.final_layer.linear.weight" if kind == "toy base" else "drm.head.down1.0.weight"
         path = tmp_path / "nan.safetensors"
         save_file({**tensors, key: torch.full_like(tensors[key], float("nan"))}, path,
                   metadata={"meta": json.dumps(meta)})

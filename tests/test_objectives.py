@@ -157,7 +157,7 @@ def test_the_drms_advantage_per_sigma_is_normalised_within_groups_at_one_sigma()
     eps = torch.randn(3, 4, 1, 2, 2, generator=g, dtype=torch.float64)
     sigmas = torch.tensor([[0.9] * 4, [0.5] * 4, [0.2] * 4], dtype=torch.float64)
     for credit in ("stepwise", "sparse"):
-        cfg.credit = credit
+        cfg.rival.credit = credit
         judge = Judge()
         advantages, _ = advantages_at(cfg, judge, x0, eps, sigmas)
         for j in range(3):
@@ -175,7 +175,7 @@ def test_a_group_shares_its_sigmas_and_noise_when_the_drm_compares_it():
     cfg = parse_flags(train_policy.Config(), ["--objective=nft", "--per_prompt=2",
                                               "--trajectories=4"])
     for credit in ("stepwise", "sparse"):
-        cfg.credit = credit
+        cfg.rival.credit = credit
         sigmas, eps = draw_pairs(cfg, 4, (1, 2, 2), torch.Generator().manual_seed(0))
         assert sigmas.shape == (9, 4) and eps.shape == (9, 4, 1, 2, 2)
         same = [torch.equal(sigmas[:, 0], sigmas[:, 1]), torch.equal(eps[:, 0], eps[:, 1])]

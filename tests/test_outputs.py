@@ -34,11 +34,12 @@ import train_base
 import train_reward
 from data.toy import ToyBase, save_toy_base
 from data.world import TextConfig, TextEncoder
-from grpo import sample_rollout
+from grpo import Candidates, sample_rollout
 from lora import add_lora
 from reward import DRM
 from rivals.credit import terminal_advantages
 from sd3.mmdit import save_sd3
+from sde import Sampler
 
 # the toy's shapes (32x32 digits, the toy's text encoder) in a DiT a tenth of the tiny preset's
 SMALL = model.DiTConfig(in_channels=1, out_channels=1, patch_size=4, dim=32, depth=4, heads=1,
@@ -334,14 +335,23 @@ def test_a_resumed_run_logs_the_rows_of_an_uninterrupted_one(script, tmp_path, s
 
 
 NOISE = torch.zeros(1, 1, 16, 16)  # an image of random_small_dit's (a 4x4 position grid)
+
+
+def on_grid(dit):
+    """The DiT on a 2-step grid, unconditioned."""
+    return Sampler(dit, torch.linspace(1, 0, 3), None, None, 1.0)
+
+
 # each check's call on bad input, given a random_small_dit (2 blocks)
 LIBRARY = {
     "reward head": lambda dit: DRM(dit, 1, head="mlp"),
     "reward drop_last": lambda dit: DRM.from_dit(dit, drop_last=2),
-    "sample k": lambda dit: sample.stepwise_sample(dit, NOISE, None, k=0),
-    "sample beam without a DRM": lambda dit: sample.stepwise_sample(dit, NOISE, None, beam=2),
-    "grpo follow": lambda dit: sample_rollout(dit, NOISE, None, None, torch.linspace(1, 0, 3),
-                                              follow="worst"),
+    "sample k": lambda dit: sample.stepwise_sample(on_grid(dit), NOISE,
+                                                   search=sample.Search(k=0)),
+    "sample beam without a DRM": lambda dit: sample.stepwise_sample(on_grid(dit), NOISE,
+                                                                    search=sample.Search(beam=2)),
+    "grpo follow": lambda dit: sample_rollout(on_grid(dit), NOISE, candidates=Candidates(
+        2, lambda x, sigma, rows: x.mean((1, 2, 3)), follow="worst")),
     "lora targets": lambda _dit: add_lora(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1))),
     "sd3 layout": lambda dit: save_sd3(dit, "unused", layout="comfy"),
     "credit groups": lambda _dit: terminal_advantages(torch.zeros(5), 2),

@@ -302,18 +302,18 @@ def test_loss_with_uncond_grad_off_is_flow_grpos(j):
 
     from conftest import random_prompts, random_small_dit
 
-    from grpo import grpo_loss, sample_rollout
+    from grpo import PPO, grpo_loss, sample_rollout
+    from sde import Draws, Sampler
     # float64: exact to 1e-6 even at
     policy, B, steps, guidance, beta = random_small_dit().double(), 4, 5, 4.5, 0.04
     # the last, 0.003-long step
     reference = copy.deepcopy(policy)
     cond, uncond = (tuple(t.double() for t in random_prompts(B, seed)) for seed in (1, 2))
     sigmas = sigma_schedule(steps, 3.0, torch.float64)
-    rollout = sample_rollout(policy,
+    rollout = sample_rollout(Sampler(policy, sigmas, cond, uncond, guidance),
                              torch.randn(B, 1, 16, 16, generator=torch.Generator().manual_seed(3),
                                          dtype=torch.float64),
-                             cond, uncond, sigmas, noise_level=0.7, cfg_scale=guidance,
-                             generator=torch.Generator().manual_seed(4))
+                             noise_level=0.7, draws=Draws(torch.Generator().manual_seed(4)))
     with torch.no_grad():
         # the policy moves after the rollout, so ratios leave 1 and some are clipped
         for p in policy.parameters():
@@ -322,8 +322,7 @@ def test_loss_with_uncond_grad_off_is_flow_grpos(j):
                              dtype=torch.float64) * 2
     dt = (sigmas[j] - sigmas[j + 1]).item()
     ours, stats = grpo_loss(policy, rollout, advantages, torch.full((B,), j), torch.arange(B),
-                            clip_range=1e-3, adv_clip=2.0, kl_weight=beta * dt, reference=reference,
-                            uncond_grad=False)
+                            ppo=PPO(1e-3, 2.0, beta * dt, uncond_grad=False), reference=reference)
     assert stats["clip_fraction"] > 0  # the clipped branch takes part (at j = 0 half the samples)
     ours.backward()
     our_grads = [p.grad.clone() for p in policy.parameters()]
@@ -345,7 +344,7 @@ def test_loss_with_uncond_grad_off_is_flow_grpos(j):
     # the default, the exact gradient of guidance, differs: the flag is what makes the two equal
     policy.zero_grad()
     exact, _ = grpo_loss(policy, rollout, advantages, torch.full((B,), j), torch.arange(B),
-                         clip_range=1e-3, adv_clip=2.0, kl_weight=beta * dt, reference=reference)
+                         ppo=PPO(1e-3, 2.0, beta * dt), reference=reference)
     exact.backward()
     within(abs(exact.item() - ours.item()) / abs(ours.item()), 1e-6, "exact-gradient loss")
     assert sum((g - p.grad).norm() for g,

@@ -10,7 +10,7 @@ from conftest import max_abs, within
 from PIL import Image
 
 import train_reward
-from common import UserError
+from common import UserError, with_flags
 from data.pairs import read_pairs
 from model import DiTConfig, build_dit
 from reward import DRM, bradley_terry_loss, read_drm, save_drm
@@ -177,13 +177,14 @@ def test_hpdv3_fields_and_the_confidence_threshold(tmp_path):
     (tmp_path / "test.jsonl").write_text("".join(json.dumps({**line, "gold": [0.1, 0.0]}) + "\n"
                                                  for line in lines))
     base = ToyBase.load("data/base.safetensors", "cpu")
-    cfg = train_reward.Config(prefs=str(tmp_path), min_confidence=0.965)
+    cfg = with_flags(train_reward.Config(), prefs=str(tmp_path), min_confidence=0.965)
     # 0.97 and 1.0 (none given)
     assert len(train_reward.load_split(cfg, "train", base, base.text, "cpu").winners) == 2
     assert len(train_reward.load_split(cfg, "test", base, base.text, "cpu").winners) == 4
     write_prefs(tmp_path, [lines[0], lines[3]])
     with pytest.raises(UserError, match="--min_confidence=0.99 leaves none of the 2 pairs"):
-        train_reward.load_split(train_reward.Config(prefs=str(tmp_path), min_confidence=0.99),
+        train_reward.load_split(with_flags(train_reward.Config(), prefs=str(tmp_path),
+                                           min_confidence=0.99),
                                 "train", base, base.text, "cpu")
     for bad, says in (([3], "choice_dist \\[3\\] is not two vote counts"),
                       ([0, 0], "is not two vote counts")):

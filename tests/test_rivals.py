@@ -4,6 +4,7 @@ DRM). Each against an independent reference: numbers by hand, a reference's form
 its code, a plain Euler loop, or a property that must hold."""
 import json
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -12,16 +13,19 @@ from conftest import random_prompts as prompts
 from conftest import random_small_dit as random_dit
 from test_sample import Recorder
 
+import grpo
 import train_ops
 import train_policy
 from common import run_main
-from grpo import grpo_loss, sample_rollout
+from grpo import Candidates, grpo_loss, sample_rollout
 from model import guided_velocity
-from rivals.credit import CREDIT, Settings, sample_tree, tree_advantages, window_at
+from rivals.credit import (CREDIT, cosine_advantages, cosine_weights, parse_window, sample_tree,
+                           terminal_advantages, tree_advantages, window_at)
 from rivals.reward import thurstone_loss, with_ensemble
 from rivals.search import prune_sample, smc_sample
-from sample import best_of_n, stepwise_sample
-from sde import gaussian_log_prob, sample_ode, sde_mean_std, sigma_schedule, take
+from sample import best_of_n, drm_on, stepwise_sample
+from sde import (Draws, Sampler, gaussian_log_prob, propose, sample_ode, sde_mean_std,
+                 sigma_schedule, take)
 
 TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step,
             pytest.mark.ex4_grpo]
@@ -81,9 +85,9 @@ def test_tree_rollout_shares_prefixes_trains_each_edge_once_and_replays(cfg_scal
     policy, roots, T = random_dit(), 2, 5
     cond, uncond = prompts(roots, 1), prompts(roots, 2)
     noise = torch.randn(roots, 1, 16, 16)
-    tree = sample_tree(policy, noise, cond, uncond, sigma_schedule(T), split_steps=(1, 3), branch=2,
-                       noise_level=0.7, cfg_scale=cfg_scale,
-                       generator=torch.Generator().manual_seed(0))
+    tree = sample_tree(Sampler(policy, sigma_schedule(T), cond, uncond, cfg_scale), noise,
+                       split_steps=(1, 3), branch=2, noise_level=0.7,
+                       draws=Draws(torch.Generator().manual_seed(0)))
     L = roots * 4
     assert tree.states.shape[:2] == (T, L) and tree.candidates.shape[:3] == (T, L, 1)
     assert torch.equal(tree.states[0], noise.repeat_interleave(4, 0))
@@ -115,8 +119,8 @@ def test_credit_advantages_slice_a_ranks_trees():
     rewards = torch.randn(16)
     tree = type("Rollout", (), {"states": torch.zeros(6, 8)})()
     whole = tree_advantages(rewards, (0, 3), 2, T=6)
-    mine = CREDIT["tree"].advantages(tree, rewards, Settings(split_steps=(0, 3), branch=2),
-                                     slice(8, 16))
+    cfg = policy_config("--credit=tree", "--split_steps=0,3", "--branch=2")
+    mine = CREDIT["tree"].advantages(cfg, tree, rewards, slice(8, 16))
     assert torch.equal(mine, whole[:, 8:16])
 
 # -----------------------------------------------------------------------------
@@ -140,9 +144,9 @@ def test_a_window_is_the_ode_path_outside_it_and_scores_only_inside():
 
     def reward(x, sigma, rows):
         return scored.append(sigma[0].item()) or x.mean((1, 2, 3))
-    rollout = sample_rollout(policy, noise, cond, uncond, sigmas, noise_level=0.7, cfg_scale=2.0,
-                             k=k, reward=reward, window=(2, 4),
-                             generator=torch.Generator().manual_seed(0))
+    rollout = sample_rollout(Sampler(policy, sigmas, cond, uncond, 2.0), noise, noise_level=0.7,
+                             candidates=Candidates(k, reward), window=(2, 4),
+                             draws=Draws(torch.Generator().manual_seed(0)))
     assert torch.equal(rollout.states[2], euler(policy, noise, sigmas, range(2), cond, uncond, 2.0))
     assert torch.equal(rollout.final,
                        euler(policy, rollout.states[4], sigmas, range(4, 6), cond, uncond, 2.0))
@@ -171,12 +175,13 @@ def test_a_window_trains_exactly_the_steps_inside_it(credit, window, splits, las
     def spy(policy, rollout, advantages, step_ids, rows, **settings):
         seen.extend(zip(step_ids.tolist(), rows.tolist()))
         return grpo_loss(policy, rollout, advantages, step_ids, rows, **settings)
-    monkeypatch.setattr(train_policy, "grpo_loss", spy)
+    monkeypatch.setattr(grpo, "grpo_loss", spy)
     a, b = map(int, window.split(":"))
-    args = ["--steps=4", "--trajectories=8", "--k=2", "--per_prompt=4", "--updates=1",
+    args = ["--steps=4", "--trajectories=8", "--per_prompt=4", "--updates=1",
             "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=2", f"--credit={credit}",
-            f"--sde_window={window}", f"--split_steps={splits or '0'}", f"--train_last_step={last}",
-            f"--out_dir={tmp_path}"]
+            f"--sde_window={window}", f"--train_last_step={last}", f"--out_dir={tmp_path}"]
+    args += ["--k=2"] if credit == "stepwise" else []
+    args += [f"--split_steps={splits}"] if credit == "tree" else []
     run_main(train_policy.main, train_policy.Config, args)
     steps = [t for t in range(a, b) if t < 3 or last]
     assert len(seen) == len(set(seen)) and {t for t, _ in seen} <= set(steps)
@@ -210,9 +215,9 @@ def test_smc_with_a_constant_potential_and_the_ess_test_never_resamples_and_is_p
                               cfg_scale=2.0, potential=potential, adaptive=True,
                               generator=torch.Generator().manual_seed(0))
     owners = torch.arange(N).repeat_interleave(P)
-    plain, _ = stepwise_sample(policy, noise, take(cond, owners), take(uncond, owners), steps=steps,
-                               k=1, noise_level=0.7,
-                               cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    plain, _ = stepwise_sample(Sampler(policy, sigma_schedule(steps), take(cond, owners),
+                                       take(uncond, owners), 2.0), noise, noise_level=0.7,
+                               generator=torch.Generator().manual_seed(0))
     assert counts["resampled"] == 0
     # equal weights: the first particle
     assert torch.equal(ours, plain.view(N, P, 1, 16, 16)[:, 0])
@@ -316,10 +321,15 @@ def test_search_counters_match_the_calls_made(method, settings):
     policy, drm = Recorder(random_dit()), Recorder(mean_pixel)
     cond, uncond = prompts(N, 1), prompts(N, 2)
     width = settings.get("particles", settings.get("n"))
-    sampler = {"smc": smc_sample, "prune": prune_sample, "best_of": best_of_n}[method]
-    extra = dict(generator=torch.Generator().manual_seed(0)) if method == "smc" else {}
-    final, counts = sampler(policy, torch.randn(N * width, 1, 16, 16), cond, uncond, drm, cond,
-                            steps=steps, cfg_scale=2.0, **settings, **extra)
+    noise = torch.randn(N * width, 1, 16, 16)
+    if method == "best_of":
+        final, counts = best_of_n(Sampler(policy, sigma_schedule(steps), cond, uncond, 2.0), noise,
+                                  drm_on(drm, cond), **settings)
+    else:
+        sampler = {"smc": smc_sample, "prune": prune_sample}[method]
+        extra = dict(generator=torch.Generator().manual_seed(0)) if method == "smc" else {}
+        final, counts = sampler(policy, noise, cond, uncond, drm, cond, steps=steps, cfg_scale=2.0,
+                                **settings, **extra)
     assert final.shape == (N, 1, 16, 16)
     assert counts["nfe"] == policy.passes and counts["drm_calls"] == drm.passes
 
@@ -375,26 +385,26 @@ def policy_config(*args):
 @pytest.mark.ex2_drm
 @pytest.mark.ex3_sde_step
 def test_two_credit_modes_draw_the_same_prompts_and_initial_noise():
-    """Common random numbers: with one seed, stepwise and sparse credit start each update from the
-    same prompts and noises, a tree grows its prompt's leaves from the same first noise; the next
-    update draws anew."""
+    """Common random numbers: with one seed, the paper's batch and a rival's (sparse: the same
+    groups) start each update from the same prompts and noises, a tree grows its prompt's leaves
+    from the same first noise; the next update draws anew."""
     from base import load_base
     from common import Ranks
-    base = load_base(policy_config(), torch.device("cpu"))
+    base = load_base(policy_config().pretrained, torch.device("cpu"))
     drm, drm_text, _ = base.load_drm("data/drm.safetensors", "cpu")
     prompts = base.train_prompts("")
+    models = train_ops.Models(base.dit, base.dit, None, drm, drm_text, None)
     starts = {}
-    for name, args in (("stepwise", ["--credit=stepwise", "--k=2"]),
-                       ("sparse", ["--credit=sparse"]),
+    for name, args in (("stepwise", ["--credit=stepwise", "--trajectories=8"]),
+                       ("sparse", ["--credit=sparse", "--trajectories=8"]),
                        ("tree", ["--credit=tree", "--split_steps=0", "--trajectories=2",
                                  "--per_prompt=2"])):
-        cfg = policy_config(*args, "--steps=2", "--trajectories=8",
-                            "--per_prompt=4") if name != "tree" else \
-            policy_config(*args, "--steps=2")
+        cfg = policy_config(*args, "--steps=2")
         for update in (1, 2):
-            models = train_ops.Models(base.dit, base.dit, None, drm, drm_text, None)
-            rollout, _, _ = train_policy.rollout(cfg, models, base, prompts,
-                                                 train_ops.streams(0, update), Ranks(), step=update)
+            batch = train_ops.draw_batch(cfg, base, models, prompts, Ranks(), update=update,
+                                         per_prompt=2 if name == "tree" else 4)
+            rollout = (CREDIT["tree"].rollout(cfg, batch, None) if name == "tree"
+                       else sample_rollout(batch.sampler, batch.noise, draws=batch.draws))
             starts[name, update] = rollout.states[0], rollout.cond[0]
     for update in (1, 2):
         (noise, context), (noise2, context2) = starts["stepwise", update], starts["sparse", update]
@@ -410,22 +420,22 @@ def test_windows_are_flow_grpo_fasts_and_mixgrpos():
     """random:3 (Flow-GRPO-Fast's sd3_pipeline_with_logprob_fast.py: start = randint(0, num_steps //
     2 - size), inclusive) and slide:2:3 (MixGRPO's grpo_states.py: the start moves one step every 3
     updates, the window cut at steps - 2, back to 0 past it), on 10 steps."""
-    cfg = policy_config("--sde_window=random:3")
-    windows = [window_at(cfg, u, train_ops.streams(0, u).window) for u in range(1, 61)]
+    window = parse_window("random:3", 10)
+    windows = [window_at(window, 10, u, train_ops.streams(0, u).window) for u in range(1, 61)]
     assert {w[0] for w in windows} == {0, 1, 2} and all(b - a == 3 for a, b in windows)
-    assert windows[4] == window_at(cfg, 5, train_ops.streams(0, 5).window)   # a stream per update
-    cfg = policy_config("--sde_window=slide:2:3")
+    assert windows[4] == window_at(window, 10, 5, train_ops.streams(0, 5).window)  # one an update
+    window = parse_window("slide:2:3", 10)
     # MixGRPO's GRPOTrainingStates (fastvideo/utils/grpo_states.py) with group_size 2,
     # iters_per_group 3, max_timesteps = sampling_steps - 2 = 8, prog_overlap_step 1, written out
     # by hand for its iterations 0-23: range(s, min(s + 2, 8)), s = iteration // 3
     mixgrpo = ([(0, 2)] * 3 + [(1, 3)] * 3 + [(2, 4)] * 3 + [(3, 5)] * 3 + [(4, 6)] * 3
                + [(5, 7)] * 3 + [(6, 8)] * 3 + [(7, 8)] * 3)
-    assert [window_at(cfg, u, None) for u in range(1, 25)] == mixgrpo
+    assert [window_at(window, 10, u, None) for u in range(1, 25)] == mixgrpo
     # its iterations 24-26 (s = 8) train no step (range(8, 8)), then roll back; ours rolls back
     # at once (the documented difference)
-    assert [window_at(cfg, u, None) for u in range(25, 28)] == [(0, 2)] * 3
-    assert window_at(policy_config("--sde_window=2:6"), 7, None) == (2, 6)
-    assert window_at(policy_config(), 7, None) is None
+    assert [window_at(window, 10, u, None) for u in range(25, 28)] == [(0, 2)] * 3
+    assert window_at(parse_window("2:6", 10), 10, 7, None) == (2, 6)
+    assert window_at(parse_window("", 10), 10, 7, None) is None
 
 
 @pytest.mark.ex4_grpo
@@ -434,7 +444,6 @@ def test_global_std_is_flow_grpos_stat_tracker():
     rewards) + 1e-4)."""
     import numpy as np
 
-    from rivals.credit import terminal_advantages
     rewards = torch.randn(12,
                           dtype=torch.float64) * torch.tensor([1.0, 5.0, 0.1]).repeat_interleave(4)
     r = rewards.numpy()
@@ -454,8 +463,9 @@ def test_a_split_draws_branchgrpos_std_and_keeps_the_steps_log_prob():
     has ratio 1. Float32 rounding of x_next - mean: ~1e-7; the x4-of-our-std bug: 4e-1."""
     policy, noise = random_dit(), torch.randn(1, 1, 16, 16)
     cond, sigmas = prompts(1, 1), sigma_schedule(3)
-    tree = sample_tree(policy, noise, cond, None, sigmas, split_steps=(0,), branch=2,
-                       split_noise=4.0, split_eta=0.3, generator=torch.Generator().manual_seed(0))
+    tree = sample_tree(Sampler(policy, sigmas, cond, None, 1.0), noise, split_steps=(0,), branch=2,
+                       split_noise=4.0, split_eta=0.3,
+                       draws=Draws(torch.Generator().manual_seed(0)))
     z = torch.randn((1, 2, 1, 16, 16), generator=torch.Generator().manual_seed(0))[0]
     branchgrpo = 4.0 * 0.3 * math.sqrt(sigmas[0] - sigmas[1]) * z                     # (2, ...)
     within(max_abs(tree.candidates[0, :2, 0] - tree.means[0, :2], branchgrpo), 1e-5,
@@ -481,12 +491,12 @@ def test_a_trees_leaves_are_images_of_the_bases_quality():
     roots = torch.randn((4, 1, 32, 32), generator=torch.Generator().manual_seed(0))
     cond, uncond = base.encode(names)
     sigmas, leaves = sigma_schedule(10), [p for p in names for _ in range(16)]
-    tree = sample_tree(base.dit, roots, cond, uncond, sigmas, split_steps=(0, 1, 3, 4), branch=2,
-                       cfg_scale=4.0, generator=torch.Generator().manual_seed(1))
-    chains = sample_rollout(base.dit, roots.repeat_interleave(16, 0),
-                            *(tuple(t.repeat_interleave(16, 0) for t in pair)
-                              for pair in (cond, uncond)), sigmas, noise_level=0.7, cfg_scale=4.0,
-                            generator=torch.Generator().manual_seed(2))
+    sampler = Sampler(base.dit, sigmas, cond, uncond, 4.0)
+    tree = sample_tree(sampler, roots, split_steps=(0, 1, 3, 4), branch=2,
+                       draws=Draws(torch.Generator().manual_seed(1)))
+    chains = sample_rollout(sampler.rows(torch.arange(4).repeat_interleave(16)),
+                            roots.repeat_interleave(16, 0), noise_level=0.7,
+                            draws=Draws(torch.Generator().manual_seed(2)))
     gold = [base.judge(base.to_images(base.finish(x)), leaves)["gold"].mean().item()
             for x in (tree.final, chains.final)]
     assert abs(gold[0] - gold[1]) < 0.15, gold  # sampling, not rounding
@@ -498,20 +508,26 @@ def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
     """The real loop: the DiT passes and DRM passes an update reports are the rows the policy and
     the DRM were called on (a guided pass: two rows), lookahead's ODE completions included; the
     DiT-pass equivalents their weighted sum."""
-    rows = {"dit": 0, "drm": 0}
-    real_step = train_policy.grpo_step
+    rows, hooks = {"dit": 0, "drm": 0}, []
+    real_draw, real_evaluate = train_ops.draw_batch, train_ops.evaluate_and_save
 
-    def counted(cfg, base, models, *args, **kwargs):
-        hooks = [models.policy.register_forward_hook(
-                     lambda m, i, o: rows.__setitem__("dit", rows["dit"] + len(i[0]))),
-                 models.drm.register_forward_hook(
-                     lambda m, i, o: rows.__setitem__("drm", rows["drm"] + len(i[0])))]
-        try:
-            return real_step(cfg, base, models, *args, **kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-    monkeypatch.setattr(train_policy, "grpo_step", counted)
+    def stop_counting():
+        while hooks:
+            hooks.pop().remove()
+
+    def counted(cfg, base, models, *args, **kwargs):  # an update starts: count its passes
+        stop_counting()
+        hooks.extend([models.policy.register_forward_hook(
+                          lambda m, i, o: rows.__setitem__("dit", rows["dit"] + len(i[0]))),
+                      models.drm.register_forward_hook(
+                          lambda m, i, o: rows.__setitem__("drm", rows["drm"] + len(i[0])))])
+        return real_draw(cfg, base, models, *args, **kwargs)
+
+    def uncounted(*args, **kwargs):  # an evaluation: not the update's
+        stop_counting()
+        return real_evaluate(*args, **kwargs)
+    monkeypatch.setattr(train_ops, "draw_batch", counted)
+    monkeypatch.setattr(train_ops, "evaluate_and_save", uncounted)
     args = ["--steps=3", "--trajectories=4", "--k=2", "--per_prompt=2", "--updates=2",
             "--eval_every=2", "--eval_per_prompt=1", "--eval_steps=2", f"--score={score}",
             f"--out_dir={tmp_path}"]
@@ -534,3 +550,112 @@ def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
     within(abs(record["dit_equivalents"] - weighted) / abs(weighted), 1e-6, "DiT-pass equivalents")
     # 3 of the 6 blocks and a small head; a backward computes the inputs' and weights' gradients
     assert 0.4 < record["drm_cost"] < 0.7 and 1.8 < record["backward_cost"] < 2.2
+
+# -----------------------------------------------------------------------------
+# D. The rival scores and credit rules on a rollout
+
+
+@pytest.mark.ex3_sde_step
+def test_what_the_drm_scores_x0_and_lookahead():
+    """The rival scoring rules against the quantities written out (the paper's noisy rule:
+    tests/test_grpo.py): x0 sees x_next - sigma_next v at 0 (at noise level 0, the state's own
+    x0_hat), lookahead sees a plain Euler loop from x_next to 0."""
+    from rivals.scores import SCORES
+    policy, B, k, i = random_dit(), 2, 3, 1
+    cond, uncond = prompts(B, 1), prompts(B, 2)
+    sigmas, x = sigma_schedule(4), torch.randn(B, 1, 16, 16)
+    seen = []
+
+    def reward(x, sigma, rows):
+        return seen.append((x, sigma, rows)) or x.flatten(1).mean(1)
+    rows, sampler = torch.tensor([1, 0]), Sampler(policy, sigmas, cond, uncond, 2.0)
+    step = propose(sampler, x, i, noise_level=0.7, k=k,
+                   draws=Draws(torch.Generator().manual_seed(0)))
+    velocity = guided_velocity(policy, x, sigmas[i], cond, uncond, 2.0)
+    SCORES["x0_proxy"](reward, step, i, rows, sampler)
+    within(max_abs(seen[-1][0],
+                   (step.candidates - sigmas[i + 1] * velocity.unsqueeze(1)).flatten(0, 1)), 1e-6,
+           "x0 proxy")
+    assert (seen[-1][1] == 0).all()
+    euler = propose(sampler, x, i, noise_level=0.0)
+    SCORES["x0_proxy"](reward, euler, i, rows, sampler)
+    within(max_abs(seen[-1][0], euler.x0_hat), 1e-5, "Euler step's x0_hat")
+    # each candidate's own: its velocity where it is, one guided pass each
+    _, spent = SCORES["x0"](reward, step, i, rows, sampler)
+    candidates = step.candidates.flatten(0, 1)
+    context, empty = (tuple(t.repeat_interleave(k, 0) for t in pair) for pair in (cond, uncond))
+    own = guided_velocity(policy, candidates, sigmas[i + 1], context, empty, 2.0)
+    within(max_abs(seen[-1][0], candidates - sigmas[i + 1] * own), 1e-5, "candidate's x0")
+    assert (seen[-1][1] == 0).all() and spent == B * k * 2
+    _, spent = SCORES["lookahead"](reward, step, i, rows, sampler)
+    completed = step.candidates.flatten(0, 1)
+    context, empty = (tuple(t.repeat_interleave(k, 0) for t in pair) for pair in (cond, uncond))
+    for j in (2, 3):
+        completed = completed + (sigmas[j + 1] - sigmas[j]) * guided_velocity(policy, completed,
+            sigmas[j], context, empty, 2.0)
+    within(max_abs(seen[-1][0], completed), 1e-5, "lookahead's completion")
+    assert (seen[-1][1] == 0).all()
+    assert spent == B * k * 2 * 2                                         # 2 steps to go, guided
+
+
+@pytest.mark.ex4_grpo
+def test_terminal_advantages_normalise_per_prompt_group():
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 40.0])
+    advantages = terminal_advantages(rewards, group_size=3)
+    # std sqrt(2/3), + eps 1e-4 (no rounding: written out). Rounding seen 1e-7; ddof 1: 2e-1
+    within(max_abs(advantages[:3], torch.tensor([-1.0, 0.0, 1.0]) / (2 / 3) ** 0.5
+                   * (2 / 3) ** 0.5 / ((2 / 3) ** 0.5 + 1e-4)), 1e-5, "first group's advantages")
+    within(advantages.view(2, 3).sum(1).abs().max().item(), 1e-5, "groups' advantage sums")
+    with pytest.raises(ValueError):
+        terminal_advantages(rewards, group_size=4)
+
+
+def test_cosine_weights_sum_to_one_and_follow_progress():
+    g = torch.Generator().manual_seed(0)
+    final = torch.randn(3, 1, 8, 8, generator=g)
+    # x0_hat moves from noise to the final image; all the progress happens in steps 5-9 of 10
+    start = torch.randn(3, 1, 8, 8, generator=g)
+    alphas = torch.tensor([0, 0, 0, 0, 0, 0, 0.2, 0.4, 0.6, 0.8])
+    x0_hat = torch.stack([(1 - a) * start + a * final for a in alphas])
+    weights = cosine_weights(x0_hat, final, window=5)
+    within(max_abs(weights.sum(0), 1.0), 1e-6, "weights' sum")
+    assert (weights >= 0).all()
+    # no credit to steps that did not move towards the end
+    within(weights[:5].sum().item(), 1e-6 * 3, "weight of the still steps")
+    # a window shares its credit
+    within(max_abs(weights[5:], 0.2), 1e-6, "window's weights")
+
+
+@pytest.mark.ex3_sde_step
+@pytest.mark.ex4_grpo
+def test_sparse_and_cosine_advantages_broadcast_the_terminal_one():
+    policy, B = random_dit(), 4
+    rollout = sample_rollout(Sampler(policy, sigma_schedule(6), prompts(B), None, 1.0),
+                             torch.randn(B, 1, 16, 16), noise_level=0.7)
+    final_rewards = torch.tensor([0.0, 1.0, 5.0, 2.0])
+    sparse = CREDIT["sparse"].advantages(policy_config("--credit=sparse", "--per_prompt=2"),
+                                         rollout, final_rewards)
+    assert sparse.shape == (6, B, 1)
+    # the group-normalised terminal reward
+    assert torch.equal(sparse[0, :, 0], terminal_advantages(final_rewards, 2))
+    assert torch.equal(sparse[0], sparse[-1])
+    cfg = policy_config("--credit=cosine", "--per_prompt=2", "--adv_clip=0.5")
+    cosine = CREDIT["cosine"].advantages(cfg, rollout, final_rewards)
+    # CoCA's window scaled to our steps: 1 (--coca_window's default)
+    expected = cosine_advantages(cosine_weights(rollout.x0_hat, rollout.final, 1), final_rewards,
+                                 2, 0.5)
+    assert cosine.shape == (6, B, 1) and torch.equal(cosine[..., 0], expected)
+    # under torchrun a rank holds some of the trajectories: it gathers every rank's weights, keeps
+    # its own rows
+    # (B, T): what a gather returns
+    everyone = cosine_weights(rollout.x0_hat, rollout.final, 1).T
+
+    def on_rank(rows):
+        mine = SimpleNamespace(states=rollout.states[:, rows], x0_hat=rollout.x0_hat[:, rows],
+                               final=rollout.final[rows])
+
+        def gather(weights):
+            assert torch.equal(weights, everyone[rows])
+            return everyone
+        return CREDIT["cosine"].advantages(cfg, mine, final_rewards, rows, gather)
+    assert torch.equal(torch.cat([on_rank(slice(0, 2)), on_rank(slice(2, 4))], dim=1), cosine)

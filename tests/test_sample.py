@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import max_abs, random_prompts, random_small_dit, within
 
-from sample import best_of_n, stepwise_sample
-from sde import sample_ode
+from sample import Search, best_of_n, drm_on, stepwise_sample
+from sde import Sampler, sample_ode, sigma_schedule
 
 
 class Recorder(torch.nn.Module):
@@ -34,8 +34,8 @@ def test_one_candidate_without_noise_is_the_ode_sampler():
     policy, noise = random_small_dit(), torch.randn(3, 1, 16, 16)
     cond, uncond = random_prompts(3, 1), random_prompts(3, 2)
     ode = sample_ode(policy, noise, cond, uncond, steps=6, cfg_scale=3.0, shift=2.0)
-    ours, counts = stepwise_sample(policy, noise, cond, uncond, steps=6, k=1, beam=1,
-                                   noise_level=0.0, cfg_scale=3.0, shift=2.0)
+    ours, counts = stepwise_sample(Sampler(policy, sigma_schedule(6, 2.0), cond, uncond, 3.0),
+                                   noise, search=Search(k=1, beam=1), noise_level=0.0)
     assert torch.equal(ours, ode)
     assert counts == {"nfe": 3 * 6 * 2, "drm_calls": 0}
 
@@ -46,8 +46,9 @@ def test_greedy_keeps_the_successor_the_drm_likes_best():
     N, k, steps = 3, 4, 5
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
     cond = random_prompts(N)
-    final, counts = stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, drm=drm, drm_cond=cond,
-                                    steps=steps, k=k, generator=torch.Generator().manual_seed(0))
+    final, counts = stepwise_sample(Sampler(policy, sigma_schedule(steps), cond, None, 1.0),
+                                    torch.randn(N, 1, 16, 16), drm_on(drm, cond),
+                                    search=Search(k=k), generator=torch.Generator().manual_seed(0))
     assert len(drm.inputs) == steps
     kept = policy.inputs[1:] + [final]  # the state each step handed on
     for successors, state in zip(drm.inputs, kept):
@@ -64,8 +65,9 @@ def test_beam_keeps_the_top_beam_of_all_successors():
     N, k, beam = 2, 3, 2
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
     cond = random_prompts(N)
-    stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, drm=drm, drm_cond=cond, steps=3, k=k,
-                    beam=beam, generator=torch.Generator().manual_seed(0))
+    stepwise_sample(Sampler(policy, sigma_schedule(3), cond, None, 1.0), torch.randn(N, 1, 16, 16),
+                    drm_on(drm, cond), search=Search(k=k, beam=beam),
+                    generator=torch.Generator().manual_seed(0))
     for step, (successors, state) in enumerate(zip(drm.inputs[:-1], policy.inputs[1:])):
         sums = successors.view(N, beam * k, -1).sum(2)
         # the beam lowest pixel sums per image
@@ -82,9 +84,9 @@ def test_counters_match_the_calls_made(k, beam, score_every, ode_last, cfg_scale
     N, steps = 2, 6
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
     cond, uncond = random_prompts(N, 1), random_prompts(N, 2)
-    final, counts = stepwise_sample(policy, torch.randn(N, 1, 16, 16), cond, uncond, drm, cond,
-                                    steps=steps, k=k, beam=beam, cfg_scale=cfg_scale,
-                                    score_every=score_every, ode_last=ode_last)
+    final, counts = stepwise_sample(Sampler(policy, sigma_schedule(steps), cond, uncond, cfg_scale),
+                                    torch.randn(N, 1, 16, 16), drm_on(drm, cond),
+                                    search=Search(k, beam, score_every, ode_last))
     assert final.shape == (N, 1, 16, 16)
     assert counts == {"nfe": policy.passes, "drm_calls": drm.passes}
     assert counts["nfe"] == N * beam * steps * (2 if cfg_scale != 1 else 1)
@@ -96,7 +98,8 @@ def test_best_of_n_picks_the_drms_favourite_of_n_whole_samples():
     N, n = 2, 5
     policy, drm = Recorder(random_small_dit()), Recorder(minus_pixel_sum)
     cond, noise = random_prompts(N), torch.randn(N * n, 1, 16, 16)
-    picked, counts = best_of_n(policy, noise, cond, drm=drm, drm_cond=cond, n=n, steps=4)
+    picked, counts = best_of_n(Sampler(policy, sigma_schedule(4), cond, None, 1.0), noise,
+                               drm_on(drm, cond), n=n)
     everything = sample_ode(policy.fn, noise, tuple(t.repeat_interleave(n, 0) for t in cond),
                             steps=4)
     best = everything.view(N, n, -1).sum(2).argmin(1)
@@ -108,7 +111,8 @@ def test_best_of_n_picks_the_drms_favourite_of_n_whole_samples():
 
 def test_bad_search_settings_are_refused():
     policy, cond = random_small_dit(), random_prompts(1)
+    sampler = Sampler(policy, sigma_schedule(4), cond, None, 1.0)
     with pytest.raises(ValueError, match="needs a DRM"):
-        stepwise_sample(policy, torch.randn(1, 1, 16, 16), cond, k=4)
+        stepwise_sample(sampler, torch.randn(1, 1, 16, 16), search=Search(k=4))
     with pytest.raises(ValueError, match="ode_last"):
-        stepwise_sample(policy, torch.randn(1, 1, 16, 16), cond, steps=4, ode_last=5)
+        stepwise_sample(sampler, torch.randn(1, 1, 16, 16), search=Search(ode_last=5))

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 import train_base
 from checkpoints import CheckpointError, read_checkpoint
-from common import run_main
+from common import run_main, with_flags
 from data.toy import load_toy_base
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -116,16 +116,16 @@ def run_script(*args):
      "--keep=0.0: must be in (0, 1]"),
     (["sample.py", "--search=prune", "--prune_at=half"], "--prune_at=half: expected float values"),
     (["sample.py", "--eval", "--search=smc"], "--eval scores the ODE sampler"),
-    (["sample.py", "--search=best_of", "--score=x0"], "--search=best_of does not use --score"),
-    (["sample.py", "--score=x0", "--k=3"], "--search=ode does not use --k, --score"),
+    (["sample.py", "--search=best_of", "--score=x0"],
+     "--score is a flag of --search=stepwise|smc, which this run does not use"),
+    (["sample.py", "--score=x0", "--k=3"], "--k is a flag of --search=stepwise, which this run"),
     (["sample.py", "--search=smc", "--score=lookahead"], "SMC scores its particles' x0"),
     (["sample.py", "--search=prune", "--score=lookahead"],
-     "does not use --score, --score=lookahead"),
+     "--score is a flag of --search=stepwise|smc"),
     (["train_reward.py", "--loss=hinge"], "--loss=hinge: choose one of bt, thurstone"),
     (["train_policy.py", "--drm_sigma=1"], "--drm_sigma=1.0: must be in [0, 1) (0: no re-noising)"),
     (["sample.py", "--drm_draws=0"], "--drm_draws=0: must be in [1, inf)"),
-    (["train_reward.py", "--eval_sigmas=0,1.5"],
-     "--eval_sigmas=0,1.5: every sigma must lie in [0, 1]"),
+    (["train_reward.py", "--eval_sigmas=0,1.5"], "--eval_sigmas=0.0,1.5: must be in [0, 1]"),
     (["train_policy.py", "--rollout_batch=-1"],
      "--rollout_batch=-1: must be in [0, inf) (0: all at once)"),
     (["train_reward.py", "--head=mlp"],
@@ -162,7 +162,7 @@ def run_script(*args):
     (["train_policy.py", "--sde_window=5:2"],
      "--sde_window=5:2: give a:b, 0 <= a < b <= --steps=10"),
     (["train_policy.py", "--sde_window=two:five"],
-     "--sde_window=two:five: expected int values separated by ':'"),
+     "--sde_window=two:five: give a:b, 0 <= a < b <= --steps=10"),
     (["train_policy.py", "--tree_norm=global"],
      "--tree_norm=global: choose one of depth, siblings"),
 ])
@@ -206,10 +206,11 @@ def test_sample_cli_writes_a_grid(tmp_path):
 def test_train_policy_resumed_equals_one_uninterrupted_run(tmp_path):
     import train_policy
     tiny = dict(trajectories=4, k=2, steps=2, eval_every=1, eval_per_prompt=2, eval_steps=2)
-    train_policy.main(train_policy.Config(out_dir=str(tmp_path / "straight"), updates=2, **tiny))
-    train_policy.main(train_policy.Config(out_dir=str(tmp_path / "halves"), updates=1, **tiny))
-    train_policy.main(train_policy.Config(out_dir=str(tmp_path / "halves"), updates=2, resume=True,
-                                          **tiny))
+    def config(**flags):
+        return with_flags(train_policy.Config(), **tiny, **flags)
+    train_policy.main(config(out_dir=str(tmp_path / "straight"), updates=2))
+    train_policy.main(config(out_dir=str(tmp_path / "halves"), updates=1))
+    train_policy.main(config(out_dir=str(tmp_path / "halves"), updates=2, resume=True))
     straight = load_file(tmp_path / "straight" / "model.safetensors")
     resumed = load_file(tmp_path / "halves" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -250,9 +251,9 @@ def test_evaluation_guidance_is_its_own_flag(tmp_path):
     first = {}
     for name, cfg_scale, eval_cfg_scale, also in (("a", 4.0, 4.0, 0.0), ("b", 1.0, 4.0, 0.0),
                                                   ("c", 4.0, 1.0, 0.0), ("d", 4.0, 4.0, 1.0)):
-        train_policy.main(train_policy.Config(out_dir=str(tmp_path / name), cfg_scale=cfg_scale,
-                                              eval_cfg_scale=eval_cfg_scale,
-                                              also_eval_cfg_scale=also, **tiny))
+        train_policy.main(with_flags(train_policy.Config(), out_dir=str(tmp_path / name),
+                                     cfg_scale=cfg_scale, eval_cfg_scale=eval_cfg_scale,
+                                     also_eval_cfg_scale=also, **tiny))
         first[name] = json.loads(open(tmp_path / name / "metrics.jsonl").readline())
     assert first["a"]["gold"] == first["b"]["gold"] and first["a"]["drm"] == first["b"]["drm"]
     assert first["a"]["gold"] != first["c"]["gold"]

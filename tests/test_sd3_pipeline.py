@@ -242,3 +242,29 @@ def test_an_unreadable_image_is_named(tmp_path):
     (tmp_path / "notes.png").write_text("not an image")
     with pytest.raises(UserError, match="notes.png: not an image PIL can read"):
         read_image(str(tmp_path / "notes.png"), 32)
+
+
+def test_the_prompt_cache_is_keyed_by_what_the_encoders_hold(pipeline, tmp_path):
+    """A run folder's prompt embeddings are reused by a later run with the same encoders, and not
+    reused once an encoder's weights were replaced at the same path (the old key named paths
+    only: the stale embeddings came back)."""
+    import shutil
+    from types import SimpleNamespace
+
+    from sd3.pipeline import load_text
+    text_dir = tmp_path / "text"
+    for part in ("text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                 "tokenizer_3"):
+        shutil.copytree(pipeline / part, text_dir / part)
+    flags = SimpleNamespace(text_dir=str(text_dir), ckpt_dir="", t5=True)
+
+    def prepared():
+        text = load_text(flags, torch.float32, "cpu", 32)
+        text.prepare(["a red fox"], str(tmp_path / "cache"))
+        return text.folder, text.encode(["a red fox"])[0]
+    first, embedding = prepared()
+    assert prepared()[0] == first                                     # the same encoders: reused
+    clip = transformers.CLIPTextModelWithProjection.from_pretrained(text_dir / "text_encoder")
+    randomize(clip, 0.2, seed=1).save_pretrained(text_dir / "text_encoder")
+    replaced, new_embedding = prepared()
+    assert replaced != first and not torch.equal(new_embedding, embedding)

@@ -133,7 +133,8 @@ def test_every_documented_command_takes_its_flags():
         config = getattr(importlib.import_module(name), "Config", None)
         if not dataclasses.is_dataclass(config):
             continue  # a script without a Config (its own parser)
-        fields = {field.name for field in dataclasses.fields(config)}
+        from common import flag_fields
+        fields = {field.name for _, field in flag_fields(config())}
         wrong += [f"{path}: {script} --{flag}" for flag in flags if flag not in fields]
         checked += 1
     assert checked > 50 and not wrong, wrong
@@ -148,6 +149,95 @@ def test_reading_path_functions_take_at_most_six_positional_parameters():
                               if a.arg not in ("self", "cls")]
                 assert len(positional) <= 6, (f"{name}: {node.name} takes {len(positional)} "
                                               "positional parameters; make the rest keyword-only")
+
+
+def test_reading_path_functions_take_at_most_eight_parameters():
+    """What travels together is one small dataclass that names it (sde.Sampler, sde.Draws,
+    grpo.Candidates, grpo.PPO, sample.Search), as nanoGPT's GPTConfig: no function of the path
+    takes more than 8 parameters in all, keyword-only included."""
+    for name in READING_PATH:
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, name)).read())):
+            if isinstance(node, ast.FunctionDef):
+                every = [a.arg for a in node.args.posonlyargs + node.args.args
+                         + node.args.kwonlyargs if a.arg not in ("self", "cls")]
+                assert len(every) <= 8, f"{name}: {node.name} takes {len(every)} parameters"
+
+
+def test_a_rollout_is_built_by_keyword():
+    for path in project_files():
+        for node in ast.walk(ast.parse(open(os.path.join(ROOT, path)).read())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "Rollout"):
+                assert not node.args, f"{path}:{node.lineno}: Rollout(...) by keyword"
+
+
+# each script's own Config (a group of flags declared elsewhere counts one)
+CONFIG_SIZES = {"train_policy.py": 30, "train_reward.py": 30, "sample.py": 20}
+
+
+def test_each_scripts_config_holds_the_papers_flags_and_groups_the_rest():
+    """At most 30 fields in train_policy.py's and train_reward.py's Config, 20 in sample.py's; the
+    rivals' flags a group declared in rivals/, given by their own names."""
+    import dataclasses
+    import importlib
+
+    from common import flag_fields
+    for script, most in CONFIG_SIZES.items():
+        config = importlib.import_module(script[:-3]).Config
+        fields = dataclasses.fields(config)
+        assert len(fields) <= most, f"{script}'s Config has {len(fields)} fields, at most {most}"
+        groups = {f.name: f for f in fields if f.metadata.get("group")}
+        assert type(getattr(config(), "rival")).__module__.startswith("rivals."), script
+        assert set(groups) >= {"pretrained", "rival"}, script
+        names = [field.name for _, field in flag_fields(config())]
+        assert len(names) == len(set(names)), f"{script}: a flag named twice"
+
+
+def test_flags_are_parsed_once_by_the_flag_parser():
+    """A list flag is a tuple (of numbers, or of names), parsed and range-checked with the rest:
+    no function below a script's main splits a flag's string (cfg.<flag>.split(",")) or parses
+    numbers out of it."""
+    for path in project_files():
+        if path.startswith("tests" + os.sep):
+            continue
+        tree = ast.parse(open(os.path.join(ROOT, path)).read())
+        below_main = [node for function in ast.walk(tree) if isinstance(function, ast.FunctionDef)
+                      and function.name != "main" for node in ast.walk(function)]
+        for node in below_main:
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.args
+                    and node.func.attr in ("split", "partition")
+                    and isinstance(node.func.value, ast.Attribute)
+                    and isinstance(node.func.value.value, (ast.Name, ast.Attribute))
+                    and "cfg" in ast.unparse(node.func.value.value)):
+                raise AssertionError(f"{path}:{node.lineno}: {ast.unparse(node)} re-parses a "
+                                     "flag: declare it a tuple flag (common.flag)")
+        assert "parse_numbers" not in {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)}
+
+
+def test_rivals_come_in_through_one_door():
+    """rivals/ imports no script and no operations file; no operations file imports rivals/; each
+    script imports one rivals module (its door) and calls the paper's functions by name."""
+    edges = project_imports()
+    scripts = {"train_policy", "train_reward", "sample"}
+    operations = {"train_ops", "reward_ops", "evaluation", "checkpoints", "common", "base"}
+    for module, found in edges.items():
+        targets = {target for target, _ in found}
+        if module.startswith("rivals."):
+            assert not targets & (scripts | {"train_ops", "reward_ops"}), (module, targets)
+        if module in operations:
+            assert not [t for t in targets if t.startswith("rivals")], (module, targets)
+        if not module.startswith(("bench", "tests", "assignments")) and module not in scripts:
+            assert not targets & scripts, f"{module} imports a script: {targets & scripts}"
+        if module in scripts:
+            doors = {t for t in targets if t.startswith("rivals.")}
+            assert len(doors) == 1, (module, doors)
+    calls = {"train_policy.py": ("grpo.sample_rollout(", "grpo.stepwise_advantages(",
+                                 "grpo.grpo_loss("),
+             "sample.py": ("stepwise_sample(", "best_of_n("),
+             "train_reward.py": ("bradley_terry_loss(",)}
+    for script, names in calls.items():
+        code = open(os.path.join(ROOT, script)).read()
+        assert all(name in code for name in names), script
 
 
 def test_reading_path_functions_are_short():
