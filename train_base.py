@@ -21,13 +21,14 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from checkpoints import (GracefulStop, RunDir, check_finite, check_weights, check_writable,
-                         resume_training_state, save_grid, save_training_state)
+                         resume_training_state, save_training_state)
 from common import (UserError, any_rank, autocast, check_flags, flag, print_config, run_main,
                     setup_device, warmup_cosine)
 from data.toy import ToyBase, save_toy_base
 from data.world import (HELDOUT_PROMPTS, TextConfig, TextEncoder, caption, load_world, parse_prompt,
                         tokenize)
 from evaluation import generate
+from images import save_grid
 from model import (PRESETS, add_noise, build_dit, compile_regions, flow_matching_loss,
                    logit_normal_sigma)
 
