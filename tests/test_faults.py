@@ -379,7 +379,7 @@ def test_a_stop_during_the_first_evaluation_leaves_nothing(tiny, tmp_path, monke
 # moment reached by wrapping the function that does it; then resumed
 KILLED = """
 import os, signal, sys
-import checkpoints, train_ops, train_policy
+import checkpoints, images, train_ops, train_policy
 from common import run_main
 moment = sys.argv[1]
 
@@ -404,13 +404,13 @@ elif moment == "during the row":
         log(self, record)
     checkpoints.RunDir.log = half
 else:  # during the grid: its temporary file written, not yet renamed
-    write = checkpoints.atomic_write
+    write = images.atomic_write  # the grid's writer (images.py)
     def torn(path, how):
         if path.endswith("samples_00002.png"):
             how(path + ".tmp-torn")
             os.kill(os.getpid(), signal.SIGKILL)
         write(path, how)
-    checkpoints.atomic_write = torn
+    images.atomic_write = torn
 run_main(train_policy.main, train_policy.Config, sys.argv[2:])
 """
 
