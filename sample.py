@@ -160,11 +160,11 @@ def search(cfg, sampler, noise, drm, drm_cond, generator):
     """cfg.search on noise (N * width(cfg), ...), an image's adjacent, the sampler on the N images'
     prompts -> (x0 (N, ...), counts)."""
     if rivals.search.chosen(cfg):  # the one door: a rival's search, score or DRM (rivals/search.py)
-        return rivals.search.run(cfg, sampler, noise, drm, drm_cond, generator, papers_search)
-    return papers_search(cfg, sampler, noise, drm_on(drm, drm_cond), generator)
+        return rivals.search.run(cfg, sampler, noise, drm, drm_cond, generator, paper_search)
+    return paper_search(cfg, sampler, noise, drm_on(drm, drm_cond), generator)
 
 
-def papers_search(cfg, sampler, noise, reward, generator, score=score_noisy):
+def paper_search(cfg, sampler, noise, reward, generator, score=score_noisy):
     """ode, sde, stepwise or best_of (search's), the DRM's scores by the rule `score`."""
     if cfg.search == "best_of":
         return best_of_n(sampler, noise, reward, n=cfg.particles, generator=generator)

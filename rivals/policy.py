@@ -2,7 +2,7 @@
 rival runs in place of the paper's grpo_update.
 
     cfg = rivals.policy.check(cfg)                      # train_policy.check: flags, recipes
-    models, one_update = rivals.policy.enter(cfg, models, draw_batch, ppo_steps)
+    models, rival = rivals.policy.enter(cfg, models, ranks, draw_batch, ppo_steps)  # its door
 
 A rival is any of: another credit rule (--credit=sparse|cosine|tree: rivals/credit.py), another
 score of the candidates (--score: rivals/scores.py), an SDE window (--sde_window: Flow-GRPO-Fast,

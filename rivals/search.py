@@ -71,15 +71,14 @@ def check(cfg):
                         "every >= 1 and 0 <= from <= to, e.g. 1:1:6")
 
 
-def run(cfg, sampler, noise, drm, drm_cond, generator, papers_search):
-    """sample.search's door: a rival search, or the paper's (papers_search, passed in) with a
+def run(cfg, sampler, noise, drm, drm_cond, generator, paper_search):
+    """sample.search's door: a rival search, or the paper's (paper_search, passed in) with a
     rival's score rule or the DRM's noise ensemble -> (x0, counts)."""
     drm = with_ensemble(drm, cfg.rival.drm_draws, cfg.rival.drm_sigma) if drm is not None else None
     if cfg.search in SEARCHES:
         return SEARCHES[cfg.search](cfg, sampler, noise, drm, drm_cond, generator)
-    reward = lambda x, sigma, images: drm(x, sigma, *take(drm_cond, images))  # noqa: E731
-    return papers_search(cfg, sampler, noise, reward, generator,
-                         score=score_rule(cfg.rival.score or "noisy"))
+    return paper_search(cfg, sampler, noise, drm_on(drm, drm_cond), generator,
+                        score=score_rule(cfg.rival.score or "noisy"))
 
 # -----------------------------------------------------------------------------
 # Particle search (FK steering)
