@@ -134,25 +134,31 @@ def _convert(key, value, current, field):
 
 def run_main(main, config_class, argv=None):
     """Entry point of a script: parse flags, run main(cfg), turn a UserError into one line (exit
-    status 1)."""
+    status 1; under torchrun, rank 0's line alone)."""
     try:
         cfg = parse_flags(config_class(), sys.argv[1:] if argv is None else argv)
         return main(cfg)
     except UserError as e:
-        sys.exit(f"error: {e}")
+        fail(f"error: {e}")
     except OSError as e:  # a full disk is the user's to put right; any other OSError is a bug
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         full = "the disk is full" if e.errno == errno.ENOSPC else "the disk quota is used up"
         writing = f" (writing {e.filename})" if e.filename else ""
-        sys.exit(f"error: {full}{writing}: free space and run again (a training run: --resume "
-                 "continues from its last checkpoint)")
+        fail(f"error: {full}{writing}: free space and run again (a training run: --resume "
+             "continues from its last checkpoint)")
     except KeyboardInterrupt:  # a second Ctrl-C, or one before the run's loop could catch it
-        sys.exit("error: interrupted; nothing was saved after the last checkpoint")
+        fail("error: interrupted; nothing was saved after the last checkpoint")
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
             leave(sys.exc_info()[1])
+
+
+def fail(message):
+    """Exit with status 1 and `message`: printed once, by rank 0 under torchrun (every rank meets
+    the same bad flag; each printing it said it N times)."""
+    sys.exit(message if is_main_process() else 1)
 
 
 def leave(exception):

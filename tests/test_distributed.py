@@ -275,3 +275,14 @@ def test_sigterm_then_resume_equals_one_uninterrupted_run(tmp_path):
     resumed = load_file(tmp_path / "stopped" / "model.safetensors")
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)            # bitwise, on CPU
     assert not list((tmp_path / "stopped").glob("*.tmp-*"))
+
+
+def test_a_bad_flag_under_torchrun_is_one_line(tmp_path):
+    """Every rank meets the same bad flag: rank 0 says it once, every rank exits 1 (each printed it:
+    N copies of the line before torchrun's own failure summary, which is the launcher's)."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", "train_policy.py", "--k=1",
+                             f"--out_dir={tmp_path / 'run'}"], cwd=ROOT, env=ENV,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert result.stderr.count("error: --k=1: must be in [2, inf)") == 1, result.stderr[-2000:]
