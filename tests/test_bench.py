@@ -197,9 +197,11 @@ def test_a_verdict_needs_its_interval_at_its_degrees_of_freedom():
     assert [verdict(0.3, 0.1, 1), verdict(2.09, 1.0, 9), verdict(29.5, 1.0, 1)] == ["tie", "tie",
                                                                                     "beats"]
     assert verdict(1.0, 0.1, 0) == "tie" and verdict(1.0, 0.0, 5) == "tie"
+    # the interval at 2 df: diff -+ t s.e., t in the closed form above (4.3027); float64 rounding
+    # ~1e-15, the normal's 1.96 in place of t moves it by 2.3
     low, high = interval(1.0, 0.5, 2)
-    within(abs(low - (1.0 - 4.302653 * 0.5)) + abs(high - (1.0 + 4.302653 * 0.5)), 1e-6,
-           "interval")
+    t2 = 0.95 * math.sqrt(2 / (4 * 0.975 * 0.025))
+    within(abs(low - (1.0 - t2 * 0.5)) + abs(high - (1.0 + t2 * 0.5)), 1e-10, "interval")
 
 
 def test_gold_at_the_budget_and_the_first_evaluation_at_the_target():
