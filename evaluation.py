@@ -16,7 +16,7 @@ import torch
 from checkpoints import write_text
 from common import check_fits, flag, flag_values
 from images import save_grid
-from sde import initial_noise, sample_ode
+from sde import initial_noise, latent_bytes, sample_ode
 
 
 @dataclasses.dataclass
@@ -59,7 +59,7 @@ def evaluate(dit, base, prompts, per_prompt=20, seed=1234, batch_size=100, **sam
     """per_prompt ODE samples of each prompt with fixed seeds -> (summary: the annotator's means
     where the base has one, and diversity; the samples; their images; the prompts repeated)."""
     device = next(dit.parameters()).device
-    check_fits(2 * len(prompts) * per_prompt * 4 * dit.config.in_channels * base.latent_size ** 2,
+    check_fits(2 * len(prompts) * per_prompt * latent_bytes(dit, base.latent_size),
                f"{len(prompts)} prompts x {per_prompt} held-out samples", device)  # and images
     repeated = [p for p in prompts for _ in range(per_prompt)]
     samples = generate(dit, base, repeated, seed=seed, batch_size=batch_size, **sampling)

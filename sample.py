@@ -31,8 +31,8 @@ from common import (DeviceFlags, InputError, UserError, autocast, check_fits, ch
 from evaluation import evaluate_heldout
 from images import save_grid
 from model import compile_regions
-from sde import (Draws, Sampler, favourite, initial_noise, passes, propose, score_noisy,
-                 sigma_schedule, take)
+from sde import (Draws, Sampler, drm_on, favourite, initial_noise, latent_bytes, passes, propose,
+                 score_noisy, sigma_schedule)
 
 # -----------------------------------------------------------------------------
 # Search with the DRM: step-wise (the paper) and best-of-N, on sde.py's one step primitive
@@ -107,11 +107,6 @@ def best_of_n(sampler, noise, reward, *, n=4, noise_level=0.0, generator=None):
     return favourite(reward, samples, n, counts), counts
 
 
-def drm_on(drm, drm_cond):
-    """The DRM on N images' prompts (drm_cond: their (context, pooled)): reward(x, sigma, images)
-    -> scores, `images` (M,) the prompt of each state."""
-    return lambda x, sigma, images: drm(x, sigma, *take(drm_cond, images))
-
 # -----------------------------------------------------------------------------
 # Command line
 
@@ -179,7 +174,7 @@ def draw(cfg, base, device):
     """--prompt: cfg.images images of one prompt by cfg.search -> a grid."""
     t0 = time.time()
     states = cfg.images * width(cfg) * (cfg.k * cfg.beam if cfg.search == "stepwise" else 1)
-    check_fits(states * 4 * base.dit.config.in_channels * base.latent_size ** 2,
+    check_fits(states * latent_bytes(base.dit, base.latent_size),
                f"--images={cfg.images} ({states} states a step)", device)
     prompts = [cfg.prompt] * cfg.images
     base.prepare(prompts)                # SD3: embedded once; the text encoders leave the GPU

@@ -67,6 +67,11 @@ def sample_ode(model, noise, cond, uncond=None, *, steps=20, cfg_scale=1.0, shif
     return x
 
 
+def latent_bytes(dit, size):
+    """The bytes of one float32 latent of side `size` of the DiT's (what a count of them costs)."""
+    return 4 * dit.config.in_channels * size ** 2
+
+
 def initial_noise(dit, n, generator, size=None):
     """n draws of N(0, I) on the CPU, of side `size` (default: the DiT's full position grid)."""
     size = size or dit.config.pos_embed_max_size * dit.config.patch_size
@@ -204,6 +209,12 @@ def passes(uncond, cfg_scale):
 def take(pair, rows):
     """The rows of a (context, pooled) pair, or None."""
     return None if pair is None else tuple(t[rows] for t in pair)
+
+
+def drm_on(drm, drm_cond):
+    """The DRM on N images' prompts (drm_cond: their (context, pooled)): reward(x, sigma, images)
+    -> scores, `images` (M,) the prompt of each state."""
+    return lambda x, sigma, images: drm(x, sigma, *take(drm_cond, images))
 
 
 def score_noisy(reward, step, i, rows, sampler):

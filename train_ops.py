@@ -24,7 +24,7 @@ from evaluation import evaluate
 from images import save_grid
 from lora import add_lora
 from model import compile_regions
-from sde import Draws, Sampler, initial_noise, sigma_schedule
+from sde import Draws, Sampler, initial_noise, latent_bytes, sigma_schedule
 
 
 @dataclass
@@ -73,8 +73,8 @@ def build_models(cfg, base, device, ranks, *, reference):
     `reference` (the KL's), the frozen DRM, DDP or FSDP under torchrun, AdamW -> Models."""
     hardware = cfg.hardware
     # a rollout's states, candidates, means and clean estimates: (k + 4) latents a (step, row)
-    check_fits(cfg.steps * cfg.trajectories // ranks.world * (cfg.k + 4) * 4
-               * base.dit.config.in_channels * base.latent_size ** 2,
+    check_fits(cfg.steps * cfg.trajectories // ranks.world * (cfg.k + 4)
+               * latent_bytes(base.dit, base.latent_size),
                f"--trajectories={cfg.trajectories} x --steps={cfg.steps} x (--k={cfg.k} + 4)",
                device)
     policy = base.dit if cfg.lora_rank else base.dit.float()

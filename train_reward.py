@@ -41,7 +41,7 @@ from common import (any_rank, autocast, check_fits, check_flags, flag, group, pr
 from data.pairs import PairFlags, evaluate, load_split
 from model import add_noise, compile_regions, logit_normal_sigma
 from reward import DRM, HEADS, bradley_terry_loss, default_head
-from sde import bend
+from sde import bend, latent_bytes
 
 SIGMA_SAMPLING = ("grid", "grid_uniform", "logit_normal", "uniform", "zero")
 
@@ -183,7 +183,7 @@ def main(cfg):
                                              scorer=rival and rival.scorer,
                                              ranking=rivals.reward.ranking_table)
                     if ranks.main else None)
-        check_fits(4 * cfg.batch_size * 4 * base.dit.config.in_channels * base.latent_size ** 2,
+        check_fits(4 * cfg.batch_size * latent_bytes(base.dit, base.latent_size),
                    f"--batch_size={cfg.batch_size}", device)  # a batch's images and noises
         text = base.drm_text(cfg.pairs.t5_tokens)  # SD3: T5 padded to --t5_tokens
         train, test = (load_split(cfg, s, base, text, device) for s in ("train", "test"))

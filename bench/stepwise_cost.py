@@ -18,8 +18,8 @@ import torch
 from common import check_flags, flag, pick_device, print_config, run_main
 from data.toy import ToyBase
 from data.world import HELDOUT_PROMPTS
-from sample import Search, drm_on, stepwise_sample
-from sde import Sampler, initial_noise, sigma_schedule
+from sample import Search, stepwise_sample
+from sde import Sampler, drm_on, initial_noise, sigma_schedule
 
 
 @dataclass

@@ -24,7 +24,8 @@ import torch
 from common import flag, used_with
 from evaluation import spearman
 from model import guided_velocity
-from sde import Draws, Sampler, initial_noise, passes, propose, score_noisy, sigma_schedule, take
+from sde import (Draws, Sampler, drm_on, initial_noise, passes, propose, score_noisy,
+                 sigma_schedule, take)
 
 
 def score_x0(reward, step, i, rows, sampler):
@@ -101,7 +102,7 @@ def candidate_ranking(base, drm, drm_text, prompts, *, k=8, steps=10, noise_leve
     drm_cond = drm_text.encode(prompts)
     x = initial_noise(base.dit, len(prompts), g, base.latent_size).to(device)
     rows = torch.arange(len(prompts), device=device)
-    reward = lambda states, sigma, owners: drm(states, sigma, *take(drm_cond, owners))  # noqa: E731
+    reward = drm_on(drm, drm_cond)
     sampler = Sampler(base.dit, sigmas, cond, uncond, cfg_scale)
     by_step = {"noisy": [], "x0": [], "x0_proxy": []}
     for i in range(steps):

@@ -20,7 +20,7 @@ import torch
 from common import UserError, flag, used_with
 from rivals.reward import EnsembleFlags, with_ensemble
 from rivals.scores import SCORES, score_rule
-from sde import Draws, Sampler, favourite, passes, propose, sigma_schedule, take
+from sde import Draws, Sampler, drm_on, favourite, passes, propose, sigma_schedule, take
 
 
 @dataclass
@@ -177,11 +177,6 @@ def prune_sample(policy, noise, cond, uncond=None, drm=None, drm_cond=None, *, p
         x = propose(survivors, x, i, noise_level=0.0).candidates[:, 0]
         counts["nfe"] += len(x) * passes(uncond, cfg_scale)
     return favourite(drm_on(drm, drm_cond), x, alive, counts), counts
-
-
-def drm_on(drm, drm_cond):
-    """The DRM on N images' prompts: reward(x, sigma, images) -> scores."""
-    return lambda x, sigma, images: drm(x, sigma, *take(drm_cond, images))
 
 # -----------------------------------------------------------------------------
 # As sample.py's --search=smc and --search=prune run them

@@ -23,8 +23,8 @@ from rivals.credit import (CREDIT, cosine_advantages, cosine_weights, parse_wind
                            terminal_advantages, tree_advantages, window_at)
 from rivals.reward import thurstone_loss, with_ensemble
 from rivals.search import prune_sample, smc_sample
-from sample import best_of_n, drm_on, stepwise_sample
-from sde import (Draws, Sampler, gaussian_log_prob, propose, sample_ode, sde_mean_std,
+from sample import best_of_n, stepwise_sample
+from sde import (Draws, Sampler, drm_on, gaussian_log_prob, propose, sample_ode, sde_mean_std,
                  sigma_schedule, take)
 
 TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step,

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import max_abs, random_prompts, random_small_dit, within
 
-from sample import Search, best_of_n, drm_on, stepwise_sample
-from sde import Sampler, sample_ode, sigma_schedule
+from sample import Search, best_of_n, stepwise_sample
+from sde import Sampler, drm_on, sample_ode, sigma_schedule
 
 
 class Recorder(torch.nn.Module):
