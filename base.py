@@ -90,24 +90,23 @@ class ModelFlags:
     # SD3: a LoRA in diffusers' format folded into the DiT (train_policy.py writes out_dir/lora)
     lora: str = ""
 
+    def inputs(self):
+        """{flag: path} of the files and folders these flags make a run read (RunDir's
+        --overwrite never removes them)."""
+        return {f"--{name}=": getattr(self, name) for name in ("base", "ckpt_dir", "text_dir",
+                                                               "transformer", "lora")}
 
-def model_inputs(cfg):
-    """{flag: path} of the files and folders the ModelFlags make a run read (RunDir's --overwrite
-    never removes them)."""
-    return {f"--{name}=": getattr(cfg, name) for name in ("base", "ckpt_dir", "text_dir",
-                                                          "transformer", "lora")}
-
-
-def check_model_flags(cfg):
-    """The ModelFlags' values, before anything is loaded."""
-    if cfg.model != "toy" and cfg.model not in SD3_MODELS:
-        raise UserError(f"--model={cfg.model}: choose toy or one of {', '.join(SD3_MODELS)}")
-    if cfg.model != "toy" and not cfg.ckpt_dir:
-        raise UserError(f"--model={cfg.model} needs --ckpt_dir: a diffusers pipeline folder or a "
-                        "Stability .safetensors")
-    if cfg.model == "toy" and cfg.lora:
-        raise UserError("--lora is for SD3 models; a toy policy trained with LoRA is saved whole: "
-                        "pass it as --base")
+    def check(self):
+        """The flags' values together, before anything is loaded (common.check_flags calls a
+        group's check with the rest)."""
+        if self.model != "toy" and self.model not in SD3_MODELS:
+            raise UserError(f"--model={self.model}: choose toy or one of {', '.join(SD3_MODELS)}")
+        if self.model != "toy" and not self.ckpt_dir:
+            raise UserError(f"--model={self.model} needs --ckpt_dir: a diffusers pipeline folder "
+                            "or a Stability .safetensors")
+        if self.model == "toy" and self.lora:
+            raise UserError("--lora is for SD3 models; a toy policy trained with LoRA is saved "
+                            "whole: pass it as --base")
 
 
 def load_base(cfg, device):
@@ -115,7 +114,7 @@ def load_base(cfg, device):
     from --ckpt_dir. Each world is imported here, when it is asked for: the SD3 plumbing (VAE, CLIP,
     T5, tokenizers, key maps) is a third of the code and none of it is needed on the toy, nor the
     toy's annotator on SD3."""
-    check_model_flags(cfg)
+    cfg.check()
     if cfg.model == "toy":
         from data.toy import ToyBase
         return ToyBase.load(cfg.base, device)

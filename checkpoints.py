@@ -25,46 +25,10 @@ from PIL import Image
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from common import UserError, any_rank, flag_fields, is_main_process, shown_value
+from common import UserError, check_resumed_config, is_main_process
 
 # -----------------------------------------------------------------------------
 # A run never lost
-
-
-class NonFiniteError(UserError):
-    pass
-
-
-def check_finite(value, step, what, advice):
-    """Stop when a loss, gradient norm or evaluation is NaN / inf: nothing after the last checkpoint
-    is saved.
-
-    value: a tensor or a dict of numbers (an evaluation); advice: what to do next (RunDir.advice()).
-    Under torchrun every rank stops when any rank sees it (a rank left waiting in an all-reduce
-    would hang).
-    """
-    if isinstance(value, dict):
-        bad = {k: v for k, v in value.items() if isinstance(v, float) and not math.isfinite(v)}
-        if any_rank(bad):
-            raise NonFiniteError(f"the {what} at step {step} gave {bad}: the weights diverged and "
-                                 f"were not saved; {advice}")
-    elif any_rank(not torch.isfinite(value).all()):
-        raise NonFiniteError(f"the {what} is "
-                             f"{value.item() if value.numel() == 1 else 'not finite'} at step "
-                             f"{step} (on this or another rank): nothing from it was saved; "
-                             f"{advice}")
-
-
-def check_weights(module, step, advice):
-    """Before a save: every weight finite (an update that overflowed writes inf or NaN); else
-    nothing is saved."""
-    bad = [name for name, p in module.named_parameters()
-           # FSDP: this rank's shard
-           if not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()]
-    if any_rank(bad):
-        raise NonFiniteError(f"weights are not finite after step {step} "
-                             f"({', '.join(bad[:3]) or 'on another rank'}): they were not saved; "
-                             f"{advice}")
 
 
 class RunDir:
@@ -285,42 +249,6 @@ def _alive(pid):
     except PermissionError:  # someone else's process
         return True
     return True
-
-
-def check_resumed_config(saved, cfg, may_change):
-    """A resumed run continues the experiment it was: flags outside may_change that differ from the
-    saved config are refused, naming them; changes to may_change (learning rate, length, evaluation
-    cadence, memory knobs) apply
-    -> {flag: (saved, now)}, printed. A field this version does not know is refused; one the saved
-    run did not
-    know yet must be at its default. Values compare as written (a list of numbers saved as
-    "0,1,3" by an earlier version equals (0, 1, 3))."""
-    fields = {f.name: (owner, f) for owner, f in flag_fields(cfg)}
-    defaults = {f.name: (owner, f) for owner, f in flag_fields(type(cfg)())}
-    unknown = sorted(set(saved) - set(fields))
-    if unknown:
-        raise CheckpointError("--resume: the saved run has flags this version does not know "
-                              f"({', '.join(unknown)}): it was written by another version of "
-                              "nanoDRM; resume it with that version")
-    changed, refused = {}, []
-    for name, (owner, field) in fields.items():
-        default = getattr(defaults[name][0], name)
-        before = shown_value(saved.get(name, default), field)
-        now = shown_value(getattr(owner, name), field)
-        if before == now or name in ("resume", "overwrite", "out_dir"):  # a run folder may move
-            continue
-        if name in may_change:
-            changed[name] = (before, now)
-        else:
-            refused.append(f"--{name}={now} (the run has {before})")
-    if refused:
-        raise UserError(f"--resume would change what the experiment is: {'; '.join(refused)}. "
-                        "Resume with the saved flags, or start a new run in another --out_dir (may "
-                        f"change on resume: {', '.join('--' + n for n in sorted(may_change))})")
-    for name, (before, now) in changed.items():
-        if is_main_process():
-            print(f"resume: --{name} {before} -> {now}")
-    return changed
 
 
 class GracefulStop:

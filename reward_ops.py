@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from checkpoints import (atomic_write, check_finite, check_weights, check_writable,
-                         save_training_state, write_text)
-from common import DeviceFlags, UserError, flag, flag_values, unless_given, warmup_cosine
+from checkpoints import atomic_write, check_writable, save_training_state, write_text
+from common import (DeviceFlags, UserError, check_finite, check_weights, flag, flag_values,
+                    unless_given, warmup_cosine)
 from data.pairs import CLOSE_GAP, Pairs, evaluate, load_split
 from evaluation import policy_pairs
 

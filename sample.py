@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 import rivals.search
-from base import ANNOTATED, ModelFlags, check_model_flags, load_base
+from base import ANNOTATED, ModelFlags, load_base
 from checkpoints import check_writable
 from common import (DeviceFlags, InputError, UserError, autocast, check_fits, check_flags, flag,
                     frozen_dtype, group, pick_device, print_config, run_main, used_with)
@@ -203,7 +203,6 @@ def draw(cfg, base, device):
 
 def main(cfg):
     check_flags(cfg)
-    check_model_flags(cfg.pretrained)
     rivals.search.check(cfg)
     check_writable(cfg.out, "--out=", image=True)
     if cfg.eval and cfg.search != "ode":

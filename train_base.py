@@ -20,10 +20,10 @@ import torch.nn as nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import (GracefulStop, RunDir, check_finite, check_weights, check_writable,
-                         resume_training_state, save_training_state)
-from common import (UserError, any_rank, autocast, check_flags, flag, print_config, run_main,
-                    setup_device, warmup_cosine)
+from checkpoints import (GracefulStop, RunDir, check_writable, resume_training_state,
+                         save_training_state)
+from common import (UserError, any_rank, autocast, check_finite, check_flags, check_weights, flag,
+                    print_config, run_main, setup_device, warmup_cosine)
 from data.toy import ToyBase, save_toy_base
 from data.world import (HELDOUT_PROMPTS, TextConfig, TextEncoder, caption, load_world, parse_prompt,
                         tokenize)

@@ -17,9 +17,9 @@ from torch.distributed.fsdp import fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from checkpoints import check_finite, check_state_fits, check_weights, save_training_state
-from common import (DeviceFlags, any_rank, autocast, check_fits, count_flops, flag, flag_values,
-                    frozen_dtype, in_chunks)
+from checkpoints import check_state_fits, save_training_state
+from common import (DeviceFlags, any_rank, autocast, check_finite, check_fits, check_weights,
+                    count_flops, flag, flag_values, frozen_dtype, in_chunks)
 from evaluation import evaluate
 from images import save_grid
 from lora import add_lora

@@ -29,11 +29,10 @@ from tqdm import tqdm
 import grpo
 import rivals.policy
 import train_ops
-from base import ModelFlags, check_model_flags, load_base, model_inputs
-from checkpoints import (GracefulStop, RunDir, check_finite, check_resumed_config,
-                         load_training_state)
-from common import (UserError, any_rank, autocast, check_flags, flag, group, print_config, run_main,
-                    setup_device)
+from base import ModelFlags, load_base
+from checkpoints import GracefulStop, RunDir, load_training_state
+from common import (UserError, any_rank, autocast, check_finite, check_flags, check_resumed_config,
+                    flag, group, print_config, run_main, setup_device)
 from evaluation import EvalFlags
 from sde import passes
 
@@ -158,13 +157,12 @@ def check(cfg):
     """Every flag's value, before any work -> cfg (with a rival's recipe: rivals/policy.py);
     bench/gpu_check.py checks its own the same way."""
     check_flags(cfg)
-    check_model_flags(cfg.pretrained)
     return rivals.policy.check(cfg)
 
 
 def main(cfg):
     cfg = check(cfg)
-    inputs = {**model_inputs(cfg.pretrained), "--drm=": cfg.drm, "--prompts=": cfg.prompts,
+    inputs = {**cfg.pretrained.inputs(), "--drm=": cfg.drm, "--prompts=": cfg.prompts,
               "--eval_prompts=": cfg.evaluation.eval_prompts}
     with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, OUTPUTS, inputs=inputs) as run_dir, \
             GracefulStop() as stop:

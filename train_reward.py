@@ -34,10 +34,10 @@ from tqdm import tqdm
 
 import reward_ops
 import rivals.reward
-from base import ModelFlags, check_model_flags, load_base, model_inputs
-from checkpoints import GracefulStop, RunDir, check_finite, resume_training_state
-from common import (any_rank, autocast, check_fits, check_flags, flag, group, print_config,
-                    run_main, setup_device, with_flags)
+from base import ModelFlags, load_base
+from checkpoints import GracefulStop, RunDir, resume_training_state
+from common import (any_rank, autocast, check_finite, check_fits, check_flags, flag, group,
+                    print_config, run_main, setup_device, with_flags)
 from data.pairs import PairFlags, evaluate, load_split
 from model import add_noise, compile_regions, logit_normal_sigma
 from reward import DRM, HEADS, bradley_terry_loss, default_head
@@ -164,11 +164,10 @@ def main(cfg):
     check_flags(cfg)
     cfg = reward_ops.with_recipe(cfg)
     reward_ops.check_reward(cfg)
-    check_model_flags(cfg.pretrained)
     # the one door: a rival's loss, pair noise or DRM (rivals/reward.py), or None: the paper's
     rival = rivals.reward.Rival(cfg.rival) if rivals.reward.chosen(cfg.rival) else None
     outputs = () if cfg.eval_only else OUTPUTS
-    inputs = {**model_inputs(cfg.pretrained), "--prefs=": cfg.prefs, "--drm=": cfg.drm}
+    inputs = {**cfg.pretrained.inputs(), "--prefs=": cfg.prefs, "--drm=": cfg.drm}
     with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, outputs, inputs=inputs) as run_dir, \
             GracefulStop() as stop:
         print_config(cfg)

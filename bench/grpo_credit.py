@@ -1,7 +1,8 @@
 """The paper's credit-assignment experiment and its rivals, each as its authors' code runs it, at
 one budget of DiT-pass equivalents, with common random numbers and paired statistics.
 
-    python -m bench.grpo_credit --experiment=headline    # step-wise against sparse, 8 seeds
+    python -m bench.grpo_credit --experiment=headline --eval_every=5 --rescore=32
+                                                         # step-wise against sparse, 8 seeds
     python -m bench.grpo_credit                          # every credit mode x 4 seeds
     python -m bench.grpo_credit --experiment=collapse    # step-wise: windows 0:5, 5:10, KL or not
     python -m bench.grpo_credit --experiment=objectives  # PPO, DiffusionNFT, AWM x sparse, stepwise
@@ -20,8 +21,9 @@ per seed (paired), mean +- s.e., with its two-sided 95% interval at seeds - 1 de
 first evaluation at which the mode's mean gold reaches the target (the reference's gold at the
 budget) and the one before it, and the budget at SD3.5-medium's DRM cost (0.90 DiT passes a DRM
 pass: bench/sd3_memory.py's 2.19 against 2.44 TFLOPs). Runs go `jobs` at a time, one CPU thread
-each, so wall times compare between modes. Writes OUT_DIR/<experiment>.md and
-OUT_DIR/<experiment>.png (needs matplotlib, which the rest does not).
+each, so wall times compare between modes. Writes OUT_DIR/<experiment>.md,
+OUT_DIR/<experiment>_lrs.json and OUT_DIR/<experiment>.png (needs matplotlib, which the rest does
+not); --rescore=N adds the final checkpoints' gold on the held-out prompts x N fresh noises.
 """
 import json
 import os
@@ -29,9 +31,13 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+import torch
+
+from base import ModelFlags, load_base
 from bench.stats import SD35_MEDIUM_DRM_COST, interval, mean_se, t_critical, verdict
 from checkpoints import check_writable, write_text
 from common import UserError, check_flags, flag, print_config, run_main
+from evaluation import evaluate
 
 # Flow-GRPO's KL beta for a preference reward (its pickscore_sd3 config: 0.01; GenEval's: 0.04)
 # x |dt| = 0.111 on our 10 steps (grpo.grpo_loss: its KL is ours x |dt|)
@@ -97,7 +103,8 @@ class Config:
     experiment: str = flag("credit", choices=EXPERIMENTS)
     # comma-separated folder names (stepwise,tree,...); "" = the experiment's
     modes: tuple = flag((), choices=[folder(name) for name in MODES], of=str)
-    seeds: tuple = flag((), "[0, inf)")  # () = the experiment's (headline: 0-7, credit: 0-3, collapse: 0-2)
+    # () = the experiment's (headline: 0-7, credit: 0-3, collapse: 0-2)
+    seeds: tuple = flag((), "[0, inf)")
     # each mode's lr is the best of these on the tuning seeds (one lr: no tuning)
     lrs: tuple = flag((1e-5, 3e-5, 1e-4), "(0, inf)", of=float)
     tuning_seeds: tuple = flag((100, 101), "[0, inf)")  # never among --seeds
@@ -107,6 +114,9 @@ class Config:
     jobs: int = flag(2, "[1, inf)")  # runs at a time, one thread each
     extra: str = ""                    # more train_policy.py flags for every run, space-separated
     plot_only: bool = False
+    # the final checkpoints re-scored on the held-out prompts x this many noises (seed 5678, apart
+    # from the evaluations' 1234), cached in each run folder (rescore_N.json)
+    rescore: int = flag(0, "[0, inf)", zero="none")
 
 
 def chosen(cfg):
@@ -195,7 +205,7 @@ def choose_lr(runs, lrs, seeds, budget):
 
 def tune(cfg, modes):
     """Each mode's lr, chosen on the tuning seeds (shared by the modes tuned_as one) -> {mode: lr},
-    and OUT_DIR/lrs.json recording the choice and every candidate's gold."""
+    and OUT_DIR/<experiment>_lrs.json recording the choice and every candidate's gold."""
     owners = list(dict.fromkeys(tuned_as(m) for m in modes))
     if len(cfg.lrs) == 1:
         return {m: cfg.lrs[0] for m in modes}
@@ -208,7 +218,8 @@ def tune(cfg, modes):
         record[owner] = {"lr": choice[owner], "tuning_seeds": list(cfg.tuning_seeds),
                          "gold_at_the_budget": {f"{lr:g}": g for lr, g in means.items()}}
     os.makedirs(cfg.out_dir, exist_ok=True)
-    write_text(os.path.join(cfg.out_dir, "lrs.json"), json.dumps(record, indent=1))
+    write_text(os.path.join(cfg.out_dir, f"{cfg.experiment}_lrs.json"),
+               json.dumps(record, indent=1))
     return {m: choice[tuned_as(m)] for m in modes}
 
 
@@ -219,10 +230,38 @@ def load_run(cfg, mode, seed, lr):
     return read_metrics(path)
 
 
-def gold_at(run, budget, key="gold"):
-    """A run's held-out gold (or another figure) at `budget` DiT-pass equivalents, linear between
-    the evaluations on either side (None before its first or past its last)."""
-    points = [(r["dit_equivalents"], r[key]) for r in run]
+def sd35_equivalents(row):
+    """A metrics row's DiT-pass equivalents with a DRM pass at SD3.5-medium's cost."""
+    return (row.get("nfe", 0) + row.get("backward_cost", 0) * row.get("backward_passes", 0)
+            + SD35_MEDIUM_DRM_COST * row.get("drm_calls", 0))
+
+
+RESCORE_SEED = 5678
+
+
+def rescore(cfg, mode, seed, lr):
+    """The run's final policy (model.safetensors) on the held-out prompts x --rescore noises, as its
+    evaluations sample (ODE, their steps, guidance and shift, read from its train state) -> mean
+    gold, cached in the run folder."""
+    path = run_dir(cfg, mode, seed, lr)
+    cache = os.path.join(path, f"rescore_{cfg.rescore}.json")
+    if os.path.exists(cache):
+        return json.load(open(cache))["gold"]
+    saved = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)["config"]
+    base = load_base(ModelFlags(base=os.path.join(path, "model.safetensors")), "cpu")
+    summary = evaluate(base.dit, base, base.heldout_prompts("", []), cfg.rescore,
+                       seed=RESCORE_SEED, steps=saved["eval_steps"],
+                       cfg_scale=saved["eval_cfg_scale"], shift=saved["shift"])[0]
+    write_text(cache, json.dumps({"per_prompt": cfg.rescore, "seed": RESCORE_SEED, **summary}))
+    print(f"re-scored {path}: gold {summary['gold']:.4f}", flush=True)
+    return summary["gold"]
+
+
+def gold_at(run, budget, key="gold", axis="dit_equivalents"):
+    """A run's held-out gold (or another figure) at `budget` DiT-pass equivalents (or another
+    axis), linear between the evaluations on either side (None before its first or past its
+    last)."""
+    points = [(r[axis], r[key]) for r in run]
     for (x0, g0), (x1, g1) in zip(points, points[1:]):
         if x0 <= budget <= x1:
             return g0 + (g1 - g0) * (budget - x0) / (x1 - x0) if x1 > x0 else g1
@@ -243,11 +282,30 @@ def reaching(runs, mode, seeds, target):
     return None
 
 
-def summarise(cfg, runs, modes, reference, seeds):
+def paired_rows(values, modes, reference, df):
+    """Table rows: each mode's per-seed figures (values[mode], the seeds in one order) as mean ±
+    s.e., and its paired difference from the reference with the 95% interval at df and the
+    verdict."""
+    lines = [f"| mode | n | gold (mean ± s.e.) | minus {reference} (paired) | 95% interval | df | "
+             "verdict |", "|---" * 7 + "|"]
+    for mode in modes:
+        mean, se = mean_se(values[mode])
+        cells = ["", "", "", ""]
+        if reference in modes and mode != reference:
+            diff, diff_se = mean_se([a - b for a, b in zip(values[mode], values[reference])])
+            span = "[{:+.4f}, {:+.4f}]".format(*interval(diff, diff_se, df)) if df else ""
+            cells = [f"{diff:+.4f} ± {diff_se:.4f}", span, str(df), verdict(diff, diff_se, df)]
+        lines.append(f"| {mode} | {len(values[mode])} | {mean:.4f} ± {se:.4f} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
+def summarise(cfg, runs, modes, reference, seeds, rescored=None):
     """The table: gold at exactly the budget (interpolated between the evaluations on either
     side), the paired difference from the reference with its 95% interval at seeds - 1 degrees of
     freedom and its verdict, the first evaluation at the reference's final gold, the counts behind
-    the equivalents, and reward hacking."""
+    the equivalents, and reward hacking; then gold at the budget counted at SD3.5-medium's DRM
+    cost, and the final checkpoints re-scored (rescored[mode, seed], where given)."""
     finals = {m: [gold_at(runs[m, s], cfg.max_nfe) for s in seeds] for m in modes}
     target = mean_se(finals[reference])[0] if reference in modes else None
     df = len(seeds) - 1
@@ -286,6 +344,17 @@ def summarise(cfg, runs, modes, reference, seeds):
                      f"{average('dit_equivalents'):,.0f} ({sd35:,.0f}) | "
                      + (f"{hit[0]:,.0f} ({hit[1]:,.0f})" if hit else "not reached") + " | "
                      f"{'seeds ' + str(hacked) if hacked else 'no'} |")
+    at_sd35 = {m: [gold_at([{**r, "sd35": sd35_equivalents(r)} for r in runs[m, s]], cfg.max_nfe,
+                           axis="sd35") for s in seeds] for m in modes}
+    lines += ["", f"Gold at exactly {cfg.max_nfe:,} DiT-pass equivalents counted at SD3.5-medium's "
+              f"DRM cost ({SD35_MEDIUM_DRM_COST:.3f} a DRM pass), the same runs:", "",
+              *paired_rows(at_sd35, modes, reference, df)]
+    if rescored:
+        lines += ["", f"The final checkpoints (each run's last evaluation, at or just past the "
+                  f"budget) re-scored on the held-out prompts x {cfg.rescore} noises (seed "
+                  f"{RESCORE_SEED}, not the evaluations'):", "",
+                  *paired_rows({m: [rescored[m, s] for s in seeds] for m in modes}, modes,
+                               reference, df)]
     others = [(m, key) for m in modes for key in runs[m, seeds[0]][0]
               if key.startswith("gold_cfg")]
     if others:  # a rival evaluated at its authors' guidance too (NFT, AWM: 1)
@@ -317,7 +386,10 @@ def plot(runs, modes, seeds, path, title):
         stats = [mean_se(list(values)) for values in zip(*curves)]
         mean, se = [m for m, _ in stats], [e for _, e in stats]
         style = "--" if "window" in mode else ":" if "score" in mode or "last" in mode else "-"
-        axes[0].plot(grid, mean, label=mode, linestyle=style)
+        line, = axes[0].plot(grid, mean, label=mode, linestyle=style)
+        if len(modes) <= 3:  # few arms: each seed's own curve, the spread behind the mean
+            for curve in curves:
+                axes[0].plot(grid, curve, color=line.get_color(), linewidth=0.6, alpha=0.35)
         axes[0].fill_between(grid, [m - e for m, e in zip(mean, se)],
                              [m + e for m, e in zip(mean, se)], alpha=0.12)
         time = [sum(runs[mode, s][i]["time_s"] for s in seeds) / len(seeds)
@@ -340,17 +412,21 @@ def plot(runs, modes, seeds, path, title):
 def main(cfg):
     check_flags(cfg)
     modes, reference, seeds = chosen(cfg)
-    for name in (f"{cfg.experiment}.md", f"{cfg.experiment}.png", "lrs.json"):  # before any work
+    # before any work
+    for name in (f"{cfg.experiment}.md", f"{cfg.experiment}.png", f"{cfg.experiment}_lrs.json"):
         check_writable(os.path.join(cfg.out_dir, name), "--out_dir=")
     print_config(cfg)
     lrs = tune(cfg, modes)
     if not cfg.plot_only:
         run_all(cfg, [(m, s, lrs[m]) for s in seeds for m in modes])
     runs = {(m, s): load_run(cfg, m, s, lrs[m]) for m in modes for s in seeds}
+    rescored = ({(m, s): rescore(cfg, m, s, lrs[m]) for m in modes for s in seeds}
+                if cfg.rescore else None)
     table = (f"learning rates, each the best of {', '.join(f'{lr:g}' for lr in cfg.lrs)} at the "
-             f"budget on seeds {', '.join(map(str, cfg.tuning_seeds))} (lrs.json): "
+             f"budget on seeds {', '.join(map(str, cfg.tuning_seeds))} "
+             f"({cfg.experiment}_lrs.json): "
              + "; ".join(f"{m} {lrs[m]:g}" for m in modes) + "\n\n"
-             + summarise(cfg, runs, modes, reference, seeds))
+             + summarise(cfg, runs, modes, reference, seeds, rescored))
     print(table)
     os.makedirs(cfg.out_dir, exist_ok=True)
     report = os.path.join(cfg.out_dir, cfg.experiment)

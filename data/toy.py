@@ -26,11 +26,11 @@ def load_toy_base(path, device="cpu"):
     """-> (dit, text_encoder, meta) in eval mode, from a file written by save_toy_base."""
     tensors, meta = read_checkpoint(path, "base",
                                     "train one with train_base.py or use data/base.safetensors")
-    dit = load_module(DiT(config_from_meta(DiTConfig, meta.get("dit_config"), path)), tensors,
-                      "dit", path)
-    text_encoder = load_module(TextEncoder(config_from_meta(TextConfig, meta.get("text_config"),
-                                                            path)),
-                               tensors, "text", path)
+    dit_config = config_from_meta(DiTConfig, meta.get("dit_config"), path)
+    text_config = config_from_meta(TextConfig, meta.get("text_config"), path)
+    text_encoder, dit = TextEncoder(text_config), DiT(dit_config)
+    load_module(text_encoder, tensors, "text", path)
+    load_module(dit, tensors, "dit", path)
     return dit.to(device).eval(), text_encoder.to(device).eval(), meta
 
 

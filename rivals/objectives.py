@@ -56,8 +56,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from checkpoints import check_finite
-from common import UserError, autocast, flag, given_flags, unless_given
+from common import UserError, autocast, check_finite, flag, given_flags, unless_given
 from model import add_noise
 from rivals.credit import terminal_advantages
 from sde import passes, sample_ode, sigma_schedule

@@ -247,6 +247,42 @@ def test_the_credit_table_by_hand():
     assert f"({80 + 16 + 20 * 2.19 / 2.44:,.0f})" in new
 
 
+def test_the_headline_tables_at_sd35s_drm_cost_and_re_scored_by_hand():
+    """grpo_credit: gold at the budget on the axis that counts a DRM pass at SD3.5-medium's cost
+    (load_run's sd35_equivalents), and the re-scored final checkpoints, each paired by seed with
+    its interval at 2 df and verdict."""
+    from bench.grpo_credit import Config, summarise
+
+    def run(golds):
+        return [{"step": 5 * i, "dit_equivalents": 50.0 * i, "gold": g, "drm": 0.1 * i,
+                 "nfe": 40 * i, "backward_passes": 4 * i, "backward_cost": 2.0,
+                 "drm_calls": 10 * i} for i, g in enumerate(golds)]
+    runs = {("ref", 0): run([-1.0, -0.8, -0.6]), ("ref", 1): run([-1.0, -0.9, -0.7]),
+            ("ref", 2): run([-1.0, -0.7, -0.5]),
+            ("new", 0): run([-1.0, -0.5, -0.3]), ("new", 1): run([-1.0, -0.6, -0.4]),
+            ("new", 2): run([-1.0, -0.6, -0.2])}
+    # an evaluation i sits at 40 i + 2 x 4 i + 10 i x 2.19 / 2.44 = 56.975 i on that axis: the
+    # budget 75 is 0.31637 of the way from the first to the second
+    f = (75 - 56.975) / 56.975
+    ref = [-0.8 + 0.2 * f, -0.9 + 0.2 * f, -0.7 + 0.2 * f]
+    new = [-0.5 + 0.2 * f, -0.6 + 0.2 * f, -0.6 + 0.4 * f]
+    diffs = [a - b for a, b in zip(new, ref)]
+    mean = sum(diffs) / 3
+    se = (sum((d - mean) ** 2 for d in diffs) / 2 / 3) ** 0.5
+    rescored = {("ref", 0): -0.5, ("ref", 1): -0.6, ("ref", 2): -0.4, ("new", 0): -0.4,
+                ("new", 1): -0.6, ("new", 2): -0.2}
+    table = summarise(Config(max_nfe=75, rescore=32), runs, ["ref", "new"], "ref", [0, 1, 2],
+                      rescored).split("SD3.5-medium's DRM cost (")[1]
+    at_sd35, again = table.split("re-scored")
+    row = next(line for line in at_sd35.splitlines() if line.startswith("| new |"))
+    spread = (sum((g - sum(new) / 3) ** 2 for g in new) / 6) ** 0.5
+    assert (f"| new | 3 | {sum(new) / 3:.4f} ± {spread:.4f} | {mean:+.4f} ± {se:.4f} | "
+            f"[{mean - 4.302653 * se:+.4f}, {mean + 4.302653 * se:+.4f}] | 2 | beats |") == row, row
+    # re-scored: differences 0.1, 0, 0.2: mean 0.1, s.e. 0.1 / sqrt(3) = 0.0577, half-width 0.2484
+    row = next(line for line in again.splitlines() if line.startswith("| new |"))
+    assert row == "| new | 3 | -0.4000 ± 0.1155 | +0.1000 ± 0.0577 | [-0.1484, +0.3484] | 2 | tie |"
+
+
 def test_the_search_table_by_hand():
     """search.best_of_at interpolates best-of-N's per-image gold in N at a budget; compare's line:
     the per-image difference, its clustered s.e., the interval at prompts - 1 df, the verdict."""

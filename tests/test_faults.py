@@ -230,7 +230,7 @@ def test_reward_resume_refuses_another_init(tmp_path):
 
 
 def test_a_saved_config_from_another_version_is_named(tmp_path):
-    from checkpoints import check_resumed_config
+    from common import check_resumed_config
     with pytest.raises(UserError, match="flags this version does not know \\(temperature\\)"):
         check_resumed_config({"temperature": 2.0}, train_policy.Config(), train_policy.MAY_CHANGE)
     # a flag added since: at its default, fine
