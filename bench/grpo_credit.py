@@ -4,7 +4,8 @@ one budget of DiT-pass equivalents, with common random numbers and paired statis
     python -m bench.grpo_credit --experiment=headline --eval_every=5 --rescore=32
                                                          # step-wise against sparse, 8 seeds
     python -m bench.grpo_credit                          # every credit mode x 4 seeds
-    python -m bench.grpo_credit --experiment=collapse    # step-wise: windows 0:5, 5:10, KL or not
+    python -m bench.grpo_credit --experiment=collapse --updates=120 --out_dir=out/collapse
+                                                         # step-wise: windows 0:5, 5:10, KL or not
     python -m bench.grpo_credit --experiment=objectives  # PPO, DiffusionNFT, AWM x sparse, stepwise
     python -m bench.grpo_credit --modes=tree,sparse --seeds=0   # some of them
     python -m bench.grpo_credit --plot_only              # redraw from out/credit/*/metrics.jsonl
@@ -109,6 +110,8 @@ class Config:
     lrs: tuple = flag((1e-5, 3e-5, 1e-4), "(0, inf)", of=float)
     tuning_seeds: tuple = flag((100, 101), "[0, inf)")  # never among --seeds
     max_nfe: int = flag(38400, "[1, inf)")  # DiT-pass equivalents a run
+    # a budget of updates in place of --max_nfe (the collapse: 120), gold read at the last
+    updates: int = flag(0, "[0, inf)", zero="none: the budget is --max_nfe")
     # updates between held-out evaluations (a mode's flags may say otherwise)
     eval_every: int = flag(10, "[1, inf)")
     jobs: int = flag(2, "[1, inf)")  # runs at a time, one thread each
@@ -157,13 +160,19 @@ def read_metrics(path):
     return rows
 
 
+def budget(cfg):
+    """(a run's budget, the metrics key that counts it): --updates, or --max_nfe equivalents."""
+    return (cfg.updates, "step") if cfg.updates else (cfg.max_nfe, "dit_equivalents")
+
+
 def finished(cfg, path):
-    """Whether the run in path spent its budget (its last evaluation at or past --max_nfe)."""
+    """Whether the run in path spent its budget (its last evaluation at or past it)."""
     metrics = os.path.join(path, "metrics.jsonl")
     if not os.path.exists(metrics):
         return False
     rows = read_metrics(metrics)
-    return bool(rows) and rows[-1].get("dit_equivalents", 0) >= cfg.max_nfe
+    limit, axis = budget(cfg)
+    return bool(rows) and rows[-1].get(axis, 0) >= limit
 
 
 def run_all(cfg, jobs):
@@ -181,8 +190,9 @@ def run_all(cfg, jobs):
                                                               "train_state.pt")) else "--overwrite"
             command = [sys.executable, "train_policy.py", f"--eval_every={cfg.eval_every}",
                        *MODES[mode].split(), f"--lr={lr:g}",
-                       f"--seed={seed}", f"--out_dir={path}", f"--max_nfe={cfg.max_nfe}",
-                       "--updates=100000", again, *cfg.extra.split()]
+                       f"--seed={seed}", f"--out_dir={path}",
+                       f"--max_nfe={0 if cfg.updates else cfg.max_nfe}",
+                       f"--updates={cfg.updates or 100000}", again, *cfg.extra.split()]
             print(" ".join(command), flush=True)
             os.makedirs(path, exist_ok=True)
             log = open(os.path.join(path, "log.txt"), "a")
@@ -196,10 +206,11 @@ def run_all(cfg, jobs):
                             + "; see its log.txt, then run again: it resumes")
 
 
-def choose_lr(runs, lrs, seeds, budget):
-    """The lr whose runs (runs[lr, seed]) have the best mean gold at the budget over the seeds
-    (the smaller lr on a tie) -> (lr, {lr: that mean})."""
-    means = {lr: sum(gold_at(runs[lr, s], budget) for s in seeds) / len(seeds) for lr in lrs}
+def choose_lr(runs, lrs, seeds, limit, axis="dit_equivalents"):
+    """The lr whose runs (runs[lr, seed]) have the best mean gold at the budget (limit, on axis)
+    over the seeds (the smaller lr on a tie) -> (lr, {lr: that mean})."""
+    means = {lr: sum(gold_at(runs[lr, s], limit, axis=axis) for s in seeds) / len(seeds)
+             for lr in lrs}
     return max(lrs, key=lambda lr: (means[lr], -lr)), means
 
 
@@ -214,7 +225,7 @@ def tune(cfg, modes):
     choice, record = {}, {}
     for owner in owners:
         runs = {(lr, s): load_run(cfg, owner, s, lr) for lr in cfg.lrs for s in cfg.tuning_seeds}
-        choice[owner], means = choose_lr(runs, cfg.lrs, cfg.tuning_seeds, cfg.max_nfe)
+        choice[owner], means = choose_lr(runs, cfg.lrs, cfg.tuning_seeds, *budget(cfg))
         record[owner] = {"lr": choice[owner], "tuning_seeds": list(cfg.tuning_seeds),
                          "gold_at_the_budget": {f"{lr:g}": g for lr, g in means.items()}}
     os.makedirs(cfg.out_dir, exist_ok=True)
@@ -306,12 +317,15 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
     freedom and its verdict, the first evaluation at the reference's final gold, the counts behind
     the equivalents, and reward hacking; then gold at the budget counted at SD3.5-medium's DRM
     cost, and the final checkpoints re-scored (rescored[mode, seed], where given)."""
-    finals = {m: [gold_at(runs[m, s], cfg.max_nfe) for s in seeds] for m in modes}
+    limit, axis = budget(cfg)
+    finals = {m: [gold_at(runs[m, s], limit, axis=axis) for s in seeds] for m in modes}
     target = mean_se(finals[reference])[0] if reference in modes else None
     df = len(seeds) - 1
-    lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); budget {cfg.max_nfe:,} DiT-pass "
-             "equivalents a run (DiT forward and backward passes and DRM passes, each at its "
-             "FLOPs), gold read at exactly the budget; differences paired by seed (the same "
+    spent = (f"{cfg.updates} updates a run, gold read at the last" if cfg.updates else
+             f"{cfg.max_nfe:,} DiT-pass equivalents a run (DiT forward and backward passes and DRM "
+             "passes, each at its FLOPs), gold read at exactly the budget")
+    lines = [f"{len(seeds)} seeds ({', '.join(map(str, seeds))}); budget {spent}; "
+             "differences paired by seed (the same "
              f"prompts and initial noise), 95% interval at {df} df (t = "
              f"{t_critical(df) if df else float('nan'):.3f}): beats / loses only when it excludes "
              "0; target: "
@@ -344,11 +358,12 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
                      f"{average('dit_equivalents'):,.0f} ({sd35:,.0f}) | "
                      + (f"{hit[0]:,.0f} ({hit[1]:,.0f})" if hit else "not reached") + " | "
                      f"{'seeds ' + str(hacked) if hacked else 'no'} |")
-    at_sd35 = {m: [gold_at([{**r, "sd35": sd35_equivalents(r)} for r in runs[m, s]], cfg.max_nfe,
-                           axis="sd35") for s in seeds] for m in modes}
-    lines += ["", f"Gold at exactly {cfg.max_nfe:,} DiT-pass equivalents counted at SD3.5-medium's "
-              f"DRM cost ({SD35_MEDIUM_DRM_COST:.3f} a DRM pass), the same runs:", "",
-              *paired_rows(at_sd35, modes, reference, df)]
+    if not cfg.updates:  # a budget of equivalents, counted at SD3.5-medium's DRM cost too
+        at_sd35 = {m: [gold_at([{**r, "sd35": sd35_equivalents(r)} for r in runs[m, s]],
+                               cfg.max_nfe, axis="sd35") for s in seeds] for m in modes}
+        lines += ["", f"Gold at exactly {cfg.max_nfe:,} DiT-pass equivalents counted at "
+                  f"SD3.5-medium's DRM cost ({SD35_MEDIUM_DRM_COST:.3f} a DRM pass), the same "
+                  "runs:", "", *paired_rows(at_sd35, modes, reference, df)]
     if rescored:
         lines += ["", f"The final checkpoints (each run's last evaluation, at or just past the "
                   f"budget) re-scored on the held-out prompts x {cfg.rescore} noises (seed "
@@ -364,13 +379,16 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
                   "|---|---|---|---|"]
         for mode, key in others:
             start = mean_se([runs[mode, s][0][key] for s in seeds])[0]
-            end, end_se = mean_se([gold_at(runs[mode, s], cfg.max_nfe, key) for s in seeds])
+            end, end_se = mean_se([gold_at(runs[mode, s], limit, key, axis) for s in seeds])
             lines.append(f"| {mode} | {key[len('gold_cfg'):]} | {start:.4f} | {end:.4f} ± "
                          f"{end_se:.4f} |")
     return "\n".join(lines)
 
 
-def plot(runs, modes, seeds, path, title):
+def plot(runs, modes, seeds, path, title, axis="dit_equivalents"):
+    """Gold against the budget's axis (DiT-pass equivalents, or updates), mean ± s.e. over seeds;
+    beside it gold against wall time, or with a budget of updates the DRM's score (what a run
+    that hacks its reward raises while gold falls)."""
     try:
         import matplotlib
     except ImportError:
@@ -379,10 +397,10 @@ def plot(runs, modes, seeds, path, title):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
-    budget = min(runs[m, s][-1]["dit_equivalents"] for m in modes for s in seeds)
-    grid = [budget * i / 100 for i in range(101)]
+    end = min(runs[m, s][-1][axis] for m in modes for s in seeds)
+    grid = [end * i / 100 for i in range(101)]
     for mode in modes:
-        curves = [[gold_at(runs[mode, s], x) for x in grid] for s in seeds]
+        curves = [[gold_at(runs[mode, s], x, axis=axis) for x in grid] for s in seeds]
         stats = [mean_se(list(values)) for values in zip(*curves)]
         mean, se = [m for m, _ in stats], [e for _, e in stats]
         style = "--" if "window" in mode else ":" if "score" in mode or "last" in mode else "-"
@@ -392,15 +410,16 @@ def plot(runs, modes, seeds, path, title):
                 axes[0].plot(grid, curve, color=line.get_color(), linewidth=0.6, alpha=0.35)
         axes[0].fill_between(grid, [m - e for m, e in zip(mean, se)],
                              [m + e for m, e in zip(mean, se)], alpha=0.12)
-        time = [sum(runs[mode, s][i]["time_s"] for s in seeds) / len(seeds)
-                for i in range(len(runs[mode, seeds[0]]))]
-        gold = [sum(runs[mode, s][i]["gold"] for s in seeds) / len(seeds) for i in range(len(time))]
-        axes[1].plot(time, gold, label=mode, linestyle=style)
-    for ax, label in zip(axes,
-                         ("DiT-pass equivalents (DiT passes + DRM passes x their FLOPs share)",
-                                "wall time, s (1 CPU thread)")):
-        ax.set_xlabel(label)
-        ax.set_ylabel("held-out gold")
+        right = ("step", "drm") if axis == "step" else ("time_s", "gold")
+        rows = range(min(len(runs[mode, s]) for s in seeds))
+        axes[1].plot(*[[sum(runs[mode, s][i][key] for s in seeds) / len(seeds) for i in rows]
+                       for key in right], label=mode, linestyle=style)
+    labels = ((("updates", "held-out gold"), ("updates", "held-out DRM score")) if axis == "step"
+              else (("DiT-pass equivalents (DiT passes + DRM passes x their FLOPs share)",
+                     "held-out gold"), ("wall time, s (1 CPU thread)", "held-out gold")))
+    for ax, (x_label, y_label) in zip(axes, labels):
+        ax.set_xlabel(x_label)
+        ax.set_ylabel(y_label)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.suptitle(f"{title}: mean ± s.e. over seeds {seeds}")
@@ -431,7 +450,8 @@ def main(cfg):
     os.makedirs(cfg.out_dir, exist_ok=True)
     report = os.path.join(cfg.out_dir, cfg.experiment)
     write_text(report + ".md", table + "\n")
-    figure = plot(runs, modes, seeds, report + ".png", f"GRPO on the toy, {cfg.experiment}")
+    figure = plot(runs, modes, seeds, report + ".png", f"GRPO on the toy, {cfg.experiment}",
+                  budget(cfg)[1])
     print(f"wrote {report}.md" + (f" and {report}.png" if figure else ""))
     return table
 

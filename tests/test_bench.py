@@ -316,6 +316,48 @@ def test_the_credit_bench_tells_a_finished_run_from_a_cut_one(tmp_path):
     assert finished(cfg, tmp_path) and not finished(cfg, tmp_path / "nowhere")
 
 
+def test_a_budget_of_updates_runs_and_reads_each_run_to_that_update(tmp_path, monkeypatch):
+    """--updates=N (the collapse): a run is finished at update N whatever its equivalents, its
+    command asks for N updates and no equivalents' budget, and the table reads gold at update N
+    (not at --max_nfe) without the SD3.5 section, which is about a budget of equivalents."""
+    import subprocess
+
+    from bench.grpo_credit import Config, finished, run_all, summarise
+    cfg = Config(updates=120, max_nfe=100, out_dir=str(tmp_path))
+    rows = [{"step": 0, "dit_equivalents": 0.0}, {"step": 100, "dit_equivalents": 1e6}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert not finished(cfg, tmp_path)  # far past --max_nfe, short of 120 updates
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 120, "dit_equivalents": 2e6}) + "\n")
+    assert finished(cfg, tmp_path)
+    commands = []
+
+    class Finished:  # a child that "ran": records its command, leaves a finished metrics file
+        def __init__(self, command, **kwargs):
+            commands.append(command)
+            self.args, self.returncode = command, 0
+            out = next(a for a in command if a.startswith("--out_dir="))[len("--out_dir="):]
+            with open(os.path.join(out, "metrics.jsonl"), "w") as f:
+                f.write(json.dumps({"step": 120, "dit_equivalents": 5.0}) + "\n")
+
+        def wait(self):
+            return 0
+    monkeypatch.setattr(subprocess, "Popen", Finished)
+    run_all(cfg, [("stepwise", 0, 3e-5)])
+    assert "--max_nfe=0" in commands[0] and "--updates=120" in commands[0]
+
+    def run(golds):
+        return [{"step": 60 * i, "dit_equivalents": 1000.0 * i, "gold": g, "drm": 0.1 * i}
+                for i, g in enumerate(golds)]
+    runs = {("ref", 0): run([-1.0, -0.8, -0.6]), ("ref", 1): run([-1.0, -0.9, -0.7]),
+            ("new", 0): run([-1.0, -0.5, -0.4]), ("new", 1): run([-1.0, -0.6, -0.3])}
+    table = summarise(cfg, runs, ["ref", "new"], "ref", [0, 1])
+    # at update 120: ref -0.6, -0.7 (mean -0.65); new -0.4, -0.3: differences 0.2, 0.4
+    row = next(line for line in table.splitlines() if line.startswith("| new |"))
+    assert "| new | 2 | -1.0000 | -0.3500 ± 0.0500 | +0.3000 ± 0.1000 |" in row, row
+    assert "120 updates a run, gold read at the last" in table and "counted at SD3.5" not in table
+
+
 def test_each_arm_takes_the_lr_best_on_the_tuning_seeds(tmp_path):
     """grpo_credit.choose_lr: the best mean gold at the budget over the tuning seeds; the sparse
     variants take sparse's; a verdict's seeds are never the tuning seeds; a second call with every
