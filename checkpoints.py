@@ -1,5 +1,6 @@
 """Checkpoints and run folders: safetensors files with their config and step, written atomically;
-a run's --out_dir held by one run; resume checks; graceful stops; non-finite guards; image grids.
+a run's --out_dir held by one run; resume; graceful stops (the flags' resume check and the
+non-finite guards are common.py's).
 
 A checkpoint is written to a temporary file and renamed, so an interrupt never leaves half a file; a
 run never saves a diverged model (non-finite values stop it first), its folder belongs to one run,

@@ -244,9 +244,9 @@ def check_flags(cfg):
             if meta.get("within") and not in_interval(number, meta["within"]):
                 zero = f" (0: {meta['zero']})" if meta.get("zero") else ""
                 raise FlagError(f"--{name}={shown}: must be in {meta['within']}{zero}")
-    for group in {id(owner): owner for owner, _ in flag_fields(cfg)}.values():
-        if hasattr(group, "check"):  # a group's rule across its flags (base.ModelFlags)
-            group.check()
+    for flags in {id(owner): owner for owner, _ in flag_fields(cfg)}.values():
+        if callable(getattr(type(flags), "check", None)):  # a group's rule (base.ModelFlags)
+            flags.check()
     given = given_flags(cfg)
     for _, field in flag_fields(cfg):
         rule = field.metadata.get("used")
@@ -260,16 +260,15 @@ def check_resumed_config(saved, cfg, may_change):
     saved config are refused, naming them; changes to may_change (learning rate, length, evaluation
     cadence, memory knobs) apply
     -> {flag: (saved, now)}, printed. A field this version does not know is refused; one the saved
-    run did not
-    know yet must be at its default. Values compare as written (a list of numbers saved as
-    "0,1,3" by an earlier version equals (0, 1, 3))."""
+    run did not know yet must be at its default. Values compare as written (a list of numbers
+    saved as "0,1,3" by an earlier version equals (0, 1, 3))."""
     fields = {f.name: (owner, f) for owner, f in flag_fields(cfg)}
     defaults = {f.name: (owner, f) for owner, f in flag_fields(type(cfg)())}
     unknown = sorted(set(saved) - set(fields))
     if unknown:
         raise UserError("--resume: the saved run has flags this version does not know "
-                              f"({', '.join(unknown)}): it was written by another version of "
-                              "nanoDRM; resume it with that version")
+                        f"({', '.join(unknown)}): it was written by another version of nanoDRM; "
+                        "resume it with that version")
     changed, refused = {}, []
     for name, (owner, field) in fields.items():
         default = getattr(defaults[name][0], name)

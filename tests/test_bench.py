@@ -249,7 +249,7 @@ def test_the_credit_table_by_hand():
 
 def test_the_headline_tables_at_sd35s_drm_cost_and_re_scored_by_hand():
     """grpo_credit: gold at the budget on the axis that counts a DRM pass at SD3.5-medium's cost
-    (load_run's sd35_equivalents), and the re-scored final checkpoints, each paired by seed with
+    (summarise's sd35_equivalents), and the re-scored final checkpoints, each paired by seed with
     its interval at 2 df and verdict."""
     from bench.grpo_credit import Config, summarise
 
@@ -262,7 +262,7 @@ def test_the_headline_tables_at_sd35s_drm_cost_and_re_scored_by_hand():
             ("new", 0): run([-1.0, -0.5, -0.3]), ("new", 1): run([-1.0, -0.6, -0.4]),
             ("new", 2): run([-1.0, -0.6, -0.2])}
     # an evaluation i sits at 40 i + 2 x 4 i + 10 i x 2.19 / 2.44 = 56.975 i on that axis: the
-    # budget 75 is 0.31637 of the way from the first to the second
+    # budget 75 is 0.31637 of the way from evaluation 1 to evaluation 2
     f = (75 - 56.975) / 56.975
     ref = [-0.8 + 0.2 * f, -0.9 + 0.2 * f, -0.7 + 0.2 * f]
     new = [-0.5 + 0.2 * f, -0.6 + 0.2 * f, -0.6 + 0.4 * f]
@@ -345,6 +345,8 @@ def test_a_budget_of_updates_runs_and_reads_each_run_to_that_update(tmp_path, mo
     monkeypatch.setattr(subprocess, "Popen", Finished)
     run_all(cfg, [("stepwise", 0, 3e-5)])
     assert "--max_nfe=0" in commands[0] and "--updates=120" in commands[0]
+    # its own folder: never the one a run to the budget of equivalents stopped in
+    assert f"--out_dir={tmp_path}/stepwise_lr3e-05_seed0_updates120" in commands[0]
 
     def run(golds):
         return [{"step": 60 * i, "dit_equivalents": 1000.0 * i, "gold": g, "drm": 0.1 * i}
@@ -406,3 +408,34 @@ def test_the_best_of_n_pool_holds_the_ode_rows_samples():
     # the same computation in a batch of 32 and one of 2: float32 rounding of the gold alone
     expected = torch.tensor(ode["gold_per_image"], dtype=torch.float64)
     within(max_abs(gold[:, 0], expected), 1e-4, "gold")
+
+
+@pytest.mark.ex1_flow_matching  # it samples by the ODE
+def test_a_run_is_re_scored_once_a_checkpoint_and_again_when_trained_on(tmp_path):
+    """grpo_credit.rescore: the run's final policy (here the shipped base, as a run folder holds
+    it) on the held-out prompts x N noises of seed 5678, sampled as the run's evaluations sample
+    (its saved steps, guidance, shift) -> evaluation.evaluate's gold for that model; cached for the
+    checkpoint's step, scored afresh when the folder holds a later one."""
+    import shutil
+
+    from bench.grpo_credit import RESCORE_SEED, Config, rescore, run_dir
+    from data.toy import ToyBase
+    from evaluation import evaluate
+    cfg = Config(out_dir=str(tmp_path), rescore=1)
+    path = run_dir(cfg, "stepwise", 0, 1e-4)
+    os.makedirs(path)
+    shutil.copy("data/base.safetensors", os.path.join(path, "model.safetensors"))
+    saved = {"eval_prompts": "", "eval_steps": 3, "eval_cfg_scale": 2.0, "shift": 1.0}
+    torch.save({"step": 7, "config": saved}, os.path.join(path, "train_state.pt"))
+    base = ToyBase.load("data/base.safetensors", "cpu")
+    expected = evaluate(base.dit, base, base.heldout_prompts("", []), 1, seed=RESCORE_SEED,
+                        steps=3, cfg_scale=2.0, shift=1.0)[0]["gold"]
+    # the same model, prompts, noise and steps: equal but for the batch's float32 rounding
+    # (measured 0; a wrong seed or step count moves it by ~0.1)
+    within(abs(rescore(cfg, "stepwise", 0, 1e-4) - expected), 1e-5, "re-scored gold")
+    cache = os.path.join(path, "rescore_1.json")
+    json.dump({"step": 7, "gold": 123.0}, open(cache, "w"))  # a cached score is read back
+    assert rescore(cfg, "stepwise", 0, 1e-4) == 123.0
+    torch.save({"step": 9, "config": saved}, os.path.join(path, "train_state.pt"))
+    within(abs(rescore(cfg, "stepwise", 0, 1e-4) - expected), 1e-5, "a later checkpoint's gold")
+    assert json.load(open(cache))["step"] == 9
