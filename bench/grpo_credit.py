@@ -33,12 +33,10 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
-import torch
-
 from base import ModelFlags, load_base
 from bench.stats import SD35_MEDIUM_DRM_COST, interval, mean_se, t_critical, verdict
-from checkpoints import check_writable, write_text
-from common import UserError, check_flags, flag, print_config, run_main
+from checkpoints import check_writable, load_training_state, write_text
+from common import UserError, check_flags, flag, print_config, read_text, run_main
 from evaluation import evaluate
 
 # Flow-GRPO's KL beta for a preference reward (its pickscore_sd3 config: 0.01; GenEval's: 0.04)
@@ -260,9 +258,10 @@ def rescore(cfg, mode, seed, lr):
     gold, cached in the run folder."""
     path = run_dir(cfg, mode, seed, lr)
     cache = os.path.join(path, f"rescore_{cfg.rescore}.json")
-    state = torch.load(os.path.join(path, "train_state.pt"), weights_only=False)
-    if os.path.exists(cache) and json.load(open(cache)).get("step") == state["step"]:
-        return json.load(open(cache))["gold"]  # (a checkpoint trained on since is scored again)
+    state = load_training_state(os.path.join(path, "train_state.pt"), "cpu")
+    cached = json.loads(read_text(cache, "a re-score")) if os.path.exists(cache) else {}
+    if cached.get("step") == state["step"]:  # (a checkpoint trained on since is scored again)
+        return cached["gold"]
     saved = state["config"]
     base = load_base(ModelFlags(base=os.path.join(path, "model.safetensors")), "cpu")
     summary = evaluate(base.dit, base, base.heldout_prompts(saved["eval_prompts"], []),
@@ -350,8 +349,7 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
             span = "[{:+.4f}, {:+.4f}]".format(*interval(diff, diff_se, df)) if df else ""
         last = [runs[mode, s][-1] for s in seeds]
         average = lambda key: sum(r.get(key, 0) for r in last) / len(last)  # noqa: E731
-        sd35 = (average("nfe") + average("backward_cost") * average("backward_passes")
-                + SD35_MEDIUM_DRM_COST * average("drm_calls"))
+        sd35 = sum(sd35_equivalents(r) for r in last) / len(last)
         hit = reaching(runs, mode, seeds, target, axis) if target is not None else None
         hacked = [s for s in seeds if runs[mode, s][-1]["drm"] > runs[mode, s][0]["drm"]
                   and runs[mode, s][-1]["gold"] < runs[mode, s][0]["gold"]]
@@ -364,11 +362,12 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
                      f"{average('dit_equivalents'):,.0f} ({sd35:,.0f}) | "
                      + (f"{hit[0]:,.0f} ({hit[1]:,.0f})" if hit else "not reached") + " | "
                      f"{'seeds ' + str(hacked) if hacked else 'no'} |")
-    at_sd35 = {m: [gold_at([{**r, "sd35": sd35_equivalents(r)} for r in runs[m, s]],
-                           cfg.max_nfe, axis="sd35") for s in seeds] for m in modes}
     # a budget of equivalents, counted at SD3.5-medium's DRM cost too (a DRM pass dearer than the
     # toy's: each run reaches that budget sooner on that count)
-    if not cfg.updates and None not in sum(at_sd35.values(), []):
+    at_sd35 = {} if cfg.updates else {
+        m: [gold_at([{**r, "sd35": sd35_equivalents(r)} for r in runs[m, s]], cfg.max_nfe,
+                    axis="sd35") for s in seeds] for m in modes}
+    if at_sd35 and None not in sum(at_sd35.values(), []):
         lines += ["", f"Gold at exactly {cfg.max_nfe:,} DiT-pass equivalents counted at "
                   f"SD3.5-medium's DRM cost ({SD35_MEDIUM_DRM_COST:.3f} a DRM pass), the same "
                   "runs:", "", *paired_rows(at_sd35, modes, reference, df)]
