@@ -524,8 +524,9 @@ def load_module(module, tensors, prefix, path):
     return module
 
 
-def load_training_state(path, device):
-    """The dict save_training_state wrote, for --resume; a clear error when there is none."""
+def load_training_state(path, device, config=None, may_change=()):
+    """The dict save_training_state wrote, for --resume; a clear error when there is none. Given
+    the run's config: its flags checked against the saved run's (check_resumed_config)."""
     if not os.path.exists(path):
         raise UserError(f"--resume: {path} does not exist (no run has saved there)")
     try:
@@ -543,6 +544,8 @@ def load_training_state(path, device):
     if bad is not None:  # a damaged or diverged save: resuming would only spread it
         raise CheckpointError(f"--resume: {path} holds NaN or inf ({bad}): it cannot be resumed; "
                               "start afresh in another --out_dir")
+    if config is not None:
+        check_resumed_config(state["config"], config, may_change)
     return state
 
 
@@ -574,8 +577,7 @@ def check_state_fits(path, name, module, saved, trained_only=False):
 def resume_training_state(path, device, config, may_change, **stateful):
     """Load path (train_state.pt), check the run's flags against it (check_resumed_config), restore
     each named module / optimizer from state[name] and torch's RNG; -> the state."""
-    state = load_training_state(path, device)
-    check_resumed_config(state["config"], config, may_change)
+    state = load_training_state(path, device, config, may_change)
     for name, obj in stateful.items():
         if isinstance(obj, torch.nn.Module):
             check_state_fits(path, name, obj, state[name])

@@ -25,8 +25,8 @@ from typing import Callable
 import torch
 
 from common import InputError
-from model import guided_velocity
-from sde import Draws, candidate_log_probs, passes, propose, score_noisy, sde_mean_std
+from sde import (Draws, candidate_log_probs, guided_velocity, passes, propose, score_noisy,
+                 sde_mean_std)
 
 # -----------------------------------------------------------------------------
 # 1. Rollouts: a trajectory per row of noise; with k > 1 every step branches into k candidates

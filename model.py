@@ -390,21 +390,6 @@ def add_noise(x0, sigma, noise):
     return (1 - s) * x0 + s * noise
 
 
-def guided_velocity(model, x, sigma, cond, uncond, cfg_scale, *, uncond_grad=True):
-    """Classifier-free guidance with the conditional and unconditional passes in one batch.
-    cond, uncond: (context, pooled) pairs. cfg_scale = 1 (or uncond None) skips the unconditional
-    pass. uncond_grad=False stops the gradient through the unconditional branch (as Flow-GRPO)."""
-    sigma = sigma.expand(x.shape[0])
-    if uncond is None or cfg_scale == 1.0:
-        return model(x, sigma, *cond)
-    both = model(torch.cat([x, x]), torch.cat([sigma, sigma]),
-                 torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]))
-    v_cond, v_uncond = both.chunk(2)
-    if not uncond_grad:
-        v_uncond = v_uncond.detach()
-    return v_uncond + cfg_scale * (v_cond - v_uncond)
-
-
 def flow_matching_loss(model, x0, context, pooled, sigma=None, noise=None):
     """Per-sample MSE between the predicted velocity and noise - x0 -> (B,) losses, sigma (B,).
 

@@ -34,8 +34,6 @@ from dataclasses import dataclass
 import torch
 from tqdm import tqdm
 
-from model import guided_velocity
-
 # -----------------------------------------------------------------------------
 # 1. SD3's sampling grid, and the Euler ODE sampler on it
 
@@ -52,6 +50,21 @@ def sigma_schedule(steps, shift=1.0, dtype=torch.float32):
     the last step is short; that is SD3's grid (our samples are diffusers'). Made in float64."""
     sigmas = bend(torch.linspace(1, bend(1 / 1000, shift), steps, dtype=torch.float64), shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
+
+def guided_velocity(model, x, sigma, cond, uncond, cfg_scale, *, uncond_grad=True):
+    """Classifier-free guidance with the conditional and unconditional passes in one batch.
+    cond, uncond: (context, pooled) pairs. cfg_scale = 1 (or uncond None) skips the unconditional
+    pass. uncond_grad=False stops the gradient through the unconditional branch (as Flow-GRPO)."""
+    sigma = sigma.expand(x.shape[0])
+    if uncond is None or cfg_scale == 1.0:
+        return model(x, sigma, *cond)
+    both = model(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                 torch.cat([cond[0], uncond[0]]), torch.cat([cond[1], uncond[1]]))
+    v_cond, v_uncond = both.chunk(2)
+    if not uncond_grad:
+        v_uncond = v_uncond.detach()
+    return v_uncond + cfg_scale * (v_cond - v_uncond)
+
 
 @torch.no_grad()
 def sample_ode(model, noise, cond, uncond=None, *, steps=20, cfg_scale=1.0, shift=1.0,
@@ -202,7 +215,7 @@ def propose(sampler, x, i, *, noise_level, k=1, draws=None, noise_scale=1.0):
 
 
 def passes(uncond, cfg_scale):
-    """Forward passes of one guided velocity (model.guided_velocity): 2, or 1 unguided."""
+    """Forward passes of one guided velocity (guided_velocity): 2, or 1 unguided."""
     return 2 if uncond is not None and cfg_scale != 1 else 1
 
 

@@ -150,12 +150,14 @@ class Scorer:
 class Batch:
     """This rank's share of an update's trajectories: the policy on their prompts (its passes
     rollout_batch rows at a time), their initial noise, the DRM on their prompts, the update's
-    random streams (streams) and the SDE's draws from them (sde.Draws)."""
+    random streams (streams), the SDE's draws from them (sde.Draws) and which of the update's
+    trajectories are this rank's (`rows`)."""
     sampler: Sampler
     noise: torch.Tensor
     scorer: Scorer
     streams: SimpleNamespace
     draws: Draws
+    rows: slice
 
 
 def draw_batch(cfg, base, models, train_prompts, ranks, *, update, per_prompt):
@@ -171,7 +173,7 @@ def draw_batch(cfg, base, models, train_prompts, ranks, *, update, per_prompt):
     policy = partial(in_chunks, models.policy, cfg.hardware.rollout_batch)
     sampler = Sampler(policy, sigma_schedule(cfg.steps, cfg.shift).to(device), cond, uncond,
                       cfg.cfg_scale)
-    return Batch(sampler, noise, scorer, rng, Draws(rng.sde, rng.picks, ranks.shard_id))
+    return Batch(sampler, noise, scorer, rng, Draws(rng.sde, rng.picks, ranks.shard_id), mine)
 
 
 def pass_costs(base, models, prompt):

@@ -31,8 +31,8 @@ import rivals.policy
 import train_ops
 from base import ModelFlags, load_base
 from checkpoints import GracefulStop, RunDir, load_training_state
-from common import (UserError, any_rank, autocast, check_finite, check_flags, check_resumed_config,
-                    flag, group, print_config, run_main, setup_device)
+from common import (UserError, any_rank, autocast, check_flags, flag, group, print_config, run_main,
+                    setup_device)
 from evaluation import EvalFlags
 from sde import passes
 
@@ -121,7 +121,7 @@ def ppo_steps(cfg, models, rollout, advantages, batch, ranks, *, update, advice)
     """Every trained (step, trajectory) pair of the rollout once, in `minibatches` AdamW steps on
     grpo_loss (a minibatch in pieces: train_ops.pieces) -> (mean stats, the passes of the update:
     the rollout's and these)."""
-    world, mine = ranks.world, ranks.shard(cfg.trajectories, "--trajectories")
+    world, mine = ranks.world, batch.rows
     marked = rollout.trained.repeat(1, world).flatten()  # the ranks' rows are marked alike
     pairs = marked.nonzero().flatten()[torch.randperm(int(marked.sum()),
                                                       generator=batch.streams.order)]
@@ -137,9 +137,7 @@ def ppo_steps(cfg, models, rollout, advantages, batch, ranks, *, update, advice)
                 loss, piece_stats = grpo.grpo_loss(models.loss_policy, rollout, advantages,
                                                    step_ids, rows, ppo=ppo,
                                                    reference=models.reference)
-            loss = loss * weight
-            check_finite(loss, update, "loss", advice)
-            loss.backward()
+            (loss * weight).backward()  # a non-finite loss: optimizer_step refuses its gradient
             if weight or not stats:
                 stats.append(piece_stats)
         train_ops.optimizer_step(models, cfg.grad_clip, update, advice)
@@ -162,19 +160,19 @@ def check(cfg):
 
 def main(cfg):
     cfg = check(cfg)
+    device, ranks = setup_device(cfg.hardware.device)
+    if cfg.hardware.fsdp and ranks.world == 1:
+        raise UserError("--fsdp shards the policy over torchrun's processes: launch with "
+                        "torchrun --nproc_per_node=N")
+    print_config(cfg)
     inputs = {**cfg.pretrained.inputs(), "--drm=": cfg.drm, "--prompts=": cfg.prompts,
               "--eval_prompts=": cfg.evaluation.eval_prompts}
     with RunDir(cfg.out_dir, cfg.resume, cfg.overwrite, OUTPUTS, inputs=inputs) as run_dir, \
             GracefulStop() as stop:
-        print_config(cfg)
-        state = load_training_state(run_dir.file("train_state.pt"), "cpu") if cfg.resume else None
+        state = (load_training_state(run_dir.file("train_state.pt"), "cpu", cfg, MAY_CHANGE)
+                 if cfg.resume else None)
         if state:
-            check_resumed_config(state["config"], cfg, MAY_CHANGE)
             run_dir.check_inputs(state.get("inputs"))
-        device, ranks = setup_device(cfg.hardware.device)
-        if cfg.hardware.fsdp and ranks.world == 1:
-            raise UserError("--fsdp shards the policy over torchrun's processes: launch with "
-                            "torchrun --nproc_per_node=N")
         torch.manual_seed(cfg.seed)
         base = load_base(cfg.pretrained, device)
         train_prompts = base.train_prompts(cfg.prompts)

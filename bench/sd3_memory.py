@@ -31,11 +31,11 @@ from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 from common import UserError, check_flags, count_flops, flag, in_chunks, print_config, run_main
 from grpo import Candidates, grpo_loss, sample_rollout
 from lora import add_lora
-from model import PRESETS, DiTConfig, build_dit, guided_velocity
+from model import PRESETS, DiTConfig, build_dit
 from reward import DRM, bradley_terry_loss
 from sd3.text import CLIPConfig, CLIPTextEncoder, T5Config, T5Encoder, sd3_prompt_embedding
 from sd3.vae import VAE
-from sde import Sampler, propose, sigma_schedule
+from sde import Sampler, guided_velocity, propose, sigma_schedule
 
 GIB = 2 ** 30
 PRESET = PRESETS["sd3.5-medium"]

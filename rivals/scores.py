@@ -23,9 +23,8 @@ import torch
 
 from common import flag, used_with
 from evaluation import spearman
-from model import guided_velocity
-from sde import (Draws, Sampler, drm_on, initial_noise, passes, propose, score_noisy,
-                 sigma_schedule, take)
+from sde import (Draws, Sampler, drm_on, guided_velocity, initial_noise, passes, propose,
+                 score_noisy, sigma_schedule, take)
 
 
 def score_x0(reward, step, i, rows, sampler):

@@ -9,8 +9,7 @@ from conftest import random_small_dit as random_dit
 
 from common import in_chunks
 from grpo import PPO, Candidates, grpo_loss, sample_rollout, stepwise_advantages
-from model import guided_velocity
-from sde import Draws, Sampler, propose, score_noisy, sde_step, sigma_schedule
+from sde import Draws, Sampler, guided_velocity, propose, score_noisy, sde_step, sigma_schedule
 
 
 @pytest.mark.ex3_sde_step

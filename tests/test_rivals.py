@@ -18,14 +18,13 @@ import train_ops
 import train_policy
 from common import run_main
 from grpo import Candidates, grpo_loss, sample_rollout
-from model import guided_velocity
 from rivals.credit import (CREDIT, cosine_advantages, cosine_weights, parse_window, sample_tree,
                            terminal_advantages, tree_advantages, window_at)
 from rivals.reward import thurstone_loss, with_ensemble
 from rivals.search import prune_sample, smc_sample
 from sample import best_of_n, stepwise_sample
-from sde import (Draws, Sampler, drm_on, gaussian_log_prob, propose, sample_ode, sde_mean_std,
-                 sigma_schedule, take)
+from sde import (Draws, Sampler, drm_on, gaussian_log_prob, guided_velocity, propose, sample_ode,
+                 sde_mean_std, sigma_schedule, take)
 
 TRAINING = [pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm, pytest.mark.ex3_sde_step,
             pytest.mark.ex4_grpo]
