@@ -27,11 +27,14 @@ ratio (0.90) too. Each method's verdict: its gold minus best-of-N's at the same 
 (interpolated in N), per image, mean +- s.e. clustered by prompt (images of one prompt are not
 independent); "beats" or "loses" only when its two-sided 95% interval at prompts - 1 degrees of
 freedom excludes 0 (bench/stats.py), else "tie". Writes OUT.json, OUT.md and OUT.png (needs
-matplotlib).
+matplotlib). Each measured point is kept in OUT.partial.jsonl as it finishes: a sweep stopped midway
+and run again with the same flags and files measures only what is left (the points are independent:
+each draws from its own seeded generator), and the file is removed when the sweep is written.
 """
 import dataclasses
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 
@@ -39,7 +42,7 @@ import torch
 
 import sample
 from bench.stats import SD35_MEDIUM_DRM_COST, clustered, interval, verdict
-from checkpoints import check_writable, write_text
+from checkpoints import check_writable, fingerprint, write_text
 from common import (UserError, check_flags, count_flops, flag, pick_device, with_flags,
                     print_config, run_main)
 from data.toy import ToyBase
@@ -102,6 +105,44 @@ class Config:
     device: str = "auto"
 
 
+class Finished:
+    """The sweep's finished points {key: value}, kept in `path` (JSON lines: the flags and the
+    files' fingerprints, then one point a line) as each finishes. Kept points of other flags or
+    files are dropped; a line cut short by a kill is dropped with what follows it."""
+
+    def __init__(self, path, identity):
+        self.path, self.done = path, {}
+        kept = []
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        kept.append(json.loads(line))
+                    except json.JSONDecodeError:
+                        break
+        if kept and kept[0] == {"identity": identity}:
+            self.done = {entry["key"]: entry["value"] for entry in kept[1:]}
+            print(f"resuming: {len(self.done)} points kept in {path}")
+        elif kept:
+            print(f"{path} kept points of other flags or files: measuring afresh")
+        write_text(path, "".join(json.dumps(line) + "\n" for line in
+                                 [{"identity": identity}] + [{"key": k, "value": v}
+                                                             for k, v in self.done.items()]))
+
+    def get(self, key, measure):
+        """The point's kept value, or measure() now, kept before it is returned."""
+        if key not in self.done:
+            self.done[key] = measure()
+            with open(self.path, "a") as f:
+                f.write(json.dumps({"key": key, "value": self.done[key]}) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        return self.done[key]
+
+    def close(self):
+        os.remove(self.path)
+
+
 def drm_cost(dit, drm, x, cond, drm_cond):
     """-> (a DRM pass's FLOPs over an unguided DiT pass's, the same in seconds, median of 3), on one
     state."""
@@ -149,8 +190,8 @@ def best_of_at(curves, budget, sample_passes, cost):
     return None
 
 
-def measure(cfg, point, base, drm, drm_text, pool, prompts, show=True):
-    """One point of the sweep -> its row (printed as a table line when show)."""
+def measure(cfg, point, base, drm, drm_text, pool, prompts):
+    """One point of the sweep -> its row."""
     method, label, overrides = point
     options = with_flags(sample.Config(), noise_level=cfg.noise_level, **overrides)
     # an image's particles adjacent
@@ -179,9 +220,6 @@ def measure(cfg, point, base, drm, drm_text, pool, prompts, show=True):
            "diversity": diversity(images.cpu(), cfg.per_prompt), "dit_passes": counts["nfe"] / n,
            "drm_passes": counts["drm_calls"] / n, "ms": 1000 * seconds / n,
            "gold_per_image": gold.tolist()}
-    if show:
-        print(f"| {label} | {row['gold']:.4f} ± {row['gold_se']:.4f} | {row['dit_passes']:.0f} | "
-              f"{row['drm_passes']:.0f} | {row['ms']:.1f} |", flush=True)
     return row
 
 
@@ -265,16 +303,16 @@ def training_prompts(base):
     return [train[8 * d + d % 8] for d in range(10)]
 
 
-def tune_lmbda(cfg, base, drm, drm_text):
+def tune_lmbda(cfg, base, drm, drm_text, finished):
     """SMC's lambda for the held-out sweep: the one of --lmbdas whose SMC N=4 has the best mean
     gold on the training prompts (their own noises) -> (lambda, {lambda: that gold})."""
     prompts = [p for p in training_prompts(base) for _ in range(cfg.per_prompt)]
     pool = initial_noise(base.dit, len(prompts) * 4, torch.Generator().manual_seed(cfg.seed + 1))
     pool = pool.view(len(prompts), 4, *pool.shape[1:]).to(next(base.dit.parameters()).device)
-    gold = {lmbda: measure(cfg, ("smc", f"SMC N=4, lambda {lmbda:g}", {"search": "smc",
-                                                                     "particles": 4,
-                                                                     "lmbda": lmbda}),
-                           base, drm, drm_text, pool, prompts, show=False)["gold"]
+    point = lambda lmbda: ("smc", f"SMC N=4, lambda {lmbda:g}",  # noqa: E731
+                           {"search": "smc", "particles": 4, "lmbda": lmbda})
+    gold = {lmbda: finished.get(f"tuning: {point(lmbda)[1]}", lambda: measure(
+                cfg, point(lmbda), base, drm, drm_text, pool, prompts)["gold"])
             for lmbda in cfg.lmbdas}
     best = max(cfg.lmbdas, key=lambda lmbda: (gold[lmbda], -lmbda))
     shown = ", ".join(f"{lmbda:g}: {g:.4f}" for lmbda, g in gold.items())
@@ -287,7 +325,7 @@ def main(cfg):
     if not cfg.lmbdas:
         raise UserError("--lmbdas: give at least one lambda, e.g. --lmbdas=1,10,100")
     settings(cfg, cfg.lmbdas)  # the methods checked before any work
-    for suffix in (".json", ".md", ".png"):  # before any work
+    for suffix in (".json", ".md", ".png", ".partial.jsonl"):  # before any work
         check_writable(cfg.out + suffix, "--out=")
     print_config(cfg)
     device = pick_device(cfg.device)
@@ -296,10 +334,14 @@ def main(cfg):
     if cfg.compile:
         compile_regions(base.dit)
         compile_regions(drm.backbone)
+    identity = {"flags": {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items()
+                          if k not in ("out", "methods")},
+                "files": {"--base=": fingerprint(cfg.base), "--drm=": fingerprint(cfg.drm)}}
+    finished = Finished(cfg.out + ".partial.jsonl", identity)
     tuning, lmbdas = None, cfg.lmbdas
     if (cfg.prompt_set == "heldout" and len(lmbdas) > 1
             and "smc" in {p[0] for p in settings(cfg, lmbdas)}):
-        best, gold = tune_lmbda(cfg, base, drm, drm_text)
+        best, gold = tune_lmbda(cfg, base, drm, drm_text, finished)
         tuning, lmbdas = {"lmbda": best, "gold_on_train": {f"{k:g}": v for k, v in gold.items()}}, (
             best,)
     points = settings(cfg, lmbdas)
@@ -315,8 +357,11 @@ def main(cfg):
                              drm_text.encode(prompts))
     # the first prompt's images
     one = slice(cfg.per_prompt)
-    measure(cfg, points[0], base, drm, drm_text, pool[one], prompts[one], show=False)   # warm-up
-    scores, gold, sample_passes = pool_of_samples(cfg, base, drm, drm_text, pool, prompts)
+    measure(cfg, points[0], base, drm, drm_text, pool[one], prompts[one])   # warm-up
+    scores, gold, sample_passes = finished.get("best-of-N's pool", lambda: [
+        v.tolist() if torch.is_tensor(v) else v
+        for v in pool_of_samples(cfg, base, drm, drm_text, pool, prompts)])
+    scores, gold = torch.tensor(scores), torch.tensor(gold)
     curves = {n: best_of_n_curve(scores, gold, n) for n in range(1, POOL + 1)}
     head = (f"{cfg.prompt_set} prompts, {len(prompt_list)} x {cfg.per_prompt} images, {cfg.steps} "
             f"steps, cfg {cfg.cfg_scale}, SDE noise {cfg.noise_level}; a DRM pass costs {cost:.3f} "
@@ -326,7 +371,13 @@ def main(cfg):
     header = ("| method | gold ± s.e. | DiT passes / image | DRM passes / image | ms / image "
               "|\n|---|---|---|---|---|")
     print(header)
-    rows = [measure(cfg, point, base, drm, drm_text, pool, prompts) for point in points]
+    rows = []
+    for point in points:
+        rows.append(finished.get(point[1], lambda: measure(cfg, point, base, drm, drm_text, pool,
+                                                            prompts)))
+        r = rows[-1]
+        print(f"| {r['label']} | {r['gold']:.4f} ± {r['gold_se']:.4f} | {r['dit_passes']:.0f} | "
+              f"{r['drm_passes']:.0f} | {r['ms']:.1f} |", flush=True)
     bon = "\n".join(f"| best-of-{n} | {curves[n].mean().item():.4f} ± "
                     f"{curves[n].std().item() / math.sqrt(len(gold)):.4f} | "
                     f"{sample_passes * n:.0f} | {n if n > 1 else 0} | "
@@ -357,6 +408,7 @@ def main(cfg):
              + ", ".join(f"{k} (gold {v:.4f})" for k, v in tuning["gold_on_train"].items())
              + "\n\n" if tuning else "")
     write_text(cfg.out + ".md", f"{head}\n\n{tuned}{table}\n\n{curve_table}\n\n{judged}\n")
+    finished.close()
     figure = plot(rows, curves, sample_passes, cost, cfg.out + ".png")
     print(f"wrote {cfg.out}.json, {cfg.out}.md" + (f", {cfg.out}.png" if figure else ""))
     return rows

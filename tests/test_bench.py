@@ -1,5 +1,6 @@
 """The benchmarks' analytic FLOP count against PyTorch's own FLOP counter; the memory simulation
 against arithmetic; the first-GPU check on the CPU toy."""
+import dataclasses
 import json
 import math
 import os
@@ -403,11 +404,45 @@ def test_the_best_of_n_pool_holds_the_ode_rows_samples():
     pool = pool.view(2, search.POOL, *pool.shape[1:])
     _, gold, passes = search.pool_of_samples(cfg, base, drm, drm_text, pool, prompts)
     ode = search.measure(cfg, ("ode", "ODE", {"search": "ode"}), base, drm, drm_text, pool,
-                         prompts, show=False)
+                         prompts)
     assert passes == 8
     # the same computation in a batch of 32 and one of 2: float32 rounding of the gold alone
     expected = torch.tensor(ode["gold_per_image"], dtype=torch.float64)
     within(max_abs(gold[:, 0], expected), 1e-4, "gold")
+
+
+@pytest.mark.ex5_beam_search
+def test_a_stopped_search_sweep_measures_only_what_is_left(tmp_path, monkeypatch):
+    """bench/search.py stopped at its third point (a kill's torn line left behind), run again:
+    the points kept are not measured again, nor is best-of-N's pool, and every row equals a sweep
+    run in one go (each point draws from its own seeded generator)."""
+    cfg = search.Config(methods=("ode", "stepwise"), per_prompt=2, steps=2, device="cpu",
+                        out=str(tmp_path / "whole"))
+    whole = search.main(cfg)
+    real_measure, real_pool, calls, stop = search.measure, search.pool_of_samples, [], [True]
+
+    def measure(*args):
+        calls.append(args[1][1])
+        if args[1][1] == "step-wise k=2" and stop:
+            stop.pop()
+            raise KeyboardInterrupt  # after the warm-up, the pool and the ODE's point
+        return real_measure(*args)
+    monkeypatch.setattr(search, "measure", measure)
+    monkeypatch.setattr(search, "pool_of_samples",
+                        lambda *args: (calls.append("pool"), real_pool(*args))[1])
+    cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
+    with pytest.raises(KeyboardInterrupt):
+        search.main(cut)
+    assert calls == ["ODE", "pool", "ODE", "step-wise k=2"]
+    with open(tmp_path / "cut.partial.jsonl", "a") as f:
+        f.write('{"key": "step-wise k=2", "val')  # a write cut short
+    calls.clear()
+    resumed = search.main(cut)
+    assert calls == ["ODE", "step-wise k=2", "step-wise k=4", "step-wise k=8"]  # warm-up first
+    timeless = lambda rows: [{k: v for k, v in r.items() if k != "ms"} for r in rows]  # noqa: E731
+    assert timeless(resumed) == timeless(whole)
+    assert not (tmp_path / "cut.partial.jsonl").exists()
+    assert "| step-wise k=8 |" in (tmp_path / "cut.md").read_text()
 
 
 @pytest.mark.ex1_flow_matching  # it samples by the ODE
