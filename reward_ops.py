@@ -15,7 +15,7 @@ from tqdm import tqdm
 from checkpoints import atomic_write, check_writable, save_training_state, write_text
 from common import (DeviceFlags, UserError, check_finite, check_weights, flag, flag_values,
                     unless_given, warmup_cosine)
-from data.pairs import CLOSE_GAP, Pairs, evaluate, load_split
+from data.pairs import CLOSE_GAP, Pairs, accuracy, gold_outcomes, load_split, pair_margins
 from evaluation import policy_pairs
 
 
@@ -91,10 +91,11 @@ def print_accuracy(results, what, path, close_gap):
         print(f"| {sigma} | " + " | ".join(f"{result[c]:.1%}" for c in columns) + " |")
 
 
-def write_evaluation(path, checkpoint, meta, cfg, results, ranking=None):
+def write_evaluation(path, checkpoint, meta, cfg, results, ranking=None, per_pair=None):
     write_text(path, json.dumps({"checkpoint": checkpoint, "init": meta.get("init"),
                                  "step": meta.get("step"), "eval_set": cfg.evaluation.eval_set,
-                                 "accuracy": results, "candidate_ranking": ranking}, indent=1))
+                                 "accuracy": results, "candidate_ranking": ranking,
+                                 "per_pair": per_pair}, indent=1))
 
 
 def drm_meta(cfg):
@@ -177,10 +178,16 @@ def evaluate_only(cfg, base, device, sigmas, scorer=None, ranking=None):
     policy = evaluation.eval_set == "policy"
     pairs = policy_split(base, text, device) if policy else load_split(cfg, "test", base, text,
                                                                        device)
-    results = evaluate(drm, pairs, sigmas, evaluation.eval_noise_draws,
-                       batch=evaluation.eval_batch)
+    margins = pair_margins(drm, pairs, sigmas, evaluation.eval_noise_draws,
+                           batch=evaluation.eval_batch)
+    results = {label: accuracy(margin, pairs.gold) for label, margin in margins.items()}
     what = "the base's own samples, pairs within a prompt" if policy else "test"
     print_accuracy(results, what, path, CLOSE_GAP)
     table = ranking(base, drm, text, base.train_prompts("")[::2]) if policy and ranking else None
-    write_evaluation(os.path.join(cfg.out_dir, "eval.json"), path, meta, cfg, results, table)
+    # pair by pair, for a paired comparison of two DRMs (bench/drm_table.py)
+    per_pair = {"prompt": pairs.prompt.tolist(),
+                "gold": {label: gold_outcomes(margin, pairs.gold)
+                         for label, margin in margins.items()}} if pairs.gold is not None else None
+    write_evaluation(os.path.join(cfg.out_dir, "eval.json"), path, meta, cfg, results, table,
+                     per_pair)
     return results

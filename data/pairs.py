@@ -1,7 +1,7 @@
 """Preference pairs: read and checked (the JSONL records data/preferences.py writes, and HPDv3's
 JSON lists: prompt, path1 the preferred image, path2, and confidence or choice_dist, model1, model2,
 gold), as the tensors a DRM trains on (Pairs, load_split), and the DRM's pairwise accuracy on them
-by sigma (evaluate).
+by sigma (evaluate), pair by pair (pair_margins, gold_outcomes).
 """
 import json
 import os
@@ -185,12 +185,20 @@ def evaluate(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
     """Pairwise accuracy on the test pairs at each (label, sigma) of `sigmas`, against the labels
     and (the toy) gold -> {label: figures}. A non-finite score makes the accuracies NaN: the run
     stops, nothing saved."""
+    margins = pair_margins(drm, pairs, sigmas, noise_draws, seed, batch)
+    return {label: accuracy(margin, pairs.gold) for label, margin in margins.items()}
+
+
+def pair_margins(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
+    """-> {label: each pair's score margin, winner's minus loser's (N,)} at each (label, sigma) of
+    `sigmas`, averaged over `noise_draws` noisings; the same noise for any DRM (seeded), so two
+    DRMs compare pair by pair."""
     drm.eval()
     device, n = pairs.winners.device, len(pairs.winners)
     g = torch.Generator().manual_seed(seed)
-    results = {}
+    margins = {}
     for label, sigma_value in sigmas:
-        margin = torch.zeros(n)
+        margin = margins[label] = torch.zeros(n)
         for _ in range(noise_draws):
             for i in range(0, n, batch):
                 w, l = pairs.images(slice(i, i + batch), g)
@@ -200,15 +208,28 @@ def evaluate(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
                 text = (torch.cat([t] * 2) for t in pairs.text(slice(i, i + batch), device))
                 rewards = drm(x, torch.cat([sigma, sigma]), *text).float().cpu()
                 margin[i:i + len(w)] += (rewards[:len(w)] - rewards[len(w):]) / noise_draws
-        first = margin > 0
-        nan = 0.0 if torch.isfinite(margin).all() else float("nan")
-        result = results[label] = {"label_accuracy": first.float().mean().item() + nan}
-        if pairs.gold is not None:
-            gold = pairs.gold
-            not_tied, close = gold[:, 0] != gold[:, 1], (gold[:, 0] - gold[:, 1]).abs() < CLOSE_GAP
-            right = (first == (gold[:, 0] > gold[:, 1])) & not_tied  # agrees with gold's order
-            result["gold_accuracy"] = (right.sum() / not_tied.sum()).item() + nan
-            result["gold_accuracy_close_pairs"] = ((right & close).sum().item() + nan
-                                                   ) / max(1, (close & not_tied).sum().item())
     drm.train()
-    return results
+    return margins
+
+
+def gold_outcomes(margin, gold):
+    """Each pair's outcome against the gold ordering, one character a pair: "1" the DRM orders it
+    as gold does, "0" the other way, "-" gold ties it (no order to agree with)."""
+    first, tied = margin > 0, gold[:, 0] == gold[:, 1]
+    return "".join("-" if t else "01"[int(f == (a > b))]
+                   for f, t, (a, b) in zip(first.tolist(), tied.tolist(), gold.tolist()))
+
+
+def accuracy(margin, gold=None):
+    """A margin's (N,) accuracy against the labels (the winner first) and, given gold (N, 2),
+    against gold's ordering, on all pairs and on the close ones -> figures."""
+    first = margin > 0
+    nan = 0.0 if torch.isfinite(margin).all() else float("nan")
+    result = {"label_accuracy": first.float().mean().item() + nan}
+    if gold is not None:
+        not_tied, close = gold[:, 0] != gold[:, 1], (gold[:, 0] - gold[:, 1]).abs() < CLOSE_GAP
+        right = (first == (gold[:, 0] > gold[:, 1])) & not_tied  # agrees with gold's order
+        result["gold_accuracy"] = (right.sum() / not_tied.sum()).item() + nan
+        result["gold_accuracy_close_pairs"] = ((right & close).sum().item() + nan
+                                               ) / max(1, (close & not_tied).sum().item())
+    return result

@@ -411,6 +411,46 @@ def test_the_best_of_n_pool_holds_the_ode_rows_samples():
     within(max_abs(gold[:, 0], expected), 1e-4, "gold")
 
 
+def test_the_drm_table_by_hand(tmp_path):
+    """bench/drm_table.py on two evaluations written by hand: the accuracy rows as saved; the
+    difference pair by pair over the pairs gold orders, its s.e. clustered by prompt and its 95%
+    interval at prompts - 1 df, against the same worked out here cluster by cluster (CR1: G / (G -
+    1) x the sum of squared cluster sums of deviations, over n^2) with scipy's t quantile."""
+    from bench import drm_table
+    t = pytest.importorskip("scipy.stats").t
+    prompts = [0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3]
+    outcomes = {"a": {"0": "1-0101" + "1" * 6, "0.5": "0" * 12},
+                "b": {"0": "1" * 12, "0.5": "1" * 11 + "0"}}
+    folders = []
+    for name, by_sigma in outcomes.items():
+        ordered = {label: [int(c) for c in text if c != "-"] for label, text in by_sigma.items()}
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps({
+            "accuracy": {label: {"gold_accuracy": sum(v) / len(v),
+                                 "gold_accuracy_close_pairs": 0.5}
+                         for label, v in ordered.items()},
+            "per_pair": {"prompt": prompts, "gold": by_sigma}}))
+        folders.append(str(tmp_path / name))
+    text = drm_table.main(drm_table.Config(evals=tuple(folders)))
+    assert "| a | 81.8% | 0.0% | 50.0% |" in text and "| b | 100.0% | 91.7% | 50.0% |" in text
+    for label, verdict in (("0", "tie"), ("0.5", "beats")):
+        pairs = [(p, int(y) - int(x)) for p, x, y in zip(prompts, outcomes["a"][label],
+                                                        outcomes["b"][label]) if x != "-"]
+        n, mean = len(pairs), sum(d for _, d in pairs) / len(pairs)
+        sums = {}
+        for p, d in pairs:
+            sums[p] = sums.get(p, 0.0) + d - mean
+        G = len(sums)
+        se = math.sqrt(G / (G - 1) * sum(v * v for v in sums.values())) / n
+        half = t.ppf(0.975, G - 1) * se
+        assert (f"| b | {label} | {mean:+.2%} ± {se:.2%} | [{mean - half:+.2%}, "
+                f"{mean + half:+.2%}] | {G - 1} | {verdict} |") in text
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "eval.json").write_text(json.dumps({"accuracy": {}}))
+    with pytest.raises(Exception, match="keeps no pair-by-pair outcomes"):
+        drm_table.main(drm_table.Config(evals=(folders[0], str(tmp_path / "c"))))
+
+
 @pytest.mark.ex5_beam_search
 def test_a_stopped_search_sweep_measures_only_what_is_left(tmp_path, monkeypatch):
     """bench/search.py stopped at its third point (a kill's torn line left behind), run again:

@@ -195,3 +195,40 @@ def test_hpdv3_fields_and_the_confidence_threshold(tmp_path):
     write_prefs(tmp_path, [{**GOOD, "model1": 7}])
     with pytest.raises(UserError, match="model1 7 is not a model name"):
         read_pairs(path)
+
+
+@pytest.mark.ex2_drm
+def test_a_drm_evaluation_keeps_each_pairs_outcome_and_they_add_up_to_its_accuracy(tmp_path):
+    """train_reward.py --eval_only keeps each test pair's outcome against gold in eval.json (for
+    bench/drm_table.py's paired comparison): one character a pair, "-" where gold ties it, and at
+    every sigma their mean over the pairs gold orders is the accuracy it reports."""
+    from common import run_main
+    from data.pairs import gold_outcomes
+    from data.world import TRAIN_PROMPTS
+    # by hand: margins > 0 say "the winner first"; gold says which is better, or ties
+    margin = torch.tensor([1.0, -1.0, 2.0, 0.0])
+    gold = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    assert gold_outcomes(margin, gold) == "100-"
+    folder = tmp_path / "prefs"
+    os.makedirs(folder / "images")
+    g = torch.Generator().manual_seed(0)
+    for i in range(6):
+        pixels = (torch.rand(32, 32, generator=g) * 255).to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(folder / "images" / f"{i}.png")
+    with open(folder / "test.jsonl", "w") as f:
+        for j in range(12):  # two prompts, gold in either order, one pair tied
+            a, b = j % 6, (j + 1 + j // 6) % 6
+            pair_gold = [0.0, 0.0] if j == 5 else [0.1 * j, 0.35] if j % 2 else [0.35, 0.1 * j]
+            f.write(json.dumps({"prompt": TRAIN_PROMPTS[j % 2], "path1": f"images/{a}.png",
+                                "path2": f"images/{b}.png", "gold": pair_gold}) + "\n")
+    run_main(train_reward.main, train_reward.Config,
+             ["--eval_only", "--drm=data/drm.safetensors", f"--prefs={folder}",
+              f"--out_dir={tmp_path / 'eval'}", "--eval_noise_draws=1"])
+    saved = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    assert len(saved["per_pair"]["prompt"]) == 12 and len(set(saved["per_pair"]["prompt"])) == 2
+    for label, text in saved["per_pair"]["gold"].items():
+        assert len(text) == 12 and text[5] == "-" and text.count("-") == 1
+        ordered = [int(c) for c in text if c != "-"]
+        assert sum(ordered) / len(ordered) == pytest.approx(
+            saved["accuracy"][label]["gold_accuracy"], abs=1e-6)
+
