@@ -180,7 +180,6 @@ def load_split(cfg, split, base, text, device):
                  gold_scores(pairs), stds and tuple(t.to(device) for t in stds))
 
 
-@torch.no_grad()
 def evaluate(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
     """Pairwise accuracy on the test pairs at each (label, sigma) of `sigmas`, against the labels
     and (the toy) gold -> {label: figures}. A non-finite score makes the accuracies NaN: the run
@@ -189,6 +188,7 @@ def evaluate(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
     return {label: accuracy(margin, pairs.gold) for label, margin in margins.items()}
 
 
+@torch.no_grad()
 def pair_margins(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
     """-> {label: each pair's score margin, winner's minus loser's (N,)} at each (label, sigma) of
     `sigmas`, averaged over `noise_draws` noisings; the same noise for any DRM (seeded), so two

@@ -209,6 +209,21 @@ def test_a_drm_evaluation_keeps_each_pairs_outcome_and_they_add_up_to_its_accura
     margin = torch.tensor([1.0, -1.0, 2.0, 0.0])
     gold = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
     assert gold_outcomes(margin, gold) == "100-"
+    # the margins are measured without a graph (6,400 test pairs' would fill the memory)
+    from data.pairs import Pairs, pair_margins
+
+    class Linear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(1, 1, 4, 4))
+
+        def forward(self, x, sigma, context, pooled):
+            return (x * self.weight).flatten(1).sum(1)
+    images = torch.randn(2, 3, 1, 4, 4)
+    pairs = Pairs(images[0], images[1], torch.zeros(3, dtype=torch.long), torch.zeros(1, 1, 2),
+                  torch.zeros(1, 2), gold=None)
+    margins = pair_margins(Linear(), pairs, [("0", 0.0), ("0.5", 0.5)], noise_draws=2)
+    assert set(margins) == {"0", "0.5"} and not any(m.requires_grad for m in margins.values())
     folder = tmp_path / "prefs"
     os.makedirs(folder / "images")
     g = torch.Generator().manual_seed(0)
