@@ -192,7 +192,9 @@ def evaluate(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
 def pair_margins(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
     """-> {label: each pair's score margin, winner's minus loser's (N,)} at each (label, sigma) of
     `sigmas`, averaged over `noise_draws` noisings; the same noise for any DRM (seeded), so two
-    DRMs compare pair by pair."""
+    DRMs compare pair by pair. Measured in eval mode (no dropout), the DRM's mode restored after
+    (a training run's goes on training; --eval_only's scores on in eval mode)."""
+    training = drm.training
     drm.eval()
     device, n = pairs.winners.device, len(pairs.winners)
     g = torch.Generator().manual_seed(seed)
@@ -208,7 +210,7 @@ def pair_margins(drm, pairs, sigmas, noise_draws=4, seed=1234, batch=256):
                 text = (torch.cat([t] * 2) for t in pairs.text(slice(i, i + batch), device))
                 rewards = drm(x, torch.cat([sigma, sigma]), *text).float().cpu()
                 margin[i:i + len(w)] += (rewards[:len(w)] - rewards[len(w):]) / noise_draws
-    drm.train()
+    drm.train(training)
     return margins
 
 

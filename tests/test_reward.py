@@ -222,8 +222,12 @@ def test_a_drm_evaluation_keeps_each_pairs_outcome_and_they_add_up_to_its_accura
     images = torch.randn(2, 3, 1, 4, 4)
     pairs = Pairs(images[0], images[1], torch.zeros(3, dtype=torch.long), torch.zeros(1, 1, 2),
                   torch.zeros(1, 2), gold=None)
-    margins = pair_margins(Linear(), pairs, [("0", 0.0), ("0.5", 0.5)], noise_draws=2)
+    drm = Linear().eval()
+    margins = pair_margins(drm, pairs, [("0", 0.0), ("0.5", 0.5)], noise_draws=2)
     assert set(margins) == {"0", "0.5"} and not any(m.requires_grad for m in margins.values())
+    # and leave the DRM as it found it: --eval_only's candidate ranking scores next, in eval mode
+    # (it once ran with the head's dropout on)
+    assert not drm.training and pair_margins(drm.train(), pairs, [("0", 0.0)]) and drm.training
     folder = tmp_path / "prefs"
     os.makedirs(folder / "images")
     g = torch.Generator().manual_seed(0)
