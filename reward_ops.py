@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from checkpoints import atomic_write, check_writable, save_training_state, write_text
-from common import (DeviceFlags, UserError, check_finite, check_weights, flag, flag_values,
-                    unless_given, warmup_cosine)
+from checkpoints import atomic_write, check_writable, fingerprint, save_training_state, write_text
+from common import (DeviceFlags, NonFiniteError, UserError, check_finite, check_weights, flag,
+                    flag_values, unless_given, warmup_cosine)
 from data.pairs import CLOSE_GAP, Pairs, accuracy, gold_outcomes, load_split, pair_margins
 from evaluation import policy_pairs
 
@@ -180,12 +180,25 @@ def evaluate_only(cfg, base, device, sigmas, scorer=None, ranking=None):
                                                                        device)
     margins = pair_margins(drm, pairs, sigmas, evaluation.eval_noise_draws,
                            batch=evaluation.eval_batch)
+    diverged = [label for label, margin in margins.items() if not torch.isfinite(margin).all()]
+    if diverged:
+        raise NonFiniteError(f"--drm={path} scores NaN or inf at sigma {', '.join(diverged)}: its "
+                             "weights are damaged or diverged; nothing was written")
     results = {label: accuracy(margin, pairs.gold) for label, margin in margins.items()}
     what = "the base's own samples, pairs within a prompt" if policy else "test"
     print_accuracy(results, what, path, CLOSE_GAP)
     table = ranking(base, drm, text, base.train_prompts("")[::2]) if policy and ranking else None
     # pair by pair, for a paired comparison of two DRMs (bench/drm_table.py)
-    per_pair = {"prompt": pairs.prompt.tolist(),
+    # the pairs and their noise: two evaluations compare only when these are the same
+    test_file = next((f for f in (os.path.join(cfg.prefs, name) for name in ("test.jsonl",
+                                                                             "test.json"))
+                      if os.path.exists(f)), "")
+    measured = {"pairs": "the base's own" if policy else fingerprint(test_file),
+                "base": ({flag: fingerprint(path) for flag, path in cfg.pretrained.inputs().items()
+                          if path} if policy else None),
+                "noise_draws": evaluation.eval_noise_draws, "batch": evaluation.eval_batch,
+                "sigmas": [sigma for _, sigma in sigmas]}
+    per_pair = {"prompt": pairs.prompt.tolist(), "measured": measured,
                 "gold": {label: gold_outcomes(margin, pairs.gold)
                          for label, margin in margins.items()}} if pairs.gold is not None else None
     write_evaluation(os.path.join(cfg.out_dir, "eval.json"), path, meta, cfg, results, table,

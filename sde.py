@@ -51,6 +51,7 @@ def sigma_schedule(steps, shift=1.0, dtype=torch.float32):
     sigmas = bend(torch.linspace(1, bend(1 / 1000, shift), steps, dtype=torch.float64), shift)
     return torch.cat([sigmas, sigmas.new_zeros(1)]).to(dtype)
 
+
 def guided_velocity(model, x, sigma, cond, uncond, cfg_scale, *, uncond_grad=True):
     """Classifier-free guidance with the conditional and unconditional passes in one batch.
     cond, uncond: (context, pooled) pairs. cfg_scale = 1 (or uncond None) skips the unconditional

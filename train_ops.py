@@ -151,13 +151,13 @@ class Batch:
     """This rank's share of an update's trajectories: the policy on their prompts (its passes
     rollout_batch rows at a time), their initial noise, the DRM on their prompts, the update's
     random streams (streams), the SDE's draws from them (sde.Draws) and which of the update's
-    trajectories are this rank's (`rows`)."""
+    trajectories are this rank's (`mine`, a slice)."""
     sampler: Sampler
     noise: torch.Tensor
     scorer: Scorer
     streams: SimpleNamespace
     draws: Draws
-    rows: slice
+    mine: slice
 
 
 def draw_batch(cfg, base, models, train_prompts, ranks, *, update, per_prompt):

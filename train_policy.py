@@ -121,7 +121,7 @@ def ppo_steps(cfg, models, rollout, advantages, batch, ranks, *, update, advice)
     """Every trained (step, trajectory) pair of the rollout once, in `minibatches` AdamW steps on
     grpo_loss (a minibatch in pieces: train_ops.pieces) -> (mean stats, the passes of the update:
     the rollout's and these)."""
-    world, mine = ranks.world, batch.rows
+    world, mine = ranks.world, batch.mine
     marked = rollout.trained.repeat(1, world).flatten()  # the ranks' rows are marked alike
     pairs = marked.nonzero().flatten()[torch.randperm(int(marked.sum()),
                                                       generator=batch.streams.order)]

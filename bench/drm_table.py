@@ -53,16 +53,30 @@ def outcomes(evaluation, label):
     return values, torch.tensor(evaluation["per_pair"]["prompt"])
 
 
+def check_comparable(reference, other, name):
+    """Refuse, in one line, two evaluations of other pairs or other noise: a paired difference
+    needs the same pairs, noised alike (the same test file or base, draws, batch and sigmas)."""
+    same = (reference["per_pair"].get("measured") == other["per_pair"].get("measured")
+            and reference["per_pair"]["prompt"] == other["per_pair"]["prompt"]
+            and all(["-" == c for c in reference["per_pair"]["gold"][label]]
+                    == ["-" == c for c in other["per_pair"]["gold"][label]]
+                    for label in reference["per_pair"]["gold"]))
+    if not same:
+        raise UserError(f"--evals: {name} was evaluated on other pairs or with other noise than "
+                        "the first (its test file, --eval_set, --eval_noise_draws, --eval_batch "
+                        "or --eval_sigmas differ); evaluate every DRM alike")
+
+
 def compare(reference, other, label):
     """other's accuracy minus reference's at `label`, pair by pair -> (mean, clustered s.e., df),
-    over the pairs gold orders (the same pairs for both: the same test set)."""
+    over the pairs gold orders (the same pairs for both: check_comparable)."""
     a, prompts = outcomes(reference, label)
-    b, other_prompts = outcomes(other, label)
-    if len(a) != len(b) or not torch.equal(prompts, other_prompts):
-        raise UserError("--evals: the evaluations are not of the same test pairs; evaluate every "
-                        "DRM on one --prefs")
+    b, _ = outcomes(other, label)
     kept = ~a.isnan()
     clusters = torch.unique(prompts[kept], return_inverse=True)[1]
+    if len(torch.unique(clusters)) < 2:
+        raise UserError("--evals: the pairs gold orders come from fewer than 2 prompts: a standard "
+                        "error clustered by prompt needs at least 2")
     mean, se = clustered(b[kept] - a[kept], clusters)
     return mean, se, len(torch.unique(clusters)) - 1
 
@@ -71,9 +85,14 @@ def table(cfg):
     """The two tables, as markdown."""
     evaluations = [read_evaluation(path) for path in cfg.evals]
     labels = list(evaluations[0]["per_pair"]["gold"])
-    names = [os.path.basename(os.path.normpath(path)) for path in cfg.evals]
+    # a folder's name, or the folder of its eval.json
+    names = [os.path.basename(os.path.normpath(path if os.path.isdir(path) else
+                                               os.path.dirname(os.path.abspath(path))))
+             for path in cfg.evals]
+    for name, evaluation in zip(names[1:], evaluations[1:]):
+        check_comparable(evaluations[0], evaluation, name)
     lines = ["| DRM (accuracy vs gold) | " + " | ".join(f"sigma {label}" for label in labels)
-             + " | sigma 0, close pairs |", "|---" * (len(labels) + 2) + "|"]
+             + f" | sigma {labels[0]}, close pairs |", "|---" * (len(labels) + 2) + "|"]
     for name, evaluation in zip(names, evaluations):
         accuracy = evaluation["accuracy"]
         lines.append(f"| {name} | " + " | ".join(f"{accuracy[label]['gold_accuracy']:.1%}"

@@ -106,9 +106,10 @@ class Config:
 
 
 class Finished:
-    """The sweep's finished points {key: value}, kept in `path` (JSON lines: the flags and the
-    files' fingerprints, then one point a line) as each finishes. Kept points of other flags or
-    files are dropped; a line cut short by a kill is dropped with what follows it."""
+    """The sweep's finished points {key: value}, kept in `path` (JSON lines: the flags, the device
+    and the files' fingerprints, then one point a line) as each finishes. Kept points of other
+    flags (but --methods: a point is the same whichever others run beside it), another device or
+    other files are dropped; a line cut short by a kill is dropped with what follows it."""
 
     def __init__(self, path, identity):
         self.path, self.done = path, {}
@@ -335,7 +336,7 @@ def main(cfg):
         compile_regions(base.dit)
         compile_regions(drm.backbone)
     identity = {"flags": {k: v for k, v in json.loads(json.dumps(dataclasses.asdict(cfg))).items()
-                          if k not in ("out", "methods")},
+                          if k not in ("out", "methods")}, "device": str(device),
                 "files": {"--base=": fingerprint(cfg.base), "--drm=": fingerprint(cfg.drm)}}
     finished = Finished(cfg.out + ".partial.jsonl", identity)
     tuning, lmbdas = None, cfg.lmbdas
@@ -358,7 +359,7 @@ def main(cfg):
     # the first prompt's images
     one = slice(cfg.per_prompt)
     measure(cfg, points[0], base, drm, drm_text, pool[one], prompts[one])   # warm-up
-    scores, gold, sample_passes = finished.get("best-of-N's pool", lambda: [
+    scores, gold, sample_passes = finished.get(f"best-of-N's pool, noises {most} wide", lambda: [
         v.tolist() if torch.is_tensor(v) else v
         for v in pool_of_samples(cfg, base, drm, drm_text, pool, prompts)])
     scores, gold = torch.tensor(scores), torch.tensor(gold)
@@ -373,8 +374,8 @@ def main(cfg):
     print(header)
     rows = []
     for point in points:
-        rows.append(finished.get(point[1], lambda: measure(cfg, point, base, drm, drm_text, pool,
-                                                            prompts)))
+        rows.append(finished.get(f"{point[1]}, noises {most} wide",  # the widest method's
+                                 lambda: measure(cfg, point, base, drm, drm_text, pool, prompts)))
         r = rows[-1]
         print(f"| {r['label']} | {r['gold']:.4f} ± {r['gold_se']:.4f} | {r['dit_passes']:.0f} | "
               f"{r['drm_passes']:.0f} | {r['ms']:.1f} |", flush=True)

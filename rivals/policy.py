@@ -79,7 +79,7 @@ def credit_update(cfg, base, models, train_prompts, ranks, *, update, advice, wi
             final = batch.scorer(rollout.final, torch.zeros(len(batch.noise), device=device), rows)
             rewards = ranks.gather(final)
     models.policy.train()
-    advantages = mode.advantages(cfg, rollout, rewards, batch.rows, ranks.gather)
+    advantages = mode.advantages(cfg, rollout, rewards, batch.mine, ranks.gather)
     stats, made = ppo_steps(cfg, models, rollout, advantages, batch, ranks, update=update,
                             advice=advice)
     last = int(rollout.trained.any(1).nonzero().max())  # the last trained step

@@ -417,10 +417,11 @@ def test_the_drm_table_by_hand(tmp_path):
     interval at prompts - 1 df, against the same worked out here cluster by cluster (CR1: G / (G -
     1) x the sum of squared cluster sums of deviations, over n^2) with scipy's t quantile."""
     from bench import drm_table
+    from common import UserError
     t = pytest.importorskip("scipy.stats").t
     prompts = [0, 0, 1, 1, 2, 2, 3, 3, 3, 3, 3, 3]
     outcomes = {"a": {"0": "1-0101" + "1" * 6, "0.5": "0" * 12},
-                "b": {"0": "1" * 12, "0.5": "1" * 11 + "0"}}
+                "b": {"0": "1-" + "1" * 10, "0.5": "1" * 11 + "0"}}
     folders = []
     for name, by_sigma in outcomes.items():
         ordered = {label: [int(c) for c in text if c != "-"] for label, text in by_sigma.items()}
@@ -429,7 +430,8 @@ def test_the_drm_table_by_hand(tmp_path):
             "accuracy": {label: {"gold_accuracy": sum(v) / len(v),
                                  "gold_accuracy_close_pairs": 0.5}
                          for label, v in ordered.items()},
-            "per_pair": {"prompt": prompts, "gold": by_sigma}}))
+            "per_pair": {"prompt": prompts, "gold": by_sigma,
+                         "measured": {"pairs": "abc", "noise_draws": 2}}}))
         folders.append(str(tmp_path / name))
     text = drm_table.main(drm_table.Config(evals=tuple(folders)))
     assert "| a | 81.8% | 0.0% | 50.0% |" in text and "| b | 100.0% | 91.7% | 50.0% |" in text
@@ -445,43 +447,66 @@ def test_the_drm_table_by_hand(tmp_path):
         half = t.ppf(0.975, G - 1) * se
         assert (f"| b | {label} | {mean:+.2%} ± {se:.2%} | [{mean - half:+.2%}, "
                 f"{mean + half:+.2%}] | {G - 1} | {verdict} |") in text
-    (tmp_path / "c").mkdir()
-    (tmp_path / "c" / "eval.json").write_text(json.dumps({"accuracy": {}}))
-    with pytest.raises(Exception, match="keeps no pair-by-pair outcomes"):
-        drm_table.main(drm_table.Config(evals=(folders[0], str(tmp_path / "c"))))
+    def refused(name, evaluation, says):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "eval.json").write_text(json.dumps(evaluation))
+        with pytest.raises(UserError, match=says):
+            drm_table.main(drm_table.Config(evals=(folders[0], str(tmp_path / name))))
+    refused("old", {"accuracy": {}}, "keeps no pair-by-pair outcomes")
+    other = json.loads((tmp_path / "b" / "eval.json").read_text())
+    other["per_pair"]["measured"]["noise_draws"] = 4
+    refused("other_noise", other, "other_noise was evaluated on other pairs or with other noise")
+    one = json.loads((tmp_path / "b" / "eval.json").read_text())
+    one["per_pair"]["prompt"] = [0] * 12
+    (tmp_path / "a_one").mkdir()
+    (tmp_path / "a_one" / "eval.json").write_text(json.dumps({**json.loads(
+        (tmp_path / "a" / "eval.json").read_text()), "per_pair": {**one["per_pair"],
+                                                                "gold": outcomes["a"]}}))
+    (tmp_path / "b_one").mkdir()
+    (tmp_path / "b_one" / "eval.json").write_text(json.dumps(one))
+    with pytest.raises(UserError, match="fewer than 2 prompts"):
+        drm_table.main(drm_table.Config(evals=(str(tmp_path / "a_one"), str(tmp_path / "b_one"))))
 
 
 @pytest.mark.ex5_beam_search
 def test_a_stopped_search_sweep_measures_only_what_is_left(tmp_path, monkeypatch):
-    """bench/search.py stopped at its third point (a kill's torn line left behind), run again:
-    the points kept are not measured again, nor is best-of-N's pool, and every row equals a sweep
-    run in one go (each point draws from its own seeded generator)."""
+    """bench/search.py stopped at its third point (a kill's torn line left behind), run again and
+    stopped again, then run to its end: the points kept are not measured again, nor is best-of-N's
+    pool, every line kept reads back, and every row equals a sweep run in one go (each point draws
+    from its own seeded generator)."""
     cfg = search.Config(methods=("ode", "stepwise"), per_prompt=2, steps=2, device="cpu",
                         out=str(tmp_path / "whole"))
     whole = search.main(cfg)
-    real_measure, real_pool, calls, stop = search.measure, search.pool_of_samples, [], [True]
+    real_measure, real_pool, calls = search.measure, search.pool_of_samples, []
+    stops = {"step-wise k=2", "step-wise k=4"}  # each stops one run
 
     def measure(*args):
         calls.append(args[1][1])
-        if args[1][1] == "step-wise k=2" and stop:
-            stop.pop()
-            raise KeyboardInterrupt  # after the warm-up, the pool and the ODE's point
+        if args[1][1] in stops:
+            stops.remove(args[1][1])
+            raise KeyboardInterrupt
         return real_measure(*args)
     monkeypatch.setattr(search, "measure", measure)
     monkeypatch.setattr(search, "pool_of_samples",
                         lambda *args: (calls.append("pool"), real_pool(*args))[1])
     cut = dataclasses.replace(cfg, out=str(tmp_path / "cut"))
+    kept = tmp_path / "cut.partial.jsonl"
     with pytest.raises(KeyboardInterrupt):
         search.main(cut)
-    assert calls == ["ODE", "pool", "ODE", "step-wise k=2"]
-    with open(tmp_path / "cut.partial.jsonl", "a") as f:
+    assert calls == ["ODE", "pool", "ODE", "step-wise k=2"]  # the warm-up first
+    with open(kept, "a") as f:
         f.write('{"key": "step-wise k=2", "val')  # a write cut short
     calls.clear()
+    with pytest.raises(KeyboardInterrupt):
+        search.main(cut)
+    assert calls == ["ODE", "step-wise k=2", "step-wise k=4"]
+    assert [json.loads(line) for line in kept.read_text().splitlines()]  # the torn line gone
+    calls.clear()
     resumed = search.main(cut)
-    assert calls == ["ODE", "step-wise k=2", "step-wise k=4", "step-wise k=8"]  # warm-up first
+    assert calls == ["ODE", "step-wise k=4", "step-wise k=8"]
     timeless = lambda rows: [{k: v for k, v in r.items() if k != "ms"} for r in rows]  # noqa: E731
     assert timeless(resumed) == timeless(whole)
-    assert not (tmp_path / "cut.partial.jsonl").exists()
+    assert not kept.exists()
     assert "| step-wise k=8 |" in (tmp_path / "cut.md").read_text()
 
 

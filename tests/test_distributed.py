@@ -143,7 +143,7 @@ def gradient(cfg, policy, rollout, advantages, loss_batch=0):
     params = [p for p in policy.parameters() if p.requires_grad]
     models = train_ops.Models(policy, policy, None, None, None, torch.optim.SGD(params, lr=0.0))
     batch = SimpleNamespace(streams=train_ops.streams(5, 1), scorer=SimpleNamespace(calls=0),
-                            rows=slice(0, cfg.trajectories))
+                            mine=slice(0, cfg.trajectories))
     train_policy.ppo_steps(with_flags(cfg, loss_batch=loss_batch), models, rollout, advantages,
                            batch, Ranks(), update=1, advice="")
     return torch.cat([p.grad.double().flatten() for p in params])
@@ -164,8 +164,7 @@ def rounding_over_std(policy, exact_policy, rollout):
     """float32's prediction of a gradient's relative rounding: the log-prob's gradient carries
     (x_next - mean) / std^2, so the mean's rounding (float32 against float64, measured here) over
     the step's std, the largest over the trained steps."""
-    from sde import guided_velocity
-    from sde import sde_mean_std
+    from sde import guided_velocity, sde_mean_std
     wide, worst = in_float64(rollout), 0.0
     for t in rollout.trained.any(1).nonzero().flatten().tolist():
         means = []

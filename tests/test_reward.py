@@ -250,4 +250,16 @@ def test_a_drm_evaluation_keeps_each_pairs_outcome_and_they_add_up_to_its_accura
         ordered = [int(c) for c in text if c != "-"]
         assert sum(ordered) / len(ordered) == pytest.approx(
             saved["accuracy"][label]["gold_accuracy"], abs=1e-6)
+    # a DRM whose finite weights overflow to inf scores is refused, and nothing is written
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open("data/drm.safetensors", "pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    tensors["drm.head.mlp.3.weight"] = torch.full(tensors["drm.head.mlp.3.weight"].shape, 3e38)
+    save_file(tensors, str(tmp_path / "overflow.safetensors"), metadata)
+    with pytest.raises(SystemExit, match="scores NaN or inf at sigma 0, 0.25"):
+        run_main(train_reward.main, train_reward.Config,
+                 ["--eval_only", f"--drm={tmp_path / 'overflow.safetensors'}", f"--prefs={folder}",
+                  f"--out_dir={tmp_path / 'overflow'}", "--eval_noise_draws=1"])
+    assert not (tmp_path / "overflow" / "eval.json").exists()
 
