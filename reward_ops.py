@@ -15,7 +15,8 @@ from tqdm import tqdm
 from checkpoints import atomic_write, check_writable, fingerprint, save_training_state, write_text
 from common import (DeviceFlags, NonFiniteError, UserError, check_finite, check_weights, flag,
                     flag_values, unless_given, warmup_cosine)
-from data.pairs import CLOSE_GAP, Pairs, accuracy, gold_outcomes, load_split, pair_margins
+from data.pairs import (CLOSE_GAP, Pairs, accuracy, gold_outcomes, load_split, pair_margins,
+                        split_file)
 from evaluation import policy_pairs
 
 
@@ -188,12 +189,9 @@ def evaluate_only(cfg, base, device, sigmas, scorer=None, ranking=None):
     what = "the base's own samples, pairs within a prompt" if policy else "test"
     print_accuracy(results, what, path, CLOSE_GAP)
     table = ranking(base, drm, text, base.train_prompts("")[::2]) if policy and ranking else None
-    # pair by pair, for a paired comparison of two DRMs (bench/drm_table.py)
-    # the pairs and their noise: two evaluations compare only when these are the same
-    test_file = next((f for f in (os.path.join(cfg.prefs, name) for name in ("test.jsonl",
-                                                                             "test.json"))
-                      if os.path.exists(f)), "")
-    measured = {"pairs": "the base's own" if policy else fingerprint(test_file),
+    # pair by pair, for a paired comparison of two DRMs (bench/drm_table.py), with what the pairs
+    # and their noise were: two evaluations compare only when these are the same
+    measured = {"pairs": "the base's own" if policy else fingerprint(split_file(cfg.prefs, "test")),
                 "base": ({flag: fingerprint(path) for flag, path in cfg.pretrained.inputs().items()
                           if path} if policy else None),
                 "noise_draws": evaluation.eval_noise_draws, "batch": evaluation.eval_batch,

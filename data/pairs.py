@@ -152,13 +152,17 @@ class Pairs:
         return self.context[index].to(device), self.pooled[index].to(device)
 
 
+def split_file(prefs, split):
+    """A split's file under --prefs: split.jsonl (ours), else HPDv3's split.json."""
+    path = os.path.join(prefs, split + ".jsonl")
+    return path[:-1] if not os.path.exists(path) and os.path.exists(path[:-1]) else path
+
+
 def load_split(cfg, split, base, text, device):
     """A split's Pairs as the base model takes them (the toy: its images; SD3: their VAE latents,
     cached in out_dir/cache); training pairs below --min_confidence are dropped. cfg:
     train_reward.py's (--prefs, --out_dir and its PairFlags, cfg.pairs)."""
-    path, flags = os.path.join(cfg.prefs, split + ".jsonl"), cfg.pairs
-    if not os.path.exists(path) and os.path.exists(path[:-1]):  # HPDv3's train.json / test.json
-        path = path[:-1]
+    path, flags = split_file(cfg.prefs, split), cfg.pairs
     pairs = read_pairs(path)
     if split == "train" and flags.min_confidence > 0:
         kept = [pair for pair in pairs if pair["confidence"] >= flags.min_confidence]
