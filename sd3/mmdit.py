@@ -18,12 +18,11 @@ import re
 import torch
 from safetensors.torch import save_file
 
-from checkpoints import (CheckpointError, atomic_write, check_keys, read_safetensors_header,
-                         read_tensor)
+from checkpoints import CheckpointError, atomic_write, read_safetensors_header, read_tensor
 from common import InputError
 from lora import export_state_dict
 from model import DiTConfig, build_dit
-from sd3.streaming import assign_from_files
+from sd3.streaming import fill, read_headers
 
 # -----------------------------------------------------------------------------
 # Public SD3 / SD3.5 weights. Our module names are Stability's keys, so their
@@ -122,10 +121,7 @@ def _find_weight_files(path):
 
 def _plan_from_files(path):
     """-> ({our name: [TensorEntry, ...]}, layout, unexpected file keys), reading headers only."""
-    entries = {}
-    for file in _find_weight_files(path):
-        entries.update(read_safetensors_header(file)[0])
-    return _plan_from_entries(entries)
+    return _plan_from_entries(read_headers(_find_weight_files(path)))
 
 
 def _plan_from_entries(entries):
@@ -208,17 +204,17 @@ def _dit_from_plan(plan, layout, unexpected, path, dtype=None, device=None, keep
     shapes = {k: _shape(v) for k, v in plan.items()}
     config = dit_config_from_shapes(shapes, path)
     dit = build_dit(config, device="meta")
-    check_keys({k: v.shape for k, v in dit.state_dict().items()}, shapes, path,
-               f"an SD3 transformer ({layout} layout) with the config its shapes give, {config}",
-               unexpected)
-    if keep_blocks is not None:
+    if keep_blocks is not None:  # the blocks past keep_blocks are neither checked nor read
         dit.joint_blocks = dit.joint_blocks[:keep_blocks]
-        plan = {k: v for k, v in plan.items() if k in dit.state_dict()}
+        plan = {k: v for k, v in plan.items()
+                if not (k.startswith("joint_blocks.") and int(k.split(".")[1]) >= keep_blocks)}
 
     def convert(name, tensor):
         return _swap_halves(tensor) if layout == "diffusers" and _swaps_halves(name, tensor.shape,
             config.dim) else tensor
-    return assign_from_files(dit, plan, convert, dtype, device)
+    what = f"an SD3 transformer ({layout} layout) with the config its shapes give, {config}"
+    return fill(dit, plan, {k: shapes[k] for k in plan}, (path, what), unexpected=unexpected,
+                convert=convert, dtype=dtype, device=device)
 
 
 def save_sd3(dit, path, layout="diffusers"):

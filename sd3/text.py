@@ -34,9 +34,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, check_keys, read_safetensors_header
+from checkpoints import CheckpointError
 from model import RMSNorm, attention, gelu_tanh
-from sd3.streaming import assign_from_files
+from sd3.streaming import fill, read_headers
 
 # -----------------------------------------------------------------------------
 # CLIP's text transformer (Radford et al. 2021): pre-LayerNorm, causal self-attention
@@ -255,24 +255,23 @@ def _plan(files, anchor):
     """{our key: [entry]} from the files' headers, dropping any prefix before `anchor` (e.g.
     'text_model.')."""
     plan = {}
-    for file in files:
-        for name, entry in read_safetensors_header(file)[0].items():
-            if "embed_tokens" in name:  # T5's copy of `shared`, tied to it
-                continue
-            cut = name.find(anchor)
-            if cut >= 0:
-                plan[name[cut:]] = [entry]
-            elif name.endswith("text_projection.weight") or name.endswith("shared.weight"):
-                plan[name.split(".")[-2] + ".weight"] = [entry]
+    for name, entry in read_headers(files).items():
+        if "embed_tokens" in name:  # T5's copy of `shared`, tied to it
+            continue
+        cut = name.find(anchor)
+        if cut >= 0:
+            plan[name[cut:]] = [entry]
+        elif name.endswith("text_projection.weight") or name.endswith("shared.weight"):
+            plan[name.split(".")[-2] + ".weight"] = [entry]
     return plan
 
 
 def _load(model, plan, path, what, dtype, device):
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    check_keys(expected, {k: v[0].shape for k, v in plan.items() if k in expected}, path, what,
-               [k for k in plan if k not in expected and "position_ids" not in k])
-    return assign_from_files(model, {k: v for k, v in plan.items() if k in expected}, None, dtype,
-                             device)
+    expected = model.state_dict()
+    kept = {k: v for k, v in plan.items() if k in expected}
+    return fill(model, kept, {k: v[0].shape for k, v in kept.items()}, (path, what),
+                unexpected=[k for k in plan if k not in expected and "position_ids" not in k],
+                dtype=dtype, device=device)
 
 
 def load_clip(path, dtype=None, device=None):

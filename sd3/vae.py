@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checkpoints import CheckpointError, check_keys, read_safetensors_header
-from sd3.streaming import assign_from_files
+from checkpoints import CheckpointError
+from sd3.streaming import fill, read_headers
 
 # -----------------------------------------------------------------------------
 # The autoencoder
@@ -224,7 +224,7 @@ def _vae_files(path):
     if os.path.isdir(path):
         folder = os.path.join(path, "vae") if os.path.isdir(os.path.join(path, "vae")) else path
         path = os.path.join(folder, "diffusion_pytorch_model.safetensors")
-    return read_safetensors_header(path)[0]
+    return read_headers([path])
 
 
 def _count(names, pattern):
@@ -273,8 +273,7 @@ def load_vae(path, dtype=None, device=None):
     config = vae_config_from_shapes(shapes, path)
     with torch.device("meta"):
         vae = VAE(config)
-    check_keys({k: v.shape for k, v in vae.state_dict().items()}, shapes, path,
-               f"the SD3 VAE ({layout} layout) with the config its shapes give, {config}",
-               unexpected)
-    return assign_from_files(vae, {k: [e] for k, e in entries.items()},
-                             lambda name, t: t.view(shapes[name]), dtype, device)
+    return fill(vae, {k: [e] for k, e in entries.items()}, shapes,
+                (path, f"the SD3 VAE ({layout} layout) with the config its shapes give, {config}"),
+                unexpected=unexpected, convert=lambda name, t: t.view(shapes[name]), dtype=dtype,
+                device=device)
