@@ -1,24 +1,28 @@
-"""What makes a step-wise run collapse (docs/results.md, item 4): a test of one cause.
+"""What makes a step-wise run collapse (docs/results.md, "The collapse"): a test of its cause.
 
-A run trains on its SDE rollouts (10 steps, a = 0.7: the samples the DRM scores and the advantages
-come from) and is evaluated on ODE samples (20 steps). Two causes predict different things of its
-final policy:
-- it fits the sampler it trained on: its SDE samples keep their gold while its ODE samples lose it;
-- it exploits the DRM: its SDE samples lose gold too, while the DRM's score of them rises.
+A run trains on its rollouts (10 steps, SDE steps inside its --sde_window, Euler steps outside:
+the states the DRM scores and the advantages come from) and is evaluated on ODE samples (20 steps).
+Two causes predict different things of its final policy:
+- it fits the sampler it trained on: its rollout samples keep their gold while its ODE samples
+  lose it;
+- it climbs the DRM where the DRM is wrong: its rollout samples lose gold too, while the DRM's
+  score of the states it was credited for rises.
 So each finished run of the collapse experiment (bench/grpo_credit.py --experiment=collapse), and
-the base it started from, is sampled three ways from the same initial noises (the held-out prompts x
---per_prompt noises): the evaluation's ODE (20 steps), the ODE on the training grid (10 steps), and
-the rollouts' SDE (10 steps, the run's noise level; its own noise seed). Each sample is scored by
-the annotator (gold) and by the DRM the run trained against, at sigma 0.
+the base it started from, is sampled three ways from the same initial noises (the held-out prompts
+x --per_prompt noises): the evaluation's ODE (20 steps), the ODE on the rollouts' grid (10 steps),
+and the run's own rollout sampler (its window, its noise level; the SDE's draws seeded alike for
+every policy). The annotator scores each finished sample (gold), and the DRM the run trained
+against scores the state after every step at its sigma, as the rollout's DRM reads it, and the
+same state clamped to [-1, 1], as the evaluation reads a finished sample (base.finish).
 
     python -m bench.collapse                      # every finished run of out/collapse
     python -m bench.collapse --seeds=0 --modes=stepwise
 
-Per run: each sampler's mean gold and DRM score, and the SDE - ODE gold difference image by image
-(the same noise), its s.e. clustered by prompt, its 95% interval at prompts - 1 df. Per mode: the
-mean of the runs' differences over seeds, its interval at seeds - 1 df (bench/stats.py). Each
-run's scores are cached in its folder (samplers_N.json, N = --per_prompt). Writes
-OUT_DIR/collapse_cause.md.
+Per run: each sampler's mean gold and DRM score, and the rollout - ODE gold difference image by
+image (the same noise), its s.e. clustered by prompt, its 95% interval at prompts - 1 df; the final
+policy minus the base, image by image, on the rollout sampler. Per mode: the runs' rollout - ODE
+differences over seeds, their interval at seeds - 1 df (bench/stats.py). Each run's scores are
+cached in its folder (samplers_N.json, N = --per_prompt). Writes OUT_DIR/collapse_cause.md.
 """
 import json
 import os
@@ -30,11 +34,13 @@ from base import ModelFlags, load_base
 from bench.grpo_credit import EXPERIMENTS, MODES, folder, read_metrics, run_dir
 from bench.stats import clustered, interval, mean_se, verdict
 from checkpoints import check_writable, load_training_state, write_text
-from common import check_flags, flag, print_config, read_text, run_main
+from common import UserError, check_flags, flag, print_config, read_text, run_main
+from grpo import in_window, trained_steps
+from rivals.credit import parse_window
 from sde import Draws, Sampler, drm_on, initial_noise, propose, sigma_schedule
 
 NOISE_SEED, SDE_SEED = 5678, 8765  # the initial noises (bench.grpo_credit's re-score), the SDE's
-SAMPLERS = ("ODE, 20 steps", "ODE, 10 steps", "SDE, 10 steps")
+SAMPLERS = ("ODE, 20 steps", "ODE, 10 steps", "rollout")
 
 
 @dataclass
@@ -45,45 +51,52 @@ class Config:
     lr: float = flag(1e-4, "(0, inf)")  # the runs' lr (the experiment ran step-wise's tuned one)
     updates: int = flag(120, "[1, inf)")  # the runs' budget of updates (their folders' names)
     per_prompt: int = flag(32, "[2, inf)")  # noises per held-out prompt
-    batch: int = flag(160, "[1, inf)")  # images sampled at once
 
 
-def sample_and_score(policy, base, reward, prompts, saved, batch):
-    """The prompts' samples three ways from the same initial noises (the evaluation's ODE, the ODE
-    on the rollouts' grid, the rollouts' SDE) -> {sampler: {"gold": (N,), "drm": the DRM at sigma
-    0 of the finished samples (N,), "drm_by_step": (steps, N), the DRM of the state after step i at
-    its sigma, sigma_{i+1}: what a rollout's step i is credited with, "outside": the share of each
-    sample's pixels beyond [-1, 1] (N,)}}. A finished sample is what the evaluation and the
-    annotator see, base.finish-ed (the toy: clamped to [-1, 1]); the states a rollout scores are
-    not, the last one included (sigma 0). reward(x, sigma, images): the DRM on the prompts
-    (sde.drm_on)."""
+def rollout_steps(saved):
+    """A run's rollout sampler from its saved flags -> (each step's noise level: the run's inside
+    its SDE window, 0 outside (grpo.in_window); the steps its loss credits (grpo.trained_steps))."""
+    steps, window = saved["steps"], parse_window(saved["sde_window"], saved["steps"])
+    if window[0] not in ("all", "fixed"):
+        raise UserError(f"--sde_window={saved['sde_window']}: a window that moves each update has "
+                        "no one rollout sampler to test; the collapse's windows are fixed (a:b)")
+    window = window[1:] if window[0] == "fixed" else None
+    levels = [saved["noise_level"] if sde else 0.0 for sde in in_window(steps, window)]
+    return levels, trained_steps(steps, window, saved["train_last_step"])
+
+
+def sample_and_score(policy, base, reward, prompts, saved):
+    """The prompts' samples three ways from the same initial noises, all in one batch (the SDE's
+    draws then do not depend on a batch size) -> {sampler: {"gold": (N,), "drm": the DRM of the
+    finished (clamped) sample at sigma 0 (N,), "drm_by_step", "drm_by_step_clamped": (steps, N),
+    the DRM of the state after step i at its sigma, sigma_{i+1}, as it is (what a rollout's step i
+    is credited with) and clamped to [-1, 1], "outside": the share of the last state's pixels
+    beyond [-1, 1], "excess": their mean distance beyond it, over all pixels (N,)}}. reward(x,
+    sigma, images): the DRM on the prompts (sde.drm_on)."""
     noise = initial_noise(policy, len(prompts), torch.Generator().manual_seed(NOISE_SEED),
                           base.latent_size)
-    grids = {"ODE, 20 steps": (saved["eval_steps"], saved["eval_cfg_scale"], 0.0),
-             "ODE, 10 steps": (saved["steps"], saved["cfg_scale"], 0.0),
-             "SDE, 10 steps": (saved["steps"], saved["cfg_scale"], saved["noise_level"])}
+    cond, uncond = base.encode(prompts)
+    rows = torch.arange(len(prompts))
+    grids = {"ODE, 20 steps": (saved["eval_cfg_scale"], [0.0] * saved["eval_steps"]),
+             "ODE, 10 steps": (saved["cfg_scale"], [0.0] * saved["steps"]),
+             "rollout": (saved["cfg_scale"], rollout_steps(saved)[0])}
     out = {}
-    for name, (steps, cfg_scale, noise_level) in grids.items():
-        draws = Draws(torch.Generator().manual_seed(SDE_SEED))
-        finished, by_step, outside = [], [], []
-        for i in range(0, len(prompts), batch):
-            rows = torch.arange(i, min(i + batch, len(prompts)))
-            cond, uncond = base.encode(prompts[i:i + batch])
-            sampler = Sampler(policy, sigma_schedule(steps, saved["shift"]), cond, uncond,
-                              cfg_scale)
-            x, scores = noise[rows], []
-            for step in range(steps):
-                x = propose(sampler, x, step, noise_level=noise_level, draws=draws).candidates[:, 0]
-                sigma = sampler.sigmas[step + 1].expand(len(x))
-                scores.append(reward(x, sigma, rows).float())
-            outside.append((x.abs() > 1).flatten(1).float().mean(1))
-            finished.append(base.finish(x))
-            by_step.append(torch.stack(scores))
-        x = torch.cat(finished)
-        out[name] = {"gold": base.judge(base.to_images(x), prompts)["gold"].float(),
-                     "outside": torch.cat(outside),
-                     "drm": reward(x, torch.zeros(len(x)), torch.arange(len(x))).float(),
-                     "drm_by_step": torch.cat(by_step, 1)}
+    for name, (cfg_scale, levels) in grids.items():
+        sampler = Sampler(policy, sigma_schedule(len(levels), saved["shift"]), cond, uncond,
+                          cfg_scale)
+        draws, x, figures = Draws(torch.Generator().manual_seed(SDE_SEED)), noise, {}
+        for i, noise_level in enumerate(levels):
+            x = propose(sampler, x, i, noise_level=noise_level, draws=draws).candidates[:, 0]
+            sigma = sampler.sigmas[i + 1].expand(len(x))
+            for key, state in (("drm_by_step", x), ("drm_by_step_clamped", x.clamp(-1, 1))):
+                figures.setdefault(key, []).append(reward(state, sigma, rows).float())
+        finished = base.finish(x)
+        out[name] = {"gold": base.judge(base.to_images(finished), prompts)["gold"].float(),
+                     "drm": reward(finished, torch.zeros(len(x)), rows).float(),
+                     "drm_by_step": torch.stack(figures["drm_by_step"]),
+                     "drm_by_step_clamped": torch.stack(figures["drm_by_step_clamped"]),
+                     "outside": (x.abs() > 1).flatten(1).float().mean(1),
+                     "excess": (x.abs() - 1).clamp(min=0).flatten(1).mean(1)}
     return out
 
 
@@ -99,7 +112,7 @@ def score_run(cfg, path):
         cached = json.loads(read_text(cache, "a sampler comparison"))
         if cached["step"] == state["step"]:
             return cached
-    scores = {"step": state["step"]}
+    scores = {"step": state["step"], "credited": rollout_steps(saved)[1]}
     final = os.path.join(path, "model.safetensors")
     for who, weights in (("base", saved["base"]), ("policy", final)):
         base = load_base(ModelFlags(base=weights), "cpu")
@@ -107,7 +120,7 @@ def score_run(cfg, path):
                    for _ in range(cfg.per_prompt)]
         drm, drm_text, _ = base.load_drm(saved["drm"], "cpu")
         reward = drm_on(drm.eval(), drm_text.encode(prompts))
-        samples = sample_and_score(base.dit.eval(), base, reward, prompts, saved, cfg.batch)
+        samples = sample_and_score(base.dit.eval(), base, reward, prompts, saved)
         scores[who] = {name: {key: value.tolist() for key, value in figures.items()}
                        for name, figures in samples.items()}
     write_text(cache, json.dumps(scores))
@@ -128,31 +141,38 @@ def cell(mean, se, df, words=("above", "below")):
 
 
 def sampler_row(label, figures, per_prompt):
-    """Gold and the DRM (sigma 0) of each sampler, and SDE - ODE (20 steps) gold."""
+    """Gold and the DRM (sigma 0) of each sampler, and rollout - ODE (20 steps) gold."""
     means = [sum(figures[s][key]) / len(figures[s][key]) for key in ("gold", "drm")
              for s in SAMPLERS]
-    gap = paired(figures["SDE, 10 steps"]["gold"], figures["ODE, 20 steps"]["gold"], per_prompt)
+    gap = paired(figures["rollout"]["gold"], figures["ODE, 20 steps"]["gold"], per_prompt)
     return (f"| {label} | " + " | ".join(f"{m:+.3f}" for m in means)
-            + f" | {cell(*gap, words=('SDE above', 'SDE below'))} |")
+            + f" | {cell(*gap, words=('rollout above', 'rollout below'))} |")
 
 
 def rise_row(label, scores, per_prompt):
-    """The final policy minus the base on the rollouts' SDE: the DRM of the state after each step
-    at its sigma, the DRM of the finished (clamped) sample, its share of pixels beyond [-1, 1], its
-    gold."""
-    policy, base = scores["policy"]["SDE, 10 steps"], scores["base"]["SDE, 10 steps"]
-    rises = [paired(p, b, per_prompt)[:2] for p, b in zip(policy["drm_by_step"],
-                                                          base["drm_by_step"])]
-    rises += [paired(policy[key], base[key], per_prompt)[:2]
-              for key in ("drm", "outside", "gold")]
-    return f"| {label} | " + " | ".join(f"{m:+.2f} ± {se:.2f}" for m, se in rises) + " |"
+    """The final policy minus the base on the rollout sampler, each with its 95% interval: the DRM
+    of the state after each step at its sigma (bold: the steps the loss credits), the last state
+    before sigma 0 clamped, the finished sample (clamped, sigma 0), its pixels beyond [-1, 1] (the
+    share, the mean excess), its gold."""
+    policy, base = scores["policy"]["rollout"], scores["base"]["rollout"]
+    pairs = [*zip(policy["drm_by_step"], base["drm_by_step"]),
+             (policy["drm_by_step_clamped"][-2], base["drm_by_step_clamped"][-2]),
+             *((policy[key], base[key]) for key in ("drm", "outside", "excess", "gold"))]
+    cells = []
+    for i, (after, before) in enumerate(pairs):
+        mean, se, df = paired(after, before, per_prompt)
+        low, high = interval(mean, se, df)
+        text = f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]"
+        cells.append(f"**{text}**" if i < len(scores["credited"]) and scores["credited"][i]
+                     else text)
+    return f"| {label} | " + " | ".join(cells) + " |"
 
 
 def table(cfg):
     names = [n for n in EXPERIMENTS["collapse"][0] if not cfg.modes or folder(n) in cfg.modes]
     samplers = ["| policy | " + " | ".join(f"gold, {s}" for s in SAMPLERS) + " | "
                 + " | ".join(f"DRM, {s}" for s in SAMPLERS)
-                + " | gold, SDE - ODE 20 (s.e. by prompt, 95% interval) |",
+                + " | gold, rollout - ODE 20 (s.e. by prompt, 95% interval) |",
                 "|" + "---|" * (2 * len(SAMPLERS) + 2)]
     rises, gaps, missing = [], {}, []
     for name in names:
@@ -165,30 +185,32 @@ def table(cfg):
             scores = score_run(cfg, path)
             if not rises:  # every run starts from the same base
                 samplers.append(sampler_row("base (update 0)", scores["base"], cfg.per_prompt))
-                steps = len(scores["base"]["SDE, 10 steps"]["drm_by_step"])
+                steps = len(scores["base"]["rollout"]["drm_by_step"])
                 rises = ["| run | " + " | ".join(f"DRM after step {i + 1}" for i in range(steps))
-                         + " (sigma 0) | DRM, the finished sample (clamped) | pixels beyond "
-                         "[-1, 1] (share) | gold |", "|" + "---|" * (steps + 4)]
+                         + f" | DRM after step {steps - 1}, clamped | DRM of the sample, clamped "
+                         "| pixels beyond [-1, 1], share | their mean excess | gold |",
+                         "|" + "---|" * (steps + 6)]
             label = f"{name}, seed {seed}, update {scores['step']}"
             samplers.append(sampler_row(label, scores["policy"], cfg.per_prompt))
             rises.append(rise_row(label, scores, cfg.per_prompt))
-            gaps.setdefault(name, []).append(paired(scores["policy"]["SDE, 10 steps"]["gold"],
+            gaps.setdefault(name, []).append(paired(scores["policy"]["rollout"]["gold"],
                                                     scores["policy"]["ODE, 20 steps"]["gold"],
                                                     cfg.per_prompt)[0])
-    lines = ["Gold and the DRM's score (sigma 0) of each sampler's samples, held-out prompts x "
-             f"{cfg.per_prompt} noises:", "", *samplers, "",
-             "The final policy minus the base on the rollouts' SDE, image by image (mean ± s.e. "
-             "clustered by prompt): the DRM's score of the state after each step at that step's "
-             "sigma (what step-wise credit rewards; the last state is the sample before the "
-             "clamp), of the finished sample (clamped to [-1, 1], as the evaluation scores it), "
-             "the share of the sample's pixels beyond [-1, 1] before the clamp, and its gold:",
-             "",
-             *rises, "", "Per mode, the SDE - ODE (20 steps) gold difference over seeds:", "",
-             "| mode | seeds | SDE - ODE 20, mean ± s.e. over seeds, 95% interval |", "|---|---|---|"]
+    lines = ["Gold and the DRM's score (of the finished sample, clamped, at sigma 0) of each "
+             f"sampler's samples, held-out prompts x {cfg.per_prompt} noises:", "", *samplers, "",
+             "The final policy minus the base on the rollout sampler, image by image (mean and "
+             "95% interval, s.e. clustered by prompt): the DRM's score of the state after each "
+             "step at that step's sigma, as the rollout reads it (bold: the steps the loss "
+             "credits), of the last state before sigma 0 clamped to [-1, 1], and of the finished "
+             "sample clamped, as the evaluation reads it; the share of the sample's pixels beyond "
+             "[-1, 1] before the clamp and their mean excess over all pixels; gold:", "", *rises,
+             "", "Per mode, the rollout - ODE (20 steps) gold difference over seeds:", "",
+             "| mode | seeds | rollout - ODE 20, mean ± s.e. over seeds, 95% interval |",
+             "|---|---|---|"]
     for name, values in gaps.items():
         mean, se = mean_se(values)
         lines.append(f"| {name} | {len(values)} | "
-                     + (cell(mean, se, len(values) - 1, ("SDE above", "SDE below"))
+                     + (cell(mean, se, len(values) - 1, ("rollout above", "rollout below"))
                         if len(values) > 1 else f"{mean:+.3f} (one seed)") + " |")
     if missing:
         lines += ["", f"not finished yet (left out): {', '.join(missing)}"]

@@ -542,11 +542,13 @@ def test_a_run_is_re_scored_once_a_checkpoint_and_again_when_trained_on(tmp_path
 
 
 def test_the_collapse_cause_samples_as_the_evaluation_and_the_rollouts_do(tmp_path):
-    """bench.collapse on a run folder whose final policy is the shipped base: its "ODE, 20 steps"
-    is evaluation.evaluate's sampler (the same gold for the same noises), its "SDE, 10 steps" is
-    sample.py's SDE (stepwise_sample, k = 1, the same generator), the last state's DRM score is the
-    unclamped sample's and the finished sample's the clamped one's; a policy equal to its base rises
-    by exactly 0 everywhere; the result is cached for the checkpoint's step."""
+    """bench.collapse on two run folders. Seed 0's final policy is the shipped base, perturbed: its
+    "ODE, 20 steps" is evaluation.evaluate's sampler on that file (the same gold for the same
+    noises), its rollout (no window) is sample.py's SDE (stepwise_sample, k = 1, the same
+    generator), the last state's DRM score is the unclamped sample's and the finished sample's the
+    clamped one's. Seed 1's policy is its base and its rollout has a window from step 2: its first
+    step is the Euler step of "ODE, 10 steps", every rise is exactly 0, and its credited steps are
+    the window's less the last. The result is cached for the checkpoint's step."""
     import shutil
 
     from bench.collapse import NOISE_SEED, SDE_SEED, Config, score_run, table
@@ -555,49 +557,73 @@ def test_the_collapse_cause_samples_as_the_evaluation_and_the_rollouts_do(tmp_pa
     from evaluation import evaluate
     from sample import stepwise_sample
     from sde import Sampler, drm_on, initial_noise, sigma_schedule
-    cfg = Config(out_dir=str(tmp_path), per_prompt=2, seeds=(0,), modes=("stepwise",),
+    cfg = Config(out_dir=str(tmp_path), per_prompt=2, seeds=(0, 1), modes=("stepwise",),
                  updates=3)
-    path = run_dir(cfg, "stepwise", 0, cfg.lr)
-    os.makedirs(path)
-    shutil.copy("data/base.safetensors", os.path.join(path, "model.safetensors"))
     saved = {"base": "data/base.safetensors", "drm": "data/drm.safetensors", "eval_prompts": "",
              "eval_steps": 4, "eval_cfg_scale": 2.0, "steps": 3, "cfg_scale": 4.0, "shift": 1.0,
-             "noise_level": 0.7}
-    torch.save({"step": 3, "config": saved}, os.path.join(path, "train_state.pt"))
-    with open(os.path.join(path, "metrics.jsonl"), "w") as f:
-        f.write(json.dumps({"step": 3}) + "\n")
-    scores = score_run(cfg, path)
-
+             "noise_level": 0.7, "sde_window": "", "train_last_step": False}
     base = ToyBase.load("data/base.safetensors", "cpu")
-    prompts = [p for p in base.heldout_prompts("", []) for _ in range(2)]
-    expected = evaluate(base.dit, base, base.heldout_prompts("", []), 2, seed=NOISE_SEED,
-                        steps=4, cfg_scale=2.0, shift=1.0)[0]["gold"]
-    ode = scores["policy"]["ODE, 20 steps"]["gold"]
-    # the same model, noises and Euler steps: measured equal; another seed or grid moves it ~0.1
-    within(abs(sum(ode) / len(ode) - expected), 1e-5, "the evaluation's gold")
-    noise = initial_noise(base.dit, len(prompts), torch.Generator().manual_seed(NOISE_SEED), 32)
-    cond, uncond = base.encode(prompts)
+    perturbed = ToyBase.load("data/base.safetensors", "cpu")
     with torch.no_grad():
-        x, _ = stepwise_sample(Sampler(base.dit, sigma_schedule(3), cond, uncond, 4.0), noise,
+        for p in perturbed.dit.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+    for seed, window in ((0, ""), (1, "1:3")):
+        path = run_dir(cfg, "stepwise", seed, cfg.lr)
+        os.makedirs(path)
+        if seed == 0:
+            perturbed.save_policy(path, perturbed.dit.state_dict(), perturbed.dit.config, 0, 3)
+        else:
+            shutil.copy("data/base.safetensors", os.path.join(path, "model.safetensors"))
+        torch.save({"step": 3, "config": {**saved, "sde_window": window}},
+                   os.path.join(path, "train_state.pt"))
+        with open(os.path.join(path, "metrics.jsonl"), "w") as f:
+            f.write(json.dumps({"step": 3}) + "\n")
+    scores = score_run(cfg, run_dir(cfg, "stepwise", 0, cfg.lr))
+
+    heldout = base.heldout_prompts("", [])
+    prompts = [p for p in heldout for _ in range(2)]
+    for who, model in (("base", base), ("policy", perturbed)):
+        expected = evaluate(model.dit, model, heldout, 2, seed=NOISE_SEED, steps=4, cfg_scale=2.0,
+                            shift=1.0)[0]["gold"]
+        ode = scores[who]["ODE, 20 steps"]["gold"]
+        # the same model, noises and Euler steps: measured equal; another seed, grid or model
+        # moves it by ~0.1 or more
+        within(abs(sum(ode) / len(ode) - expected), 1e-5, f"the evaluation's gold ({who})")
+    noise = initial_noise(perturbed.dit, len(prompts), torch.Generator().manual_seed(NOISE_SEED),
+                          32)
+    cond, uncond = perturbed.encode(prompts)
+    with torch.no_grad():
+        x, _ = stepwise_sample(Sampler(perturbed.dit, sigma_schedule(3), cond, uncond, 4.0), noise,
                                noise_level=0.7, generator=torch.Generator().manual_seed(SDE_SEED))
         drm, drm_text, _ = base.load_drm("data/drm.safetensors", "cpu")
         reward = drm_on(drm.eval(), drm_text.encode(prompts))
         rows, zeros = torch.arange(len(x)), torch.zeros(len(x))
         raw, clamped = reward(x, zeros, rows), reward(x.clamp(-1, 1), zeros, rows)
-    sde = scores["policy"]["SDE, 10 steps"]
+    rollout = scores["policy"]["rollout"]
     gold = base.judge(base.to_images(x.clamp(-1, 1)), prompts)["gold"].float()
     # one sampler, one generator, the same draws: equal up to the batch's rounding (measured 0); a
     # draw out of order or another noise level moves gold by ~1 and the scores by ~0.1
-    assert max_abs(torch.tensor(sde["gold"]), gold) < 1e-4
-    assert max_abs(torch.tensor(sde["drm_by_step"][-1]), raw) < 1e-4
-    assert max_abs(torch.tensor(sde["drm"]), clamped) < 1e-4
+    assert max_abs(torch.tensor(rollout["gold"]), gold) < 1e-4
+    assert max_abs(torch.tensor(rollout["drm_by_step"][-1]), raw) < 1e-4
+    assert max_abs(torch.tensor(rollout["drm_by_step_clamped"][-1]), clamped) < 1e-4
+    assert max_abs(torch.tensor(rollout["drm"]), clamped) < 1e-4
     assert max_abs(raw, clamped) > 0.01  # the clamp matters: the two scores are told apart
-    within(max_abs(torch.tensor(sde["outside"]), (x.abs() > 1).flatten(1).float().mean(1)), 1e-6,
-           "the share of pixels beyond [-1, 1]")
-    # the policy is its base: every rise is exactly 0, and so is every s.e.
+    within(max_abs(torch.tensor(rollout["outside"]), (x.abs() > 1).flatten(1).float().mean(1)),
+           1e-6, "the share of pixels beyond [-1, 1]")
+    within(max_abs(torch.tensor(rollout["excess"]),
+                   (x.abs() - 1).clamp(min=0).flatten(1).mean(1)), 1e-6, "their mean excess")
+    windowed = score_run(cfg, run_dir(cfg, "stepwise", 1, cfg.lr))
+    first = [windowed["base"][name]["drm_by_step"][0] for name in ("rollout", "ODE, 10 steps")]
+    assert first[0] == first[1]  # step 1 lies outside the window 1:3: an Euler step, as the ODE's
+    assert windowed["base"]["rollout"]["drm_by_step"][1] != windowed["base"]["ODE, 10 steps"][
+        "drm_by_step"][1]  # step 2 inside it: an SDE step
+    assert windowed["credited"] == [False, True, False]  # the window's steps, less the last
     report = table(cfg)
-    rise = [line for line in report.splitlines() if line.startswith("| stepwise, seed 0")][-1]
-    assert set(rise.split("|")[2:-1]) == {" +0.00 ± 0.00 "}, rise
-    cache = os.path.join(path, "samplers_2.json")
+    rise = [line for line in report.splitlines() if line.startswith("| stepwise, seed 1")][-1]
+    cells = rise.split("|")[2:-1]
+    # the policy is its base: every difference is exactly 0, and so is its interval
+    assert {c.strip("* ") for c in cells} == {"+0.00 [+0.00, +0.00]"}, rise
+    assert cells[1].startswith(" **") and not cells[0].startswith(" **"), rise  # step 2 credited
+    cache = os.path.join(run_dir(cfg, "stepwise", 0, cfg.lr), "samplers_2.json")
     json.dump({**scores, "step": 3, "marker": 1}, open(cache, "w"))
-    assert score_run(cfg, path)["marker"] == 1  # read back for the same step
+    assert score_run(cfg, run_dir(cfg, "stepwise", 0, cfg.lr))["marker"] == 1  # read back
