@@ -541,6 +541,9 @@ def test_a_run_is_re_scored_once_a_checkpoint_and_again_when_trained_on(tmp_path
     assert json.load(open(cache))["step"] == 9
 
 
+@pytest.mark.ex1_flow_matching  # it samples by the ODE,
+@pytest.mark.ex2_drm  # scores with the DRM
+@pytest.mark.ex3_sde_step  # and samples by the SDE
 def test_the_collapse_cause_samples_as_the_evaluation_and_the_rollouts_do(tmp_path):
     """bench.collapse on two run folders. Seed 0's final policy is the shipped base, perturbed: its
     "ODE, 20 steps" is evaluation.evaluate's sampler on that file (the same gold for the same
