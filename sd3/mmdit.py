@@ -199,7 +199,8 @@ def load_sd3(path, dtype=None, device=None):
 
 
 def _dit_from_plan(plan, layout, unexpected, path, dtype=None, device=None, keep_blocks=None):
-    """A DiT from a checked plan; keep_blocks: only the first so many joint blocks built and read (a
+    """A DiT from a plan of its files' tensors, every kept key and shape checked before any is read
+    (streaming.fill); keep_blocks: only the first so many joint blocks built, checked and read (a
     DRM's)."""
     shapes = {k: _shape(v) for k, v in plan.items()}
     config = dit_config_from_shapes(shapes, path)

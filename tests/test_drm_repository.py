@@ -126,6 +126,28 @@ def test_the_repositorys_checkpoint_reads_and_ours_exports_into_it(depth, tmp_pa
            "exported scores / largest score")
 
 
+def test_a_cut_dit_checks_the_blocks_it_keeps_and_not_those_it_drops(tmp_path):
+    """read_drm on the repository's file cuts the DiT after depth - drop_last blocks: a misshapen
+    tensor in a kept block is refused, naming its key; one in a dropped block is never read, and
+    the DRM loads with the same weights as from the intact file."""
+    from checkpoints import CheckpointError
+    state = {k: v.contiguous() for k, v in tiny_official_drm(24).state_dict().items()}
+    save_file(state, tmp_path / "intact.safetensors")
+    intact = read_drm(str(tmp_path / "intact.safetensors"))[0].state_dict()
+    for block, loads in ((0, False), (22, True)):  # 24 blocks, the last 3 dropped
+        key = f"transformer.transformer_blocks.{block}.ff.net.2.bias"
+        broken = {**state, key: torch.zeros(state[key].shape[0] + 1)}
+        path = tmp_path / f"block{block}.safetensors"
+        save_file(broken, path)
+        if loads:
+            loaded = read_drm(str(path))[0].state_dict()
+            assert loaded.keys() == intact.keys()
+            assert all(torch.equal(loaded[k], intact[k]) for k in intact)
+        else:
+            with pytest.raises(CheckpointError, match=r"wrong shape 1 \(joint_blocks\.0\."):
+                read_drm(str(path))
+
+
 def test_the_timestep_sampler_is_the_repositorys():
     """drm/train.py: u = sigmoid(N(0, 1)) (diffusers' logit_normal density), indices = (u *
     1000).long(), timesteps = scheduler.timesteps[indices], sigma looked up in scheduler.sigmas; the
