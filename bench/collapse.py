@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 
 from base import ModelFlags, load_base
-from bench.grpo_credit import EXPERIMENTS, MODES, folder, read_metrics, run_dir
+from bench.grpo_credit import EXPERIMENTS, MODES, finished, folder, run_dir
 from bench.stats import clustered, interval, mean_se, verdict
 from checkpoints import check_writable, load_training_state, write_text
 from common import UserError, check_flags, flag, print_config, read_text, run_main
@@ -90,9 +90,9 @@ def sample_and_score(policy, base, reward, prompts, saved):
             sigma = sampler.sigmas[i + 1].expand(len(x))
             for key, state in (("drm_by_step", x), ("drm_by_step_clamped", x.clamp(-1, 1))):
                 figures.setdefault(key, []).append(reward(state, sigma, rows).float())
-        finished = base.finish(x)
-        out[name] = {"gold": base.judge(base.to_images(finished), prompts)["gold"].float(),
-                     "drm": reward(finished, torch.zeros(len(x)), rows).float(),
+        sample = base.finish(x)
+        out[name] = {"gold": base.judge(base.to_images(sample), prompts)["gold"].float(),
+                     "drm": reward(sample, torch.zeros(len(x)), rows).float(),
                      "drm_by_step": torch.stack(figures["drm_by_step"]),
                      "drm_by_step_clamped": torch.stack(figures["drm_by_step_clamped"]),
                      "outside": (x.abs() > 1).flatten(1).float().mean(1),
@@ -178,8 +178,7 @@ def table(cfg):
     for name in names:
         for seed in cfg.seeds:
             path = run_dir(cfg, name, seed, cfg.lr)
-            rows = os.path.join(path, "metrics.jsonl")
-            if not (os.path.exists(rows) and read_metrics(rows)[-1]["step"] >= cfg.updates):
+            if not finished(cfg, path):  # its budget of --updates spent (bench.grpo_credit's)
                 missing.append(os.path.basename(path))
                 continue
             scores = score_run(cfg, path)
