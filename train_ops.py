@@ -61,13 +61,6 @@ class Models:
     kept: dict = field(default_factory=dict)
 
 
-def shard(policy):
-    """FSDP: each rank holds 1/N of every block's weights, grads and optimizer state."""
-    for block in policy.joint_blocks:
-        fully_shard(block)
-    fully_shard(policy)
-
-
 def build_models(cfg, base, device, ranks, *, reference):
     """The policy (float32 weights when fully fine-tuned; LoRA when asked), its frozen copy when
     `reference` (the KL's), the frozen DRM, DDP or FSDP under torchrun, AdamW -> Models."""
@@ -88,9 +81,11 @@ def build_models(cfg, base, device, ranks, *, reference):
     if hardware.compile:
         for module in filter(None, (policy, reference, drm.backbone)):
             compile_regions(module)
-    if hardware.fsdp:
+    if hardware.fsdp:  # each rank holds 1/N of every block's weights, grads and optimizer state
         for module in filter(None, (policy, reference)):
-            shard(module)
+            for block in module.joint_blocks:
+                fully_shard(block)
+            fully_shard(module)
     params = [p for p in policy.parameters() if p.requires_grad]
     # under torchrun, DDP (or FSDP) averages the gradients over the ranks (the weights start equal)
     loss_policy = (DDP(policy, broadcast_buffers=False) if ranks.world > 1 and not hardware.fsdp
@@ -163,9 +158,10 @@ class Batch:
 def draw_batch(cfg, base, models, train_prompts, ranks, *, update, per_prompt):
     """An update's batch (Batch): its prompts, per_prompt times each, and their initial noises, as
     every mode draws them at this update (draw_prompts), this rank's rows of them."""
-    rng, mine = streams(cfg.seed, update), ranks.shard(cfg.trajectories, "--trajectories")
+    rng = streams(cfg.seed, update)
     prompts, noise = draw_prompts(train_prompts, cfg.trajectories // per_prompt, per_prompt, rng,
                                   models.policy, base.latent_size)
+    mine = ranks.shard(cfg.trajectories, "--trajectories")
     device = next(models.policy.parameters()).device
     noise, prompts = noise[mine].to(device), prompts[mine]
     scorer = Scorer(models.drm, models.drm_text, prompts, cfg.hardware.drm_batch, ranks.world)

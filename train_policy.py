@@ -164,6 +164,7 @@ def main(cfg):
     if cfg.hardware.fsdp and ranks.world == 1:
         raise UserError("--fsdp shards the policy over torchrun's processes: launch with "
                         "torchrun --nproc_per_node=N")
+    ranks.shard(cfg.trajectories, "--trajectories")  # the rollouts split over the processes
     print_config(cfg)
     inputs = {**cfg.pretrained.inputs(), "--drm=": cfg.drm, "--prompts=": cfg.prompts,
               "--eval_prompts=": cfg.evaluation.eval_prompts}
@@ -179,10 +180,10 @@ def main(cfg):
         heldout = base.heldout_prompts(cfg.evaluation.eval_prompts, train_prompts)
         base.prepare(train_prompts + heldout, run_dir.file("cache"))  # SD3: embedded once, cached
         models = train_ops.build_models(cfg, base, device, ranks, reference=cfg.kl_weight > 0)
+        costs = train_ops.pass_costs(base, models, train_prompts[0])
         rival = None
         if rivals.policy.chosen(cfg.rival):  # the one door: a rival's update in grpo_update's place
             models, rival = rivals.policy.enter(cfg, models, ranks, train_ops.draw_batch, ppo_steps)
-        costs = train_ops.pass_costs(base, models, train_prompts[0])
         print(f"a DRM pass costs {costs['drm_cost']:.3f} DiT passes, a DiT backward pass "
               f"{costs['backward_cost']:.3f} (FLOPs counted)")
         update, counters = (train_ops.resume_run(cfg, run_dir, state, models, costs) if state else

@@ -50,8 +50,7 @@ def enter(cfg, models, ranks, draw_batch, ppo_steps):
     rival = cfg.rival
     if rival.objective != "ppo" and ranks.world > 1:
         raise UserError(f"--objective={rival.objective} runs in one process (no torchrun)")
-    mine = ranks.shard(cfg.trajectories, "--trajectories")
-    if rival.credit == "tree" and (mine.stop - mine.start) % per_prompt(cfg):
+    if rival.credit == "tree" and cfg.trajectories // ranks.world % per_prompt(cfg):
         raise UserError(f"--credit=tree: each process grows whole trees; make --trajectories a "
                         f"multiple of {per_prompt(cfg)} x {ranks.world} processes")
     models.drm = with_ensemble(models.drm, rival.drm_draws, rival.drm_sigma)

@@ -550,6 +550,22 @@ def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
     # 3 of the 6 blocks and a small head; a backward computes the inputs' and weights' gradients
     assert 0.4 < record["drm_cost"] < 0.7 and 1.8 < record["backward_cost"] < 2.2
 
+
+@pytest.mark.ex3_sde_step  # a real update takes the SDE step
+def test_a_drm_pass_costs_as_much_under_the_noise_ensemble(tmp_path):
+    """drm_cost is one DRM pass's FLOPs, measured on the DRM before a rival wraps it: the counters
+    count each of the ensemble's passes (NoiseEnsemble.passes), so a wrapped DRM re-noising at 0.75,
+    above the measured state's sigma 0.5, would count its 4 passes as one pass and each 4 times."""
+    costs = {}
+    for name, rival in (("drm", []), ("ensemble", ["--drm_draws=4", "--drm_sigma=0.75"])):
+        run_main(train_policy.main, train_policy.Config, [
+            "--steps=2", "--trajectories=2", "--per_prompt=2", "--k=2", "--updates=1",
+            "--eval_every=1", "--eval_per_prompt=1", "--eval_steps=1",
+            f"--out_dir={tmp_path / name}", *rival])
+        costs[name] = json.loads(open(tmp_path / name / "metrics.jsonl").readline())["drm_cost"]
+    # FLOPs are counted, not timed: the same integers over the same integer
+    assert costs["ensemble"] == costs["drm"], costs
+
 # -----------------------------------------------------------------------------
 # D. The rival scores and credit rules on a rollout
 
