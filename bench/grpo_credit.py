@@ -103,6 +103,9 @@ class Config:
     experiment: str = flag("credit", choices=EXPERIMENTS)
     # comma-separated folder names (stepwise,tree,...); "" = the experiment's
     modes: tuple = flag((), choices=[folder(name) for name in MODES], of=str)
+    # the mode every other is compared with, a folder name ("" = the experiment's: sparse, or for
+    # the collapse stepwise); another writes <experiment>_vs_<it>.md beside the experiment's table
+    reference: str = ""
     # () = the experiment's (headline: 0-7, credit: 0-3, collapse: 0-2)
     seeds: tuple = flag((), "[0, inf)")
     # each mode's lr is the best of these on the tuning seeds (one lr: no tuning)
@@ -127,6 +130,12 @@ def chosen(cfg):
     if cfg.modes:
         by_folder = {folder(name): name for name in MODES}
         modes = [by_folder[m] for m in cfg.modes]
+    if cfg.reference:
+        names = [folder(name) for name in modes]
+        if cfg.reference not in names:
+            raise UserError(f"--reference={cfg.reference}: not among the modes compared "
+                            f"({', '.join(names)}); name one of them")
+        reference = modes[names.index(cfg.reference)]
     seeds = list(cfg.seeds) or [int(s) for s in seeds.split(",")]
     shared = sorted(set(seeds) & set(cfg.tuning_seeds))
     if shared:
@@ -216,6 +225,13 @@ def choose_lr(runs, lrs, seeds, limit, axis="dit_equivalents"):
     return max(lrs, key=lambda lr: (means[lr], -lr)), means
 
 
+def report(cfg):
+    """The stem of the experiment's files in OUT_DIR (.md, .png, _lrs.json): the experiment's
+    name, and the reference's when --reference names another."""
+    return os.path.join(cfg.out_dir, cfg.experiment + (f"_vs_{cfg.reference}" if cfg.reference
+                                                       else ""))
+
+
 def tune(cfg, modes):
     """Each mode's lr, chosen on the tuning seeds (shared by the modes tuned_as one) -> {mode: lr},
     and OUT_DIR/<experiment>_lrs.json recording the choice and every candidate's gold."""
@@ -231,8 +247,7 @@ def tune(cfg, modes):
         record[owner] = {"lr": choice[owner], "tuning_seeds": list(cfg.tuning_seeds),
                          "gold_at_the_budget": {f"{lr:g}": g for lr, g in means.items()}}
     os.makedirs(cfg.out_dir, exist_ok=True)
-    write_text(os.path.join(cfg.out_dir, f"{cfg.experiment}_lrs.json"),
-               json.dumps(record, indent=1))
+    write_text(report(cfg) + "_lrs.json", json.dumps(record, indent=1))
     return {m: choice[tuned_as(m)] for m in modes}
 
 
@@ -439,8 +454,8 @@ def main(cfg):
     check_flags(cfg)
     modes, reference, seeds = chosen(cfg)
     # before any work
-    for name in (f"{cfg.experiment}.md", f"{cfg.experiment}.png", f"{cfg.experiment}_lrs.json"):
-        check_writable(os.path.join(cfg.out_dir, name), "--out_dir=")
+    for suffix in (".md", ".png", "_lrs.json"):
+        check_writable(report(cfg) + suffix, "--out_dir=")
     print_config(cfg)
     lrs = tune(cfg, modes)
     if not cfg.plot_only:
@@ -450,16 +465,16 @@ def main(cfg):
                 if cfg.rescore else None)
     table = (f"learning rates, each the best of {', '.join(f'{lr:g}' for lr in cfg.lrs)} at the "
              f"budget on seeds {', '.join(map(str, cfg.tuning_seeds))} "
-             f"({cfg.experiment}_lrs.json): "
+             f"({os.path.basename(report(cfg))}_lrs.json): "
              + "; ".join(f"{m} {lrs[m]:g}" for m in modes) + "\n\n"
              + summarise(cfg, runs, modes, reference, seeds, rescored))
     print(table)
     os.makedirs(cfg.out_dir, exist_ok=True)
-    report = os.path.join(cfg.out_dir, cfg.experiment)
-    write_text(report + ".md", table + "\n")
-    figure = plot(runs, modes, seeds, report + ".png", f"GRPO on the toy, {cfg.experiment}",
+    stem = report(cfg)
+    write_text(stem + ".md", table + "\n")
+    figure = plot(runs, modes, seeds, stem + ".png", f"GRPO on the toy, {cfg.experiment}",
                   budget(cfg)[1])
-    print(f"wrote {report}.md" + (f" and {report}.png" if figure else ""))
+    print(f"wrote {stem}.md" + (f" and {stem}.png" if figure else ""))
     return table
 
 

@@ -365,7 +365,7 @@ def test_each_arm_takes_the_lr_best_on_the_tuning_seeds(tmp_path):
     """grpo_credit.choose_lr: the best mean gold at the budget over the tuning seeds; the sparse
     variants take sparse's; a verdict's seeds are never the tuning seeds; a second call with every
     run done runs nothing."""
-    from bench.grpo_credit import Config, choose_lr, chosen, run_all, tuned_as
+    from bench.grpo_credit import Config, choose_lr, chosen, report, run_all, tuned_as
     from common import UserError, parse_flags
 
     def run(gold):
@@ -381,6 +381,12 @@ def test_each_arm_takes_the_lr_best_on_the_tuning_seeds(tmp_path):
     assert tuned_as("stepwise, window 0:5") == "stepwise, window 0:5" and tuned_as("tree") == "tree"
     with pytest.raises(UserError, match="must not be those its learning rates were chosen on"):
         chosen(parse_flags(Config(), ["--seeds=0,100"]))
+    # another reference: compared with it, its table apart from the experiment's
+    cfg = parse_flags(Config(), ["--modes=stepwise,stepwise_x0_score", "--reference=stepwise"])
+    assert chosen(cfg)[1] == "stepwise" and chosen(Config())[1] == "sparse"
+    assert report(cfg).endswith("credit_vs_stepwise") and report(Config()).endswith("credit")
+    with pytest.raises(UserError, match="--reference=tree: not among the modes compared"):
+        chosen(parse_flags(Config(), ["--modes=stepwise,sparse", "--reference=tree"]))
     # every run done (an experiment run again to remake its table): nothing runs, no IndexError
     cfg = Config(max_nfe=100, out_dir=str(tmp_path))
     done = tmp_path / "sparse_lr3e-05_seed0"
