@@ -392,18 +392,16 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
                   f"{RESCORE_SEED}, not the evaluations'):", "",
                   *paired_rows({m: [rescored[m, s] for s in seeds] for m in modes}, modes,
                                reference, df)]
-    others = [(m, key) for m in modes for key in runs[m, seeds[0]][0]
-              if key.startswith("gold_cfg")]
-    if others:  # a rival evaluated at its authors' guidance too (NFT, AWM: 1)
-        lines += ["", "At the guidance their authors evaluate at (the base's figure in the first "
-                  "row, the same for every mode):", "",
-                  "| mode | guidance | gold start | gold at the budget (mean ± s.e.) |",
-                  "|---|---|---|---|"]
-        for mode, key in others:
-            start = mean_se([runs[mode, s][0][key] for s in seeds])[0]
-            end, end_se = mean_se([gold_at(runs[mode, s], limit, key, axis) for s in seeds])
-            lines.append(f"| {mode} | {key[len('gold_cfg'):]} | {start:.4f} | {end:.4f} ± "
-                         f"{end_se:.4f} |")
+    # a rival evaluated at its authors' guidance too (NFT, AWM: 1): that guidance's gold, paired
+    # with the reference's where the reference was evaluated there too (--reference=NFT_sparse)
+    for key in sorted({key for m in modes for key in runs[m, seeds[0]][0]
+                       if key.startswith("gold_cfg")}):
+        evaluated = [m for m in modes if key in runs[m, seeds[0]][0]]
+        start = mean_se([runs[evaluated[0], s][0][key] for s in seeds])[0]
+        lines += ["", f"At guidance {key[len('gold_cfg'):]}, where their authors evaluate (gold "
+                  f"start: {start:.4f}, the base's for every mode):", "",
+                  *paired_rows({m: [gold_at(runs[m, s], limit, key, axis) for s in seeds]
+                                for m in evaluated}, evaluated, reference, df)]
     return "\n".join(lines)
 
 

@@ -284,6 +284,37 @@ def test_the_headline_tables_at_sd35s_drm_cost_and_re_scored_by_hand():
     assert row == "| new | 3 | -0.4000 ± 0.1155 | +0.1000 ± 0.0577 | [-0.1484, +0.3484] | 2 | tie |"
 
 
+def test_the_table_at_the_authors_guidance_pairs_with_the_reference_where_it_was_evaluated():
+    """grpo_credit.summarise: a mode evaluated at a second guidance (NFT and AWM at 1: their
+    authors') gets that guidance's gold at the budget, paired by seed with the reference's where
+    the reference was evaluated there too (--reference=NFT_sparse), else the figure alone."""
+    from bench.grpo_credit import Config, summarise
+
+    def run(golds, at_1):
+        return [{"step": 5 * i, "dit_equivalents": 50.0 * i, "gold": g, "drm": 0.1 * i,
+                 "nfe": 40 * i, "backward_passes": 4 * i, "backward_cost": 2.0,
+                 "drm_calls": 10 * i, **({"gold_cfg1": at_1[i]} if at_1 else {})}
+                for i, g in enumerate(golds)]
+    # at the budget 75 (halfway between the evaluations at 50 and 100), guidance 1: ref -0.7,
+    # -0.8, -0.6; new -0.4, -0.5, -0.4 (the credit table's, at guidance 4 there)
+    ref_at_1 = [[-1.0, -0.8, -0.6], [-1.0, -0.9, -0.7], [-1.0, -0.7, -0.5]]
+    new_at_1 = [[-1.0, -0.5, -0.3], [-1.0, -0.6, -0.4], [-1.0, -0.6, -0.2]]
+    for ref_evaluated in (True, False):
+        runs = {**{("ref", s): run([-1.0, -1.0, -1.0], ref_at_1[s] if ref_evaluated else None)
+                   for s in range(3)},
+                **{("new", s): run([-1.0, -1.0, -1.0], new_at_1[s]) for s in range(3)}}
+        table = summarise(Config(max_nfe=75), runs, ["ref", "new"], "ref", [0, 1, 2])
+        at_1 = table.split("At guidance 1, where their authors evaluate (gold start: -1.0000")[1]
+        row = next(line for line in at_1.splitlines() if line.startswith("| new |"))
+        if ref_evaluated:  # differences 0.3, 0.3, 0.2 (the credit table's, by hand there)
+            assert row == ("| new | 3 | -0.4333 ± 0.0333 | +0.2667 ± 0.0333 | [+0.1232, +0.4101] "
+                           "| 2 | beats |"), row
+            assert "| ref | 3 | -0.7000 ± 0.0577 |" in at_1
+        else:  # the reference has no gold at guidance 1: nothing to pair with
+            assert row == "| new | 3 | -0.4333 ± 0.0333 |  |  |  |  |", row
+            assert "| ref |" not in at_1
+
+
 def test_the_search_table_by_hand():
     """search.best_of_at interpolates best-of-N's per-image gold in N at a budget; compare's line:
     the per-image difference, its clustered s.e., the interval at prompts - 1 df, the verdict."""
