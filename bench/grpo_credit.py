@@ -25,7 +25,8 @@ budget) and the one before it, and the budget at SD3.5-medium's DRM cost (0.90 D
 pass: bench/sd3_memory.py's 2.19 against 2.44 TFLOPs). Runs go `jobs` at a time, one CPU thread
 each, so wall times compare between modes. Writes OUT_DIR/<experiment>.md,
 OUT_DIR/<experiment>_lrs.json and OUT_DIR/<experiment>.png (needs matplotlib, which the rest does
-not); --rescore=N adds the final checkpoints' gold on the held-out prompts x N fresh noises.
+not); --rescore=N adds the final checkpoints' gold on the held-out prompts x N fresh noises (and,
+where a rival is evaluated at its authors' guidance too, every mode's at that guidance).
 """
 import json
 import os
@@ -120,7 +121,8 @@ class Config:
     extra: str = ""                    # more train_policy.py flags for every run, space-separated
     plot_only: bool = False
     # the final checkpoints re-scored on the held-out prompts x this many noises (seed 5678, apart
-    # from the evaluations' 1234), cached in each run folder (rescore_N.json)
+    # from the evaluations' 1234), cached in each run folder (rescore_N.json; rescore_N_cfgW.json at
+    # a rival's second guidance W)
     rescore: int = flag(0, "[0, inf)", zero="none")
 
 
@@ -265,14 +267,16 @@ def sd35_equivalents(row):
 
 
 RESCORE_SEED = 5678
+SECOND = "gold_cfg"  # a metrics key of gold at a rival's second guidance: gold_cfg1 at guidance 1
 
 
-def rescore(cfg, mode, seed, lr):
+def rescore(cfg, mode, seed, lr, cfg_scale=None):
     """The run's final policy (model.safetensors) on the held-out prompts x --rescore noises, as its
-    evaluations sample (ODE, their steps, guidance and shift, read from its train state) -> mean
-    gold, cached in the run folder."""
+    evaluations sample (ODE, their steps, guidance and shift, read from its train state; or at
+    `cfg_scale`, a rival's authors' guidance) -> mean gold, cached in the run folder."""
     path = run_dir(cfg, mode, seed, lr)
-    cache = os.path.join(path, f"rescore_{cfg.rescore}.json")
+    at = "" if cfg_scale is None else f"_cfg{cfg_scale:g}"
+    cache = os.path.join(path, f"rescore_{cfg.rescore}{at}.json")
     state = load_training_state(os.path.join(path, "train_state.pt"), "cpu")
     cached = json.loads(read_text(cache, "a re-score")) if os.path.exists(cache) else {}
     if cached.get("step") == state["step"]:  # (a checkpoint trained on since is scored again)
@@ -281,10 +285,11 @@ def rescore(cfg, mode, seed, lr):
     base = load_base(ModelFlags(base=os.path.join(path, "model.safetensors")), "cpu")
     summary = evaluate(base.dit, base, base.heldout_prompts(saved["eval_prompts"], []),
                        cfg.rescore, seed=RESCORE_SEED, steps=saved["eval_steps"],
-                       cfg_scale=saved["eval_cfg_scale"], shift=saved["shift"])[0]
+                       cfg_scale=saved["eval_cfg_scale"] if cfg_scale is None else cfg_scale,
+                       shift=saved["shift"])[0]
     write_text(cache, json.dumps({"per_prompt": cfg.rescore, "seed": RESCORE_SEED,
                                   "step": state["step"], **summary}))
-    print(f"re-scored {path}: gold {summary['gold']:.4f}", flush=True)
+    print(f"re-scored {path}{at}: gold {summary['gold']:.4f}", flush=True)
     return summary["gold"]
 
 
@@ -336,7 +341,8 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
     side), the paired difference from the reference with its 95% interval at seeds - 1 degrees of
     freedom and its verdict, the first evaluation at the reference's final gold, the counts behind
     the equivalents, and reward hacking; then gold at the budget counted at SD3.5-medium's DRM
-    cost, and the final checkpoints re-scored (rescored[mode, seed], where given)."""
+    cost, and the final checkpoints re-scored (rescored["gold"][mode, seed], where given; at a
+    rival's second guidance W, rescored[f"{SECOND}W"])."""
     limit, axis = budget(cfg)
     finals = {m: [gold_at(runs[m, s], limit, axis=axis) for s in seeds] for m in modes}
     target = mean_se(finals[reference])[0] if reference in modes else None
@@ -390,18 +396,23 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
         lines += ["", f"The final checkpoints (each run's last evaluation, at or just past the "
                   f"budget) re-scored on the held-out prompts x {cfg.rescore} noises (seed "
                   f"{RESCORE_SEED}, not the evaluations'):", "",
-                  *paired_rows({m: [rescored[m, s] for s in seeds] for m in modes}, modes,
-                               reference, df)]
+                  *paired_rows({m: [rescored["gold"][m, s] for s in seeds] for m in modes},
+                               modes, reference, df)]
     # a rival evaluated at its authors' guidance too (NFT, AWM: 1): that guidance's gold, paired
-    # with the reference's where the reference was evaluated there too (--reference=NFT_sparse)
+    # with the reference's where the reference was evaluated there too (--reference=NFT_sparse);
+    # re-scored, every mode's final checkpoint at that guidance, the reference's too
     for key in sorted({key for m in modes for key in runs[m, seeds[0]][0]
-                       if key.startswith("gold_cfg")}):
-        evaluated = [m for m in modes if key in runs[m, seeds[0]][0]]
+                       if key.startswith(SECOND)}):
+        evaluated, guidance = [m for m in modes if key in runs[m, seeds[0]][0]], key[len(SECOND):]
         start = mean_se([runs[evaluated[0], s][0][key] for s in seeds])[0]
-        lines += ["", f"At guidance {key[len('gold_cfg'):]}, where their authors evaluate (gold "
-                  f"start: {start:.4f}, the base's for every mode):", "",
+        lines += ["", f"At guidance {guidance}, where their authors evaluate (gold start: "
+                  f"{start:.4f}, the base's for every mode):", "",
                   *paired_rows({m: [gold_at(runs[m, s], limit, key, axis) for s in seeds]
                                 for m in evaluated}, evaluated, reference, df)]
+        if rescored:
+            lines += ["", f"The final checkpoints re-scored as above, at guidance {guidance}:", "",
+                      *paired_rows({m: [rescored[key][m, s] for s in seeds] for m in modes},
+                                   modes, reference, df)]
     return "\n".join(lines)
 
 
@@ -459,8 +470,12 @@ def main(cfg):
     if not cfg.plot_only:
         run_all(cfg, [(m, s, lrs[m]) for s in seeds for m in modes])
     runs = {(m, s): load_run(cfg, m, s, lrs[m]) for m in modes for s in seeds}
-    rescored = ({(m, s): rescore(cfg, m, s, lrs[m]) for m in modes for s in seeds}
-                if cfg.rescore else None)
+    rescored = None
+    if cfg.rescore:  # at the evaluations' guidance, and at a rival's second one for every mode
+        seconds = sorted({key for run in runs.values() for key in run[0] if key.startswith(SECOND)})
+        rescored = {"gold": {(m, s): rescore(cfg, m, s, lrs[m]) for m in modes for s in seeds},
+                    **{key: {(m, s): rescore(cfg, m, s, lrs[m], float(key[len(SECOND):]))
+                             for m in modes for s in seeds} for key in seconds}}
     table = (f"learning rates, each the best of {', '.join(f'{lr:g}' for lr in cfg.lrs)} at the "
              f"budget on seeds {', '.join(map(str, cfg.tuning_seeds))} "
              f"({os.path.basename(report(cfg))}_lrs.json): "

@@ -270,8 +270,8 @@ def test_the_headline_tables_at_sd35s_drm_cost_and_re_scored_by_hand():
     diffs = [a - b for a, b in zip(new, ref)]
     mean = sum(diffs) / 3
     se = (sum((d - mean) ** 2 for d in diffs) / 2 / 3) ** 0.5
-    rescored = {("ref", 0): -0.5, ("ref", 1): -0.6, ("ref", 2): -0.4, ("new", 0): -0.4,
-                ("new", 1): -0.6, ("new", 2): -0.2}
+    rescored = {"gold": {("ref", 0): -0.5, ("ref", 1): -0.6, ("ref", 2): -0.4, ("new", 0): -0.4,
+                         ("new", 1): -0.6, ("new", 2): -0.2}}
     table = summarise(Config(max_nfe=75, rescore=32), runs, ["ref", "new"], "ref", [0, 1, 2],
                       rescored).split("SD3.5-medium's DRM cost (")[1]
     at_sd35, again = table.split("re-scored")
@@ -303,8 +303,17 @@ def test_the_table_at_the_authors_guidance_pairs_with_the_reference_where_it_was
         runs = {**{("ref", s): run([-1.0, -1.0, -1.0], ref_at_1[s] if ref_evaluated else None)
                    for s in range(3)},
                 **{("new", s): run([-1.0, -1.0, -1.0], new_at_1[s]) for s in range(3)}}
-        table = summarise(Config(max_nfe=75), runs, ["ref", "new"], "ref", [0, 1, 2])
-        at_1 = table.split("At guidance 1, where their authors evaluate (gold start: -1.0000")[1]
+        # re-scored, every mode at guidance 1: differences 0.1, 0, 0.2 (the headline test's)
+        rescored = {"gold": {(m, s): -1.0 for m in ("ref", "new") for s in range(3)},
+                    "gold_cfg1": {("ref", 0): -0.5, ("ref", 1): -0.6, ("ref", 2): -0.4,
+                                  ("new", 0): -0.4, ("new", 1): -0.6, ("new", 2): -0.2}}
+        table = summarise(Config(max_nfe=75, rescore=32), runs, ["ref", "new"], "ref", [0, 1, 2],
+                          rescored)
+        at_1, again = table.split("At guidance 1, where their authors evaluate (gold start: "
+                                  "-1.0000")[1].split("re-scored as above, at guidance 1")
+        row = next(line for line in again.splitlines() if line.startswith("| new |"))
+        assert row == ("| new | 3 | -0.4000 ± 0.1155 | +0.1000 ± 0.0577 | [-0.1484, +0.3484] | 2 "
+                       "| tie |"), row
         row = next(line for line in at_1.splitlines() if line.startswith("| new |"))
         if ref_evaluated:  # differences 0.3, 0.3, 0.2 (the credit table's, by hand there)
             assert row == ("| new | 3 | -0.4333 ± 0.0333 | +0.2667 ± 0.0333 | [+0.1232, +0.4101] "
@@ -576,6 +585,13 @@ def test_a_run_is_re_scored_once_a_checkpoint_and_again_when_trained_on(tmp_path
     torch.save({"step": 9, "config": saved}, os.path.join(path, "train_state.pt"))
     within(abs(rescore(cfg, "stepwise", 0, 1e-4) - expected), 1e-5, "a later checkpoint's gold")
     assert json.load(open(cache))["step"] == 9
+    # at a rival's second guidance: sampled at that guidance (guidance 1 against the saved 2 moves
+    # gold by 0.23 here), cached apart
+    at_1 = evaluate(base.dit, base, base.heldout_prompts("", []), 1, seed=RESCORE_SEED, steps=3,
+                    cfg_scale=1.0, shift=1.0)[0]["gold"]
+    within(abs(rescore(cfg, "stepwise", 0, 1e-4, cfg_scale=1.0) - at_1), 1e-5, "gold at 1")
+    assert json.load(open(os.path.join(path, "rescore_1_cfg1.json")))["gold"] == pytest.approx(at_1)
+    assert json.load(open(cache))["step"] == 9 and rescore(cfg, "stepwise", 0, 1e-4) != at_1
 
 
 @pytest.mark.ex1_flow_matching  # it samples by the ODE,
