@@ -270,6 +270,12 @@ RESCORE_SEED = 5678
 SECOND = "gold_cfg"  # a metrics key of gold at a rival's second guidance: gold_cfg1 at guidance 1
 
 
+def second_guidances(runs):
+    """The second guidances the runs' first evaluations hold -> {metrics key: guidance}, sorted."""
+    return {key: float(key[len(SECOND):]) for key in
+            sorted({key for run in runs.values() for key in run[0] if key.startswith(SECOND)})}
+
+
 def rescore(cfg, mode, seed, lr, cfg_scale=None):
     """The run's final policy (model.safetensors) on the held-out prompts x --rescore noises, as its
     evaluations sample (ODE, their steps, guidance and shift, read from its train state; or at
@@ -401,16 +407,16 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
     # a rival evaluated at its authors' guidance too (NFT, AWM: 1): that guidance's gold, paired
     # with the reference's where the reference was evaluated there too (--reference=NFT_sparse);
     # re-scored, every mode's final checkpoint at that guidance, the reference's too
-    for key in sorted({key for m in modes for key in runs[m, seeds[0]][0]
-                       if key.startswith(SECOND)}):
-        evaluated, guidance = [m for m in modes if key in runs[m, seeds[0]][0]], key[len(SECOND):]
+    for key, guidance in second_guidances(runs).items():
+        evaluated = [m for m in modes if key in runs[m, seeds[0]][0]]
         start = mean_se([runs[evaluated[0], s][0][key] for s in seeds])[0]
-        lines += ["", f"At guidance {guidance}, where their authors evaluate (gold start: "
+        lines += ["", f"At guidance {guidance:g}, where their authors evaluate (gold start: "
                   f"{start:.4f}, the base's for every mode):", "",
                   *paired_rows({m: [gold_at(runs[m, s], limit, key, axis) for s in seeds]
                                 for m in evaluated}, evaluated, reference, df)]
         if rescored:
-            lines += ["", f"The final checkpoints re-scored as above, at guidance {guidance}:", "",
+            lines += ["", f"The final checkpoints re-scored as above, at guidance {guidance:g}:",
+                      "",
                       *paired_rows({m: [rescored[key][m, s] for s in seeds] for m in modes},
                                    modes, reference, df)]
     return "\n".join(lines)
@@ -472,10 +478,10 @@ def main(cfg):
     runs = {(m, s): load_run(cfg, m, s, lrs[m]) for m in modes for s in seeds}
     rescored = None
     if cfg.rescore:  # at the evaluations' guidance, and at a rival's second one for every mode
-        seconds = sorted({key for run in runs.values() for key in run[0] if key.startswith(SECOND)})
         rescored = {"gold": {(m, s): rescore(cfg, m, s, lrs[m]) for m in modes for s in seeds},
-                    **{key: {(m, s): rescore(cfg, m, s, lrs[m], float(key[len(SECOND):]))
-                             for m in modes for s in seeds} for key in seconds}}
+                    **{key: {(m, s): rescore(cfg, m, s, lrs[m], guidance)
+                             for m in modes for s in seeds}
+                       for key, guidance in second_guidances(runs).items()}}
     table = (f"learning rates, each the best of {', '.join(f'{lr:g}' for lr in cfg.lrs)} at the "
              f"budget on seeds {', '.join(map(str, cfg.tuning_seeds))} "
              f"({os.path.basename(report(cfg))}_lrs.json): "
