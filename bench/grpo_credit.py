@@ -115,6 +115,8 @@ class Config:
     max_nfe: int = flag(38400, "[1, inf)")  # DiT-pass equivalents a run
     # a budget of updates in place of --max_nfe (the collapse: 120), gold read at the last
     updates: int = flag(0, "[0, inf)", zero="none: the budget is --max_nfe")
+    # with a budget of updates, the curves' table reads the evaluations every this many updates
+    curve_every: int = flag(20, "[1, inf)")
     # updates between held-out evaluations (a mode's flags may say otherwise)
     eval_every: int = flag(10, "[1, inf)")
     jobs: int = flag(2, "[1, inf)")  # runs at a time, one thread each
@@ -342,6 +344,25 @@ def paired_rows(values, modes, reference, df):
     return lines
 
 
+def curves(runs, modes, seeds, every):
+    """A long run's curves (the collapse): at every `every`-th update, the evaluation's gold (mean ±
+    s.e. over seeds) / the DRM's score of the evaluation's samples / the DRM's mean score of the
+    rollouts' last credited states (train_reward; none at update 0), each mean over seeds."""
+    steps = sorted({row["step"] for m in modes for s in seeds for row in runs[m, s]
+                    if row["step"] % every == 0})
+    lines = ["| mode | " + " | ".join(map(str, steps)) + " |", "|---" * (len(steps) + 1) + "|"]
+    for mode in modes:
+        cells = []
+        for step in steps:
+            rows = [row for s in seeds for row in runs[mode, s] if row["step"] == step]
+            gold, gold_se = mean_se([row["gold"] for row in rows])
+            means = [mean_se([row[key] for row in rows])[0] for key in ("drm", "train_reward")
+                     if key in rows[0]]
+            cells.append(f"{gold:.2f} ± {gold_se:.2f} / " + " / ".join(f"{m:.2f}" for m in means))
+        lines.append(f"| {mode} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def summarise(cfg, runs, modes, reference, seeds, rescored=None):
     """The table: gold at exactly the budget (interpolated between the evaluations on either
     side), the paired difference from the reference with its 95% interval at seeds - 1 degrees of
@@ -398,6 +419,11 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
         lines += ["", f"Gold at exactly {cfg.max_nfe:,} DiT-pass equivalents counted at "
                   f"SD3.5-medium's DRM cost ({SD35_MEDIUM_DRM_COST:.3f} a DRM pass), the same "
                   "runs:", "", *paired_rows(at_sd35, modes, reference, df)]
+    if cfg.updates:
+        lines += ["", f"Every {cfg.curve_every} updates: held-out gold (mean ± s.e. over seeds) / "
+                  "the DRM's score of the evaluation's samples / the DRM's mean score of the "
+                  "rollouts' last credited states (train_reward), each the mean over seeds:", "",
+                  *curves(runs, modes, seeds, cfg.curve_every)]
     if rescored:
         lines += ["", f"The final checkpoints (each run's last evaluation, at or just past the "
                   f"budget) re-scored on the held-out prompts x {cfg.rescore} noises (seed "

@@ -248,6 +248,32 @@ def test_the_credit_table_by_hand():
     assert f"({80 + 16 + 20 * 2.19 / 2.44:,.0f})" in new
 
 
+def test_a_long_runs_curves_by_hand():
+    """With a budget of updates (the collapse), summarise adds the curves: at every
+    --curve_every-th update, gold's mean ± s.e. over seeds / the DRM's mean score of the
+    evaluation's samples / of the rollouts' credited states."""
+    from bench.grpo_credit import Config, summarise
+
+    def run(golds, drms, rewards):
+        rows = [{"step": 10 * i, "dit_equivalents": 50.0 * i, "gold": g, "drm": d,
+                 "train_reward": r} for i, (g, d, r) in enumerate(zip(golds, drms, rewards))]
+        del rows[0]["train_reward"]  # update 0: no rollout yet
+        return rows
+    runs = {("a", 0): run([-1.0, -0.5, -2.0], [0.2, 1.0, 0.4], [0, 1.5, 2.5]),
+            ("a", 1): run([-1.0, -0.7, -3.0], [0.2, 0.8, 0.2], [0, 1.7, 2.7]),
+            ("b", 0): run([-1.0, -0.9, -1.2], [0.2, 0.5, 0.6], [0, 1.0, 2.0]),
+            ("b", 1): run([-1.0, -0.9, -1.0], [0.2, 0.7, 0.8], [0, 1.2, 2.2])}
+    table = summarise(Config(updates=20, curve_every=10), runs, ["a", "b"], "a", [0, 1])
+    # a at 20: gold -2.0, -3.0: mean -2.5, s.e. 0.5; DRM 0.4, 0.2: 0.3; credited 2.5, 2.7: 2.6
+    assert "| a | -1.00 ± 0.00 / 0.20 | -0.60 ± 0.10 / 0.90 / 1.60 | -2.50 ± 0.50 / 0.30 / 2.60 |" \
+        in table, table
+    assert "| b | -1.00 ± 0.00 / 0.20 | -0.90 ± 0.00 / 0.60 / 1.10 | -1.10 ± 0.10 / 0.70 / 2.10 |" \
+        in table, table
+    # every other update: the columns 0 and 20 alone
+    table = summarise(Config(updates=20, curve_every=20), runs, ["a"], "a", [0, 1])
+    assert "| a | -1.00 ± 0.00 / 0.20 | -2.50 ± 0.50 / 0.30 / 2.60 |" in table, table
+
+
 def test_the_headline_tables_at_sd35s_drm_cost_and_re_scored_by_hand():
     """grpo_credit: gold at the budget on the axis that counts a DRM pass at SD3.5-medium's cost
     (summarise's sd35_equivalents), and the re-scored final checkpoints, each paired by seed with
