@@ -116,7 +116,7 @@ class Config:
     # a budget of updates in place of --max_nfe (the collapse: 120), gold read at the last
     updates: int = flag(0, "[0, inf)", zero="none: the budget is --max_nfe")
     # with a budget of updates, the curves' table reads the evaluations every this many updates
-    curve_every: int = flag(20, "[1, inf)")
+    curve_every: int = flag(20, "[1, inf)", used=(lambda cfg: cfg.updates > 0, "--updates"))
     # updates between held-out evaluations (a mode's flags may say otherwise)
     eval_every: int = flag(10, "[1, inf)")
     jobs: int = flag(2, "[1, inf)")  # runs at a time, one thread each
@@ -368,8 +368,9 @@ def summarise(cfg, runs, modes, reference, seeds, rescored=None):
     side), the paired difference from the reference with its 95% interval at seeds - 1 degrees of
     freedom and its verdict, the first evaluation at the reference's final gold, the counts behind
     the equivalents, and reward hacking; then gold at the budget counted at SD3.5-medium's DRM
-    cost, and the final checkpoints re-scored (rescored["gold"][mode, seed], where given; at a
-    rival's second guidance W, rescored[f"{SECOND}W"])."""
+    cost (a budget of updates: the curves instead), and the final checkpoints re-scored
+    (rescored["gold"][mode, seed], where given; at a rival's second guidance W,
+    rescored[f"{SECOND}W"])."""
     limit, axis = budget(cfg)
     finals = {m: [gold_at(runs[m, s], limit, axis=axis) for s in seeds] for m in modes}
     target = mean_se(finals[reference])[0] if reference in modes else None

@@ -253,6 +253,7 @@ def test_a_long_runs_curves_by_hand():
     --curve_every-th update, gold's mean ± s.e. over seeds / the DRM's mean score of the
     evaluation's samples / of the rollouts' credited states."""
     from bench.grpo_credit import Config, summarise
+    from common import UserError, check_flags
 
     def run(golds, drms, rewards):
         rows = [{"step": 10 * i, "dit_equivalents": 50.0 * i, "gold": g, "drm": d,
@@ -272,6 +273,9 @@ def test_a_long_runs_curves_by_hand():
     # every other update: the columns 0 and 20 alone
     table = summarise(Config(updates=20, curve_every=20), runs, ["a"], "a", [0, 1])
     assert "| a | -1.00 ± 0.00 / 0.20 | -2.50 ± 0.50 / 0.30 / 2.60 |" in table, table
+    # a budget of DiT-pass equivalents has no curves: --curve_every alone is refused
+    with pytest.raises(UserError, match="--curve_every is a flag of --updates"):
+        check_flags(Config(curve_every=10))
 
 
 def test_the_headline_tables_at_sd35s_drm_cost_and_re_scored_by_hand():
