@@ -100,11 +100,17 @@ def sample_and_score(policy, base, reward, prompts, saved):
     return out
 
 
+# what a base's samples depend on (sample_and_score): runs that agree on these share them
+SAMPLED_WITH = ("base", "drm", "eval_prompts", "eval_cfg_scale", "eval_steps", "cfg_scale",
+                "steps", "shift", "noise_level", "sde_window")
+
+
 @torch.no_grad()
-def score_run(cfg, path):
+def score_run(cfg, path, bases=None):
     """A run's base and final policy, each sampled three ways (sample_and_score) -> {"base" /
     "policy": {sampler: {key: per-image lists}}, "step": the policy's update}, cached in the run
-    folder."""
+    folder. bases: {settings: the base's scores}, filled and read across runs (the seeds of a mode
+    sample the base alike)."""
     state = load_training_state(os.path.join(path, "train_state.pt"), "cpu")
     saved = state["config"]
     cache = os.path.join(path, f"samplers_{cfg.per_prompt}.json")
@@ -113,8 +119,13 @@ def score_run(cfg, path):
         if cached["step"] == state["step"]:
             return cached
     scores = {"step": state["step"], "credited": rollout_steps(saved)[1]}
+    settings = json.dumps([saved[key] for key in SAMPLED_WITH])
+    if bases is not None and settings in bases:
+        scores["base"] = bases[settings]
     final = os.path.join(path, "model.safetensors")
     for who, weights in (("base", saved["base"]), ("policy", final)):
+        if who in scores:
+            continue
         base = load_base(ModelFlags(base=weights), "cpu")
         prompts = [p for p in base.heldout_prompts(saved["eval_prompts"], [])
                    for _ in range(cfg.per_prompt)]
@@ -123,6 +134,8 @@ def score_run(cfg, path):
         samples = sample_and_score(base.dit.eval(), base, reward, prompts, saved)
         scores[who] = {name: {key: value.tolist() for key, value in figures.items()}
                        for name, figures in samples.items()}
+    if bases is not None:
+        bases[settings] = scores["base"]
     write_text(cache, json.dumps(scores))
     return scores
 
@@ -174,14 +187,14 @@ def table(cfg):
                 + " | ".join(f"DRM, {s}" for s in SAMPLERS)
                 + " | gold, rollout - ODE 20 (s.e. by prompt, 95% interval) |",
                 "|" + "---|" * (2 * len(SAMPLERS) + 2)]
-    rises, gaps, missing = [], {}, []
+    rises, gaps, missing, bases = [], {}, [], {}
     for name in names:
         for seed in cfg.seeds:
             path = run_dir(cfg, name, seed, cfg.lr)
             if not finished(cfg, path):  # its budget of --updates spent (bench.grpo_credit's)
                 missing.append(os.path.basename(path))
                 continue
-            scores = score_run(cfg, path)
+            scores = score_run(cfg, path, bases)
             if not rises:  # every run starts from the same base
                 samplers.append(sampler_row("base (update 0)", scores["base"], cfg.per_prompt))
                 steps = len(scores["base"]["rollout"]["drm_by_step"])

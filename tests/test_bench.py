@@ -637,7 +637,7 @@ def test_the_collapse_cause_samples_as_the_evaluation_and_the_rollouts_do(tmp_pa
     the window's less the last. The result is cached for the checkpoint's step."""
     import shutil
 
-    from bench.collapse import NOISE_SEED, SDE_SEED, Config, score_run, table
+    from bench.collapse import NOISE_SEED, SAMPLED_WITH, SDE_SEED, Config, score_run, table
     from bench.grpo_credit import run_dir
     from data.toy import ToyBase
     from evaluation import evaluate
@@ -664,7 +664,8 @@ def test_the_collapse_cause_samples_as_the_evaluation_and_the_rollouts_do(tmp_pa
                    os.path.join(path, "train_state.pt"))
         with open(os.path.join(path, "metrics.jsonl"), "w") as f:
             f.write(json.dumps({"step": 3}) + "\n")
-    scores = score_run(cfg, run_dir(cfg, "stepwise", 0, cfg.lr))
+    bases = {}  # the base's scores by its sampling settings, shared across runs
+    scores = score_run(cfg, run_dir(cfg, "stepwise", 0, cfg.lr), bases)
 
     heldout = base.heldout_prompts("", [])
     prompts = [p for p in heldout for _ in range(2)]
@@ -698,7 +699,8 @@ def test_the_collapse_cause_samples_as_the_evaluation_and_the_rollouts_do(tmp_pa
            1e-6, "the share of pixels beyond [-1, 1]")
     within(max_abs(torch.tensor(rollout["excess"]),
                    (x.abs() - 1).clamp(min=0).flatten(1).mean(1)), 1e-6, "their mean excess")
-    windowed = score_run(cfg, run_dir(cfg, "stepwise", 1, cfg.lr))
+    windowed = score_run(cfg, run_dir(cfg, "stepwise", 1, cfg.lr), bases)
+    assert len(bases) == 2  # another window samples the base another way: its own entry
     first = [windowed["base"][name]["drm_by_step"][0] for name in ("rollout", "ODE, 10 steps")]
     assert first[0] == first[1]  # step 1 lies outside the window 1:3: an Euler step, as the ODE's
     assert windowed["base"]["rollout"]["drm_by_step"][1] != windowed["base"]["ODE, 10 steps"][
@@ -713,3 +715,9 @@ def test_the_collapse_cause_samples_as_the_evaluation_and_the_rollouts_do(tmp_pa
     cache = os.path.join(run_dir(cfg, "stepwise", 0, cfg.lr), "samplers_2.json")
     json.dump({**scores, "step": 3, "marker": 1}, open(cache, "w"))
     assert score_run(cfg, run_dir(cfg, "stepwise", 0, cfg.lr))["marker"] == 1  # read back
+    os.remove(cache)  # sampled again, with a base of the same settings known: that one is taken
+    for settings in bases:
+        bases[settings] = {**bases[settings], "marker": settings}
+    again = score_run(cfg, run_dir(cfg, "stepwise", 0, cfg.lr), bases)
+    assert json.loads(again["base"]["marker"])[SAMPLED_WITH.index("sde_window")] == ""  # seed 0's
+    assert again["policy"] == scores["policy"]
