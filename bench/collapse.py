@@ -109,18 +109,20 @@ SAMPLED_WITH = ("base", "drm", "eval_prompts", "eval_cfg_scale", "eval_steps", "
 def score_run(cfg, path, bases=None):
     """A run's base and final policy, each sampled three ways (sample_and_score) -> {"base" /
     "policy": {sampler: {key: per-image lists}}, "step": the policy's update}, cached in the run
-    folder. bases: {settings: the base's scores}, filled and read across runs (the seeds of a mode
-    sample the base alike)."""
+    folder. bases: {settings: the base's scores}, filled (from a cache too) and read across runs
+    (the seeds of a mode, and a window with KL and without, sample the base alike)."""
     state = load_training_state(os.path.join(path, "train_state.pt"), "cpu")
     saved = state["config"]
+    bases = {} if bases is None else bases
+    settings = json.dumps([saved[key] for key in SAMPLED_WITH])
     cache = os.path.join(path, f"samplers_{cfg.per_prompt}.json")
     if os.path.exists(cache):
         cached = json.loads(read_text(cache, "a sampler comparison"))
         if cached["step"] == state["step"]:
+            bases.setdefault(settings, cached["base"])
             return cached
     scores = {"step": state["step"], "credited": rollout_steps(saved)[1]}
-    settings = json.dumps([saved[key] for key in SAMPLED_WITH])
-    if bases is not None and settings in bases:
+    if settings in bases:
         scores["base"] = bases[settings]
     final = os.path.join(path, "model.safetensors")
     for who, weights in (("base", saved["base"]), ("policy", final)):
@@ -134,8 +136,7 @@ def score_run(cfg, path, bases=None):
         samples = sample_and_score(base.dit.eval(), base, reward, prompts, saved)
         scores[who] = {name: {key: value.tolist() for key, value in figures.items()}
                        for name, figures in samples.items()}
-    if bases is not None:
-        bases[settings] = scores["base"]
+    bases[settings] = scores["base"]
     write_text(cache, json.dumps(scores))
     return scores
 

@@ -721,3 +721,6 @@ def test_the_collapse_cause_samples_as_the_evaluation_and_the_rollouts_do(tmp_pa
     again = score_run(cfg, run_dir(cfg, "stepwise", 0, cfg.lr), bases)
     assert json.loads(again["base"]["marker"])[SAMPLED_WITH.index("sde_window")] == ""  # seed 0's
     assert again["policy"] == scores["policy"]
+    filled = {}  # a cached run gives its base to the runs scored after it
+    score_run(cfg, run_dir(cfg, "stepwise", 0, cfg.lr), filled)
+    assert list(filled.values()) == [again["base"]]
