@@ -12,8 +12,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the scripts' default paths (data/base.safetensors, ...) are relative to the repository
 os.chdir(ROOT)
 # one thread a test process when pytest-xdist runs two (pytest.ini), else at most two; the scripts
-# a test runs as processes inherit it (two test processes each starting a two-thread script put
-# three threads on two cores, and OpenMP's waiting threads spin: a test that kills and resumes a
+# a test runs as processes inherit it (two test processes each running a two-thread script put
+# four threads on two cores, and OpenMP's waiting threads spin: a test that kills and resumes a
 # run took 21 s so, 6 s with one thread a script; the whole suite 6.0 min, 4.9 min)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
