@@ -4,6 +4,7 @@ costs, the pieces a minibatch is cut into, evaluation, checkpoints and resume.
 
 train_policy.py reads as the algorithm (rollout, advantages, update) and calls each of these once.
 """
+import contextlib
 import copy
 import dataclasses
 import hashlib
@@ -50,14 +51,16 @@ WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
 class Models:
     """What an update uses: the policy (its weights), the module the loss calls (the policy, or DDP
     around it under torchrun), the frozen reference (the KL's, or None), the frozen DRM and its text
-    side, AdamW, and the modules a rival keeps beside the policy ({name: module}, saved and resumed
-    with it: rivals/objectives.py's shadow copy)."""
+    side, AdamW, the forward passes' precision (bf16 autocast on a GPU, nothing on a CPU: one
+    context, entered around each use, as nanoGPT's `ctx`) and the modules a rival keeps beside the
+    policy ({name: module}, saved and resumed with it: rivals/objectives.py's shadow copy)."""
     policy: torch.nn.Module
     loss_policy: torch.nn.Module
     reference: torch.nn.Module | None
     drm: torch.nn.Module
     drm_text: object
     optimizer: torch.optim.Optimizer
+    precision: object = contextlib.nullcontext()
     kept: dict = field(default_factory=dict)
 
 
@@ -70,9 +73,11 @@ def build_models(cfg, base, device, ranks, *, reference):
                * latent_bytes(base.dit, base.latent_size),
                f"--trajectories={cfg.trajectories} x --steps={cfg.steps} x (--k={cfg.k} + 4)",
                device)
+    # on a GPU: frozen weights in bf16, the forward passes under bf16 autocast; float32 on a CPU
+    frozen, precision = frozen_dtype(device), autocast(device)
     policy = base.dit if cfg.lora_rank else base.dit.float()
     drm, drm_text, _ = base.load_drm(cfg.drm, device)
-    drm.requires_grad_(False).to(frozen_dtype(device))  # bf16 on a GPU
+    drm.requires_grad_(False).to(frozen)
     reference = copy.deepcopy(policy).requires_grad_(False) if reference else None
     if cfg.lora_rank > 0:
         torch.manual_seed(cfg.seed)  # the adapters' init: the seed's alone, whatever loaded before
@@ -93,7 +98,7 @@ def build_models(cfg, base, device, ranks, *, reference):
     kind = f"LoRA rank {cfg.lora_rank}" if cfg.lora_rank else "full fine-tune"
     print(f"policy: {sum(p.numel() for p in params) / 1e6:.2f}M trainable parameters ({kind})")
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return Models(policy, loss_policy, reference, drm, drm_text, optimizer)
+    return Models(policy, loss_policy, reference, drm, drm_text, optimizer, precision)
 
 # -----------------------------------------------------------------------------
 # An update's random numbers, and what the DRM costs
@@ -183,7 +188,7 @@ def pass_costs(base, models, prompt):
     sigma = torch.full((1,), 0.5, device=device)
     (context, pooled), _ = base.encode([prompt])
     drm_context, drm_pooled = models.drm_text.encode([prompt])
-    with autocast(device):
+    with models.precision:
         with torch.no_grad():
             forward = count_flops(lambda: policy(x, sigma, context, pooled))
             drm_flops = count_flops(lambda: drm(x, sigma, drm_context, drm_pooled))

@@ -31,7 +31,7 @@ import rivals.policy
 import train_ops
 from base import ModelFlags, load_base
 from checkpoints import GracefulStop, RunDir, load_training_state
-from common import (UserError, any_rank, autocast, check_flags, flag, group, print_config, run_main,
+from common import (UserError, any_rank, check_flags, flag, group, print_config, run_main,
                     setup_device)
 from evaluation import EvalFlags
 from sde import passes
@@ -104,7 +104,7 @@ def grpo_update(cfg, base, models, train_prompts, ranks, *, update, advice):
                                  per_prompt=cfg.per_prompt)
     candidates = grpo.Candidates(k=cfg.k, reward=batch.scorer, follow=cfg.follow)
     models.policy.eval()
-    with autocast(batch.noise.device):
+    with models.precision:
         rollout = grpo.sample_rollout(batch.sampler, batch.noise, noise_level=cfg.noise_level,
                                       candidates=candidates, train_last=cfg.train_last_step,
                                       draws=batch.draws)
@@ -133,7 +133,7 @@ def ppo_steps(cfg, models, rollout, advantages, batch, ranks, *, update, advice)
         models.optimizer.zero_grad(set_to_none=True)
         for step_ids, rows, weight in train_ops.pieces(minibatch, cfg.trajectories, mine, world,
                                                         cfg.hardware.loss_batch):
-            with autocast(rollout.states.device):
+            with models.precision:
                 loss, piece_stats = grpo.grpo_loss(models.loss_policy, rollout, advantages,
                                                    step_ids, rows, ppo=ppo,
                                                    reference=models.reference)

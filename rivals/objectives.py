@@ -56,7 +56,7 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from common import UserError, autocast, check_finite, flag, given_flags, unless_given
+from common import UserError, check_finite, flag, given_flags, unless_given
 from model import add_noise
 from rivals.credit import terminal_advantages
 from sde import passes, sample_ode, sigma_schedule
@@ -231,18 +231,18 @@ class MatchingUpdate:
         sampler, device = batch.sampler, batch.noise.device
         sampling = models.policy if not self.objective.samples_from_shadow else self.shadow
         models.policy.eval()
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), models.precision:
             x0 = sample_ode(sampling, batch.noise, sampler.cond, sampler.uncond, steps=cfg.steps,
                             cfg_scale=cfg.cfg_scale, shift=cfg.shift)
         models.policy.train()
         sigmas, eps = (t.to(device) for t in draw_pairs(cfg, len(x0), x0.shape[1:],
                                                         batch.draws.generator))
-        with torch.no_grad(), autocast(device):
+        with torch.no_grad(), models.precision:
             advantages, rewards = advantages_at(cfg, batch.scorer, x0, eps, sigmas)
         models.optimizer.zero_grad(set_to_none=True)
         losses = []
         for j in range(len(sigmas)):  # one backward a column of sigmas; their mean is the loss
-            with autocast(device):
+            with models.precision:
                 loss = pair_losses(cfg, models, self.shadow, x0, eps[j], sigmas[j], advantages[j],
                                    sampler.cond)
             check_finite(loss, update, "loss", advice)

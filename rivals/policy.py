@@ -17,7 +17,7 @@ from functools import partial
 
 import torch
 
-from common import UserError, autocast
+from common import UserError
 from rivals.credit import CREDIT, CreditFlags, check_credit, parse_window, per_prompt, window_at
 from rivals.objectives import MatchingUpdate, ObjectiveFlags, check_objective, with_objective
 from rivals.reward import EnsembleFlags, with_ensemble
@@ -69,7 +69,7 @@ def credit_update(cfg, base, models, train_prompts, ranks, *, update, advice, wi
                        per_prompt=per_prompt(cfg))
     device = batch.noise.device
     models.policy.eval()
-    with torch.no_grad(), autocast(device):
+    with torch.no_grad(), models.precision:
         rollout = mode.rollout(cfg, batch, window_at(window, cfg.steps, update,
                                                      batch.streams.window))
         rewards = None
