@@ -14,7 +14,7 @@ os.chdir(ROOT)
 # one thread a test process when pytest-xdist runs two (pytest.ini), else at most two; the scripts
 # a test runs as processes inherit it (two test processes each running a two-thread script put
 # four threads on two cores, and OpenMP's waiting threads spin: a test that kills and resumes a
-# run took 21 s so, 6 s with one thread a script; the whole suite 6.0 min, 4.9 min)
+# run took 21 s so, 6 s with one thread a script; the whole suite 8.0 min, 6.2 min: docs/testing.md)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
