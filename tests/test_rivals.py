@@ -551,6 +551,50 @@ def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
     assert 0.4 < record["drm_cost"] < 0.7 and 1.8 < record["backward_cost"] < 2.2
 
 
+class Precision:
+    """A stand-in for Models.precision (bf16 autocast on a GPU) that says whether a pass is inside
+    it."""
+    depth = 0
+
+    def __enter__(self):
+        self.depth += 1
+
+    def __exit__(self, *exc):
+        self.depth -= 1
+
+
+@pytest.mark.parametrize("args", [
+    pytest.param(["--k=2"], marks=TRAINING, id="stepwise"),
+    pytest.param(["--credit=sparse"], marks=TRAINING, id="sparse"),
+    pytest.param(["--objective=nft", "--credit=sparse"],
+                 marks=[pytest.mark.ex1_flow_matching, pytest.mark.ex2_drm], id="nft")])
+def test_every_pass_of_an_update_runs_in_the_models_precision(args, tmp_path, monkeypatch):
+    """The real loop: every policy and DRM pass of an update, the paper's and a rival's, runs
+    inside the one precision context build_models makes (on a GPU a pass outside it would run in
+    float32: twice the memory, no tensor cores, and numbers other than the rest's)."""
+    precision, inside, watching = Precision(), [], []
+    real_draw, real_evaluate = train_ops.draw_batch, train_ops.evaluate_and_save
+
+    def watched(cfg, base, models, *rest, **kwargs):  # an update starts: watch its passes
+        if not watching:
+            watching.append(True)
+            models.precision = precision
+            for module in (models.policy, models.drm, *models.kept.values()):
+                module.register_forward_pre_hook(
+                    lambda m, i: inside.append(precision.depth > 0) if watching[0] else None)
+        return real_draw(cfg, base, models, *rest, **kwargs)
+
+    def unwatched(*rest, **kwargs):  # an evaluation: not the update's
+        watching[:] = [False] * len(watching)
+        return real_evaluate(*rest, **kwargs)
+    monkeypatch.setattr(train_ops, "draw_batch", watched)
+    monkeypatch.setattr(train_ops, "evaluate_and_save", unwatched)
+    run_main(train_policy.main, train_policy.Config,
+             ["--steps=3", "--trajectories=4", "--per_prompt=2", "--updates=1", "--eval_every=1",
+              "--eval_per_prompt=1", "--eval_steps=2", *args, f"--out_dir={tmp_path}"])
+    assert len(inside) >= 6 and all(inside), f"{inside.count(False)} of {len(inside)} outside"
+
+
 @pytest.mark.ex3_sde_step  # a real update takes the SDE step
 def test_a_drm_pass_costs_as_much_under_the_noise_ensemble(tmp_path):
     """drm_cost is one DRM pass's FLOPs, measured on the DRM before a rival wraps it: the counters
