@@ -572,20 +572,20 @@ def test_every_pass_of_an_update_runs_in_the_models_precision(args, tmp_path, mo
     """The real loop: every policy and DRM pass of an update, the paper's and a rival's, runs
     inside the one precision context build_models makes (on a GPU a pass outside it would run in
     float32: twice the memory, no tensor cores, and numbers other than the rest's)."""
-    precision, inside, watching = Precision(), [], []
+    precision, inside, now = Precision(), [], SimpleNamespace(watching=False)
     real_draw, real_evaluate = train_ops.draw_batch, train_ops.evaluate_and_save
 
     def watched(cfg, base, models, *rest, **kwargs):  # an update starts: watch its passes
-        if not watching:
-            watching.append(True)
+        if models.precision is not precision:  # the first: swap the context, hook the modules
             models.precision = precision
             for module in (models.policy, models.drm, *models.kept.values()):
                 module.register_forward_pre_hook(
-                    lambda m, i: inside.append(precision.depth > 0) if watching[0] else None)
+                    lambda m, i: inside.append(precision.depth > 0) if now.watching else None)
+        now.watching = True
         return real_draw(cfg, base, models, *rest, **kwargs)
 
     def unwatched(*rest, **kwargs):  # an evaluation: not the update's
-        watching[:] = [False] * len(watching)
+        now.watching = False
         return real_evaluate(*rest, **kwargs)
     monkeypatch.setattr(train_ops, "draw_batch", watched)
     monkeypatch.setattr(train_ops, "evaluate_and_save", unwatched)
