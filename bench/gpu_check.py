@@ -52,8 +52,8 @@ import train_ops
 import train_policy
 from base import load_base
 from bench.sd3_memory import Shapes, grpo_update, peak
-from common import (UserError, autocast, flag, flag_values, in_chunks, print_config, run_main,
-                    setup_device, with_flags)
+from common import (UserError, flag, flag_values, in_chunks, print_config, run_main, setup_device,
+                    with_flags)
 from grpo import PPO, grpo_loss
 from model import compile_regions
 from rivals.credit import CREDIT, parse_window, per_prompt, window_at
@@ -80,7 +80,7 @@ def draw_rollout(cfg, base, models, prompts, ranks):
                                  per_prompt=per_prompt(cfg))
     window = window_at(parse_window(cfg.rival.sde_window, cfg.steps), cfg.steps, 1,
                        batch.streams.window)
-    with torch.no_grad(), autocast(batch.noise.device):
+    with torch.no_grad(), models.precision:  # the training's precision (Models)
         return CREDIT[cfg.rival.credit].rollout(cfg, batch, window), batch.scorer
 
 
@@ -131,7 +131,7 @@ def main(cfg):
     trained_steps = [i for i in range(T) if trajectories.trained[i].any()]
     own = max(replay(cfg, policy, trajectories, advantages, torch.full((B,), i, device=device),
                      torch.arange(B, device=device),
-                     autocast(device))[0]["ratio_max_deviation"].item()
+                     models.precision)[0]["ratio_max_deviation"].item()
               for i in trained_steps)
     # a tree's rollout ran node by node, not in rows of leaves: no bitwise replay
     tree = cfg.rival.credit == "tree"
@@ -143,7 +143,7 @@ def main(cfg):
         :max(2, len(pairs) // cfg.minibatches)].to(device)
     step_ids, rows = pairs // B, pairs % B
     stats, eager_gradient = replay(cfg, policy, trajectories, advantages, step_ids, rows,
-                                   autocast(device))
+                                   models.precision)
     shuffled = stats["ratio_max_deviation"].item()
     results.append(("ratio, a shuffled minibatch: max abs(ratio - 1)", shuffled,
                     cfg.clip_range / 10, shuffled < cfg.clip_range / 10))
@@ -174,7 +174,7 @@ def main(cfg):
     compile_regions(policy)
     compile_regions(getattr(drm, "drm", drm).backbone)
     _, compiled_gradient = replay(cfg, policy, trajectories, advantages, step_ids, rows,
-                                  autocast(device))
+                                  models.precision)
     gap, limit = relative(compiled_gradient, eager_gradient), (3e-2 if gpu else 1e-4)
     results.append(("compiled = eager: relative L2 gradient difference", gap, limit, gap < limit))
     advice = "bench.gpu_check"
