@@ -52,8 +52,9 @@ class Models:
     """What an update uses: the policy (its weights), the module the loss calls (the policy, or DDP
     around it under torchrun), the frozen reference (the KL's, or None), the frozen DRM and its text
     side, AdamW, the forward passes' precision (bf16 autocast on a GPU, nothing on a CPU: one
-    context, entered around each use, as nanoGPT's `ctx`) and the modules a rival keeps beside the
-    policy ({name: module}, saved and resumed with it: rivals/objectives.py's shadow copy)."""
+    context, entered around each use, as nanoGPT's `ctx`, never inside itself: a torch.autocast
+    object entered twice leaves autocast on) and the modules a rival keeps beside the policy
+    ({name: module}, saved and resumed with it: rivals/objectives.py's shadow copy)."""
     policy: torch.nn.Module
     loss_policy: torch.nn.Module
     reference: torch.nn.Module | None

@@ -553,11 +553,12 @@ def test_counters_are_the_passes_made(score, tmp_path, monkeypatch):
 
 class Precision:
     """A stand-in for Models.precision (bf16 autocast on a GPU) that says whether a pass is inside
-    it."""
-    depth = 0
+    it, and how deep it was ever entered in itself."""
+    depth = deepest = 0
 
     def __enter__(self):
         self.depth += 1
+        self.deepest = max(self.deepest, self.depth)
 
     def __exit__(self, *exc):
         self.depth -= 1
@@ -571,7 +572,9 @@ class Precision:
 def test_every_pass_of_an_update_runs_in_the_models_precision(args, tmp_path, monkeypatch):
     """The real loop: every policy and DRM pass of an update, the paper's and a rival's, runs
     inside the one precision context build_models makes (on a GPU a pass outside it would run in
-    float32: twice the memory, no tensor cores, and numbers other than the rest's)."""
+    float32: twice the memory, no tensor cores, and numbers other than the rest's), and never
+    inside it twice (one torch.autocast object entered in itself leaves autocast on after both
+    exits)."""
     precision, inside, now = Precision(), [], SimpleNamespace(watching=False)
     real_draw, real_evaluate = train_ops.draw_batch, train_ops.evaluate_and_save
 
@@ -593,6 +596,7 @@ def test_every_pass_of_an_update_runs_in_the_models_precision(args, tmp_path, mo
              ["--steps=3", "--trajectories=4", "--per_prompt=2", "--updates=1", "--eval_every=1",
               "--eval_per_prompt=1", "--eval_steps=2", *args, f"--out_dir={tmp_path}"])
     assert len(inside) >= 6 and all(inside), f"{inside.count(False)} of {len(inside)} outside"
+    assert precision.deepest == 1, f"Models.precision entered {precision.deepest} deep"
 
 
 @pytest.mark.ex3_sde_step  # a real update takes the SDE step
