@@ -18,8 +18,9 @@ os.chdir(ROOT)
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     os.environ.setdefault("MKL_NUM_THREADS", "1")
-torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else
-                      min(2, torch.get_num_threads()))
+    torch.set_num_threads(1)
+else:
+    torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
 def pytest_configure(config):
